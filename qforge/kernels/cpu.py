@@ -1,0 +1,83 @@
+"""The native CPU path: cpu_native.c compiled once with the system C compiler, loaded by ctypes.
+
+The shared object is cached by a hash of the source, the flags and the machine, so a change to
+either rebuilds it. When no compiler is present `load()` returns None and dispatch falls back to
+the pure-torch reference: slower, same bits.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..paths import cache_dir
+
+_SOURCE = Path(__file__).with_name("cpu_native.c")
+# -ffp-contract=off: no fused multiply-add, so results round exactly as the torch reference does.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise OSError("no C compiler found (set CC)")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)  # atomic: a concurrent loader sees the old name or the whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@lru_cache(maxsize=1)
+def load():
+    """The compiled library, or None when it cannot be built here (QFORGE_NATIVE=0 disables it)."""
+    if os.environ.get("QFORGE_NATIVE", "1") == "0":
+        return None
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + platform.machine().encode()
+                         + platform.processor().encode()).hexdigest()[:16]
+    target = cache_dir("kernels") / f"qforge_cpu_{key}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.qf_quantize_4bit.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr]
+    lib.qf_dequantize_4bit.argtypes = [ptr, ptr, ptr, i64, i64, i32, ptr]
+    return lib
+
+
+def quantize_4bit(x: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: torch.Tensor):
+    lib = load()
+    x = x.contiguous()
+    n = x.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    lib.qf_quantize_4bit(x.data_ptr(), DTYPE_CODES[x.dtype], n, blocksize, bounds.data_ptr(),
+                         order.data_ptr(), packed.data_ptr(), absmax.data_ptr())
+    return packed, absmax
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor,
+                    n: int, blocksize: int, dtype: torch.dtype, out: torch.Tensor | None = None):
+    lib = load()
+    packed = packed.contiguous()
+    absmax = absmax.float().contiguous()
+    if out is None:
+        out = torch.empty(n, dtype=dtype)
+    lib.qf_dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), levels.data_ptr(), n, blocksize,
+                           DTYPE_CODES[dtype], out.data_ptr())
+    return out

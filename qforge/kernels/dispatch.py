@@ -1,0 +1,35 @@
+"""The one place that chooses a kernel implementation.
+
+CPU tensors: the native C path when it builds (kernels/cpu.py), else the torch reference.
+Other devices: the Triton kernels when present (issue: fast kernels), else the torch reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import cpu, reference
+
+_NATIVE_DTYPES = tuple(cpu.DTYPE_CODES)
+
+
+def _native_ok(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in tensors) and cpu.load() is not None
+
+
+def quantize_4bit(x: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: torch.Tensor):
+    """Flattened blockwise 4-bit quantisation -> (packed uint8 [(n+1)//2], absmax float32 [blocks])."""
+    if x.dtype in _NATIVE_DTYPES and _native_ok(x):
+        return cpu.quantize_4bit(x, blocksize, bounds, order)
+    return reference.quantize_4bit(x, blocksize, bounds.to(x.device), order.to(x.device))
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor,
+                    n: int, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    """packed uint8 + float32 absmax -> `dtype` [n]."""
+    if dtype in _NATIVE_DTYPES and _native_ok(packed, absmax):
+        return cpu.dequantize_4bit(packed, absmax, levels, n, blocksize, dtype)
+    return reference.dequantize_4bit(packed, absmax, levels.to(packed.device), n, blocksize, dtype)
+
+
+quantize_8bit = reference.quantize_8bit
+dequantize_8bit = reference.dequantize_8bit

@@ -1,0 +1,83 @@
+"""Pure-torch 4-bit blockwise kernels: the oracle every fast path is tested against.
+
+Semantics (bitsandbytes 0.50, bit for bit):
+  * blocks of `blocksize` consecutive values of the flattened input; absmax in float32;
+  * full blocks are scaled by multiplying with 1/absmax, a trailing partial block by dividing by
+    its absmax (bitsandbytes does exactly this, and the two differ in the last bit); absmax is
+    clamped to 1e-38 before either so an all-zero block maps to the level of 0;
+  * the code is the sorted position #{bounds < v} mapped through `order` (ties go to the lower level);
+  * codes are packed two per byte, element 2j in the high nibble; an odd tail is padded with the
+    code of 0.0.
+"""
+from __future__ import annotations
+
+import torch
+
+_TINY = 1e-38
+
+
+def quantize_4bit(x: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: torch.Tensor):
+    """x: any float tensor -> (packed uint8 [(n+1)//2], absmax float32 [ceil(n/blocksize)])."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    body = flat[:full].view(-1, blocksize)
+    absmax = body.abs().amax(dim=1)
+    scaled = (body * (1.0 / absmax.clamp(min=_TINY)).unsqueeze(1)).clamp(-1, 1).reshape(-1)
+    if full < n:
+        tail = flat[full:]
+        tail_max = tail.abs().amax().clamp(min=_TINY)
+        absmax = torch.cat([absmax, tail.abs().amax().unsqueeze(0)])
+        scaled = torch.cat([scaled, (tail / tail_max).clamp(-1, 1)])
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    codes = order.long()[torch.bucketize(scaled, bounds)].to(torch.uint8)
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return packed, absmax
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor,
+                    n: int, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    """packed uint8 [(n+1)//2], absmax float32 [blocks], levels float32[16] -> dtype [n]."""
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
+    values = levels[codes]  # float32, as bitsandbytes: level * absmax in fp32, then one rounding
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (values * scale).to(dtype)
+
+
+_LUT_SIZE = 65536
+
+
+def _code_lookup_table(code: torch.Tensor) -> torch.Tensor:
+    """For each of 65536 evenly spaced points v_i = -1 + 2i/65535 of [-1, 1], the index of the
+    nearest entry of the sorted map `code` (ties to the lower one): #{midpoints < v_i}."""
+    mids = 0.5 * (code[:-1] + code[1:])
+    points = (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1) + -1.0
+    return torch.searchsorted(mids, points, side="left").to(torch.uint8)
+
+
+def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """Blockwise 8-bit quantisation against a sorted 256-entry map, as bitsandbytes' CPU kernel does it.
+
+    Each value is scaled by 1/absmax, clamped to [-1, 1], rounded onto a grid of 65536 points and
+    mapped through a table of nearest map entries; every step is a separate float32 rounding.
+    An all-zero block gets absmax 0 and codes 0. x: float32 [n] -> (uint8 [n], float32 [blocks]).
+    """
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
+    v = (padded * inv.unsqueeze(1)).clamp(-1, 1)
+    t = ((v + 1.0) * 0.5) * float(_LUT_SIZE - 1) + 0.5
+    idx = _code_lookup_table(code)[t.to(torch.int64)]
+    idx[absmax == 0] = 0
+    return idx.reshape(-1)[:n].contiguous(), absmax
+
+
+def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """uint8 [n] codes -> float32 [n] = code[q] * absmax[block]."""
+    n = q.numel()
+    return code[q.reshape(-1).long()] * absmax.repeat_interleave(blocksize)[:n]

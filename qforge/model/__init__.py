@@ -1,0 +1,1 @@
+"""Model loading, layer surgery and 4-bit checkpoints."""
