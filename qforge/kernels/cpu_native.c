@@ -7,6 +7,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QF_AVX512 1
+#endif
 
 static inline float load_value(const void *x, int dtype, int64_t i) {
     if (dtype == 0) return ((const float *)x)[i];
@@ -56,7 +60,39 @@ void qf_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize,
     }
 }
 
-/* Each byte expands to two values; the block scale is applied in float32, then rounded once. */
+#ifdef QF_AVX512
+/* 16 packed bytes -> 32 nibble indices in output order (high nibble first), as 16-bit lanes. */
+static inline __m512i nibbles_to_u16(const uint8_t *p) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    __m128i lo = _mm_and_si128(raw, mask);
+    __m256i idx = _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
+    return _mm512_cvtepu8_epi16(idx);
+}
+
+/* Expand `bytes` (a multiple of 16) packed bytes through a 16-entry table of 16-bit values. */
+static inline void expand16(const uint8_t *p, int64_t bytes, const uint16_t *table, uint16_t *o) {
+    __m512i lut = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)table));
+    for (int64_t i = 0; i < bytes; i += 16)
+        _mm512_storeu_si512((void *)(o + 2 * i), _mm512_permutexvar_epi16(nibbles_to_u16(p + i), lut));
+}
+
+/* Expand through a 16-entry float table: two permutes per 16 bytes. */
+static inline void expand32(const uint8_t *p, int64_t bytes, const float *table, float *o) {
+    __m512 lut = _mm512_loadu_ps(table);
+    for (int64_t i = 0; i < bytes; i += 16) {
+        __m512i idx = nibbles_to_u16(p + i);
+        __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx));
+        __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1));
+        _mm512_storeu_ps(o + 2 * i, _mm512_permutexvar_ps(lo, lut));
+        _mm512_storeu_ps(o + 2 * i + 16, _mm512_permutexvar_ps(hi, lut));
+    }
+}
+#endif
+
+/* Each block has one scale, so its 16 possible outputs (level * absmax in float32, rounded once to
+ * the output type) form a table; the block is then pure table lookup: exact, and vectorisable. */
 void qf_dequantize_4bit(const uint8_t *packed, const float *absmax, const float *levels,
                         int64_t n, int64_t blocksize, int dtype, void *out) {
     int64_t blocks = (n + blocksize - 1) / blocksize;
@@ -66,24 +102,25 @@ void qf_dequantize_4bit(const uint8_t *packed, const float *absmax, const float 
         int64_t len = (n - start < blocksize) ? n - start : blocksize;
         float s = absmax[b];
         float lut[16];
+        uint16_t l16[16];
         for (int k = 0; k < 16; k++) lut[k] = levels[k] * s;
+        if (dtype == 1) for (int k = 0; k < 16; k++) l16[k] = to_bf16(lut[k]);
+        if (dtype == 2) for (int k = 0; k < 16; k++) { _Float16 h = (_Float16)lut[k]; memcpy(&l16[k], &h, 2); }
         const uint8_t *p = packed + (start >> 1);
-        int64_t pairs = len >> 1;
+        int64_t pairs = len >> 1, i = 0;
+#ifdef QF_AVX512
+        int64_t vec_bytes = pairs & ~(int64_t)15;
+        if (dtype == 0) expand32(p, vec_bytes, lut, (float *)out + start);
+        else expand16(p, vec_bytes, l16, (uint16_t *)out + start);
+        i = vec_bytes;
+#endif
         if (dtype == 0) {
             float *o = (float *)out + start;
-            for (int64_t i = 0; i < pairs; i++) { o[2*i] = lut[p[i] >> 4]; o[2*i+1] = lut[p[i] & 15]; }
+            for (; i < pairs; i++) { o[2*i] = lut[p[i] >> 4]; o[2*i+1] = lut[p[i] & 15]; }
             if (len & 1) o[len - 1] = lut[p[pairs] >> 4];
-        } else if (dtype == 1) {
-            uint16_t l16[16];
-            for (int k = 0; k < 16; k++) l16[k] = to_bf16(lut[k]);
-            uint16_t *o = (uint16_t *)out + start;
-            for (int64_t i = 0; i < pairs; i++) { o[2*i] = l16[p[i] >> 4]; o[2*i+1] = l16[p[i] & 15]; }
-            if (len & 1) o[len - 1] = l16[p[pairs] >> 4];
         } else {
-            _Float16 l16[16];
-            for (int k = 0; k < 16; k++) l16[k] = (_Float16)lut[k];
-            _Float16 *o = (_Float16 *)out + start;
-            for (int64_t i = 0; i < pairs; i++) { o[2*i] = l16[p[i] >> 4]; o[2*i+1] = l16[p[i] & 15]; }
+            uint16_t *o = (uint16_t *)out + start;
+            for (; i < pairs; i++) { o[2*i] = l16[p[i] >> 4]; o[2*i+1] = l16[p[i] & 15]; }
             if (len & 1) o[len - 1] = l16[p[pairs] >> 4];
         }
     }

@@ -24,11 +24,12 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: 
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor,
-                    n: int, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
-    """packed uint8 + float32 absmax -> `dtype` [n]."""
-    if dtype in _NATIVE_DTYPES and _native_ok(packed, absmax):
-        return cpu.dequantize_4bit(packed, absmax, levels, n, blocksize, dtype)
-    return reference.dequantize_4bit(packed, absmax, levels.to(packed.device), n, blocksize, dtype)
+                    n: int, blocksize: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """packed uint8 + float32 absmax -> `dtype` [n], written into `out` (contiguous, n values) if given."""
+    if dtype in _NATIVE_DTYPES and _native_ok(packed, absmax) and (out is None or out.is_contiguous()):
+        return cpu.dequantize_4bit(packed, absmax, levels, n, blocksize, dtype, out)
+    result = reference.dequantize_4bit(packed, absmax, levels.to(packed.device), n, blocksize, dtype)
+    return result if out is None else out.view(-1).copy_(result)
 
 
 quantize_8bit = reference.quantize_8bit

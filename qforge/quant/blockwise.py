@@ -63,14 +63,18 @@ def block_absmax(state: QuantState) -> torch.Tensor:
     return scales + torch.tensor(state.offset, dtype=torch.float32)
 
 
-def dequantize(state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(state: QuantState, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rebuild the tensor: level[code] * absmax[block] in float32, rounded once to `dtype`.
 
-    Returns `state.shape` in `dtype` (default: the dtype that was quantised).
+    Returns `state.shape` in `dtype` (default: the dtype that was quantised). `out`, when given, is
+    a reusable buffer of that many elements and dtype: a layer that dequantises on every step
+    writes into the same memory instead of faulting in fresh pages each time.
     """
-    dtype = dtype or state.dtype
+    dtype = dtype or (out.dtype if out is not None else state.dtype)
+    if out is not None and (out.numel() != state.numel or out.dtype != dtype):
+        raise ValueError(f"dequantize: out has {out.numel()} {out.dtype} values, expected {state.numel} {dtype}")
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dequantize: dtype {dtype} is not supported; expected float32, bfloat16 or float16")
     out = dispatch.dequantize_4bit(state.packed, block_absmax(state), state.code.float(), state.numel,
-                                   state.blocksize, dtype)
+                                   state.blocksize, dtype, out)
     return out.view(state.shape)

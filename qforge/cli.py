@@ -1,0 +1,61 @@
+"""`qforge` command line: one sub-command per module, each imported only when it runs.
+
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`; its docstring is the
+command's help. Add a command by adding one row to COMMANDS.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module implementing it, one-line summary for `qforge --help`)
+COMMANDS = {
+    "demo": ("qforge.commands.demo", "run the main job on the embedded SmolLM2-135M-Instruct model"),
+    "plan": ("qforge.plan", "predict the memory of a QLoRA / LoRA / full fine-tuning run and recommend a method"),
+}
+
+
+class QForgeError(Exception):
+    """An error the user can act on: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qforge", description="QLoRA fine-tuning end to end on one machine.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, summary) in COMMANDS.items():
+        if name != only:
+            sub.add_parser(name, help=summary)
+            continue
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(only=wanted)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._module.run(args) or 0)
+    except (QForgeError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("QFORGE_DEBUG"):
+            raise
+        print(f"qforge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command modules of the `qforge` CLI (see qforge/cli.py)."""

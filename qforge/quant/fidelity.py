@@ -1,0 +1,58 @@
+"""How much a 4-bit format loses: mean squared error, signal-to-quantisation-noise, bits per parameter."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .blockwise import dequantize, quantize
+
+
+@dataclass
+class Fidelity:
+    dataset: str
+    fmt: str            # e.g. "nf4+dq"
+    mse: float          # mean of (w - dequant(quant(w)))^2, float32
+    sqnr_db: float      # 10 log10(sum w^2 / sum (w - w_hat)^2)
+    bits_per_param: float
+
+
+def measure(name: str, weight: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = 64) -> Fidelity:
+    """Quantise `weight` once and compare the round trip with the original in float32."""
+    w = weight.float()
+    state = quantize(w, quant_type, blocksize, double_quant)
+    err = (dequantize(state, torch.float32) - w).pow(2)
+    noise = err.sum().item()
+    sqnr = 10 * math.log10(w.pow(2).sum().item() / noise) if noise > 0 else math.inf
+    return Fidelity(name, quant_type + ("+dq" if double_quant else ""), err.mean().item(), sqnr,
+                    state.nbytes() * 8 / w.numel())
+
+
+def fidelity_table(datasets: dict[str, torch.Tensor], quant_types=("nf4", "fp4", "int4")) -> list[Fidelity]:
+    """Every dataset x format x double-quant combination, in that order."""
+    return [measure(name, w, qt, dq) for name, w in datasets.items() for qt in quant_types for dq in (False, True)]
+
+
+def format_table(rows: list[Fidelity]) -> str:
+    """A markdown table of `rows`."""
+    lines = ["| weights | format | MSE | SQNR (dB) | bits/param |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r.dataset} | {r.fmt} | {r.mse:.4e} | {r.sqnr_db:.2f} | {r.bits_per_param:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def standard_datasets(n: int = 1 << 20, seed: int = 0, with_smollm2: bool = True) -> dict[str, torch.Tensor]:
+    """N(0, 1), Student-t (df=5) and, when the embedded model is installed, all SmolLM2 linear weights
+    of three layers concatenated."""
+    g = torch.Generator().manual_seed(seed)
+    normal = torch.randn(n, generator=g)
+    chi2 = (torch.randn(n, 5, generator=g) ** 2).sum(-1)
+    sets = {"normal": normal, "student_t5": torch.randn(n, generator=g) / torch.sqrt(chi2 / 5)}
+    if with_smollm2:
+        from ..model.embedded import gguf_matrices
+        layers = ("blk.0.", "blk.15.", "blk.29.")
+        names = [f"{layer}{p}.weight" for layer in layers
+                 for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+        mats = [torch.from_numpy(a).reshape(-1) for _, a in gguf_matrices(names=names)]
+        sets["smollm2"] = torch.cat(mats)
+    return sets
