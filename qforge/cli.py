@@ -13,6 +13,9 @@ import sys
 # name -> (module implementing it, one-line summary for `qforge --help`)
 COMMANDS = {
     "demo": ("qforge.commands.demo", "run the main job on the embedded SmolLM2-135M-Instruct model"),
+    "train": ("qforge.commands.train", "fine-tune a model (QLoRA, BF16 LoRA or full) on a JSONL dataset"),
+    "quantize": ("qforge.commands.quantize", "write a model folder in bitsandbytes' 4-bit format"),
+    "merge": ("qforge.commands.merge", "merge an adapter into its base the right way: dequantise, merge, requantise"),
     "plan": ("qforge.plan", "predict the memory of a QLoRA / LoRA / full fine-tuning run and recommend a method"),
 }
 

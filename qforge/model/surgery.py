@@ -1,0 +1,105 @@
+"""Layer surgery on a transformers model: swap target nn.Linear layers for QLoRALinear, attach and
+select adapters, and prepare the model for k-bit training. The model class itself is untouched."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..nn import LoraSpec, QLoRALinear
+
+DEFAULT_SKIP = ("lm_head",)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Full names of every nn.Linear or QLoRALinear in the model."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QLoRALinear))]
+
+
+def select_targets(names: list[str], target_modules: str | list[str], skip=DEFAULT_SKIP) -> list[str]:
+    """The linear layers that `target_modules` names: "all-linear" (every one but those in `skip`)
+    or a list of last-name-component suffixes such as ["q_proj", "v_proj"]. An unknown suffix is a
+    ValueError listing the ones the model has."""
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
+    if target_modules == "all-linear":
+        return [n for n in names if n.rsplit(".", 1)[-1] not in skip]
+    wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    unknown = sorted(set(wanted) - leaves)
+    if unknown:
+        raise ValueError(f"target_modules {unknown} not found in the model; its linear layers are {sorted(leaves)}")
+    return [n for n in names if n.rsplit(".", 1)[-1] in wanted]
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def quantize_linears(model: nn.Module, targets: list[str], quant_type="nf4", blocksize=64, double_quant=True,
+                     compute_dtype=torch.bfloat16) -> None:
+    """Replace each named nn.Linear by a QLoRALinear holding its weight in 4 bits, one at a time
+    (each dense weight is freed as soon as its replacement exists)."""
+    for name in targets:
+        linear = model.get_submodule(name)
+        set_module(model, name, QLoRALinear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype))
+        del linear
+
+
+def qlora_layers(model: nn.Module) -> Iterator[tuple[str, QLoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QLoRALinear):
+            yield name, module
+
+
+def add_adapter(model: nn.Module, name: str, spec: LoraSpec) -> None:
+    """Attach adapter `name` to every QLoRALinear the spec targets and make it active."""
+    layers = dict(qlora_layers(model))
+    for layer_name in select_targets(list(layers), spec.target_modules, spec.modules_to_skip):
+        layers[layer_name].add_adapter(name, spec)
+    set_active_adapter(model, name)
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    for _, layer in qlora_layers(model):
+        layer.active_adapter = name if name in layer.adapters else None
+
+
+@contextlib.contextmanager
+def adapter_rows(model: nn.Module, index: torch.Tensor, names: list[str]):
+    """Within the block, row b of every batch uses adapter names[index[b]] (none where < 0)."""
+    layers = [layer for _, layer in qlora_layers(model)]
+    for layer in layers:
+        layer.set_row_adapters(index, names)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_row_adapters(None)
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+    """(full name, parameter) of the adapters' weights, of one adapter or all."""
+    for pname, param in model.named_parameters():
+        parts = pname.split(".")
+        if "adapters" in parts and (name is None or parts[parts.index("adapters") + 1] == name):
+            yield pname, param
+
+
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+    """Freeze everything but the adapters, keep norms in float32, let gradients reach the inputs of
+    the first layer (needed by checkpointing with a frozen embedding), and turn on non-reentrant
+    gradient checkpointing."""
+    for pname, param in model.named_parameters():
+        param.requires_grad = "adapters." in pname
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            module.float()
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "config"):
+        model.config.use_cache = not gradient_checkpointing
+    return model

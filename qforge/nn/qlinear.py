@@ -1,0 +1,194 @@
+"""QLoRALinear: a frozen 4-bit base weight plus trainable LoRA / DoRA adapters.
+
+    y = dequant(W) x + bias + s * B(A(dropout(x)))            (LoRA, s = alpha/r or alpha/sqrt(r))
+    y = (m / ||W + s B A||_row) * (dequant(W) x + s B A x) + bias      (DoRA, the norm detached)
+
+The base product runs through `Linear4bitFunction`, which keeps no dequantised weight between
+forward and backward: backward dequantises again. State-dict keys are bitsandbytes' (`weight`,
+`weight.absmax`, ...), so a model's state dict is a 4-bit checkpoint.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import QuantState, dequantize, quantize
+from .lora import LoraAdapter, LoraSpec
+
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def dequantize_cached(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantise into a workspace shared by every layer of the same size and dtype.
+
+    The result is transient: valid only until the next call for the same size. Layers use it for
+    one product and drop it, so the process reuses one buffer per shape instead of faulting in
+    fresh pages on every forward and backward.
+    """
+    key = (state.numel, dtype, state.packed.device)
+    buf = _WORKSPACES.get(key)
+    if buf is None:
+        buf = _WORKSPACES[key] = torch.empty(state.numel, dtype=dtype, device=state.packed.device)
+    return dequantize(state, dtype, out=buf)
+
+
+class Linear4bitFunction(torch.autograd.Function):
+    """y = x @ dequant(W)^T. Saves nothing but a reference to the packed state; the chain rule
+    dL/dx = dL/dy @ dequant(W) dequantises again. W is frozen, so there is no dL/dW."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, state: QuantState) -> torch.Tensor:
+        ctx.state = state
+        return F.linear(x, dequantize_cached(state, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ dequantize_cached(ctx.state, grad_out.dtype), None
+
+
+class QLoRALinear(nn.Module):
+    """A 4-bit replacement for nn.Linear with named adapters.
+
+    `weight` is the packed uint8 buffer [(out*in+1)//2, 1] (as bitsandbytes' Linear4bit); the rest
+    of the quantisation state lives in `quant_state`. One adapter is active (`active_adapter`), or
+    a per-row adapter index (`set_row_adapters`) selects an adapter for each row of a batch.
+    """
+
+    def __init__(self, state: QuantState, bias: torch.Tensor | None, compute_dtype=torch.bfloat16):
+        super().__init__()
+        out_features, in_features = state.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.quant_state = state
+        self.register_buffer("weight", state.packed, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self._row_index: torch.Tensor | None = None
+        self._row_names: list[str] = []
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type="nf4", blocksize=64, double_quant=True,
+                    compute_dtype=torch.bfloat16) -> "QLoRALinear":
+        state = quantize(linear.weight.detach(), quant_type, blocksize, double_quant)
+        return cls(state, linear.bias, compute_dtype)
+
+    def extra_repr(self) -> str:
+        st = self.quant_state
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={st.quant_type}, blocksize={st.blocksize}, double_quant={st.nested}, "
+                f"adapters={list(self.adapters)}, active={self.active_adapter}")
+
+    # ---- adapters -------------------------------------------------------------------------
+    def add_adapter(self, name: str, spec: LoraSpec) -> LoraAdapter:
+        adapter = LoraAdapter(self.in_features, self.out_features, spec).to(self.weight.device)
+        if spec.use_dora:
+            with torch.no_grad():
+                adapter.magnitude.copy_(self.dequantized(torch.float32).norm(dim=1))
+        self.adapters[name] = adapter
+        self.active_adapter = self.active_adapter or name
+        return adapter
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh dequantised copy of the base weight [out, in] (not the shared workspace)."""
+        return dequantize(self.quant_state, dtype or self.compute_dtype)
+
+    def set_row_adapters(self, index: torch.Tensor | None, names: list[str] | None = None) -> None:
+        """Per-row adapters: row b uses adapter names[index[b]], or none where index[b] < 0."""
+        self._row_index = index
+        self._row_names = list(names or [])
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_c = x.to(self.compute_dtype)
+        base = Linear4bitFunction.apply(x_c, self.quant_state)  # (..., out), no bias yet
+        if self._row_index is not None:
+            out = base + self._mixed_delta(x_c, base)
+        elif self.active_adapter is not None and self.active_adapter in self.adapters:
+            out = base + self._adapter_delta(self.adapters[self.active_adapter], x_c, base)
+        else:
+            out = base
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype) if x.dtype.is_floating_point else out
+
+    def _adapter_delta(self, adapter: LoraAdapter, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """What adapter adds to the bias-free base output `base` for inputs x."""
+        lora = adapter.low_rank(x).to(base.dtype)
+        if not adapter.use_dora:
+            return lora
+        with torch.no_grad():  # DoRA's norm is treated as a constant (DoRA paper, section 4.3)
+            w = dequantize_cached(self.quant_state, torch.float32) + adapter.delta_weight()
+            norm = w.norm(dim=1)
+        scale = (adapter.magnitude.float() / norm).to(base.dtype)
+        return (scale - 1) * base + scale * lora
+
+    def _mixed_delta(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Per-row adapters as gathered products: the A and B of the adapters in this batch are
+        stacked (ranks zero-padded), each row picks its pair, and two batched matmuls apply them.
+        x: (B, T, in) or (B, in); index: (B,)."""
+        index, names = self._row_index.to(x.device), self._row_names
+        adapters = [self.adapters[n] if n in self.adapters else None for n in names]
+        if any(a is not None and a.use_dora for a in adapters):
+            return self._grouped_delta(x, base, index, adapters)
+        r_max = max([a.r for a in adapters if a is not None], default=0)
+        if r_max == 0:
+            return torch.zeros_like(base)
+        dt = x.dtype
+        A = torch.zeros(len(adapters) + 1, r_max, self.in_features, dtype=dt, device=x.device)
+        B = torch.zeros(len(adapters) + 1, self.out_features, r_max, dtype=dt, device=x.device)
+        for k, a in enumerate(adapters):  # slot len(adapters) stays zero: rows with no adapter
+            if a is not None:
+                A[k, :a.r] = a.lora_A.weight.to(dt)
+                B[k, :, :a.r] = a.lora_B.weight.to(dt) * a.scaling
+        slot = torch.where(index < 0, torch.full_like(index, len(adapters)), index)
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)                   # (B, T, in)
+        h = torch.bmm(x3, A[slot].transpose(1, 2))                   # (B, T, r_max)
+        delta = torch.bmm(h, B[slot].transpose(1, 2))                # (B, T, out)
+        return delta if x.dim() == 3 else delta.squeeze(1)
+
+    def _grouped_delta(self, x, base, index, adapters):
+        delta = torch.zeros_like(base)
+        for k, a in enumerate(adapters):
+            rows = (index == k).nonzero().flatten()
+            if a is not None and rows.numel():
+                delta[rows] = self._adapter_delta(a, x[rows], base[rows])
+        return delta
+
+    # ---- state dict: bitsandbytes' keys ---------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.update(self.quant_state.to_state_dict(prefix + "weight"))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        own = [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
+        if own:
+            try:
+                state = QuantState.from_state_dict({k: state_dict[k] for k in own}, prefix + "weight")
+            except ValueError as exc:
+                error_msgs.append(str(exc))
+            else:
+                if tuple(state.shape) != (self.out_features, self.in_features):
+                    error_msgs.append(f"{prefix}weight: shape {list(state.shape)} does not fit "
+                                      f"[{self.out_features}, {self.in_features}]")
+                else:
+                    self.quant_state = state.to(self.weight.device)
+                    self.weight = self.quant_state.packed
+            for k in own:
+                state_dict.pop(k)
+        elif strict:
+            missing_keys.append(prefix + "weight")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = self.weight.device
+        if self.quant_state.packed.device != device:
+            self.quant_state = self.quant_state.to(device)
+            self.weight = self.quant_state.packed
+        return self

@@ -1,0 +1,115 @@
+"""QLoRALinear against plain LoRA on the dequantised weight (the torchtune parity test), the
+mixed-batch forward against per-adapter forwards, DoRA against its formula, and bitsandbytes keys."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qforge.nn import LoraSpec, QLoRALinear
+from qforge.quant import dequantize
+
+
+def make_layer(in_f=96, out_f=80, bias=True, dtype=torch.float32, seed=0, **spec):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    layer = QLoRALinear.from_linear(lin, compute_dtype=dtype)
+    spec = LoraSpec(**{"r": 8, "alpha": 16, "dropout": 0.0, "dtype": dtype, **spec})
+    adapter = layer.add_adapter("a", spec)
+    nn.init.normal_(adapter.lora_B.weight, std=0.1)  # non-zero B so the adapter matters
+    return layer
+
+
+def reference_lora(layer, name, x):
+    """Plain LoRA on an ordinary nn.Linear holding the dequantised weight."""
+    a = layer.adapters[name]
+    w = layer.dequantized(layer.compute_dtype)
+    y = x @ w.T + (x @ a.lora_A.weight.T) @ a.lora_B.weight.T * a.scaling
+    return y + layer.bias if layer.bias is not None else y
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_forward_and_backward_equal_lora_on_the_dequantised_weight(use_rslora):
+    layer = make_layer(use_rslora=use_rslora)
+    ref = copy.deepcopy(layer)
+    x = torch.randn(3, 5, 96, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = layer(x), reference_lora(ref, "a", x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    for p in ("lora_A", "lora_B"):
+        torch.testing.assert_close(getattr(layer.adapters["a"], p).weight.grad,
+                                   getattr(ref.adapters["a"], p).weight.grad, rtol=1e-5, atol=1e-5)
+    assert layer.adapters["a"].scaling == (16 / 8 ** 0.5 if use_rslora else 2.0)
+
+
+def test_bf16_compute_is_close_to_fp32():
+    layer = make_layer(dtype=torch.bfloat16)
+    x = torch.randn(4, 96)
+    y = layer(x)
+    assert y.dtype == torch.float32  # returns the input's dtype
+    ref = reference_lora(layer, "a", x.to(torch.bfloat16)).float()
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_base_is_frozen_and_backward_keeps_no_dequantised_weight():
+    layer = make_layer(in_f=512, out_f=512)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["adapters.a.lora_A.weight",
+                                                                          "adapters.a.lora_B.weight"]
+    saved = []
+    x = torch.randn(2, 512, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    # LoRA saves x, A(x) and the adapter weights; never a dense [512, 512] weight
+    assert max(saved) < 512 * 512
+    y.sum().backward()
+    assert layer.weight.grad is None and layer.weight.dtype == torch.uint8
+
+
+def test_mixed_batch_equals_per_adapter_forward_row_by_row():
+    layer = make_layer()
+    layer.add_adapter("b", LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
+    nn.init.normal_(layer.adapters["b"].lora_B.weight, std=0.1)
+    x = torch.randn(5, 7, 96)
+    names, index = ["a", "b"], torch.tensor([0, 1, -1, 1, 0])
+    layer.set_row_adapters(index, names)
+    mixed = layer(x)
+    layer.set_row_adapters(None)
+    for row, k in enumerate(index.tolist()):
+        layer.active_adapter = names[k] if k >= 0 else None
+        torch.testing.assert_close(mixed[row], layer(x[row:row + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dora_matches_its_formula():
+    layer = make_layer(use_dora=True)
+    a = layer.adapters["a"]
+    with torch.no_grad():
+        a.magnitude.mul_(torch.linspace(0.5, 1.5, 80))
+    x = torch.randn(6, 96)
+    w0 = dequantize(layer.quant_state, torch.float32)
+    merged = w0 + a.scaling * a.lora_B.weight @ a.lora_A.weight
+    w_dora = a.magnitude[:, None] * merged / merged.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(layer(x), x @ w_dora.T + layer.bias, rtol=1e-5, atol=1e-5)
+    # magnitude starts as the row norms of the dequantised base: a fresh DoRA layer equals the base
+    fresh = make_layer(use_dora=True)
+    nn.init.zeros_(fresh.adapters["a"].lora_B.weight)
+    fresh_base = x @ fresh.dequantized(torch.float32).T + fresh.bias
+    torch.testing.assert_close(fresh(x), fresh_base, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_uses_bitsandbytes_keys_and_round_trips():
+    layer = make_layer()
+    sd = layer.state_dict()
+    for k in ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+              "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4", "bias"):
+        assert k in sd, k
+    other = make_layer(seed=1)
+    other.load_state_dict(sd)
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(other(x), layer(x))
+    bad = dict(sd, **{"weight.absmax": sd["weight.absmax"][:-1]})
+    with pytest.raises(RuntimeError, match="weight.absmax"):
+        make_layer(seed=2).load_state_dict(bad)
