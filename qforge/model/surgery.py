@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..nn import LoraSpec, QLoRALinear
+from ..nn import LoRALinear, LoraSpec, QLoRALinear
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -45,6 +45,12 @@ def quantize_linears(model: nn.Module, targets: list[str], quant_type="nf4", blo
         linear = model.get_submodule(name)
         set_module(model, name, QLoRALinear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype))
         del linear
+
+
+def dense_lora_linears(model: nn.Module, targets: list[str], compute_dtype=torch.bfloat16) -> None:
+    """Replace each named nn.Linear by a LoRALinear (frozen dense base) for BF16 LoRA."""
+    for name in targets:
+        set_module(model, name, LoRALinear.from_linear(model.get_submodule(name), compute_dtype))
 
 
 def qlora_layers(model: nn.Module) -> Iterator[tuple[str, QLoRALinear]]:

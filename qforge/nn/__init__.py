@@ -1,5 +1,5 @@
 """4-bit linear layers with LoRA / DoRA adapters."""
 from .lora import LoraAdapter, LoraSpec
-from .qlinear import QLoRALinear, dequantize_cached
+from .qlinear import LoRALinear, QLoRALinear, dequantize_cached
 
-__all__ = ["QLoRALinear", "LoraAdapter", "LoraSpec", "dequantize_cached"]
+__all__ = ["QLoRALinear", "LoRALinear", "LoraAdapter", "LoraSpec", "dequantize_cached"]

@@ -87,7 +87,7 @@ class QLoRALinear(nn.Module):
         adapter = LoraAdapter(self.in_features, self.out_features, spec).to(self.weight.device)
         if spec.use_dora:
             with torch.no_grad():
-                adapter.magnitude.copy_(self.dequantized(torch.float32).norm(dim=1))
+                adapter.magnitude.copy_(self.base_weight_fp32().norm(dim=1))
         self.adapters[name] = adapter
         self.active_adapter = self.active_adapter or name
         return adapter
@@ -102,9 +102,17 @@ class QLoRALinear(nn.Module):
         self._row_names = list(names or [])
 
     # ---- forward --------------------------------------------------------------------------
+    def base_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T without bias, W the frozen base weight. (..., in) -> (..., out)."""
+        return Linear4bitFunction.apply(x, self.quant_state)
+
+    def base_weight_fp32(self) -> torch.Tensor:
+        """The base weight in float32 [out, in]; may be a shared workspace (use it at once)."""
+        return dequantize_cached(self.quant_state, torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_c = x.to(self.compute_dtype)
-        base = Linear4bitFunction.apply(x_c, self.quant_state)  # (..., out), no bias yet
+        base = self.base_product(x_c)  # (..., out), no bias yet
         if self._row_index is not None:
             out = base + self._mixed_delta(x_c, base)
         elif self.active_adapter is not None and self.active_adapter in self.adapters:
@@ -121,7 +129,7 @@ class QLoRALinear(nn.Module):
         if not adapter.use_dora:
             return lora
         with torch.no_grad():  # DoRA's norm is treated as a constant (DoRA paper, section 4.3)
-            w = dequantize_cached(self.quant_state, torch.float32) + adapter.delta_weight()
+            w = self.base_weight_fp32() + adapter.delta_weight()
             norm = w.norm(dim=1)
         scale = (adapter.magnitude.float() / norm).to(base.dtype)
         return (scale - 1) * base + scale * lora
@@ -192,3 +200,41 @@ class QLoRALinear(nn.Module):
             self.quant_state = self.quant_state.to(device)
             self.weight = self.quant_state.packed
         return self
+
+
+class LoRALinear(QLoRALinear):
+    """The same adapters on an unquantised frozen base (BF16 LoRA), so QLoRA and LoRA runs differ
+    only in the base product. `weight` is an ordinary frozen parameter [out, in]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype=torch.bfloat16):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = compute_dtype
+        self.quant_state = None
+        self.weight = nn.Parameter(weight.detach().to(compute_dtype), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.adapters = nn.ModuleDict()
+        self.active_adapter = None
+        self._row_index, self._row_names = None, []
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype=torch.bfloat16) -> "LoRALinear":
+        return cls(linear.weight, linear.bias, compute_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"adapters={list(self.adapters)}, active={self.active_adapter}")
+
+    def base_product(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def base_weight_fp32(self) -> torch.Tensor:
+        return self.weight.float()
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.weight.detach().to(dtype or self.compute_dtype).clone()
+
+    # plain nn.Module state dict and device moves
+    _save_to_state_dict = nn.Module._save_to_state_dict
+    _load_from_state_dict = nn.Module._load_from_state_dict
+    _apply = nn.Module._apply

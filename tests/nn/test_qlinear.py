@@ -113,3 +113,15 @@ def test_state_dict_uses_bitsandbytes_keys_and_round_trips():
     bad = dict(sd, **{"weight.absmax": sd["weight.absmax"][:-1]})
     with pytest.raises(RuntimeError, match="weight.absmax"):
         make_layer(seed=2).load_state_dict(bad)
+
+
+def test_bf16_lora_layer_matches_qlora_on_the_same_dequantised_weight():
+    """LoRALinear (dense frozen base) and QLoRALinear differ only in the base product."""
+    from qforge.nn import LoRALinear
+    q = make_layer(use_dora=True)
+    dense = LoRALinear(q.dequantized(torch.float32), q.bias, torch.float32)
+    dense.add_adapter("a", LoraSpec(r=8, alpha=16, dropout=0.0, dtype=torch.float32, use_dora=True))
+    dense.adapters["a"].load_state_dict(q.adapters["a"].state_dict())
+    x = torch.randn(4, 96)
+    torch.testing.assert_close(dense(x), q(x), rtol=1e-5, atol=1e-5)
+    assert set(dense.state_dict()) >= {"weight", "bias"} and "weight.absmax" not in dense.state_dict()
