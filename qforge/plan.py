@@ -1,0 +1,623 @@
+"""Estimate the GPU memory of a fine-tuning run and recommend qlora, lora, full or FSDP.
+
+  qforge plan --model llama-3.1-8b [--seq-len 4096] [--batch-size 1] [--rank 32]
+              [--method qlora|lora|full|all] [--gpu 24GB] [--num-gpus 1]
+              [--gradient-checkpointing | --no-gradient-checkpointing]
+
+--model is a shipped architecture (llama-3.1-8b, llama-2-13b, yi-34b, llama-3.1-70b,
+mixtral-8x22b, llama-3.1-405b, smollm2; any case) or a Hugging Face config.json, or a folder
+holding one. --gpu is the memory of one card: 24GB (1e9 bytes), 24GiB (2**30), 80G or plain bytes.
+
+The table gives GB (1e9 bytes) per component: base weights, quantisation constants, adapter
+weights, gradients, optimiser state, activations with and without gradient checkpointing (the
+one in use is counted), temporary buffers, the working set (sharded state counted once), what
+each GPU holds, and whether that fits the card. Then the recommendation:
+  BF16 LoRA when it fits one card with 10% of the card to spare; else QLoRA when it fits;
+  full fine-tuning only when asked for (--method full) and it fits; else QLoRA sharded with
+  FSDP over the fewest cards that hold it.
+The formulas and the calibrated constants are in the docstrings of qforge/plan.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+GB = 10**9  # every figure printed or tested is in GB = 1e9 bytes
+ARCH_DIR = Path(__file__).parent / "data" / "archs"
+ALIASES = {"smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2"}
+METHODS = ("qlora", "lora", "full")
+QUANT_TYPES = ("nf4", "fp4", "int4")  # all 4 bits per weight
+OPTIMIZER_BITS = {"paged_adamw_8bit": 8, "adamw_8bit": 8, "paged_adamw_32bit": 32, "adamw_torch": 32, "adamw": 32}
+HEADROOM = 0.10  # BF16 LoRA is chosen only if it leaves 10% of the card free: the estimate is +-10%
+QUANT_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit blocks and double-quant blocks
+OPTIM_BLOCK, OPTIM_MIN_NUMEL = 256, 4096  # 8-bit optimiser blocks; smaller tensors keep 32-bit state
+
+
+# ---------------------------------------------------------------- architecture
+
+@dataclass(frozen=True)
+class ModelArch:
+    """The shape of a decoder-only transformer, read from a Hugging Face config.json.
+
+    Covers Llama-style models (Llama, Mistral, Qwen2, Yi, SmolLM): grouped-query attention with
+    q/k/v/o projections, a gated (SwiGLU) MLP gate/up/down, RMSNorm before attention and MLP;
+    and Mixtral-style MoE: `num_experts` such MLPs per layer (each of `intermediate_size`), of
+    which `experts_per_token` run for each token, chosen by a linear router.
+    """
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    num_experts: int = 0  # 0: a dense MLP
+    experts_per_token: int = 0
+    attention_bias: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def active_intermediate(self) -> int:
+        """MLP width one token runs through: intermediate_size, times experts_per_token for MoE."""
+        return self.intermediate_size * (self.experts_per_token if self.num_experts else 1)
+
+    @classmethod
+    def from_config(cls, config: dict, name: str = "") -> ModelArch:
+        """Read the fields of a config.json dict; ValueError naming any required field missing.
+
+        A multimodal config's `text_config` is used when the top level has no hidden_size.
+        """
+        if not isinstance(config, dict):
+            raise ValueError(f"config of {name or 'the model'} is not a JSON object")
+        config = config.get("text_config", config) if "hidden_size" not in config else config
+        required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        missing = [k for k in required if not config.get(k)]
+        if missing:
+            raise ValueError(f"config of {name or 'the model'} lacks {', '.join(missing)}: "
+                             "a Llama- or Mixtral-style config.json is needed")
+        heads = int(config["num_attention_heads"])
+        experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+        expert_width = config.get("moe_intermediate_size") if experts else None  # Qwen-MoE style names
+        return cls(
+            name=name or str(config.get("_name_or_path") or config.get("model_type") or "model"),
+            hidden_size=int(config["hidden_size"]),
+            intermediate_size=int(expert_width or config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+            vocab_size=int(config["vocab_size"]),
+            # a missing key counts as untied: the larger (safer) estimate, and Llama's default
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            num_experts=experts,
+            experts_per_token=int(config.get("num_experts_per_tok") or (2 if experts else 0)),
+            attention_bias=bool(config.get("attention_bias", False)),
+        )
+
+
+def known_archs() -> list[str]:
+    """Names of the shipped architectures (file names in qforge/data/archs)."""
+    return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+
+
+def load_arch(name_or_path: str | Path) -> dict:
+    """The config dict of a shipped architecture name (any case) or of a config.json / its folder.
+
+    FileNotFoundError for a path that does not exist or a folder without config.json;
+    ValueError, listing the known names, for an unknown name.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    file = path / "config.json" if path.is_dir() else path
+    if file.is_file():
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{file} is not valid JSON: {exc}") from None
+    key = ALIASES.get(text.lower(), text.lower())
+    if (ARCH_DIR / f"{key}.json").is_file():
+        return json.loads((ARCH_DIR / f"{key}.json").read_text())
+    if path.is_dir():
+        raise FileNotFoundError(f"no config.json in folder {name_or_path}")
+    if text.endswith(".json") or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no such config file: {text}")
+    raise ValueError(f"unknown model '{text}': known names are {', '.join(known_archs())}, "
+                     "or give the path of a config.json")
+
+
+def as_arch(config: dict | ModelArch | str) -> ModelArch:
+    """A ModelArch from a ModelArch, a config dict, or a name / path for load_arch."""
+    if isinstance(config, ModelArch):
+        return config
+    if isinstance(config, dict):
+        return ModelArch.from_config(config)
+    return ModelArch.from_config(load_arch(config), name=str(config))
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One parameter tensor of the model, repeated `copies` times (usually once per layer)."""
+    name: str
+    numel: int  # elements in one copy
+    copies: int
+    kind: str  # "linear" (4-bit under QLoRA), "norm", "embedding", "router" or "bias"
+    adapted: tuple[tuple[int, int], ...] = ()  # (in, out) of each matrix given a LoRA adapter
+
+
+def model_weights(arch: ModelArch) -> list[Weight]:
+    """Every parameter tensor of the model.
+
+    MoE experts are stored as transformers 5 stores them: one fused [E, 2*I, H] gate_up tensor
+    and one [E, H, I] down tensor per layer (what a QLoRA forward dequantises at once), while
+    LoRA adapters go on each expert's gate, up and down matrix, as PEFT's all-linear does.
+    """
+    h, q, kv, layers = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.num_layers
+    weights = [
+        Weight("q_proj", h * q, layers, "linear", ((h, q),)),
+        Weight("k_proj", h * kv, layers, "linear", ((h, kv),)),
+        Weight("v_proj", h * kv, layers, "linear", ((h, kv),)),
+        Weight("o_proj", q * h, layers, "linear", ((q, h),)),
+    ]
+    if arch.attention_bias:
+        weights.append(Weight("attn_bias", q + 2 * kv + h, layers, "bias"))
+    i, e = arch.intermediate_size, arch.num_experts
+    if e:
+        weights += [Weight("experts.gate_up_proj", e * 2 * i * h, layers, "linear", ((h, i),) * (2 * e)),
+                    Weight("experts.down_proj", e * i * h, layers, "linear", ((i, h),) * e),
+                    Weight("router", h * e, layers, "router")]  # tiny and sensitive: kept in BF16
+    else:
+        weights += [Weight("gate_proj", h * i, layers, "linear", ((h, i),)),
+                    Weight("up_proj", h * i, layers, "linear", ((h, i),)),
+                    Weight("down_proj", i * h, layers, "linear", ((i, h),))]
+    weights += [Weight("input_layernorm", h, layers, "norm"), Weight("post_attention_layernorm", h, layers, "norm"),
+                Weight("norm", h, 1, "norm"), Weight("embed_tokens", arch.vocab_size * h, 1, "embedding")]
+    if not arch.tie_word_embeddings:
+        weights.append(Weight("lm_head", arch.vocab_size * h, 1, "embedding"))
+    return weights
+
+
+def parameter_count(arch: ModelArch) -> int:
+    """Parameters of the model (embeddings and an untied LM head included)."""
+    return sum(w.numel * w.copies for w in model_weights(arch))
+
+
+# ---------------------------------------------------------------- constants of the memory model
+
+@dataclass(frozen=True)
+class MemoryConstants:
+    """What the planner assumes about the device and the training code; one instance per device kind.
+
+    Activation coefficients count the tensors one decoder layer saves for backward, per token,
+    in elements of the compute dtype (`compute_bytes` each), for transformers' Llama / Mixtral
+    code with SDPA/flash attention (no seq^2 term: the kernels keep only a log-sum-exp per row):
+      hidden 6   two RMSNorms, each keeping its fp32 upcast input (2 elements' worth) and its
+                 bf16 output, the input of the projections that follow
+      q 3        rotated q (saved by attention), attention output, its contiguous copy (o_proj input)
+      kv 2       rotated k and v (saved by attention)
+      mlp 4      gate, silu(gate), up, silu(gate)*up (the down_proj input); per active expert
+      moe 2      per active expert: the gathered token copy it reads, its output before weighting
+      lora_dropout 1.5 per adapted linear's input: the dropped copy lora_A reads (1) and the mask
+                 (1 byte); QLoRA's recipe uses dropout 0.05-0.1. full fine-tuning: the norms'
+                 weights train, so each norm also keeps its bf16 normalised input (+2 hidden)
+      backward   gradients alive while one layer runs backward: 2 hidden + 3 mlp (grad of the
+                 down input, of gate and of up)
+    Calibrated constants (the counts above are not tuned; these three were chosen, within their
+    plausible ranges, so that QLoRA r=32, seq 4096, batch 1 lands inside the public sizing table
+    for 8B, 13B, 34B, 70B, Mixtral 8x22B and 405B; see tests/test_plan.py):
+      logit_bytes 4    per logit: one fp32 copy for the loss. The loss briefly holds more (bf16
+                       logits 2 + fp32 log-softmax 4), but never while a layer is recomputed,
+                       and this model adds the two peaks instead of taking the larger one
+      context_bytes 1.25 GB  per GPU, outside torch's allocator: the CUDA context (0.5-0.7 GB),
+                       cuBLAS workspaces, bitsandbytes' and NCCL's own buffers
+      fragmentation 0.40  the caching allocator's slack on what is allocated and freed every
+                       step (activations, logits, dequantised weights): blocks of many sizes
+                       leave gaps. On that dynamic part only: 4-14% of the sizing table's totals
+    A later calibration against measured peaks (e.g. on CPU, where compute_bytes may be 4 and
+    there is no CUDA context) makes another instance with `dataclasses.replace`.
+    """
+    compute_bytes: int = 2
+    hidden: float = 6.0
+    q: float = 3.0
+    kv: float = 2.0
+    mlp: float = 4.0
+    moe: float = 2.0
+    lora_dropout: float = 1.5
+    full_norm_extra: float = 2.0
+    backward_hidden: float = 2.0
+    backward_mlp: float = 3.0
+    logit_bytes: float = 4.0
+    context_bytes: int = int(1.25 * GB)
+    fragmentation: float = 0.40
+
+
+CUDA_BF16 = MemoryConstants()
+
+
+# ---------------------------------------------------------------- per-component bytes
+
+def weight_bytes(arch: ModelArch, method: str) -> int:
+    """Bytes of the frozen (lora/qlora) or trained (full) model weights.
+
+    qlora: decoder linears as 4-bit codes (0.5 byte/param, odd counts padded to a byte);
+    embeddings, LM head and router in BF16 (2 bytes); norms in fp32 (4), as k-bit preparation
+    leaves them. lora and full: every parameter in BF16.
+    """
+    if method != "qlora":
+        return 2 * parameter_count(arch)
+    unquantised_bytes = {"norm": 4, "embedding": 2, "router": 2, "bias": 2}
+    total = 0
+    for w in model_weights(arch):
+        size = (w.numel + 1) // 2 if w.kind == "linear" else w.numel * unquantised_bytes[w.kind]
+        total += size * w.copies
+    return total
+
+
+def quant_constant_bytes(numel: int, double_quant: bool = True) -> int:
+    """Bytes of bitsandbytes' 4-bit constants for one tensor of `numel` weights.
+
+    One absmax per 64-weight block: with double quantisation a uint8 code (1 byte) plus, per 256
+    absmax, an fp32 second-level scale (4 bytes), an fp32 offset and the fp32 code maps (16 + 256
+    values); about 0.127 bits per weight. Without it, an fp32 absmax per block (0.5 bits/weight).
+    """
+    blocks = math.ceil(numel / QUANT_BLOCK)
+    if not double_quant:
+        return 4 * blocks + 4 * 16
+    return blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 + 4 * 16 + 4 * 256
+
+
+def adapter_tensors(arch: ModelArch, rank: int) -> list[tuple[int, int]]:
+    """(numel, copies) of every LoRA tensor: A is [r, in], B is [out, r], for each adapted matrix."""
+    tensors = []
+    for w in model_weights(arch):
+        for fan_in, fan_out in w.adapted:
+            tensors += [(rank * fan_in, w.copies), (rank * fan_out, w.copies)]
+    return tensors
+
+
+def optimizer_bytes(tensors: list[tuple[int, int]], optimizer: str) -> int:
+    """Bytes of AdamW's two moments for the trained tensors, given as (numel, copies).
+
+    8-bit (bitsandbytes, paged or not): 1 byte per value per moment plus an fp32 absmax per
+    256-value block, for tensors of at least 4096 elements; smaller ones keep 32-bit moments.
+    32-bit: 8 bytes per parameter.
+    """
+    if optimizer not in OPTIMIZER_BITS:
+        raise ValueError(f"unknown optimizer '{optimizer}': choose one of {', '.join(OPTIMIZER_BITS)}")
+    total = 0
+    for numel, copies in tensors:
+        if OPTIMIZER_BITS[optimizer] == 8 and numel >= OPTIM_MIN_NUMEL:
+            total += copies * (2 * numel + 2 * 4 * math.ceil(numel / OPTIM_BLOCK))
+        else:
+            total += copies * 8 * numel
+    return total
+
+
+def layer_activation_elems(arch: ModelArch, method: str, rank: int, c: MemoryConstants) -> float:
+    """Elements one decoder layer saves for backward, per token (see MemoryConstants).
+
+      hidden*H + q*Q + kv*KV + mlp*I_active + MoE: moe*top_k*H
+      + LoRA methods: lora_dropout*(5H + Q + I_active) (inputs of q,k,v,gate,up; o; down)
+                      + r per adapted matrix (the lora_A outputs)
+      + full: full_norm_extra*H
+    with H hidden, Q = heads*head_dim, KV = kv_heads*head_dim, I_active = intermediate*top_k.
+    """
+    h, i_act = arch.hidden_size, arch.active_intermediate
+    elems = c.hidden * h + c.q * arch.q_dim + c.kv * arch.kv_dim + c.mlp * i_act
+    if arch.num_experts:
+        elems += c.moe * arch.experts_per_token * h
+    if method in ("lora", "qlora"):
+        elems += c.lora_dropout * (5 * h + arch.q_dim + i_act)
+        mlp_matrices = 3 * (arch.experts_per_token if arch.num_experts else 1)
+        elems += rank * (4 + mlp_matrices)
+    else:
+        elems += c.full_norm_extra * h
+    return elems
+
+
+def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradient_checkpointing: bool,
+                     c: MemoryConstants = CUDA_BF16) -> int:
+    """Bytes of saved activations on one GPU for `tokens` = batch * seq_len tokens.
+
+    With checkpointing: each layer's input hidden state is kept (L * H elements per token) and
+    one layer at a time recomputes its full set and runs backward:
+        tokens * b * (L*H + layer + backward)
+    Without: every layer keeps its full set:  tokens * b * (L*layer + backward)
+    where b = compute_bytes, layer = layer_activation_elems, backward = backward_hidden*H +
+    backward_mlp*I_active. The logits are counted in temporary_bytes.
+    """
+    layer = layer_activation_elems(arch, method, rank, c)
+    backward = c.backward_hidden * arch.hidden_size + c.backward_mlp * arch.active_intermediate
+    if gradient_checkpointing:
+        per_token = arch.num_layers * arch.hidden_size + layer + backward
+    else:
+        per_token = arch.num_layers * layer + backward
+    return int(tokens * c.compute_bytes * per_token)
+
+
+def temporary_bytes(arch: ModelArch, method: str, tokens: int, activations: int, num_gpus: int,
+                    c: MemoryConstants = CUDA_BF16) -> int:
+    """Bytes of short-lived buffers and allowances on one GPU.
+
+      dequantised weight (qlora): the largest 4-bit tensor in BF16, 2 bytes * its numel
+      logits: tokens * vocab * logit_bytes (the fp32 copy the loss works on)
+      FSDP (num_gpus > 1): the all-gathered weights of two decoder layers (current + prefetch)
+      fragmentation * (activations + the buffers above) + context_bytes
+    """
+    buffers = tokens * arch.vocab_size * c.logit_bytes
+    if method == "qlora":
+        buffers += 2 * max(w.numel for w in model_weights(arch) if w.kind == "linear")
+    if num_gpus > 1:
+        buffers += 2 * layer_weight_bytes(arch, method)
+    return int(buffers + c.fragmentation * (activations + buffers) + c.context_bytes)
+
+
+def layer_weight_bytes(arch: ModelArch, method: str) -> int:
+    """Bytes of one decoder layer's weights as stored (what FSDP all-gathers per layer)."""
+    outside = weight_bytes(replace(arch, num_layers=0), method)
+    return (weight_bytes(arch, method) - outside) // arch.num_layers
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class Plan:
+    """Bytes of one training run, by component.
+
+    Weights, constants, adapters, gradients and optimiser state are the whole model's (FSDP
+    shards them over the GPUs); activations and temporary are one GPU's, for its micro-batch of
+    batch_size sequences. total is their sum, the run's working set; per_gpu_total is what each
+    GPU holds: the sharded part / num_gpus + activations + temporary.
+    """
+    method: str
+    num_gpus: int
+    base_weights: int
+    quant_constants: int
+    adapter_weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    temporary: int
+    total: int
+    per_gpu_total: int
+
+    @property
+    def sharded(self) -> int:
+        """Bytes FSDP splits over the GPUs."""
+        return self.base_weights + self.quant_constants + self.adapter_weights + self.gradients + self.optimizer_state
+
+    def fits(self, gpu_bytes: int, headroom: float = 0.0) -> bool:
+        """Whether each GPU's share fits a card of gpu_bytes, leaving `headroom` of it free."""
+        return self.per_gpu_total <= gpu_bytes * (1.0 - headroom)
+
+
+def _check_run(method: str, seq_len: int, batch_size: int, rank: int, num_gpus: int, quant_type: str) -> None:
+    """ValueError for arguments that cannot describe a run."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type '{quant_type}': choose one of {', '.join(QUANT_TYPES)}")
+    for label, value in (("seq_len", seq_len), ("batch_size", batch_size), ("rank", rank), ("num_gpus", num_gpus)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value}")
+
+
+def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, batch_size: int = 1, rank: int = 32,
+             gradient_checkpointing: bool = True, num_gpus: int = 1, quant_type: str = "nf4",
+             double_quant: bool = True, optimizer: str = "paged_adamw_8bit",
+             constants: MemoryConstants = CUDA_BF16) -> Plan:
+    """Memory of fine-tuning `config` with `method` ("qlora", "lora" or "full"), in bytes.
+
+    qlora: 4-bit base (quant_type, with or without double quantisation) + BF16 LoRA adapters of
+    `rank` on every decoder linear; lora: the same adapters on a BF16 base; full: every weight
+    trained. Adapters are BF16 (2 bytes/param) with fp32 gradients (4); full fine-tuning keeps
+    BF16 gradients (2). The optimiser is AdamW, 8- or 32-bit (see optimizer_bytes).
+    """
+    _check_run(method, seq_len, batch_size, rank, num_gpus, quant_type)
+    arch = as_arch(config)
+    tokens = seq_len * batch_size
+    base = weight_bytes(arch, method)
+    constants_bytes = 0
+    if method == "qlora":
+        constants_bytes = sum(quant_constant_bytes(w.numel, double_quant) * w.copies
+                              for w in model_weights(arch) if w.kind == "linear")
+    if method == "full":
+        trained = [(w.numel, w.copies) for w in model_weights(arch)]
+        adapters, grads = 0, 2 * parameter_count(arch)
+    else:
+        trained = adapter_tensors(arch, rank)
+        adapter_params = sum(n * k for n, k in trained)
+        adapters, grads = 2 * adapter_params, 4 * adapter_params
+    optim = optimizer_bytes(trained, optimizer)
+    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants)
+    temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants)
+    sharded = base + constants_bytes + adapters + grads + optim
+    return Plan(method=method, num_gpus=num_gpus, base_weights=base, quant_constants=constants_bytes,
+                adapter_weights=adapters, gradients=grads, optimizer_state=optim, activations=acts,
+                temporary=temp, total=sharded + acts + temp,
+                per_gpu_total=math.ceil(sharded / num_gpus) + acts + temp)
+
+
+# ---------------------------------------------------------------- choosing a recipe
+
+def gpus_needed(config: dict | ModelArch | str, gpu_bytes: int, method: str = "qlora", max_gpus: int = 4096,
+                **run: object) -> int | None:
+    """Fewest GPUs of gpu_bytes that hold `method` sharded with FSDP; None if no count does.
+
+    Only the sharded part shrinks with more GPUs: one GPU's activations and buffers stay, so a
+    run whose activations alone exceed the card never fits (shorten seq_len or batch_size).
+    """
+    arch = as_arch(config)
+    for n in (1, 2):  # one GPU has no all-gather buffers; from two on the per-GPU fixed part is constant
+        plan = plan_run(arch, method, num_gpus=n, **run)
+        if plan.fits(gpu_bytes):
+            return n
+    fixed = plan.activations + plan.temporary
+    if fixed >= gpu_bytes:
+        return None
+    n = max(3, math.ceil(plan.sharded / (gpu_bytes - fixed)))
+    while n <= max_gpus and not plan_run(arch, method, num_gpus=n, **run).fits(gpu_bytes):
+        n += 1  # ceil rounding of the shard; at most a step or two
+    return n if n <= max_gpus else None
+
+
+def recommend(config: dict | ModelArch | str, gpu_bytes: int, seq_len: int = 4096, batch_size: int = 1,
+              rank: int = 32, gradient_checkpointing: bool = True, num_gpus: int = 1, want_full: bool = False,
+              **run: object) -> tuple[str, str]:
+    """(method, reason): the recipe for `num_gpus` cards of gpu_bytes each.
+
+    The rule, in order:
+      1. full, only when asked for (want_full) and it fits;
+      2. lora (BF16 base) when it fits leaving HEADROOM (10%) of the card free: no quantisation
+         error, and the margin absorbs the estimate's error;
+      3. qlora when it fits the card;
+      4. fsdp: QLoRA sharded over the fewest GPUs that hold it (named in the reason), or "none"
+         when one GPU's activations alone exceed the card.
+    Extra keyword arguments (quant_type, double_quant, optimizer, constants) go to plan_run.
+    """
+    arch = as_arch(config)
+    kwargs = dict(seq_len=seq_len, batch_size=batch_size, rank=rank,
+                  gradient_checkpointing=gradient_checkpointing, **run)
+    plans = {m: plan_run(arch, m, num_gpus=num_gpus, **kwargs) for m in METHODS}
+    card, where = card_label(gpu_bytes), f"{num_gpus} x " if num_gpus > 1 else ""
+    lora, qlora, full = (plans[m].per_gpu_total for m in ("lora", "qlora", "full"))
+    note = ""
+    if want_full:
+        if plans["full"].fits(gpu_bytes):
+            return "full", f"full fine-tuning was asked for and needs {format_gb(full)} of {where}{card}"
+        note = f"full fine-tuning needs {format_gb(full)} per GPU, more than {card}; "
+    if plans["lora"].fits(gpu_bytes, HEADROOM):
+        return "lora", note + (f"BF16 LoRA needs {format_gb(lora)} of {where}{card}, leaving more than "
+                               f"{HEADROOM:.0%} free; no quantisation error")
+    lora_says = f"BF16 LoRA needs {format_gb(lora)}, more than {1 - HEADROOM:.0%} of {card}"
+    if plans["qlora"].fits(gpu_bytes):
+        return "qlora", note + f"{lora_says}; QLoRA needs {format_gb(qlora)}"
+    n = gpus_needed(arch, gpu_bytes, "qlora", **kwargs)
+    if n is None:
+        fix = "lower --seq-len or --batch-size" + ("" if gradient_checkpointing else ", or checkpoint gradients")
+        return "none", note + (f"QLoRA's activations and buffers alone exceed one {card} card, however many "
+                               f"GPUs share the weights; {fix}")
+    per_gpu = plan_run(arch, "qlora", num_gpus=n, **kwargs).per_gpu_total
+    return "fsdp", note + (f"QLoRA needs {format_gb(qlora)} on {num_gpus} GPU(s), more than {card} each; "
+                           f"shard it with FSDP over {n} GPUs of {card} ({format_gb(per_gpu)} each)")
+
+
+# ---------------------------------------------------------------- command line
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_gpu(text: str | int) -> int:
+    """Bytes of GPU memory from '24GB' (1e9 bytes), '24GiB' (2**30), '80G' (= GB), '141 GB' or bytes.
+
+    Cards sold as "24 GB" hold 24 GiB, so reading GB as 1e9 leaves ~7% to spare. ValueError for
+    anything else, for zero, and for a bare number under 1 MiB (surely a forgotten unit).
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(?:([kmgt])(i?)b?|(b))?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"bad GPU memory '{text}': write e.g. 24GB, 80GiB, 80G or a number of bytes")
+    number, prefix, binary, _ = match.groups()
+    prefix = (prefix or "").lower()
+    scale = 1024 ** ("kmgt".index(prefix) + 1) if binary else _UNITS[prefix]
+    value = float(number) * scale
+    if not prefix and "." in number:
+        raise ValueError(f"bad GPU memory '{text}': a number of bytes must be whole")
+    if value < 2**20:
+        raise ValueError(f"GPU memory '{text}' is under 1 MiB: give a unit, e.g. {number}GB")
+    return int(value)
+
+
+def format_gb(nbytes: float) -> str:
+    """'12.34 GB' (1e9 bytes), two decimals below 100 GB, one above."""
+    value = nbytes / GB
+    return f"{value:.2f} GB" if value < 100 else f"{value:.1f} GB"
+
+
+def card_label(gpu_bytes: int) -> str:
+    """'24 GB', '80 GiB' or '25.5 GB': the card size as the user most likely wrote it."""
+    for unit, name in ((GB, "GB"), (2**30, "GiB")):
+        if gpu_bytes % unit == 0:
+            return f"{gpu_bytes // unit} {name}"
+    return f"{gpu_bytes / GB:.1f} GB"
+
+
+ROWS = [("base weights", "base_weights"), ("quant constants", "quant_constants"),
+        ("adapter weights", "adapter_weights"), ("gradients", "gradients"), ("optimizer state", "optimizer_state")]
+
+
+def format_table(plans: list[Plan], other_activations: list[int], gradient_checkpointing: bool,
+                 gpu_bytes: int) -> str:
+    """The plan table: one row per component, one column per method, GB; see the module docstring.
+
+    other_activations holds, per plan, the activations with checkpointing the other way; only
+    the row marked '*' is counted in the totals.
+    """
+    on, off = ("*", " ") if gradient_checkpointing else (" ", "*")
+    rows = [(label, [getattr(p, field) for p in plans]) for label, field in ROWS]
+    with_gc = [p.activations if gradient_checkpointing else o for p, o in zip(plans, other_activations)]
+    without = [o if gradient_checkpointing else p.activations for p, o in zip(plans, other_activations)]
+    rows += [(f"activations, checkpointing {on}", with_gc), (f"activations, no checkpointing {off}", without),
+             ("temporary buffers", [p.temporary for p in plans]), ("total (working set)", [p.total for p in plans])]
+    gpus = plans[0].num_gpus
+    if gpus > 1:
+        rows.append((f"per GPU (of {gpus}, FSDP)", [p.per_gpu_total for p in plans]))
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{'':{width}}" + "".join(f"{p.method:>12}" for p in plans)]
+    lines += [f"{label:{width}}" + "".join(f"{format_gb(v):>12}" for v in values) for label, values in rows]
+    card = card_label(gpu_bytes)
+    fits = "".join(f"{'yes' if p.fits(gpu_bytes) else 'no':>12}" for p in plans)
+    lines.append(f"{'fits ' + card + ' card' + (' each' if gpus > 1 else ''):{width}}{fits}")
+    lines.append(f"(* counted in the totals; GB = 1e9 bytes)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `qforge plan`."""
+    parser.add_argument("--model", required=True, metavar="NAME_OR_CONFIG",
+                        help=f"one of {', '.join(known_archs())}, or a config.json (or its folder)")
+    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per GPU per step (default 1)")
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
+    parser.add_argument("--method", choices=[*METHODS, "all"], default="all",
+                        help="recipe to size; 'all' shows each; 'full' also lets full fine-tuning be recommended")
+    parser.add_argument("--gpu", default="24GB", help="memory of one card: 24GB, 40GB, 80GB, 141GB, 80GiB or bytes")
+    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs sharing the model with FSDP (default 1)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="recompute each layer in backward (default on)")
+    parser.add_argument("--optimizer", choices=list(OPTIMIZER_BITS), default="paged_adamw_8bit",
+                        help="AdamW variant (default paged_adamw_8bit)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the plan table and the recommendation; ValueError / FileNotFoundError for bad input."""
+    gpu = parse_gpu(args.gpu)
+    arch = ModelArch.from_config(load_arch(args.model), name=str(args.model))
+    methods = METHODS if args.method == "all" else (args.method,)
+    kwargs = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
+                  num_gpus=args.num_gpus, optimizer=args.optimizer)
+    gc = args.gradient_checkpointing
+    plans = [plan_run(arch, m, gradient_checkpointing=gc, **kwargs) for m in methods]
+    other = [plan_run(arch, m, gradient_checkpointing=not gc, **kwargs).activations for m in methods]
+    method, reason = recommend(arch, gpu, gradient_checkpointing=gc, want_full=args.method == "full", **kwargs)
+    print(f"{arch.name}: {parameter_count(arch) / 1e9:.2f} B parameters, {arch.num_layers} layers, "
+          f"hidden {arch.hidden_size}, vocab {arch.vocab_size}"
+          + (f", {arch.num_experts} experts ({arch.experts_per_token} per token)" if arch.num_experts else ""))
+    print(f"seq_len {args.seq_len}, batch {args.batch_size}, rank {args.rank}, {args.optimizer}, "
+          f"gradient checkpointing {'on' if gc else 'off'}, {args.num_gpus} GPU(s) of {card_label(gpu)}\n")
+    print(format_table(plans, other, gc, gpu))
+    print(f"recommended: {method} ({reason})")
+    return 0
