@@ -1,0 +1,1 @@
+"""Training: data, configuration, the loop and its checkpoints."""

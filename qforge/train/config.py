@@ -1,0 +1,89 @@
+"""TrainConfig: every setting of a run. A YAML recipe is a serialised TrainConfig: each key has the
+name of its command-line flag (with '_' for '-'), and flags given on the command line win."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("qlora", "lora", "full")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2"
+    data: str | None = None
+    eval_data: str | None = None
+    eval_fraction: float = 0.0
+    data_format: str = "auto"
+    train_on: str = "assistant"
+    method: str = "qlora"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    loftq_iters: int = 0
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    optimizer: str = "paged_adamw_8bit"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    pack: bool = False
+    gradient_checkpointing: bool = True
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 1
+    seed: int = 0
+    output_dir: str = "runs/qforge"
+    resume: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        for name in ("rank", "batch_size", "grad_accum", "max_seq_len", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
+        if self.optimizer not in ("paged_adamw_8bit", "adamw_8bit", "adamw"):
+            raise ValueError(f"optimizer: expected paged_adamw_8bit, adamw_8bit or adamw, got {self.optimizer!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+        """Read a recipe; an unknown key is an error naming the file and the key."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+        raw = {k.replace("-", "_"): v for k, v in raw.items()}
+        unknown = sorted(set(raw) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"{path}: unknown setting(s) {unknown}; known: {cls.field_names()}")
+        return cls(**{**raw, **(overrides or {})})
+
+    def to_yaml(self) -> str:
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,91 @@
+"""A whole run from a TrainConfig: load the model for the method, read the data, train, save the
+adapter (PEFT format) and a summary."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .loop import TrainResult, train_loop
+
+
+def lora_spec(cfg: TrainConfig):
+    from ..nn import LoraSpec
+    return LoraSpec(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
+                    use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, loftq_iters=cfg.loftq_iters,
+                    dtype=getattr(torch, cfg.compute_dtype))
+
+
+def load_for_method(cfg: TrainConfig):
+    """(model, tokenizer) ready to train: a 4-bit base with adapters (qlora), a dense frozen base
+    with the same adapters (lora), or every weight trainable (full)."""
+    from ..model import surgery
+    from ..model.load import load_model
+
+    dtype = getattr(torch, cfg.compute_dtype)
+    if cfg.method == "qlora":
+        model, tok = load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                                compute_dtype=dtype, target_modules=cfg.target_modules, lora=lora_spec(cfg))
+    else:
+        model, tok = load_model(cfg.model, compute_dtype=dtype, quantize=False)
+        if cfg.method == "lora":
+            spec = lora_spec(cfg)
+            targets = surgery.select_targets(surgery.linear_names(model), spec.target_modules, spec.modules_to_skip)
+            surgery.dense_lora_linears(model, targets, dtype)
+            surgery.add_adapter(model, "default", spec)
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad = True
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    else:
+        surgery.prepare_for_kbit_training(model, cfg.gradient_checkpointing)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def run_training(cfg: TrainConfig, log=print) -> tuple[TrainResult, dict]:
+    """Train per `cfg`; returns the result and the summary written to output_dir/summary.json."""
+    from .data import build_dataset
+
+    if not cfg.data:
+        raise ValueError("no training data: give --data FILE.jsonl (or `data:` in the recipe)")
+    t0 = time.perf_counter()
+    model, tok = load_for_method(cfg)
+    trainable, total = count_parameters(model)
+    log(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%), loaded in {time.perf_counter() - t0:.1f} s")
+    train_set, eval_set, report = build_dataset(cfg.data, tok, fmt=cfg.data_format, max_seq_len=cfg.max_seq_len,
+                                                train_on=cfg.train_on, pack=cfg.pack, eval_path=cfg.eval_data,
+                                                eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    log(f"data: {report}")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    result = train_loop(model, tok, train_set, eval_set, cfg, log=log)
+    summary = {
+        "method": cfg.method, "model": cfg.model, "steps_done": len(result.losses), "steps": result.steps,
+        "first_loss": result.losses[0] if result.losses else None,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "final_eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
+        "tokens": result.tokens, "train_seconds": round(result.seconds, 2),
+        "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
+        "trainable_parameters": trainable, "interrupted": result.interrupted,
+    }
+    if cfg.method != "full" and not result.interrupted:
+        from ..adapters import save_adapter
+        save_adapter(model, out / "adapter", name="default", base_model_name_or_path=cfg.model)
+        summary["adapter"] = str(out / "adapter")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return result, summary
