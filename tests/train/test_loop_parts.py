@@ -1,0 +1,77 @@
+"""The loop's pure parts: schedule, recipe parsing, atomic checkpoints."""
+import math
+
+import pytest
+import torch
+import yaml
+
+from qforge.train.checkpoint import atomic_folder, latest_checkpoint, load_checkpoint, save_checkpoint
+from qforge.train.config import TrainConfig
+from qforge.train.schedule import lr_at
+
+
+def test_cosine_schedule_with_warmup_and_floor():
+    lrs = [lr_at(s, 100, 1e-3, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))            # rising warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))            # then never rising
+    assert lrs[-1] == pytest.approx(1e-4)                              # ends at the floor
+    mid = 10 + (100 - 10 - 1) / 2
+    assert lr_at(int(mid), 100, 1e-3, 10, 0.1) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 44 / 89)))
+
+
+def test_recipe_keys_are_flag_names_and_flags_win(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"lr": 1e-3, "max-steps": 7, "method": "lora"}))
+    cfg = TrainConfig.from_yaml(p, {"lr": 5e-4})
+    assert (cfg.lr, cfg.max_steps, cfg.method) == (5e-4, 7, "lora")
+    assert TrainConfig.from_yaml(p).lr == 1e-3
+    assert yaml.safe_load(cfg.to_yaml())["max_steps"] == 7
+
+
+@pytest.mark.parametrize("content,match", [
+    ({"lr": 1e-3, "learning_rate": 2}, "learning_rate"),
+    ({"method": "sft"}, "method"),
+    ({"batch_size": 0}, "batch_size"),
+    ("- just\n- a list\n", "mapping"),
+    ("lr: [unclosed\n", "not valid YAML"),
+])
+def test_bad_recipes_name_the_problem(tmp_path, content, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_yaml(p)
+
+
+def test_checkpoint_round_trip_restores_params_optimizer_and_rng(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, model, opt, 5, {"losses": [1.0]})
+    expected_draw = torch.rand(3)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1)
+    other_opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state = load_checkpoint(latest_checkpoint(tmp_path), model, other_opt)
+    assert state == {"step": 5, "losses": [1.0]}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert other_opt.state_dict()["state"][0]["step"] == 1
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(tmp_path, model, opt, 1, {})
+
+    def crash(tmp):
+        (tmp / "half.bin").write_bytes(b"x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_folder(tmp_path / "step-000002", crash)
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000001"]
