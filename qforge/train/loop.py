@@ -141,7 +141,8 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
                                            f"under {ckpt_dir} is intact. Lower --lr or check the data.")
                 (loss * share).backward()
                 loss_sum += loss.item() * share
-                result.tokens += int(batch["attention_mask"].sum())
+                mask = batch.get("attention_mask")
+                result.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
