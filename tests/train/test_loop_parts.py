@@ -5,7 +5,8 @@ import pytest
 import torch
 import yaml
 
-from qforge.train.checkpoint import atomic_folder, latest_checkpoint, load_checkpoint, save_checkpoint
+from qforge.fileio import atomic_folder
+from qforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from qforge.train.config import TrainConfig
 from qforge.train.schedule import lr_at
 
