@@ -72,7 +72,7 @@ def evaluate(model, dataset, cfg: TrainConfig, pad_id: int, device) -> float:
             batch = collate([dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
-            total += model(**batch).loss.float().item() * n
+            total += model(**batch, use_cache=False).loss.float().item() * n
             count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -135,7 +135,8 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
                 batch = {k: v.to(device) for k, v in batch.items()}
                 share = int((batch["labels"][:, 1:] != -100).sum()) / max(n_tok, 1)
                 with autocast(cfg, device):
-                    loss = model(**batch).loss
+                    # use_cache=False: packed rows (position_ids, no mask) stay separate only without a KV cache
+                    loss = model(**batch, use_cache=False).loss
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"step {step + 1}: loss is {loss.item()}; the last good checkpoint "
                                            f"under {ckpt_dir} is intact. Lower --lr or check the data.")
