@@ -1,0 +1,1 @@
+"""Evaluation: generation, task accuracy, the method bench."""
