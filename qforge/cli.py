@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("qforge.commands.train", "fine-tune a model (QLoRA, BF16 LoRA or full) on a JSONL dataset"),
     "quantize": ("qforge.commands.quantize", "write a model folder in bitsandbytes' 4-bit format"),
     "merge": ("qforge.commands.merge", "merge an adapter into its base the right way: dequantise, merge, requantise"),
+    "serve": ("qforge.commands.serve", "serve the base and many adapters behind an OpenAI-compatible API"),
     "plan": ("qforge.plan", "predict the memory of a QLoRA / LoRA / full fine-tuning run and recommend a method"),
 }
 
