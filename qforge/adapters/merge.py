@@ -1,0 +1,265 @@
+"""Merge an adapter into its base the QLoRA way: dequantise, merge in float32, write a dense model.
+
+For every QLoRALinear the merged weight is
+    W' = dequant(W) + s B A                                        (LoRA / rsLoRA)
+    W' = m * (dequant(W) + s B A) / ||dequant(W) + s B A||_row      (DoRA)
+computed in float32 and cast once to the output dtype. The adapter was trained against
+dequant(W), not against the original full-precision weights, so this is the function it learned.
+
+Merging into the 4-bit codes in place is refused (`merge_in_place_4bit` says why). Requantising
+the dense merge (`requantize="nf4"`) is offered for deployment size, and is measured: the merged
+weight is rounded to the grid again, and qforge_merge.json records how large that rounding error
+is compared with the adapter's update.
+
+A merged folder records what went into it (config.json `qforge_merged_adapters`, and
+qforge_merge.json): merging the same adapter into it a second time is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..model.surgery import qlora_layers
+from ..nn import LoraAdapter, QLoRALinear
+from ..quant import dequantize, quantize
+from ..quant.state import dtype_name
+from .peft_format import _adapted_layers, base_linears, write_folder_atomically
+
+RECORD_KEY = "qforge_merged_adapters"  # in config.json, and on a model object that was merged
+PROVENANCE_NAME = "qforge_merge.json"
+SUPPORTED_COMMAND = "qforge merge --base SOURCE --adapter ADAPTER_DIR --out OUT_DIR"
+
+
+class InPlaceMergeError(ValueError):
+    """Merging an adapter into 4-bit weights in place: refused, with the reason and the alternative."""
+
+
+# ---- the merged weights ---------------------------------------------------------------------
+@torch.no_grad()
+def merged_weight(layer: QLoRALinear, adapter: LoraAdapter | None) -> torch.Tensor:
+    """The float32 [out, in] weight equal to layer's forward with `adapter` (or the base alone)."""
+    w = layer.dequantized(torch.float32)                                    # [out, in]
+    if adapter is None:
+        return w
+    w = w + adapter.delta_weight().to(w.device)                             # + s B A, float32
+    if adapter.use_dora:
+        # the runtime norm is detached, but it is the same number: m / ||W + sBA|| per row
+        w = w * (adapter.magnitude.detach().float() / w.norm(dim=1))[:, None]
+    return w
+
+
+def merged_linears(model: nn.Module, name: str = "default") -> Iterator[tuple[str, QLoRALinear, torch.Tensor]]:
+    """(module path, layer, merged float32 weight) for every QLoRALinear, one at a time. A NaN or
+    Inf in a merged weight is a ValueError naming the layer (as PEFT's safe_merge checks)."""
+    _adapted_layers(model, name)  # a ValueError listing the adapters present when `name` is absent
+    for module, layer in qlora_layers(model):
+        w = merged_weight(layer, layer.adapters[name] if name in layer.adapters else None)
+        if not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise ValueError(f"merging adapter '{name}' gives {bad} NaN/Inf values in layer '{module}' "
+                             f"(shape {list(w.shape)}); the adapter is broken, nothing was written")
+        yield module, layer, w
+
+
+def _other_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor outside the QLoRALinear layers, floating ones cast to dtype. A
+    tensor that shares memory with an earlier one (tied lm_head / embeddings) is written once, as
+    save_pretrained does; transformers ties it again on load from config.tie_word_embeddings."""
+    prefixes = tuple(f"{n}." for n, _ in qlora_layers(model))
+    out, seen = {}, set()
+    for key, t in model.state_dict().items():
+        if key.startswith(prefixes):
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = (t.to(dtype) if t.is_floating_point() else t).detach().contiguous()
+    return out
+
+
+def merged_state_dict(model: nn.Module, name: str = "default", dtype: torch.dtype = torch.bfloat16
+                      ) -> dict[str, torch.Tensor]:
+    """A plain transformers state dict (`<module>.weight`, `<module>.bias`, ...) of the model with
+    adapter `name` merged in float32 and cast once to `dtype`. Tied weights appear once."""
+    out = _other_tensors(model, dtype)
+    for module, layer, w in merged_linears(model, name):
+        out[f"{module}.weight"] = w.to(dtype).contiguous()
+        if layer.bias is not None:
+            out[f"{module}.bias"] = layer.bias.detach().to(dtype).contiguous()
+    return out
+
+
+@torch.no_grad()
+def requantized_state_dict(model: nn.Module, name: str = "default", dtype: torch.dtype = torch.bfloat16,
+                           quant_type: str = "nf4") -> tuple[dict[str, torch.Tensor], float]:
+    """The merged model with every merged linear weight quantised again (bitsandbytes keys, the
+    layer's own blocksize and double quantisation), and the rounding error over the update:
+    ||dequant(Q') - W'||_F / ||W' - dequant(W)||_F summed over layers (> 1: the rounding is larger
+    than what the adapter changed)."""
+    out = _other_tensors(model, dtype)
+    err2 = upd2 = 0.0
+    for module, layer, w in merged_linears(model, name):
+        st = layer.quant_state
+        q = quantize(w.to(dtype), quant_type, st.blocksize, st.nested)
+        out.update(q.to_state_dict(f"{module}.weight"))
+        if layer.bias is not None:
+            out[f"{module}.bias"] = layer.bias.detach().to(dtype).contiguous()
+        err2 += float((dequantize(q, torch.float32) - w).pow(2).sum())
+        upd2 += float((w - layer.dequantized(torch.float32)).pow(2).sum())
+    return out, (err2 ** 0.5) / max(upd2 ** 0.5, 1e-30)
+
+
+# ---- merge records: refuse merging the same adapter twice -----------------------------------
+@torch.no_grad()
+def adapter_fingerprint(model: nn.Module, name: str = "default") -> str:
+    """sha256 of adapter `name`'s weights (float32 bytes, layers in order): the same adapter gives
+    the same fingerprint wherever it was loaded from."""
+    h = hashlib.sha256()
+    for module, a in _adapted_layers(model, name).items():
+        h.update(module.encode())
+        for t in (a.lora_A.weight, a.lora_B.weight, a.magnitude):
+            if t is not None:
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def merge_records(model: nn.Module) -> list[dict]:
+    """Merges recorded on the model object or its config (a base loaded from a merged folder)."""
+    records = list(getattr(model, RECORD_KEY, None) or [])
+    config = getattr(model, "config", None)
+    return records + list(getattr(config, RECORD_KEY, None) or [])
+
+
+def mark_merged(model: nn.Module, record: dict) -> None:
+    """Mark a model object as carrying a merge (for code that merges weights in memory)."""
+    setattr(model, RECORD_KEY, list(getattr(model, RECORD_KEY, None) or []) + [record])
+
+
+def check_not_merged(model: nn.Module, record: dict) -> None:
+    """ValueError when `record`'s adapter (same weights, or same source folder) is already merged."""
+    for old in merge_records(model):
+        same_source = record.get("source") and old.get("source") == record["source"]
+        if old.get("sha256") == record["sha256"] or same_source:
+            raise ValueError(
+                f"adapter '{record['adapter']}' ({record.get('source') or 'in memory'}) is already merged into this "
+                f"base (merge record {old}); merging it again would add its update twice. Merge into the "
+                "original base instead.")
+
+
+# ---- writing a folder -----------------------------------------------------------------------
+def _config_dict(model: nn.Module, dtype: torch.dtype, records: list[dict], quant_config: dict | None) -> dict:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise ValueError("save_merged needs a transformers model (one with a .config)")
+    cfg = config.to_diff_dict() if hasattr(config, "to_diff_dict") else config.to_dict()  # as save_pretrained
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = cfg["torch_dtype"] = dtype_name(dtype)  # transformers 5 reads dtype, 4.x torch_dtype
+    if not cfg.get("architectures"):
+        cfg["architectures"] = [type(model).__name__]
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(out_emb, QLoRALinear) and cfg.get("tie_word_embeddings"):
+        cfg["tie_word_embeddings"] = False  # the output layer was merged on its own: keep it untied
+    cfg[RECORD_KEY] = records
+    if quant_config is not None:
+        cfg["quantization_config"] = quant_config
+    return cfg
+
+
+def bnb_quantization_config(quant_type: str, double_quant: bool, dtype: torch.dtype, dense_linears: list[str]) -> dict:
+    """config.json's quantization_config as transformers writes it for bitsandbytes 4-bit; the
+    linear layers kept dense are named in llm_int8_skip_modules so transformers leaves them so."""
+    return {"_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": dtype_name(dtype),
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type,
+            "bnb_4bit_use_double_quant": double_quant, "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": dense_linears, "llm_int8_threshold": 6.0,
+            "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes"}
+
+
+def _quant_config(model: nn.Module, quant_type: str, dtype: torch.dtype) -> dict:
+    layers = [layer for _, layer in qlora_layers(model)]
+    nested = {layer.quant_state.nested for layer in layers}
+    if len(nested) > 1:
+        raise ValueError("requantize: the base mixes double-quantised and plain layers; bitsandbytes' config "
+                         "holds one bnb_4bit_use_double_quant")
+    dense = [n for n, m in base_linears(model).items() if isinstance(m, nn.Linear)]
+    return bnb_quantization_config(quant_type, nested.pop(), dtype, dense)
+
+
+def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, name: str = "default",
+                dtype: torch.dtype = torch.bfloat16, requantize: str | None = None,
+                adapter_source: str | Path | None = None) -> Path:
+    """Write `model` with adapter `name` merged as a plain transformers folder (config.json without
+    quantization_config, model.safetensors in `dtype`, tokenizer files when `tokenizer` is given,
+    qforge_merge.json), or with requantize="nf4"/"fp4" as a bitsandbytes 4-bit folder. Atomic.
+    Refused (ValueError) when this adapter is already merged into the model's base."""
+    if requantize not in (None, "nf4", "fp4"):
+        raise ValueError(f"requantize must be None, 'nf4' or 'fp4', got {requantize!r}")
+    source = str(Path(adapter_source).absolute()) if adapter_source is not None else None
+    record = {"adapter": name, "source": source, "sha256": adapter_fingerprint(model, name)}
+    check_not_merged(model, record)
+    rounding = None
+    if requantize is None:
+        tensors, quant_config = merged_state_dict(model, name, dtype), None
+    else:
+        tensors, rounding = requantized_state_dict(model, name, dtype, requantize)
+        quant_config = _quant_config(model, requantize, dtype)
+    records = merge_records(model) + [record]
+    config = _config_dict(model, dtype, records, quant_config)
+    provenance = {"adapter": name, "adapter_source": source, "adapter_sha256": record["sha256"],
+                  "base_model": getattr(model, "name_or_path", None) or None, "dtype": dtype_name(dtype),
+                  "requantize": requantize, "requantize_error_over_update": rounding,
+                  RECORD_KEY: records, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    return write_folder_atomically(out_dir, write, markers=("config.json", PROVENANCE_NAME))
+
+
+# ---- the refused merge ----------------------------------------------------------------------
+@torch.no_grad()
+def _rounding_demo(model: nn.Module, name: str) -> str:
+    """One layer's numbers: how much of the update survives requantising dequant(W) + update."""
+    module, adapter = next(iter(_adapted_layers(model, name).items()))
+    layer = model.get_submodule(module)
+    st = layer.quant_state
+    w0 = layer.dequantized(torch.float32)
+    w1 = merged_weight(layer, adapter)
+    q = quantize(w1, st.quant_type, st.blocksize, st.nested)
+    same = float((q.packed == st.packed).float().mean()) * 100
+    kept = float(torch.linalg.matrix_norm(dequantize(q, torch.float32) - w0)) / \
+        max(float(torch.linalg.matrix_norm(w1 - w0)), 1e-30)
+    return (f" Measured on layer '{module}': {same:.1f}% of the packed code bytes would not change, and the "
+            f"requantised change has {kept:.2f}x the norm of the adapter's update, in the wrong places.")
+
+
+def merge_in_place_4bit(model: nn.Module | None = None, name: str = "default") -> None:
+    """Always raises InPlaceMergeError: folding s B A into the 4-bit codes of a QLoRA base.
+
+    dequant(W) sits exactly on the quantisation grid, and a LoRA update is far smaller than one
+    NF4 step (absmax * ~0.1 between neighbouring levels), so requantising dequant(W) + s B A rounds
+    almost every weight back to its old code: the adapter's effect is lost, and where a weight does
+    move it moves by a whole step. With a model, the message carries one layer's measured numbers.
+    """
+    demo = _rounding_demo(model, name) if model is not None else ""
+    raise InPlaceMergeError(
+        f"merging adapter '{name}' in place into 4-bit weights is refused: it would requantise "
+        "dequant(W) + s*B@A, and since dequant(W) already sits on the NF4 grid while the update is far smaller "
+        "than the NF4 step size, nearly every weight rounds back to its old code and the adapter's effect is lost."
+        f"{demo} Supported: dequantise, merge in float32 and write a dense model with `{SUPPORTED_COMMAND}` "
+        "(bfloat16 by default, or --dtype float32); add `--requantize nf4` only if you need a 4-bit folder "
+        "again, and evaluate it: requantising rounds the merged weights once more.")

@@ -1,0 +1,364 @@
+"""Save and load adapters in PEFT 0.21's on-disk format, so PEFT and qforge read each other's files.
+
+A folder holds two files:
+  adapter_config.json          LoraConfig's fields (PEFT writes every field, defaults included)
+  adapter_model.safetensors    base_model.model.<module>.lora_A.weight   [r, in]
+                               base_model.model.<module>.lora_B.weight   [out, r]
+                               base_model.model.<module>.lora_magnitude_vector [out]   (DoRA)
+
+`target_modules` is written as PEFT writes it: the list of leaf names it was given
+(["q_proj", "v_proj"]), or, for "all-linear", the full path of every adapted layer (PEFT expands
+the shorthand before saving). Folders are written atomically: a temporary sibling folder is
+filled, fsynced and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..model.surgery import qlora_layers, set_active_adapter
+from ..nn import LoraAdapter, LoraSpec, QLoRALinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose files these match
+
+# Every field PEFT 0.21.2's LoraConfig.to_dict() writes, at its default (as save_pretrained writes it).
+# PEFT warns about keys it does not know, so nothing of qforge's own goes in here.
+PEFT_LORA_DEFAULTS: dict = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "base_model_name_or_path": None, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+    "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0,
+    "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+    "monteclora_config": None, "peft_type": "LORA", "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16,
+    "r": 8, "rank_pattern": {}, "revision": None, "target_modules": None, "target_parameters": None,
+    "task_type": "CAUSAL_LM", "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "use_qalora": False, "use_rslora": False, "velora_config": None,
+}
+# Config fields that change what an adapter computes in ways qforge does not implement: a file that
+# sets one of them is refused rather than loaded into something different.
+_UNSUPPORTED = ("modules_to_save", "layers_to_transform", "layer_replication", "target_parameters",
+                "trainable_token_indices", "alora_invocation_tokens", "use_bdlora", "fan_in_fan_out", "lora_bias",
+                "use_qalora", "arrow_config")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|"
+                  r"lora_magnitude_vector(?:\.weight)?)$")
+
+
+# ---- atomic folder writes -------------------------------------------------------------------
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_folder_atomically(out_dir: str | Path, write: Callable[[Path], None],
+                            markers: tuple[str, ...] = (CONFIG_NAME, "config.json")) -> Path:
+    """Call write(tmp) on an empty temporary sibling of out_dir, fsync what it wrote, then rename it
+    to out_dir. A reader sees the old folder or the new one, never a half-written one.
+
+    An existing out_dir is replaced as a whole (no stale shards survive), but only if it is empty
+    or holds one of `markers`: a folder we did not write is never deleted.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not any((out / m).exists() for m in markers))):
+        raise ValueError(f"refusing to replace '{out}': it exists and does not look like a folder qforge wrote "
+                         f"(none of {list(markers)} in it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
+        old = None
+        if out.exists():  # two renames: the old folder leaves, the new one arrives
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+        os.replace(tmp, out)
+        _fsync(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---- save -----------------------------------------------------------------------------------
+def _adapted_layers(model: nn.Module, name: str) -> dict[str, LoraAdapter]:
+    found = {n: layer.adapters[name] for n, layer in qlora_layers(model) if name in layer.adapters}
+    if not found:
+        have = sorted({a for _, layer in qlora_layers(model) for a in layer.adapters})
+        raise ValueError(f"no layer of the model carries an adapter named '{name}'; adapters present: {have}")
+    return found
+
+
+def _hyper(adapter: LoraAdapter) -> tuple[int, float, float, bool, bool]:
+    """(r, alpha, dropout, use_rslora, use_dora) of one adapter. From its LoraSpec when it keeps one;
+    otherwise alpha = scaling * r, which PEFT turns back into the same scaling."""
+    spec = getattr(adapter, "spec", None)
+    if isinstance(spec, LoraSpec):
+        r, alpha, dropout, rslora, dora = spec.r, spec.alpha, spec.dropout, spec.use_rslora, spec.use_dora
+    else:
+        dropout = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
+        r, alpha, rslora, dora = adapter.r, adapter.scaling * adapter.r, False, adapter.use_dora
+    alpha = int(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 else float(alpha)  # 16, as PEFT writes it
+    return r, alpha, float(dropout), rslora, dora
+
+
+def base_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's own linear layers (nn.Linear or QLoRALinear), by path; not the adapters'
+    lora_A / lora_B, which are nn.Linear too but live inside a QLoRALinear."""
+    inner = tuple(f"{n}." for n, _ in qlora_layers(model))
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, QLoRALinear)) and not (inner and n.startswith(inner))}
+
+
+def _output_layer(model: nn.Module) -> str | None:
+    """Module path of the output embedding (lm_head), which "all-linear" leaves out."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((n for n, m in model.named_modules() if m is out_emb), None) if out_emb is not None else None
+
+
+def _target_modules(model: nn.Module, adapted: list[str], spec_targets) -> list[str]:
+    """What PEFT writes: for "all-linear", the full path of every adapted layer (PEFT expands the
+    shorthand); for a list, its leaf names. When the adapters do not keep their spec, "all-linear"
+    is recognised by its effect (every linear layer but the output one is adapted)."""
+    linears = list(base_linears(model))
+    if spec_targets is None:
+        spec_targets = "all-linear" if sorted(adapted) == sorted(n for n in linears if n != _output_layer(model)) \
+            else None
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    if spec_targets != "all-linear" and sorted(n for n in linears if n.rsplit(".", 1)[-1] in leaves) == sorted(adapted):
+        return leaves
+    return sorted(adapted)
+
+
+def adapter_config(model: nn.Module, name: str = "default", base_model_name_or_path: str | None = None) -> dict:
+    """The adapter_config.json dict PEFT 0.21 would write for adapter `name` of `model`. Layers whose
+    rank or alpha differ from the most common one go to rank_pattern / alpha_pattern (full paths)."""
+    adapters = _adapted_layers(model, name)
+    hyper = {n: _hyper(a) for n, a in adapters.items()}
+    r, alpha, dropout, rslora, dora = Counter(hyper.values()).most_common(1)[0][0]
+    if len({h[2:] for h in hyper.values()}) > 1:
+        raise ValueError(f"adapter '{name}' mixes dropout / rsLoRA / DoRA settings across layers; "
+                         "PEFT's format holds one setting per adapter")
+    spec = getattr(next(iter(adapters.values())), "spec", None)
+    spec_targets = spec.target_modules if isinstance(spec, LoraSpec) else None
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    return {**PEFT_LORA_DEFAULTS,
+            "base_model_name_or_path": base_model_name_or_path, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+            "use_rslora": rslora, "use_dora": dora,
+            "target_modules": _target_modules(model, list(adapters), spec_targets),
+            "rank_pattern": {n: h[0] for n, h in hyper.items() if h[0] != r},
+            "alpha_pattern": {n: h[1] for n, h in hyper.items() if h[1] != alpha}}
+
+
+def adapter_tensors(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """PEFT's tensor keys -> contiguous copies of adapter `name`'s weights (in the adapter's dtype)."""
+    out = {}
+    for module, a in _adapted_layers(model, name).items():
+        out[f"{PREFIX}{module}.lora_A.weight"] = a.lora_A.weight.detach().contiguous().clone()  # [r, in]
+        out[f"{PREFIX}{module}.lora_B.weight"] = a.lora_B.weight.detach().contiguous().clone()  # [out, r]
+        if a.use_dora:
+            out[f"{PREFIX}{module}.lora_magnitude_vector"] = a.magnitude.detach().contiguous().clone()  # [out]
+    return out
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter `name` of `model` as a PEFT folder (adapter_config.json + adapter_model.safetensors)
+    that `PeftModel.from_pretrained(base, out_dir)` loads without warnings. Returns the folder."""
+    config = adapter_config(model, name, base_model_name_or_path)
+    tensors = {k: v.cpu() for k, v in adapter_tensors(model, name).items()}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    return write_folder_atomically(out_dir, write)
+
+
+# ---- load -----------------------------------------------------------------------------------
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """adapter_config.json as a dict; FileNotFoundError / ValueError naming the file and the problem."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not Path(adapter_dir).is_dir():
+        raise FileNotFoundError(f"adapter folder '{adapter_dir}' does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' is missing: not a PEFT adapter folder")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"'{path}' is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"'{path}' must hold a JSON object, found {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"'{path}': peft_type is {config.get('peft_type')!r}; qforge loads only 'LORA' adapters")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if config.get(key) is None:
+            raise ValueError(f"'{path}': required field '{key}' is missing")
+    for key in _UNSUPPORTED:
+        if config.get(key) not in (None, False, [], {}):
+            raise ValueError(f"'{path}': {key} = {config[key]!r} is not supported by qforge")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"'{path}': bias = {config['bias']!r} is not supported by qforge (only 'none')")
+    return config
+
+
+def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """module path -> {"lora_A": [r, in], "lora_B": [out, r], "magnitude": [out]} from the weights file."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' is missing (qforge reads PEFT's safetensors format only)")
+    parts = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "magnitude",
+             "lora_magnitude_vector.weight": "magnitude"}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                m = _KEY.match(key)
+                if m is None:
+                    raise ValueError(f"'{path}': unexpected tensor key '{key}' (not a LoRA / DoRA weight)")
+                modules.setdefault(m["module"], {})[parts[m["part"]]] = f.get_tensor(key)
+    except (OSError, RuntimeError) as exc:  # safetensors' errors for a truncated or foreign file
+        raise ValueError(f"'{path}' is not a readable safetensors file: {exc}") from exc
+    return modules
+
+
+def _match_targets(config: dict, names: list[str], output_layer: str | None) -> list[str]:
+    """The module names PEFT would adapt: a string target is a regex over the full name (or the
+    "all-linear" shorthand), a list matches a full name or a '.'-separated suffix."""
+    targets, exclude = config["target_modules"], config.get("exclude_modules")
+
+    def excluded(n: str) -> bool:
+        if not exclude:
+            return False
+        if isinstance(exclude, str):
+            return re.fullmatch(exclude, n) is not None
+        return n in exclude or any(n.endswith("." + e) for e in exclude)
+
+    if isinstance(targets, str):
+        hit = (lambda n: n != output_layer) if targets.lower() == "all-linear" else \
+            (lambda n: re.fullmatch(targets, n) is not None)
+    else:
+        hit = lambda n: n in targets or any(n.endswith("." + t) for t in targets)  # noqa: E731
+    return [n for n in names if hit(n) and not excluded(n)]
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's get_pattern_key: the first pattern that matches the end of the module path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _layer_spec(config: dict, module: str, dtype: torch.dtype) -> LoraSpec:
+    return LoraSpec(r=int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"])),
+                    alpha=float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])),
+                    dropout=float(config.get("lora_dropout") or 0.0), target_modules=config["target_modules"],
+                    use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
+                    dtype=dtype, modules_to_skip=[])
+
+
+def _check_shapes(path: Path, module: str, layer: QLoRALinear, spec: LoraSpec, t: dict) -> None:
+    out_f, in_f, r = layer.out_features, layer.in_features, spec.r
+    want = {"lora_A": [r, in_f], "lora_B": [out_f, r]}
+    if spec.use_dora:
+        want["magnitude"] = [out_f]
+    for part, shape in want.items():
+        if part not in t:
+            raise ValueError(f"'{path}': layer '{module}' has no {part} tensor")
+        if list(t[part].shape) != shape:
+            raise ValueError(f"'{path}': layer '{module}' {part} has shape {list(t[part].shape)}, but the base layer "
+                             f"[out={out_f}, in={in_f}] with r={r} needs {shape}")
+    if not spec.use_dora and "magnitude" in t:
+        raise ValueError(f"'{path}': layer '{module}' has a DoRA magnitude but use_dora is false")
+
+
+def _plan(model: nn.Module, adapter_dir: Path, config: dict, tensors: dict, name: str,
+          dtype: torch.dtype | None) -> list[tuple[QLoRALinear, LoraSpec, dict]]:
+    """Check everything before touching the model: which layers, their specs, their tensors."""
+    modules = dict(model.named_modules())
+    linears = list(base_linears(model))
+    wanted = _match_targets(config, linears, _output_layer(model))
+    weights_path = adapter_dir / WEIGHTS_NAME
+    missing = sorted(set(tensors) - set(modules))
+    if missing:
+        raise ValueError(f"'{weights_path}' holds weights for modules the base model does not have: {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}; is this adapter for another model?")
+    if not wanted:
+        leaves = sorted({n.rsplit('.', 1)[-1] for n in linears})
+        raise ValueError(f"'{adapter_dir / CONFIG_NAME}': target_modules {config['target_modules']!r} match no linear "
+                         f"layer of the base model; its linear layers are {leaves}")
+    if sorted(wanted) != sorted(tensors):
+        only_cfg, only_file = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
+        raise ValueError(f"'{adapter_dir}': target_modules and the weights disagree: targeted without weights "
+                         f"{only_cfg[:5]}, weights without a target {only_file[:5]}")
+    plan = []
+    for module in wanted:
+        layer = modules[module]
+        if not isinstance(layer, QLoRALinear):
+            raise ValueError(f"layer '{module}' is a {type(layer).__name__}, not a 4-bit QLoRALinear; quantise the "
+                             "base before loading an adapter onto it")
+        if name in layer.adapters:
+            raise ValueError(f"layer '{module}' already has an adapter named '{name}'; pass another name")
+        t = tensors[module]
+        spec = _layer_spec(config, module, dtype or t["lora_A"].dtype)
+        _check_shapes(weights_path, module, layer, spec, t)
+        plan.append((layer, spec, t))
+    return plan
+
+
+def default_adapter_name(adapter_dir: str | Path) -> str:
+    """The folder's name when it can key a ModuleDict (no '.', not empty), else "default"."""
+    folder = Path(adapter_dir).absolute().name
+    return folder if folder and "." not in folder else "default"
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str | None = None,
+                 dtype: torch.dtype | None = None) -> str:
+    """Attach the PEFT adapter in `adapter_dir` to the QLoRALinear layers of `model` as adapter
+    `name` (default: the folder's name, or "default") and make it active. Weights keep the file's
+    dtype unless `dtype` is given. Nothing is changed when a check fails: missing files
+    (FileNotFoundError), malformed JSON, unsupported settings, targets the base lacks, or shapes
+    that do not fit (ValueError naming the file, the layer and both shapes). Returns the name."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
+    name = name or default_adapter_name(adapter_dir)
+    plan = _plan(model, adapter_dir, config, tensors, name, dtype)
+    for layer, spec, t in plan:
+        adapter = layer.add_adapter(name, spec)
+        with torch.no_grad():
+            adapter.lora_A.weight.copy_(t["lora_A"])
+            adapter.lora_B.weight.copy_(t["lora_B"])
+            if spec.use_dora:
+                adapter.magnitude.copy_(t["magnitude"])
+        if not hasattr(adapter, "spec"):
+            adapter.spec = spec  # lets save_adapter write the same hyper-parameters back
+    set_active_adapter(model, name)
+    return name
+
+
+__all__ = ["save_adapter", "load_adapter", "adapter_config", "adapter_tensors", "read_adapter_config",
+           "read_adapter_tensors", "write_folder_atomically", "default_adapter_name", "PEFT_LORA_DEFAULTS"]
