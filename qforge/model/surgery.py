@@ -14,8 +14,9 @@ DEFAULT_SKIP = ("lm_head",)
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Full names of every nn.Linear or QLoRALinear in the model."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QLoRALinear))]
+    """Full names of every base nn.Linear or QLoRALinear in the model (not the adapters' own)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, QLoRALinear)) and ".adapters." not in f".{n}."]
 
 
 def select_targets(names: list[str], target_modules: str | list[str], skip=DEFAULT_SKIP) -> list[str]:

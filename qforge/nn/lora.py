@@ -46,6 +46,7 @@ class LoraAdapter(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, spec: LoraSpec):
         super().__init__()
+        self.spec = spec
         self.r, self.scaling, self.use_dora = spec.r, spec.scaling, spec.use_dora
         self.lora_A = nn.Linear(in_features, spec.r, bias=False, dtype=spec.dtype)
         self.lora_B = nn.Linear(spec.r, out_features, bias=False, dtype=spec.dtype)
