@@ -1,9 +1,13 @@
 """The one place that chooses a kernel implementation.
 
 CPU tensors: the native C path when it builds (kernels/cpu.py), else the torch reference.
-Other devices: the Triton kernels when present (issue: fast kernels), else the torch reference.
+CUDA tensors: the Triton kernels (kernels/triton_*.py) unless QFORGE_TRITON=0 or triton does not
+import; any other case: the torch reference.
 """
 from __future__ import annotations
+
+import os
+from functools import lru_cache
 
 import torch
 
@@ -14,6 +18,22 @@ _NATIVE_DTYPES = tuple(cpu.DTYPE_CODES)
 
 def _native_ok(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and cpu.load() is not None
+
+
+@lru_cache(maxsize=1)
+def _triton_dequant():
+    """qforge.kernels.triton_dequant, or None when triton does not import here."""
+    try:
+        from . import triton_dequant
+    except Exception:  # ImportError, or a triton build that cannot initialise on this machine
+        return None
+    return triton_dequant
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """CUDA tensors take the Triton kernels, unless QFORGE_TRITON=0 or triton does not import."""
+    return (all(t.is_cuda for t in tensors) and os.environ.get("QFORGE_TRITON", "1") != "0"
+            and torch.cuda.is_available() and _triton_dequant() is not None)
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: torch.Tensor):
@@ -28,6 +48,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Te
     """packed uint8 + float32 absmax -> `dtype` [n], written into `out` (contiguous, n values) if given."""
     if dtype in _NATIVE_DTYPES and _native_ok(packed, absmax) and (out is None or out.is_contiguous()):
         return cpu.dequantize_4bit(packed, absmax, levels, n, blocksize, dtype, out)
+    if dtype in _NATIVE_DTYPES and use_triton(packed, absmax) and (out is None or out.is_contiguous()):
+        return _triton_dequant().dequantize_4bit(packed, absmax, levels.to(packed.device), n, blocksize, dtype, out)
     result = reference.dequantize_4bit(packed, absmax, levels.to(packed.device), n, blocksize, dtype)
     return result if out is None else out.view(-1).copy_(result)
 
