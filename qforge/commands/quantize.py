@@ -1,0 +1,76 @@
+"""Write a model folder in bitsandbytes' 4-bit format.
+
+SOURCE is a Hugging Face model folder (model.safetensors, or shards with an index), a .gguf file,
+or "smollm2" (the embedded SmolLM2-135M-Instruct). Weights are streamed one tensor at a time and
+every linear layer but lm_head is quantised (NF4 with double quantisation by default); the rest is
+kept in --compute-dtype. OUT_DIR (new, or empty) receives config.json with a bitsandbytes
+quantization_config, model.safetensors under bitsandbytes' keys, and the tokenizer files. It loads
+with transformers + bitsandbytes (AutoModelForCausalLM.from_pretrained(OUT_DIR)) and with qforge,
+without being quantised again.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..quant import BLOCKSIZES
+
+    parser.add_argument("source", help='model folder, .gguf file, or "smollm2"')
+    parser.add_argument("out_dir", help="folder to write (must not exist, or be empty)")
+    parser.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit data type (default nf4)")
+    parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                        help="keep the block scales in float32 instead of quantising them to 8 bits")
+    parser.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64, metavar="N",
+                        help="values per quantisation block, a power of two from 32 to 4096 (default 64)")
+    parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default="bfloat16",
+                        help="dtype of the unquantised tensors and of the 4-bit layers' matmuls (default bfloat16)")
+
+
+def source_nbytes(source: str) -> int:
+    """Bytes of the source's tensors (a GGUF: the file's size)."""
+    from ..model.load import SMOLLM2, Checkpoint, smollm2_folder
+
+    if source.lower() == SMOLLM2:
+        return Checkpoint(smollm2_folder()).nbytes()
+    path = Path(source).expanduser()
+    return path.stat().st_size if path.suffix.lower() == ".gguf" else Checkpoint(path).nbytes()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..model.checkpoint import WEIGHTS_NAME, save_quantized
+    from ..model.load import load_model
+    from ..nn import QLoRALinear
+
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"'{out}' already exists and is not an empty folder")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.source, quant_type=args.quant_type, double_quant=args.double_quant,
+                                  blocksize=args.blocksize, compute_dtype=DTYPES[args.compute_dtype], progress=True)
+    t_load = time.perf_counter() - t0
+    try:
+        save_quantized(model, tokenizer, out)
+    except FileExistsError as exc:  # created meanwhile; the CLI reports ValueErrors as one line
+        raise ValueError(str(exc)) from exc
+    layers = [m.quant_state for m in model.modules() if isinstance(m, QLoRALinear)]
+    dense = sum(s.numel * s.dtype.itemsize for s in layers)
+    packed = sum(s.nbytes() for s in layers)
+    st = layers[0]
+    print(f"\nqforge quantize: {args.source} -> {out}")
+    print(f"  layers quantised : {len(layers)} ({st.quant_type}, blocksize {st.blocksize}, "
+          f"double quant {'on' if st.nested else 'off'})")
+    print(f"  4-bit weights    : {_mb(dense)} -> {_mb(packed)} ({packed / dense:.3f}x)")
+    print(f"  checkpoint       : {_mb(source_nbytes(args.source))} -> {_mb((out / WEIGHTS_NAME).stat().st_size)}")
+    print(f"  time             : {time.perf_counter() - t0:.1f} s (load and quantise {t_load:.1f} s)")
+    return 0

@@ -1,0 +1,171 @@
+"""Hugging Face model folders in bitsandbytes' 4-bit format: write them, and read their config.
+
+A folder holds config.json (with `quantization_config`, quant_method "bitsandbytes"),
+model.safetensors (QLoRALinear's state dict: bitsandbytes' keys for every 4-bit weight, plain
+tensors for the rest; adapters are never part of it) and the tokenizer files. transformers +
+bitsandbytes load it as they load their own; `qforge.model.load.load_model` loads it without
+requantising. Every folder is written atomically: into a temporary sibling, fsynced, renamed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..nn import QLoRALinear
+from ..quant.state import dtype_name
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file, then every directory, under `folder` to disk."""
+    for path in sorted(folder.rglob("*")) + [folder]:
+        _fsync(path)
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir`; on success fsync it and rename it to `out_dir`.
+
+    Readers see either no folder or a complete one. An existing empty `out_dir` is replaced; a
+    non-empty one is a FileExistsError (nothing is overwritten). On error the temporary is removed.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"'{out_dir}' already exists and is not an empty folder; remove it first")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0o22)
+    os.umask(umask)
+    try:
+        yield tmp
+        # mkdtemp (and safetensors' own temporary file) are private; the result is an ordinary folder
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        _fsync_tree(tmp)
+        try:
+            os.rename(tmp, out_dir)  # atomic; replaces an empty directory on POSIX
+        except OSError as exc:
+            raise FileExistsError(f"'{out_dir}' appeared while it was being written ({exc})") from exc
+        _fsync(out_dir.parent)  # make the rename itself durable
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- quantization_config ------------------------------------------------------------------------
+def bnb_quantization_config(config) -> dict | None:
+    """The folder's `quantization_config` as a dict when it describes bitsandbytes 4-bit, else None.
+    A bitsandbytes 8-bit config is a ValueError: qforge reads only 4-bit checkpoints."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes":
+        return None
+    if not qc.get("load_in_4bit"):
+        raise ValueError("quantization_config describes bitsandbytes 8-bit weights; only 4-bit folders can be loaded")
+    return qc
+
+
+def _skip_patterns(model: nn.Module) -> list[str]:
+    """Linear layers left unquantised, as transformers' `llm_int8_skip_modules` patterns: a leaf name
+    (e.g. "lm_head") when no layer of that leaf name is quantised, else the full module names."""
+    plain = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    quantised_leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in plain})
+    return [leaf for leaf in leaves if leaf not in quantised_leaves] + \
+           [n for n in plain if n.rsplit(".", 1)[-1] in quantised_leaves]
+
+
+def quantization_config_for(model: nn.Module) -> dict:
+    """The `quantization_config` transformers + bitsandbytes expect for `model`'s 4-bit layers.
+    Every QLoRALinear must share one quant type, double-quant setting and compute dtype."""
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    if not layers:
+        raise ValueError("save_quantized: the model has no 4-bit (QLoRALinear) layers")
+    kinds = {(m.quant_state.quant_type, m.quant_state.nested, m.compute_dtype) for m in layers}
+    if len(kinds) != 1:
+        raise ValueError(f"save_quantized: the 4-bit layers mix settings {sorted(map(str, kinds))}; "
+                         "bitsandbytes' config holds one")
+    quant_type, nested, compute_dtype = kinds.pop()
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"save_quantized: quant type '{quant_type}' has no bitsandbytes equivalent (nf4 or fp4)")
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": nested,
+            "bnb_4bit_compute_dtype": dtype_name(compute_dtype), "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": _skip_patterns(model), "llm_int8_threshold": 6.0,
+            "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+
+
+# ---- writing ------------------------------------------------------------------------------------
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without adapters, tied duplicates written once (the first name, as
+    transformers does: embed_tokens, not lm_head), every tensor contiguous with its own storage."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    duplicates = {n for names in names_of.values() for n in names[1:]}
+    out, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        if ".adapters." in key or key.startswith("adapters.") or key in duplicates:
+            continue
+        tensor = tensor.detach().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel():  # safetensors refuses shared storage
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write `model` (with QLoRALinear layers) as a bitsandbytes 4-bit Hugging Face folder.
+
+    out_dir/config.json      the model config plus `quantization_config` (quantization_config_for)
+    out_dir/model.safetensors every tensor but the adapters; 4-bit weights under bitsandbytes' keys
+    out_dir/generation_config.json, and out_dir/tokenizer* when `tokenizer` is given (the chat
+    template inside tokenizer_config.json)
+    Returns out_dir. FileExistsError when out_dir exists and is not empty.
+    """
+    qconfig = quantization_config_for(model)
+    tensors = quantized_state_dict(model)
+    config = model.config.to_dict()
+    config["quantization_config"] = qconfig
+    config["dtype"] = dtype_name(model.get_input_embeddings().weight.dtype)
+    config.pop("torch_dtype", None)
+    with atomic_folder(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
+    return Path(out_dir)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """tokenizer.json + tokenizer_config.json, the chat template kept inside tokenizer_config.json
+    (read by every transformers version) rather than only in a separate chat_template.jinja."""
+    try:
+        tokenizer.save_pretrained(str(folder), save_jinja_files=False)
+    except TypeError:  # transformers without the keyword: the template is in tokenizer_config.json already
+        tokenizer.save_pretrained(str(folder))
