@@ -57,6 +57,8 @@ def load():
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.qf_quantize_4bit.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr]
     lib.qf_dequantize_4bit.argtypes = [ptr, ptr, ptr, i64, i64, i32, ptr]
+    lib.qf_quantize_8bit.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
+    lib.qf_dequantize_8bit.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     return lib
 
 
@@ -80,4 +82,25 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Te
         out = torch.empty(n, dtype=dtype)
     lib.qf_dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), levels.data_ptr(), n, blocksize,
                            DTYPE_CODES[dtype], out.data_ptr())
+    return out
+
+
+def quantize_8bit(x: torch.Tensor, table: torch.Tensor, blocksize: int):
+    """float32 [n] -> (codes uint8 [n], absmax float32 [blocks]); `table` is the map's uint8[65536]
+    nearest-entry table (reference.code_lookup_table)."""
+    lib = load()
+    x = x.reshape(-1).float().contiguous()
+    n = x.numel()
+    codes = torch.empty(n, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    lib.qf_quantize_8bit(x.data_ptr(), n, blocksize, table.data_ptr(), codes.data_ptr(), absmax.data_ptr())
+    return codes, absmax
+
+
+def dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, blocksize: int) -> torch.Tensor:
+    lib = load()
+    codes = codes.reshape(-1).contiguous()
+    out = torch.empty(codes.numel(), dtype=torch.float32)
+    lib.qf_dequantize_8bit(codes.data_ptr(), absmax.float().contiguous().data_ptr(), levels.float().contiguous().data_ptr(),
+                           codes.numel(), blocksize, out.data_ptr())
     return out

@@ -125,3 +125,41 @@ void qf_dequantize_4bit(const uint8_t *packed, const float *absmax, const float 
         }
     }
 }
+
+/* 8-bit blockwise quantisation against a sorted 256-entry map, bitsandbytes' CPU rule: scale by
+ * 1/absmax, clamp to [-1, 1], round onto a 65536-point grid and look the nearest map entry up in
+ * `table`. Each step is its own float32 rounding (see kernels/reference.py: quantize_8bit). */
+void qf_quantize_8bit(const float *x, int64_t n, int64_t blocksize, const uint8_t *table,
+                      uint8_t *codes, float *absmax) {
+    int64_t blocks = (n + blocksize - 1) / blocksize;
+    #pragma omp parallel for schedule(static) if (n > 262144)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t start = b * blocksize;
+        int64_t len = (n - start < blocksize) ? n - start : blocksize;
+        float m = 0.0f;
+        for (int64_t i = 0; i < len; i++) m = fmaxf(m, fabsf(x[start + i]));
+        absmax[b] = m;
+        if (m == 0.0f) { memset(codes + start, 0, (size_t)len); continue; }
+        float inv = 1.0f / m;
+        for (int64_t i = 0; i < len; i++) {
+            float s = x[start + i] * inv;
+            s = fminf(fmaxf(s, -1.0f), 1.0f);
+            float t = (s + 1.0f) * 0.5f;
+            t = t * 65535.0f;
+            t = t + 0.5f;
+            codes[start + i] = table[(int32_t)t];
+        }
+    }
+}
+
+void qf_dequantize_8bit(const uint8_t *codes, const float *absmax, const float *levels,
+                        int64_t n, int64_t blocksize, float *out) {
+    int64_t blocks = (n + blocksize - 1) / blocksize;
+    #pragma omp parallel for schedule(static) if (n > 262144)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t start = b * blocksize;
+        int64_t len = (n - start < blocksize) ? n - start : blocksize;
+        float s = absmax[b];
+        for (int64_t i = 0; i < len; i++) out[start + i] = levels[codes[start + i]] * s;
+    }
+}

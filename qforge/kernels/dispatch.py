@@ -54,5 +54,16 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Te
     return result if out is None else out.view(-1).copy_(result)
 
 
-quantize_8bit = reference.quantize_8bit
-dequantize_8bit = reference.dequantize_8bit
+def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int, table: torch.Tensor | None = None):
+    """Blockwise 8-bit quantisation against the sorted map `code` -> (uint8 [n], float32 [blocks]).
+    `table` (code_lookup_table(code)) may be passed by callers that reuse one map."""
+    if _native_ok(x, code):
+        return cpu.quantize_8bit(x, reference.code_lookup_table(code) if table is None else table, blocksize)
+    return reference.quantize_8bit(x, code, blocksize, table)
+
+
+def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """uint8 [n] codes -> float32 [n] = code[q] * absmax[block]."""
+    if _native_ok(q, absmax):
+        return cpu.dequantize_8bit(q, absmax, code, blocksize)
+    return reference.dequantize_8bit(q, absmax, code, blocksize)

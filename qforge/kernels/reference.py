@@ -49,7 +49,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Te
 _LUT_SIZE = 65536
 
 
-def _code_lookup_table(code: torch.Tensor) -> torch.Tensor:
+def code_lookup_table(code: torch.Tensor) -> torch.Tensor:
     """For each of 65536 evenly spaced points v_i = -1 + 2i/65535 of [-1, 1], the index of the
     nearest entry of the sorted map `code` (ties to the lower one): #{midpoints < v_i}."""
     mids = 0.5 * (code[:-1] + code[1:])
@@ -57,11 +57,12 @@ def _code_lookup_table(code: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids, points, side="left").to(torch.uint8)
 
 
-def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int):
+def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int, table: torch.Tensor | None = None):
     """Blockwise 8-bit quantisation against a sorted 256-entry map, as bitsandbytes' CPU kernel does it.
 
     Each value is scaled by 1/absmax, clamped to [-1, 1], rounded onto a grid of 65536 points and
-    mapped through a table of nearest map entries; every step is a separate float32 rounding.
+    mapped through a table of nearest map entries (`table`, built from `code` when not given);
+    every step is a separate float32 rounding.
     An all-zero block gets absmax 0 and codes 0. x: float32 [n] -> (uint8 [n], float32 [blocks]).
     """
     flat = x.reshape(-1).float()
@@ -72,7 +73,8 @@ def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
     v = (padded * inv.unsqueeze(1)).clamp(-1, 1)
     t = ((v + 1.0) * 0.5) * float(_LUT_SIZE - 1) + 0.5
-    idx = _code_lookup_table(code)[t.to(torch.int64)]
+    table = code_lookup_table(code) if table is None else table
+    idx = table[t.to(torch.int64)]
     idx[absmax == 0] = 0
     return idx.reshape(-1)[:n].contiguous(), absmax
 

@@ -15,7 +15,9 @@ from typing import NamedTuple
 
 import torch
 
-from qforge.quant.codebooks import DYNAMIC_SIGNED, DYNAMIC_UNSIGNED
+from ..kernels import dispatch
+from ..kernels.reference import code_lookup_table
+from ..quant.codebooks import DYNAMIC_SIGNED, DYNAMIC_UNSIGNED
 
 TABLE_SIZE = 65536  # grid points of [-1, 1] in bitsandbytes' CPU lookup
 
@@ -29,9 +31,7 @@ class QuantMap(NamedTuple):
 def nearest_level_table(levels: torch.Tensor) -> torch.Tensor:
     """float32[256] sorted levels -> uint8[TABLE_SIZE]: for grid point v_i = -1 + 2i/65535 the index
     of the nearest level, ties to the lower one (= #{midpoints < v_i}); float32 arithmetic."""
-    mids = 0.5 * (levels[:-1] + levels[1:])
-    points = (2.0 * torch.arange(TABLE_SIZE, dtype=torch.float32, device=levels.device)) / (TABLE_SIZE - 1) + -1.0
-    return torch.searchsorted(mids, points, side="left").to(torch.uint8)
+    return code_lookup_table(levels)
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,26 +49,12 @@ def num_blocks(n: int, block_size: int) -> int:
 def quantize_blockwise(x: torch.Tensor, qmap: QuantMap, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x: float tensor, any shape, n elements -> (codes uint8[n], absmax float32[ceil(n/block_size)]).
 
-    Every step is a separate float32 rounding, as in bitsandbytes, so the codes match it exactly.
+    Every step is a separate float32 rounding, as in bitsandbytes, so the codes match it exactly
+    (the kernel: qforge.kernels, native on the CPU, reference elsewhere).
     """
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    blocks = num_blocks(n, block_size)
-    # Zero padding cannot raise a block's absmax; the padded codes are cut off below.
-    padded = torch.nn.functional.pad(flat, (0, blocks * block_size - n)).view(blocks, block_size)
-    absmax = padded.abs().amax(dim=1)  # (blocks,)
-    inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
-    scaled = (padded * inv.unsqueeze(1)).clamp(-1, 1)  # (blocks, block_size)
-    grid = ((scaled + 1.0) * 0.5) * float(TABLE_SIZE - 1) + 0.5  # truncation below rounds to nearest
-    codes = qmap.table[grid.to(torch.int64)]
-    codes[absmax == 0] = 0
-    return codes.reshape(-1)[:n].contiguous(), absmax
+    return dispatch.quantize_8bit(x.reshape(-1).float(), qmap.levels, block_size, qmap.table)
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, qmap: QuantMap, block_size: int) -> torch.Tensor:
     """codes uint8[n], absmax float32[blocks] -> float32[n] = levels[code] * absmax[block]."""
-    n = codes.numel()
-    blocks = absmax.numel()
-    values = qmap.levels[codes.reshape(-1).long()]
-    values = torch.nn.functional.pad(values, (0, blocks * block_size - n)).view(blocks, block_size)
-    return (values * absmax.unsqueeze(1)).reshape(-1)[:n]
+    return dispatch.dequantize_8bit(codes.reshape(-1), absmax, qmap.levels, block_size)
