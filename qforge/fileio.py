@@ -26,22 +26,36 @@ def fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def atomic_folder(final: Path, write) -> Path:
-    """Call write(tmp_folder), fsync every file in it, then rename it to `final` (replacing it)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+def atomic_folder(final: Path, write, markers: tuple[str, ...] | None = None) -> Path:
+    """Call write(tmp) on an empty temporary sibling of `final`, fsync what it wrote, then rename it
+    to `final`. A reader sees the old folder or the new one, never a half-written one.
+
+    An existing `final` is replaced as a whole (no stale files survive). With `markers`, it is
+    replaced only if it is empty or holds one of them: a folder qforge did not write is never deleted.
+    """
+    out = Path(final).absolute()
+    if markers is not None and out.exists() and (
+            not out.is_dir() or (any(out.iterdir()) and not any((out / m).exists() for m in markers))):
+        raise ValueError(f"refusing to replace '{out}': it exists and does not look like a folder qforge wrote "
+                         f"(none of {list(markers)} in it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         write(tmp)
         fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        fsync_dir(tmp)
+        old = None
+        if out.exists():  # two renames: the old folder leaves, the new one arrives
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def atomic_write_bytes(final: Path, data: bytes) -> Path:

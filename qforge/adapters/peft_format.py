@@ -14,10 +14,7 @@ filled, fsynced and renamed into place.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -27,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..fileio import atomic_folder
 from ..model.surgery import qlora_layers, set_active_adapter
 from ..nn import LoraAdapter, LoraSpec, QLoRALinear
 
@@ -58,47 +56,10 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|
                   r"lora_magnitude_vector(?:\.weight)?)$")
 
 
-# ---- atomic folder writes -------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_folder_atomically(out_dir: str | Path, write: Callable[[Path], None],
                             markers: tuple[str, ...] = (CONFIG_NAME, "config.json")) -> Path:
-    """Call write(tmp) on an empty temporary sibling of out_dir, fsync what it wrote, then rename it
-    to out_dir. A reader sees the old folder or the new one, never a half-written one.
-
-    An existing out_dir is replaced as a whole (no stale shards survive), but only if it is empty
-    or holds one of `markers`: a folder we did not write is never deleted.
-    """
-    out = Path(out_dir).absolute()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not any((out / m).exists() for m in markers))):
-        raise ValueError(f"refusing to replace '{out}': it exists and does not look like a folder qforge wrote "
-                         f"(none of {list(markers)} in it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync(f)
-        _fsync(tmp)
-        old = None
-        if out.exists():  # two renames: the old folder leaves, the new one arrives
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-        os.replace(tmp, out)
-        _fsync(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    """qforge.fileio.atomic_folder, refusing to replace a folder that holds none of `markers`."""
+    return atomic_folder(out_dir, write, markers)
 
 
 # ---- save -----------------------------------------------------------------------------------
