@@ -72,7 +72,7 @@ def write_checkpoint(folder: Path) -> None:
     import torch
     from transformers import LlamaConfig
 
-    from qforge.model.checkpoint import atomic_folder
+    from qforge.model.checkpoint import write_new_folder
 
     entries = tensor_shapes(SHAPE)
     sizes = [2 * torch.Size(s).numel() for _, s in entries]
@@ -81,7 +81,8 @@ def write_checkpoint(folder: Path) -> None:
         groups[min(SHARDS - 1, acc * SHARDS // total)].append(entry)
         acc += size
     gen = torch.Generator().manual_seed(0)
-    with atomic_folder(folder) as tmp:
+
+    def write(tmp: Path) -> None:
         weight_map = {}
         for i, group in enumerate(groups):
             name = f"model-{i + 1:05d}-of-{SHARDS:05d}.safetensors"
@@ -91,6 +92,8 @@ def write_checkpoint(folder: Path) -> None:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         LlamaConfig(**SHAPE).to_json_file(str(tmp / "config.json"))
+
+    write_new_folder(folder, write)
 
 
 def peak_rss() -> int:

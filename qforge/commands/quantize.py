@@ -59,10 +59,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.source, quant_type=args.quant_type, double_quant=args.double_quant,
                                   blocksize=args.blocksize, compute_dtype=DTYPES[args.compute_dtype], progress=True)
     t_load = time.perf_counter() - t0
-    try:
-        save_quantized(model, tokenizer, out)
-    except FileExistsError as exc:  # created meanwhile; the CLI reports ValueErrors as one line
-        raise ValueError(str(exc)) from exc
+    save_quantized(model, tokenizer, out)
     layers = [m.quant_state for m in model.modules() if isinstance(m, QLoRALinear)]
     dense = sum(s.numel * s.dtype.itemsize for s in layers)
     packed = sum(s.nbytes() for s in layers)

@@ -4,22 +4,20 @@ A folder holds config.json (with `quantization_config`, quant_method "bitsandbyt
 model.safetensors (QLoRALinear's state dict: bitsandbytes' keys for every 4-bit weight, plain
 tensors for the rest; adapters are never part of it) and the tokenizer files. transformers +
 bitsandbytes load it as they load their own; `qforge.model.load.load_model` loads it without
-requantising. Every folder is written atomically: into a temporary sibling, fsynced, renamed.
+requantising. Every folder is written atomically (qforge.fileio) and never over a non-empty one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..fileio import atomic_folder
 from ..nn import QLoRALinear
 from ..quant.state import dtype_name
 
@@ -27,48 +25,23 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file, then every directory, under `folder` to disk."""
-    for path in sorted(folder.rglob("*")) + [folder]:
-        _fsync(path)
-
-
-@contextlib.contextmanager
-def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `out_dir`; on success fsync it and rename it to `out_dir`.
-
-    Readers see either no folder or a complete one. An existing empty `out_dir` is replaced; a
-    non-empty one is a FileExistsError (nothing is overwritten). On error the temporary is removed.
-    """
+def write_new_folder(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) on a temporary sibling of `out_dir`, then move it into place atomically
+    (qforge.fileio.atomic_folder: fsync, rename). `out_dir` may be missing or empty; a non-empty one
+    is a ValueError and is left alone. The result gets ordinary permissions (umask), not the
+    private ones of mkdtemp and of safetensors' temporary file."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"'{out_dir}' already exists and is not an empty folder; remove it first")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0o22)
-    os.umask(umask)
-    try:
-        yield tmp
-        # mkdtemp (and safetensors' own temporary file) are private; the result is an ordinary folder
+        raise ValueError(f"'{out_dir}' already exists and is not an empty folder; remove it first")
+
+    def write_public(tmp: Path) -> None:
+        write(tmp)
+        umask = os.umask(0o22)
+        os.umask(umask)
         for path in [tmp, *tmp.rglob("*")]:
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        _fsync_tree(tmp)
-        try:
-            os.rename(tmp, out_dir)  # atomic; replaces an empty directory on POSIX
-        except OSError as exc:
-            raise FileExistsError(f"'{out_dir}' appeared while it was being written ({exc})") from exc
-        _fsync(out_dir.parent)  # make the rename itself durable
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    return atomic_folder(out_dir, write_public, markers=())
 
 
 # ---- quantization_config ------------------------------------------------------------------------
@@ -144,7 +117,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> P
     out_dir/model.safetensors every tensor but the adapters; 4-bit weights under bitsandbytes' keys
     out_dir/generation_config.json, and out_dir/tokenizer* when `tokenizer` is given (the chat
     template inside tokenizer_config.json)
-    Returns out_dir. FileExistsError when out_dir exists and is not empty.
+    Returns out_dir. ValueError when out_dir exists and is not empty.
     """
     qconfig = quantization_config_for(model)
     tensors = quantized_state_dict(model)
@@ -152,14 +125,16 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> P
     config["quantization_config"] = qconfig
     config["dtype"] = dtype_name(model.get_input_embeddings().weight.dtype)
     config.pop("torch_dtype", None)
-    with atomic_folder(out_dir) as tmp:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
-    return Path(out_dir)
+
+    return write_new_folder(out_dir, write)
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..nn import LoraSpec, QLoRALinear
 from ..quant import QuantState, quantize as quantize_tensor
-from .checkpoint import INDEX_NAME, WEIGHTS_NAME, atomic_folder, bnb_quantization_config, save_tokenizer
+from .checkpoint import INDEX_NAME, WEIGHTS_NAME, bnb_quantization_config, save_tokenizer, write_new_folder
 from .surgery import DEFAULT_SKIP, add_adapter, linear_names, quantize_linears, select_targets, set_module
 
 SMOLLM2 = "smollm2"
@@ -356,19 +356,21 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
     with its chat template), atomically. float32 keeps the dequantised GGUF values exactly; bf16
     would round them a second time before they are quantised again."""
     model, tokenizer = _load_gguf(path, torch.float32)
-    with atomic_folder(out_dir) as tmp:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         save_tokenizer(tokenizer, tmp)
-    return out_dir
+
+    return write_new_folder(out_dir, write)
 
 
 def _cached(folder: Path, build) -> Path:
     """`folder` once it holds a config.json; otherwise `build(folder)` first (atomic). Two processes
-    may build at once: the loser's FileExistsError is ignored when the winner's copy is there."""
+    may build at once: the loser's refusal to overwrite is ignored when the winner's copy is there."""
     if not (folder / "config.json").is_file():
         try:
             build(folder)
-        except FileExistsError:
+        except ValueError:
             if not (folder / "config.json").is_file():
                 raise
     return folder

@@ -107,7 +107,7 @@ def test_save_is_atomic_and_never_overwrites(tiny_dir, tmp_path, monkeypatch):
     model, _ = load_model(tiny_dir, compute_dtype=torch.float32)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="full"):
+    with pytest.raises(ValueError, match="full.*not an empty folder"):
         save_quantized(model, None, tmp_path / "full")
     assert main(["quantize", str(tiny_dir), str(tmp_path / "full")]) == 2
 
