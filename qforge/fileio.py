@@ -26,6 +26,15 @@ def fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def public_permissions(root: Path) -> None:
+    """Give `root` and everything under it the permissions a plain write would (umask applied),
+    not the private ones of mkdtemp / mkstemp."""
+    umask = os.umask(0o22)
+    os.umask(umask)
+    for path in [root, *Path(root).rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def atomic_folder(final: Path, write, markers: tuple[str, ...] | None = None) -> Path:
     """Call write(tmp) on an empty temporary sibling of `final`, fsync what it wrote, then rename it
     to `final`. A reader sees the old folder or the new one, never a half-written one.
@@ -42,6 +51,7 @@ def atomic_folder(final: Path, write, markers: tuple[str, ...] | None = None) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         write(tmp)
+        public_permissions(tmp)
         fsync_tree(tmp)
         fsync_dir(tmp)
         old = None
@@ -64,6 +74,7 @@ def atomic_write_bytes(final: Path, data: bytes) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
     try:
+        public_permissions(Path(tmp))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

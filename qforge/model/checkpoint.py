@@ -28,20 +28,12 @@ INDEX_NAME = "model.safetensors.index.json"
 def write_new_folder(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on a temporary sibling of `out_dir`, then move it into place atomically
     (qforge.fileio.atomic_folder: fsync, rename). `out_dir` may be missing or empty; a non-empty one
-    is a ValueError and is left alone. The result gets ordinary permissions (umask), not the
-    private ones of mkdtemp and of safetensors' temporary file."""
+    is a ValueError and is left alone."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"'{out_dir}' already exists and is not an empty folder; remove it first")
 
-    def write_public(tmp: Path) -> None:
-        write(tmp)
-        umask = os.umask(0o22)
-        os.umask(umask)
-        for path in [tmp, *tmp.rglob("*")]:
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-    return atomic_folder(out_dir, write_public, markers=())
+    return atomic_folder(out_dir, write, markers=())
 
 
 # ---- quantization_config ------------------------------------------------------------------------

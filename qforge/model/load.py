@@ -450,6 +450,8 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
     `progress` shows a progress bar over the layers being quantised.
     """
     quant = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
+    if quantize and lora is not None and lora.loftq_iters > 0:
+        return _load_loftq(source, quant, compute_dtype, target_modules, lora, adapter_name, skip_modules)
     default_targets = target_modules == "all-linear" and tuple(skip_modules) == tuple(DEFAULT_SKIP)
     path, is_gguf = _resolve(source, quantize, quant, default_targets)
     if is_gguf:
@@ -459,4 +461,21 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
         tokenizer = load_tokenizer(path)
     if lora is not None and quantize:
         add_adapter(model, adapter_name, lora)
+    return model, tokenizer
+
+
+def _load_loftq(source, quant: dict, compute_dtype: torch.dtype, target_modules, lora: LoraSpec,
+                adapter_name: str, skip_modules):
+    """LoftQ needs each dense weight next to its quantisation: load the plain model in float32,
+    then quantise layer by layer with LoftQ-initialised adapters (qforge.adapters.loftq); every
+    other float tensor is then cast to `compute_dtype`. Unlike the plain 4-bit path this holds the
+    float32 model once, layer weights being freed as they are replaced."""
+    from ..adapters.loftq import quantize_linears_loftq
+
+    model, tokenizer = load_model(source, compute_dtype=torch.float32, quantize=False)
+    targets = select_targets(linear_names(model), target_modules, skip_modules)
+    quantize_linears_loftq(model, lora, adapter_name, quantize_targets=targets, compute_dtype=compute_dtype, **quant)
+    for name, param in model.named_parameters():  # tied parameters are one object: cast once
+        if param.is_floating_point() and ".adapters." not in name:
+            param.data = param.data.to(compute_dtype)
     return model, tokenizer

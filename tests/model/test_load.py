@@ -155,3 +155,27 @@ def write_tiny_gguf(tmp_path):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def test_loftq_load_initialises_base_and_adapter_from_the_dense_weight(tmp_path):
+    """load_model with LoraSpec(loftq_iters>0) quantises with LoftQ: base + s*B@A is closer to the
+    dense weight than the plain NF4 base alone."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qforge.model.load import load_model
+    from qforge.nn import LoraSpec
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=50)
+    dense = LlamaForCausalLM(cfg)
+    dense.save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), compute_dtype=torch.float32,
+                          lora=LoraSpec(r=8, alpha=8, loftq_iters=2, dtype=torch.float32))
+    w = dense.model.layers[0].mlp.up_proj.weight.float()
+    layer = model.model.layers[0].mlp.up_proj
+    a = layer.adapters["default"]
+    plain = (w - layer.dequantized(torch.float32)).norm()
+    with_adapter = (w - layer.dequantized(torch.float32) - a.delta_weight()).norm()
+    assert with_adapter < 0.97 * plain
