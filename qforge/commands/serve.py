@@ -1,0 +1,116 @@
+"""Serve the base model and many LoRA adapters behind an OpenAI-compatible API.
+
+One 4-bit base is shared by every adapter; concurrent requests for different adapters run in the
+same continuously batched forward passes (each row its own adapter). Routes: /v1/models,
+/v1/completions, /v1/chat/completions (stream: true for server-sent events), /v1/adapters
+(POST {name, path} loads, DELETE unloads), /v1/usage, /metrics (Prometheus), /health.
+
+Security: with --api-key (repeatable) or QFORGE_API_KEY (comma-separated) every route but /health
+needs 'Authorization: Bearer KEY'. Binding to a non-loopback address without a key is refused
+unless --insecure. Adapters loaded at run time must lie inside --adapter-root (without it, run-time
+loading is off); --adapter NAME=DIR folders are trusted.
+
+  qforge serve --base smollm2 --adapter demo=runs/demo/adapter --adapter-root runs
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+DTYPES = ("bfloat16", "float32")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="smollm2",
+                        help="base model: 'smollm2', a model folder, a 4-bit folder or a .gguf file")
+    parser.add_argument("--name", default=None, help="model name of the base in the API (default: from --base)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="serve the PEFT adapter in DIR as model NAME (repeatable)")
+    parser.add_argument("--adapter-root", default=None, metavar="DIR",
+                        help="folder that run-time adapter loads (POST /v1/adapters) must lie inside")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-loaded-adapters", type=int, default=16, help="adapters kept in memory (LRU)")
+    parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together (1: one at a time)")
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                        help="accepted bearer key (repeatable; also QFORGE_API_KEY, comma-separated)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without an API key")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    env = [k.strip() for k in os.environ.get("QFORGE_API_KEY", "").split(",") if k.strip()]
+    return [k for k in args.api_key if k] + env
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+def check_bind(host: str, keys: list[str], insecure: bool) -> None:
+    """ValueError when binding `host` would expose an open server: non-loopback, no key, no --insecure."""
+    if not keys and not is_loopback(host) and not insecure:
+        raise ValueError(f"refusing to serve on non-loopback address '{host}' without an API key: pass --api-key "
+                         "(or set QFORGE_API_KEY), or --insecure to accept the risk")
+
+
+def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
+    out = []
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--adapter expects NAME=DIR, got '{spec}'")
+        out.append((name, Path(folder)))
+    return out
+
+
+def base_name(args: argparse.Namespace) -> str:
+    return args.name or (args.base if args.base.lower() == "smollm2" else Path(args.base).name.removesuffix(".gguf"))
+
+
+def build(args: argparse.Namespace, keys: list[str]):
+    """(app, engine): load the base, register the adapters, build the engine and the app."""
+    import torch
+
+    from ..model.load import load_model
+    from ..serve import AdapterRegistry, Engine, Metrics
+    from ..serve.api import create_app
+
+    model, tokenizer = load_model(args.base, compute_dtype=getattr(torch, args.dtype))
+    if tokenizer is None:
+        raise ValueError(f"'{args.base}' has no tokenizer files; the server needs one")
+    metrics = Metrics()
+    registry = AdapterRegistry(model, base_name(args), args.max_loaded_adapters, args.adapter_root, metrics)
+    for name, folder in parse_adapters(args.adapter):
+        registry.add(name, folder, trusted=True)
+    engine = Engine(model, tokenizer, registry, max_batch=args.max_batch, max_queue=args.max_queue,
+                    context_len=args.max_model_len, metrics=metrics)
+    return create_app(engine, registry, api_keys=keys, metrics=metrics), engine
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    keys = api_keys(args)
+    check_bind(args.host, keys, args.insecure)
+    if not keys and not is_loopback(args.host):
+        print(f"qforge serve: warning: serving on {args.host} with no API key (--insecure)", file=sys.stderr)
+    parse_adapters(args.adapter)  # fail on a malformed flag before the model loads
+    app, engine = build(args, keys)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.stop()
+    return 0

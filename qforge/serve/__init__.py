@@ -1,0 +1,12 @@
+"""Serving: one shared 4-bit base, many LoRA adapters per batch, behind an OpenAI-compatible API.
+
+engine.py (continuous batching, KV cache, per-row adapters), registry.py (named adapters, LRU of
+resident ones, adapter-root checks), api.py (FastAPI app), metrics.py (Prometheus text, usage).
+FastAPI is imported only by `qforge.serve.api`.
+"""
+from .engine import Engine, Event, QueueFull, Request, RequestError, SamplingParams
+from .metrics import Metrics, UsageLedger
+from .registry import AdapterError, AdapterRegistry, detach_adapter
+
+__all__ = ["Engine", "Event", "QueueFull", "Request", "RequestError", "SamplingParams", "Metrics", "UsageLedger",
+           "AdapterRegistry", "AdapterError", "detach_adapter"]

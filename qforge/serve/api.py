@@ -1,0 +1,560 @@
+"""The OpenAI-compatible HTTP surface over an Engine and an AdapterRegistry.
+
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions
+(`stream: true` gives server-sent events in OpenAI's chunk format ending with `data: [DONE]`),
+POST /v1/adapters {name, path}, GET /v1/adapters, DELETE /v1/adapters/{name}, GET /v1/usage,
+GET /metrics (Prometheus text), GET /health. With API keys, every route but /health needs
+`Authorization: Bearer KEY`. Errors are OpenAI's shape: {"error": {message, type, param, code}}.
+
+`create_app` builds the app in-process (tests run it under uvicorn in a thread); it does not own the
+engine's thread beyond starting it.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+import time
+import uuid
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Engine, Event, QueueFull, Request as GenRequest, RequestError, SamplingParams
+from .metrics import Metrics, UsageLedger
+from .registry import AdapterError, AdapterRegistry
+
+DEFAULT_CHAT_MAX_TOKENS = 512  # when a chat request gives none: the rest of the context, at most this
+MAX_STOP = 4
+DISCONNECT_POLL_S = 0.25
+MAX_BODY_BYTES = 8 * 2 ** 20
+
+
+# ---- errors --------------------------------------------------------------------------------------
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=exc.headers)
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|dict|list|tuple|literal|[a-z-]+\[.*\])$")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    # pydantic names union members in the location ("prompt.str", "prompt.list[int]"): keep field names
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
+    param = ".".join(loc) or None
+    return (f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")), param
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return _error_response(APIError(400, message, param=param, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, exc: StarletteHTTPException):
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_, exc: ClientGone):
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+
+    @app.exception_handler(Exception)
+    async def _crash(_, exc: Exception):
+        return _error_response(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
+
+
+# ---- request bodies ------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Generation(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: keep going past EOS (benchmarks)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool | int | None = None
+
+    def unsupported(self) -> None:
+        for field in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, field):
+                raise APIError(400, f"{field} is not supported by this server", param=field, code="unsupported")
+        if self.logprobs:
+            raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise APIError(400, f"stop: at most {MAX_STOP} sequences", param="stop")
+
+
+class CompletionBody(_Generation):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.echo or (self.best_of or 1) > 1 or self.suffix:
+            raise APIError(400, "echo, best_of and suffix are not supported", param="echo", code="unsupported")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def as_template_message(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatBody(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list | None = None
+    response_format: dict | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {type: text} is supported", param="response_format",
+                           code="unsupported")
+
+
+class AdapterBody(BaseModel):
+    name: str
+    path: str
+
+
+# ---- engine <-> event loop -----------------------------------------------------------------------
+class _Events:
+    """Events of several engine requests, handed to the event loop as (choice index, Event)."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(self, index: int):
+        def put(event: Event) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                pass
+        return put
+
+
+def _raise_for_event(event: Event) -> None:
+    if event.status == 404:
+        raise APIError(404, event.error or "model not found", param="model", code="model_not_found")
+    raise APIError(event.status, event.error or "generation failed", "server_error")
+
+
+class _Generator:
+    """One HTTP generation request: n choices over one or more prompts, run by the engine."""
+
+    def __init__(self, app_state: "_State", kind: str, body: _Generation, prompts: list[list[int]],
+                 max_tokens: list[int], key_id: str):
+        self.s, self.kind, self.body, self.key_id = app_state, kind, body, key_id
+        self.adapter = app_state.resolve_model(body.model)
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.prompts = prompts
+        self.events = _Events()
+        self.closed = False
+        self.next_check = 0.0
+        stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        self.requests = []
+        for p, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
+            for k in range(body.n):
+                seed = None if body.seed is None else body.seed + k
+                params = _params(limit, body.temperature, body.top_p, stops, seed, body.ignore_eos)
+                index = p * body.n + k
+                self.requests.append(GenRequest(prompt, self.adapter, params, sink=self.events.sink(index)))
+
+    def submit(self) -> None:
+        if not self.s.engine.alive:
+            raise APIError(503, "the generation engine has stopped; see /health", "server_error", code="engine_down")
+        try:
+            self.s.engine.submit(*self.requests)
+        except QueueFull as exc:
+            raise APIError(429, f"the server is busy: {exc}; retry later", "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from exc
+        except RequestError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="context_length_exceeded"
+                           if exc.param == "max_tokens" else "invalid_value") from exc
+
+    def cancel_unfinished(self) -> None:
+        for req in self.requests:
+            if req.finish_reason is None:
+                self.s.engine.cancel(req)
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(len(r.output_ids) for r in self.requests)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def close(self) -> None:
+        """Free the engine slots of unfinished choices and book the tokens used; once."""
+        self.cancel_unfinished()
+        if not self.closed:
+            self.closed = True
+            self.record_usage()
+
+    def record_usage(self) -> None:
+        u = self.usage()
+        self.s.usage.record(self.body.model, self.key_id, u["prompt_tokens"], u["completion_tokens"])
+        self.s.metrics.prompt_tokens.inc(u["prompt_tokens"], model=self.body.model)
+        self.s.metrics.completion_tokens.inc(u["completion_tokens"], model=self.body.model)
+
+    async def next_event(self, http_request: Request) -> tuple[int, Event]:
+        """The next (index, event); cancels everything and raises if the client went away (checked
+        every DISCONNECT_POLL_S, events flowing or not)."""
+        while True:
+            if time.monotonic() >= self.next_check:
+                self.next_check = time.monotonic() + DISCONNECT_POLL_S
+                if await http_request.is_disconnected():
+                    self.cancel_unfinished()
+                    raise ClientGone()
+            try:
+                return await asyncio.wait_for(self.events.queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                continue
+
+    async def complete(self, http_request: Request) -> dict:
+        """Wait for every choice, then the whole response body."""
+        self.submit()
+        done: dict[int, Event] = {}
+        try:
+            while len(done) < len(self.requests):
+                index, event = await self.next_event(http_request)
+                if event.kind == "error":
+                    _raise_for_event(event)
+                if event.kind == "done":
+                    done[index] = event
+        finally:
+            self.close()
+        choices = [self._choice(i, done[i]) for i in range(len(self.requests))]
+        return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
+                "created": self.created, "model": self.body.model, "choices": choices, "usage": self.usage(),
+                "system_fingerprint": None}
+
+    def _choice(self, index: int, event: Event) -> dict:
+        if self.kind == "chat":
+            return {"index": index, "message": {"role": "assistant", "content": event.text},
+                    "logprobs": None, "finish_reason": event.finish_reason}
+        return {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+
+    # ---- streaming ------------------------------------------------------------------------------
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+                 "created": self.created, "model": self.body.model, "choices": choices, "system_fingerprint": None}
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    def _delta(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+    async def stream(self, http_request: Request):
+        """Server-sent events: a role chunk per choice (chat), text deltas, a finish chunk per choice,
+        the usage chunk when asked for, then [DONE]. Ends early (and frees the slots) on disconnect."""
+        finished = 0
+        try:
+            if self.kind == "chat":
+                yield self._chunk([self._delta(i, role=True) for i in range(len(self.requests))])
+            while finished < len(self.requests):
+                index, event = await self.next_event(http_request)
+                if event.kind == "delta":
+                    yield self._chunk([self._delta(index, event.text)])
+                elif event.kind == "done":
+                    finished += 1
+                    yield self._chunk([self._delta(index, finish=event.finish_reason)])
+                else:
+                    yield f"data: {json.dumps(error_body(event.error or 'generation failed', 'server_error'))}\n\n"
+                    break
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                yield self._chunk([], self.usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            self.close()
+
+
+class _EventStream(StreamingResponse):
+    """The SSE response; however the stream ends (done, client gone, send failed), the generation's
+    unfinished choices are cancelled at once, so their batch slots are freed."""
+
+    def __init__(self, generation: _Generator, request: Request):
+        super().__init__(generation.stream(request), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.generation = generation
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
+
+
+def _params(max_tokens, temperature, top_p, stops, seed, ignore_eos) -> SamplingParams:
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed,
+                              ignore_eos=ignore_eos)
+    except RequestError as exc:
+        raise APIError(400, str(exc), param=exc.param) from exc
+
+
+# ---- the app -------------------------------------------------------------------------------------
+class _State:
+    def __init__(self, engine: Engine, registry: AdapterRegistry, api_keys, metrics: Metrics, usage: UsageLedger):
+        self.engine, self.registry, self.metrics, self.usage = engine, registry, metrics, usage
+        self.api_keys = [k for k in api_keys if k]
+        self.tokenizer = engine.tokenizer
+        self.started = int(time.time())
+
+    def resolve_model(self, name: str) -> str | None:
+        """None for the base model, the adapter's name for an adapter; 404 otherwise."""
+        if name == self.registry.base_name:
+            return None
+        if name in self.registry:
+            return name
+        raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+
+    def key_id(self, request: Request) -> str:
+        """Who is calling: "anonymous" without keys, else a fingerprint of the key (401 if wrong)."""
+        if not self.api_keys:
+            return "anonymous"
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), k.encode()) for k in self.api_keys):
+            return "key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", param=None,
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def model_card(self, name: str, created: int | None = None, parent: str | None = None) -> dict:
+        card = {"id": name, "object": "model", "created": created or self.started, "owned_by": "qforge"}
+        if parent:
+            card |= {"parent": parent, "root": parent}
+        return card
+
+
+class _CountRequests:
+    """ASGI middleware: requests by route and status, and their latency (a stream's whole length)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status, start = 500, time.monotonic()
+
+        async def counting_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.inc(route=route, status=str(status))
+            self.metrics.latency.observe(time.monotonic() - start, route=route)
+
+
+class _LimitBody:
+    """ASGI middleware: a request whose Content-Length exceeds `max_bytes` gets 413 unread."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > self.max_bytes:
+                error = APIError(413, f"request body larger than {self.max_bytes} bytes", code="body_too_large")
+                return await _error_response(error)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: Metrics | None = None,
+               usage: UsageLedger | None = None) -> FastAPI:
+    """The FastAPI app over a (started or not) engine. `api_keys`: accepted bearer keys (none: open)."""
+    metrics = metrics or engine.metrics or Metrics()
+    state = _State(engine, registry, api_keys, metrics, usage or UsageLedger())
+    app = FastAPI(title="qforge serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.qforge = state
+    app.add_middleware(_LimitBody, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(_CountRequests, metrics=metrics)
+    _install_error_handlers(app)
+    engine.start()
+
+    def caller(request: Request) -> str:
+        return state.key_id(request)
+
+    _add_info_routes(app, state, caller)
+    _add_generation_routes(app, state, caller)
+    _add_adapter_routes(app, state, caller)
+    return app
+
+
+def _add_info_routes(app: FastAPI, state: _State, caller) -> None:
+    @app.get("/health")
+    async def health():
+        ok = state.engine.alive
+        body = {"status": "ok" if ok else "error", "queue_depth": state.engine.queue_depth(),
+                "running": state.engine.running(), "loaded_adapters": len(state.registry.loaded_names())}
+        if not ok:
+            body["error"] = f"engine stopped: {state.engine.error!r}"
+        return JSONResponse(body, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics(_: str = Depends(caller)):
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/usage")
+    async def usage(_: str = Depends(caller)):
+        return state.usage.snapshot()
+
+    @app.get("/v1/models")
+    async def models(_: str = Depends(caller)):
+        base = state.registry.base_name
+        cards = [state.model_card(base)] + [state.model_card(e.name, e.created, base) for e in state.registry.entries()]
+        return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, _: str = Depends(caller)):
+        adapter = state.resolve_model(model_id)
+        return state.model_card(model_id, parent=None if adapter is None else state.registry.base_name)
+
+
+def _add_generation_routes(app: FastAPI, state: _State, caller) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request, key_id: str = Depends(caller)):
+        body.unsupported()
+        prompts = _completion_prompts(state, body.prompt)
+        limit = body.max_tokens or 16
+        return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request, key_id: str = Depends(caller)):
+        body.unsupported()
+        prompt = _chat_prompt(state, body.messages)
+        asked = body.max_completion_tokens or body.max_tokens
+        limit = asked or max(1, min(DEFAULT_CHAT_MAX_TOKENS, state.engine.context_len - len(prompt)))
+        return await _respond(state, "chat", body, [prompt], [limit], key_id, request)
+
+
+async def _respond(state, kind, body, prompts, limits, key_id, request: Request):
+    generation = _Generator(state, kind, body, prompts, limits, key_id)
+    if body.stream:
+        generation.submit()  # errors (400, 429) before the stream starts are plain JSON answers
+        return _EventStream(generation, request)
+    return JSONResponse(await generation.complete(request))
+
+
+def _completion_prompts(state: _State, prompt) -> list[list[int]]:
+    """Token ids of each prompt: a string, a list of strings, a token list, or a list of token lists."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    vocab = len(state.tokenizer)
+    out = []
+    for p in prompt:
+        ids = state.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p)
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt holds token ids outside [0, {vocab})", param="prompt")
+        out.append(ids)
+    return out
+
+
+def _chat_prompt(state: _State, messages: list[ChatMessage]) -> list[int]:
+    if not getattr(state.tokenizer, "chat_template", None):
+        raise APIError(400, "the base model has no chat template; use /v1/completions", param="messages")
+    try:
+        text = state.tokenizer.apply_chat_template([m.as_template_message() for m in messages], tokenize=False,
+                                                   add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - a template may reject a conversation (role order)
+        raise APIError(400, f"the chat template rejects these messages: {exc}", param="messages") from exc
+    return state.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _add_adapter_routes(app: FastAPI, state: _State, caller) -> None:
+    @app.get("/v1/adapters")
+    async def list_adapters(_: str = Depends(caller)):
+        data = [{"id": e.name, "object": "adapter", "loaded": e.loaded, "in_use": e.pins, "created": e.created}
+                for e in state.registry.entries()]
+        return {"object": "list", "data": data, "max_loaded": state.registry.max_loaded}
+
+    @app.post("/v1/adapters", status_code=201)
+    async def add_adapter(body: AdapterBody, _: str = Depends(caller)):
+        try:
+            entry = await run_in_threadpool(state.registry.add, body.name, body.path)
+        except AdapterError as exc:
+            raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
+        return JSONResponse(state.model_card(entry.name, entry.created, state.registry.base_name), 201)
+
+    @app.delete("/v1/adapters/{name}")
+    async def delete_adapter(name: str, _: str = Depends(caller)):
+        try:
+            await run_in_threadpool(state.registry.remove, name)
+        except AdapterError as exc:
+            raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
+        return {"id": name, "object": "model", "deleted": True}

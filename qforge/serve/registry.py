@@ -1,0 +1,249 @@
+"""The adapters a server knows, and which of them sit in memory.
+
+Every adapter has a name (the `model` of a request) and, unless it was attached in-process, the
+PEFT folder it comes from. At most `max_loaded` are attached to the model at once; the least recently
+used one that no running request holds is detached to make room, and reloaded from its folder the
+next time a request names it. Requests pin their adapter (`acquire` / `release`) while they run, so
+an adapter is never detached under a running row.
+
+Security: folders added at run time (`POST /v1/adapters`) must lie inside `adapter_root` after
+resolving symlinks and `..`, and so must the two files read from them; without a root, run-time
+loading is refused. Folders given on the command line are the operator's and are trusted.
+
+`lock` guards the model's adapter dicts: the engine holds it for every forward pass, the registry
+for every attach and detach.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from ..model.surgery import qlora_layers
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-:+@]{0,127}$")
+
+
+class AdapterError(ValueError):
+    """An adapter request the client got wrong; `status` is the HTTP status to answer with."""
+
+    status = 400
+    code = "invalid_adapter"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class AdapterNotFound(AdapterError):
+    status, code = 404, "model_not_found"
+
+
+class AdapterForbidden(AdapterError):
+    status, code = 403, "adapter_path_forbidden"
+
+
+class AdapterConflict(AdapterError):
+    status, code = 409, "adapter_exists"
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    path: Path | None        # None: attached in-process, never evicted
+    trusted: bool = True     # False: re-check the path against the root on every load
+    source: str = ""         # the path as given, the only form error messages show
+    loaded: bool = False
+    pins: int = 0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def detach_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from every QLoRALinear of the model (and stop it being active)."""
+    for _, layer in qlora_layers(model):
+        if name in layer.adapters:
+            del layer.adapters[name]
+        if layer.active_adapter == name:
+            layer.active_adapter = None
+
+
+def model_compute_dtype(model: nn.Module) -> torch.dtype:
+    return next((layer.compute_dtype for _, layer in qlora_layers(model)), torch.float32)
+
+
+class AdapterRegistry:
+    """Named adapters over one base model, with an LRU of at most `max_loaded` in memory."""
+
+    def __init__(self, model: nn.Module, base_name: str, max_loaded: int = 16,
+                 adapter_root: str | Path | None = None, metrics=None):
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
+        self.model, self.base_name, self.max_loaded = model, base_name, max_loaded
+        self.adapter_root = Path(adapter_root).resolve() if adapter_root is not None else None
+        if self.adapter_root is not None and not self.adapter_root.is_dir():
+            raise FileNotFoundError(f"adapter root '{adapter_root}' is not a folder")
+        self.dtype = model_compute_dtype(model)  # adapters compute in the model's dtype
+        self.metrics = metrics
+        self.lock = threading.RLock()
+        self._entries: OrderedDict[str, AdapterEntry] = OrderedDict()  # least recently used first
+        self._leaving: dict[str, AdapterEntry] = {}  # removed while pinned: detached on last release
+
+    # ---- names ------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        with self.lock:
+            return sorted(self._entries)
+
+    def entries(self) -> list[AdapterEntry]:
+        with self.lock:
+            return [self._entries[n] for n in sorted(self._entries)]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def loaded_names(self) -> list[str]:
+        with self.lock:
+            return [n for n, e in self._entries.items() if e.loaded]
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise AdapterError(f"invalid adapter name {name!r}: use 1-128 letters, digits and _-:+@, "
+                               "starting with a letter or digit", "name")
+        if name == self.base_name:
+            raise AdapterConflict(f"'{name}' is the base model's name", "name")
+        if name in self._entries:
+            raise AdapterConflict(f"an adapter named '{name}' is already registered; delete it first", "name")
+        if name in self._leaving:
+            raise AdapterConflict(f"adapter '{name}' is still being unloaded (requests use it); retry shortly", "name")
+
+    # ---- paths ------------------------------------------------------------------------------
+    def resolve_path(self, raw: str) -> Path:
+        """The folder a run-time request names, resolved inside the adapter root. The error messages
+        echo only what the client sent, never where a path really leads."""
+        if self.adapter_root is None:
+            raise AdapterForbidden("loading adapters at run time is disabled: start the server with --adapter-root",
+                                   "path")
+        if not isinstance(raw, str) or not raw or "\x00" in raw:
+            raise AdapterError("path must be a non-empty string", "path")
+        candidate = Path(raw) if Path(raw).is_absolute() else self.adapter_root / raw
+        folder = candidate.resolve()
+        if not folder.is_relative_to(self.adapter_root):
+            raise AdapterForbidden(f"adapter path '{raw}' is outside the adapter root", "path")
+        for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (folder / file_name).resolve().is_relative_to(self.adapter_root):
+                raise AdapterForbidden(f"'{raw}/{file_name}' leads outside the adapter root", "path")
+        if not folder.is_dir():
+            raise AdapterError(f"no adapter folder at '{raw}'", "path")
+        return folder
+
+    # ---- add / remove -----------------------------------------------------------------------
+    def add(self, name: str, path: str | Path, trusted: bool = False) -> AdapterEntry:
+        """Register adapter `name` from PEFT folder `path` and load it now, so a broken folder is an
+        error here rather than in some later request. `trusted` (command-line folders) skips the
+        root check."""
+        with self.lock:
+            self._check_new_name(name)
+            folder = Path(path).expanduser().resolve() if trusted else self.resolve_path(str(path))
+            entry = AdapterEntry(name, folder, trusted=trusted, source=str(path))
+            self._entries[name] = entry
+            try:
+                if not self._make_resident(entry):
+                    raise AdapterError(f"all {self.max_loaded} adapter slots are held by running requests; "
+                                       "retry shortly", "name")
+            except Exception:
+                del self._entries[name]
+                raise
+            return entry
+
+    def attach(self, name: str) -> AdapterEntry:
+        """Register an adapter already attached to the model in-process (never evicted)."""
+        with self.lock:
+            self._check_new_name(name)
+            if not any(name in layer.adapters for _, layer in qlora_layers(self.model)):
+                raise AdapterNotFound(f"the model carries no adapter named '{name}'")
+            entry = self._entries[name] = AdapterEntry(name, None, loaded=True)
+            self._update_gauge()
+            return entry
+
+    def remove(self, name: str) -> None:
+        """Forget adapter `name`; its weights leave memory now, or when the last request using it ends."""
+        with self.lock:
+            entry = self._entries.pop(name, None)
+            if entry is None:
+                raise AdapterNotFound(f"no adapter named '{name}'", "name")
+            if entry.pins:
+                self._leaving[name] = entry
+            else:
+                self._detach(entry)
+
+    # ---- residency --------------------------------------------------------------------------
+    def acquire(self, name: str | None) -> bool:
+        """Pin adapter `name` (None: the base) for a request about to run, loading it if evicted.
+        False when it cannot be made resident now (every slot pinned); AdapterNotFound when unknown."""
+        if name is None:
+            return True
+        with self.lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise AdapterNotFound(f"adapter '{name}' was deleted", "model")
+            if not self._make_resident(entry):
+                return False
+            entry.pins += 1
+            self._entries.move_to_end(name)
+            return True
+
+    def release(self, name: str | None) -> None:
+        if name is None:
+            return
+        with self.lock:
+            entry = self._entries.get(name) or self._leaving.get(name)
+            if entry is None or entry.pins == 0:
+                return
+            entry.pins -= 1
+            if entry.pins == 0 and name in self._leaving:
+                del self._leaving[name]
+                self._detach(entry)
+
+    def _make_resident(self, entry: AdapterEntry) -> bool:
+        if entry.loaded:
+            return True
+        resident = [e for e in self._entries.values() if e.loaded] + list(self._leaving.values())
+        while len(resident) >= self.max_loaded:
+            victim = next((e for e in resident if e.pins == 0 and e.path is not None and e is not entry), None)
+            if victim is None:
+                return False
+            self._detach(victim)
+            resident.remove(victim)
+            self._count("adapter_evictions")
+        folder = entry.path if entry.trusted else self.resolve_path(entry.source)
+        try:
+            load_adapter(self.model, folder, name=entry.name, dtype=self.dtype)
+        except (FileNotFoundError, ValueError) as exc:
+            message = str(exc).replace(str(folder), entry.source)
+            if self.adapter_root is not None:
+                message = message.replace(str(self.adapter_root), "<adapter-root>")
+            raise AdapterError(f"cannot load adapter '{entry.name}': {message}", "path") from exc
+        entry.loaded = True
+        self._count("adapter_loads")
+        self._update_gauge()
+        return True
+
+    def _detach(self, entry: AdapterEntry) -> None:
+        detach_adapter(self.model, entry.name)
+        entry.loaded = False
+        self._update_gauge()
+
+    def _count(self, metric: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, metric).inc()
+
+    def _update_gauge(self) -> None:
+        if self.metrics is not None:
+            n = sum(e.loaded for e in self._entries.values()) + len(self._leaving)
+            self.metrics.loaded_adapters.set(n)

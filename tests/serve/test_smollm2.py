@@ -1,0 +1,107 @@
+"""The real thing: `qforge serve`'s build path on the embedded SmolLM2-135M-Instruct (NF4 base),
+adapters written with save_adapter and loaded over HTTP, several of them in one batch, through the
+openai client. Greedy answers in a mixed batch must equal each request run alone with its adapter
+active: exactly in float32; in bfloat16 (the serving default) a near-tie may flip late in an answer
+(observed: 1 of 9 eight-token answers, at its 6th token), so there the first tokens must agree and
+most answers must be equal."""
+import threading
+
+import openai
+import pytest
+import torch
+
+from qforge.adapters import save_adapter
+from qforge.commands import serve
+from qforge.model.surgery import add_adapter, qlora_layers, set_active_adapter
+from qforge.nn import LoraSpec
+from qforge.serve import detach_adapter
+
+from .helpers import LiveServer, greedy_alone
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["What is the capital of France?", "Say hello in Spanish."]
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _random_adapter(model, root, name, seed):
+    add_adapter(model, name, LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in qlora_layers(model):
+            if name in layer.adapters:
+                b = layer.adapters[name].lora_B.weight
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
+    save_adapter(model, root / name, name=name, base_model_name_or_path="smollm2")
+    detach_adapter(model, name)
+    set_active_adapter(model, None)
+
+
+def test_smollm2_serves_mixed_adapters_like_alone(tmp_path):
+    parser = serve.argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--adapter-root", str(tmp_path), "--max-batch", "8", "--dtype", "float32"])
+    app, engine = serve.build(args, keys=["k"])
+    model, tokenizer = engine.model, engine.tokenizer
+    for i, name in enumerate(("formal", "pirate")):
+        _random_adapter(model, tmp_path, name, seed=i)
+    try:
+        with LiveServer(app) as live:
+            client = openai.OpenAI(base_url=live.url, api_key="k", max_retries=0, timeout=300)
+            for name in ("formal", "pirate"):
+                assert client.post("/adapters", body={"name": name, "path": name}, cast_to=object)["id"] == name
+            jobs = [(q, m) for q in QUESTIONS for m in ("smollm2", "formal", "pirate")]
+            answers = {}
+
+            def ask(i, question, model_name):
+                answers[i] = client.chat.completions.create(
+                    model=model_name, messages=[{"role": "user", "content": question}], max_tokens=5, temperature=0,
+                    extra_body={"ignore_eos": True})
+
+            threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+    finally:
+        engine.stop()
+    same = 0
+    for i, (question, model_name) in enumerate(jobs):
+        ids = chat_ids(tokenizer, question)
+        assert answers[i].usage.prompt_tokens == len(ids) and answers[i].usage.completion_tokens == 5
+        alone = greedy_alone(model, ids, None if model_name == "smollm2" else model_name, 5)
+        same += answers[i].choices[0].message.content == tokenizer.decode(alone, skip_special_tokens=True)
+    assert same == len(jobs), f"only {same} of {len(jobs)} answers equal the alone run"
+    text = {job: answers[i].choices[0].message.content for i, job in enumerate(jobs)}
+    for adapter in ("formal", "pirate"):  # each adapter changes some answer
+        assert any(text[q, adapter] != text[q, "smollm2"] for q in QUESTIONS)
+
+
+def test_smollm2_bfloat16_mixed_batch_stays_close(tmp_path):
+    from qforge.model.load import load_model
+    from qforge.serve import AdapterRegistry, Engine, SamplingParams
+
+    from .test_engine import run_all
+
+    model, tokenizer = load_model("smollm2", compute_dtype=torch.bfloat16)
+    for i, name in enumerate(("formal", "pirate")):
+        _random_adapter(model, tmp_path, name, seed=i)
+    registry = AdapterRegistry(model, "smollm2", adapter_root=tmp_path)
+    for name in ("formal", "pirate"):
+        registry.add(name, name)
+    engine = Engine(model, tokenizer, registry).start()
+    try:
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        jobs = [(chat_ids(tokenizer, q), adapter, params)
+                for q in QUESTIONS for adapter in (None, "formal", "pirate")]
+        reqs = run_all(engine, jobs)
+    finally:
+        engine.stop()
+    alone = [greedy_alone(model, r.prompt_ids, r.adapter, 6) for r in reqs]
+    assert all(r.output_ids[:3] == a[:3] for r, a in zip(reqs, alone))
+    assert sum(r.output_ids == a for r, a in zip(reqs, alone)) >= len(reqs) * 2 // 3
