@@ -135,28 +135,25 @@ class QLoRALinear(nn.Module):
         return (scale - 1) * base + scale * lora
 
     def _mixed_delta(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Per-row adapters as gathered products: the A and B of the adapters in this batch are
-        stacked (ranks zero-padded), each row picks its pair, and two batched matmuls apply them.
-        x: (B, T, in) or (B, in); index: (B,)."""
+        """Per-row adapters as gathered products: the adapters in this batch are concatenated along
+        the rank (A: (R, in), B pre-scaled: (out, R)); every row is multiplied by all the A's at
+        once, masked down to its own adapter's columns, then multiplied by B. No per-row weight
+        copies. x: (B, T, in) or (B, in); index: (B,), < 0 for no adapter."""
         index, names = self._row_index.to(x.device), self._row_names
         adapters = [self.adapters[n] if n in self.adapters else None for n in names]
         if any(a is not None and a.use_dora for a in adapters):
             return self._grouped_delta(x, base, index, adapters)
-        r_max = max([a.r for a in adapters if a is not None], default=0)
-        if r_max == 0:
+        present = [(k, a) for k, a in enumerate(adapters) if a is not None]
+        if not present:
             return torch.zeros_like(base)
         dt = x.dtype
-        A = torch.zeros(len(adapters) + 1, r_max, self.in_features, dtype=dt, device=x.device)
-        B = torch.zeros(len(adapters) + 1, self.out_features, r_max, dtype=dt, device=x.device)
-        for k, a in enumerate(adapters):  # slot len(adapters) stays zero: rows with no adapter
-            if a is not None:
-                A[k, :a.r] = a.lora_A.weight.to(dt)
-                B[k, :, :a.r] = a.lora_B.weight.to(dt) * a.scaling
-        slot = torch.where(index < 0, torch.full_like(index, len(adapters)), index)
-        x3 = x if x.dim() == 3 else x.unsqueeze(1)                   # (B, T, in)
-        h = torch.bmm(x3, A[slot].transpose(1, 2))                   # (B, T, r_max)
-        delta = torch.bmm(h, B[slot].transpose(1, 2))                # (B, T, out)
-        return delta if x.dim() == 3 else delta.squeeze(1)
+        A = torch.cat([a.lora_A.weight.to(dt) for _, a in present])                       # (R, in)
+        B = torch.cat([a.lora_B.weight.to(dt) * a.scaling for _, a in present], dim=1)    # (out, R)
+        owner = torch.cat([torch.full((a.r,), k, device=x.device) for k, a in present])   # (R,)
+        mask = (index[:, None] == owner[None, :]).to(dt)                                   # (B, R)
+        h = x @ A.T                                                                        # (B, [T,] R)
+        h = h * (mask[:, None, :] if x.dim() == 3 else mask)
+        return h @ B.T                                                                     # (B, [T,] out)
 
     def _grouped_delta(self, x, base, index, adapters):
         delta = torch.zeros_like(base)
