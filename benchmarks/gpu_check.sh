@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
+export QFORGE_GPU_TESTS=1  # tests/conftest.py: run the kernel tests compiled, not interpreted
 
 # The first Python whose torch sees a CUDA device: $PYTHON, the project venv, then the system's.
 PY=""
