@@ -10,7 +10,13 @@ needs 'Authorization: Bearer KEY'. Binding to a non-loopback address without a k
 unless --insecure. Adapters loaded at run time must lie inside --adapter-root (without it, run-time
 loading is off); --adapter NAME=DIR folders are trusted.
 
+With --jobs the same server also runs OpenAI's files and fine-tuning jobs API (/v1/files,
+/v1/fine_tuning/jobs) and a dashboard at /: a worker subprocess trains queued jobs one at a time on
+the base, state lives in SQLite under --data-dir, and each finished job's model
+(ft:<base>:<suffix>:<job id>) is served at once.
+
   qforge serve --base smollm2 --adapter demo=runs/demo/adapter --adapter-root runs
+  qforge serve --jobs --data-dir ~/.qforge
 """
 from __future__ import annotations
 
@@ -43,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without an API key")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--jobs", action="store_true", help="also run the fine-tuning job service and the dashboard")
+    parser.add_argument("--data-dir", default="~/.qforge", metavar="DIR",
+                        help="with --jobs: where the job database, uploads and job folders live")
+    parser.add_argument("--memory-budget", default=None, metavar="SIZE",
+                        help="with --jobs: memory a job may use, e.g. 16GB (default: the RAM available); a job "
+                             "that names no method gets BF16 LoRA when it fits, else QLoRA")
+    parser.add_argument("--max-file-mb", type=int, default=64, help="with --jobs: the largest upload, in MiB")
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
@@ -97,7 +110,25 @@ def build(args: argparse.Namespace, keys: list[str]):
         registry.add(name, folder, trusted=True)
     engine = Engine(model, tokenizer, registry, max_batch=args.max_batch, max_queue=args.max_queue,
                     context_len=args.max_model_len, metrics=metrics)
-    return create_app(engine, registry, api_keys=keys, metrics=metrics), engine
+    extensions, jobs = [], None
+    if getattr(args, "jobs", False):
+        from ..jobs.api import JobService, install
+        jobs = JobService(jobs_config(args), registry)
+        extensions.append(lambda app, state, caller: install(app, state, caller, jobs))
+    app = create_app(engine, registry, api_keys=keys, metrics=metrics, extensions=extensions)
+    if jobs is not None:
+        jobs.start()
+    return app, engine
+
+
+def jobs_config(args: argparse.Namespace):
+    from ..jobs.api import JobsConfig
+    from ..plan import parse_gpu
+
+    base = args.base if args.base.lower() == "smollm2" else str(Path(args.base).expanduser().resolve())
+    budget = parse_gpu(args.memory_budget) if args.memory_budget else None
+    return JobsConfig(data_dir=Path(args.data_dir).expanduser(), base_model=base, memory_budget=budget,
+                      max_file_bytes=args.max_file_mb * 2 ** 20)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,5 +143,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
+        jobs = getattr(app.state, "jobs", None)
+        if jobs is not None:
+            jobs.stop()
         engine.stop()
     return 0

@@ -206,7 +206,7 @@ class _Generator:
     def __init__(self, app_state: "_State", kind: str, body: _Generation, prompts: list[list[int]],
                  max_tokens: list[int], key_id: str):
         self.s, self.kind, self.body, self.key_id = app_state, kind, body, key_id
-        self.adapter = app_state.resolve_model(body.model)
+        self.adapter = app_state.resolve_model(body.model, key_id)
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.prompts = prompts
@@ -364,12 +364,18 @@ class _State:
         self.api_keys = [k for k in api_keys if k]
         self.tokenizer = engine.tokenizer
         self.started = int(time.time())
+        self.model_guard = None  # (model name, key id) -> may this caller use it? (set by the jobs service)
+        self.body_limits: dict[str, int] = {}  # path prefix -> larger body limit (uploads)
 
-    def resolve_model(self, name: str) -> str | None:
-        """None for the base model, the adapter's name for an adapter; 404 otherwise."""
+    def visible(self, name: str, key_id: str | None) -> bool:
+        return self.model_guard is None or key_id is None or self.model_guard(name, key_id)
+
+    def resolve_model(self, name: str, key_id: str | None = None) -> str | None:
+        """None for the base model, the adapter's name for an adapter; 404 otherwise (also for a model
+        that the model guard hides from this caller)."""
         if name == self.registry.base_name:
             return None
-        if name in self.registry:
+        if self.visible(name, key_id) and name in self.registry:  # the guard may register it just now
             return name
         raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
 
@@ -417,28 +423,35 @@ class _CountRequests:
 
 
 class _LimitBody:
-    """ASGI middleware: a request whose Content-Length exceeds `max_bytes` gets 413 unread."""
+    """ASGI middleware: a request whose Content-Length exceeds `max_bytes` (or the limit of the
+    longest matching path prefix in `overrides`) gets 413 unread."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, overrides: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.overrides = app, max_bytes, overrides if overrides is not None else {}
+
+    def limit(self, path: str) -> int:
+        prefixes = [p for p in self.overrides if path == p or path.startswith(p.rstrip("/") + "/")]
+        return self.overrides[max(prefixes, key=len)] if prefixes else self.max_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             length = dict(scope.get("headers") or []).get(b"content-length", b"0")
-            if not length.isdigit() or int(length) > self.max_bytes:
-                error = APIError(413, f"request body larger than {self.max_bytes} bytes", code="body_too_large")
+            max_bytes = self.limit(scope.get("path", ""))
+            if not length.isdigit() or int(length) > max_bytes:
+                error = APIError(413, f"request body larger than {max_bytes} bytes", code="body_too_large")
                 return await _error_response(error)(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
 def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: Metrics | None = None,
-               usage: UsageLedger | None = None) -> FastAPI:
-    """The FastAPI app over a (started or not) engine. `api_keys`: accepted bearer keys (none: open)."""
+               usage: UsageLedger | None = None, extensions=()) -> FastAPI:
+    """The FastAPI app over a (started or not) engine. `api_keys`: accepted bearer keys (none: open).
+    `extensions`: callables extend(app, state, caller) that add routes (the jobs service)."""
     metrics = metrics or engine.metrics or Metrics()
     state = _State(engine, registry, api_keys, metrics, usage or UsageLedger())
     app = FastAPI(title="qforge serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qforge = state
-    app.add_middleware(_LimitBody, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(_LimitBody, max_bytes=MAX_BODY_BYTES, overrides=state.body_limits)
     app.add_middleware(_CountRequests, metrics=metrics)
     _install_error_handlers(app)
     engine.start()
@@ -449,6 +462,8 @@ def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: 
     _add_info_routes(app, state, caller)
     _add_generation_routes(app, state, caller)
     _add_adapter_routes(app, state, caller)
+    for extend in extensions:
+        extend(app, state, caller)
     return app
 
 
@@ -471,14 +486,15 @@ def _add_info_routes(app: FastAPI, state: _State, caller) -> None:
         return state.usage.snapshot()
 
     @app.get("/v1/models")
-    async def models(_: str = Depends(caller)):
+    async def models(key_id: str = Depends(caller)):
         base = state.registry.base_name
-        cards = [state.model_card(base)] + [state.model_card(e.name, e.created, base) for e in state.registry.entries()]
+        cards = [state.model_card(base)] + [state.model_card(e.name, e.created, base) for e in state.registry.entries()
+                                            if state.visible(e.name, key_id)]
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, _: str = Depends(caller)):
-        adapter = state.resolve_model(model_id)
+    async def model(model_id: str, key_id: str = Depends(caller)):
+        adapter = state.resolve_model(model_id, key_id)
         return state.model_card(model_id, parent=None if adapter is None else state.registry.base_name)
 
 
@@ -538,9 +554,9 @@ def _chat_prompt(state: _State, messages: list[ChatMessage]) -> list[int]:
 
 def _add_adapter_routes(app: FastAPI, state: _State, caller) -> None:
     @app.get("/v1/adapters")
-    async def list_adapters(_: str = Depends(caller)):
+    async def list_adapters(key_id: str = Depends(caller)):
         data = [{"id": e.name, "object": "adapter", "loaded": e.loaded, "in_use": e.pins, "created": e.created}
-                for e in state.registry.entries()]
+                for e in state.registry.entries() if state.visible(e.name, key_id)]
         return {"object": "list", "data": data, "max_loaded": state.registry.max_loaded}
 
     @app.post("/v1/adapters", status_code=201)
@@ -552,7 +568,9 @@ def _add_adapter_routes(app: FastAPI, state: _State, caller) -> None:
         return JSONResponse(state.model_card(entry.name, entry.created, state.registry.base_name), 201)
 
     @app.delete("/v1/adapters/{name}")
-    async def delete_adapter(name: str, _: str = Depends(caller)):
+    async def delete_adapter(name: str, key_id: str = Depends(caller)):
+        if not state.visible(name, key_id):
+            raise APIError(404, f"no adapter named '{name}'", param="name", code="model_not_found")
         try:
             await run_in_threadpool(state.registry.remove, name)
         except AdapterError as exc:

@@ -1,0 +1,546 @@
+"""OpenAI's files and fine-tuning jobs API, and the dashboard, on the inference server's app.
+
+Routes (every one but the dashboard's needs the bearer key when keys are configured):
+  POST /v1/files (multipart: file, purpose "fine-tune"), GET /v1/files, GET /v1/files/{id},
+  GET /v1/files/{id}/content, DELETE /v1/files/{id}
+  POST /v1/fine_tuning/jobs, GET /v1/fine_tuning/jobs, GET /v1/fine_tuning/jobs/{id},
+  POST /v1/fine_tuning/jobs/{id}/cancel, GET /v1/fine_tuning/jobs/{id}/events,
+  GET /v1/fine_tuning/jobs/{id}/checkpoints
+  GET / (the dashboard), /dashboard/* (its script and style)
+
+Ownership: each file, job and fine-tuned model belongs to the key that made it; another key gets 404
+for its ids (and cannot chat with its models), exactly as for ids that do not exist.
+
+A new job is 'validating_files' while a background thread links its files into the job folder, lets
+the memory planner choose QLoRA or BF16 LoRA when the request names no method, and writes the job's
+TrainConfig; then it is 'queued' for the worker (qforge.jobs.worker). When a job has succeeded its
+adapter is registered with the inference registry as `ft:<base>:<suffix>:<job id>`: at once when a
+request names it or reads the job, and within a second by a watcher thread in any case.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from ..serve.api import APIError
+from ..serve.registry import AdapterError, AdapterRegistry
+from .store import ACTIVE, FINISHED, JobStore, fine_tuned_model_name, new_id, now
+
+WEB_DIR = Path(__file__).parent / "web"
+DEFAULT_MAX_FILE_BYTES = 64 * 2 ** 20
+BASE_LR = 2e-4  # learning_rate_multiplier 1 (TrainConfig's default lr)
+SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+WATCH_S = 1.0
+
+
+@dataclass
+class JobsConfig:
+    data_dir: Path
+    base_model: str                      # what the trainer loads: "smollm2", a model folder, a .gguf file
+    memory_budget: int | None = None     # bytes for the planner; None: RAM available when a job is validated
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    poll_s: float = 0.5
+    cancel_grace_s: float = 30.0
+    start_worker: bool = True
+
+
+# ---- request bodies ------------------------------------------------------------------------------
+class Hyperparameters(BaseModel):
+    """OpenAI's three; 'auto' resolves to 1 epoch, batch 4, multiplier 1 (lr 2e-4)."""
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Literal["auto"] | int | None = Field(None, ge=1, le=100)
+    batch_size: Literal["auto"] | int | None = Field(None, ge=1, le=256)
+    learning_rate_multiplier: Literal["auto"] | float | None = Field(None, gt=0, le=100)
+
+
+class QForgeHyperparameters(Hyperparameters):
+    """method.supervised.hyperparameters: OpenAI's three and qforge's own settings (TrainConfig names)."""
+
+    method: Literal["qlora", "lora", "full", "auto"] | None = None
+    rank: int | None = Field(None, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    target_modules: str | list[str] | None = None
+    quant_type: Literal["nf4", "fp4"] | None = None
+    double_quant: bool | None = None
+    max_seq_len: int | None = Field(None, ge=8, le=131072)
+    max_steps: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    grad_accum: int | None = Field(None, ge=1, le=1024)
+    compute_dtype: Literal["bfloat16", "float32"] | None = None
+
+
+class Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: QForgeHyperparameters | None = None
+
+
+class MethodBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
+    supervised: Supervised | None = None
+
+
+class JobBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = Field(None, ge=0, le=2 ** 31 - 1)
+    metadata: dict[str, str] | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: MethodBody | None = None
+    integrations: list | None = None
+
+
+# ---- OpenAI objects ------------------------------------------------------------------------------
+def file_object(row: dict) -> dict:
+    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
+            "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "status_details": None,
+            "expires_at": None}
+
+
+def job_object(row: dict) -> dict:
+    hp = row["hyperparameters"]
+    return {"object": "fine_tuning.job", "id": row["id"], "created_at": row["created_at"], "error": row["error"],
+            "fine_tuned_model": row["fine_tuned_model"], "finished_at": row["finished_at"],
+            "hyperparameters": hp, "model": row["model"], "organization_id": "org-qforge",
+            "result_files": row["result_files"], "seed": row["seed"], "status": row["status"],
+            "trained_tokens": row["trained_tokens"], "training_file": row["training_file"],
+            "validation_file": row["validation_file"], "estimated_finish": row["estimated_finish"],
+            "integrations": [], "metadata": row["metadata"], "method": row["method"],
+            "user_provided_suffix": row["suffix"]}
+
+
+def event_object(row: dict) -> dict:
+    return {"object": "fine_tuning.job.event", "id": row["id"], "created_at": row["created_at"],
+            "level": row["level"], "message": row["message"], "data": row["data"], "type": row["type"]}
+
+
+def checkpoint_object(row: dict, job: dict) -> dict:
+    model = fine_tuned_model_name(job["model"], job["suffix"], job["id"])
+    return {"object": "fine_tuning.job.checkpoint", "id": row["id"], "created_at": row["created_at"],
+            "fine_tuned_model_checkpoint": f"{model}:ckpt-step-{row['step']}", "fine_tuning_job_id": job["id"],
+            "metrics": row["metrics"], "step_number": row["step"]}
+
+
+def page(data: list[dict], has_more: bool) -> dict:
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+def not_found(kind: str, ident: str) -> APIError:
+    return APIError(404, f"No such {kind}: '{ident}'", "invalid_request_error", param="id", code="not_found")
+
+
+# ---- the service -----------------------------------------------------------------------------------
+class JobService:
+    """The API process's side of the job service: uploads, job creation and validation, cancel,
+    the worker's supervisor, and fine-tuned models for the inference registry."""
+
+    def __init__(self, config: JobsConfig, registry: AdapterRegistry):
+        self.config, self.registry = config, registry
+        self.store = JobStore(config.data_dir)
+        self.validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qforge-jobs-validate")
+        self.supervisor = None
+        self._register_lock = threading.Lock()
+        self._unloadable: set[str] = set()
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="qforge-jobs-models", daemon=True)
+
+    def start(self) -> "JobService":
+        self.store.sweep_orphan_files()
+        for job in self.store.list_jobs(status="validating_files", limit=10 ** 6)[0]:
+            self.validator.submit(self.validate_job, job["id"])  # cut short by a crash: do it again
+        if self.config.start_worker:
+            from .worker import WorkerSupervisor
+            self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s).start()
+        self._watcher.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        self.validator.shutdown(wait=True)
+
+    # ---- files --------------------------------------------------------------------------------
+    def create_file(self, owner: str, source, filename: str) -> dict:
+        """Copy the upload beside the store under a fresh id, validate it as training data, then
+        record it. The bytes are in place (fsynced) before the row exists."""
+        from ..fileio import fsync_dir
+        from ..train.data import DataError, load_rows
+
+        file_id = new_id("file")
+        final = self.store.file_path(file_id)
+        tmp = self.store.files_dir / f".upload-{file_id}.jsonl"
+        try:
+            size = 0
+            with open(tmp, "wb") as out:
+                while chunk := source.read(2 ** 20):
+                    size += len(chunk)
+                    if size > self.config.max_file_bytes:
+                        raise APIError(413, f"the file is larger than the limit of {self.config.max_file_bytes} "
+                                       "bytes", param="file", code="file_too_large")
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                rows, fmt = load_rows(tmp)
+            except DataError as exc:
+                raise APIError(400, f"invalid training data: {str(exc).replace(str(tmp), filename)}",
+                               param="file", code="invalid_file") from None
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return self.store.add_file(file_id, owner, filename, "fine-tune", size, len(rows), fmt)
+
+    # ---- jobs ---------------------------------------------------------------------------------
+    def _training_file(self, owner: str, file_id: str | None, param: str) -> dict | None:
+        if file_id is None:
+            return None
+        row = self.store.get_file(file_id, owner)
+        if row is None or row["purpose"] != "fine-tune":
+            raise APIError(400, f"invalid {param}: no fine-tune file '{file_id}'", param=param, code="file_not_found")
+        return row
+
+    def create_job(self, owner: str, body: JobBody) -> dict:
+        if body.model != self.registry.base_name:
+            raise APIError(400, f"model '{body.model}' cannot be fine-tuned here: this server fine-tunes its base "
+                           f"model '{self.registry.base_name}'", param="model", code="model_not_available")
+        if body.suffix is not None and not SUFFIX.match(body.suffix):
+            raise APIError(400, "suffix: 1-40 letters, digits, '_' or '-'", param="suffix")
+        if body.metadata and (len(body.metadata) > 16 or any(len(k) > 64 or len(v) > 512
+                                                             for k, v in body.metadata.items())):
+            raise APIError(400, "metadata: at most 16 keys of 64 characters, values of 512", param="metadata")
+        method = body.method or MethodBody()
+        if method.type != "supervised":
+            raise APIError(400, f"method '{method.type}' is not supported; use 'supervised'", param="method.type",
+                           code="unsupported")
+        self._training_file(owner, body.training_file, "training_file")
+        self._training_file(owner, body.validation_file, "validation_file")
+        settings = resolve_settings(body.hyperparameters, method.supervised)
+        if settings["method"] == "full":
+            raise APIError(400, "method 'full' makes a whole new model, which this server cannot serve; use qlora "
+                           "or lora", param="method.supervised.hyperparameters.method", code="unsupported")
+        openai_hp = {k: settings[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        job_id = new_id("ftjob")
+        job = {"id": job_id, "owner": owner, "created_at": now(), "model": body.model,
+               "training_file": body.training_file, "validation_file": body.validation_file, "suffix": body.suffix,
+               "seed": body.seed if body.seed is not None else random.randrange(2 ** 31), "metadata": body.metadata,
+               "hyperparameters": openai_hp, "status": "validating_files",
+               "method": {"type": "supervised", "supervised": {"hyperparameters": settings}}}
+        row = self.store.add_job(job, [(f"Created fine-tuning job: {job_id}", "created"),
+                                       (f"Validating training file: {body.training_file}", "validating")])
+        self.validator.submit(self.validate_job, job_id)
+        return row
+
+    def validate_job(self, job_id: str) -> None:
+        """validating_files -> queued: link the files into the job folder, choose the method, write
+        config.yaml. Safe to run again after a crash part-way."""
+        job = self.store.get_job(job_id)
+        if job is None or job["status"] != "validating_files":
+            return
+        try:
+            config, settings, steps, reason = self._prepare(job)
+        except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the service goes on
+            param = "training_file" if isinstance(exc, FileNotFoundError) else None
+            error = {"code": "invalid_training_file" if param else "validation_error", "message": str(exc),
+                     "param": param}
+            self.store.update_job(job_id, only_if_status=("validating_files",), status="failed", error=error,
+                                  finished_at=now(), level="error", events=[(f"The job failed: {exc}", "failed")])
+            return
+        from ..fileio import atomic_write_bytes
+        atomic_write_bytes(self.store.job_dir(job_id) / "config.yaml", config.to_yaml().encode())
+        method = {"type": "supervised", "supervised": {"hyperparameters": settings}}
+        events = [(f"Training method: {settings['method']} ({reason})", "method"),
+                  ("Files validated, moving job to queued state", "queued")]
+        self.store.update_job(job_id, only_if_status=("validating_files",), status="queued", method=method,
+                              total_steps=steps, events=events)
+
+    def _prepare(self, job: dict):
+        job_dir = self.store.job_dir(job["id"])
+        job_dir.mkdir(parents=True, exist_ok=True)
+        rows = 0
+        for param, name in (("training_file", "train.jsonl"), ("validation_file", "valid.jsonl")):
+            if job[param] is None:
+                continue
+            row = self.store.get_file(job[param], job["owner"])
+            source = self.store.file_path(job[param])
+            if row is None or not source.is_file():
+                raise FileNotFoundError(f"{param} '{job[param]}' was deleted before the job started")
+            link_or_copy(source, job_dir / name)
+            rows = rows or row["rows"]
+        settings = dict(job["method"]["supervised"]["hyperparameters"])
+        reason = "asked for"
+        if settings["method"] == "auto":
+            settings["method"], reason = choose_method(self.config.base_model, settings, self.memory_budget())
+        per_epoch = math.ceil(math.ceil(rows / settings["batch_size"]) / settings["grad_accum"])
+        steps = settings["max_steps"] or max(1, per_epoch * settings["n_epochs"])
+        if settings["save_every"] is None:
+            settings["save_every"] = max(1, math.ceil(steps / 10))
+        return train_config(job, settings, self.config.base_model, job_dir), settings, steps, reason
+
+    def memory_budget(self) -> int:
+        if self.config.memory_budget is not None:
+            return self.config.memory_budget
+        import psutil
+        return int(psutil.virtual_memory().available)
+
+    def cancel_job(self, owner: str, job_id: str) -> dict:
+        job = self.store.get_job(job_id, owner)
+        if job is None:
+            raise not_found("fine-tuning job", job_id)
+        if job["status"] in FINISHED:
+            if job["status"] == "cancelled":
+                return job
+            raise APIError(400, f"the job has already {job['status']}; it cannot be cancelled", param="id",
+                           code="job_finished")
+        running = job["status"] == "running"
+        message = ("Cancellation requested; the training process is stopping" if running
+                   else "The job was cancelled")
+        self.store.update_job(job_id, only_if_status=ACTIVE, status="cancelled", finished_at=now(),
+                              estimated_finish=None, events=[(message, "cancel-requested" if running else "cancelled")])
+        return self.store.get_job(job_id)
+
+    # ---- fine-tuned models ----------------------------------------------------------------------
+    def model_visible(self, name: str, key_id: str) -> bool:
+        """Whether caller `key_id` may use model `name`: a job's fine-tuned model only by its owner
+        (registered now if the watcher has not yet); every other model by everyone."""
+        if not name.startswith("ft:"):
+            return True
+        job = self.store.job_for_model(name)
+        if job is None:
+            return True
+        if job["owner"] != key_id:
+            return False
+        self.register(job)
+        return True
+
+    def register(self, job: dict) -> None:
+        name = job["fine_tuned_model"]
+        if name in self.registry or name in self._unloadable or job["model"] != self.registry.base_name:
+            return
+        with self._register_lock:
+            if name in self.registry:
+                return
+            try:
+                self.registry.add(name, self.store.job_dir(job["id"]) / "run" / "adapter", trusted=True)
+            except AdapterError as exc:
+                if exc.status != 400 or "slots" not in str(exc):  # all slots busy: try again later
+                    self._unloadable.add(name)
+                print(f"qforge jobs: cannot serve {name}: {exc}", flush=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_S):
+            try:
+                for job in self.store.succeeded_models():
+                    self.register(job)
+            except Exception as exc:  # noqa: BLE001 - keep watching (a locked database, a bad folder)
+                print(f"qforge jobs: model watcher: {exc!r}", flush=True)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link the upload into the job folder (the job keeps its data if the file is deleted)."""
+    if target.exists():
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def resolve_settings(top: Hyperparameters | None, supervised: Supervised | None) -> dict:
+    """Every training setting of a job: the request's (method's over the top-level ones), then defaults."""
+    given = {}
+    if top is not None:
+        given |= top.model_dump(exclude_none=True)
+    if supervised is not None and supervised.hyperparameters is not None:
+        given |= supervised.hyperparameters.model_dump(exclude_none=True)
+    auto = {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 1.0, "method": "auto"}
+    settings = {k: (auto[k] if given.get(k, "auto") == "auto" else given[k]) for k in auto}
+    defaults = {"rank": 16, "alpha": None, "dropout": 0.05, "target_modules": "all-linear", "quant_type": "nf4",
+                "double_quant": True, "max_seq_len": 512, "max_steps": None, "save_every": None, "grad_accum": 1,
+                "compute_dtype": "bfloat16"}
+    settings |= {k: given.get(k, v) for k, v in defaults.items()}
+    if settings["alpha"] is None:
+        settings["alpha"] = 2.0 * settings["rank"]
+    return settings
+
+
+def choose_method(base_model: str, settings: dict, budget: int) -> tuple[str, str]:
+    """(qlora | lora, reason) from the memory planner: BF16 LoRA when it fits `budget` with room to
+    spare, else QLoRA (also when the planner cannot read the model)."""
+    from ..plan import format_gb, load_arch, recommend
+
+    try:
+        arch = load_arch(base_model)
+        method, reason = recommend(arch, budget, seq_len=settings["max_seq_len"], batch_size=settings["batch_size"],
+                                   rank=settings["rank"], quant_type=settings["quant_type"],
+                                   double_quant=settings["double_quant"])
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        return "qlora", f"the memory planner cannot read '{base_model}' ({exc}); QLoRA is the safe choice"
+    reason = f"memory budget {format_gb(budget)}: {reason}"
+    if method not in ("qlora", "lora"):
+        return "qlora", reason + "; this server trains on one device, so QLoRA anyway"
+    return method, reason
+
+
+def train_config(job: dict, settings: dict, base_model: str, job_dir: Path):
+    from ..train.config import TrainConfig
+
+    keys = ("method", "rank", "alpha", "dropout", "target_modules", "quant_type", "double_quant", "max_seq_len",
+            "max_steps", "save_every", "grad_accum", "compute_dtype", "batch_size")
+    has_eval = job["validation_file"] is not None
+    return TrainConfig(model=base_model, data=str(job_dir / "train.jsonl"),
+                       eval_data=str(job_dir / "valid.jsonl") if has_eval else None,
+                       lr=BASE_LR * settings["learning_rate_multiplier"], epochs=settings["n_epochs"],
+                       eval_every=settings["save_every"] if has_eval else 0, seed=job["seed"],
+                       output_dir=str(job_dir / "run"), resume=True, **{k: settings[k] for k in keys})
+
+
+def safe_filename(raw: str | None) -> str:
+    """The client's file name for display only: its last path part, printable, at most 200 characters."""
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if c.isprintable()).strip()[:200]
+    return name or "upload.jsonl"
+
+
+# ---- routes --------------------------------------------------------------------------------------
+def install(app: FastAPI, state, caller, service: JobService) -> None:
+    """Add the files and jobs routes and the dashboard to the inference app; fine-tuned models are
+    then visible only to their owners."""
+    state.model_guard = service.model_visible
+    state.body_limits["/v1/files"] = service.config.max_file_bytes + 2 ** 16  # multipart framing
+    app.state.jobs = service
+    _add_file_routes(app, service, caller)
+    _add_job_routes(app, service, caller)
+    _add_dashboard(app)
+
+
+def _add_file_routes(app: FastAPI, service: JobService, caller) -> None:
+    store = service.store
+
+    @app.post("/v1/files")
+    async def upload(request: Request, owner: str = Depends(caller)):
+        if not request.headers.get("content-length", "").isdigit():
+            raise APIError(411, "uploads need a Content-Length header", code="length_required")
+        form = await request.form(max_files=1, max_fields=8)
+        upload, purpose = form.get("file"), form.get("purpose")
+        if purpose != "fine-tune":
+            raise APIError(400, f"purpose must be 'fine-tune', got {purpose!r}", param="purpose")
+        if upload is None or isinstance(upload, str):
+            raise APIError(400, "missing the 'file' part (multipart/form-data)", param="file")
+        try:
+            row = await run_in_threadpool(service.create_file, owner, upload.file, safe_filename(upload.filename))
+        finally:
+            await upload.close()
+        return file_object(row)
+
+    @app.get("/v1/files")
+    async def list_files(purpose: str | None = None, after: str | None = None,
+                         limit: int = Query(10000, ge=1, le=10000), order: Literal["asc", "desc"] = "desc",
+                         owner: str = Depends(caller)):
+        rows, more = store.list_files(owner, purpose, after, limit, ascending=order == "asc")
+        return page([file_object(r) for r in rows], more)
+
+    def owned(file_id: str, owner: str) -> dict:
+        row = store.get_file(file_id, owner)
+        if row is None:
+            raise not_found("file", file_id)
+        return row
+
+    @app.get("/v1/files/{file_id}")
+    async def get_file(file_id: str, owner: str = Depends(caller)):
+        return file_object(owned(file_id, owner))
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str, owner: str = Depends(caller)):
+        row = owned(file_id, owner)
+        media = "text/csv" if row["purpose"] == "fine-tune-results" else "application/jsonl"
+        return FileResponse(store.file_path(file_id, row["purpose"]), media_type=media)
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str, owner: str = Depends(caller)):
+        if not await run_in_threadpool(store.delete_file, file_id, owner):
+            raise not_found("file", file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+
+def _add_job_routes(app: FastAPI, service: JobService, caller) -> None:
+    store = service.store
+
+    def owned(job_id: str, owner: str) -> dict:
+        job = store.get_job(job_id, owner)
+        if job is None:
+            raise not_found("fine-tuning job", job_id)
+        return job
+
+    async def served(jobs: list[dict]) -> list[dict]:
+        """Whoever reads 'succeeded' finds the model registered (the watcher may not have run yet)."""
+        for job in jobs:
+            if job["status"] == "succeeded" and job["fine_tuned_model"] not in service.registry:
+                await run_in_threadpool(service.register, job)
+        return jobs
+
+    @app.post("/v1/fine_tuning/jobs")
+    async def create_job(body: JobBody, owner: str = Depends(caller)):
+        return job_object(await run_in_threadpool(service.create_job, owner, body))
+
+    @app.get("/v1/fine_tuning/jobs")
+    async def list_jobs(after: str | None = None, limit: int = Query(20, ge=1, le=100), owner: str = Depends(caller)):
+        rows, more = store.list_jobs(owner, after, limit)
+        return page([job_object(r) for r in await served(rows)], more)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    async def get_job(job_id: str, owner: str = Depends(caller)):
+        return job_object((await served([owned(job_id, owner)]))[0])
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str, owner: str = Depends(caller)):
+        return job_object(await run_in_threadpool(service.cancel_job, owner, job_id))
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    async def list_events(job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000),
+                          owner: str = Depends(caller)):
+        owned(job_id, owner)
+        rows, more = store.list_events(job_id, after, limit)
+        return page([event_object(r) for r in rows], more)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    async def list_checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=1000),
+                               owner: str = Depends(caller)):
+        job = owned(job_id, owner)
+        rows, more = store.list_checkpoints(job_id, after, limit)
+        return page([checkpoint_object(r, job) for r in rows], more)
+
+
+def _add_dashboard(app: FastAPI) -> None:
+    index = (WEB_DIR / "index.html").read_text()
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard():
+        return HTMLResponse(index)
+
+    app.mount("/dashboard", StaticFiles(directory=WEB_DIR), name="dashboard")

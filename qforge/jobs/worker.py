@@ -1,0 +1,481 @@
+"""The worker: runs fine-tuning jobs one at a time, each in a training subprocess it can stop.
+
+Processes (`qforge serve --jobs`):
+  server   the API; `WorkerSupervisor` starts the worker and starts it again whenever it exits
+           unasked (kill -9 included).
+  worker   `python -m qforge.jobs.worker`: claims the oldest job atomically, starts a trainer for it,
+           turns the trainer's metrics.jsonl lines and checkpoint folders into events and checkpoint
+           rows while it runs, and records the outcome. Holds an exclusive lock on the data dir.
+  trainer  `python -m qforge.jobs.worker --train JOB_DIR`: `run_training` on the job's config.yaml
+           (always resume=True), in its own process group; writes result.json at the end.
+Worker and trainer die with their parent (PR_SET_PDEATHSIG), so killing the server leaves no
+training running behind it.
+
+Crash recovery: a job stays 'running' until its outcome is recorded. A new worker claims such a job
+before any queued one, kills its trainer if one is somehow still alive, and starts a new trainer,
+which resumes from the last checkpoint (the loop's checkpoints are written atomically). Metric events
+are keyed by step and checkpoint rows by (job, step), so the replayed steps add nothing twice.
+A trainer that dies by itself (OOM killer, a crash) is restarted the same way, at most
+MAX_CRASHES times.
+
+Cancel: the API sets status 'cancelled'; the worker sees it within `poll_s` and sends SIGINT to the
+trainer's process group: the loop saves a checkpoint after the current step and exits (SIGKILL after
+`cancel_grace_s`). Checkpoints are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from .store import JobStore, derived_id, fine_tuned_model_name, now, pid_alive
+
+MAX_CRASHES = 3
+TRAINER_MARK = "qforge.jobs.worker"
+
+
+def log(message: str) -> None:
+    print(time.strftime("%Y-%m-%d %H:%M:%S"), f"[worker {os.getpid()}]", message, flush=True)
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL this process when its parent exits; exit now if it already has."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the worker also polls its parent
+    if parent_pid and os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_stale_trainer(pid: int | None, job_id: str) -> None:
+    """SIGKILL the trainer a dead worker left for `job_id`, if it still runs (checked by its command
+    line, so a recycled pid is never hit), and wait for it to go."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") if pid else ""
+    except OSError:
+        return
+    if TRAINER_MARK not in cmdline or job_id not in cmdline:
+        return
+    signal_group(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+# ---- progress: metrics.jsonl and checkpoint folders -> events and rows -----------------------
+def _parse_metric_line(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        # a record cut short by a kill, with the next run's record appended to it: keep the last one
+        start = line.rfind('{"step"')
+        try:
+            return json.loads(line[start:]) if start > 0 else None
+        except json.JSONDecodeError:
+            return None
+
+
+def metric_event(record: dict, total_steps: int | None) -> dict:
+    step = int(record["step"])
+    data = {"step": step, "train_loss": record.get("loss"), "total_steps": total_steps,
+            "learning_rate": record.get("lr"), "tokens": record.get("tokens"), "grad_norm": record.get("grad_norm")}
+    message = f"Step {step}/{total_steps or '?'}: training loss={record.get('loss', float('nan')):.4f}"
+    if record.get("eval_loss") is not None:
+        data["valid_loss"] = record["eval_loss"]
+        message += f", validation loss={record['eval_loss']:.4f}"
+    return {"message": message, "key": f"step:{step}", "type": "metrics", "data": data}
+
+
+class Progress:
+    """Follows one job's run folder: new metric lines become events, new checkpoints rows."""
+
+    def __init__(self, store: JobStore, job: dict):
+        self.store, self.job = store, job
+        self.run_dir = store.job_dir(job["id"]) / "run"
+        self.offset = 0
+        self.steps_seen = store.metric_steps(job["id"])
+        self.checkpoints_seen: set[int] = set()
+        self.timing: list[tuple[float, int]] = []  # (monotonic, step) of this attempt's records
+
+    def sync(self) -> None:
+        self._sync_metrics()
+        self._sync_checkpoints()
+
+    def _sync_metrics(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size < self.offset:
+                    self.offset = 0  # a fresh run truncated it
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits for its newline
+        self.offset += len(complete)
+        events = []
+        for line in complete.decode(errors="replace").splitlines():
+            record = _parse_metric_line(line) if line.strip() else None
+            if record is None or "step" not in record:
+                continue
+            step = int(record["step"])
+            self.timing.append((time.monotonic(), step))
+            if step not in self.steps_seen:
+                self.steps_seen.add(step)
+                events.append(metric_event(record, self.job.get("total_steps")))
+        self.store.add_events(self.job["id"], events)
+        if events:
+            self._estimate_finish()
+
+    def _estimate_finish(self) -> None:
+        total = self.job.get("total_steps")
+        if not total or len(self.timing) < 2:
+            return
+        (t0, s0), (t1, s1) = self.timing[0], self.timing[-1]
+        if s1 > s0:
+            eta = now() + int((total - s1) * (t1 - t0) / (s1 - s0))
+            self.store.update_job(self.job["id"], only_if_status=("running",), estimated_finish=eta)
+
+    def _sync_checkpoints(self) -> None:
+        folder = self.run_dir / "checkpoints"
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("step-*")):
+            state_file = path / "state.json"
+            try:
+                step = int(path.name.removeprefix("step-"))
+            except ValueError:
+                continue
+            if step in self.checkpoints_seen or not state_file.is_file():
+                continue
+            state = json.loads(state_file.read_text())
+            metrics = {"step": step, "train_loss": state["losses"][-1] if state.get("losses") else None}
+            evals = state.get("eval_losses") or []
+            if evals and evals[-1][0] == step:
+                metrics["valid_loss"] = evals[-1][1]
+            self.store.add_checkpoint(self.job["id"], step, metrics, str(path.relative_to(self.store.root)),
+                                      created_at=int(state_file.stat().st_mtime))
+            self.checkpoints_seen.add(step)
+
+
+def results_csv(run_dir: Path) -> bytes:
+    """step,train_loss,valid_loss,learning_rate,tokens: one row per step (a replayed step once)."""
+    rows: dict[int, dict] = {}
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            record = _parse_metric_line(line) if line.strip() else None
+            if record and "step" in record:
+                rows.setdefault(int(record["step"]), record)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "train_loss", "valid_loss", "learning_rate", "tokens"])
+    for step in sorted(rows):
+        r = rows[step]
+        writer.writerow([step, r.get("loss"), r.get("eval_loss", ""), r.get("lr"), r.get("tokens")])
+    return out.getvalue().encode()
+
+
+# ---- the worker ------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, store: JobStore, parent_pid: int | None = None, poll_s: float = 0.5,
+                 cancel_grace_s: float = 30.0):
+        self.store, self.parent_pid = store, parent_pid
+        self.poll_s, self.cancel_grace_s = poll_s, cancel_grace_s
+        self.stopping = False
+
+    def should_stop(self) -> bool:
+        if self.parent_pid and os.getppid() != self.parent_pid:
+            self.stopping = True  # the server is gone (where PR_SET_PDEATHSIG is not available)
+        return self.stopping
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self, "stopping", True))
+        lock = self._lock()
+        if lock is None:
+            return
+        log(f"serving jobs from {self.store.root}")
+        while not self.should_stop():
+            job = self.store.claim_next_job(os.getpid())
+            if job is None:
+                time.sleep(self.poll_s)
+                continue
+            try:
+                self.run_job(job)
+            except Exception:  # noqa: BLE001 - a bug in one job's bookkeeping must not stop the queue
+                log(f"job {job['id']}: {traceback.format_exc()}")
+                self.store.update_job(job["id"], only_if_status=("running",), status="failed", finished_at=now(),
+                                      train_pid=None, error={"code": "internal_error", "param": None,
+                                                             "message": "the worker failed while running the job"},
+                                      events=[("The job failed: internal error in the worker", "failed")],
+                                      level="error")
+        log("stopped")
+
+    def _lock(self):
+        """An exclusive lock on the data dir: one worker per store, whatever starts them."""
+        fh = open(self.store.root / "worker.lock", "a")
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fh
+            except BlockingIOError:
+                if self.should_stop():
+                    return None
+                time.sleep(0.2)
+
+    def run_job(self, job: dict) -> None:
+        job_id = job["id"]
+        job_dir = self.store.job_dir(job_id)
+        if job["resumed"]:
+            kill_stale_trainer(job["stale_train_pid"], job_id)
+            self.store.add_event(job_id, f"Resuming the job from its last checkpoint (attempt {job['attempts']})",
+                                 level="warn")
+        (job_dir / "result.json").unlink(missing_ok=True)
+        log(f"job {job_id}: training (attempt {job['attempts']})")
+        with open(job_dir / "train.log", "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", TRAINER_MARK, "--train", str(job_dir), "--job-id", job_id,
+                 "--data-dir", str(self.store.root), "--parent-pid", str(os.getpid())],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
+        try:
+            self.store.update_job(job_id, train_pid=proc.pid)
+            self.follow(job, proc)
+        finally:
+            if proc.poll() is None:  # the worker itself failed: never leave a trainer running unwatched
+                signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.finish(job, proc.returncode, job_dir)
+
+    def follow(self, job: dict, proc: subprocess.Popen) -> None:
+        """Until the trainer exits: record its progress, and stop it (SIGINT, then SIGKILL after the
+        grace period) when the job is cancelled or the worker is asked to stop."""
+        progress = Progress(self.store, job)
+        signalled_at, killed = None, False
+        while proc.poll() is None:
+            try:
+                progress.sync()
+                stop = self.should_stop() or self.store.job_status(job["id"]) != "running"
+            except (sqlite3.Error, OSError, ValueError) as exc:  # a busy database, a folder being replaced
+                log(f"job {job['id']}: progress not recorded this time: {exc!r}")
+                stop = self.should_stop()
+            if stop and signalled_at is None:
+                signal_group(proc.pid, signal.SIGINT)  # the loop checkpoints after this step and exits
+                signalled_at = time.monotonic()
+            elif signalled_at is not None and not killed and time.monotonic() - signalled_at > self.cancel_grace_s:
+                signal_group(proc.pid, signal.SIGKILL)
+                killed = True
+            time.sleep(self.poll_s)
+        try:
+            progress.sync()
+        except (sqlite3.Error, OSError, ValueError) as exc:  # the next attempt or worker syncs it again
+            log(f"job {job['id']}: last progress not recorded: {exc!r}")
+
+    def finish(self, job: dict, returncode: int, job_dir: Path) -> None:
+        job_id = job["id"]
+        try:
+            result = json.loads((job_dir / "result.json").read_text())
+        except (OSError, ValueError):
+            result = {"status": "crashed"}
+        status = self.store.job_status(job_id)
+        log(f"job {job_id}: trainer exited ({returncode}), result {result['status']}, job {status}")
+        if status == "cancelled":
+            kept = len(self.store.list_checkpoints(job_id, limit=10**6)[0])
+            self.store.update_job(job_id, train_pid=None, estimated_finish=None,
+                                  events=[(f"The job was cancelled; its {kept} checkpoint(s) are kept", "cancelled")])
+        elif status != "running":
+            return
+        elif result["status"] == "succeeded":
+            self.succeed(job, result)
+        elif result["status"] == "failed":
+            error = result["error"]
+            self.store.update_job(job_id, only_if_status=("running",), status="failed", finished_at=now(),
+                                  error=error, train_pid=None, estimated_finish=None,
+                                  events=[(f"The job failed: {error['message']}", "failed")], level="error")
+        elif self.stopping:
+            self.store.update_job(job_id, train_pid=None, events=[(
+                "The worker is stopping; the job will resume from its last checkpoint", None)], level="warn")
+        else:
+            self.crashed(job, returncode)
+
+    def crashed(self, job: dict, returncode: int) -> None:
+        crashes = job["crashes"] + 1
+        how = f"signal {-returncode}" if returncode and returncode < 0 else f"exit status {returncode}"
+        if crashes >= MAX_CRASHES:
+            message = f"the training process died ({how}) {crashes} times"
+            self.store.update_job(job["id"], only_if_status=("running",), status="failed", finished_at=now(),
+                                  crashes=crashes, train_pid=None, estimated_finish=None,
+                                  error={"code": "training_crashed", "message": message, "param": None},
+                                  events=[(f"The job failed: {message}", "failed")], level="error")
+        else:
+            self.store.update_job(job["id"], crashes=crashes, train_pid=None, level="warn", events=[(
+                f"The training process died ({how}); it will resume from the last checkpoint", None)])
+            time.sleep(min(2.0, self.poll_s * 4))
+
+    def succeed(self, job: dict, result: dict) -> None:
+        job_id, job_dir = job["id"], self.store.job_dir(job["id"])
+        data = results_csv(job_dir / "run")
+        file_id = derived_id("file", job_id, "results")
+        from ..fileio import atomic_write_bytes
+        atomic_write_bytes(self.store.file_path(file_id, "fine-tune-results"), data)
+        results = {"file_id": file_id, "filename": "step_metrics.csv", "purpose": "fine-tune-results",
+                   "size": len(data), "rows": None, "fmt": "csv"}
+        model = fine_tuned_model_name(job["model"], job["suffix"], job_id)
+        tokens = (result.get("summary") or {}).get("tokens")
+        self.store.complete_job(job_id, model, tokens, results)
+
+
+# ---- the trainer (a subprocess per job attempt) -----------------------------------------------
+def _error(code: str, message: str, param: str | None = None) -> dict:
+    return {"code": code, "message": message, "param": param}
+
+
+def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
+    """Run the job's config.yaml; the outcome as result.json's contents."""
+    from ..train.config import TrainConfig
+    from ..train.data import DataError
+    from ..train.loop import TrainingDiverged
+    from ..train.run import run_training
+
+    cfg = TrainConfig.from_yaml(job_dir / "config.yaml")
+    base_name = (store.get_job(job_id) or {}).get("model", "the base model")
+
+    def report(message) -> None:
+        """Progress messages become the job's events, without the server's paths."""
+        text = str(message).strip()
+        print(text, flush=True)
+        text = text.replace(f"{job_dir}/", "").replace(str(job_dir), ".")
+        text = text.replace(f"model {cfg.model} ", f"model {base_name} ")
+        if text and not text.startswith("--resume: no checkpoint"):
+            store.add_event(job_id, text)
+
+    try:
+        result, summary = run_training(cfg, log=report)
+        return {"status": "interrupted" if result.interrupted else "succeeded", "summary": summary}
+    except KeyboardInterrupt:  # SIGINT before the loop took it over (while loading)
+        return {"status": "interrupted"}
+    except DataError as exc:
+        message = str(exc).replace(f"{job_dir}/", "")
+        param = "validation_file" if message.startswith("valid.jsonl") else "training_file"
+        return {"status": "failed", "error": _error(f"invalid_{param}", message, param)}
+    except TrainingDiverged as exc:
+        return {"status": "failed", "error": _error("training_diverged", str(exc).replace(f"{job_dir}/", ""))}
+    except MemoryError:
+        return {"status": "failed", "error": _error("out_of_memory", "training ran out of memory; lower "
+                                                    "batch_size or max_seq_len, or use method qlora")}
+    except Exception as exc:  # noqa: BLE001 - reported to the job's owner, the traceback to train.log
+        traceback.print_exc()
+        return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
+                                                    .replace(f"{job_dir}/", ""))}
+
+
+def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | None) -> int:
+    die_with_parent(parent_pid)
+    from ..fileio import atomic_write_bytes
+    outcome = train(job_dir, job_id, JobStore(data_dir))
+    atomic_write_bytes(job_dir / "result.json", json.dumps(outcome).encode())
+    return 0
+
+
+# ---- the supervisor (in the server process) ---------------------------------------------------
+class WorkerSupervisor:
+    """Runs the worker subprocess and starts it again when it exits unasked (after `restart_delay_s`,
+    doubling while it keeps dying within a few seconds, up to a minute)."""
+
+    def __init__(self, data_dir: Path, poll_s: float = 0.5, cancel_grace_s: float = 30.0,
+                 restart_delay_s: float = 1.0):
+        self.data_dir = Path(data_dir)
+        self.args = ["--poll", str(poll_s), "--cancel-grace", str(cancel_grace_s)]
+        self.cancel_grace_s, self.restart_delay_s = cancel_grace_s, restart_delay_s
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="qforge-jobs-supervisor", daemon=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> "WorkerSupervisor":
+        self._thread.start()
+        return self
+
+    def _spawn(self) -> subprocess.Popen:
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / "worker.log", "ab") as out:
+            # this thread spawns every worker: PR_SET_PDEATHSIG follows the spawning thread
+            return subprocess.Popen([sys.executable, "-m", TRAINER_MARK, "--data-dir", str(self.data_dir),
+                                     "--parent-pid", str(os.getpid()), *self.args],
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+
+    def _supervise(self) -> None:
+        delay = self.restart_delay_s
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.proc = self._spawn()
+            self.starts += 1
+            self.proc.wait()
+            if self._stop.is_set():
+                break
+            quick = time.monotonic() - started < 10
+            delay = min(60.0, delay * 2) if quick else self.restart_delay_s
+            print(f"qforge jobs: the worker exited ({self.proc.returncode}); restarting in {delay:.0f} s",
+                  file=sys.stderr, flush=True)
+            self._stop.wait(delay)
+
+    def stop(self) -> None:
+        """Stop the worker: it asks a running trainer to checkpoint and exit, then exits itself."""
+        self._stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(self.cancel_grace_s + 15)
+            except subprocess.TimeoutExpired:
+                signal_group(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qforge.jobs.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--poll", type=float, default=0.5)
+    parser.add_argument("--cancel-grace", type=float, default=30.0)
+    parser.add_argument("--train", default=None, metavar="JOB_DIR", help="run one job attempt (the trainer)")
+    parser.add_argument("--job-id", default=None)
+    args = parser.parse_args(argv)
+    if args.train:
+        return train_main(Path(args.train), args.job_id, Path(args.data_dir), args.parent_pid)
+    die_with_parent(args.parent_pid)
+    Worker(JobStore(args.data_dir), args.parent_pid, args.poll, args.cancel_grace).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

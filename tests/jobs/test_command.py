@@ -1,0 +1,35 @@
+"""`qforge serve --jobs` flags, and a server without --jobs that has no jobs routes at all."""
+import argparse
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from qforge.commands import serve
+
+
+def parse(*argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_jobs_flags_become_the_service_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = serve.jobs_config(parse("--jobs", "--data-dir", "state", "--memory-budget", "16GB", "--max-file-mb", "2"))
+    assert config.data_dir == Path("state") and config.memory_budget == 16 * 10 ** 9
+    assert config.max_file_bytes == 2 * 2 ** 20 and config.base_model == "smollm2"
+    config = serve.jobs_config(parse("--base", "models/tiny"))
+    assert config.base_model == str(tmp_path / "models" / "tiny") and config.memory_budget is None
+    assert config.data_dir == Path.home() / ".qforge"
+
+
+def test_without_jobs_the_server_has_no_jobs_routes(tiny_base):
+    app, engine = serve.build(parse("--base", str(tiny_base), "--dtype", "float32"), keys=[])
+    try:
+        assert not hasattr(app.state, "jobs")
+        with TestClient(app) as client:
+            for path in ("/", "/v1/files", "/v1/fine_tuning/jobs", "/dashboard/app.js"):
+                assert client.get(path).status_code == 404
+            assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    finally:
+        engine.stop()
