@@ -1,9 +1,10 @@
 """The real thing: `qforge serve`'s build path on the embedded SmolLM2-135M-Instruct (NF4 base),
 adapters written with save_adapter and loaded over HTTP, several of them in one batch, through the
 openai client. Greedy answers in a mixed batch must equal each request run alone with its adapter
-active: exactly in float32; in bfloat16 (the serving default) a near-tie may flip late in an answer
-(observed: 1 of 9 eight-token answers, at its 6th token), so there the first tokens must agree and
-most answers must be equal."""
+active: exactly in float32. In bfloat16 (the serving default) a batch rounds differently from a
+single row, so a near-tie between the two best tokens may flip (seen in CI at the 2nd token of an
+answer); there each token the batch chose must be, by the alone model's own logits fed the same
+prefix, the best token or within bfloat16 rounding of it, and most answers must be equal."""
 import threading
 
 import openai
@@ -103,5 +104,24 @@ def test_smollm2_bfloat16_mixed_batch_stays_close(tmp_path):
     finally:
         engine.stop()
     alone = [greedy_alone(model, r.prompt_ids, r.adapter, 6) for r in reqs]
-    assert all(r.output_ids[:3] == a[:3] for r, a in zip(reqs, alone))
     assert sum(r.output_ids == a for r, a in zip(reqs, alone)) >= len(reqs) * 2 // 3
+    for r in reqs:
+        gaps = choice_gaps(model, r.prompt_ids, r.output_ids, r.adapter)
+        # bfloat16 keeps 8 bits of mantissa: logits near 20 round in steps of 0.125; a batch's
+        # different reduction order moves them by a few steps. A wrong adapter or a row mix-up
+        # moves the choice by whole units (random adapters here shift logits by several).
+        assert max(gaps) <= 0.5, (r.adapter, gaps)
+
+
+@torch.no_grad()
+def choice_gaps(model, prompt_ids, output_ids, adapter) -> list[float]:
+    """For each generated token: the alone model's best logit minus the chosen token's logit, with
+    the prompt and the batch's own earlier tokens as prefix (teacher forcing, one forward)."""
+    set_active_adapter(model, adapter)
+    try:
+        ids = torch.tensor([prompt_ids + output_ids[:-1]])
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:].float()
+    finally:
+        set_active_adapter(model, None)
+    chosen = logits.gather(1, torch.tensor(output_ids)[:, None])[:, 0]
+    return (logits.max(1).values - chosen).tolist()
