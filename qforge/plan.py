@@ -244,6 +244,28 @@ class MemoryConstants:
 
 
 CUDA_BF16 = MemoryConstants()
+# CPU training with bf16 autocast, measured on this repository's trainer: SmolLM2-135M, rank 16,
+# paged 8-bit AdamW, qlora and lora, batch 1 and 4, seq 128 and 256, checkpointing on and off;
+# the peak RSS of a fresh process per setting above an import-only baseline
+# (qforge.eval.bench.measure_training_peak; tests/eval/test_plan_measured.py). Fitted on two runs
+# of the 16 settings (every total within 6.4% of both); a third run: within 11%. The activation
+# counts are CUDA_BF16's; three constants differ:
+#   logit_bytes 14    measured 12 bytes per logit at the peak of the loss alone (bf16 logits ->
+#                     fp32 -> log-softmax -> backward: CPU has no fused cross-entropy backward, so
+#                     the saved log-softmax, its incoming gradient and the outgoing gradient are
+#                     alive together), plus the bf16 logits transformers' output keeps while the
+#                     loss runs (2). With a 49k vocabulary and hidden 576 the logits are most of
+#                     SmolLM2's dynamic memory.
+#   context_bytes 50 MB  no CUDA context; what a CPU run holds beyond the planned tensors: ~25 MB
+#                     measured right after loading (tokenizer, the model's Python objects,
+#                     dequantisation workspaces), the rest fitted (thread stacks, malloc arenas of
+#                     the OpenMP threads; least squares gave 34 MB with fragmentation 0.37)
+#   fragmentation 0.30  glibc's malloc keeps freed memory: once large blocks have been freed its
+#                     mmap threshold rises (up to 32 MB), later tensors below it come from the
+#                     heap, and freed chunks between live ones stay resident, so the peak creeps
+#                     up over the first steps. Fitted on the dynamic part (0.37 with 34 MB of
+#                     context; 0.30 with 50 MB fits the 16 settings best after rounding)
+CPU_BF16 = replace(CUDA_BF16, logit_bytes=14.0, context_bytes=50 * 10**6, fragmentation=0.30)
 
 
 # ---------------------------------------------------------------- per-component bytes
@@ -512,6 +534,128 @@ def recommend(config: dict | ModelArch | str, gpu_bytes: int, seq_len: int = 409
     per_gpu = plan_run(arch, "qlora", num_gpus=n, **kwargs).per_gpu_total
     return "fsdp", note + (f"QLoRA needs {format_gb(qlora)} on {num_gpus} GPU(s), more than {card} each; "
                            f"shard it with FSDP over {n} GPUs of {card} ({format_gb(per_gpu)} each)")
+
+
+# ---------------------------------------------------------------- will a run fit? (qforge train)
+
+def constants_for(device: str) -> MemoryConstants:
+    """The calibrated constants of a device kind: CPU_BF16 for "cpu", else CUDA_BF16."""
+    return CPU_BF16 if str(device).startswith("cpu") else CUDA_BF16
+
+
+def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, device: str = "cpu",
+                    **changes: object) -> Plan:
+    """The plan of a TrainConfig-like `cfg` (attributes method, batch_size, max_seq_len, rank,
+    gradient_checkpointing, quant_type, double_quant, optimizer, model), sized at max_seq_len
+    (the longest a row can be), with `changes` (the same attribute names) applied on top.
+    model_config: a config dict, ModelArch, transformers config (anything with to_dict()), a
+    name or path for load_arch; None reads cfg.model with load_arch."""
+    settings = {k: getattr(cfg, k) for k in ("method", "batch_size", "max_seq_len", "rank", "gradient_checkpointing",
+                                             "quant_type", "double_quant", "optimizer")}
+    settings.update(changes)
+    if model_config is None:
+        model_config = cfg.model
+    elif hasattr(model_config, "to_dict"):
+        model_config = model_config.to_dict()
+    optimizer = {"adamw": "adamw_torch"}.get(settings["optimizer"], settings["optimizer"])
+    return plan_run(model_config, settings["method"], seq_len=settings["max_seq_len"],
+                    batch_size=settings["batch_size"], rank=settings["rank"],
+                    gradient_checkpointing=settings["gradient_checkpointing"], quant_type=settings["quant_type"],
+                    double_quant=settings["double_quant"], optimizer=optimizer, constants=constants_for(device))
+
+
+def _describe(changes: dict) -> str:
+    """The flags that make `changes` to cfg, e.g. '--method qlora --batch-size 2 --grad-accum 2'."""
+    parts = []
+    for key, value in changes.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = "cpu") -> list[tuple[str, int]]:
+    """(flags, bytes) of the single changes to cfg that would fit, cheapest change first: QLoRA in
+    place of lora/full, gradient checkpointing on, the largest smaller batch (gradient
+    accumulation keeping the effective batch), the longest shorter max_seq_len (halving), and
+    last all of QLoRA + checkpointing + batch 1 together."""
+    candidates = []
+    if cfg.method != "qlora":
+        candidates.append({"method": "qlora"})
+    if not cfg.gradient_checkpointing:
+        candidates.append({"gradient_checkpointing": True})
+    for batch in range(cfg.batch_size - 1, 0, -1):
+        if plan_for_config(cfg, model_config, device, batch_size=batch).total <= available_bytes:
+            accum = cfg.grad_accum * math.ceil(cfg.batch_size / batch)
+            candidates.append({"batch_size": batch, "grad_accum": accum})
+            break
+    seq = cfg.max_seq_len // 2
+    while seq >= 64:
+        if plan_for_config(cfg, model_config, device, max_seq_len=seq).total <= available_bytes:
+            candidates.append({"max_seq_len": seq})
+            break
+        seq //= 2
+    candidates.append({"method": "qlora", "gradient_checkpointing": True, "batch_size": 1,
+                       "grad_accum": cfg.grad_accum * cfg.batch_size})
+    found, seen = [], set()
+    for change in candidates:
+        plan_changes = {k: v for k, v in change.items() if k != "grad_accum"}
+        need = plan_for_config(cfg, model_config, device, **plan_changes).total
+        flags = _describe({k: v for k, v in change.items() if getattr(cfg, k) != v})
+        if need <= available_bytes and flags and flags not in seen:
+            found.append((flags, need))
+            seen.add(flags)
+    return found
+
+
+def check_fit(cfg, model_config: dict | ModelArch | str | None, available_bytes: int,
+              device: str = "cpu") -> tuple[bool, str]:
+    """(fits, message): whether the plan of `cfg` (see plan_for_config) fits available_bytes, and
+    a one-paragraph message; when it does not, the message names the settings that would fit."""
+    plan = plan_for_config(cfg, model_config, device)
+    where = "GPU" if device.startswith("cuda") else "RAM"
+    run = (f"{cfg.method}, batch {cfg.batch_size} x {cfg.max_seq_len} tokens, gradient checkpointing "
+           f"{'on' if cfg.gradient_checkpointing else 'off'}")
+    if plan.total <= available_bytes:
+        return True, f"plan: {run} needs about {format_gb(plan.total)}; {format_gb(available_bytes)} {where} available"
+    message = (f"this run may not fit: {run} needs about {format_gb(plan.total)} (qforge plan's estimate at "
+               f"max_seq_len), but only {format_gb(available_bytes)} of {where} is available.")
+    options = fitting_alternatives(cfg, model_config, available_bytes, device)
+    if options:
+        message += " Would fit: " + "; ".join(f"{flags} ({format_gb(need)})" for flags, need in options) + "."
+    else:
+        message += " Nothing smaller fits either (QLoRA, checkpointing, batch 1): free memory or use a smaller model."
+    return False, message
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes a run can use now: free GPU memory (torch.cuda.mem_get_info) or available RAM (psutil)."""
+    if str(device).startswith("cuda"):
+        import torch
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def warn_if_unfit(cfg, model_config: dict | ModelArch | str | None = None, log=print, device: str | None = None,
+                  available_bytes: int | None = None) -> bool:
+    """Log a warning, before a run starts, when its plan does not fit the memory this process can
+    see; returns whether it fits. device defaults to "cuda" when torch sees a GPU, else "cpu".
+    A model the planner cannot read (a GGUF file, an unknown architecture) is not checked."""
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        available = available_memory(device) if available_bytes is None else available_bytes
+        fits, message = check_fit(cfg, model_config, available, device)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        log(f"plan: memory not checked ({exc})")
+        return True
+    if not fits:
+        log("warning: " + message)
+    return fits
 
 
 # ---------------------------------------------------------------- command line

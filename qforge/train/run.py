@@ -61,6 +61,8 @@ def run_training(cfg: TrainConfig, log=print) -> tuple[TrainResult, dict]:
 
     if not cfg.data:
         raise ValueError("no training data: give --data FILE.jsonl (or `data:` in the recipe)")
+    from ..plan import warn_if_unfit
+    warn_if_unfit(cfg, log=log)  # before loading: says which settings would fit
     t0 = time.perf_counter()
     model, tok = load_for_method(cfg)
     trainable, total = count_parameters(model)

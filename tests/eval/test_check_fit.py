@@ -1,0 +1,99 @@
+"""`qforge train`'s memory check: plan.check_fit / warn_if_unfit say when a run will not fit and
+which single change would make it fit."""
+from qforge.plan import CPU_BF16, check_fit, plan_for_config, plan_run, warn_if_unfit
+from qforge.train.config import TrainConfig
+
+GB = 10**9
+
+
+def config(**kw) -> TrainConfig:
+    return TrainConfig(**{"model": "smollm2", "method": "lora", "batch_size": 4, "max_seq_len": 256,
+                          "rank": 16, "gradient_checkpointing": False, **kw})
+
+
+def test_plan_for_config_is_plan_run_at_max_seq_len_with_cpu_constants():
+    cfg = config()
+    expected = plan_run("smollm2", "lora", seq_len=256, batch_size=4, rank=16, gradient_checkpointing=False,
+                        constants=CPU_BF16)
+    assert plan_for_config(cfg) == expected
+    assert plan_for_config(cfg, device="cuda").total > expected.total  # the CUDA context and slack
+
+
+def test_a_run_that_fits_says_so():
+    fits, message = check_fit(config(), None, 100 * GB)
+    assert fits and message.startswith("plan: lora")
+
+
+def test_tiny_memory_fits_nothing():
+    fits, message = check_fit(config(), None, 10**6)
+    assert not fits
+    assert "may not fit" in message and "Nothing smaller fits" in message
+
+
+def test_the_message_names_each_change_that_fits():
+    cfg = config()
+    need = plan_for_config(cfg).total
+    qlora = plan_for_config(cfg, method="qlora").total
+    checkpointing = plan_for_config(cfg, gradient_checkpointing=True).total
+    budget = max(qlora, checkpointing) + 1
+    assert budget < need
+    fits, message = check_fit(cfg, "smollm2", budget)
+    assert not fits
+    assert "--method qlora" in message and "--gradient-checkpointing" in message
+    assert "--batch-size" in message and "--grad-accum" in message  # a smaller batch, same effective batch
+
+
+def test_a_smaller_batch_keeps_the_effective_batch():
+    cfg = config(gradient_checkpointing=True, method="qlora", batch_size=8, grad_accum=2)
+    budget = plan_for_config(cfg, batch_size=2).total + 1
+    fits, message = check_fit(cfg, None, budget)
+    assert not fits and "--batch-size 2 --grad-accum 8" in message
+
+
+def test_warn_if_unfit_logs_a_warning_with_tiny_memory():
+    lines = []
+    assert warn_if_unfit(config(), log=lines.append, device="cpu", available_bytes=10**6) is False
+    assert len(lines) == 1 and lines[0].startswith("warning: this run may not fit")
+    lines.clear()
+    assert warn_if_unfit(config(), log=lines.append, device="cpu", available_bytes=100 * GB) is True
+    assert lines == []
+
+
+def test_warn_if_unfit_reads_available_ram_and_accepts_a_transformers_config():
+    from transformers import AutoConfig
+
+    from qforge.plan import load_arch
+    hf_config = AutoConfig.for_model(**load_arch("smollm2"))
+    lines = []
+    assert warn_if_unfit(config(method="qlora", batch_size=1), hf_config, log=lines.append, device="cpu")
+    assert lines == []  # a 135M model fits this machine's RAM
+
+
+def test_a_model_the_planner_cannot_read_is_not_checked(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    lines = []
+    assert warn_if_unfit(config(model=str(gguf)), log=lines.append, device="cpu", available_bytes=10**6)
+    assert len(lines) == 1 and "memory not checked" in lines[0]
+
+
+def test_qforge_train_warns_before_loading_a_run_that_does_not_fit(monkeypatch, tmp_path):
+    from qforge import plan
+    from qforge.train import run
+
+    class Loaded(Exception):
+        pass
+
+    def stop_at_load(cfg):
+        raise Loaded
+
+    monkeypatch.setattr(plan, "available_memory", lambda device="cpu": 10**8)
+    monkeypatch.setattr(run, "load_for_method", stop_at_load)
+    lines = []
+    cfg = config(data=str(tmp_path / "train.jsonl"), output_dir=str(tmp_path / "out"))
+    try:
+        run.run_training(cfg, log=lines.append)
+    except Loaded:
+        pass
+    assert lines and lines[0].startswith("warning: this run may not fit") and "0.10 GB" in lines[0]
+    assert "Would fit" in lines[0] or "Nothing smaller fits" in lines[0]

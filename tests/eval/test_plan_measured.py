@@ -1,0 +1,51 @@
+"""The memory planner against the memory training actually takes on this CPU.
+
+For SmolLM2-135M, rank 16, paged 8-bit AdamW, over method qlora / lora, batch 1 and 4, sequence
+length 128 and 256 and gradient checkpointing on and off (16 settings), the planner's total with
+the CPU constants (qforge.plan.CPU_BF16) must lie within 15% of the measured peak.
+
+Measured: qforge.eval.bench.measure_training_peak, in a fresh process per setting (~4 minutes
+for the 16 on a busy 2-core machine): the peak RSS over three training steps minus the RSS of the
+same process after importing torch, transformers and the training code, before any tensor exists
+(the bare-import baseline). Several settings in one process share a heap and read 10-30% high;
+see that function's docstring.
+"""
+import pytest
+
+from qforge.eval.bench import measure_training_peaks
+from qforge.plan import CPU_BF16, plan_run
+
+SETTINGS = [{"method": m, "batch_size": b, "seq_len": s, "gradient_checkpointing": gc}
+            for m in ("qlora", "lora") for b in (1, 4) for s in (128, 256) for gc in (True, False)]
+TOLERANCE = 0.15
+RANK = 16
+
+
+def planned(s: dict) -> int:
+    return plan_run("smollm2", s["method"], seq_len=s["seq_len"], batch_size=s["batch_size"], rank=RANK,
+                    gradient_checkpointing=s["gradient_checkpointing"], constants=CPU_BF16).total
+
+
+@pytest.mark.slow
+def test_planner_total_within_15_percent_of_measured_cpu_peak(tmp_path):
+    measured = measure_training_peaks([dict(s, rank=RANK, steps=3) for s in SETTINGS], tmp_path)
+    rows, bad = [], []
+    for s in measured:
+        plan, peak = planned(s), s["peak_bytes"]
+        error = plan / peak - 1
+        rows.append(f"{s['method']:5} batch {s['batch_size']} seq {s['seq_len']} checkpointing "
+                    f"{'on ' if s['gradient_checkpointing'] else 'off'}: plan {plan / 1e6:5.0f} MB, "
+                    f"measured {peak / 1e6:5.0f} MB, error {error:+.1%}")
+        if abs(error) > TOLERANCE:
+            bad.append(rows[-1])
+    print("\n" + "\n".join(rows))
+    assert not bad, "planner off by more than 15%:\n" + "\n".join(bad)
+
+
+def test_cpu_constants_differ_from_cuda_only_where_documented():
+    from dataclasses import asdict
+
+    from qforge.plan import CUDA_BF16
+    changed = {k for k, v in asdict(CPU_BF16).items() if asdict(CUDA_BF16)[k] != v}
+    assert changed == {"logit_bytes", "context_bytes", "fragmentation"}
+    assert CPU_BF16.context_bytes < CUDA_BF16.context_bytes  # no CUDA context on a CPU
