@@ -98,38 +98,87 @@ def test_bench_is_a_command():
 
 
 # ---- the QLoRA paper's finding, in small --------------------------------------------------------
-# Same recipe, data order, seed and steps (the bench's defaults: 12 steps of batch 8, lr 1e-3) for
-# NF4 + double quant, FP4 + double quant and BF16 LoRA; eval loss on the demo task's 100 val rows.
+# The paper: NF4 + double quantisation matches 16-bit LoRA (its models: 7B-65B, weights trained in
+# 16 bit, close to normally distributed, which NF4's levels are made for), and NF4 beats FP4.
+#
+# Not on the embedded model: its weights come from a Q4_1 GGUF file, already 4-bit on a uniform
+# per-32 grid, and requantising them to NF4 costs 10% in plain-text loss before training (3.44 ->
+# 3.79 on 4k tokens of English; FP4 costs 7%, NF4 with blocksize 32 8%). The bench shows it: NF4 /
+# BF16 LoRA eval loss 1.27 after 24 steps on the demo task, 1.37 after 60 (`qforge bench`,
+# BENCHMARKS.md). So the finding is checked in small on a model whose weights were trained in 16
+# bit: a 2-layer Llama (hidden 128, SmolLM2's tokenizer) pretrained here from scratch for 60 steps
+# on chats of the demo task's kind (a seed no split uses), then fine-tuned with the bench's recipe
+# (12 steps of batch 8, lr 1e-3, same seed and data order) as NF4, FP4 and BF16 LoRA.
+# Measured (pretraining loss 2.67): eval loss at step 0, i.e. the quantisation alone: NF4 2.9438,
+# FP4 2.9466, BF16 2.9411; after 12 steps: NF4 2.8839, FP4 2.8811, BF16 LoRA 2.8785 (NF4 / LoRA
+# 1.0019). In an earlier variant (150 pretraining steps, hidden 256 x 4 layers, loss 1.44):
+# NF4 / LoRA 1.0004, NF4 / FP4 0.9987 after training. Where the two 4-bit types' quantisation
+# errors differ by 0.1%, 12 steps of training move their order either way (here FP4 ended 0.1%
+# lower), so NF4 <= FP4 is asserted on the quantised model, as the paper compares them, and after
+# training to within NF4_VS_FP4_AFTER_TRAINING.
 FINDING_STEPS = 12
-# NF4 against FP4: the runs are paired (same seed, data order, dropout masks and adapter init), so
-# chance moves their ratio little: the paired NF4/LoRA ratio moved by 3% between seeds 0 and 1
-# (1.27 and 1.31 at 24 steps). NF4 must not be worse than FP4 by more than that.
-NF4_VS_FP4_TOLERANCE = 0.03
-# The paper's bar: NF4 + DQ within 2% of BF16 LoRA. It fails on the embedded model, whose weights
-# are dequantised Q4_1 values: requantising them to NF4 raises the step-0 eval loss from 0.574
-# (BF16) to 0.676, and the gap does not close with training. Measured NF4 / LoRA eval loss:
-# 1.27 (24 steps, lr 1e-3), 1.31 (same, seed 1), 1.30 (24 steps, lr 2e-4), 1.37 (60 steps,
-# lr 1e-3); LoftQ (2 iterations) ends level with plain NF4 (0.0170 against 0.0169 at 24 steps).
 LORA_BAR = 0.02
+NF4_VS_FP4_AFTER_TRAINING = 0.005
+
+
+def pretrain_tiny_llama(folder, steps: int = 60, hidden: int = 128, layers: int = 2, lr: float = 3e-3):
+    """A small Llama trained from random in BF16 autocast on chat text, saved with its tokenizer
+    as a Hugging Face folder (safetensors) that the bench's loader reads like any model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qforge.model.embedded import smollm2_gguf_path
+    from qforge.train.tasks import make_task_rows
+
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    rows = make_task_rows(n_train=2000, n_val=0, n_test=0, seed=7)["train"]
+    stream = torch.tensor([i for r in rows
+                           for i in tok(tok.apply_chat_template(r["messages"], tokenize=False),
+                                        add_special_tokens=False).input_ids])
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 64,
+                         tie_word_embeddings=True, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        starts = torch.randint(0, len(stream) - 257, (8,), generator=gen)
+        ids = torch.stack([stream[s:s + 256] for s in starts])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (1 - (step + 1) / steps)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return float(loss)
 
 
 @pytest.fixture(scope="module")
-def finding_losses(tmp_path_factory):
+def finding(tmp_path_factory):
     out = tmp_path_factory.mktemp("finding")
-    recipe = dict(bench.default_recipe(), max_steps=FINDING_STEPS, eval_every=0)
-    losses = {m: bench.run_method(m, recipe, out / m, None, initial_eval=False, log=lambda *_: None)["final_eval_loss"]
-              for m in ("qlora", "qlora-fp4", "lora")}
-    print(f"\neval loss after {FINDING_STEPS} steps: " + ", ".join(f"{m} {v:.4f}" for m, v in losses.items()))
-    return losses
+    pretrain_loss = pretrain_tiny_llama(out / "model")
+    recipe = dict(bench.default_recipe(), model=str(out / "model"), max_steps=FINDING_STEPS, eval_every=0)
+    runs = {m: bench.run_method(m, recipe, out / m, None, initial_eval=True, log=lambda *_: None)
+            for m in ("qlora", "qlora-fp4", "lora")}
+    curves = {m: [loss for _, loss in r["eval_curve"]] for m, r in runs.items()}
+    print(f"\npretraining loss {pretrain_loss:.3f}; eval loss (step 0, step {FINDING_STEPS}): {curves}")
+    return curves
 
 
 @pytest.mark.slow
-def test_nf4_is_no_worse_than_fp4(finding_losses):
-    assert finding_losses["qlora"] <= finding_losses["qlora-fp4"] * (1 + NF4_VS_FP4_TOLERANCE), finding_losses
+def test_nf4_double_quant_is_within_2_percent_of_bf16_lora(finding):
+    final = {m: c[-1] for m, c in finding.items()}
+    assert final["qlora"] <= final["lora"] * (1 + LORA_BAR), final
+    assert final["qlora"] < finding["qlora"][0] and final["lora"] < finding["lora"][0]  # training did something
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="NF4 requantisation of the Q4_1-derived embedded weights costs ~30% in "
-                                       "eval loss at every lr and step count tried; see the comment above")
-def test_nf4_double_quant_is_within_2_percent_of_bf16_lora(finding_losses):
-    assert finding_losses["qlora"] <= finding_losses["lora"] * (1 + LORA_BAR), finding_losses
+def test_nf4_is_no_worse_than_fp4(finding):
+    assert finding["qlora"][0] <= finding["qlora-fp4"][0], finding  # the quantisation alone
+    assert finding["qlora"][-1] <= finding["qlora-fp4"][-1] * (1 + NF4_VS_FP4_AFTER_TRAINING), finding
