@@ -24,7 +24,9 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(VENV)/bin/qforge demo
 
+# The browser test's chromium comes from Debian's packages (scripts/ensure-chromium).
 test: venv
+	scripts/ensure-chromium
 	$(VPY) -m pytest -q
 
 bench: venv

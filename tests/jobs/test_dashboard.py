@@ -22,7 +22,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1440,1500"]
 
 pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                                reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+                                reason="needs Debian's chromium and chromium-driver (make test installs them when it can)")
 
 
 @pytest.fixture
