@@ -6,8 +6,13 @@
 The base product runs through `Linear4bitFunction`, which keeps no dequantised weight between
 forward and backward: backward dequantises again. State-dict keys are bitsandbytes' (`weight`,
 `weight.absmax`, ...), so a model's state dict is a 4-bit checkpoint.
+
+For sharded training (qforge.dist) a layer can keep its codes in a float storage
+(`use_float_storage`): the same bytes, held by frozen 1-D Parameters that FSDP shards and gathers.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +67,7 @@ class QLoRALinear(nn.Module):
         out_features, in_features = state.shape
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
+        self._storage: tuple | None = None  # set by use_float_storage
         self.quant_state = state
         self.register_buffer("weight", state.packed, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
@@ -163,10 +169,50 @@ class QLoRALinear(nn.Module):
                 delta[rows] = self._adapter_delta(a, x[rows], base[rows])
         return delta
 
+    # ---- float storage for FSDP -------------------------------------------------------------
+    @property
+    def quant_state(self) -> QuantState | None:
+        """The quantisation state. Under float storage its codes and absmax are views of the
+        registered Parameters `weight` and `weight_absmax`, which FSDP swaps between this rank's
+        shard and the gathered whole: read it where it is used. While only a shard is registered
+        (outside forward and backward) `packed` and `absmax` are None."""
+        state = self.__dict__.get("_quant_state")
+        if self.__dict__.get("_storage") is None:
+            return state
+        n_packed, absmax_dtype, n_absmax = self._storage
+        weight, absmax = self.weight, self.weight_absmax
+        if is_sharded(weight):
+            return state
+        absmax_bytes = n_absmax * absmax_dtype.itemsize
+        return dataclasses.replace(state, packed=weight.detach().view(torch.uint8)[:n_packed].view(-1, 1),
+                                   absmax=absmax.detach().view(torch.uint8)[:absmax_bytes].view(absmax_dtype))
+
+    @quant_state.setter
+    def quant_state(self, state: QuantState | None) -> None:
+        self.__dict__["_quant_state"] = state
+
+    def use_float_storage(self, dtype: torch.dtype) -> None:
+        """Hold the packed codes and absmax as frozen 1-D Parameters of float `dtype` whose bytes are
+        theirs, zero-padded to a whole element: what FSDP can shard (dim 0) and all-gather, as
+        bitsandbytes' `bnb_4bit_quant_storage` does. Nothing ever computes on these floats; the
+        codes are viewed back as uint8. Checkpoint keys and bytes stay bitsandbytes'."""
+        state = self.quant_state
+        if self._storage is not None:
+            raise ValueError("use_float_storage: the layer already holds its codes in a float storage")
+        del self.weight  # the uint8 buffer
+        self.weight = nn.Parameter(bytes_as(state.packed, dtype), requires_grad=False)
+        self.weight_absmax = nn.Parameter(bytes_as(state.absmax, dtype), requires_grad=False)
+        self._storage = (state.packed.numel(), state.absmax.dtype, state.absmax.numel())
+        self.__dict__["_quant_state"] = dataclasses.replace(state, packed=None, absmax=None)
+
     # ---- state dict: bitsandbytes' keys ---------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination.update(self.quant_state.to_state_dict(prefix + "weight"))
+        state = self.quant_state
+        if state.packed is None:  # a shard of the float storage: FSDP's sharded form, keys as registered
+            return
+        destination.pop(prefix + "weight_absmax", None)
+        destination.update(state.to_state_dict(prefix + "weight"))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -180,6 +226,8 @@ class QLoRALinear(nn.Module):
                 if tuple(state.shape) != (self.out_features, self.in_features):
                     error_msgs.append(f"{prefix}weight: shape {list(state.shape)} does not fit "
                                       f"[{self.out_features}, {self.in_features}]")
+                elif self._storage is not None:
+                    error_msgs.append(f"{prefix}weight: load the 4-bit state before use_float_storage")
                 else:
                     self.quant_state = state.to(self.weight.device)
                     self.weight = self.quant_state.packed
@@ -193,10 +241,26 @@ class QLoRALinear(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         device = self.weight.device
-        if self.quant_state.packed.device != device:
+        if self._storage is not None:  # the codes moved with the Parameters; move the constants
+            self.__dict__["_quant_state"] = self.__dict__["_quant_state"].to(device)
+        elif self.quant_state.packed.device != device:
             self.quant_state = self.quant_state.to(device)
             self.weight = self.quant_state.packed
         return self
+
+
+def bytes_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t's bytes as a 1-D tensor of `dtype`, zero-padded at the end to a whole number of elements."""
+    raw = t.detach().contiguous().view(-1).view(torch.uint8)
+    pad = -raw.numel() % dtype.itemsize
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros(pad)])
+    return raw.view(dtype).clone()
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for a DTensor (FSDP's sharded parameter), whose bytes are not the whole tensor's."""
+    return hasattr(t, "_local_tensor")
 
 
 class LoRALinear(QLoRALinear):
@@ -207,6 +271,7 @@ class LoRALinear(QLoRALinear):
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
+        self._storage = None
         self.quant_state = None
         self.weight = nn.Parameter(weight.detach().to(compute_dtype), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)

@@ -1,0 +1,7 @@
+"""Training across processes and machines: a process group (gloo on the CPU, NCCL on GPUs) and
+FSDP2 sharding of the 4-bit base. See group.py and shard.py."""
+from .group import DEFAULT_TIMEOUT_S, Group, RankLost, close_group, fault_point, init_group, launched_by_torchrun
+from .shard import local_quantised_bytes, shard_base
+
+__all__ = ["Group", "RankLost", "init_group", "close_group", "fault_point", "launched_by_torchrun", "shard_base",
+           "local_quantised_bytes", "DEFAULT_TIMEOUT_S"]
