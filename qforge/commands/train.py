@@ -4,16 +4,26 @@ Every setting can come from a YAML recipe (--config); its keys are the flag name
 and flags given on the command line override the recipe. Output (--output-dir): the adapter in
 PEFT format (adapter/), metrics.jsonl, loss.png, checkpoints/ and summary.json.
 
+Several processes (QLoRA with the 4-bit base sharded across them, FSDP2): --nproc N starts N on
+this machine through torchrun; on several machines run torchrun yourself on each, with
+`-m qforge.train` and the same flags. Only rank 0 writes files.
+
 Examples:
   qforge train --data train.jsonl --max-steps 100
   qforge train --config configs/demo.yaml --method lora --lr 1e-4
   qforge train --config configs/demo.yaml --resume        # continue from the last checkpoint
+  qforge train --config configs/demo.yaml --nproc 2       # two processes (gloo on CPU, NCCL on GPUs)
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+      -m qforge.train --config configs/llama-70b-qlora.yaml
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from ..train.config import TrainConfig
 
@@ -31,6 +41,9 @@ HELP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML recipe (see configs/)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes on this machine, started with torchrun; the 4-bit base is sharded "
+                             "across them (default: 1; ignored when already under torchrun)")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
@@ -55,15 +68,61 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..dist import RankLost, close_group, init_group, launched_by_torchrun
     from ..train.loop import TrainingDiverged
     from ..train.run import run_training
 
     cfg = config_from_args(args)
+    if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
+        return launch(cfg, args.nproc)
+    group = init_group()
     try:
-        result, summary = run_training(cfg)
+        result, summary = run_training(cfg, group=group)
     except TrainingDiverged as exc:
-        print(f"qforge train: stopped: {exc}")
+        if group.is_main:
+            print(f"qforge train: stopped: {exc}")
         return 3
-    print("\nsummary:\n" + json.dumps(summary, indent=2))
-    print(f"loss curve: {cfg.output_dir}/loss.png   metrics: {cfg.output_dir}/metrics.jsonl")
+    except RankLost as exc:
+        print(f"qforge train: {exc}", file=sys.stderr, flush=True)
+        return 4
+    except RuntimeError as exc:  # FSDP's own collectives, inside forward and backward
+        if group.distributed and isinstance(exc, _dist_error()):
+            print(f"qforge train: rank {group.rank} of {group.world}: lost contact with another rank: "
+                  f"{str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+            return 4
+        raise
+    finally:
+        close_group(group)
+    if group.is_main:
+        print("\nsummary:\n" + json.dumps(summary, indent=2))
+        print(f"loss curve: {cfg.output_dir}/loss.png   metrics: {cfg.output_dir}/metrics.jsonl")
     return 130 if result.interrupted else 0
+
+
+def _dist_error() -> type:
+    import torch.distributed
+    return torch.distributed.DistError
+
+
+def launch(cfg: TrainConfig, nproc: int) -> int:
+    """Run this training in `nproc` processes on this machine: torchrun (standalone rendezvous)
+    starts `python -m qforge.train` per rank on the resolved recipe, and stops the others if one
+    dies. Returns torchrun's exit status."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = out / "config.yaml"
+    recipe.write_text(cfg.to_yaml())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "qforge.train", "--config", str(recipe)]
+    print(f"qforge train: {nproc} processes: {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            rc = proc.wait()
+            break
+        except KeyboardInterrupt:  # torchrun got the same Ctrl-C and passes it to the ranks, which checkpoint
+            continue
+    if rc not in (0, 130):
+        print(f"qforge train: the {nproc}-process run failed (torchrun exit status {rc}); "
+              f"torchrun's report above names the rank that failed first", file=sys.stderr)
+    return rc

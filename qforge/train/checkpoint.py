@@ -4,6 +4,10 @@ A checkpoint folder `step-000120/` holds trainable.safetensors (every trainable 
 name), optimizer.pt, rng.pt (torch's CPU generator and Python's `random`) and state.json (step,
 the metrics so far). It is written under a temporary name, fsynced, then renamed, so a crash
 mid-write leaves the previous checkpoint as the latest one.
+
+A run of several processes writes the same files from rank 0 (the adapters and the optimiser state
+are whole on every rank) plus each rank's torch generator in rng.pt, so a checkpoint resumes with
+any number of processes.
 """
 from __future__ import annotations
 
@@ -17,13 +21,19 @@ from safetensors.torch import load_file, save_file
 from ..fileio import atomic_folder
 
 
-def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, step: int, state: dict) -> Path:
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, step: int, state: dict,
+                    rng_by_rank: list[torch.Tensor] | None = None) -> Path:
+    """Write step-NNNNNN/ under `folder`. `rng_by_rank`: every rank's torch generator state, when
+    several processes train (this process's is written in any case)."""
     trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if rng_by_rank is not None and len(rng_by_rank) > 1:
+        rng["torch_by_rank"] = rng_by_rank
 
     def write(tmp: Path) -> None:
         save_file(trainable, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
 
     return atomic_folder(folder / f"step-{step:06d}", write)
@@ -36,14 +46,29 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
     """Restore parameters, optimiser and RNG from `path`; returns state.json's contents."""
+    return restore_checkpoint(read_checkpoint(path), model, optimizer)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents in memory (what rank 0 reads and sends to the other ranks)."""
+    return {"path": str(path), "trainable": load_file(path / "trainable.safetensors"),
+            "optimizer": torch.load(path / "optimizer.pt", weights_only=False),
+            "rng": torch.load(path / "rng.pt", weights_only=False),
+            "state": json.loads((path / "state.json").read_text())}
+
+
+def restore_checkpoint(contents: dict, model: torch.nn.Module, optimizer, rank: int = 0) -> dict:
+    """Put `read_checkpoint`'s contents into `model`, `optimizer` and the generators; rank r takes
+    rank r's torch generator when the checkpoint has one (same number of processes), else rank 0's."""
     params = dict(model.named_parameters())
-    for name, tensor in load_file(path / "trainable.safetensors").items():
+    for name, tensor in contents["trainable"].items():
         if name not in params:
-            raise ValueError(f"{path}: checkpoint holds '{name}', which this model does not have")
+            raise ValueError(f"{contents['path']}: checkpoint holds '{name}', which this model does not have")
         with torch.no_grad():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
+    optimizer.load_state_dict(contents["optimizer"])
+    rng = contents["rng"]
+    by_rank = rng.get("torch_by_rank") or [rng["torch"]]
+    torch.set_rng_state(by_rank[rank] if rank < len(by_rank) else rng["torch"])
     random.setstate(rng["python"])
-    return json.loads((path / "state.json").read_text())
+    return contents["state"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..dist import Group, fault_point
+from .checkpoint import latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .schedule import lr_at
 
@@ -78,13 +80,22 @@ def evaluate(model, dataset, cfg: TrainConfig, pad_id: int, device) -> float:
     return total / max(count, 1)
 
 
-def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=print, on_step=None) -> TrainResult:
+def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=print, on_step=None,
+               group: Group | None = None) -> TrainResult:
     """Train the parameters of `model` that require grad. Writes checkpoints, metrics.jsonl and
-    the loss-curve PNG under cfg.output_dir; resumes from the last checkpoint when cfg.resume."""
+    the loss-curve PNG under cfg.output_dir; resumes from the last checkpoint when cfg.resume.
+
+    With a `group` of several processes (qforge.dist) each micro-batch of cfg.batch_size rows is
+    split across the ranks, every rank's loss is weighted by its share of the global batch's
+    tokens and the gradients are summed, so a step is the single-process step on the same global
+    batch. Only rank 0 writes files and logs."""
     from tqdm.auto import tqdm
 
     from .data import collate
 
+    group = group or Group()
+    if not group.is_main:
+        log = lambda *_: None  # noqa: E731
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     device = next(model.parameters()).device
@@ -99,21 +110,26 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
     start_step = 0
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    last = latest_checkpoint(ckpt_dir) if cfg.resume else None
+    last = group.broadcast(latest_checkpoint(ckpt_dir) if cfg.resume and group.is_main else None)
     if last is not None:
-        state = load_checkpoint(last, model, optimizer)
+        state = restore_checkpoint(group.broadcast(read_checkpoint(last) if group.is_main else None),
+                                   model, optimizer, group.rank)
         start_step = state["step"]
         result.losses, result.tokens = state["losses"], state["tokens"]
         result.eval_losses = [tuple(e) for e in state["eval_losses"]]
         log(f"resumed from {last} (step {start_step} of {total_steps})")
     elif cfg.resume:
         log(f"--resume: no checkpoint under {ckpt_dir}; starting from step 0")
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = open(out / "metrics.jsonl", "a" if last is not None else "w")
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics = open(out / "metrics.jsonl" if group.is_main else os.devnull, "a" if last is not None else "w")
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_dir, model, optimizer, step, {"losses": result.losses, "tokens": result.tokens,
-                                                            "eval_losses": result.eval_losses})
+        rngs = group.gather(torch.get_rng_state())
+        if group.is_main:
+            save_checkpoint(ckpt_dir, model, optimizer, step, {"losses": result.losses, "tokens": result.tokens,
+                                                                "eval_losses": result.eval_losses}, rngs)
+        group.barrier()
 
     interrupted = {"flag": False}
     previous_handler = signal.getsignal(signal.SIGINT)
@@ -121,29 +137,34 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
         signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not group.is_main)
     try:
         for step in range(start_step, total_steps):
             lr = lr_at(step, total_steps, cfg.lr, warmup, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = [collate([train_set[i] for i in idx], pad_id)
-                     for idx in schedule[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
-            n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            loss_sum = 0.0
-            for batch in micro:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                share = int((batch["labels"][:, 1:] != -100).sum()) / max(n_tok, 1)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            micro = schedule[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+            n_tok = sum(label_tokens(train_set[i] for i in idx) for idx in micro)  # the global batch's
+            loss_sum, step_tokens = 0.0, 0
+            for idx in micro:
+                rows, weight = group.rows(idx)
+                batch = {k: v.to(device) for k, v in collate([train_set[i] for i in rows], pad_id).items()}
+                share = weight * int((batch["labels"][:, 1:] != -100).sum()) / max(n_tok, 1)
                 with autocast(cfg, device):
                     # use_cache=False: packed rows (position_ids, no mask) stay separate only without a KV cache
                     loss = model(**batch, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"step {step + 1}: loss is {loss.item()}; the last good checkpoint "
-                                           f"under {ckpt_dir} is intact. Lower --lr or check the data.")
+                # every rank runs backward even on a bad loss: the others wait for it in FSDP's collectives
                 (loss * share).backward()
                 loss_sum += loss.item() * share
                 mask = batch.get("attention_mask")
-                result.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                step_tokens += int(weight) * (int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+            loss_sum, step_tokens = group.sum([loss_sum, step_tokens])
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(f"step {step + 1}: loss is {loss_sum}; the last good checkpoint "
+                                       f"under {ckpt_dir} is intact. Lower --lr or check the data.")
+            result.tokens += int(step_tokens)
+            group.sum_gradients(trainable)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -161,9 +182,10 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
             bar.update(1)
             if on_step is not None:
                 on_step(record)
+            fault_point(group, step + 1)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 checkpoint(step + 1)
-            if interrupted["flag"]:
+            if group.any(interrupted["flag"]):
                 checkpoint(step + 1)
                 log(f"\ninterrupted: checkpoint saved at step {step + 1}; continue with --resume")
                 result.interrupted = True
@@ -174,8 +196,14 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
         if threading_main():
             signal.signal(signal.SIGINT, previous_handler)
     result.seconds = time.perf_counter() - t0
-    plot_losses(result, out / "loss.png")
+    if group.is_main:
+        plot_losses(result, out / "loss.png")
     return result
+
+
+def label_tokens(rows) -> int:
+    """Trained tokens of `rows` as the model's loss counts them: labels after the first, not -100."""
+    return sum(int((torch.as_tensor(r["labels"][1:]) != -100).sum()) for r in rows)
 
 
 def threading_main() -> bool:

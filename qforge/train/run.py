@@ -1,5 +1,6 @@
 """A whole run from a TrainConfig: load the model for the method, read the data, train, save the
-adapter (PEFT format) and a summary."""
+adapter (PEFT format) and a summary. Under torchrun every rank runs this; the 4-bit base is
+sharded across them (qforge.dist) and rank 0 alone writes files."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..dist import Group
 from .config import TrainConfig
 from .loop import TrainResult, train_loop
 
@@ -26,6 +28,7 @@ def load_for_method(cfg: TrainConfig):
     from ..model.load import load_model
 
     dtype = getattr(torch, cfg.compute_dtype)
+    torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process of the run
     if cfg.method == "qlora":
         model, tok = load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                                 compute_dtype=dtype, target_modules=cfg.target_modules, lora=lora_spec(cfg))
@@ -55,17 +58,37 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def run_training(cfg: TrainConfig, log=print) -> tuple[TrainResult, dict]:
-    """Train per `cfg`; returns the result and the summary written to output_dir/summary.json."""
+def shard_for_group(model, cfg: TrainConfig, group: Group, log=print) -> dict:
+    """Shard the 4-bit base across `group` (several processes); returns what each rank holds."""
+    from ..dist import local_quantised_bytes, shard_base
+    if cfg.method != "qlora":
+        raise ValueError(f"several processes train only --method qlora (the sharded 4-bit base); got {cfg.method}")
+    shard_base(model, group, storage_dtype=getattr(torch, cfg.compute_dtype))
+    group.copy_from_rank0([p for p in model.parameters() if p.requires_grad])
+    held, whole = local_quantised_bytes(model)
+    by_rank = group.gather(held)
+    if group.is_main:
+        log(f"{group.world} processes: 4-bit base of {whole / 2**20:.1f} MiB sharded, "
+            f"{', '.join(f'rank {r} holds {b / 2**20:.1f} MiB' for r, b in enumerate(by_rank))}")
+    return {"processes": group.world, "quantised_bytes": whole, "quantised_bytes_by_rank": by_rank}
+
+
+def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tuple[TrainResult, dict]:
+    """Train per `cfg`; returns the result and the summary written to output_dir/summary.json.
+    With a `group` of several processes every rank calls this; rank 0 writes and logs."""
     from .data import build_dataset
 
+    group = group or Group()
+    if not group.is_main:
+        log = lambda *_: None  # noqa: E731
     if not cfg.data:
         raise ValueError("no training data: give --data FILE.jsonl (or `data:` in the recipe)")
     from ..plan import warn_if_unfit
     warn_if_unfit(cfg, log=log)  # before loading: says which settings would fit
     t0 = time.perf_counter()
     model, tok = load_for_method(cfg)
-    trainable, total = count_parameters(model)
+    trainable, total = count_parameters(model)  # before sharding turns the 4-bit codes into Parameters
+    sharding = shard_for_group(model, cfg, group, log) if group.distributed else {}
     log(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), loaded in {time.perf_counter() - t0:.1f} s")
     train_set, eval_set, report = build_dataset(cfg.data, tok, fmt=cfg.data_format, max_seq_len=cfg.max_seq_len,
@@ -73,9 +96,10 @@ def run_training(cfg: TrainConfig, log=print) -> tuple[TrainResult, dict]:
                                                 eval_fraction=cfg.eval_fraction, seed=cfg.seed)
     log(f"data: {report}")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    result = train_loop(model, tok, train_set, eval_set, cfg, log=log)
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    result = train_loop(model, tok, train_set, eval_set, cfg, log=log, group=group)
     summary = {
         "method": cfg.method, "model": cfg.model, "steps_done": len(result.losses), "steps": result.steps,
         "first_loss": result.losses[0] if result.losses else None,
@@ -83,11 +107,14 @@ def run_training(cfg: TrainConfig, log=print) -> tuple[TrainResult, dict]:
         "final_eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
         "tokens": result.tokens, "train_seconds": round(result.seconds, 2),
         "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
-        "trainable_parameters": trainable, "interrupted": result.interrupted,
+        "trainable_parameters": trainable, "interrupted": result.interrupted, **sharding,
     }
     if cfg.method != "full" and not result.interrupted:
-        from ..adapters import save_adapter
-        save_adapter(model, out / "adapter", name="default", base_model_name_or_path=cfg.model)
         summary["adapter"] = str(out / "adapter")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if group.is_main:
+        if "adapter" in summary:
+            from ..adapters import save_adapter
+            save_adapter(model, out / "adapter", name="default", base_model_name_or_path=cfg.model)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    group.barrier()  # the others wait while rank 0 writes
     return result, summary
