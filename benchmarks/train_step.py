@@ -4,6 +4,8 @@
 
 SmolLM2-135M-Instruct (the embedded model), the demo task's rows (~80 tokens each), LoRA r=16 /
 alpha 32 on every linear layer, dropout 0.05, gradient checkpointing on, 8-bit AdamW, bf16 compute.
+Each computes its loss as its trainer does: PEFT through transformers' `model(**batch).loss`,
+qforge through qforge.train.loss.causal_lm_loss (the LM head only where a label is).
 Each variant runs in a fresh process; the first 2 steps are warm-up and not timed, and speed is
 taken from the fastest timed step in tokens per second (every variant sees the same batches in
 the same order; on a shared machine the fastest step is the least disturbed one; the mean is
@@ -74,11 +76,19 @@ def child(variant, steps, batch_size, rank):
     load_s = time.perf_counter() - t0
     data = batches(tok, batch_size, steps)
     model.train()
+    if variant == "peft-bnb-qlora":
+        def compute_loss(batch):
+            return model(**batch, use_cache=False).loss
+    else:  # qforge's trainer step: logits only where a label is (qforge.train.loss)
+        from qforge.train.loss import causal_lm_loss
+
+        def compute_loss(batch):
+            return causal_lm_loss(model, batch)
     times, tokens, losses = [], [], []
     for i, batch in enumerate(data):
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch, use_cache=False).loss
+            loss = compute_loss(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -59,6 +59,7 @@ def load():
     lib.qf_dequantize_4bit.argtypes = [ptr, ptr, ptr, i64, i64, i32, ptr]
     lib.qf_quantize_8bit.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
     lib.qf_dequantize_8bit.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.qf_dropout.argtypes = [ptr, i32, i64, ctypes.c_uint32, ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32, ptr]
     return lib
 
 
@@ -103,4 +104,14 @@ def dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, levels: torch.Ten
     out = torch.empty(codes.numel(), dtype=torch.float32)
     lib.qf_dequantize_8bit(codes.data_ptr(), absmax.float().contiguous().data_ptr(), levels.float().contiguous().data_ptr(),
                            codes.numel(), blocksize, out.data_ptr())
+    return out
+
+
+def dropout(x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:
+    """Counter-based dropout of a float32 or bfloat16 tensor (see qf_dropout); a new tensor."""
+    lib = load()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.qf_dropout(x.data_ptr(), DTYPE_CODES[x.dtype], x.numel(), threshold, scale, seed & 0xFFFFFFFF,
+                   (seed >> 32) & 0xFFFFFFFF, out.data_ptr())
     return out

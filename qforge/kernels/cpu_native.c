@@ -163,3 +163,38 @@ void qf_dequantize_8bit(const uint8_t *codes, const float *absmax, const float *
         for (int64_t i = 0; i < len; i++) out[start + i] = levels[codes[start + i]] * s;
     }
 }
+
+/* Counter-based dropout: element i is kept when the 32-bit hash of (i, seed) >> 8 is at least
+   `threshold` (= ceil(p * 2^24)); kept values are multiplied by `scale` (1 / (1 - p)) in float32
+   and rounded to the tensor's dtype as torch rounds (bf16: nearest-even). The mask is a pure
+   function of (seed, i), so backward recomputes it from the seed instead of keeping it. The hash
+   is Wellons' "lowbias32" of (i mod 2^32) ^ seed_lo, added to seed_hi: qforge.kernels.reference
+   computes the same bits in torch. dtype 0: float32, 1: bfloat16. */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU;
+    x ^= x >> 15; x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+void qf_dropout(const void *x, int dtype, int64_t n, uint32_t threshold, float scale,
+                uint32_t seed_lo, uint32_t seed_hi, void *out) {
+    #pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t h = mix32(mix32((uint32_t)i ^ seed_lo) + seed_hi);
+        int keep = (h >> 8) >= threshold;
+        if (dtype == 0) {
+            float v = ((const float *)x)[i] * scale;
+            ((float *)out)[i] = keep ? v : 0.0f;
+        } else {
+            uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
+            float f;
+            memcpy(&f, &bits, 4);
+            f *= scale;
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            uint16_t b = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (uint16_t)((u >> 16) | 0x40u) : to_bf16(f);
+            ((uint16_t *)out)[i] = keep ? b : 0;
+        }
+    }
+}

@@ -67,3 +67,11 @@ def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, b
     if _native_ok(q, absmax):
         return cpu.dequantize_8bit(q, absmax, code, blocksize)
     return reference.dequantize_8bit(q, absmax, code, blocksize)
+
+
+def dropout(x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:
+    """Counter-based dropout (qforge.nn.dropout): the native kernel for float32 / bfloat16 CPU
+    tensors, else the torch reference; the same bits either way."""
+    if x.dtype in (torch.float32, torch.bfloat16) and _native_ok(x):
+        return cpu.dropout(x, threshold, scale, seed)
+    return reference.dropout(x, threshold, scale, seed)

@@ -83,3 +83,32 @@ def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, b
     """uint8 [n] codes -> float32 [n] = code[q] * absmax[block]."""
     n = q.numel()
     return code[q.reshape(-1).long()] * absmax.repeat_interleave(blocksize)[:n]
+
+
+# ---- counter-based dropout -----------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' lowbias32 on int64 tensors holding 32-bit values (products wrap; the low 32 bits
+    are what the C kernel's uint32 arithmetic keeps)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def dropout_keep(n: int, threshold: int, seed: int, device=None) -> torch.Tensor:
+    """The keep mask [n] of seed: hash(i, seed) >> 8 >= threshold (threshold = ceil(p * 2^24))."""
+    seed_lo, seed_hi = seed & _M32, (seed >> 32) & _M32
+    i = torch.arange(n, dtype=torch.int64, device=device) & _M32
+    h = _mix32((_mix32(i ^ seed_lo) + seed_hi) & _M32)
+    return (h >> 8) >= threshold
+
+
+def dropout(x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:
+    """x * scale where kept, 0 elsewhere; the product in float32, rounded once to x's dtype."""
+    keep = dropout_keep(x.numel(), threshold, seed, x.device).view(x.shape)
+    value = (x.float() * scale).to(x.dtype)
+    return torch.where(keep, value, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .dropout import HashDropout
+
 
 @dataclass
 class LoraSpec:
@@ -50,7 +52,7 @@ class LoraAdapter(nn.Module):
         self.r, self.scaling, self.use_dora = spec.r, spec.scaling, spec.use_dora
         self.lora_A = nn.Linear(in_features, spec.r, bias=False, dtype=spec.dtype)
         self.lora_B = nn.Linear(spec.r, out_features, bias=False, dtype=spec.dtype)
-        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.dropout = HashDropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.magnitude = nn.Parameter(torch.ones(out_features, dtype=spec.dtype)) if spec.use_dora else None
         self.reset_parameters()
 

@@ -17,6 +17,7 @@ import torch
 from ..dist import Group, fault_point
 from .checkpoint import latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .loss import causal_lm_loss
 from .schedule import lr_at
 
 
@@ -74,7 +75,7 @@ def evaluate(model, dataset, cfg: TrainConfig, pad_id: int, device) -> float:
             batch = collate([dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
-            total += model(**batch, use_cache=False).loss.float().item() * n
+            total += causal_lm_loss(model, batch).float().item() * n
             count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -153,7 +154,7 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
                 share = weight * int((batch["labels"][:, 1:] != -100).sum()) / max(n_tok, 1)
                 with autocast(cfg, device):
                     # use_cache=False: packed rows (position_ids, no mask) stay separate only without a KV cache
-                    loss = model(**batch, use_cache=False).loss
+                    loss = causal_lm_loss(model, batch)  # logits only where a label is
                 # every rank runs backward even on a bad loss: the others wait for it in FSDP's collectives
                 (loss * share).backward()
                 loss_sum += loss.item() * share

@@ -1,0 +1,70 @@
+"""causal_lm_loss: logits only where a target is, the same loss and gradients as transformers'."""
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qforge.model.surgery import add_adapter, linear_names, quantize_linears, select_targets
+from qforge.nn import LoraSpec
+from qforge.train.loss import causal_lm_loss
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    quantize_linears(model, select_targets(linear_names(model), "all-linear"), compute_dtype=torch.float32)
+    add_adapter(model, "default", LoraSpec(r=4, dropout=0.0, dtype=torch.float32))
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def batch():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (3, 20), generator=gen)
+    labels = ids.clone()
+    labels[0, :12] = -100           # a prompt
+    labels[1, 15:] = -100           # padding at the end
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    labels[2, :] = -100
+    labels[2, 5] = ids[2, 5]        # a single target in a row
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_loss_and_gradients_equal_transformers():
+    model, b = tiny(), batch()
+    ours = causal_lm_loss(model, b)
+    ours.backward()
+    g_ours = grads(model)
+    model.zero_grad()
+    theirs = model(**b, use_cache=False).loss
+    theirs.backward()
+    g_theirs = grads(model)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert g_ours.keys() == g_theirs.keys() and len(g_ours) > 0
+    for name in g_ours:
+        torch.testing.assert_close(g_ours[name], g_theirs[name], rtol=1e-5, atol=1e-7)
+    assert not model.lm_head._forward_pre_hooks  # the hook is gone
+
+
+def test_head_sees_only_target_rows():
+    model, b = tiny(), batch()
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    causal_lm_loss(model, b)
+    assert seen == [torch.Size([int((b["labels"][:, 1:] != -100).sum()), 300])]
+
+
+def test_no_target_falls_back_to_the_plain_loss():
+    model, b = tiny(), batch()
+    b["labels"][:] = -100
+    assert torch.isnan(causal_lm_loss(model, b))  # transformers' mean over nothing
