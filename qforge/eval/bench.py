@@ -364,6 +364,16 @@ def measure_training_peak(method: str, batch_size: int, seq_len: int, gradient_c
     from ..train.config import TrainConfig
     from ..train.loop import autocast, make_optimizer
     from ..train.run import load_for_method
+    # Everything the run imports or builds once, before the baseline: qforge's model, layer,
+    # quantisation and optimiser modules (compiled from source when no bytecode is cached, which
+    # leaves garbage in the heap), the native kernel library, the tokenizer code.
+    import qforge.adapters  # noqa: F401
+    import qforge.model.load  # noqa: F401
+    import qforge.optim  # noqa: F401
+    from transformers import AutoTokenizer  # noqa: F401
+
+    from ..kernels import cpu
+    cpu.load()
     _release_memory()
     baseline = _proc_status_bytes("VmRSS")
     cfg = TrainConfig(model=model, method=method, rank=rank, alpha=2 * rank, seed=seed, output_dir="/dev/null",
