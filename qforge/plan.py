@@ -245,30 +245,23 @@ class MemoryConstants:
 
 CUDA_BF16 = MemoryConstants()
 # CPU training with bf16 autocast, measured on this repository's trainer: SmolLM2-135M, rank 16,
-# paged 8-bit AdamW, qlora and lora, batch 1 and 4, seq 128 and 256, checkpointing on and off;
-# the peak RSS of a fresh process per setting above its post-import baseline
-# (qforge.eval.bench.measure_training_peak; tests/eval/test_plan_measured.py). Refitted after the
-# training-step changes (counter-based dropout keeps no mask; the LM head runs only on target
-# rows, though the measurement calls the model's own loss): two runs of all 16 settings; the
-# constants that minimise the worst error of the per-setting mean over the eight settings the
-# test uses left lora over-predicted by 7-12% and qlora under-predicted by 2-8% (qlora's dynamic
-# memory measured ~150 MB above lora's at batch 4 x 128 without checkpointing, which the model
-# does not explain); context_bytes was then lowered by 20 MB to centre the two. A fresh process's
-# peak varies by up to +-10% run to run (qlora 4 x 256 with checkpointing: 1294-1701 MB).
-# The activation counts are CUDA_BF16's; three constants differ:
-#   logit_bytes 16    bytes per logit at the peak of the loss: bf16 logits -> fp32 -> log-softmax
-#                     -> backward; CPU has no fused cross-entropy backward, so the saved
-#                     log-softmax, its incoming gradient and the outgoing gradient are alive
-#                     together, with the bf16 logits the model output keeps. With a 49k
+# paged 8-bit AdamW, qlora and lora at batch 1 x 128 with checkpointing, 1 x 256 without,
+# 4 x 128 without and 4 x 256 with (tests/eval/test_plan_measured.py): the peak resident memory
+# of a fresh process per setting above its post-import baseline, with glibc's mmap threshold
+# fixed at 128 KiB (qforge.eval.bench.MEASURE_ENV), so that the peak is the memory the run holds
+# live and is the same every time (with glibc's default heap the same setting read 1270-1701 MB
+# across processes: freed heap that stays resident, which depends on thread timing). The
+# constants minimise the worst error over those eight settings: 11.5% (checkpointing on is
+# under-predicted by up to 11%, off over-predicted by up to 11.5%: CUDA_BF16's activation
+# counts, kept here, are not the CPU kernels' exact ones). glibc's default heap can hold 10-60%
+# more than this on top of the dynamic part; `qforge train`'s fit warning does not add it.
+#   logit_bytes 9.5   bytes per logit at the peak of the loss (bf16 logits, their float32 copy
+#                     and log-softmax; CPU has no fused cross-entropy backward). With a 49k
 #                     vocabulary and hidden 576 the logits are most of SmolLM2's dynamic memory.
-#   context_bytes 60 MB  no CUDA context; what a CPU run holds beyond the planned tensors (~25 MB
-#                     right after loading: the model's Python objects, dequantisation workspaces;
-#                     the rest thread stacks and the OpenMP threads' malloc arenas)
-#   fragmentation 0.28  glibc's malloc keeps freed memory: once large blocks have been freed its
-#                     mmap threshold rises (up to 32 MB), later tensors below it come from the
-#                     heap, and freed chunks between live ones stay resident, so the peak creeps
-#                     up over the first steps.
-CPU_BF16 = replace(CUDA_BF16, logit_bytes=16.0, context_bytes=60 * 10**6, fragmentation=0.28)
+#   context_bytes 30 MB  no CUDA context; what a CPU run holds beyond the planned tensors (the
+#                     model's Python objects, dequantisation workspaces, thread stacks)
+#   fragmentation 0.0  nothing: with every tensor-sized block its own mapping there is no slack
+CPU_BF16 = replace(CUDA_BF16, logit_bytes=9.5, context_bytes=30 * 10**6, fragmentation=0.0)
 
 
 # ---------------------------------------------------------------- per-component bytes

@@ -214,7 +214,7 @@ def prepare_model(model: str, methods: list[str]) -> None:
         smollm2_quantized_folder({"quant_type": quant_type, "blocksize": 64, "double_quant": True})
 
 
-def run_child(args: list[str], log_path: Path, timeout: float | None = None) -> int:
+def run_child(args: list[str], log_path: Path, timeout: float | None = None, extra_env: dict | None = None) -> int:
     """`python -m qforge.eval.bench ARGS` in a fresh process, its output to log_path."""
     # OMP_WAIT_POLICY=PASSIVE: on a CPU shared with other processes, OpenMP threads that spin while
     # waiting made a 6 s training step take 50-65 s here (2 cores, load 4); passive waiting costs
@@ -222,6 +222,7 @@ def run_child(args: list[str], log_path: Path, timeout: float | None = None) -> 
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.update(extra_env or {})
     with open(log_path, "w") as log_file:
         return subprocess.run([sys.executable, "-m", "qforge.eval.bench", *args], stdout=log_file,
                               stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
@@ -398,16 +399,27 @@ def measure_training_peak(method: str, batch_size: int, seq_len: int, gradient_c
             "peak_bytes": _proc_status_bytes("VmHWM") - baseline, "baseline_bytes": baseline, "loaded_bytes": loaded}
 
 
+# glibc's malloc, by default, serves blocks under a threshold that it raises at run time (up to
+# 32 MB) from its heap, and how much freed heap stays resident depends on the order in which the
+# OpenMP threads allocate: the peak RSS of one setting varied 1270-1701 MB across fresh processes
+# (qlora, 4 x 256, checkpointing). With the threshold fixed at 128 KiB every tensor-sized block
+# is its own mapping, returned to the system when freed, and the peak is what the run holds live:
+# the same to a few MB every time (845, 845 MB). That is the figure the planner predicts and
+# the test compares; it costs the run about twice the time, so it is set for measurements only.
+MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def measure_training_peaks(settings: list[dict], work_dir: str | Path, timeout: float = 600) -> list[dict]:
-    """measure_training_peak(**setting) for each setting, each in a fresh process (with
-    OMP_WAIT_POLICY=PASSIVE, as the bench's children); the results in order."""
+    """measure_training_peak(**setting) for each setting, each in a fresh process with
+    OMP_WAIT_POLICY=PASSIVE (as the bench's children) and MEASURE_ENV; the results in order."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for i, setting in enumerate(settings):
         spec, out = work / f"memory-{i}.json", work / f"memory-{i}-result.json"
         spec.write_text(json.dumps(setting))
-        if run_child(["memory", str(spec), str(out)], work / f"memory-{i}.log", timeout) != 0 or not out.is_file():
+        if run_child(["memory", str(spec), str(out)], work / f"memory-{i}.log", timeout, MEASURE_ENV) != 0 \
+                or not out.is_file():
             tail = (work / f"memory-{i}.log").read_text(errors="replace")[-1500:]
             raise RuntimeError(f"measuring {setting} failed:\n{tail}")
         results.append(json.loads(out.read_text()))
