@@ -250,18 +250,22 @@ CUDA_BF16 = MemoryConstants()
 # of a fresh process per setting above its post-import baseline, with glibc's mmap threshold
 # fixed at 128 KiB (qforge.eval.bench.MEASURE_ENV), so that the peak is the memory the run holds
 # live and is the same every time (with glibc's default heap the same setting read 1270-1701 MB
-# across processes: freed heap that stays resident, which depends on thread timing). The
-# constants minimise the worst error over those eight settings: 11.5% (checkpointing on is
-# under-predicted by up to 11%, off over-predicted by up to 11.5%: CUDA_BF16's activation
-# counts, kept here, are not the CPU kernels' exact ones). glibc's default heap can hold 10-60%
-# more than this on top of the dynamic part; `qforge train`'s fit warning does not add it.
-#   logit_bytes 9.5   bytes per logit at the peak of the loss (bf16 logits, their float32 copy
+# across processes: freed heap that stays resident, which depends on thread timing). Fitted on two
+# runs of the eight settings (this checkout and a fresh clone, whose post-import baseline differed
+# by 100 MB and whose peaks read ~30 MB higher): worst error 8.1%. glibc's default heap can hold
+# 10-60% more than this on top of the dynamic part; `qforge train`'s fit warning does not add it.
+# Six constants differ from CUDA_BF16:
+#   lora_dropout 1.0  qforge's dropout keeps no mask (qforge.nn.dropout): only the dropped copy
+#   backward_hidden 3.0, backward_mlp 4.5  gradients alive while a layer runs backward: 1.5x the
+#                     CUDA counts (fitted; not broken down tensor by tensor)
+#   logit_bytes 10    bytes per logit at the peak of the loss (bf16 logits, their float32 copy
 #                     and log-softmax; CPU has no fused cross-entropy backward). With a 49k
 #                     vocabulary and hidden 576 the logits are most of SmolLM2's dynamic memory.
-#   context_bytes 30 MB  no CUDA context; what a CPU run holds beyond the planned tensors (the
+#   context_bytes 60 MB  no CUDA context; what a CPU run holds beyond the planned tensors (the
 #                     model's Python objects, dequantisation workspaces, thread stacks)
 #   fragmentation 0.0  nothing: with every tensor-sized block its own mapping there is no slack
-CPU_BF16 = replace(CUDA_BF16, logit_bytes=9.5, context_bytes=30 * 10**6, fragmentation=0.0)
+CPU_BF16 = replace(CUDA_BF16, lora_dropout=1.0, backward_hidden=3.0, backward_mlp=4.5, logit_bytes=10.0,
+                   context_bytes=60 * 10**6, fragmentation=0.0)
 
 
 # ---------------------------------------------------------------- per-component bytes
