@@ -360,13 +360,7 @@ class JobStore:
 
     def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         """(rows, has_more), newest first; `after`: the event id the previous page ended with."""
-        args: list = [job_id]
-        sql = "SELECT * FROM events WHERE job_id = ?"
-        if after:
-            sql += " AND seq < (SELECT seq FROM events WHERE id = ?)"
-            args.append(after)
-        rows = self._all(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
-        return rows[:limit], len(rows) > limit
+        return self._page("events", "seq", job_id, after, limit)
 
     def metric_steps(self, job_id: str) -> set[int]:
         with self._connect() as db:
@@ -387,12 +381,17 @@ class JobStore:
 
     def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
         """(rows, has_more), the latest step first."""
+        return self._page("checkpoints", "step", job_id, after, limit)
+
+    def _page(self, table: str, order: str, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
+        """One page of a job's rows of `table` (a fixed name, never client input), descending by
+        `order`; `after`: the id of the row the previous page ended with."""
         args: list = [job_id]
-        sql = "SELECT * FROM checkpoints WHERE job_id = ?"
+        sql = f"SELECT * FROM {table} WHERE job_id = ?"
         if after:
-            sql += " AND step < (SELECT step FROM checkpoints WHERE id = ?)"
+            sql += f" AND {order} < (SELECT {order} FROM {table} WHERE id = ?)"
             args.append(after)
-        rows = self._all(sql + " ORDER BY step DESC LIMIT ?", (*args, limit + 1))
+        rows = self._all(sql + f" ORDER BY {order} DESC LIMIT ?", (*args, limit + 1))
         return rows[:limit], len(rows) > limit
 
 

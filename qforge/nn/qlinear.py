@@ -118,24 +118,21 @@ class QLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_c = x.to(self.compute_dtype)
-        adapter = self.adapters[self.active_adapter] if (
-            self._row_index is None and self.active_adapter is not None and self.active_adapter in self.adapters) else None
-        if adapter is not None and not adapter.use_dora:
-            # The low-rank branch first, the frozen base product last: the base product saves no
-            # tensor for backward, so when gradient checkpointing recomputes a block, its
-            # recomputation stops (torch's early stop) after the last saved tensor and skips the
-            # block's final base product (down_proj's), which backward does not need.
-            lora = adapter.low_rank(x_c)
-            out = self.base_product(x_c) + lora.to(self.compute_dtype)
-            return self._finish(out, x)
-        base = self.base_product(x_c)  # (..., out), no bias yet
         if self._row_index is not None:
-            out = base + self._mixed_delta(x_c, base)
-        elif self.active_adapter is not None and self.active_adapter in self.adapters:
-            out = base + self._adapter_delta(self.adapters[self.active_adapter], x_c, base)
-        else:
-            out = base
-        return self._finish(out, x)
+            base = self.base_product(x_c)  # (..., out), no bias yet
+            return self._finish(base + self._mixed_delta(x_c, base), x)
+        adapter = self.adapters[self.active_adapter] if self.active_adapter in self.adapters else None
+        if adapter is None:
+            return self._finish(self.base_product(x_c), x)
+        if adapter.use_dora:
+            base = self.base_product(x_c)
+            return self._finish(base + self._adapter_delta(adapter, x_c, base), x)
+        # The low-rank branch first, the frozen base product last: the base product saves no
+        # tensor for backward, so when gradient checkpointing recomputes a block, its
+        # recomputation stops (torch's early stop) after the last saved tensor and skips the
+        # block's final base product (down_proj's), which backward does not need.
+        lora = adapter.low_rank(x_c)
+        return self._finish(self.base_product(x_c) + lora.to(self.compute_dtype), x)
 
     def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Add the bias. Under autocast the result stays in the compute dtype, as nn.Linear's does;
