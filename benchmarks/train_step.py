@@ -4,6 +4,11 @@
 
 SmolLM2-135M-Instruct (the embedded model), the demo task's rows (~80 tokens each), LoRA r=16 /
 alpha 32 on every linear layer, dropout 0.05, gradient checkpointing on, 8-bit AdamW, bf16 compute.
+qforge runs with its defaults, as `qforge train` does: selective checkpointing when the plan fits
+(keep_base_outputs auto: each layer's frozen base products kept, the rest recomputed) and its
+attention (qforge.nn.attention); PEFT with prepare_model_for_kbit_training's full checkpointing and
+SDPA. The extra variant qforge-qlora-recompute is qforge with full recomputation
+(--no-keep-base-outputs), its least-memory setting, for comparison.
 Each computes its loss as its trainer does: PEFT through transformers' `model(**batch).loss`,
 qforge through qforge.train.loss.causal_lm_loss (the LM head only where a label is).
 Each variant runs in a fresh process; the first 2 steps are warm-up and not timed, and speed is
@@ -23,7 +28,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("qforge-qlora", "peft-bnb-qlora", "qforge-lora")
+VARIANTS = ("qforge-qlora", "peft-bnb-qlora", "qforge-lora", "qforge-qlora-recompute")
 
 
 def batches(tok, batch_size, steps):
@@ -34,10 +39,11 @@ def batches(tok, batch_size, steps):
     return [collate([train[(s * batch_size + i) % len(train)] for i in range(batch_size)], pad) for s in range(steps)]
 
 
-def build_qforge(method, rank):
+def build_qforge(method, rank, keep_base_outputs=None):
     from qforge.train.config import TrainConfig
     from qforge.train.run import load_for_method
-    cfg = TrainConfig(model="smollm2", method=method, rank=rank, alpha=2 * rank, dropout=0.05)
+    cfg = TrainConfig(model="smollm2", method=method, rank=rank, alpha=2 * rank, dropout=0.05,
+                      keep_base_outputs=keep_base_outputs)
     model, tok = load_for_method(cfg)
     from qforge.optim import AdamW8bit
     opt = AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -72,7 +78,8 @@ def child(variant, steps, batch_size, rank):
     if variant == "peft-bnb-qlora":
         model, tok, opt = build_peft(rank)
     else:
-        model, tok, opt = build_qforge("qlora" if variant == "qforge-qlora" else "lora", rank)
+        model, tok, opt = build_qforge("lora" if variant == "qforge-lora" else "qlora", rank,
+                                       False if variant == "qforge-qlora-recompute" else None)
     load_s = time.perf_counter() - t0
     data = batches(tok, batch_size, steps)
     model.train()
@@ -100,7 +107,11 @@ def child(variant, steps, batch_size, rank):
     # Batches are the same rows in the same order for every variant; the fastest step (in tokens
     # per second) is the one least disturbed by other processes on a shared machine.
     best = max(range(len(times)), key=lambda k: tokens[k] / times[k])
-    print(json.dumps({"variant": variant, "step_s": times[best], "mean_step_s": sum(times) / len(times),
+    checkpoint_fn = next((m._gradient_checkpointing_func for m in model.modules()
+                          if hasattr(m, "_gradient_checkpointing_func")), None)
+    context_fn = getattr(checkpoint_fn, "keywords", {}).get("context_fn")
+    print(json.dumps({"variant": variant, "checkpointing": "selective" if context_fn else "full",
+                      "attention": model.config._attn_implementation, "step_s": times[best], "mean_step_s": sum(times) / len(times),
                       "tokens_per_s": tokens[best] / times[best], "mean_tokens_per_s": sum(tokens) / sum(times),
                       "peak_rss": rss, "load_s": load_s, "losses": losses}))
 
@@ -126,12 +137,16 @@ def main():
         results[v] = json.loads(lines[-1])
     print(f"SmolLM2-135M, batch {args.batch_size} x ~80 tokens, r={args.rank}, all linear layers, "
           f"gradient checkpointing, 8-bit AdamW, bf16 autocast, {args.steps - 2} timed steps")
-    print("| variant | best step (s) | mean step (s) | tokens/s (best) | peak RSS (GB) | load (s) | first losses |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| variant | checkpointing | attention | best step (s) | mean step (s) | tokens/s (best) | peak RSS (GB) "
+          "| load (s) | first losses |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for v, r in results.items():
-        print(f"| {v} | {r['step_s']:.3f} | {r['mean_step_s']:.3f} | {r['tokens_per_s']:.1f} | {r['peak_rss'] / 1e9:.2f} "
-              f"| {r['load_s']:.1f} | {r['losses'][:3]} |")
+        print(f"| {v} | {r['checkpointing']} | {r['attention']} | {r['step_s']:.3f} | {r['mean_step_s']:.3f} "
+              f"| {r['tokens_per_s']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['load_s']:.1f} | {r['losses'][:3]} |")
     q, p, lo = results["qforge-qlora"], results["peft-bnb-qlora"], results["qforge-lora"]
+    rc = results["qforge-qlora-recompute"]
+    print(f"qforge-qlora-recompute (full recomputation, the least memory): "
+          f"speed_vs_peft={rc['tokens_per_s'] / p['tokens_per_s']:.2f} mem_vs_peft={rc['peak_rss'] / p['peak_rss']:.2f}")
     print(f"qlora_speed_vs_peft={q['tokens_per_s'] / p['tokens_per_s']:.2f} "
           f"qlora_mem_vs_peft={q['peak_rss'] / p['peak_rss']:.2f} "
           f"qlora_vs_lora_step_time={lo['tokens_per_s'] / q['tokens_per_s']:.2f}")

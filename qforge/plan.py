@@ -349,8 +349,16 @@ def layer_activation_elems(arch: ModelArch, method: str, rank: int, c: MemoryCon
     return elems
 
 
+def base_output_elems(arch: ModelArch) -> int:
+    """Elements per token of one layer's frozen base products (the outputs of q, k, v, o and of
+    the MLP's gate, up and down; each active expert's for MoE): what selective checkpointing keeps
+    (qforge.nn.recompute)."""
+    experts = arch.experts_per_token if arch.num_experts else 1
+    return arch.q_dim + 2 * arch.kv_dim + arch.hidden_size + 2 * arch.active_intermediate + experts * arch.hidden_size
+
+
 def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradient_checkpointing: bool,
-                     c: MemoryConstants = CUDA_BF16) -> int:
+                     c: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False) -> int:
     """Bytes of saved activations on one GPU for `tokens` = batch * seq_len tokens.
 
     With checkpointing: each layer's input hidden state is kept (L * H elements per token) and
@@ -358,12 +366,15 @@ def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradi
         tokens * b * (L*H + layer + backward)
     Without: every layer keeps its full set:  tokens * b * (L*layer + backward)
     where b = compute_bytes, layer = layer_activation_elems, backward = backward_hidden*H +
-    backward_mlp*I_active. The logits are counted in temporary_bytes.
+    backward_mlp*I_active. The logits are counted in temporary_bytes. keep_base_outputs
+    (selective checkpointing, lora and qlora) adds every layer's base products: L * base_output_elems.
     """
     layer = layer_activation_elems(arch, method, rank, c)
     backward = c.backward_hidden * arch.hidden_size + c.backward_mlp * arch.active_intermediate
     if gradient_checkpointing:
         per_token = arch.num_layers * arch.hidden_size + layer + backward
+        if keep_base_outputs and method in ("lora", "qlora"):
+            per_token += arch.num_layers * base_output_elems(arch)
     else:
         per_token = arch.num_layers * layer + backward
     return int(tokens * c.compute_bytes * per_token)
@@ -439,13 +450,14 @@ def _check_run(method: str, seq_len: int, batch_size: int, rank: int, num_gpus: 
 def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, batch_size: int = 1, rank: int = 32,
              gradient_checkpointing: bool = True, num_gpus: int = 1, quant_type: str = "nf4",
              double_quant: bool = True, optimizer: str = "paged_adamw_8bit",
-             constants: MemoryConstants = CUDA_BF16) -> Plan:
+             constants: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False) -> Plan:
     """Memory of fine-tuning `config` with `method` ("qlora", "lora" or "full"), in bytes.
 
     qlora: 4-bit base (quant_type, with or without double quantisation) + BF16 LoRA adapters of
     `rank` on every decoder linear; lora: the same adapters on a BF16 base; full: every weight
     trained. Adapters are BF16 (2 bytes/param) with fp32 gradients (4); full fine-tuning keeps
     BF16 gradients (2). The optimiser is AdamW, 8- or 32-bit (see optimizer_bytes).
+    keep_base_outputs: selective checkpointing (see activation_bytes).
     """
     _check_run(method, seq_len, batch_size, rank, num_gpus, quant_type)
     arch = as_arch(config)
@@ -463,7 +475,7 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
         adapter_params = sum(n * k for n, k in trained)
         adapters, grads = 2 * adapter_params, 4 * adapter_params
     optim = optimizer_bytes(trained, optimizer)
-    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants)
+    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants, keep_base_outputs)
     temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants)
     sharded = base + constants_bytes + adapters + grads + optim
     return Plan(method=method, num_gpus=num_gpus, base_weights=base, quant_constants=constants_bytes,
@@ -552,6 +564,7 @@ def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, dev
     name or path for load_arch; None reads cfg.model with load_arch."""
     settings = {k: getattr(cfg, k) for k in ("method", "batch_size", "max_seq_len", "rank", "gradient_checkpointing",
                                              "quant_type", "double_quant", "optimizer")}
+    settings["keep_base_outputs"] = bool(getattr(cfg, "keep_base_outputs", False))  # auto (None): the minimum
     settings.update(changes)
     if model_config is None:
         model_config = cfg.model
@@ -561,7 +574,8 @@ def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, dev
     return plan_run(model_config, settings["method"], seq_len=settings["max_seq_len"],
                     batch_size=settings["batch_size"], rank=settings["rank"],
                     gradient_checkpointing=settings["gradient_checkpointing"], quant_type=settings["quant_type"],
-                    double_quant=settings["double_quant"], optimizer=optimizer, constants=constants_for(device))
+                    double_quant=settings["double_quant"], optimizer=optimizer, constants=constants_for(device),
+                    keep_base_outputs=settings["keep_base_outputs"])
 
 
 def _describe(changes: dict) -> str:
@@ -582,6 +596,8 @@ def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = 
     accumulation keeping the effective batch), the longest shorter max_seq_len (halving), and
     last all of QLoRA + checkpointing + batch 1 together."""
     candidates = []
+    if getattr(cfg, "keep_base_outputs", None) and cfg.gradient_checkpointing:
+        candidates.append({"keep_base_outputs": False})
     if cfg.method != "qlora":
         candidates.append({"method": "qlora"})
     if not cfg.gradient_checkpointing:
@@ -637,6 +653,34 @@ def available_memory(device: str = "cpu") -> int:
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
     import psutil
     return int(psutil.virtual_memory().available)
+
+
+AUTO_KEEP_SHARE = 0.8  # auto selective checkpointing: the plan with it must fit in this share of memory
+
+
+def keep_base_outputs_for(cfg, model_config: dict | ModelArch | str | None = None, device: str = "cpu",
+                          available_bytes: int | None = None) -> tuple[bool, str]:
+    """(keep, reason): whether a run keeps its base outputs under gradient checkpointing
+    (qforge.nn.recompute). An explicit cfg.keep_base_outputs wins; auto (None) keeps them when the
+    plan with them fits in AUTO_KEEP_SHARE of the available memory. Only lora and qlora with
+    gradient checkpointing have base outputs to keep."""
+    if cfg.method not in ("lora", "qlora") or not cfg.gradient_checkpointing:
+        return False, ""
+    if cfg.keep_base_outputs is not None:
+        how = "keeps the base products" if cfg.keep_base_outputs else "recomputes everything"
+        return bool(cfg.keep_base_outputs), f"gradient checkpointing {how} (--{'' if cfg.keep_base_outputs else 'no-'}keep-base-outputs)"
+    try:
+        available = available_memory(device) if available_bytes is None else available_bytes
+        without = plan_for_config(cfg, model_config, device, keep_base_outputs=False).total
+        with_kept = plan_for_config(cfg, model_config, device, keep_base_outputs=True).total
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        return False, f"gradient checkpointing recomputes everything (plan not available: {exc})"
+    extra = format_gb(with_kept - without)
+    if with_kept <= AUTO_KEEP_SHARE * available:
+        return True, (f"gradient checkpointing keeps the base products (selective, +{extra}; plan "
+                      f"{format_gb(with_kept)} of {format_gb(available)} available; --no-keep-base-outputs to save it)")
+    return False, (f"gradient checkpointing recomputes everything: keeping the base products (+{extra}) "
+                   f"would need {format_gb(with_kept)}, more than {AUTO_KEEP_SHARE:.0%} of {format_gb(available)} available")
 
 
 def warn_if_unfit(cfg, model_config: dict | ModelArch | str | None = None, log=print, device: str | None = None,

@@ -36,7 +36,12 @@ HELP = {
     "max_steps": "stop after this many optimiser steps (default: --epochs over the data)",
     "eval_every": "evaluate every N steps (0: only at the end when there is eval data)",
     "save_every": "write a checkpoint every N steps (0: none until the end or Ctrl-C)",
+    "keep_base_outputs": "with gradient checkpointing, keep each adapted layer's frozen base product "
+                         "for backward instead of dequantising and multiplying again (faster, more memory; "
+                         "the planner's estimate counts it). Default: auto, on when the run's plan with it "
+                         "fits in 80%% of the available memory",
 }
+AUTO_BOOLS = {"keep_base_outputs"}  # bool settings whose default (None) means "decide at run time"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = f"{HELP.get(f.name, '')} (default: {default})".strip()
-        if isinstance(default, bool):
+        help_text = HELP.get(f.name, "") if f.name in AUTO_BOOLS else f"{HELP.get(f.name, '')} (default: {default})".strip()
+        if isinstance(default, bool) or f.name in AUTO_BOOLS:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {int: int, float: float}.get(type(default), str)

@@ -94,10 +94,12 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> Iterator[tu
             yield pname, param
 
 
-def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True,
+                              keep_base_outputs: bool = False) -> nn.Module:
     """Freeze everything but the adapters, keep norms in float32, let gradients reach the inputs of
     the first layer (needed by checkpointing with a frozen embedding), and turn on non-reentrant
-    gradient checkpointing."""
+    gradient checkpointing; keep_base_outputs makes it selective (qforge.nn.recompute: the
+    recomputation takes each adapted layer's base product from forward)."""
     for pname, param in model.named_parameters():
         param.requires_grad = "adapters." in pname
     for module in model.modules():
@@ -106,7 +108,25 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if keep_base_outputs:
+            from ..nn.recompute import keep_base_outputs as context_fn
+            kwargs["context_fn"] = context_fn
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "config"):
         model.config.use_cache = not gradient_checkpointing
     return model
+
+
+def use_qforge_attention(model: nn.Module) -> bool:
+    """Switch a transformers model to qforge's attention (qforge.nn.attention); False, leaving the
+    model as it was, when the model does not take a registered attention function."""
+    from ..nn import attention
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        return False
+    try:
+        setter(attention.register())
+    except (ValueError, ImportError, KeyError):
+        return False
+    return True

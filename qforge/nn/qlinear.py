@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import QuantState, dequantize, quantize
+from . import recompute
 from .lora import LoraAdapter, LoraSpec
 
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
@@ -43,15 +44,35 @@ class Linear4bitFunction(torch.autograd.Function):
     dL/dx = dL/dy @ dequant(W) dequantises again. W is frozen, so there is no dL/dW."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, state: QuantState) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, state: QuantState, key: object = None) -> torch.Tensor:
         ctx.state = state
-        return F.linear(x, dequantize_cached(state, x.dtype))
+        # inside a selectively checkpointed layer's recomputation: the output kept from forward
+        # (key: what identifies the layer there; its module)
+        return recompute.base_product(key if key is not None else state, x, state.shape[0],
+                                      lambda: F.linear(x, dequantize_cached(state, x.dtype)))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
-            return None, None
-        return grad_out @ dequantize_cached(ctx.state, grad_out.dtype), None
+            return None, None, None
+        return grad_out @ dequantize_cached(ctx.state, grad_out.dtype), None, None
+
+
+class DenseBaseFunction(torch.autograd.Function):
+    """y = x @ W^T for a frozen dense W (LoRALinear's base): what F.linear computes, with the same
+    selective-checkpointing tape as the 4-bit product so BF16 LoRA and QLoRA runs compare fairly."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, key: object = None) -> torch.Tensor:
+        ctx.weight = weight  # frozen: held, not saved, so checkpointing's early stop works as for 4 bits
+        return recompute.base_product(key if key is not None else weight, x, weight.shape[0],
+                                      lambda: F.linear(x, weight))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return grad_out @ ctx.weight, None, None
 
 
 class QLoRALinear(nn.Module):
@@ -110,7 +131,7 @@ class QLoRALinear(nn.Module):
     # ---- forward --------------------------------------------------------------------------
     def base_product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T without bias, W the frozen base weight. (..., in) -> (..., out)."""
-        return Linear4bitFunction.apply(x, self.quant_state)
+        return Linear4bitFunction.apply(x, self.quant_state, self)
 
     def base_weight_fp32(self) -> torch.Tensor:
         """The base weight in float32 [out, in]; may be a shared workspace (use it at once)."""
@@ -305,7 +326,12 @@ class LoRALinear(QLoRALinear):
                 f"adapters={list(self.adapters)}, active={self.active_adapter}")
 
     def base_product(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            if weight.requires_grad:  # a trainable base (not qforge's LoRA): plain autograd
+                return F.linear(x, weight)
+            return DenseBaseFunction.apply(x, weight, self)
+        return F.linear(x, weight)
 
     def base_weight_fp32(self) -> torch.Tensor:
         return self.weight.float()

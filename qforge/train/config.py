@@ -43,6 +43,7 @@ class TrainConfig:
     max_seq_len: int = 512
     pack: bool = False
     gradient_checkpointing: bool = True
+    keep_base_outputs: bool | None = None  # None: auto (qforge.plan.keep_base_outputs_for)
     eval_every: int = 0
     save_every: int = 0
     log_every: int = 1
@@ -61,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
+        if self.keep_base_outputs not in (None, True, False):
+            raise ValueError(f"keep_base_outputs: expected true, false or null (auto), got {self.keep_base_outputs!r}")
         if self.optimizer not in ("paged_adamw_8bit", "adamw_8bit", "adamw"):
             raise ValueError(f"optimizer: expected paged_adamw_8bit, adamw_8bit or adamw, got {self.optimizer!r}")
 

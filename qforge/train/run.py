@@ -3,6 +3,7 @@ adapter (PEFT format) and a summary. Under torchrun every rank runs this; the 4-
 sharded across them (qforge.dist) and rank 0 alone writes files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,9 +24,12 @@ def lora_spec(cfg: TrainConfig):
 
 def load_for_method(cfg: TrainConfig):
     """(model, tokenizer) ready to train: a 4-bit base with adapters (qlora), a dense frozen base
-    with the same adapters (lora), or every weight trainable (full)."""
+    with the same adapters (lora), or every weight trainable (full). Gradient checkpointing keeps
+    the base products per cfg.keep_base_outputs (auto: qforge.plan.keep_base_outputs_for);
+    attention is qforge's (qforge.nn.attention: SDPA except for short training rows on the CPU)."""
     from ..model import surgery
     from ..model.load import load_model
+    from ..plan import keep_base_outputs_for
 
     dtype = getattr(torch, cfg.compute_dtype)
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process of the run
@@ -46,10 +50,18 @@ def load_for_method(cfg: TrainConfig):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     else:
-        surgery.prepare_for_kbit_training(model, cfg.gradient_checkpointing)
+        keep = cfg.keep_base_outputs
+        if keep is None:
+            keep = keep_base_outputs_for(cfg, model.config, _device_kind())[0]
+        surgery.prepare_for_kbit_training(model, cfg.gradient_checkpointing, keep_base_outputs=keep)
+    surgery.use_qforge_attention(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _device_kind() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -85,6 +97,12 @@ def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tup
         raise ValueError("no training data: give --data FILE.jsonl (or `data:` in the recipe)")
     from ..plan import warn_if_unfit
     warn_if_unfit(cfg, log=log)  # before loading: says which settings would fit
+    if cfg.keep_base_outputs is None:  # auto: decided once, from the plan, and logged
+        from ..plan import keep_base_outputs_for
+        keep, why = keep_base_outputs_for(cfg, device=_device_kind())
+        if why:
+            log(why)
+        cfg = dataclasses.replace(cfg, keep_base_outputs=keep)
     t0 = time.perf_counter()
     model, tok = load_for_method(cfg)
     trainable, total = count_parameters(model)  # before sharding turns the 4-bit codes into Parameters

@@ -1,0 +1,85 @@
+"""Selective gradient checkpointing: keep the frozen base products, recompute the rest.
+
+Full (non-reentrant) checkpointing keeps each decoder layer's input and, in backward, runs the
+layer's forward again to rebuild what its backward needs. For a QLoRA layer most of that rerun is
+the base products: dequantise every 4-bit weight and multiply, the same work as the first forward.
+Their outputs are cheap to keep (sum of the layer's out_features x 2 bytes per token, e.g. 9 KB per
+token per SmolLM2 layer) next to what they cost to rebuild (a dequantisation and a GEMM each).
+
+`keep_base_outputs()` is a `context_fn` for torch.utils.checkpoint: while a checkpointed layer runs
+forward, every base product (QLoRALinear / LoRALinear.base_product) appends its output to the
+layer's tape; when backward recomputes the layer, the base products take their outputs from the
+tape in the same order instead of computing them. Norms, attention, the activation function, the
+dropout and the low-rank products are recomputed as before, so the memory cost is only the tape.
+
+A replayed entry must match the layer's weight and the expected shape and must not have been
+modified in place since it was recorded (its version counter); otherwise the tape is dropped and
+the rest of the recomputation computes as usual, so a mismatch costs time, never correctness.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from contextlib import contextmanager
+
+import torch
+
+_local = threading.local()
+
+
+class _Tape:
+    __slots__ = ("entries", "replaying", "replayed", "computed")
+
+    def __init__(self):
+        self.entries: deque = deque()
+        self.replaying = False
+        self.replayed = 0
+        self.computed = 0
+
+
+def _current() -> _Tape | None:
+    return getattr(_local, "tape", None)
+
+
+@contextmanager
+def _using(tape: _Tape, replaying: bool):
+    previous = _current()
+    _local.tape = tape
+    tape.replaying = replaying
+    try:
+        yield
+    finally:
+        _local.tape = previous
+
+
+def keep_base_outputs():
+    """The (forward, recompute) context managers of one checkpointed call: pass this function as
+    torch.utils.checkpoint's `context_fn` (transformers: gradient_checkpointing_kwargs)."""
+    tape = _Tape()
+    return _using(tape, replaying=False), _using(tape, replaying=True)
+
+
+def base_product(key: object, x: torch.Tensor, out_features: int, compute):
+    """compute() -> x's base product, or, inside a recomputation, the output recorded for it.
+
+    Called from the forward of the base product's autograd Function (so its backward, dL/dx, runs
+    either way). key identifies the weight (the layer's quantisation state or weight tensor);
+    out_features is the product's last dimension. Outside a checkpointed layer: compute()."""
+    tape = _current()
+    if tape is None:
+        return compute()
+    if not tape.replaying:
+        out = compute()
+        # detached: the tape must not hold the autograd node that forward's caller attaches to
+        # `out` (the node -> checkpoint frame -> tape cycle would outlive backward)
+        tape.entries.append((key, out.detach(), out._version))
+        return out
+    if tape.entries:
+        k, out, version = tape.entries.popleft()
+        if k is key and out._version == version and out.shape == (*x.shape[:-1], out_features) \
+                and out.dtype == x.dtype:
+            tape.replayed += 1
+            return out
+        tape.entries.clear()  # out of step with the forward: compute everything from here on
+    tape.computed += 1
+    return compute()
