@@ -341,7 +341,8 @@ def _release_memory() -> None:
 
 
 def measure_training_peak(method: str, batch_size: int, seq_len: int, gradient_checkpointing: bool,
-                          steps: int = 3, rank: int = 16, model: str = "smollm2", seed: int = 0) -> dict:
+                          steps: int = 3, rank: int = 16, model: str = "smollm2", seed: int = 0,
+                          keep_base_outputs: bool = False) -> dict:
     """Peak CPU memory of training `method` at one setting, in bytes above an import-only
     baseline. Call it in a fresh process (measure_training_peaks does), once.
 
@@ -378,7 +379,8 @@ def measure_training_peak(method: str, batch_size: int, seq_len: int, gradient_c
     _release_memory()
     baseline = _proc_status_bytes("VmRSS")
     cfg = TrainConfig(model=model, method=method, rank=rank, alpha=2 * rank, seed=seed, output_dir="/dev/null",
-                      batch_size=batch_size, max_seq_len=seq_len, gradient_checkpointing=gradient_checkpointing)
+                      batch_size=batch_size, max_seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+                      keep_base_outputs=keep_base_outputs)
     torch.manual_seed(seed)
     net, _ = load_for_method(cfg)
     _release_memory()
@@ -395,7 +397,8 @@ def measure_training_peak(method: str, batch_size: int, seq_len: int, gradient_c
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {"method": method, "batch_size": batch_size, "seq_len": seq_len,
-            "gradient_checkpointing": gradient_checkpointing, "steps": steps, "rank": rank,
+            "gradient_checkpointing": gradient_checkpointing, "keep_base_outputs": keep_base_outputs,
+            "steps": steps, "rank": rank,
             "peak_bytes": _proc_status_bytes("VmHWM") - baseline, "baseline_bytes": baseline, "loaded_bytes": loaded}
 
 

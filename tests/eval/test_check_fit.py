@@ -97,3 +97,43 @@ def test_qforge_train_warns_before_loading_a_run_that_does_not_fit(monkeypatch, 
         pass
     assert lines and lines[0].startswith("warning: this run may not fit") and "0.10 GB" in lines[0]
     assert "Would fit" in lines[0] or "Nothing smaller fits" in lines[0]
+
+
+# ---- selective checkpointing: keep_base_outputs (auto, explicit) -------------------------------
+def test_auto_keeps_base_outputs_only_when_the_plan_with_them_fits_in_80_percent():
+    from qforge.plan import AUTO_KEEP_SHARE, keep_base_outputs_for
+    cfg = config(method="qlora", gradient_checkpointing=True)
+    without = plan_for_config(cfg).total
+    kept = plan_for_config(cfg, keep_base_outputs=True).total
+    # the term: every layer's base products, bf16, per token (SmolLM2: 30 x 5184 x 2 bytes x 1024 tokens)
+    assert kept - without == 30 * (576 + 2 * 192 + 576 + 2 * 1536 + 576) * 2 * 4 * 256
+    keep, why = keep_base_outputs_for(cfg, available_bytes=int(kept / AUTO_KEEP_SHARE) + 1)
+    assert keep and "keeps the base products" in why
+    keep, why = keep_base_outputs_for(cfg, available_bytes=int(kept / AUTO_KEEP_SHARE) - 1)
+    assert not keep and "recomputes everything" in why and "80%" in why
+    # an explicit setting wins; full fine-tuning and runs without checkpointing keep nothing
+    assert keep_base_outputs_for(config(method="qlora", gradient_checkpointing=True, keep_base_outputs=False),
+                                 available_bytes=100 * GB)[0] is False
+    assert keep_base_outputs_for(config(method="qlora", gradient_checkpointing=True, keep_base_outputs=True),
+                                 available_bytes=1)[0] is True
+    assert keep_base_outputs_for(config(method="full", gradient_checkpointing=True), available_bytes=100 * GB) == (False, "")
+    assert keep_base_outputs_for(config(method="qlora"), available_bytes=100 * GB) == (False, "")
+
+
+def test_an_explicit_keep_that_does_not_fit_is_told_to_turn_it_off():
+    cfg = config(method="qlora", gradient_checkpointing=True, keep_base_outputs=True)
+    kept, without = plan_for_config(cfg).total, plan_for_config(cfg, keep_base_outputs=False).total
+    fits, message = check_fit(cfg, None, (kept + without) // 2)
+    assert not fits and "--no-keep-base-outputs" in message
+
+
+def test_cli_flag_is_auto_unless_given():
+    import argparse
+
+    from qforge.commands.train import add_arguments, config_from_args
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args([])).keep_base_outputs is None
+    assert config_from_args(parser.parse_args(["--keep-base-outputs"])).keep_base_outputs is True
+    assert config_from_args(parser.parse_args(["--no-keep-base-outputs"])).keep_base_outputs is False
+    assert "80%" in parser.format_help()

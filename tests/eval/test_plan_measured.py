@@ -1,8 +1,8 @@
 """The memory planner against the memory training actually takes on this CPU.
 
-For SmolLM2-135M, rank 16, paged 8-bit AdamW, methods qlora and lora, each at four settings that
-between them vary the batch (1, 4), the sequence length (128, 256) and gradient checkpointing (on,
-off), the planner's total with the CPU constants (qforge.plan.CPU_BF16) must lie within 15% of
+For SmolLM2-135M, rank 16, paged 8-bit AdamW, methods qlora and lora, each at five settings that
+between them vary the batch (1, 4), the sequence length (128, 256) and gradient checkpointing (off,
+full, selective: keep_base_outputs), the planner's total with the CPU constants (qforge.plan.CPU_BF16) must lie within 15% of
 the measured peak.
 
 Measured: qforge.eval.bench.measure_training_peak in a fresh process per setting: the peak RSS
@@ -17,15 +17,18 @@ import pytest
 from qforge.eval.bench import measure_training_peaks
 from qforge.plan import CPU_BF16, plan_run
 
-SETTINGS = [{"method": m, "batch_size": b, "seq_len": s, "gradient_checkpointing": gc}
-            for m in ("qlora", "lora") for b, s, gc in ((1, 128, True), (1, 256, False), (4, 128, False), (4, 256, True))]
+SETTINGS = [{"method": m, "batch_size": b, "seq_len": s, "gradient_checkpointing": gc, "keep_base_outputs": keep}
+            for m in ("qlora", "lora")
+            for b, s, gc, keep in ((1, 128, True, True), (1, 256, False, False), (4, 128, False, False),
+                                   (4, 256, True, True), (4, 256, True, False))]
 TOLERANCE = 0.15
 RANK = 16
 
 
 def planned(s: dict) -> int:
     return plan_run("smollm2", s["method"], seq_len=s["seq_len"], batch_size=s["batch_size"], rank=RANK,
-                    gradient_checkpointing=s["gradient_checkpointing"], constants=CPU_BF16).total
+                    gradient_checkpointing=s["gradient_checkpointing"], constants=CPU_BF16,
+                    keep_base_outputs=s["keep_base_outputs"]).total
 
 
 @pytest.mark.slow
@@ -35,8 +38,9 @@ def test_planner_total_within_15_percent_of_measured_cpu_peak(tmp_path):
     for s in measured:
         plan, peak = planned(s), s["peak_bytes"]
         error = plan / peak - 1
+        mode = ("selective" if s["keep_base_outputs"] else "full     ") if s["gradient_checkpointing"] else "off      "
         rows.append(f"{s['method']:5} batch {s['batch_size']} seq {s['seq_len']} checkpointing "
-                    f"{'on ' if s['gradient_checkpointing'] else 'off'}: plan {plan / 1e6:5.0f} MB, "
+                    f"{mode}: plan {plan / 1e6:5.0f} MB, "
                     f"measured {peak / 1e6:5.0f} MB, error {error:+.1%}")
         if abs(error) > TOLERANCE:
             bad.append(rows[-1])
