@@ -60,6 +60,11 @@ def load():
     lib.qf_quantize_8bit.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
     lib.qf_dequantize_8bit.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     lib.qf_dropout.argtypes = [ptr, i32, i64, ctypes.c_uint32, ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32, ptr]
+    f32 = ctypes.c_float
+    lib.qf_adamw_8bit_moments.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32, f32, f32, f32,
+                                          ptr, ptr]
+    lib.qf_adamw_8bit_apply.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                        f32, f32, f32, f32]
     return lib
 
 
@@ -115,3 +120,23 @@ def dropout(x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.T
     lib.qf_dropout(x.data_ptr(), DTYPE_CODES[x.dtype], x.numel(), threshold, scale, seed & 0xFFFFFFFF,
                    (seed >> 32) & 0xFFFFFFFF, out.data_ptr())
     return out
+
+
+def adamw_8bit(p: torch.Tensor, grad: torch.Tensor, m_codes, m_absmax, v_codes, v_absmax, m_map, v_map,
+               blocksize: int, beta1: float, beta2: float, bias_correction2_sqrt: float, eps: float,
+               decay: float, step_size: float) -> None:
+    """One AdamW update with 8-bit moments in place (qf_adamw_8bit_moments, torch's sqrt,
+    qf_adamw_8bit_apply): p and grad contiguous float32 or bfloat16 CPU tensors; the codes/absmax
+    are the state's own tensors; m_map, v_map the moments' QuantMaps (levels, table). Scalars are
+    rounded to float32 as torch rounds them."""
+    lib = load()
+    n = p.numel()
+    m, v = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+    lib.qf_adamw_8bit_moments(grad.data_ptr(), DTYPE_CODES[grad.dtype], n, blocksize, m_codes.data_ptr(),
+                              m_absmax.data_ptr(), v_codes.data_ptr(), v_absmax.data_ptr(), m_map.levels.data_ptr(),
+                              v_map.levels.data_ptr(), beta1, 1.0 - beta1, beta2, 1.0 - beta2, m.data_ptr(), v.data_ptr())
+    v_sqrt = v.sqrt()
+    lib.qf_adamw_8bit_apply(p.data_ptr(), DTYPE_CODES[p.dtype], n, blocksize, m.data_ptr(), v.data_ptr(),
+                            v_sqrt.data_ptr(), m_codes.data_ptr(), m_absmax.data_ptr(), v_codes.data_ptr(),
+                            v_absmax.data_ptr(), m_map.table.data_ptr(), v_map.table.data_ptr(),
+                            bias_correction2_sqrt, eps, decay, step_size)

@@ -28,6 +28,11 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* fmaxf / fminf as comparisons, so that they inline and vectorise (without -ffinite-math-only
+   GCC calls libm for them): the same results, NaN included (a NaN x gives the other operand). */
+static inline float max_of(float a, float x) { return x > a ? x : a; }
+static inline float clamp_unit(float s) { s = s > -1.0f ? s : -1.0f; return s < 1.0f ? s : 1.0f; }
+
 static inline uint8_t code_of(float v, const float *bounds, const uint8_t *order) {
     int pos = 0;
     for (int j = 0; j < 15; j++) pos += (v > bounds[j]);
@@ -43,7 +48,7 @@ void qf_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize,
         int64_t start = b * blocksize;
         int64_t len = (n - start < blocksize) ? n - start : blocksize;
         float m = 0.0f;
-        for (int64_t i = 0; i < len; i++) m = fmaxf(m, fabsf(load_value(x, dtype, start + i)));
+        for (int64_t i = 0; i < len; i++) m = max_of(m, fabsf(load_value(x, dtype, start + i)));
         absmax[b] = m;
         float safe = fmaxf(m, 1e-38f);
         int partial = len < blocksize;
@@ -53,8 +58,8 @@ void qf_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize,
             float v1 = (i + 1 < len) ? load_value(x, dtype, start + i + 1) : 0.0f;
             float s0 = partial ? v0 / safe : v0 * inv;
             float s1 = (i + 1 < len) ? (partial ? v1 / safe : v1 * inv) : 0.0f;
-            s0 = fminf(fmaxf(s0, -1.0f), 1.0f);
-            s1 = fminf(fmaxf(s1, -1.0f), 1.0f);
+            s0 = clamp_unit(s0);
+            s1 = clamp_unit(s1);
             packed[(start + i) >> 1] = (uint8_t)((code_of(s0, bounds, order) << 4) | code_of(s1, bounds, order));
         }
     }
@@ -137,13 +142,13 @@ void qf_quantize_8bit(const float *x, int64_t n, int64_t blocksize, const uint8_
         int64_t start = b * blocksize;
         int64_t len = (n - start < blocksize) ? n - start : blocksize;
         float m = 0.0f;
-        for (int64_t i = 0; i < len; i++) m = fmaxf(m, fabsf(x[start + i]));
+        for (int64_t i = 0; i < len; i++) m = max_of(m, fabsf(x[start + i]));
         absmax[b] = m;
         if (m == 0.0f) { memset(codes + start, 0, (size_t)len); continue; }
         float inv = 1.0f / m;
         for (int64_t i = 0; i < len; i++) {
             float s = x[start + i] * inv;
-            s = fminf(fmaxf(s, -1.0f), 1.0f);
+            s = clamp_unit(s);
             float t = (s + 1.0f) * 0.5f;
             t = t * 65535.0f;
             t = t + 0.5f;
@@ -196,5 +201,84 @@ void qf_dropout(const void *x, int dtype, int64_t n, uint32_t threshold, float s
             uint16_t b = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (uint16_t)((u >> 16) | 0x40u) : to_bf16(f);
             ((uint16_t *)out)[i] = keep ? b : 0;
         }
+    }
+}
+
+/* One AdamW update of a parameter with blockwise 8-bit moments (qforge.optim.adamw8bit) in two
+   passes around torch's own sqrt (whose float32 results are not always the correctly rounded
+   ones that sqrtf gives, so the square root is left to torch to keep the torch path's bits):
+     qf_adamw_8bit_moments: decode both moments, update them -> float32 m, v
+     (torch: s = v.sqrt())
+     qf_adamw_8bit_apply:   update the parameter from m and s, re-encode m and v blockwise.
+   The arithmetic is the torch path's, rounding for rounding: torch's add_(g, alpha) is a fused
+   multiply-add fma(g, alpha, m), addcmul_(g, g, value) is fma(value*g, g, v), addcdiv_(m, d,
+   value) is p + (value*m)/d, a division by a scalar is a true division; so fmaf appears exactly
+   there and nowhere else (-ffp-contract=off). param/grad dtype: 0 float32, 1 bfloat16 (the
+   parameter is updated in float32 and rounded once, nearest-even). */
+static inline uint8_t encode_8bit(float x, float inv, const uint8_t *table) {
+    float s = x * inv;
+    s = clamp_unit(s);
+    float t = (s + 1.0f) * 0.5f;
+    t = t * 65535.0f;
+    t = t + 0.5f;
+    return table[(int32_t)t];
+}
+
+static inline void store_value(void *x, int dtype, int64_t i, float f) {
+    if (dtype == 0) { ((float *)x)[i] = f; return; }
+    uint32_t u; memcpy(&u, &f, 4);
+    ((uint16_t *)x)[i] = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (uint16_t)((u >> 16) | 0x40u) : to_bf16(f);
+}
+
+void qf_adamw_8bit_moments(const void *grad, int grad_dtype, int64_t n, int64_t blocksize,
+                           const uint8_t *m_codes, const float *m_absmax, const uint8_t *v_codes, const float *v_absmax,
+                           const float *m_levels, const float *v_levels,
+                           float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
+                           float *m, float *v) {
+    int64_t blocks = (n + blocksize - 1) / blocksize;
+    #pragma omp parallel for schedule(static) if (n > 262144)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t start = b * blocksize;
+        int64_t end = (n - start < blocksize) ? n : start + blocksize;
+        float am = m_absmax[b], av = v_absmax[b];
+        for (int64_t i = start; i < end; i++) {
+            float g = load_value(grad, grad_dtype, i);
+            float mi = m_levels[m_codes[i]] * am;
+            float vi = v_levels[v_codes[i]] * av;
+            mi = mi * beta1;
+            m[i] = fmaf(g, one_minus_beta1, mi);
+            vi = vi * beta2;
+            v[i] = fmaf(one_minus_beta2 * g, g, vi);
+        }
+    }
+}
+
+void qf_adamw_8bit_apply(void *param, int param_dtype, int64_t n, int64_t blocksize,
+                         const float *m, const float *v, const float *v_sqrt,
+                         uint8_t *m_codes, float *m_absmax, uint8_t *v_codes, float *v_absmax,
+                         const uint8_t *m_table, const uint8_t *v_table,
+                         float bias_correction2_sqrt, float eps, float decay, float step_size) {
+    int64_t blocks = (n + blocksize - 1) / blocksize;
+    #pragma omp parallel for schedule(static) if (n > 262144)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t start = b * blocksize;
+        int64_t end = (n - start < blocksize) ? n : start + blocksize;
+        float mmax = 0.0f, vmax = 0.0f;
+        for (int64_t i = start; i < end; i++) {
+            float denom = v_sqrt[i] / bias_correction2_sqrt;
+            denom = denom + eps;
+            float p = load_value(param, param_dtype, i);
+            p = p * decay;
+            p = p + (step_size * m[i]) / denom;
+            store_value(param, param_dtype, i, p);
+            mmax = max_of(mmax, fabsf(m[i]));
+            vmax = max_of(vmax, fabsf(v[i]));
+        }
+        m_absmax[b] = mmax;
+        v_absmax[b] = vmax;
+        if (mmax == 0.0f) memset(m_codes + start, 0, (size_t)(end - start));
+        else { float inv = 1.0f / mmax; for (int64_t i = start; i < end; i++) m_codes[i] = encode_8bit(m[i], inv, m_table); }
+        if (vmax == 0.0f) memset(v_codes + start, 0, (size_t)(end - start));
+        else { float inv = 1.0f / vmax; for (int64_t i = start; i < end; i++) v_codes[i] = encode_8bit(v[i], inv, v_table); }
     }
 }

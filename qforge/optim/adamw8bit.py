@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from ..kernels import dispatch
 from . import paging
 from .qmap import dequantize_blockwise, dynamic_map, num_blocks, quantize_blockwise
 
@@ -70,7 +71,11 @@ def adamw_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta
                eps: float, weight_decay: float, step: int, block_size: int = 256) -> None:
     """One AdamW update of parameter `p` (float32 or bfloat16, any shape) from `grad` (same shape),
     in place; `state` (see the module docstring, on p's device) is updated in place. `step` is the
-    1-based number of this update, for bias correction. All arithmetic is float32."""
+    1-based number of this update, for bias correction. All arithmetic is float32.
+    On the CPU with 8-bit state the native kernel does it in one pass (kernels/cpu.py, adamw_8bit),
+    with the same roundings as the torch path below: the same bits."""
+    if _native_step(p, grad, state, lr, beta1, beta2, eps, weight_decay, step, block_size):
+        return
     g = grad.float()
     exp_avg, exp_avg_sq = read_moments(state, p.shape, block_size)
     exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
@@ -88,6 +93,25 @@ def adamw_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta
         p.copy_(p32)
     # The update used the float32 moments; only what is kept for the next step is quantised.
     write_moments(state, exp_avg, exp_avg_sq, block_size)
+
+
+def _native_step(p, grad, state, lr, beta1, beta2, eps, weight_decay, step, block_size) -> bool:
+    """adamw_step through the native CPU kernel; False (nothing done) where it does not apply."""
+    if not (is_8bit(state) and p.device.type == "cpu" and grad.device.type == "cpu" and p.is_contiguous()
+            and p.dtype in _NATIVE and grad.dtype in _NATIVE
+            and grad.shape == p.shape and dispatch.cpu.load() is not None):
+        return False
+    names = [n + s for n, _ in MOMENTS for s in ("_codes", "_absmax")]
+    if not all(state[k].device.type == "cpu" and state[k].is_contiguous() for k in names):
+        return False
+    dispatch.cpu.adamw_8bit(p, grad.contiguous(), *(state[k] for k in names), dynamic_map(True, "cpu"),
+                            dynamic_map(False, "cpu"), block_size, beta1, beta2,
+                            math.sqrt(1.0 - beta2**step), eps, 1.0 - lr * weight_decay,
+                            -lr / (1.0 - beta1**step))
+    return True
+
+
+_NATIVE = (torch.float32, torch.bfloat16)
 
 
 def check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
