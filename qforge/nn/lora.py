@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..kernels import dispatch
-from .dropout import HashDropout, dropout_args
+from .dropout import HashDropout
 
 
 @dataclass
@@ -68,55 +67,5 @@ class LoraAdapter(nn.Module):
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
         """s * B(A(dropout(x))), computed in the adapter's dtype: [..., in] -> [..., out]."""
-        A, B = self.lora_A.weight, self.lora_B.weight
-        x = x.to(A.dtype)
-        if x.device.type == "cpu" and B.dtype == A.dtype and (A.requires_grad or B.requires_grad or x.requires_grad) \
-                and torch.is_grad_enabled():
-            p = self.dropout.p if isinstance(self.dropout, HashDropout) and self.dropout.training else 0.0
-            return LowRankFunction.apply(x, A, B, self.scaling, *dropout_args(p))
-        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
-
-
-class LowRankFunction(torch.autograd.Function):
-    """s * B(A(dropout(x))) as one autograd node (training on the CPU).
-
-    The composed form is five nodes per layer (dropout, two Linears, the scaling, under autocast
-    the casts); with ~200 adapted layers a step, run forward, recomputed and run backward, their
-    dispatch costs more than their arithmetic, which is small (rank r). Here forward does a
-    dropout pass and two products and saves dropout(x) and h = s A(dropout(x)) (r values per row);
-    backward does four small products and one dropout pass on dL/dx (the mask recomputed from its
-    seed, qforge.nn.dropout).
-    The scaling is applied to the (rows, r) matrix, not to the (rows, out) output. Everything runs
-    in the adapter's dtype with autocast off, as the composed form computes under bf16 autocast
-    for bf16 adapters.
-    """
-
-    @staticmethod
-    def forward(ctx, x, A, B, scaling: float, threshold: int, keep_scale: float, seed: int | None):
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1])
-            xd = x2 if seed is None else dispatch.dropout(x2.contiguous(), threshold, keep_scale, seed)
-            h = (xd @ A.t()).mul_(scaling)
-            out = h @ B.t()
-        ctx.args = (scaling, threshold, keep_scale, seed)
-        ctx.in_shape = x.shape
-        ctx.save_for_backward(xd, h, A, B)  # the dropped-out input: backward needs no second mask pass
-        return out.view(*x.shape[:-1], B.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        xd, h, A, B = ctx.saved_tensors
-        scaling, threshold, keep_scale, seed = ctx.args
-        g = grad.reshape(-1, grad.shape[-1]).to(B.dtype)
-        grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[2]:
-            grad_B = g.t() @ h                                             # (out, r)
-        gh = (g @ B).mul_(scaling)                                         # (rows, r)
-        if ctx.needs_input_grad[1]:
-            grad_A = gh.t() @ xd                                           # (r, in)
-        if ctx.needs_input_grad[0]:
-            gx = gh @ A                                                    # (rows, in)
-            if seed is not None:  # the same mask, from the seed
-                gx = dispatch.dropout(gx, threshold, keep_scale, seed)
-            grad_x = gx.view(ctx.in_shape)
-        return grad_x, grad_A, grad_B, None, None, None, None
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        return self.lora_B(self.lora_A(x)) * self.scaling
