@@ -7,7 +7,8 @@ linear layer, dropout 0.05, gradient checkpointing, 8-bit AdamW, bf16 autocast),
 model, with the changes switched on one after another:
 
   before           full recomputation, SDPA attention, the 8-bit AdamW as torch operations
-  + selective      gradient checkpointing keeps the base products (qforge.nn.recompute)
+  + selective      gradient checkpointing keeps the base products (qforge.nn.recompute), and
+                   QLoRALinear adds B's product onto the base output with one addmm
   + attention      qforge.nn.attention (matrix products for short CPU training rows)
   + native adamw   the 8-bit AdamW step in the native kernel (= qforge's defaults)
 
@@ -44,9 +45,8 @@ def main():
 
     def configure(selective, attn, native_adamw):
         adamw8bit._native_step = native if native_adamw else (lambda *a: False)
-        kwargs = {"use_reentrant": False}
-        if selective:
-            kwargs["context_fn"] = recompute.keep_base_outputs
+        kwargs = {"use_reentrant": False,
+                  "context_fn": recompute.keep_base_outputs if selective else recompute.recompute_everything}
         model.gradient_checkpointing_disable()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.set_attn_implementation(attention.register() if attn else "sdpa")

@@ -108,10 +108,9 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        kwargs = {"use_reentrant": False}
-        if keep_base_outputs:
-            from ..nn.recompute import keep_base_outputs as context_fn
-            kwargs["context_fn"] = context_fn
+        from ..nn import recompute
+        kwargs = {"use_reentrant": False,
+                  "context_fn": recompute.keep_base_outputs if keep_base_outputs else recompute.recompute_everything}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "config"):
         model.config.use_cache = not gradient_checkpointing

@@ -65,6 +65,16 @@ class LoraAdapter(nn.Module):
         """s * B @ A in float32, [out, in]."""
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
+    def fusable(self, dtype: torch.dtype) -> bool:
+        """Whether the layer may add B's product onto its base output in `dtype` directly
+        (QLoRALinear.forward): the adapter computes in that dtype and is plain LoRA."""
+        return not self.use_dora and self.lora_A.weight.dtype == self.lora_B.weight.dtype == dtype
+
+    def scaled_down(self, x: torch.Tensor) -> torch.Tensor:
+        """s * A(dropout(x)): the rank-r factor of low_rank, the scaling applied here. [..., r]"""
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        return self.lora_A(x) * self.scaling
+
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
         """s * B(A(dropout(x))), computed in the adapter's dtype: [..., in] -> [..., out]."""
         x = self.dropout(x.to(self.lora_A.weight.dtype))

@@ -148,12 +148,20 @@ class QLoRALinear(nn.Module):
         if adapter.use_dora:
             base = self.base_product(x_c)
             return self._finish(base + self._adapter_delta(adapter, x_c, base), x)
-        # The low-rank branch first, the frozen base product last: the base product saves no
-        # tensor for backward, so when gradient checkpointing recomputes a block, its
-        # recomputation stops (torch's early stop) after the last saved tensor and skips the
-        # block's final base product (down_proj's), which backward does not need.
-        lora = adapter.low_rank(x_c)
-        return self._finish(self.base_product(x_c) + lora.to(self.compute_dtype), x)
+        if recompute.full_recomputation() or not adapter.fusable(self.compute_dtype):
+            # The low-rank branch first, the frozen base product last: the base product saves no
+            # tensor for backward, so when full checkpointing recomputes a block, its
+            # recomputation stops (torch's early stop) after the last saved tensor and skips the
+            # block's final base product (down_proj's), which backward does not need.
+            lora = adapter.low_rank(x_c)
+            return self._finish(self.base_product(x_c) + lora.to(self.compute_dtype), x)
+        # Otherwise (no checkpointing, selective checkpointing whose recomputation replays the base
+        # product, inference) the base product first and B's product added onto it by one addmm,
+        # the scaling applied to the rank-r factor: no (rows, out) passes for the scaling and the sum.
+        base = self.base_product(x_c)
+        h = adapter.scaled_down(x_c)                                                  # (..., r)
+        out = torch.addmm(base.reshape(-1, self.out_features), h.reshape(-1, adapter.r), adapter.lora_B.weight.t())
+        return self._finish(out.view(base.shape), x)
 
     def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Add the bias. Under autocast the result stays in the compute dtype, as nn.Linear's does;

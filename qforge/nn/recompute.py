@@ -28,9 +28,10 @@ _local = threading.local()
 
 
 class _Tape:
-    __slots__ = ("entries", "replaying", "replayed", "computed")
+    __slots__ = ("entries", "replaying", "replayed", "computed", "keeps")
 
-    def __init__(self):
+    def __init__(self, keeps: bool = True):
+        self.keeps = keeps  # False: full recomputation, the tape only marks "inside a checkpoint"
         self.entries: deque = deque()
         self.replaying = False
         self.replayed = 0
@@ -59,6 +60,21 @@ def keep_base_outputs():
     return _using(tape, replaying=False), _using(tape, replaying=True)
 
 
+def recompute_everything():
+    """The context_fn of full checkpointing: nothing is kept, but layers can tell that they run
+    inside a checkpoint that recomputes them (full_recomputation()) and order their work for it."""
+    tape = _Tape(keeps=False)
+    return _using(tape, replaying=False), _using(tape, replaying=True)
+
+
+def full_recomputation() -> bool:
+    """True inside a layer checkpointed with recompute_everything: its base products will be
+    computed again in backward, so the layer should compute them last (torch's early stop then
+    skips the last one; see QLoRALinear.forward)."""
+    tape = _current()
+    return tape is not None and not tape.keeps
+
+
 def base_product(key: object, x: torch.Tensor, out_features: int, compute):
     """compute() -> x's base product, or, inside a recomputation, the output recorded for it.
 
@@ -66,7 +82,7 @@ def base_product(key: object, x: torch.Tensor, out_features: int, compute):
     either way). key identifies the weight (the layer's quantisation state or weight tensor);
     out_features is the product's last dimension. Outside a checkpointed layer: compute()."""
     tape = _current()
-    if tape is None:
+    if tape is None or not tape.keeps:
         return compute()
     if not tape.replaying:
         out = compute()

@@ -42,8 +42,8 @@ def grads(model, mode, x):
         if mode == "none":
             h = block(h)
         else:
-            kw = {"context_fn": recompute.keep_base_outputs} if mode == "selective" else {}
-            h = checkpoint(block, h, use_reentrant=False, **kw)
+            context_fn = recompute.keep_base_outputs if mode == "selective" else recompute.recompute_everything
+            h = checkpoint(block, h, use_reentrant=False, context_fn=context_fn)
     h.square().sum().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -67,8 +67,10 @@ def test_selective_equals_full_and_no_checkpointing_and_skips_base_products(dens
         computed.clear()
         results[mode] = (grads(model, mode, x), len(computed))
     for name, g in results["none"][0].items():
-        assert torch.equal(results["full"][0][name], g), name
+        # selective replays what the plain forward computed: the same bits; full recomputation
+        # orders the layer differently (low-rank branch first, separate sum): equal to rounding
         assert torch.equal(results["selective"][0][name], g), name
+        torch.testing.assert_close(results["full"][0][name], g, rtol=1e-5, atol=1e-5, msg=name)
     # 2 blocks x 2 layers: 4 base products forward; full checkpointing recomputes the up
     # products (down's is skipped by torch's early stop), selective recomputes none
     assert results["none"][1] == 4
