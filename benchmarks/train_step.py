@@ -114,7 +114,8 @@ def child(variant, steps, batch_size, rank):
     checkpoint_fn = next((m._gradient_checkpointing_func for m in model.modules()
                           if hasattr(m, "_gradient_checkpointing_func")), None)
     context_fn = getattr(checkpoint_fn, "keywords", {}).get("context_fn")
-    print(json.dumps({"variant": variant, "checkpointing": "selective" if context_fn else "full",
+    selective = getattr(context_fn, "__name__", "") == "keep_base_outputs"
+    print(json.dumps({"variant": variant, "checkpointing": "selective" if selective else "full",
                       "attention": model.config._attn_implementation, "step_s": times[best], "mean_step_s": sum(times) / len(times),
                       "tokens_per_s": tokens[best] / times[best], "mean_tokens_per_s": sum(tokens) / sum(times),
                       "peak_rss": rss, "load_s": load_s, "losses": losses}))
