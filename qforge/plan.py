@@ -807,5 +807,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"seq_len {args.seq_len}, batch {args.batch_size}, rank {args.rank}, {args.optimizer}, "
           f"gradient checkpointing {'on' if gc else 'off'}, {args.num_gpus} GPU(s) of {card_label(gpu)}\n")
     print(format_table(plans, other, gc, gpu))
+    kept = [(m, plan_run(arch, m, gradient_checkpointing=True, keep_base_outputs=True, **kwargs).activations
+             - plan_run(arch, m, gradient_checkpointing=True, **kwargs).activations) for m in methods if m != "full"]
+    if gc and kept:
+        print("selective checkpointing (--keep-base-outputs; qforge train turns it on when the plan with it "
+              "fits in 80% of memory) adds " + ", ".join(f"{format_gb(b)} ({m})" for m, b in kept))
     print(f"recommended: {method} ({reason})")
     return 0

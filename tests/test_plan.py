@@ -221,6 +221,10 @@ def test_cli_prints_the_table(capsys):
     header = next(line for line in out.splitlines() if "qlora" in line and "lora" in line.replace("qlora", ""))
     assert header.split() == ["qlora", "lora", "full"]
     assert " GB" in next(line for line in out.splitlines() if line.startswith("total"))
+    # what selective checkpointing would add: 32 layers x (4096 + 2*1024 + 4096 + 2*14336 + 4096)
+    # = 43008 base-output values x 2 bytes x 4096 tokens = 11.27 GB, the same for qlora and lora
+    selective = next(line for line in out.splitlines() if line.startswith("selective checkpointing"))
+    assert selective.endswith("adds 11.27 GB (qlora), 11.27 GB (lora)"), selective
 
 
 def test_cli_one_method_and_fsdp(capsys):
