@@ -613,8 +613,11 @@ def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = 
             candidates.append({"max_seq_len": seq})
             break
         seq //= 2
-    candidates.append({"method": "qlora", "gradient_checkpointing": True, "batch_size": 1,
-                       "grad_accum": cfg.grad_accum * cfg.batch_size})
+    smallest = {"method": "qlora", "gradient_checkpointing": True, "batch_size": 1,
+                "grad_accum": cfg.grad_accum * cfg.batch_size}
+    if getattr(cfg, "keep_base_outputs", None):
+        smallest["keep_base_outputs"] = False
+    candidates.append(smallest)
     found, seen = [], set()
     for change in candidates:
         plan_changes = {k: v for k, v in change.items() if k != "grad_accum"}
@@ -810,7 +813,7 @@ def run(args: argparse.Namespace) -> int:
     kept = [(m, plan_run(arch, m, gradient_checkpointing=True, keep_base_outputs=True, **kwargs).activations
              - plan_run(arch, m, gradient_checkpointing=True, **kwargs).activations) for m in methods if m != "full"]
     if gc and kept:
-        print("selective checkpointing (--keep-base-outputs; qforge train turns it on when the plan with it "
-              "fits in 80% of memory) adds " + ", ".join(f"{format_gb(b)} ({m})" for m, b in kept))
+        print(f"selective checkpointing (--keep-base-outputs; qforge train turns it on when the plan with it "
+              f"fits in {AUTO_KEEP_SHARE:.0%} of memory) adds " + ", ".join(f"{format_gb(b)} ({m})" for m, b in kept))
     print(f"recommended: {method} ({reason})")
     return 0

@@ -39,7 +39,7 @@ HELP = {
     "keep_base_outputs": "with gradient checkpointing, keep each adapted layer's frozen base product "
                          "for backward instead of dequantising and multiplying again (faster, more memory; "
                          "the planner's estimate counts it). Default: auto, on when the run's plan with it "
-                         "fits in 80%% of the available memory",
+                         "fits in 80%% of the available memory (qforge.plan.AUTO_KEEP_SHARE)",
 }
 AUTO_BOOLS = {"keep_base_outputs"}  # bool settings whose default (None) means "decide at run time"
 

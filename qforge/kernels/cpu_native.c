@@ -224,10 +224,11 @@ static inline uint8_t encode_8bit(float x, float inv, const uint8_t *table) {
     return table[(int32_t)t];
 }
 
+/* A NaN becomes 0xFFFF, as torch's float32 -> bfloat16 copy_ writes it. */
 static inline void store_value(void *x, int dtype, int64_t i, float f) {
     if (dtype == 0) { ((float *)x)[i] = f; return; }
     uint32_t u; memcpy(&u, &f, 4);
-    ((uint16_t *)x)[i] = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (uint16_t)((u >> 16) | 0x40u) : to_bf16(f);
+    ((uint16_t *)x)[i] = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (uint16_t)0xFFFFu : to_bf16(f);
 }
 
 void qf_adamw_8bit_moments(const void *grad, int grad_dtype, int64_t n, int64_t blocksize,

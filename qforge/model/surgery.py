@@ -118,11 +118,13 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
 
 
 def use_qforge_attention(model: nn.Module) -> bool:
-    """Switch a transformers model to qforge's attention (qforge.nn.attention); False, leaving the
-    model as it was, when the model does not take a registered attention function."""
+    """Switch a transformers model that runs SDPA to qforge's attention (qforge.nn.attention, which
+    is SDPA but for short CPU training rows); False, leaving the model as it was, when it runs
+    another implementation (eager for a reason, flash, flex) or takes no registered function."""
     from ..nn import attention
     setter = getattr(model, "set_attn_implementation", None)
-    if setter is None:
+    config = getattr(model, "config", None)
+    if setter is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     try:
         setter(attention.register())

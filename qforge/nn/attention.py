@@ -8,10 +8,11 @@ per call (2M: batch 4 x 9 heads x 240 x 240), and with gradient checkpointing on
 are alive at a time.
 
 `qforge_attention` is registered with transformers under the name "qforge" (AttentionInterface,
-with SDPA's mask function), so `model.set_attn_implementation("qforge")` selects it. It takes the
+with SDPA's mask function), so `model.set_attn_implementation("qforge")` selects it; qforge's
+trainer selects it only for models that run SDPA (surgery.use_qforge_attention). It takes the
 matrix path only on CPU tensors, with autograd recording, without a KV cache (query and key of the
-same length) and up to MATH_MAX_SCORES scores; every other call goes to transformers' SDPA
-function unchanged. The matrix path is transformers' eager attention: scores in the compute dtype,
+same length), without arguments it does not implement (UNSUPPORTED) and up to MATH_MAX_SCORES
+scores; every other call goes to transformers' SDPA function unchanged. The matrix path is transformers' eager attention: scores in the compute dtype,
 masked with the dtype's lowest value, softmax in float32, probabilities back in the compute dtype;
 a query row with nothing to attend to (left padding) outputs zeros, as SDPA's kernel gives.
 """
@@ -21,6 +22,9 @@ import torch
 
 NAME = "qforge"
 MATH_MAX_SCORES = 2 * 1024 * 1024
+# attention-function arguments of some models (Gemma 2's logit soft-capping, gpt-oss' sinks) that
+# the matrix path does not implement: calls that carry them go to SDPA's function unchanged
+UNSUPPORTED = ("softcap", "s_aux", "sinks")
 
 
 def _math_attention(query, key, value, mask, scaling, dropout, causal=True):
@@ -32,8 +36,9 @@ def _math_attention(query, key, value, mask, scaling, dropout, causal=True):
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if mask is None and causal:
-        mask = torch.ones(t, t, dtype=torch.bool, device=query.device).tril_()
+    if mask is None:
+        if causal:
+            mask = torch.ones(t, t, dtype=torch.bool, device=query.device).tril_()
     elif mask.dtype != torch.bool:  # an additive float mask
         scores = scores + mask[..., : key.shape[-2]]
         mask = None
@@ -55,7 +60,9 @@ def qforge_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, h, t, d = query.shape
-    if query.device.type == "cpu" and torch.is_grad_enabled() and key.shape[-2] == t and b * h * t * t <= MATH_MAX_SCORES:
+    plain = all(kwargs.get(k) is None for k in UNSUPPORTED)  # nothing the matrix path does not do
+    if (plain and query.device.type == "cpu" and torch.is_grad_enabled() and key.shape[-2] == t
+            and b * h * t * t <= MATH_MAX_SCORES):
         # without a mask, causal as transformers' SDPA function decides it
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         scale = scaling if scaling is not None else d ** -0.5

@@ -72,7 +72,7 @@ class DenseBaseFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        return grad_out @ ctx.weight, None, None
+        return grad_out @ ctx.weight.to(grad_out.dtype), None, None
 
 
 class QLoRALinear(nn.Module):

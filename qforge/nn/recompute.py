@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from contextlib import contextmanager
 
 import torch
 
@@ -42,15 +41,26 @@ def _current() -> _Tape | None:
     return getattr(_local, "tape", None)
 
 
-@contextmanager
-def _using(tape: _Tape, replaying: bool):
-    previous = _current()
-    _local.tape = tape
-    tape.replaying = replaying
-    try:
-        yield
-    finally:
-        _local.tape = previous
+class _Using:
+    """Makes `tape` current (recording or replaying) while entered. A class, not a generator
+    context: torch enters the same recompute context again for every recomputation of the layer
+    (a second backward through a retained graph, autograd.grad then backward)."""
+
+    def __init__(self, tape: _Tape, replaying: bool):
+        self.tape, self.replaying, self.previous = tape, replaying, []
+
+    def __enter__(self):
+        self.previous.append(_current())
+        _local.tape = self.tape
+        self.tape.replaying = self.replaying
+        return self
+
+    def __exit__(self, *exc):
+        _local.tape = self.previous.pop()
+        return False
+
+
+_using = _Using
 
 
 def keep_base_outputs():
@@ -88,12 +98,12 @@ def base_product(key: object, x: torch.Tensor, out_features: int, compute):
         out = compute()
         # detached: the tape must not hold the autograd node that forward's caller attaches to
         # `out` (the node -> checkpoint frame -> tape cycle would outlive backward)
-        tape.entries.append((key, out.detach(), out._version))
+        tape.entries.append((key, out.detach(), out._version, x.dtype))
         return out
     if tape.entries:
-        k, out, version = tape.entries.popleft()
-        if k is key and out._version == version and out.shape == (*x.shape[:-1], out_features) \
-                and out.dtype == x.dtype:
+        k, out, version, x_dtype = tape.entries.popleft()
+        # the output's dtype follows from x's and the autocast state, which checkpointing restores
+        if k is key and out._version == version and x.dtype == x_dtype and out.shape == (*x.shape[:-1], out_features):
             tape.replayed += 1
             return out
         tape.entries.clear()  # out of step with the forward: compute everything from here on

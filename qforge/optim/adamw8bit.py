@@ -108,6 +108,7 @@ def _native_step(p, grad, state, lr, beta1, beta2, eps, weight_decay, step, bloc
                             dynamic_map(False, "cpu"), block_size, beta1, beta2,
                             math.sqrt(1.0 - beta2**step), eps, 1.0 - lr * weight_decay,
                             -lr / (1.0 - beta1**step))
+    torch.autograd.graph.increment_version(p)  # written in place behind torch's back, as copy_ would mark it
     return True
 
 

@@ -100,6 +100,9 @@ def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tup
     if cfg.keep_base_outputs is None:  # auto: decided once, from the plan, and logged
         from ..plan import keep_base_outputs_for
         keep, why = keep_base_outputs_for(cfg, device=_device_kind())
+        if group.distributed and group.any(not keep) and keep:  # every rank the same: all keep or none
+            keep, why = False, ("gradient checkpointing recomputes everything: another rank lacks the memory "
+                                "to keep the base products")
         if why:
             log(why)
         cfg = dataclasses.replace(cfg, keep_base_outputs=keep)

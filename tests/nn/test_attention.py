@@ -82,3 +82,32 @@ def test_long_sequences_go_to_sdpa(monkeypatch):
         ids = torch.randint(0, 120, (3, length))
         run(model, attention.NAME, ids, torch.ones_like(ids))
         assert len(calls) == expect, length
+
+
+def test_non_causal_without_a_mask_attends_everywhere():
+    q, k, v = (torch.randn(2, 4, 6, 8, requires_grad=True) for _ in range(3))
+
+    class Bidirectional(torch.nn.Module):
+        is_causal = False
+        training = True
+
+    got, _ = attention.qforge_attention(Bidirectional(), q, k, v, None, is_causal=False)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_arguments_the_matrix_path_lacks_go_to_sdpa_and_other_models_are_not_switched(monkeypatch):
+    from qforge.model.surgery import use_qforge_attention
+    calls = []
+    math = attention._math_attention
+    monkeypatch.setattr(attention, "_math_attention", lambda *a, **k: calls.append(1) or math(*a, **k))
+    q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
+    module = torch.nn.Module()
+    with pytest.raises(Exception):  # transformers' SDPA function refuses a softcap: it was not dropped
+        attention.qforge_attention(module, q, k, v, None, softcap=30.0)
+    assert not calls
+    model = tiny()
+    model.set_attn_implementation("eager")
+    assert use_qforge_attention(model) is False and model.config._attn_implementation == "eager"
+    model.set_attn_implementation("sdpa")
+    assert use_qforge_attention(model) is True and model.config._attn_implementation == attention.NAME

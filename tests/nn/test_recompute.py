@@ -95,3 +95,53 @@ def test_outside_checkpointing_nothing_is_recorded():
     layer = QLoRALinear.from_linear(nn.Linear(16, 8), compute_dtype=torch.float32)
     layer(torch.randn(2, 16))
     assert recompute._current() is None
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_a_retained_graph_recomputes_twice(mode):
+    """torch enters a layer's recompute context once per recomputation: a second backward through a
+    retained graph must work and give twice the gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(False), Block(False))
+    for n, p in model.named_parameters():
+        p.requires_grad = "adapters" in n
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    once = grads(model, mode, x)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    context_fn = recompute.keep_base_outputs if mode == "selective" else recompute.recompute_everything
+    h = x
+    for block in model:
+        h = checkpoint(block, h, use_reentrant=False, context_fn=context_fn)
+    loss = h.square().sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for n, p in model.named_parameters():
+        if n in once:
+            torch.testing.assert_close(p.grad, 2 * once[n], rtol=1e-6, atol=1e-6, msg=n)
+
+
+def test_float32_compute_under_bf16_autocast_replays_and_dense_backward_casts():
+    """A float32-compute layer under bf16 autocast: the base output is bf16 while the input is
+    float32; the tape still replays it (it compares input dtypes), and the dense base's backward
+    multiplies in the gradient's dtype."""
+    torch.manual_seed(0)
+    for dense in (False, True):
+        block = Block(dense)
+        for n, p in block.named_parameters():
+            p.requires_grad = "adapters" in n
+        x = torch.randn(2, 5, 32, requires_grad=True)
+        counts = []
+
+        def spy(key, inp, out_features, compute, real=recompute.base_product):
+            return real(key, inp, out_features, lambda: counts.append(1) or compute())
+
+        qlinear.recompute.base_product, original = spy, recompute.base_product
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = checkpoint(block, x, use_reentrant=False, context_fn=recompute.keep_base_outputs)
+            y.float().square().sum().backward()
+        finally:
+            qlinear.recompute.base_product = original
+        assert len(counts) == 2, (dense, len(counts))  # up and down once each: nothing recomputed
+        assert x.grad is not None and torch.isfinite(x.grad).all()

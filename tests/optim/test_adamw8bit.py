@@ -324,7 +324,9 @@ def test_native_cpu_step_equals_the_torch_path_bit_for_bit(dtype, n, block_size,
                             (lambda *a: taken.append(1) or real(*a)) if native else (lambda *a: False))
         p, state = init.clone(), adamw8bit.init_state(init, block_size, 4096)
         for step, grad in enumerate(grads, 1):
+            version = p._version
             adamw8bit.adamw_step(p, grad, state, 3e-3, 0.9, 0.999, 1e-8, 0.05, step, block_size)
+            assert p._version > version  # an in-place write that autograd can see
         monkeypatch.setattr(adamw8bit, "_native_step", real)
         assert bool(taken) == native
         runs.append((p, state))
