@@ -32,17 +32,6 @@ class _HashDropout(torch.autograd.Function):
         return dispatch.dropout(grad.contiguous(), threshold, scale, seed), None, None, None
 
 
-def dropout_args(p: float, generator: torch.Generator | None = None) -> tuple[int, float, int | None]:
-    """(threshold, keep scale, seed) of one dropout call with probability p on the CPU; seed None
-    when p == 0 (no dropout). The seed is drawn from torch's generator, as hash_dropout draws it."""
-    if p == 0:
-        return 0, 1.0, None
-    if not 0 < p < 1:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
-    return math.ceil(p * 2**24), 1.0 / (1.0 - p), seed
-
-
 def hash_dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.Generator | None = None):
     """Dropout with probability p of x (any shape); identity when not training or p == 0."""
     if not training or p == 0:
@@ -51,7 +40,8 @@ def hash_dropout(x: torch.Tensor, p: float, training: bool = True, generator: to
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if x.device.type != "cpu":  # accelerators: torch's fused dropout is already one cheap pass
         return torch.nn.functional.dropout(x, p, True)
-    return _HashDropout.apply(x.contiguous(), *dropout_args(p, generator))
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    return _HashDropout.apply(x.contiguous(), math.ceil(p * 2**24), 1.0 / (1.0 - p), seed)
 
 
 class HashDropout(nn.Module):

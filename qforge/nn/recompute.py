@@ -12,7 +12,7 @@ layer's tape; when backward recomputes the layer, the base products take their o
 tape in the same order instead of computing them. Norms, attention, the activation function, the
 dropout and the low-rank products are recomputed as before, so the memory cost is only the tape.
 
-A replayed entry must match the layer's weight and the expected shape and must not have been
+A replayed entry must match the layer, the input dtype and the expected shape and must not have been
 modified in place since it was recorded (its version counter); otherwise the tape is dropped and
 the rest of the recomputation computes as usual, so a mismatch costs time, never correctness.
 """
@@ -27,14 +27,12 @@ _local = threading.local()
 
 
 class _Tape:
-    __slots__ = ("entries", "replaying", "replayed", "computed", "keeps")
+    __slots__ = ("entries", "replaying", "keeps")
 
     def __init__(self, keeps: bool = True):
         self.keeps = keeps  # False: full recomputation, the tape only marks "inside a checkpoint"
         self.entries: deque = deque()
         self.replaying = False
-        self.replayed = 0
-        self.computed = 0
 
 
 def _current() -> _Tape | None:
@@ -104,8 +102,6 @@ def base_product(key: object, x: torch.Tensor, out_features: int, compute):
         k, out, version, x_dtype = tape.entries.popleft()
         # the output's dtype follows from x's and the autocast state, which checkpointing restores
         if k is key and out._version == version and x.dtype == x_dtype and out.shape == (*x.shape[:-1], out_features):
-            tape.replayed += 1
             return out
         tape.entries.clear()  # out of step with the forward: compute everything from here on
-    tape.computed += 1
     return compute()
