@@ -58,21 +58,18 @@ class _Using:
         return False
 
 
-_using = _Using
-
-
 def keep_base_outputs():
     """The (forward, recompute) context managers of one checkpointed call: pass this function as
     torch.utils.checkpoint's `context_fn` (transformers: gradient_checkpointing_kwargs)."""
     tape = _Tape()
-    return _using(tape, replaying=False), _using(tape, replaying=True)
+    return _Using(tape, replaying=False), _Using(tape, replaying=True)
 
 
 def recompute_everything():
     """The context_fn of full checkpointing: nothing is kept, but layers can tell that they run
     inside a checkpoint that recomputes them (full_recomputation()) and order their work for it."""
     tape = _Tape(keeps=False)
-    return _using(tape, replaying=False), _using(tape, replaying=True)
+    return _Using(tape, replaying=False), _Using(tape, replaying=True)
 
 
 def full_recomputation() -> bool:
@@ -87,8 +84,7 @@ def base_product(key: object, x: torch.Tensor, out_features: int, compute):
     """compute() -> x's base product, or, inside a recomputation, the output recorded for it.
 
     Called from the forward of the base product's autograd Function (so its backward, dL/dx, runs
-    either way). key identifies the weight (the layer's quantisation state or weight tensor);
-    out_features is the product's last dimension. Outside a checkpointed layer: compute()."""
+    either way). key identifies the layer (its module); out_features is the product's last dimension. Outside a checkpointed layer: compute()."""
     tape = _current()
     if tape is None or not tape.keeps:
         return compute()

@@ -72,8 +72,8 @@ def adamw_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta
     """One AdamW update of parameter `p` (float32 or bfloat16, any shape) from `grad` (same shape),
     in place; `state` (see the module docstring, on p's device) is updated in place. `step` is the
     1-based number of this update, for bias correction. All arithmetic is float32.
-    On the CPU with 8-bit state the native kernel does it in one pass (kernels/cpu.py, adamw_8bit),
-    with the same roundings as the torch path below: the same bits."""
+    On the CPU with 8-bit state the native kernel does it (kernels/cpu.py, adamw_8bit: two passes
+    around torch's sqrt), with the same roundings as the torch path below: the same bits."""
     if _native_step(p, grad, state, lr, beta1, beta2, eps, weight_decay, step, block_size):
         return
     g = grad.float()

@@ -3,8 +3,8 @@
 transformers' causal-LM loss runs the LM head over every position and then ignores the positions
 whose next label is -100 (prompt tokens, padding). With SmolLM2's 49k vocabulary the head is a
 fifth of the forward's FLOPs (57 of 271 MFLOP per token), and in chat fine-tuning most positions
-are prompt (the demo task: 25k of 62.5k tokens are trained). causal_lm_loss runs the same model forward with a pre-hook on the output embedding that
-keeps only the hidden states whose next token is a target, then takes the mean cross-entropy in
+are prompt (the demo task: 25k of 62.5k tokens are trained). causal_lm_loss runs the same model
+forward with a pre-hook on the output embedding that keeps only the hidden states whose next token is a target, then takes the mean cross-entropy in
 float32 over those: the same value as `model(**batch).loss` (the same rows, fewer of them), with
 the head's work cut to the trained tokens. Models without an output embedding, or batches with no
 target, take the plain path.

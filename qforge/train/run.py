@@ -52,16 +52,12 @@ def load_for_method(cfg: TrainConfig):
     else:
         keep = cfg.keep_base_outputs
         if keep is None:
-            keep = keep_base_outputs_for(cfg, model.config, _device_kind())[0]
+            keep = keep_base_outputs_for(cfg, model.config)[0]
         surgery.prepare_for_kbit_training(model, cfg.gradient_checkpointing, keep_base_outputs=keep)
     surgery.use_qforge_attention(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
-
-
-def _device_kind() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -99,7 +95,7 @@ def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tup
     warn_if_unfit(cfg, log=log)  # before loading: says which settings would fit
     if cfg.keep_base_outputs is None:  # auto: decided once, from the plan, and logged
         from ..plan import keep_base_outputs_for
-        keep, why = keep_base_outputs_for(cfg, device=_device_kind())
+        keep, why = keep_base_outputs_for(cfg)
         if group.distributed and group.any(not keep) and keep:  # every rank the same: all keep or none
             keep, why = False, ("gradient checkpointing recomputes everything: another rank lacks the memory "
                                 "to keep the base products")
