@@ -12,7 +12,7 @@ dequant(Q) + s * B @ A is closer to the full-precision W than plain dequant(quan
 The adapter multiplies B @ A by its scaling s, so A and B are each divided by sqrt(s): then
 s * B @ A is exactly the rank-r SVD part, and A and B keep equal norms, as the unscaled split has.
 
-LoftQ needs the full-precision weight, which a QLoRALinear no longer has: it runs where the dense
+LoftQ needs the full-precision weight, which a 4-bit layer no longer has: it runs where the dense
 weight still exists, per layer (`loftq_linear`) or over a model whose targets are still nn.Linear
 (`quantize_linears_loftq`, used in place of surgery.quantize_linears when spec.loftq_iters > 0).
 """
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..model.surgery import linear_names, select_targets, set_active_adapter, set_module
-from ..nn import LoraSpec, QLoRALinear
+from ..nn import AdaptedLinear, LoraSpec, Quant4bitBase
 from ..quant import QuantState, dequantize, quantize
 
 
@@ -61,20 +61,18 @@ def loftq_init(weight: torch.Tensor, r: int, iters: int, quant_type: str = "nf4"
 
 def loftq_linear(linear: nn.Linear, spec: LoraSpec, name: str = "default", quant_type: str = "nf4",
                  blocksize: int = 64, double_quant: bool = True,
-                 compute_dtype: torch.dtype = torch.bfloat16) -> QLoRALinear:
-    """A QLoRALinear whose 4-bit base and adapter `name` are LoftQ-initialised from linear's dense
+                 compute_dtype: torch.dtype = torch.bfloat16) -> AdaptedLinear:
+    """An AdaptedLinear whose 4-bit base and adapter `name` are LoftQ-initialised from linear's dense
     weight, with spec.loftq_iters iterations (at least 1). With DoRA the magnitude starts as the
     row norms of dequant(Q) + s B A, so the layer starts at the LoftQ approximation too."""
     iters = max(spec.loftq_iters, 1)
     state, A, B = loftq_init(linear.weight, spec.r, iters, quant_type, blocksize, double_quant, spec.scaling)
-    layer = QLoRALinear(state.to(linear.weight.device), linear.bias, compute_dtype)
+    layer = AdaptedLinear(Quant4bitBase(state.to(linear.weight.device)), linear.bias, compute_dtype)
     adapter = layer.add_adapter(name, spec)
     with torch.no_grad():
         adapter.lora_A.weight.copy_(A)
         adapter.lora_B.weight.copy_(B)
-        if spec.use_dora:
-            adapter.magnitude.copy_((layer.dequantized(torch.float32) + adapter.delta_weight()).norm(dim=1))
-    adapter.spec = spec
+        adapter.variant.init(layer, adapter)  # DoRA: m from dequant(Q) + s B A, the LoftQ start
     return layer
 
 
@@ -99,7 +97,7 @@ def quantize_linears_loftq(model: nn.Module, spec: LoraSpec, name: str = "defaul
         if layer_name in adapted:
             new = loftq_linear(linear, spec, name, quant_type, blocksize, double_quant, compute_dtype)
         else:
-            new = QLoRALinear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype)
+            new = AdaptedLinear.quantized(linear, quant_type, blocksize, double_quant, compute_dtype)
         set_module(model, layer_name, new)
     set_active_adapter(model, name)
     return [n for n in quantized if n in adapted]

@@ -1,6 +1,6 @@
 """Merge an adapter into its base the QLoRA way: dequantise, merge in float32, write a dense model.
 
-For every QLoRALinear the merged weight is
+For every adapted layer (AdaptedLinear) the merged weight is
     W' = dequant(W) + s B A                                        (LoRA / rsLoRA)
     W' = m * (dequant(W) + s B A) / ||dequant(W) + s B A||_row      (DoRA)
 computed in float32 and cast once to the output dtype. The adapter was trained against
@@ -26,11 +26,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..model.surgery import qlora_layers
-from ..nn import LoraAdapter, QLoRALinear
+from ..model.checkpoint import quantization_config_for
+from ..model.surgery import adapted_layers
+from ..nn import AdaptedLinear, LoraAdapter
 from ..quant import dequantize, quantize
 from ..quant.state import dtype_name
-from .peft_format import _adapted_layers, base_linears, write_folder_atomically
+from .peft_format import _adapted_layers, write_folder_atomically
 
 RECORD_KEY = "qforge_merged_adapters"  # in config.json, and on a model object that was merged
 PROVENANCE_NAME = "qforge_merge.json"
@@ -43,23 +44,17 @@ class InPlaceMergeError(ValueError):
 
 # ---- the merged weights ---------------------------------------------------------------------
 @torch.no_grad()
-def merged_weight(layer: QLoRALinear, adapter: LoraAdapter | None) -> torch.Tensor:
+def merged_weight(layer: AdaptedLinear, adapter: LoraAdapter | None) -> torch.Tensor:
     """The float32 [out, in] weight equal to layer's forward with `adapter` (or the base alone)."""
     w = layer.dequantized(torch.float32)                                    # [out, in]
-    if adapter is None:
-        return w
-    w = w + adapter.delta_weight().to(w.device)                             # + s B A, float32
-    if adapter.use_dora:
-        # the runtime norm is detached, but it is the same number: m / ||W + sBA|| per row
-        w = w * (adapter.magnitude.detach().float() / w.norm(dim=1))[:, None]
-    return w
+    return w if adapter is None else adapter.variant.merged_weight(w, adapter)
 
 
-def merged_linears(model: nn.Module, name: str = "default") -> Iterator[tuple[str, QLoRALinear, torch.Tensor]]:
-    """(module path, layer, merged float32 weight) for every QLoRALinear, one at a time. A NaN or
+def merged_linears(model: nn.Module, name: str = "default") -> Iterator[tuple[str, AdaptedLinear, torch.Tensor]]:
+    """(module path, layer, merged float32 weight) for every adapted layer, one at a time. A NaN or
     Inf in a merged weight is a ValueError naming the layer (as PEFT's safe_merge checks)."""
     _adapted_layers(model, name)  # a ValueError listing the adapters present when `name` is absent
-    for module, layer in qlora_layers(model):
+    for module, layer in adapted_layers(model):
         w = merged_weight(layer, layer.adapters[name] if name in layer.adapters else None)
         if not torch.isfinite(w).all():
             bad = int((~torch.isfinite(w)).sum())
@@ -69,10 +64,10 @@ def merged_linears(model: nn.Module, name: str = "default") -> Iterator[tuple[st
 
 
 def _other_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every state-dict tensor outside the QLoRALinear layers, floating ones cast to dtype. A
+    """Every state-dict tensor outside the adapted layers, floating ones cast to dtype. A
     tensor that shares memory with an earlier one (tied lm_head / embeddings) is written once, as
     save_pretrained does; transformers ties it again on load from config.tie_word_embeddings."""
-    prefixes = tuple(f"{n}." for n, _ in qlora_layers(model))
+    prefixes = tuple(f"{n}." for n, _ in adapted_layers(model))
     out, seen = {}, set()
     for key, t in model.state_dict().items():
         if key.startswith(prefixes):
@@ -107,7 +102,7 @@ def requantized_state_dict(model: nn.Module, name: str = "default", dtype: torch
     out = _other_tensors(model, dtype)
     err2 = upd2 = 0.0
     for module, layer, w in merged_linears(model, name):
-        st = layer.quant_state
+        st = layer.base.quant_state
         q = quantize(w.to(dtype), quant_type, st.blocksize, st.nested)
         out.update(q.to_state_dict(f"{module}.weight"))
         if layer.bias is not None:
@@ -125,9 +120,8 @@ def adapter_fingerprint(model: nn.Module, name: str = "default") -> str:
     h = hashlib.sha256()
     for module, a in _adapted_layers(model, name).items():
         h.update(module.encode())
-        for t in (a.lora_A.weight, a.lora_B.weight, a.magnitude):
-            if t is not None:
-                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        for t in a.peft_weights().values():  # A, B, then the variant's own (DoRA's magnitude)
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -165,32 +159,12 @@ def _config_dict(model: nn.Module, dtype: torch.dtype, records: list[dict], quan
     if not cfg.get("architectures"):
         cfg["architectures"] = [type(model).__name__]
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(out_emb, QLoRALinear) and cfg.get("tie_word_embeddings"):
+    if isinstance(out_emb, AdaptedLinear) and cfg.get("tie_word_embeddings"):
         cfg["tie_word_embeddings"] = False  # the output layer was merged on its own: keep it untied
     cfg[RECORD_KEY] = records
     if quant_config is not None:
         cfg["quantization_config"] = quant_config
     return cfg
-
-
-def bnb_quantization_config(quant_type: str, double_quant: bool, dtype: torch.dtype, dense_linears: list[str]) -> dict:
-    """config.json's quantization_config as transformers writes it for bitsandbytes 4-bit; the
-    linear layers kept dense are named in llm_int8_skip_modules so transformers leaves them so."""
-    return {"_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": dtype_name(dtype),
-            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type,
-            "bnb_4bit_use_double_quant": double_quant, "llm_int8_enable_fp32_cpu_offload": False,
-            "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": dense_linears, "llm_int8_threshold": 6.0,
-            "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes"}
-
-
-def _quant_config(model: nn.Module, quant_type: str, dtype: torch.dtype) -> dict:
-    layers = [layer for _, layer in qlora_layers(model)]
-    nested = {layer.quant_state.nested for layer in layers}
-    if len(nested) > 1:
-        raise ValueError("requantize: the base mixes double-quantised and plain layers; bitsandbytes' config "
-                         "holds one bnb_4bit_use_double_quant")
-    dense = [n for n, m in base_linears(model).items() if isinstance(m, nn.Linear)]
-    return bnb_quantization_config(quant_type, nested.pop(), dtype, dense)
 
 
 def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, name: str = "default",
@@ -210,7 +184,7 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, name: str = "d
         tensors, quant_config = merged_state_dict(model, name, dtype), None
     else:
         tensors, rounding = requantized_state_dict(model, name, dtype, requantize)
-        quant_config = _quant_config(model, requantize, dtype)
+        quant_config = quantization_config_for(model, requantize, dtype)
     records = merge_records(model) + [record]
     config = _config_dict(model, dtype, records, quant_config)
     provenance = {"adapter": name, "adapter_source": source, "adapter_sha256": record["sha256"],
@@ -236,7 +210,7 @@ def _rounding_demo(model: nn.Module, name: str) -> str:
     """One layer's numbers: how much of the update survives requantising dequant(W) + update."""
     module, adapter = next(iter(_adapted_layers(model, name).items()))
     layer = model.get_submodule(module)
-    st = layer.quant_state
+    st = layer.base.quant_state
     w0 = layer.dequantized(torch.float32)
     w1 = merged_weight(layer, adapter)
     q = quantize(w1, st.quant_type, st.blocksize, st.nested)

@@ -17,7 +17,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..fileio import atomic_folder
-from ..model.surgery import qlora_layers, set_active_adapter
-from ..nn import LoraAdapter, LoraSpec, QLoRALinear
+from ..model.surgery import adapted_layers, set_active_adapter
+from ..nn import AdaptedLinear, LoraAdapter, LoraSpec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -64,32 +64,27 @@ def write_folder_atomically(out_dir: str | Path, write: Callable[[Path], None],
 
 # ---- save -----------------------------------------------------------------------------------
 def _adapted_layers(model: nn.Module, name: str) -> dict[str, LoraAdapter]:
-    found = {n: layer.adapters[name] for n, layer in qlora_layers(model) if name in layer.adapters}
+    found = {n: layer.adapters[name] for n, layer in adapted_layers(model) if name in layer.adapters}
     if not found:
-        have = sorted({a for _, layer in qlora_layers(model) for a in layer.adapters})
+        have = sorted({a for _, layer in adapted_layers(model) for a in layer.adapters})
         raise ValueError(f"no layer of the model carries an adapter named '{name}'; adapters present: {have}")
     return found
 
 
 def _hyper(adapter: LoraAdapter) -> tuple[int, float, float, bool, bool]:
-    """(r, alpha, dropout, use_rslora, use_dora) of one adapter. From its LoraSpec when it keeps one;
-    otherwise alpha = scaling * r, which PEFT turns back into the same scaling."""
-    spec = getattr(adapter, "spec", None)
-    if isinstance(spec, LoraSpec):
-        r, alpha, dropout, rslora, dora = spec.r, spec.alpha, spec.dropout, spec.use_rslora, spec.use_dora
-    else:
-        dropout = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
-        r, alpha, rslora, dora = adapter.r, adapter.scaling * adapter.r, False, adapter.use_dora
+    """(r, alpha, dropout, use_rslora, use_dora) of one adapter, from the LoraSpec it was built with."""
+    spec = adapter.spec
+    r, alpha, dropout, rslora, dora = spec.r, spec.alpha, spec.dropout, spec.use_rslora, spec.use_dora
     alpha = int(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 else float(alpha)  # 16, as PEFT writes it
     return r, alpha, float(dropout), rslora, dora
 
 
 def base_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's own linear layers (nn.Linear or QLoRALinear), by path; not the adapters'
-    lora_A / lora_B, which are nn.Linear too but live inside a QLoRALinear."""
-    inner = tuple(f"{n}." for n, _ in qlora_layers(model))
+    """The model's own linear layers (nn.Linear or AdaptedLinear), by path; not the adapters'
+    lora_A / lora_B, which are nn.Linear too but live inside an AdaptedLinear."""
+    inner = tuple(f"{n}." for n, _ in adapted_layers(model))
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, QLoRALinear)) and not (inner and n.startswith(inner))}
+            if isinstance(m, (nn.Linear, AdaptedLinear)) and not (inner and n.startswith(inner))}
 
 
 def _output_layer(model: nn.Module) -> str | None:
@@ -121,8 +116,7 @@ def adapter_config(model: nn.Module, name: str = "default", base_model_name_or_p
     if len({h[2:] for h in hyper.values()}) > 1:
         raise ValueError(f"adapter '{name}' mixes dropout / rsLoRA / DoRA settings across layers; "
                          "PEFT's format holds one setting per adapter")
-    spec = getattr(next(iter(adapters.values())), "spec", None)
-    spec_targets = spec.target_modules if isinstance(spec, LoraSpec) else None
+    spec_targets = next(iter(adapters.values())).spec.target_modules
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return {**PEFT_LORA_DEFAULTS,
@@ -137,10 +131,8 @@ def adapter_tensors(model: nn.Module, name: str = "default") -> dict[str, torch.
     """PEFT's tensor keys -> contiguous copies of adapter `name`'s weights (in the adapter's dtype)."""
     out = {}
     for module, a in _adapted_layers(model, name).items():
-        out[f"{PREFIX}{module}.lora_A.weight"] = a.lora_A.weight.detach().contiguous().clone()  # [r, in]
-        out[f"{PREFIX}{module}.lora_B.weight"] = a.lora_B.weight.detach().contiguous().clone()  # [out, r]
-        if a.use_dora:
-            out[f"{PREFIX}{module}.lora_magnitude_vector"] = a.magnitude.detach().contiguous().clone()  # [out]
+        for suffix, t in a.peft_weights().items():  # lora_A [r, in], lora_B [out, r], DoRA's magnitude [out]
+            out[f"{PREFIX}{module}.{suffix}"] = t.detach().contiguous().clone()
     return out
 
 
@@ -241,11 +233,9 @@ def _layer_spec(config: dict, module: str, dtype: torch.dtype) -> LoraSpec:
                     dtype=dtype, modules_to_skip=[])
 
 
-def _check_shapes(path: Path, module: str, layer: QLoRALinear, spec: LoraSpec, t: dict) -> None:
+def _check_shapes(path: Path, module: str, layer: AdaptedLinear, spec: LoraSpec, t: dict) -> None:
     out_f, in_f, r = layer.out_features, layer.in_features, spec.r
-    want = {"lora_A": [r, in_f], "lora_B": [out_f, r]}
-    if spec.use_dora:
-        want["magnitude"] = [out_f]
+    want = {"lora_A": [r, in_f], "lora_B": [out_f, r], **{attr: [out_f] for attr in spec.variant.extra_weights}}
     for part, shape in want.items():
         if part not in t:
             raise ValueError(f"'{path}': layer '{module}' has no {part} tensor")
@@ -256,14 +246,26 @@ def _check_shapes(path: Path, module: str, layer: QLoRALinear, spec: LoraSpec, t
         raise ValueError(f"'{path}': layer '{module}' has a DoRA magnitude but use_dora is false")
 
 
-def _plan(model: nn.Module, adapter_dir: Path, config: dict, tensors: dict, name: str,
-          dtype: torch.dtype | None) -> list[tuple[QLoRALinear, LoraSpec, dict]]:
+class ModelLayout(NamedTuple):
+    """What reading an adapter needs to know of a model: its module paths, its own linear layers
+    by path, and the output layer's path. Taken once (model_layout) it stays valid while the
+    model's layers are wrapped for serving."""
+    modules: frozenset
+    linears: dict
+    output_layer: str | None
+
+
+def model_layout(model: nn.Module) -> ModelLayout:
+    return ModelLayout(frozenset(n for n, _ in model.named_modules()), base_linears(model), _output_layer(model))
+
+
+def _plan(layout: ModelLayout, adapter_dir: Path, config: dict, tensors: dict, name: str,
+          dtype: torch.dtype | None) -> list[tuple[str, AdaptedLinear, LoraSpec, dict]]:
     """Check everything before touching the model: which layers, their specs, their tensors."""
-    modules = dict(model.named_modules())
-    linears = list(base_linears(model))
-    wanted = _match_targets(config, linears, _output_layer(model))
+    linears = list(layout.linears)
+    wanted = _match_targets(config, linears, layout.output_layer)
     weights_path = adapter_dir / WEIGHTS_NAME
-    missing = sorted(set(tensors) - set(modules))
+    missing = sorted(set(tensors) - layout.modules)
     if missing:
         raise ValueError(f"'{weights_path}' holds weights for modules the base model does not have: {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}; is this adapter for another model?")
@@ -277,16 +279,16 @@ def _plan(model: nn.Module, adapter_dir: Path, config: dict, tensors: dict, name
                          f"{only_cfg[:5]}, weights without a target {only_file[:5]}")
     plan = []
     for module in wanted:
-        layer = modules[module]
-        if not isinstance(layer, QLoRALinear):
-            raise ValueError(f"layer '{module}' is a {type(layer).__name__}, not a 4-bit QLoRALinear; quantise the "
-                             "base before loading an adapter onto it")
+        layer = layout.linears[module]
+        if not isinstance(layer, AdaptedLinear):
+            raise ValueError(f"layer '{module}' is a {type(layer).__name__}, not an adapter layer (AdaptedLinear); "
+                             "quantise the base before loading an adapter onto it")
         if name in layer.adapters:
             raise ValueError(f"layer '{module}' already has an adapter named '{name}'; pass another name")
         t = tensors[module]
         spec = _layer_spec(config, module, dtype or t["lora_A"].dtype)
         _check_shapes(weights_path, module, layer, spec, t)
-        plan.append((layer, spec, t))
+        plan.append((module, layer, spec, t))
     return plan
 
 
@@ -296,30 +298,36 @@ def default_adapter_name(adapter_dir: str | Path) -> str:
     return folder if folder and "." not in folder else "default"
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str | None = None,
-                 dtype: torch.dtype | None = None) -> str:
-    """Attach the PEFT adapter in `adapter_dir` to the QLoRALinear layers of `model` as adapter
-    `name` (default: the folder's name, or "default") and make it active. Weights keep the file's
-    dtype unless `dtype` is given. Nothing is changed when a check fails: missing files
-    (FileNotFoundError), malformed JSON, unsupported settings, targets the base lacks, or shapes
-    that do not fit (ValueError naming the file, the layer and both shapes). Returns the name."""
+def read_adapter(model: nn.Module | ModelLayout, adapter_dir: str | Path, name: str | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[str, list[tuple[str, AdaptedLinear, LoraSpec, dict]]]:
+    """Read and check the PEFT adapter in `adapter_dir` against `model` without changing the model:
+    (name, [(module path, layer, spec, {"lora_A", "lora_B", and the variant's weights})]). Missing
+    files are a FileNotFoundError; malformed JSON, unsupported settings, targets the base lacks and
+    shapes that do not fit are a ValueError naming the file, the layer and both shapes."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
     name = name or default_adapter_name(adapter_dir)
-    plan = _plan(model, adapter_dir, config, tensors, name, dtype)
-    for layer, spec, t in plan:
+    layout = model if isinstance(model, ModelLayout) else model_layout(model)
+    return name, _plan(layout, adapter_dir, config, tensors, name, dtype)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str | None = None,
+                 dtype: torch.dtype | None = None) -> str:
+    """Attach the PEFT adapter in `adapter_dir` to the adapter layers of `model` as adapter `name`
+    (default: the folder's name, or "default") and make it active. Weights keep the file's dtype
+    unless `dtype` is given. Nothing is changed when a check fails (read_adapter). Returns the name."""
+    name, plan = read_adapter(model, adapter_dir, name, dtype)
+    for _, layer, spec, t in plan:
         adapter = layer.add_adapter(name, spec)
         with torch.no_grad():
             adapter.lora_A.weight.copy_(t["lora_A"])
             adapter.lora_B.weight.copy_(t["lora_B"])
-            if spec.use_dora:
-                adapter.magnitude.copy_(t["magnitude"])
-        if not hasattr(adapter, "spec"):
-            adapter.spec = spec  # lets save_adapter write the same hyper-parameters back
+            for attr in spec.variant.extra_weights:
+                getattr(adapter, attr).copy_(t[attr])
     set_active_adapter(model, name)
     return name
 
 
-__all__ = ["save_adapter", "load_adapter", "adapter_config", "adapter_tensors", "read_adapter_config",
-           "read_adapter_tensors", "write_folder_atomically", "default_adapter_name", "PEFT_LORA_DEFAULTS"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter", "adapter_config", "adapter_tensors", "read_adapter_config",
+           "read_adapter_tensors", "write_folder_atomically", "model_layout", "ModelLayout", "default_adapter_name", "PEFT_LORA_DEFAULTS"]

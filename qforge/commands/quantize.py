@@ -50,7 +50,7 @@ def _mb(n: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..model.checkpoint import WEIGHTS_NAME, save_quantized
     from ..model.load import load_model
-    from ..nn import QLoRALinear
+    from ..model.surgery import quantized_layers
 
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                                   blocksize=args.blocksize, compute_dtype=DTYPES[args.compute_dtype], progress=True)
     t_load = time.perf_counter() - t0
     save_quantized(model, tokenizer, out)
-    layers = [m.quant_state for m in model.modules() if isinstance(m, QLoRALinear)]
+    layers = [m.base.quant_state for _, m in quantized_layers(model)]
     dense = sum(s.numel * s.dtype.itemsize for s in layers)
     packed = sum(s.nbytes() for s in layers)
     st = layers[0]

@@ -1,7 +1,7 @@
 """Shard a QLoRA model's 4-bit base across ranks with FSDP2 (`fully_shard`).
 
-What is sharded: every QLoRALinear's packed codes and absmax, moved into a float storage
-(`QLoRALinear.use_float_storage`: the same bytes in frozen 1-D Parameters, zero-padded to a whole
+What is sharded: every 4-bit layer's packed codes and absmax, moved into a float storage
+(its base becomes a `qforge.nn.ShardedQuant4bitBase`: the same bytes in frozen 1-D Parameters, zero-padded to a whole
 element; FSDP pads dim 0 of the last rank's chunk itself). One FSDP group per transformer block
 (each item of the model's layer list) gathers that block's codes just before its forward and again
 before its backward, and frees them after; the root group covers any 4-bit layer outside the blocks.
@@ -23,12 +23,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.qlinear import LoRALinear, QLoRALinear, is_sharded
+from ..model.surgery import quantized_layers
+from ..nn import AdaptedLinear, ShardedQuant4bitBase
+from ..nn.bases import is_sharded
 from .group import Group
 
 
-def quantised_layers(model: nn.Module) -> list[QLoRALinear]:
-    return [m for m in model.modules() if isinstance(m, QLoRALinear) and not isinstance(m, LoRALinear)]
+def quantised_layers(model: nn.Module) -> list[AdaptedLinear]:
+    """The layers whose base is 4-bit codes, in either storage (plain or sharded)."""
+    return [layer for _, layer in quantized_layers(model)]
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -51,7 +54,9 @@ def shard_base(model: nn.Module, group: Group, storage_dtype: torch.dtype = torc
     if not layers:
         raise ValueError("shard_base: the model has no 4-bit layers to shard (method qlora is needed)")
     for layer in layers:
-        layer.use_float_storage(storage_dtype)
+        if not layer.base.shardable:
+            raise ValueError("shard_base: the model's 4-bit base is sharded already")
+        layer.set_base(layer.base.to_sharded(storage_dtype))
     storage = {id(p) for layer in layers for p in (layer.weight, layer.weight_absmax)}
     whole = {p for p in model.parameters() if id(p) not in storage}
     mesh = init_device_mesh(group.device.type, (group.world,))
@@ -72,20 +77,20 @@ def move_whole_tensors(model: nn.Module, device: torch.device) -> None:
         for name, b in module.named_buffers(recurse=False):
             if b is not None:
                 module._buffers[name] = b.to(device)
-        if isinstance(module, QLoRALinear) and module._storage is not None:
-            module.__dict__["_quant_state"] = module.__dict__["_quant_state"].to(device)
+        if isinstance(module, AdaptedLinear) and isinstance(module.base, ShardedQuant4bitBase):
+            module.base.moved()
 
 
 def local_quantised_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of 4-bit storage this rank holds, bytes of the whole 4-bit storage): the packed codes
-    and absmax of every QLoRALinear, as this rank's shards, and as the unsharded tensors."""
+    and absmax of every 4-bit layer, as this rank's shards, and as the unsharded tensors."""
     held = whole = 0
     for layer in quantised_layers(model):
-        if layer._storage is None:
-            state = layer.quant_state
-            tensors = [(t, t) for t in (state.packed, state.absmax)]
+        if isinstance(layer.base, ShardedQuant4bitBase):
+            tensors = layer.base.held_tensors()
         else:
-            tensors = [(p.to_local() if is_sharded(p) else p, p) for p in (layer.weight, layer.weight_absmax)]
+            state = layer.base.quant_state
+            tensors = [(t, t) for t in (state.packed, state.absmax)]
         for local, full in tensors:
             held += local.numel() * local.element_size()
             whole += full.numel() * full.element_size()

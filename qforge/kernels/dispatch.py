@@ -2,14 +2,20 @@
 
 CPU tensors: the native C path when it builds (kernels/cpu.py), else the torch reference.
 CUDA tensors: the Triton kernels (kernels/triton_*.py) unless QFORGE_TRITON=0 or triton does not
-import; any other case: the torch reference.
+import; any other case: the torch reference. Callers never branch on device: they call these
+functions, and a function that has no fast path for its inputs says so by its result (None from
+`lora_linear_4bit`, False from `adamw_8bit`), never by raising.
 """
 from __future__ import annotations
 
+import importlib
+import math
 import os
 from functools import lru_cache
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu, reference
 
@@ -20,14 +26,17 @@ def _native_ok(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and cpu.load() is not None
 
 
-@lru_cache(maxsize=1)
-def _triton_dequant():
-    """qforge.kernels.triton_dequant, or None when triton does not import here."""
+@lru_cache(maxsize=None)
+def _triton(name: str):
+    """qforge.kernels.<name> (a Triton module), or None when triton does not import here."""
     try:
-        from . import triton_dequant
+        return importlib.import_module(f"{__package__}.{name}")
     except Exception:  # ImportError, or a triton build that cannot initialise on this machine
         return None
-    return triton_dequant
+
+
+def _triton_dequant():
+    return _triton("triton_dequant")
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -69,9 +78,73 @@ def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, b
     return reference.dequantize_8bit(q, absmax, code, blocksize)
 
 
+def counter_dropout(x: torch.Tensor) -> bool:
+    """Whether x takes qforge's counter-based dropout (CPU, where it beats torch's and is
+    reproducible from a seed); elsewhere torch's own fused dropout is one cheap pass already."""
+    return x.device.type == "cpu"
+
+
 def dropout(x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:
     """Counter-based dropout (qforge.nn.dropout): the native kernel for float32 / bfloat16 CPU
     tensors, else the torch reference; the same bits either way."""
     if x.dtype in (torch.float32, torch.bfloat16) and _native_ok(x):
         return cpu.dropout(x, threshold, scale, seed)
     return reference.dropout(x, threshold, scale, seed)
+
+
+# ---- products with a 4-bit weight ---------------------------------------------------------------
+def matmul_4bit(x: torch.Tensor, state, dequantize: Callable[[torch.dtype], torch.Tensor],
+                transposed: bool = True) -> torch.Tensor:
+    """x @ dequant(W)^T (transposed: a layer's forward, x [..., in] -> [..., out]) or x @ dequant(W)
+    (its input gradient, [..., out] -> [..., in]) for the QuantState `state` of W [out, in].
+    CUDA: the Triton dequant-matmul (fused in one pass for few rows, dequantise + cuBLAS for many);
+    elsewhere `dequantize(dtype)` gives W [out, in] (a caller's workspace) and torch multiplies."""
+    if x.dtype in _NATIVE_DTYPES and use_triton(x, state.packed) and _triton("triton_matmul") is not None:
+        out_features, in_features = state.shape
+        k = in_features if transposed else out_features
+        y = _triton("triton_matmul").qmatmul(x.reshape(-1, k), state, trans_w=transposed)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    w = dequantize(x.dtype)
+    return F.linear(x, w) if transposed else x @ w
+
+
+def lora_linear_4bit(x: torch.Tensor, state, A: torch.Tensor, B: torch.Tensor, scaling: float):
+    """x @ dequant(W)^T + scaling * (x @ A^T) @ B^T by the fused Triton layer (forward and backward
+    in one pass each over W) where it runs (CUDA); None elsewhere, and the caller composes the
+    product from matmul_4bit and the low-rank factors."""
+    if x.dtype in _NATIVE_DTYPES and use_triton(x, state.packed, A, B) and _triton("triton_lora") is not None:
+        return _triton("triton_lora").lora_linear_4bit(x, state, A, B, scaling)
+    return None
+
+
+def gathered_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
+                  scalings: torch.Tensor) -> torch.Tensor:
+    """Per-row adapters of a mixed serving batch: delta[b] = s[k] (x[b] A[k]^T) B[k]^T, k = slots[b]
+    (no adapter where k is outside 0..K-1). x [B, T, in] or [B, in]; A [K, r, in]; B [K, out, r].
+    CUDA: one Triton kernel; elsewhere the gather + batched products of the reference."""
+    if x.dtype in _NATIVE_DTYPES and use_triton(x, A, B) and _triton("triton_lora") is not None:
+        return _triton("triton_lora").gathered_lora(x, A, B, slots, scalings)
+    return reference.gathered_lora(x, A, B, slots, scalings)
+
+
+# ---- the 8-bit AdamW step ---------------------------------------------------------------------
+def adamw_8bit(p: torch.Tensor, grad: torch.Tensor, moments: tuple, m_map, v_map, blocksize: int,
+               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> bool:
+    """One AdamW update of p with 8-bit moments (m codes, m absmax, v codes, v absmax) in place by the
+    native CPU kernel, bit-identical to the torch step of qforge.optim.adamw8bit. False, with nothing
+    done, where no native step applies (another device, dtype or layout): the caller runs the torch step."""
+    tensors = (p, grad, *moments)
+    if not (p.dtype in (torch.float32, torch.bfloat16) and grad.dtype in (torch.float32, torch.bfloat16)
+            and grad.shape == p.shape and p.is_contiguous() and all(t.is_contiguous() for t in moments)
+            and _native_ok(*tensors)):
+        return False
+    cpu.adamw_8bit(p, grad.contiguous(), *moments, m_map, v_map, blocksize, beta1, beta2,
+                   math.sqrt(1.0 - beta2**step), eps, 1.0 - lr * weight_decay, -lr / (1.0 - beta1**step))
+    return True
+
+
+def warm_up(device: torch.device) -> None:
+    """Build or load what the kernels for `device` need now (the native CPU library), so that a
+    measurement or a first step does not pay for it."""
+    if device.type == "cpu":
+        cpu.load()

@@ -112,3 +112,25 @@ def dropout(x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.T
     keep = dropout_keep(x.numel(), threshold, seed, x.device).view(x.shape)
     value = (x.float() * scale).to(x.dtype)
     return torch.where(keep, value, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def gathered_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
+                  scalings: torch.Tensor) -> torch.Tensor:
+    """Per-row adapters: delta[b] = s[k] * (x[b] @ A[k]^T) @ B[k]^T with k = slots[b], zero where k is
+    outside 0..K-1. x [B, T, in] or [B, in]; A [K, r, in]; B [K, out, r]; scalings [K]. Each row's
+    factors are gathered (B * r * (in + out) values, small next to the base weight) and multiplied
+    in batch; h = x A^T is scaled and rounded to x's dtype before B, as the Triton kernel does."""
+    x3 = x if x.dim() == 3 else x.unsqueeze(1)
+    K = A.shape[0]
+    slots = slots.to(x.device).reshape(-1).long()
+    if K == 0:
+        y = x3.new_zeros(*x3.shape[:2], B.shape[1])
+        return y if x.dim() == 3 else y.squeeze(1)
+    valid = (slots >= 0) & (slots < K)
+    index = slots.clamp(0, K - 1)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    scale = scalings.to(device=x.device, dtype=wide)[index] * valid                   # [B]
+    h = torch.bmm(x3, A.to(x.dtype)[index].transpose(1, 2))                           # [B, T, r]
+    h = (h.to(wide) * scale[:, None, None]).to(x.dtype)
+    y = torch.bmm(h, B.to(x.dtype)[index].transpose(1, 2))                            # [B, T, out]
+    return y if x.dim() == 3 else y.squeeze(1)

@@ -1,7 +1,7 @@
 """Hugging Face model folders in bitsandbytes' 4-bit format: write them, and read their config.
 
 A folder holds config.json (with `quantization_config`, quant_method "bitsandbytes"),
-model.safetensors (QLoRALinear's state dict: bitsandbytes' keys for every 4-bit weight, plain
+model.safetensors (the AdaptedLinear layers' state dict: bitsandbytes' keys for every 4-bit weight, plain
 tensors for the rest; adapters are never part of it) and the tokenizer files. transformers +
 bitsandbytes load it as they load their own; `qforge.model.load.load_model` loads it without
 requantising. Every folder is written atomically (qforge.fileio) and never over a non-empty one.
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..fileio import atomic_folder
-from ..nn import QLoRALinear
+from .surgery import linear_names, quantized_layers
 from ..quant.state import dtype_name
 
 WEIGHTS_NAME = "model.safetensors"
@@ -37,7 +37,7 @@ def write_new_folder(out_dir: str | os.PathLike, write: Callable[[Path], None]) 
 
 
 # ---- quantization_config ------------------------------------------------------------------------
-def bnb_quantization_config(config) -> dict | None:
+def read_bnb_config(config) -> dict | None:
     """The folder's `quantization_config` as a dict when it describes bitsandbytes 4-bit, else None.
     A bitsandbytes 8-bit config is a ValueError: qforge reads only 4-bit checkpoints."""
     qc = getattr(config, "quantization_config", None)
@@ -54,31 +54,40 @@ def bnb_quantization_config(config) -> dict | None:
 def _skip_patterns(model: nn.Module) -> list[str]:
     """Linear layers left unquantised, as transformers' `llm_int8_skip_modules` patterns: a leaf name
     (e.g. "lm_head") when no layer of that leaf name is quantised, else the full module names."""
-    plain = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    quantised_leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    plain = [n for n in linear_names(model) if isinstance(model.get_submodule(n), nn.Linear)]  # not the adapters' own
+    quantised_leaves = {n.rsplit(".", 1)[-1] for n, _ in quantized_layers(model)}
     leaves = sorted({n.rsplit(".", 1)[-1] for n in plain})
     return [leaf for leaf in leaves if leaf not in quantised_leaves] + \
            [n for n in plain if n.rsplit(".", 1)[-1] in quantised_leaves]
 
 
-def quantization_config_for(model: nn.Module) -> dict:
-    """The `quantization_config` transformers + bitsandbytes expect for `model`'s 4-bit layers.
-    Every QLoRALinear must share one quant type, double-quant setting and compute dtype."""
-    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
-    if not layers:
-        raise ValueError("save_quantized: the model has no 4-bit (QLoRALinear) layers")
-    kinds = {(m.quant_state.quant_type, m.quant_state.nested, m.compute_dtype) for m in layers}
-    if len(kinds) != 1:
-        raise ValueError(f"save_quantized: the 4-bit layers mix settings {sorted(map(str, kinds))}; "
-                         "bitsandbytes' config holds one")
-    quant_type, nested, compute_dtype = kinds.pop()
+def build_bnb_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
+                     skip_modules: list[str]) -> dict:
+    """config.json's quantization_config as transformers writes it for bitsandbytes 4-bit; the
+    linear layers kept dense are named in llm_int8_skip_modules so transformers leaves them so."""
     if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"save_quantized: quant type '{quant_type}' has no bitsandbytes equivalent (nf4 or fp4)")
-    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-            "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": nested,
+        raise ValueError(f"quant type '{quant_type}' has no bitsandbytes equivalent (nf4 or fp4)")
+    return {"quant_method": "bitsandbytes", "_load_in_4bit": True, "_load_in_8bit": False,
+            "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": bool(double_quant),
             "bnb_4bit_compute_dtype": dtype_name(compute_dtype), "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": _skip_patterns(model), "llm_int8_threshold": 6.0,
+            "llm_int8_skip_modules": list(skip_modules), "llm_int8_threshold": 6.0,
             "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def quantization_config_for(model: nn.Module, quant_type: str | None = None,
+                            compute_dtype: torch.dtype | None = None) -> dict:
+    """The `quantization_config` transformers + bitsandbytes expect for `model`'s 4-bit layers (or,
+    with quant_type, for the same layers requantised to it). Every 4-bit layer must share one quant
+    type, double-quant setting and compute dtype."""
+    layers = [m for _, m in quantized_layers(model)]
+    if not layers:
+        raise ValueError("the model has no 4-bit layers to describe in a bitsandbytes quantization_config")
+    kinds = {(m.base.quant_state.quant_type, m.base.quant_state.nested, m.compute_dtype) for m in layers}
+    if len({k[1] for k in kinds}) > 1 or (quant_type is None and len(kinds) != 1):
+        raise ValueError(f"the 4-bit layers mix settings {sorted(map(str, kinds))}; bitsandbytes' config holds one")
+    own_type, nested, own_dtype = kinds.pop()
+    return build_bnb_config(quant_type or own_type, nested, compute_dtype or own_dtype, _skip_patterns(model))
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -103,7 +112,7 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Write `model` (with QLoRALinear layers) as a bitsandbytes 4-bit Hugging Face folder.
+    """Write `model` (with 4-bit AdaptedLinear layers) as a bitsandbytes 4-bit Hugging Face folder.
 
     out_dir/config.json      the model config plus `quantization_config` (quantization_config_for)
     out_dir/model.safetensors every tensor but the adapters; 4-bit weights under bitsandbytes' keys

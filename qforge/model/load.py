@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn import LoraSpec, QLoRALinear
+from ..nn import AdaptedLinear, LoraSpec, Quant4bitBase
 from ..quant import QuantState, quantize as quantize_tensor
-from .checkpoint import INDEX_NAME, WEIGHTS_NAME, bnb_quantization_config, save_tokenizer, write_new_folder
+from .checkpoint import INDEX_NAME, WEIGHTS_NAME, read_bnb_config, save_tokenizer, write_new_folder
 from .surgery import DEFAULT_SKIP, add_adapter, linear_names, quantize_linears, select_targets, set_module
 
 SMOLLM2 = "smollm2"
@@ -213,8 +213,8 @@ def _bnb_targets(ckpt: Checkpoint) -> list[str]:
 
 
 def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: list[str], prequantised: bool,
-                     quant: dict, compute_dtype: torch.dtype) -> QLoRALinear:
-    """A QLoRALinear for module `name`: read its stored 4-bit state as is, or read its weight
+                     quant: dict, compute_dtype: torch.dtype) -> AdaptedLinear:
+    """A 4-bit AdaptedLinear for module `name`: read its stored 4-bit state as is, or read its weight
     [out, in] and quantise it. The bias, if any, is read too. Uses about one weight of memory."""
     if prequantised:
         prefix = name + ".weight"
@@ -231,7 +231,7 @@ def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: li
         state = quantize_tensor(weight, **quant)
         del weight
     bias = ckpt.read(name + ".bias") if linear.bias is not None else None
-    return QLoRALinear(state, bias, compute_dtype)
+    return AdaptedLinear(Quant4bitBase(state), bias, compute_dtype)
 
 
 def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype) -> None:
@@ -240,7 +240,7 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype)
     tied = _tied_names(model)
     done: dict[str, nn.Parameter] = {}
     for name, param in list(model.named_parameters(remove_duplicate=False)):
-        if not param.is_meta:  # a QLoRALinear's bias, read with its weight
+        if not param.is_meta:  # an AdaptedLinear's bias, read with its weight
             continue
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -282,10 +282,10 @@ def _init_computed_buffers(model: nn.Module) -> None:
 
 def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.dtype,
                 target_modules="all-linear", skip_modules=DEFAULT_SKIP, progress: bool = False) -> nn.Module:
-    """Stream a Hugging Face folder into a model: target Linear layers become QLoRALinear
+    """Stream a Hugging Face folder into a model: target Linear layers become 4-bit AdaptedLinear
     (quantised from the stored weight, or read as stored in a bitsandbytes folder)."""
     config = _read_config(folder)
-    prequantised = bnb_quantization_config(config) is not None
+    prequantised = read_bnb_config(config) is not None
     ckpt = Checkpoint(folder)
     model = build_skeleton(config, compute_dtype)
     if prequantised and not quantize:
@@ -444,7 +444,7 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
     bitsandbytes' 4-bit format (its 4-bit tensors used as stored; quant_type, double_quant,
     blocksize and target_modules are then the folder's), a .gguf file, or "smollm2".
     quantize=True: the target Linear layers (`target_modules` minus `skip_modules`) become
-    QLoRALinear (quant_type, blocksize, double_quant) computing in `compute_dtype`; every other
+    4-bit AdaptedLinear (quant_type, blocksize, double_quant) computing in `compute_dtype`; every other
     float tensor is in `compute_dtype`. With `lora`, adapter `adapter_name` is attached and active.
     quantize=False: the plain model in `compute_dtype`, no adapter (BF16 LoRA is built elsewhere).
     `progress` shows a progress bar over the layers being quantised.

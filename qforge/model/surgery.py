@@ -1,22 +1,22 @@
-"""Layer surgery on a transformers model: swap target nn.Linear layers for QLoRALinear, attach and
-select adapters, and prepare the model for k-bit training. The model class itself is untouched."""
+"""Layer surgery on a transformers model: swap target nn.Linear layers for AdaptedLinear (over a
+4-bit or dense base), attach and select adapters, and prepare the model for k-bit training. The
+model class itself is untouched."""
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from ..nn import LoRALinear, LoraSpec, QLoRALinear
+from ..nn import AdaptedLinear, LoraSpec
 
 DEFAULT_SKIP = ("lm_head",)
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Full names of every base nn.Linear or QLoRALinear in the model (not the adapters' own)."""
+    """Full names of every base nn.Linear or AdaptedLinear in the model (not the adapters' own)."""
     return [n for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, QLoRALinear)) and ".adapters." not in f".{n}."]
+            if isinstance(m, (nn.Linear, AdaptedLinear)) and ".adapters." not in f".{n}."]
 
 
 def select_targets(names: list[str], target_modules: str | list[str], skip=DEFAULT_SKIP) -> list[str]:
@@ -40,50 +40,54 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_linears(model: nn.Module, targets: list[str], quant_type="nf4", blocksize=64, double_quant=True,
                      compute_dtype=torch.bfloat16) -> None:
-    """Replace each named nn.Linear by a QLoRALinear holding its weight in 4 bits, one at a time
+    """Replace each named nn.Linear by an AdaptedLinear holding its weight in 4 bits, one at a time
     (each dense weight is freed as soon as its replacement exists)."""
     for name in targets:
         linear = model.get_submodule(name)
-        set_module(model, name, QLoRALinear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype))
+        set_module(model, name, AdaptedLinear.quantized(linear, quant_type, blocksize, double_quant, compute_dtype))
         del linear
 
 
 def dense_lora_linears(model: nn.Module, targets: list[str], compute_dtype=torch.bfloat16) -> None:
-    """Replace each named nn.Linear by a LoRALinear (frozen dense base) for BF16 LoRA."""
+    """Replace each named nn.Linear by an AdaptedLinear over a frozen dense base, for BF16 LoRA."""
     for name in targets:
-        set_module(model, name, LoRALinear.from_linear(model.get_submodule(name), compute_dtype))
+        set_module(model, name, AdaptedLinear.dense(model.get_submodule(name), compute_dtype))
 
 
-def qlora_layers(model: nn.Module) -> Iterator[tuple[str, QLoRALinear]]:
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    """(name, layer) of every AdaptedLinear, whatever its base."""
     for name, module in model.named_modules():
-        if isinstance(module, QLoRALinear):
+        if isinstance(module, AdaptedLinear):
             yield name, module
 
 
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    """(name, layer) of every AdaptedLinear whose base is 4-bit codes (it has a quant_state)."""
+    for name, layer in adapted_layers(model):
+        if getattr(layer.base, "quant_state", None) is not None:
+            yield name, layer
+
+
 def add_adapter(model: nn.Module, name: str, spec: LoraSpec) -> None:
-    """Attach adapter `name` to every QLoRALinear the spec targets and make it active."""
-    layers = dict(qlora_layers(model))
+    """Attach adapter `name` to every AdaptedLinear the spec targets and make it active."""
+    layers = dict(adapted_layers(model))
     for layer_name in select_targets(list(layers), spec.target_modules, spec.modules_to_skip):
         layers[layer_name].add_adapter(name, spec)
     set_active_adapter(model, name)
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
-    for _, layer in qlora_layers(model):
+    for _, layer in adapted_layers(model):
         layer.active_adapter = name if name in layer.adapters else None
 
 
-@contextlib.contextmanager
-def adapter_rows(model: nn.Module, index: torch.Tensor, names: list[str]):
-    """Within the block, row b of every batch uses adapter names[index[b]] (none where < 0)."""
-    layers = [layer for _, layer in qlora_layers(model)]
-    for layer in layers:
-        layer.set_row_adapters(index, names)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.set_row_adapters(None)
+def detach_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from every AdaptedLinear of the model (and stop it being active)."""
+    for _, layer in adapted_layers(model):
+        if name in layer.adapters:
+            del layer.adapters[name]
+        if layer.active_adapter == name:
+            layer.active_adapter = None
 
 
 def adapter_parameters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:

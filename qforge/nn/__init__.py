@@ -1,5 +1,8 @@
-"""4-bit linear layers with LoRA / DoRA adapters."""
-from .lora import LoraAdapter, LoraSpec
-from .qlinear import LoRALinear, QLoRALinear, dequantize_cached
+"""The adapter layer: AdaptedLinear over a frozen base (4-bit, dense, sharded 4-bit), LoRA and DoRA."""
+from .bases import DenseBase, FrozenBase, Quant4bitBase, ShardedQuant4bitBase, dequantize_cached
+from .dora import DORA, DoraVariant
+from .linear import AdaptedLinear
+from .lora import LORA, LoraAdapter, LoraSpec, LoraVariant
 
-__all__ = ["QLoRALinear", "LoRALinear", "LoraAdapter", "LoraSpec", "dequantize_cached"]
+__all__ = ["AdaptedLinear", "FrozenBase", "Quant4bitBase", "DenseBase", "ShardedQuant4bitBase",
+           "LoraAdapter", "LoraSpec", "LoraVariant", "LORA", "DoraVariant", "DORA", "dequantize_cached"]

@@ -38,7 +38,7 @@ def hash_dropout(x: torch.Tensor, p: float, training: bool = True, generator: to
         return x
     if not 0 < p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    if x.device.type != "cpu":  # accelerators: torch's fused dropout is already one cheap pass
+    if not dispatch.counter_dropout(x):  # accelerators: torch's fused dropout is already one cheap pass
         return torch.nn.functional.dropout(x, p, True)
     seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
     return _HashDropout.apply(x.contiguous(), math.ceil(p * 2**24), 1.0 / (1.0 - p), seed)

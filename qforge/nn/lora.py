@@ -1,7 +1,10 @@
-"""LoRA / DoRA adapter weights for one linear layer, and the spec that configures them.
+"""LoRA adapter weights for one linear layer, the spec that configures them, and the plain LoRA variant.
 
-An adapter holds A [r, in] and B [out, r] (PEFT's shapes and names), the scaling s (alpha / r, or
-alpha / sqrt(r) with rsLoRA) and, for DoRA, the magnitude vector m [out].
+An adapter holds A [r, in] and B [out, r] (PEFT's shapes and names) and the scaling s (alpha / r,
+or alpha / sqrt(r) with rsLoRA). What an adapter does with them is its variant's business: the
+variant object (LORA here, DORA in dora.py) owns the variant's extra weights, its initialisation,
+its forward, its merged weight and its per-output scale for serving, as PEFT's LoraVariant does.
+A new variant is one new object; the layer, merge, PEFT files and the server ask it.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import recompute
 from .dropout import HashDropout
 
 
@@ -41,20 +45,80 @@ class LoraSpec:
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @property
+    def variant(self) -> "LoraVariant":
+        from .dora import DORA
+        return DORA if self.use_dora else LORA
+
+
+class LoraVariant:
+    """Plain LoRA (and rsLoRA, which is only another scaling): y = W x + s B A x.
+
+    Each method receives the layer (an AdaptedLinear: its `base` and dimensions) and the adapter."""
+
+    name = "lora"
+    extra_weights: dict[str, str] = {}  # adapter attribute -> PEFT key suffix, beyond lora_A / lora_B
+
+    def create(self, adapter: "LoraAdapter", out_features: int, dtype: torch.dtype) -> None:
+        """Make the variant's own parameters on a new adapter."""
+
+    @torch.no_grad()
+    def init(self, layer, adapter: "LoraAdapter") -> None:
+        """Set the variant's parameters once A, B and the layer's base are final."""
+
+    def forward(self, layer, adapter: "LoraAdapter", x: torch.Tensor) -> torch.Tensor:
+        """The layer's bias-free output with this adapter for x [..., in] in the compute dtype."""
+        if not adapter.dropout_active() and adapter.fusable(layer.compute_dtype):
+            fused = layer.base.fused_lora(x, adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling)
+            if fused is not None:
+                return fused
+        if recompute.full_recomputation() or not adapter.fusable(layer.compute_dtype):
+            # The low-rank branch first, the frozen base product last: the base product saves no
+            # tensor for backward, so when full checkpointing recomputes a block, its
+            # recomputation stops (torch's early stop) after the last saved tensor and skips the
+            # block's final base product (down_proj's), which backward does not need.
+            lora = adapter.low_rank(x)
+            return layer.base.product(x) + lora.to(layer.compute_dtype)
+        # Otherwise (no checkpointing, selective checkpointing whose recomputation replays the base
+        # product, inference) the base product first and B's product added onto it by one addmm,
+        # the scaling applied to the rank-r factor: no (rows, out) passes for the scaling and the sum.
+        base = layer.base.product(x)
+        h = adapter.scaled_down(x)                                                    # (..., r)
+        out = torch.addmm(base.reshape(-1, layer.out_features), h.reshape(-1, adapter.r), adapter.lora_B.weight.t())
+        return out.view(base.shape)
+
+    @torch.no_grad()
+    def merged_weight(self, w: torch.Tensor, adapter: "LoraAdapter") -> torch.Tensor:
+        """The float32 weight equal to the adapted layer's forward, from the float32 base w [out, in]."""
+        return w + adapter.delta_weight().to(w.device)
+
+    @torch.no_grad()
+    def serving_scale(self, layer, adapter: "LoraAdapter") -> torch.Tensor | None:
+        """A per-output factor the server applies to (base + low-rank) at inference, or None (1)."""
+        return None
+
+
+LORA = LoraVariant()
+
 
 class LoraAdapter(nn.Module):
     """lora_A: Linear(in, r), lora_B: Linear(r, out), both without bias; B starts at zero so the
-    adapted layer starts equal to the base. DoRA adds `magnitude` [out] (set by the layer)."""
+    adapted layer starts equal to the base. The variant adds what it needs (DoRA: `magnitude`)."""
 
     def __init__(self, in_features: int, out_features: int, spec: LoraSpec):
         super().__init__()
         self.spec = spec
-        self.r, self.scaling, self.use_dora = spec.r, spec.scaling, spec.use_dora
+        self.variant = spec.variant
+        self.r, self.scaling = spec.r, spec.scaling
         self.lora_A = nn.Linear(in_features, spec.r, bias=False, dtype=spec.dtype)
         self.lora_B = nn.Linear(spec.r, out_features, bias=False, dtype=spec.dtype)
         self.dropout = HashDropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
-        self.magnitude = nn.Parameter(torch.ones(out_features, dtype=spec.dtype)) if spec.use_dora else None
+        self.variant.create(self, out_features, spec.dtype)
         self.reset_parameters()
+
+    @property
+    def use_dora(self) -> bool:
+        return self.variant.name == "dora"
 
     def reset_parameters(self) -> None:
         # PEFT's default: A ~ kaiming-uniform(a=sqrt(5)), B = 0.
@@ -66,9 +130,12 @@ class LoraAdapter(nn.Module):
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
     def fusable(self, dtype: torch.dtype) -> bool:
-        """Whether the layer may add B's product onto its base output in `dtype` directly
-        (QLoRALinear.forward): the adapter computes in that dtype and is plain LoRA."""
-        return not self.use_dora and self.lora_A.weight.dtype == self.lora_B.weight.dtype == dtype
+        """Whether B's product may be added onto the base output in `dtype` directly: the adapter
+        computes in that dtype and is plain LoRA."""
+        return self.variant is LORA and self.lora_A.weight.dtype == self.lora_B.weight.dtype == dtype
+
+    def dropout_active(self) -> bool:
+        return isinstance(self.dropout, HashDropout) and self.dropout.training and self.dropout.p > 0
 
     def scaled_down(self, x: torch.Tensor) -> torch.Tensor:
         """s * A(dropout(x)): the rank-r factor of low_rank, the scaling applied here. [..., r]"""
@@ -79,3 +146,12 @@ class LoraAdapter(nn.Module):
         """s * B(A(dropout(x))), computed in the adapter's dtype: [..., in] -> [..., out]."""
         x = self.dropout(x.to(self.lora_A.weight.dtype))
         return self.lora_B(self.lora_A(x)) * self.scaling
+
+    def peft_weights(self) -> dict[str, torch.Tensor]:
+        """PEFT key suffix -> tensor, for every weight of this adapter."""
+        out = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        out.update({suffix: getattr(self, attr) for attr, suffix in self.variant.extra_weights.items()})
+        return out
+
+
+__all__ = ["LoraSpec", "LoraAdapter", "LoraVariant", "LORA"]

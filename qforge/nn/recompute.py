@@ -7,7 +7,7 @@ Their outputs are cheap to keep (sum of the layer's out_features x 2 bytes per t
 token per SmolLM2 layer) next to what they cost to rebuild (a dequantisation and a GEMM each).
 
 `keep_base_outputs()` is a `context_fn` for torch.utils.checkpoint: while a checkpointed layer runs
-forward, every base product (QLoRALinear / LoRALinear.base_product) appends its output to the
+forward, every base product (FrozenBase.product) appends its output to the
 layer's tape; when backward recomputes the layer, the base products take their outputs from the
 tape in the same order instead of computing them. Norms, attention, the activation function, the
 dropout and the low-rank products are recomputed as before, so the memory cost is only the tape.
@@ -72,10 +72,15 @@ def recompute_everything():
     return _Using(tape, replaying=False), _Using(tape, replaying=True)
 
 
+def active() -> bool:
+    """True inside a checkpointed layer (selective or full)."""
+    return _current() is not None
+
+
 def full_recomputation() -> bool:
     """True inside a layer checkpointed with recompute_everything: its base products will be
     computed again in backward, so the layer should compute them last (torch's early stop then
-    skips the last one; see QLoRALinear.forward)."""
+    skips the last one; see LoraVariant.forward)."""
     tape = _current()
     return tape is not None and not tape.keeps
 

@@ -20,7 +20,7 @@ import torch
 
 from ..kernels import dispatch
 from . import paging
-from .qmap import dequantize_blockwise, dynamic_map, num_blocks, quantize_blockwise
+from .qmap import dequantize_blockwise, dynamic_quant_map, num_blocks, quantize_blockwise
 
 MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, signed map?)
 
@@ -50,7 +50,7 @@ def read_moments(state: dict, shape: torch.Size, block_size: int) -> tuple[torch
         return state["exp_avg"], state["exp_avg_sq"]
     return tuple(
         dequantize_blockwise(state[name + "_codes"], state[name + "_absmax"],
-                             dynamic_map(signed, state[name + "_codes"].device), block_size).view(shape)
+                             dynamic_quant_map(signed, state[name + "_codes"].device), block_size).view(shape)
         for name, signed in MOMENTS
     )
 
@@ -61,7 +61,7 @@ def write_moments(state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, 
     if not is_8bit(state):
         return
     for (name, signed), value in zip(MOMENTS, (exp_avg, exp_avg_sq)):
-        codes, absmax = quantize_blockwise(value, dynamic_map(signed, value.device), block_size)
+        codes, absmax = quantize_blockwise(value, dynamic_quant_map(signed, value.device), block_size)
         state[name + "_codes"].copy_(codes)
         state[name + "_absmax"].copy_(absmax)
 
@@ -72,7 +72,7 @@ def adamw_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta
     """One AdamW update of parameter `p` (float32 or bfloat16, any shape) from `grad` (same shape),
     in place; `state` (see the module docstring, on p's device) is updated in place. `step` is the
     1-based number of this update, for bias correction. All arithmetic is float32.
-    On the CPU with 8-bit state the native kernel does it (kernels/cpu.py, adamw_8bit: two passes
+    On the CPU with 8-bit state the native kernel does it (dispatch.adamw_8bit: two passes
     around torch's sqrt), with the same roundings as the torch path below: the same bits."""
     if _native_step(p, grad, state, lr, beta1, beta2, eps, weight_decay, step, block_size):
         return
@@ -96,23 +96,17 @@ def adamw_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta
 
 
 def _native_step(p, grad, state, lr, beta1, beta2, eps, weight_decay, step, block_size) -> bool:
-    """adamw_step through the native CPU kernel; False (nothing done) where it does not apply."""
-    if not (is_8bit(state) and p.device.type == "cpu" and grad.device.type == "cpu" and p.is_contiguous()
-            and p.dtype in _NATIVE and grad.dtype in _NATIVE
-            and grad.shape == p.shape and dispatch.cpu.load() is not None):
+    """adamw_step through a native kernel (qforge.kernels.dispatch); False (nothing done) where none applies."""
+    if not is_8bit(state):
         return False
-    names = [n + s for n, _ in MOMENTS for s in ("_codes", "_absmax")]
-    if not all(state[k].device.type == "cpu" and state[k].is_contiguous() for k in names):
-        return False
-    dispatch.cpu.adamw_8bit(p, grad.contiguous(), *(state[k] for k in names), dynamic_map(True, "cpu"),
-                            dynamic_map(False, "cpu"), block_size, beta1, beta2,
-                            math.sqrt(1.0 - beta2**step), eps, 1.0 - lr * weight_decay,
-                            -lr / (1.0 - beta1**step))
-    torch.autograd.graph.increment_version(p)  # written in place behind torch's back, as copy_ would mark it
-    return True
+    moments = tuple(state[n + s] for n, _ in MOMENTS for s in ("_codes", "_absmax"))
+    done = dispatch.adamw_8bit(p, grad, moments, dynamic_quant_map(True, p.device), dynamic_quant_map(False, p.device),
+                               block_size, lr, beta1, beta2, eps, weight_decay, step)
+    if done:
+        torch.autograd.graph.increment_version(p)  # written in place behind torch's back, as copy_ would mark it
+    return done
 
 
-_NATIVE = (torch.float32, torch.bfloat16)
 
 
 def check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,

@@ -35,7 +35,7 @@ def nearest_level_table(levels: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> QuantMap:
+def dynamic_quant_map(signed: bool, device: torch.device | str = "cpu") -> QuantMap:
     """bitsandbytes' dynamic map (signed for the first moment, unsigned for the second) and its
     lookup table, built once per device: rebuilding it every step would cost more than the step."""
     levels = (DYNAMIC_SIGNED if signed else DYNAMIC_UNSIGNED).to(device)

@@ -16,9 +16,10 @@ layer. Rows are left-padded: row b's n_b cached tokens are the last n_b of the T
 the mask is (t >= T - n_b) and the next position id is n_b. Joining pads the shorter side on the left
 and concatenates rows; leaving selects rows and trims columns that have become padding in every row.
 
-Adapters: the rows' adapter names go to `adapter_rows` as a per-row index, and every QLoRALinear
-applies them as gathered batched matrix products (no weight swapping). A batch whose rows all use
-one adapter (or none) takes the plain single-adapter path instead (no gather needed).
+Adapters: the rows' adapter names go to the registry's slots (qforge.serve.lora_slots) as one slot
+per row, and every adapted layer adds each row's low-rank delta from its slot by one gathered batched
+product (no weight swapping). A batch whose rows all use one adapter (or none) multiplies by that
+slot's views instead (no gather needed).
 
 Greedy output of a request in a mixed batch equals its output alone: padding is masked out exactly
 (zero attention weight) and positions are per row; in float32 what remains are last-bit differences
@@ -40,7 +41,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..model.surgery import adapter_rows, set_active_adapter
 
 log = logging.getLogger("qforge.serve")
 
@@ -199,7 +199,7 @@ def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:  # (B, H, T, D) -> (
 
 # ---- the engine ----------------------------------------------------------------------------------
 class Engine:
-    """Runs requests for `model` (a transformers causal LM whose linears are QLoRALinear) and the
+    """Runs requests for `model` (a transformers causal LM whose linears are AdaptedLinear) and the
     adapters in `registry`, up to `max_batch` at once, with up to `max_queue` waiting."""
 
     def __init__(self, model, tokenizer, registry, max_batch: int = 32, max_queue: int = 256,
@@ -405,24 +405,10 @@ class Engine:
         the registry's lock keeps the adapters in place meanwhile."""
         ids = torch.tensor(ids, device=self.device)
         mask, positions = mask.to(self.device), positions.to(self.device)
-        with self.registry.lock, self._row_adapters(adapters):
+        with self.registry.lock, self.registry.select(adapters, self.device):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1, :].float().cpu()
-
-    @contextlib.contextmanager
-    def _row_adapters(self, adapters: list[str | None]):
-        if len(set(adapters)) == 1:  # one adapter (or none) for every row: no gather needed
-            set_active_adapter(self.model, adapters[0])
-            try:
-                yield
-            finally:
-                set_active_adapter(self.model, None)
-            return
-        names = sorted({a for a in adapters if a is not None})
-        index = torch.tensor([names.index(a) if a is not None else -1 for a in adapters])  # (B,)
-        with adapter_rows(self.model, index, names):
-            yield
 
     # ---- per-request bookkeeping ----------------------------------------------------------------
     def _accept(self, req: Request, token: int) -> None:

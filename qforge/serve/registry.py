@@ -1,8 +1,8 @@
 """The adapters a server knows, and which of them sit in memory.
 
 Every adapter has a name (the `model` of a request) and, unless it was attached in-process, the
-PEFT folder it comes from. At most `max_loaded` are attached to the model at once; the least recently
-used one that no running request holds is detached to make room, and reloaded from its folder the
+PEFT folder it comes from. At most `max_loaded` sit in the model's adapter slots at once
+(qforge.serve.lora_slots); the least recently used one that no running request holds is unloaded to make room, and reloaded from its folder the
 next time a request names it. Requests pin their adapter (`acquire` / `release`) while they run, so
 an adapter is never detached under a running row.
 
@@ -10,8 +10,8 @@ Security: folders added at run time (`POST /v1/adapters`) must lie inside `adapt
 resolving symlinks and `..`, and so must the two files read from them; without a root, run-time
 loading is refused. Folders given on the command line are the operator's and are trusted.
 
-`lock` guards the model's adapter dicts: the engine holds it for every forward pass, the registry
-for every attach and detach.
+`lock` guards the slots: the engine holds it for every forward pass, the registry for every load
+and unload.
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, load_adapter
-from ..model.surgery import qlora_layers
+from ..adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, model_layout, read_adapter
+from ..model.surgery import adapted_layers, detach_adapter
+from ..nn import LoraAdapter
+from .lora_slots import LoraSlots, unwrap
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-:+@]{0,127}$")
 
@@ -65,17 +67,8 @@ class AdapterEntry:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def detach_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` from every QLoRALinear of the model (and stop it being active)."""
-    for _, layer in qlora_layers(model):
-        if name in layer.adapters:
-            del layer.adapters[name]
-        if layer.active_adapter == name:
-            layer.active_adapter = None
-
-
 def model_compute_dtype(model: nn.Module) -> torch.dtype:
-    return next((layer.compute_dtype for _, layer in qlora_layers(model)), torch.float32)
+    return next((layer.compute_dtype for _, layer in adapted_layers(model)), torch.float32)
 
 
 class AdapterRegistry:
@@ -90,6 +83,8 @@ class AdapterRegistry:
         if self.adapter_root is not None and not self.adapter_root.is_dir():
             raise FileNotFoundError(f"adapter root '{adapter_root}' is not a folder")
         self.dtype = model_compute_dtype(model)  # adapters compute in the model's dtype
+        self.layout = model_layout(unwrap(model))  # the model's own layout, without serving wrappers
+        self.slots = LoraSlots(model, max_loaded, self.dtype)
         self.metrics = metrics
         self.lock = threading.RLock()
         self._entries: OrderedDict[str, AdapterEntry] = OrderedDict()  # least recently used first
@@ -165,10 +160,19 @@ class AdapterRegistry:
         """Register an adapter already attached to the model in-process (never evicted)."""
         with self.lock:
             self._check_new_name(name)
-            if not any(name in layer.adapters for _, layer in qlora_layers(self.model)):
+            adapters = {path: slot.layer.adapters[name] for path, slot in self.slots.layers.items()
+                        if name in slot.layer.adapters}
+            if not adapters:
                 raise AdapterNotFound(f"the model carries no adapter named '{name}'")
-            entry = self._entries[name] = AdapterEntry(name, None, loaded=True)
-            self._update_gauge()
+            entry = AdapterEntry(name, None)
+            self._entries[name] = entry
+            try:
+                if not self._make_resident(entry, adapters):
+                    raise AdapterError(f"all {self.max_loaded} adapter slots are held by running requests; "
+                                       "retry shortly", "name")
+            except Exception:
+                del self._entries[name]
+                raise
             return entry
 
     def remove(self, name: str) -> None:
@@ -210,7 +214,7 @@ class AdapterRegistry:
                 del self._leaving[name]
                 self._detach(entry)
 
-    def _make_resident(self, entry: AdapterEntry) -> bool:
+    def _make_resident(self, entry: AdapterEntry, in_process: dict[str, LoraAdapter] | None = None) -> bool:
         if entry.loaded:
             return True
         resident = [e for e in self._entries.values() if e.loaded] + list(self._leaving.values())
@@ -221,21 +225,42 @@ class AdapterRegistry:
             self._detach(victim)
             resident.remove(victim)
             self._count("adapter_evictions")
-        folder = entry.path if entry.trusted else self.resolve_path(entry.source)
-        try:
-            load_adapter(self.model, folder, name=entry.name, dtype=self.dtype)
-        except (FileNotFoundError, ValueError) as exc:
-            message = str(exc).replace(str(folder), entry.source)
-            if self.adapter_root is not None:
-                message = message.replace(str(self.adapter_root), "<adapter-root>")
-            raise AdapterError(f"cannot load adapter '{entry.name}': {message}", "path") from exc
+        adapters = in_process if in_process is not None else self._read(entry)
+        self.slots.load(entry.name, adapters)
         entry.loaded = True
         self._count("adapter_loads")
         self._update_gauge()
         return True
 
+    def _read(self, entry: AdapterEntry) -> dict[str, LoraAdapter]:
+        """Adapter `entry` from its PEFT folder: layer path -> LoraAdapter (not attached to the model)."""
+        folder = entry.path if entry.trusted else self.resolve_path(entry.source)
+        try:
+            _, plan = read_adapter(self.layout, folder, name=entry.name, dtype=self.dtype)
+        except (FileNotFoundError, ValueError) as exc:
+            message = str(exc).replace(str(folder), entry.source)
+            if self.adapter_root is not None:
+                message = message.replace(str(self.adapter_root), "<adapter-root>")
+            raise AdapterError(f"cannot load adapter '{entry.name}': {message}", "path") from exc
+        adapters = {}
+        with torch.no_grad():
+            for path, layer, spec, tensors in plan:
+                adapter = LoraAdapter(layer.in_features, layer.out_features, spec).to(layer.weight.device)
+                adapter.lora_A.weight.copy_(tensors["lora_A"])
+                adapter.lora_B.weight.copy_(tensors["lora_B"])
+                for attr in spec.variant.extra_weights:
+                    getattr(adapter, attr).copy_(tensors[attr])
+                adapters[path] = adapter
+        return adapters
+
+    def select(self, adapters: list[str | None], device: torch.device):
+        """A context in which row b of the model's forward uses adapters[b] (loaded: see acquire)."""
+        return self.slots.select(adapters, device)
+
     def _detach(self, entry: AdapterEntry) -> None:
-        detach_adapter(self.model, entry.name)
+        self.slots.unload(entry.name)
+        if entry.path is None:  # attached in-process: its weights leave the model too
+            detach_adapter(self.model, entry.name)
         entry.loaded = False
         self._update_gauge()
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qforge.model.surgery import add_adapter, linear_names, qlora_layers, quantize_linears, select_targets
+from qforge.model.surgery import add_adapter, linear_names, adapted_layers, quantize_linears, select_targets
 from qforge.nn import LoraSpec
 from qforge.quant import dequantize
 
@@ -22,7 +22,7 @@ def tiny_dense(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
 
 
 def quantized_twin(dense: nn.Module) -> nn.Module:
-    """A deep copy of `dense` with every linear but lm_head a float32-compute QLoRALinear."""
+    """A deep copy of `dense` with every linear but lm_head a float32-compute 4-bit AdaptedLinear."""
     model = copy.deepcopy(dense)
     quantize_linears(model, select_targets(linear_names(model), "all-linear"), compute_dtype=torch.float32)
     return model.eval()
@@ -32,8 +32,8 @@ def dequantized_base(qmodel: nn.Module, dense: nn.Module) -> nn.Module:
     """A plain transformers model whose Linear weights are qmodel's dequantised 4-bit weights."""
     base = copy.deepcopy(dense)
     with torch.no_grad():
-        for name, layer in qlora_layers(qmodel):
-            base.get_submodule(name).weight.copy_(dequantize(layer.quant_state, torch.float32))
+        for name, layer in adapted_layers(qmodel):
+            base.get_submodule(name).weight.copy_(dequantize(layer.base.quant_state, torch.float32))
     return base.eval()
 
 
@@ -41,7 +41,7 @@ def randomise_adapter(model: nn.Module, name: str = "default", seed: int = 1, st
     """Non-zero B (and a perturbed DoRA magnitude) so that the adapter changes the output."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in qlora_layers(model):
+        for _, layer in adapted_layers(model):
             if name in layer.adapters:
                 a = layer.adapters[name]
                 a.lora_B.weight.copy_(torch.randn(a.lora_B.weight.shape, generator=gen) * std)

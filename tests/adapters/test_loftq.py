@@ -6,7 +6,7 @@ from torch import nn
 
 from qforge.adapters import loftq_error, loftq_init, loftq_linear, quantize_linears_loftq
 from qforge.model.surgery import linear_names, quantize_linears, select_targets
-from qforge.nn import LoraSpec, QLoRALinear
+from qforge.nn import AdaptedLinear, LoraSpec, Quant4bitBase
 from qforge.quant import quantize
 
 from .conftest import logits, rel_err, tiny_dense
@@ -59,8 +59,8 @@ def test_loftq_linear_starts_at_the_loftq_approximation():
     lin = nn.Linear(128, 96).to(torch.bfloat16)
     spec = LoraSpec(r=8, alpha=16, dropout=0.0, loftq_iters=3, dtype=torch.float32, use_dora=True)
     layer = loftq_linear(lin, spec, compute_dtype=torch.float32)
-    plain = QLoRALinear.from_linear(lin, compute_dtype=torch.float32)
-    assert layer.quant_state.dtype == torch.bfloat16  # the checkpoint records the source dtype
+    plain = AdaptedLinear.quantized(lin, compute_dtype=torch.float32)
+    assert layer.base.quant_state.dtype == torch.bfloat16  # the checkpoint records the source dtype
     x = torch.randn(5, 128)
     dense = x @ lin.weight.float().T + lin.bias.float()
     assert rel_err(layer(x), dense) < rel_err(plain(x), dense)
@@ -76,7 +76,7 @@ def test_model_level_loftq_brings_logits_closer_to_the_dense_model(ids):
     spec = LoraSpec(r=8, alpha=16, dropout=0.0, loftq_iters=4, dtype=torch.float32,
                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     adapted = quantize_linears_loftq(loft, spec, compute_dtype=torch.float32)
-    assert len(adapted) == 14 and isinstance(loft.model.layers[0].mlp.up_proj, QLoRALinear)
+    assert len(adapted) == 14 and isinstance(loft.model.layers[0].mlp.up_proj, AdaptedLinear)
     assert isinstance(loft.lm_head, nn.Linear)  # skipped, as quantize_linears does
     ref = logits(dense, ids)
     assert rel_err(logits(loft, ids), ref) < rel_err(logits(plain, ids), ref)

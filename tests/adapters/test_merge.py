@@ -12,7 +12,7 @@ from qforge import cli
 from qforge.adapters import (InPlaceMergeError, load_adapter, merge_in_place_4bit, merged_state_dict, save_adapter,
                              save_merged)
 from qforge.adapters.merge import PROVENANCE_NAME, RECORD_KEY, mark_merged
-from qforge.model.surgery import linear_names, qlora_layers, quantize_linears, select_targets
+from qforge.model.surgery import linear_names, adapted_layers, quantize_linears, select_targets
 
 from .conftest import logits, qforge_with_adapter, quantized_twin, randomise_adapter, rel_err, tiny_dense
 
@@ -118,7 +118,7 @@ def test_requantized_folder_loads_back_close_to_the_dense_merge(tmp_path, ids, q
     back = quantized_copy(tmp_path / "dense", quant_type)
     missing, unexpected = back.load_state_dict(load_file(tmp_path / "q" / "model.safetensors"), strict=False)
     assert unexpected == [] and set(missing) <= {"lm_head.weight"}
-    assert {layer.quant_state.quant_type for _, layer in qlora_layers(back)} == {quant_type}
+    assert {layer.base.quant_state.quant_type for _, layer in adapted_layers(back)} == {quant_type}
     requant = logits(back, ids)
     # it is exactly the dense merge quantised once ...
     assert rel_err(requant, logits(quantized_copy(tmp_path / "dense", quant_type), ids)) < 1e-6

@@ -10,13 +10,13 @@ from torch import nn
 
 from qforge.dist import Group, local_quantised_bytes
 from qforge.dist.shard import blocks
-from qforge.nn import LoraSpec, QLoRALinear
-from qforge.nn.qlinear import bytes_as
+from qforge.nn import AdaptedLinear, LoraSpec, Quant4bitBase
+from qforge.nn.bases import bytes_as
 
 
 def layer(out_f=6, in_f=3, seed=0):  # 18 values: 9 packed bytes, an odd number to pad
     torch.manual_seed(seed)
-    lin = QLoRALinear.from_linear(nn.Linear(in_f, out_f), compute_dtype=torch.float32)
+    lin = AdaptedLinear.quantized(nn.Linear(in_f, out_f), compute_dtype=torch.float32)
     lin.add_adapter("a", LoraSpec(r=2, alpha=4, dropout=0.0, dtype=torch.float32))
     nn.init.normal_(lin.adapters["a"].lora_B.weight)
     return lin
@@ -34,13 +34,13 @@ def test_bytes_as_pads_to_whole_elements():
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_float_storage_keeps_bytes_products_and_checkpoint_keys(dtype, double_quant):
     torch.manual_seed(0)
-    plain = QLoRALinear.from_linear(nn.Linear(70, 6), double_quant=double_quant, compute_dtype=torch.float32)
+    plain = AdaptedLinear.quantized(nn.Linear(70, 6), double_quant=double_quant, compute_dtype=torch.float32)
     plain.add_adapter("a", LoraSpec(r=2, alpha=4, dropout=0.0, dtype=torch.float32))
-    stored = QLoRALinear(plain.quant_state, plain.bias, torch.float32)
+    stored = AdaptedLinear(Quant4bitBase(plain.base.quant_state), plain.bias, torch.float32)
     stored.add_adapter("a", LoraSpec(r=2, alpha=4, dropout=0.0, dtype=torch.float32))
     stored.load_state_dict(plain.state_dict())
     before = {k: v.clone() for k, v in plain.state_dict().items()}
-    stored.use_float_storage(dtype)
+    stored.set_base(stored.base.to_sharded(dtype))
 
     assert isinstance(stored.weight, nn.Parameter) and stored.weight.dtype == dtype and not stored.weight.requires_grad
     assert stored.weight.dim() == 1 and stored.weight_absmax.dim() == 1
@@ -56,15 +56,15 @@ def test_float_storage_keeps_bytes_products_and_checkpoint_keys(dtype, double_qu
     y2.sum().backward()
     assert torch.equal(x.grad, x2.grad)
     with pytest.raises(ValueError, match="already"):
-        stored.use_float_storage(dtype)
+        stored.set_base(stored.base.to_sharded(dtype))
 
 
 def test_local_quantised_bytes_counts_codes_and_absmax():
     lin = layer(out_f=64, in_f=64)
     held, whole = local_quantised_bytes(lin)
-    st = lin.quant_state
+    st = lin.base.quant_state
     assert held == whole == st.packed.numel() + st.absmax.numel() * st.absmax.element_size()
-    lin.use_float_storage(torch.float32)
+    lin.set_base(lin.base.to_sharded(torch.float32))
     assert local_quantised_bytes(lin) == (held, held)  # 2048 + 64 bytes: already whole float32s
 
 

@@ -7,7 +7,7 @@ from torch import nn
 pytest.importorskip("triton")
 
 from qforge.kernels import triton_lora as tl_lora  # noqa: E402
-from qforge.nn import LoraSpec, QLoRALinear  # noqa: E402
+from qforge.nn import AdaptedLinear, LoraSpec, Quant4bitBase  # noqa: E402
 from qforge.quant import dequantize, quantize  # noqa: E402
 
 from .conftest import TOLERANCE, max_rel_error  # noqa: E402
@@ -71,9 +71,9 @@ def test_fused_lora_saves_no_dense_weight(device):
 
 
 def test_fused_lora_matches_qlora_linear(device):
-    """The fused path against the module it would replace: QLoRALinear, one adapter, bf16, no dropout."""
+    """The fused path against the module it would replace: AdaptedLinear, one adapter, bf16, no dropout."""
     torch.manual_seed(0)
-    layer = QLoRALinear.from_linear(nn.Linear(130, 33, bias=False))
+    layer = AdaptedLinear.quantized(nn.Linear(130, 33, bias=False))
     adapter = layer.add_adapter("a", LoraSpec(r=8, alpha=16, dropout=0.0))
     nn.init.normal_(adapter.lora_B.weight, std=0.1)
     x = torch.randn(2, 3, 130, dtype=torch.bfloat16)
@@ -83,7 +83,7 @@ def test_fused_lora_matches_qlora_linear(device):
     A = adapter.lora_A.weight.detach().to(device).requires_grad_()
     B = adapter.lora_B.weight.detach().to(device).requires_grad_()
     xd = x.to(device).requires_grad_()
-    y = tl_lora.lora_linear_4bit(xd, layer.quant_state.to(device), A, B, adapter.scaling)
+    y = tl_lora.lora_linear_4bit(xd, layer.base.quant_state.to(device), A, B, adapter.scaling)
     y.backward(grad.to(device))
     tol = 2 * TOLERANCE[torch.bfloat16]  # the module also rounds its intermediates to bf16
     assert max_rel_error(y, layer(x).detach()) <= tol
@@ -120,21 +120,23 @@ def test_gathered_lora_matches_loop(device, dtype, rows_shape):
 
 
 def test_gathered_lora_matches_qlora_mixed_batch(device):
-    """Same numbers as QLoRALinear's per-row adapters (ranks 4 and 8 stacked, zero-padded)."""
+    """Same numbers as each row's adapter made active on the layer (ranks 4 and 8 stacked, zero-padded)."""
     torch.manual_seed(0)
     state = quantize(torch.randn(33, 96) * 0.1, "nf4", 64, True)
-    layer = QLoRALinear(state, None, compute_dtype=torch.float32)
+    layer = AdaptedLinear(Quant4bitBase(state), None, compute_dtype=torch.float32)
     adapters = [layer.add_adapter(n, LoraSpec(r=r, alpha=a, dropout=0.0, dtype=torch.float32))
                 for n, r, a in (("p", 4, 8.0), ("q", 8, 4.0))]
     for a in adapters:
         nn.init.normal_(a.lora_B.weight, std=0.1)
     x = torch.randn(4, 3, 96)
     with torch.no_grad():
-        layer.set_row_adapters(torch.tensor([0, -1, 1, 0]), ["p", "q"])
-        mixed = layer(x)
-        layer.set_row_adapters(None)
         layer.active_adapter = None
-        want = mixed - layer(x)
+        base = layer(x)
+        rows = []
+        for b, name in enumerate(["p", None, "q", "p"]):
+            layer.active_adapter = name
+            rows.append(layer(x[b:b + 1])[0] - base[b])
+        want = torch.stack(rows)
     A = torch.zeros(2, 8, 96)
     B = torch.zeros(2, 33, 8)
     for k, a in enumerate(adapters):

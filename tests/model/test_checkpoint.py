@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from qforge.cli import main
 from qforge.model.checkpoint import save_quantized
 from qforge.model.load import load_model
-from qforge.nn import LoraSpec, QLoRALinear
+from qforge.nn import AdaptedLinear, LoraSpec, Quant4bitBase
 
 from .conftest import write_tiny
 
@@ -70,11 +70,11 @@ def test_qforge_loads_bitsandbytes_save_pretrained_as_stored(tmp_path, token_ids
     files = stored(tmp_path / "bnb")
 
     ours, _ = load_model(tmp_path / "bnb", compute_dtype=torch.float32)
-    layers = {n: m for n, m in ours.named_modules() if isinstance(m, QLoRALinear)}
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, AdaptedLinear)}
     assert len(layers) == 14
     for name, layer in layers.items():  # not requantised: the very bytes on disk
         assert torch.equal(layer.weight, files[name + ".weight"]), name
-        assert torch.equal(layer.quant_state.absmax, files[name + ".weight.absmax"]), name
+        assert torch.equal(layer.base.quant_state.absmax, files[name + ".weight.absmax"]), name
         assert torch.equal(layer.bias, files[name + ".bias"]), name
     torch.testing.assert_close(logits(ours, token_ids), logits(theirs.train(), token_ids), rtol=1e-5, atol=1e-5)
 
@@ -83,7 +83,7 @@ def test_save_quantized_round_trip_without_adapters(tiny_dir, tmp_path, token_id
     model, tokenizer = load_model(tiny_dir, compute_dtype=torch.float32,
                                   lora=LoraSpec(r=4, dropout=0.0, dtype=torch.float32))
     for m in model.modules():
-        if isinstance(m, QLoRALinear):
+        if isinstance(m, AdaptedLinear):
             nn.init.normal_(m.adapters["default"].lora_B.weight)  # an adapter that changes the output
     save_quantized(model, tokenizer, tmp_path / "out")
     umask = os.umask(0o22)
@@ -94,10 +94,10 @@ def test_save_quantized_round_trip_without_adapters(tiny_dir, tmp_path, token_id
     assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys  # tied: written once
     back, _ = load_model(tmp_path / "out", compute_dtype=torch.float32)
     for name, layer in back.named_modules():
-        if isinstance(layer, QLoRALinear):
+        if isinstance(layer, AdaptedLinear):
             assert torch.equal(layer.weight, model.get_submodule(name).weight)
     for m in model.modules():
-        if isinstance(m, QLoRALinear):
+        if isinstance(m, AdaptedLinear):
             m.active_adapter = None
     torch.testing.assert_close(logits(back, token_ids), logits(model, token_ids), rtol=0, atol=0)
     assert back.lm_head.weight is back.model.embed_tokens.weight

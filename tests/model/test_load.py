@@ -7,7 +7,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qforge.model.load import load_model
-from qforge.nn import LoraSpec, QLoRALinear
+from qforge.nn import AdaptedLinear, LoraSpec, Quant4bitBase
 from qforge.quant import dequantize, quantize
 
 from .conftest import write_tiny
@@ -44,7 +44,7 @@ def test_streaming_load_equals_transformers_on_dequantised_weights(tmp_path, tok
     ref = dequantised_reference(folder)
     torch.testing.assert_close(logits(model, token_ids), logits(ref, token_ids), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq, rtol=0, atol=0)
-    assert sum(isinstance(m, QLoRALinear) for m in model.modules()) == 2 * 7
+    assert sum(isinstance(m, AdaptedLinear) for m in model.modules()) == 2 * 7
     assert isinstance(model.lm_head, nn.Linear)
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == variant.get("tied", True)
@@ -55,7 +55,7 @@ def test_plain_load_equals_transformers(tmp_path, token_ids, dtype):
     folder = write_tiny(tmp_path, shard="60KB", dtype=dtype)
     model, _ = load_model(folder, quantize=False, compute_dtype=dtype, lora=LoraSpec(r=4))
     ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
-    assert not any(isinstance(m, QLoRALinear) for m in model.modules())  # no adapters either
+    assert not any(isinstance(m, AdaptedLinear) for m in model.modules())  # no adapters either
     assert all(p.dtype == dtype for p in model.parameters())
     torch.testing.assert_close(logits(model, token_ids), logits(ref, token_ids), rtol=0, atol=0)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -65,7 +65,7 @@ def test_bf16_compute_dtypes_and_bf16_checkpoint(tmp_path, token_ids):
     folder = write_tiny(tmp_path, dtype=torch.bfloat16)
     model, _ = load_model(folder)  # compute dtype bfloat16 by default
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.compute_dtype == torch.bfloat16 and layer.quant_state.dtype == torch.bfloat16
+    assert layer.compute_dtype == torch.bfloat16 and layer.base.quant_state.dtype == torch.bfloat16
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     ref = dequantised_reference(folder).to(torch.bfloat16)
     torch.testing.assert_close(logits(model, token_ids).float(), logits(ref, token_ids).float(), rtol=0.05, atol=0.05)
@@ -76,9 +76,9 @@ def test_bf16_compute_dtypes_and_bf16_checkpoint(tmp_path, token_ids):
 def test_quant_settings_and_target_subset(tmp_path, token_ids, quant):
     folder = write_tiny(tmp_path)
     model, _ = load_model(folder, compute_dtype=torch.float32, target_modules=["q_proj", "down_proj"], **quant)
-    quantised = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    quantised = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
     assert quantised == {"q_proj", "down_proj"}
-    st = model.model.layers[1].mlp.down_proj.quant_state
+    st = model.model.layers[1].mlp.down_proj.base.quant_state
     assert (st.quant_type, st.nested, st.blocksize) == (quant["quant_type"], quant["double_quant"], quant["blocksize"])
     ref = dequantised_reference(folder, targets={"q_proj", "down_proj"}, **quant)
     torch.testing.assert_close(logits(model, token_ids), logits(ref, token_ids), rtol=1e-5, atol=1e-5)
@@ -88,7 +88,7 @@ def test_lora_adapter_is_attached_and_starts_as_the_base(tiny_dir, token_ids):
     base, _ = load_model(tiny_dir, compute_dtype=torch.float32)
     model, tokenizer = load_model(tiny_dir, compute_dtype=torch.float32, adapter_name="mine",
                                   lora=LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
-    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
     assert layers and all(m.active_adapter == "mine" and list(m.adapters) == ["mine"] for m in layers)
     torch.testing.assert_close(logits(model, token_ids), logits(base, token_ids))  # B starts at zero
     assert tokenizer is not None and tokenizer.chat_template

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from qforge.model.load import SMOLLM2_CACHE, load_model
-from qforge.nn import QLoRALinear
+from qforge.nn import AdaptedLinear
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +49,10 @@ def test_embedded_model_converts_once_then_loads_from_the_cache(tmp_path, monkey
     again, tokenizer = load_model("smollm2", compute_dtype=torch.float32)
     second = time.perf_counter() - t0
     print(f"\nsmollm2 load: first (convert + cache) {first:.1f} s, second (from cache) {second:.2f} s")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
     assert len(layers) == 30 * 7
     for name, layer in again.named_modules():
-        if isinstance(layer, QLoRALinear):
+        if isinstance(layer, AdaptedLinear):
             assert torch.equal(layer.weight, layers[name].weight)
 
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,

@@ -8,16 +8,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qforge.nn import LoraSpec, QLoRALinear, recompute
-from qforge.nn import qlinear
-from qforge.nn.qlinear import LoRALinear
+from qforge.nn import AdaptedLinear, LoraSpec, recompute
+from qforge.nn import bases
 
 
 class Block(nn.Module):
     def __init__(self, dense: bool, inplace_tamper: bool = False):
         super().__init__()
-        make = (lambda lin: LoRALinear.from_linear(lin, torch.float32)) if dense else \
-            (lambda lin: QLoRALinear.from_linear(lin, compute_dtype=torch.float32))
+        make = (lambda lin: AdaptedLinear.dense(lin, torch.float32)) if dense else \
+            (lambda lin: AdaptedLinear.quantized(lin, compute_dtype=torch.float32))
         self.up, self.down = make(nn.Linear(32, 64)), make(nn.Linear(64, 32))
         for layer in (self.up, self.down):
             a = layer.add_adapter("a", LoraSpec(r=4, alpha=8, dropout=0.1, dtype=torch.float32))
@@ -26,7 +25,7 @@ class Block(nn.Module):
 
     def forward(self, x):
         if self.inplace_tamper:
-            b = self.up.base_product(x)
+            b = self.up.base.product(x)
             h = b.clone()
             b.add_(100.0)  # changes the recorded output after use: the replay must not trust it
         else:
@@ -61,7 +60,7 @@ def test_selective_equals_full_and_no_checkpointing_and_skips_base_products(dens
     def counting(key, inp, out_features, compute):
         return real(key, inp, out_features, lambda: computed.append(1) or compute())
 
-    monkeypatch.setattr(qlinear.recompute, "base_product", counting)
+    monkeypatch.setattr(bases.recompute, "base_product", counting)
     results = {}
     for mode in ("none", "full", "selective"):
         computed.clear()
@@ -92,7 +91,7 @@ def test_a_tampered_tape_entry_is_recomputed_not_replayed():
 
 
 def test_outside_checkpointing_nothing_is_recorded():
-    layer = QLoRALinear.from_linear(nn.Linear(16, 8), compute_dtype=torch.float32)
+    layer = AdaptedLinear.quantized(nn.Linear(16, 8), compute_dtype=torch.float32)
     layer(torch.randn(2, 16))
     assert recompute._current() is None
 
@@ -136,12 +135,12 @@ def test_float32_compute_under_bf16_autocast_replays_and_dense_backward_casts():
         def spy(key, inp, out_features, compute, real=recompute.base_product):
             return real(key, inp, out_features, lambda: counts.append(1) or compute())
 
-        qlinear.recompute.base_product, original = spy, recompute.base_product
+        bases.recompute.base_product, original = spy, recompute.base_product
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = checkpoint(block, x, use_reentrant=False, context_fn=recompute.keep_base_outputs)
             y.float().square().sum().backward()
         finally:
-            qlinear.recompute.base_product = original
+            bases.recompute.base_product = original
         assert len(counts) == 2, (dense, len(counts))  # up and down once each: nothing recomputed
         assert x.grad is not None and torch.isfinite(x.grad).all()

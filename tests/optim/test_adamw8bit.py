@@ -10,7 +10,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qforge.optim import AdamW8bit, adamw_step, dequantize_blockwise, dynamic_map, init_state, quantize_blockwise
+from qforge.optim import AdamW8bit, adamw_step, dequantize_blockwise, dynamic_quant_map, init_state, quantize_blockwise
 from qforge.optim import paging
 from qforge.quant.codebooks import DYNAMIC_SIGNED, DYNAMIC_UNSIGNED
 
@@ -104,7 +104,7 @@ def test_quantize_blockwise_matches_bitsandbytes(signed):
     x = torch.randn(256 * 7 + 100, generator=g) * torch.logspace(-8, 0, 256 * 7 + 100)
     x = x if signed else x.abs()
     x[256:512] = 0
-    qmap = dynamic_map(signed)
+    qmap = dynamic_quant_map(signed)
     assert torch.equal(qmap.levels, DYNAMIC_SIGNED if signed else DYNAMIC_UNSIGNED)
     codes, absmax = quantize_blockwise(x, qmap, 256)
     bnb_codes, bnb_absmax = torch.ops.bitsandbytes.quantize_blockwise(x, qmap.levels, 256)

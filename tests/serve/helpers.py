@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from qforge.model.surgery import add_adapter, linear_names, quantize_linears, select_targets, set_active_adapter
+from qforge.model.surgery import (adapted_layers, add_adapter, detach_adapter, linear_names, quantize_linears,
+                                  select_targets, set_active_adapter)
 from qforge.nn import LoraSpec
-from qforge.serve.registry import detach_adapter
 
 _TOKENIZER = None
 
@@ -59,6 +59,14 @@ def random_adapter(model, name: str, seed: int, r: int = 4, dtype=torch.float32,
     set_active_adapter(model, None)
 
 
+SAVED: dict[tuple[int, str], Path] = {}  # (id(model), adapter name) -> its folder, for the oracle
+
+
+def remember_folder(model, name: str, folder: Path) -> None:
+    """Let greedy_alone find adapter `name` of `model` by its folder when it is not attached in-process."""
+    SAVED[id(model), name] = Path(folder)
+
+
 def save_random_adapters(model, root: Path, names: list[str], seed: int = 100) -> dict[str, Path]:
     """Write one random PEFT adapter folder per name under root; the model is left without them."""
     from qforge.adapters import save_adapter
@@ -67,8 +75,31 @@ def save_random_adapters(model, root: Path, names: list[str], seed: int = 100) -
     for i, name in enumerate(names):
         random_adapter(model, name, seed + i)
         paths[name] = save_adapter(model, root / name, name=name)
+        remember_folder(model, name, paths[name])
         detach_adapter(model, name)
     return paths
+
+
+_ORACLES: dict[tuple[int, str], object] = {}
+
+
+def alone_model(model, adapter: str | None):
+    """`model` itself when `adapter` is None or attached in-process; else an unwrapped copy of it
+    with the adapter's folder loaded in-process: the server's slots play no part in the oracle."""
+    import copy
+
+    from qforge.adapters import load_adapter
+    from qforge.serve.lora_slots import unwrap
+
+    if adapter is None or any(adapter in layer.adapters for _, layer in adapted_layers(model)):
+        return model
+    key = (id(model), adapter, SAVED[id(model), adapter])
+    if key not in _ORACLES:
+        oracle = unwrap(copy.deepcopy(model))
+        load_adapter(oracle, key[2], name=adapter, dtype=next(
+            layer.compute_dtype for _, layer in adapted_layers(oracle)))
+        _ORACLES[key] = oracle
+    return _ORACLES[key]
 
 
 @torch.no_grad()
@@ -77,6 +108,7 @@ def greedy_alone(model, prompt_ids: list[int], adapter: str | None, max_tokens: 
     index), with transformers' own cache handling."""
     from transformers import DynamicCache
 
+    model = alone_model(model, adapter)
     set_active_adapter(model, adapter)
     try:
         cache, ids, out = DynamicCache(config=model.config), torch.tensor([prompt_ids]), []

@@ -5,7 +5,6 @@ import threading
 
 import pytest
 
-from qforge.model.surgery import qlora_layers
 from qforge.serve import AdapterRegistry, Engine, SamplingParams
 from qforge.serve.registry import AdapterConflict, AdapterError, AdapterForbidden, AdapterNotFound
 
@@ -23,8 +22,9 @@ def saved(tokenizer, tmp_path_factory):
     return model, root
 
 
-def attached(model) -> set[str]:
-    return {name for _, layer in qlora_layers(model) for name in layer.adapters}
+def attached(registry) -> set[str]:
+    """The adapters that occupy the model's serving slots."""
+    return set(registry.slots.loaded())
 
 
 def test_lru_evicts_the_least_recently_used_and_reloads_on_demand(saved, tokenizer, prompts):
@@ -33,11 +33,11 @@ def test_lru_evicts_the_least_recently_used_and_reloads_on_demand(saved, tokeniz
     try:
         for name in "abc":
             registry.add(name, name)  # loading c evicts a
-        assert registry.loaded_names() == ["b", "c"] and attached(model) == {"b", "c"}
+        assert registry.loaded_names() == ["b", "c"] and attached(registry) == {"b", "c"}
         engine = Engine(model, tokenizer, registry).start()
         try:
             out = engine.generate(prompts[3], "a", GREEDY, timeout=30)  # reload a, evict b
-            assert set(registry.loaded_names()) == {"a", "c"} and attached(model) == {"a", "c"}
+            assert set(registry.loaded_names()) == {"a", "c"} and attached(registry) == {"a", "c"}
             assert out.output_ids == greedy_alone(model, prompts[3], "a", 6)
             assert registry.names() == ["a", "b", "c"]  # evicted is not forgotten
         finally:
@@ -45,7 +45,7 @@ def test_lru_evicts_the_least_recently_used_and_reloads_on_demand(saved, tokeniz
     finally:
         for name in registry.names():
             registry.remove(name)
-    assert attached(model) == set()
+    assert attached(registry) == set()
 
 
 def test_pinned_adapters_are_never_evicted(saved):
@@ -62,9 +62,9 @@ def test_pinned_adapters_are_never_evicted(saved):
         registry.add("c", "c")
         assert set(registry.loaded_names()) == {"b", "c"}
         registry.remove("b")  # in use: detached only when released
-        assert "b" in attached(model) and "b" not in registry
+        assert "b" in attached(registry) and "b" not in registry
         registry.release("b")
-        assert "b" not in attached(model)
+        assert "b" not in attached(registry)
     finally:
         for name in registry.names():
             registry.remove(name)
@@ -115,7 +115,7 @@ def test_adapter_paths_must_stay_inside_the_root(saved, tmp_path):
                 registry.add("x", path)
         with pytest.raises(AdapterError, match="no adapter folder"):
             registry.add("x", "missing")
-        assert registry.names() == [] and attached(model) == set()
+        assert registry.names() == [] and attached(registry) == set()
         registry.add("x", str(root / "a"))  # absolute but inside: fine
         assert registry.names() == ["x"]
     finally:

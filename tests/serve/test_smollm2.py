@@ -13,11 +13,11 @@ import torch
 
 from qforge.adapters import save_adapter
 from qforge.commands import serve
-from qforge.model.surgery import add_adapter, qlora_layers, set_active_adapter
+from qforge.model.surgery import add_adapter, adapted_layers, set_active_adapter
 from qforge.nn import LoraSpec
 from qforge.serve import detach_adapter
 
-from .helpers import LiveServer, greedy_alone
+from .helpers import LiveServer, alone_model, greedy_alone, remember_folder
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +34,12 @@ def _random_adapter(model, root, name, seed):
     add_adapter(model, name, LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in qlora_layers(model):
+        for _, layer in adapted_layers(model):
             if name in layer.adapters:
                 b = layer.adapters[name].lora_B.weight
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
     save_adapter(model, root / name, name=name, base_model_name_or_path="smollm2")
+    remember_folder(model, name, root / name)
     detach_adapter(model, name)
     set_active_adapter(model, None)
 
@@ -117,6 +118,7 @@ def test_smollm2_bfloat16_mixed_batch_stays_close(tmp_path):
 def choice_gaps(model, prompt_ids, output_ids, adapter) -> list[float]:
     """For each generated token: the alone model's best logit minus the chosen token's logit, with
     the prompt and the batch's own earlier tokens as prefix (teacher forcing, one forward)."""
+    model = alone_model(model, adapter)
     set_active_adapter(model, adapter)
     try:
         ids = torch.tensor([prompt_ids + output_ids[:-1]])

@@ -1,19 +1,19 @@
-"""QLoRALinear against plain LoRA on the dequantised weight (the torchtune parity test), the
-mixed-batch forward against per-adapter forwards, DoRA against its formula, and bitsandbytes keys."""
+"""AdaptedLinear (4-bit base) against plain LoRA on the dequantised weight (the torchtune parity test),
+DoRA against its formula, and bitsandbytes keys. (Mixed-adapter batches: tests/serve/test_lora_slots.py.)"""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from qforge.nn import LoraSpec, QLoRALinear
+from qforge.nn import AdaptedLinear, LoraSpec, Quant4bitBase
 from qforge.quant import dequantize
 
 
 def make_layer(in_f=96, out_f=80, bias=True, dtype=torch.float32, seed=0, **spec):
     torch.manual_seed(seed)
     lin = nn.Linear(in_f, out_f, bias=bias)
-    layer = QLoRALinear.from_linear(lin, compute_dtype=dtype)
+    layer = AdaptedLinear.quantized(lin, compute_dtype=dtype)
     spec = LoraSpec(**{"r": 8, "alpha": 16, "dropout": 0.0, "dtype": dtype, **spec})
     adapter = layer.add_adapter("a", spec)
     nn.init.normal_(adapter.lora_B.weight, std=0.1)  # non-zero B so the adapter matters
@@ -69,27 +69,13 @@ def test_base_is_frozen_and_backward_keeps_no_dequantised_weight():
     assert layer.weight.grad is None and layer.weight.dtype == torch.uint8
 
 
-def test_mixed_batch_equals_per_adapter_forward_row_by_row():
-    layer = make_layer()
-    layer.add_adapter("b", LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
-    nn.init.normal_(layer.adapters["b"].lora_B.weight, std=0.1)
-    x = torch.randn(5, 7, 96)
-    names, index = ["a", "b"], torch.tensor([0, 1, -1, 1, 0])
-    layer.set_row_adapters(index, names)
-    mixed = layer(x)
-    layer.set_row_adapters(None)
-    for row, k in enumerate(index.tolist()):
-        layer.active_adapter = names[k] if k >= 0 else None
-        torch.testing.assert_close(mixed[row], layer(x[row:row + 1])[0], rtol=1e-5, atol=1e-5)
-
-
 def test_dora_matches_its_formula():
     layer = make_layer(use_dora=True)
     a = layer.adapters["a"]
     with torch.no_grad():
         a.magnitude.mul_(torch.linspace(0.5, 1.5, 80))
     x = torch.randn(6, 96)
-    w0 = dequantize(layer.quant_state, torch.float32)
+    w0 = dequantize(layer.base.quant_state, torch.float32)
     merged = w0 + a.scaling * a.lora_B.weight @ a.lora_A.weight
     w_dora = a.magnitude[:, None] * merged / merged.norm(dim=1, keepdim=True)
     torch.testing.assert_close(layer(x), x @ w_dora.T + layer.bias, rtol=1e-5, atol=1e-5)
@@ -116,10 +102,10 @@ def test_state_dict_uses_bitsandbytes_keys_and_round_trips():
 
 
 def test_bf16_lora_layer_matches_qlora_on_the_same_dequantised_weight():
-    """LoRALinear (dense frozen base) and QLoRALinear differ only in the base product."""
-    from qforge.nn import LoRALinear
+    """A dense base and a 4-bit base differ only in the base product."""
+    from qforge.nn import DenseBase
     q = make_layer(use_dora=True)
-    dense = LoRALinear(q.dequantized(torch.float32), q.bias, torch.float32)
+    dense = AdaptedLinear(DenseBase(q.dequantized(torch.float32)), q.bias, torch.float32)
     dense.add_adapter("a", LoraSpec(r=8, alpha=16, dropout=0.0, dtype=torch.float32, use_dora=True))
     dense.adapters["a"].load_state_dict(q.adapters["a"].state_dict())
     x = torch.randn(4, 96)

@@ -1,0 +1,54 @@
+"""DoRA (weight-decomposed low-rank adaptation) as a LoRA variant: its weights, init, forward and merge.
+
+    W' = m * (W + s B A) / ||W + s B A||_row
+
+m [out] is the trained magnitude; the norm is taken per output row and treated as a constant in
+backward (DoRA paper, section 4.3, as PEFT does). m starts as the row norms of W + s B A, i.e. of
+the dequantised base when B = 0, so the adapted layer starts equal to the base. In PEFT's files
+m is `lora_magnitude_vector`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora import LoraAdapter, LoraVariant
+
+
+class DoraVariant(LoraVariant):
+    name = "dora"
+    extra_weights = {"magnitude": "lora_magnitude_vector"}
+
+    def create(self, adapter: LoraAdapter, out_features: int, dtype: torch.dtype) -> None:
+        adapter.magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype))
+
+    @staticmethod
+    def _row_norms(layer, adapter: LoraAdapter) -> torch.Tensor:
+        """||W + s B A|| per output row, float32 [out]."""
+        return (layer.base.weight(torch.float32) + adapter.delta_weight()).norm(dim=1)
+
+    @torch.no_grad()
+    def init(self, layer, adapter: LoraAdapter) -> None:
+        adapter.magnitude.copy_(self._row_norms(layer, adapter))
+
+    def forward(self, layer, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        base = layer.base.product(x)
+        lora = adapter.low_rank(x).to(base.dtype)
+        with torch.no_grad():  # the norm is a constant for backward
+            norm = self._row_norms(layer, adapter)
+        scale = (adapter.magnitude.float() / norm).to(base.dtype)
+        return base + ((scale - 1) * base + scale * lora)
+
+    @torch.no_grad()
+    def merged_weight(self, w: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+        # the runtime norm is detached, but it is the same number: m / ||W + sBA|| per row
+        w = w + adapter.delta_weight().to(w.device)
+        return w * (adapter.magnitude.detach().float() / w.norm(dim=1))[:, None]
+
+    @torch.no_grad()
+    def serving_scale(self, layer, adapter: LoraAdapter) -> torch.Tensor:
+        """m / ||W + s B A||: at inference DoRA's output is this factor times (base + low-rank)."""
+        return adapter.magnitude.float() / self._row_norms(layer, adapter)
+
+
+DORA = DoraVariant()

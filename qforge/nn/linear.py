@@ -1,0 +1,101 @@
+"""AdaptedLinear: a frozen base weight plus named trainable adapters, in place of an nn.Linear.
+
+    y = base.product(x) + bias                     (no active adapter)
+    y = variant.forward(layer, adapter, x) + bias  (LoRA: W x + s B A dropout(x); DoRA: see dora.py)
+
+The layer holds the adapters and the bias and asks its base (qforge.nn.bases: 4-bit NF4/FP4, dense,
+sharded 4-bit, ...) for everything about the frozen weight; the state dict carries the base's own
+keys (bitsandbytes' for a 4-bit base), so a model's state dict is a checkpoint. Serving several
+adapters in one batch is the server's business (qforge.serve.lora_slots), not this layer's.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .bases import DenseBase, FrozenBase, Quant4bitBase
+from .lora import LoraAdapter, LoraSpec
+
+
+class AdaptedLinear(nn.Module):
+    """nn.Linear's interface (in_features, out_features, weight, bias) over a frozen base, with
+    named adapters of which one (`active_adapter`) takes part in forward."""
+
+    def __init__(self, base: FrozenBase, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.out_features, self.in_features = base.shape
+        self.compute_dtype = compute_dtype
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.set_base(base)
+
+    @classmethod
+    def quantized(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                  compute_dtype: torch.dtype = torch.bfloat16) -> "AdaptedLinear":
+        """linear's weight quantised to 4 bits (QLoRA)."""
+        return cls(Quant4bitBase.from_weight(linear.weight, quant_type, blocksize, double_quant), linear.bias,
+                   compute_dtype)
+
+    @classmethod
+    def dense(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "AdaptedLinear":
+        """linear's weight kept dense in the compute dtype (BF16 LoRA)."""
+        return cls(DenseBase(linear.weight, compute_dtype), linear.bias, compute_dtype)
+
+    def set_base(self, base: FrozenBase) -> None:
+        """Hold `base` (it registers its tensors on this layer), e.g. a sharded form of the current one."""
+        if tuple(base.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"base of shape {list(base.shape)} does not fit [{self.out_features}, {self.in_features}]")
+        base.attach(self)
+        self.base = base
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"base={self.base.describe()}, adapters={list(self.adapters)}, active={self.active_adapter}")
+
+    # ---- adapters -------------------------------------------------------------------------
+    def add_adapter(self, name: str, spec: LoraSpec) -> LoraAdapter:
+        adapter = LoraAdapter(self.in_features, self.out_features, spec).to(self.weight.device)
+        adapter.variant.init(self, adapter)
+        self.adapters[name] = adapter
+        self.active_adapter = self.active_adapter or name
+        return adapter
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh copy of the base weight [out, in] in `dtype` (default: the compute dtype)."""
+        return self.base.dequantized(dtype or self.compute_dtype)
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_c = x.to(self.compute_dtype)
+        adapter = self.adapters[self.active_adapter] if self.active_adapter in self.adapters else None
+        out = self.base.product(x_c) if adapter is None else adapter.variant.forward(self, adapter, x_c)
+        return self.finish(out, x)
+
+    def finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Add the bias. Under autocast the result stays in the compute dtype, as nn.Linear's does;
+        otherwise it goes back to the input's dtype. (Returning the input's dtype under autocast,
+        as bitsandbytes' Linear4bit does, lets the float32 norms of a k-bit model turn the whole
+        residual stream into float32: on SmolLM2 that cost ~150-300 MB of activations and a
+        slower step than BF16 LoRA.)"""
+        if self.bias is not None:
+            out = out + self.bias
+        if not x.dtype.is_floating_point or torch.is_autocast_enabled(x.device.type):
+            return out
+        return out.to(x.dtype)
+
+    # ---- state dict and device moves: the base's tensors, under the base's keys ---------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self.base.save_state(destination, prefix)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        self.base.load_state(state_dict, prefix, strict, missing_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.base.moved()
+        return self

@@ -1,0 +1,196 @@
+"""Adapter slots: the serving side of multi-LoRA, several adapters in one batch over one shared base.
+
+As in vLLM's LoRA layers, every adapted layer of the served model is wrapped (SlotLinear) and the
+adapters the server holds live in preallocated stacked tensors per layer, one slot per adapter:
+    A      [S, r_max, in]    lora_A, ranks zero-padded to the largest loaded rank
+    B      [S, out, r_max]   lora_B
+    s      [S]               the adapter's scaling for this layer
+    factor [S, out]          DoRA's m / ||W + s B A|| (ones for plain LoRA), only once a DoRA adapter is loaded
+A batch names one slot per row (or none); the layer computes the shared base product once and adds
+each row's low-rank delta from its slot: one batched product through qforge.kernels.dispatch
+(the Triton `gathered_lora` kernel on CUDA), or, when every row uses the same slot, two plain
+matrix products on that slot's views. No per-request weight swaps, no per-forward concatenation.
+
+Slots are allocated when the first adapter is loaded and grow (doubling, up to the capacity) as more
+are; the registry decides which adapters occupy them (LRU) and holds its lock around every forward.
+Outside a batch selection a SlotLinear is its wrapped layer (in-process adapters, active adapter).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..kernels import dispatch
+from ..model.surgery import adapted_layers, set_module
+from ..nn import AdaptedLinear, LoraAdapter
+
+
+BASE_ONLY = -1  # LoraSlots.single when no row of the batch uses an adapter
+
+
+class SlotsFull(Exception):
+    """Every slot holds an adapter: the registry must evict one first."""
+
+
+class SlotLinear(nn.Module):
+    """One adapted layer as the server runs it: the wrapped layer's base and bias, plus the slots."""
+
+    def __init__(self, layer: AdaptedLinear, bank: "LoraSlots"):
+        super().__init__()
+        self.layer = layer
+        self.__dict__["bank"] = bank  # not a child module
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
+        self.scalings: torch.Tensor | None = None
+        self.factor: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bank, layer = self.bank, self.layer
+        if bank.rows is None:  # not serving a batch: the wrapped layer as it is
+            return layer(x)
+        x_c = x.to(layer.compute_dtype)
+        out = layer.base.product(x_c)
+        k = bank.single
+        if k == BASE_ONLY or self.A is None:
+            return layer.finish(out, x)
+        if k is not None:  # one slot for every row: that slot's views, no gather
+            h = (x_c @ self.A[k].to(x_c.dtype).t()) * self.scalings[k].to(x_c.dtype)
+            out = torch.addmm(out.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]),
+                              self.B[k].to(x_c.dtype).t()).view(out.shape)
+            if self.factor is not None:
+                out = out * self.factor[k].to(out.dtype)
+        else:
+            out = out + dispatch.gathered_lora(x_c, self.A, self.B, bank.rows, self.scalings)
+            if self.factor is not None:
+                valid = (bank.rows >= 0)[:, None]
+                factor = torch.where(valid, self.factor[bank.rows.clamp(min=0)], 1.0).to(out.dtype)  # [B, out]
+                out = out * (factor[:, None, :] if out.dim() == 3 else factor)
+        return layer.finish(out, x)
+
+    # ---- slot tensors -------------------------------------------------------------------------
+    def _resize(self, slots: int, rank: int, device, dtype) -> None:
+        def grown(old, shape, fill=0.0):
+            new = torch.full(shape, fill, dtype=dtype if old is None else old.dtype, device=device)
+            if old is not None:
+                new[tuple(slice(0, n) for n in old.shape)] = old
+            return new
+
+        n_in, n_out = self.in_features, self.out_features
+        self.A = grown(self.A, (slots, rank, n_in))
+        self.B = grown(self.B, (slots, n_out, rank))
+        self.scalings = grown(self.scalings, (slots,)).float()
+        if self.factor is not None:
+            self.factor = grown(self.factor, (slots, n_out), 1.0)
+
+    @torch.no_grad()
+    def write(self, slot: int, adapter: LoraAdapter | None) -> None:
+        """Put `adapter` (None: nothing, a zero delta) in `slot`."""
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.scalings[slot] = 0.0
+        if self.factor is not None:
+            self.factor[slot].fill_(1.0)
+        if adapter is None:
+            return
+        r = adapter.r
+        self.A[slot, :r].copy_(adapter.lora_A.weight)
+        self.B[slot, :, :r].copy_(adapter.lora_B.weight)
+        self.scalings[slot] = adapter.scaling
+        factor = adapter.variant.serving_scale(self.layer, adapter)
+        if factor is not None:
+            if self.factor is None:
+                self.factor = torch.ones(self.A.shape[0], self.out_features, dtype=torch.float32, device=self.A.device)
+            self.factor[slot].copy_(factor)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Put every wrapped layer of `model` back in its wrapper's place (the model as before serving)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SlotLinear):
+            set_module(model, name, module.layer)
+    return model
+
+
+class LoraSlots:
+    """The slots of every adapted layer of `model` (wrapped in place), up to `capacity` adapters in
+    `dtype`. `load` fills a free slot, `unload` frees one, `select` runs a batch with a slot per row."""
+
+    def __init__(self, model: nn.Module, capacity: int, dtype: torch.dtype):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity, self.dtype = capacity, dtype
+        self.layers: dict[str, SlotLinear] = {}
+        unwrap(model)  # slots of an earlier bank on this model: replaced by this one's
+        for name, layer in list(adapted_layers(model)):
+            wrapper = SlotLinear(layer, self)
+            set_module(model, name, wrapper)
+            self.layers[name] = wrapper
+        self.names: list[str | None] = []  # slot -> adapter name
+        self.rank = 0
+        self.rows: torch.Tensor | None = None
+        self.single: int | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def loaded(self) -> list[str]:
+        return [n for n in self.names if n is not None]
+
+    def slot_of(self, name: str) -> int:
+        return self.names.index(name)
+
+    def free(self) -> int:
+        return self.capacity - len(self.loaded())
+
+    def load(self, name: str, adapters: dict[str, LoraAdapter]) -> int:
+        """Put adapter `name` (layer path -> its LoraAdapter; layers not named get a zero delta)
+        in a free slot; SlotsFull when none is free. Returns the slot."""
+        if name in self.names:
+            raise ValueError(f"adapter '{name}' is loaded already")
+        unknown = sorted(set(adapters) - set(self.layers))
+        if unknown:
+            raise ValueError(f"adapter '{name}' names layers the served model does not adapt: {unknown[:5]}")
+        slot = next((i for i, n in enumerate(self.names) if n is None), None)
+        if slot is None:
+            if len(self.names) >= self.capacity:
+                raise SlotsFull(f"all {self.capacity} adapter slots are in use")
+            slot = len(self.names)
+        rank = max([a.r for a in adapters.values()] + [self.rank, 1])
+        if slot >= len(self.names) or rank > self.rank:
+            size = len(self.names) if slot < len(self.names) else \
+                max(slot + 1, min(self.capacity, max(2, 2 * len(self.names))))
+            for layer in self.layers.values():
+                layer._resize(size, rank, layer.layer.weight.device, self.dtype)
+            self.names += [None] * (size - len(self.names))
+            self.rank = rank
+        for path, layer in self.layers.items():
+            layer.write(slot, adapters.get(path))
+        self.names[slot] = name
+        return slot
+
+    def unload(self, name: str) -> None:
+        slot = self.slot_of(name)
+        for layer in self.layers.values():
+            layer.write(slot, None)
+        self.names[slot] = None
+
+    @contextlib.contextmanager
+    def select(self, adapters: list[str | None], device: torch.device):
+        """Within the block, row b of every forward uses adapter adapters[b] (None: the base alone)."""
+        slots = [-1 if a is None else self.slot_of(a) for a in adapters]
+        self.rows = torch.tensor(slots, dtype=torch.long, device=device)
+        self.single = slots[0] if len(set(slots)) == 1 else None  # BASE_ONLY (-1) when no row has one
+        try:
+            yield
+        finally:
+            self.rows, self.single = None, None

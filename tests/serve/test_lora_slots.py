@@ -1,0 +1,74 @@
+"""Adapter slots (the serving side of multi-LoRA): a mixed batch through the slots equals each row run
+alone with its adapter made active on the layer (LoRA of two ranks, DoRA, and rows without one)."""
+import pytest
+import torch
+from torch import nn
+
+from qforge.nn import AdaptedLinear, LoraSpec
+from qforge.serve.lora_slots import LoraSlots, SlotsFull
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    layer = AdaptedLinear.quantized(nn.Linear(96, 80), compute_dtype=torch.float32)
+    specs = {"p": LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32),
+             "q": LoraSpec(r=8, alpha=4, dropout=0.0, dtype=torch.float32, use_rslora=True),
+             "d": LoraSpec(r=6, alpha=12, dropout=0.0, dtype=torch.float32, use_dora=True)}
+    for name, spec in specs.items():
+        a = layer.add_adapter(name, spec)
+        nn.init.normal_(a.lora_B.weight, std=0.1)
+        if spec.use_dora:
+            with torch.no_grad():
+                a.magnitude.mul_(torch.linspace(0.5, 1.5, 80))
+    return nn.Sequential(layer)
+
+
+def alone(layer, x, name):
+    layer.active_adapter = name
+    try:
+        return layer(x)
+    finally:
+        layer.active_adapter = None
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 96), (5, 96)], ids=["BxT", "B"])
+def test_mixed_batch_equals_each_row_alone(shape):
+    model = make_model()
+    layer = model[0]
+    slots = LoraSlots(model, capacity=4, dtype=torch.float32)
+    for name in ("p", "q", "d"):
+        slots.load(name, {"0": layer.adapters[name]})
+    x = torch.randn(*shape)
+    rows = ["p", "q", None, "d", "p"]
+    with torch.no_grad(), slots.select(rows, x.device):
+        mixed = model(x)
+    with torch.no_grad():
+        for b, name in enumerate(rows):
+            torch.testing.assert_close(mixed[b], alone(layer, x[b:b + 1], name)[0], rtol=1e-5, atol=1e-5)
+        for name in (None, "p", "d"):  # a batch of one adapter takes the slot's views
+            with slots.select([name] * shape[0], x.device):
+                torch.testing.assert_close(model(x), alone(layer, x, name), rtol=1e-5, atol=1e-5)
+
+
+def test_slots_grow_fill_and_free():
+    model = make_model()
+    layer = model[0]
+    slots = LoraSlots(model, capacity=2, dtype=torch.float32)
+    assert slots.load("p", {"0": layer.adapters["p"]}) == 0
+    assert tuple(model[0].A.shape) == (2, 4, 96)
+    assert slots.load("q", {"0": layer.adapters["q"]}) == 1  # rank 8 > 4: every slot widens
+    assert tuple(model[0].A.shape) == (2, 8, 96) and slots.rank == 8
+    with pytest.raises(SlotsFull):
+        slots.load("d", {"0": layer.adapters["d"]})
+    slots.unload("p")
+    assert not model[0].A[0].any() and slots.loaded() == ["q"]
+    assert slots.load("d", {"0": layer.adapters["d"]}) == 0  # the freed slot is reused
+    x = torch.randn(3, 96)
+    with torch.no_grad(), slots.select(["q", "d", "q"], x.device):
+        mixed = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(mixed[1], alone(layer, x[1:2], "d")[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[0], alone(layer, x[0:1], "q")[0], rtol=1e-5, atol=1e-5)
+    # outside a selection the wrapped layer answers as it is (its own active adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), alone(layer, x, None))
