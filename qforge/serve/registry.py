@@ -258,7 +258,8 @@ class AdapterRegistry:
         return self.slots.select(adapters, device)
 
     def _detach(self, entry: AdapterEntry) -> None:
-        self.slots.unload(entry.name)
+        if entry.name in self.slots:
+            self.slots.unload(entry.name)
         if entry.path is None:  # attached in-process: its weights leave the model too
             detach_adapter(self.model, entry.name)
         entry.loaded = False
