@@ -37,7 +37,7 @@ VARIANTS = ("qforge-qlora", "peft-bnb-qlora", "qforge-lora", "qforge-qlora-recom
 
 def batches(tok, batch_size, steps):
     from qforge.train.data import build_dataset, collate
-    from qforge.train.tasks import demo_task_paths
+    from qforge.eval.tasks import demo_task_paths
     train, _, _ = build_dataset(demo_task_paths()["train"], tok, max_seq_len=256)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return [collate([train[(s * batch_size + i) % len(train)] for i in range(batch_size)], pad) for s in range(steps)]

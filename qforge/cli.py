@@ -22,10 +22,6 @@ COMMANDS = {
 }
 
 
-class QForgeError(Exception):
-    """An error the user can act on: printed as one line, exit status 2, no traceback."""
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qforge", description="QLoRA fine-tuning end to end on one machine.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -52,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._module.run(args) or 0)
-    except (QForgeError, FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # what the user can act on: one line, status 2
         if os.environ.get("QFORGE_DEBUG"):
             raise
         print(f"qforge {args.command}: error: {exc}", file=sys.stderr)

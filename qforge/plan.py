@@ -661,19 +661,12 @@ def available_memory(device: str = "cpu") -> int:
 AUTO_KEEP_SHARE = 0.8  # auto selective checkpointing: the plan with it must fit in this share of memory
 
 
-def default_device() -> str:
-    """The device kind a run plans for: "cuda" when torch sees a GPU, else "cpu"."""
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def keep_base_outputs_for(cfg, model_config: dict | ModelArch | str | None = None, device: str | None = None,
+def keep_base_outputs_for(cfg, model_config: dict | ModelArch | str | None = None, device: str = "cpu",
                           available_bytes: int | None = None) -> tuple[bool, str]:
     """(keep, reason): whether a run keeps its base outputs under gradient checkpointing
     (qforge.nn.recompute). An explicit cfg.keep_base_outputs wins; auto (None) keeps them when the
     plan with them fits in AUTO_KEEP_SHARE of the available memory. Only lora and qlora with
-    gradient checkpointing have base outputs to keep. device defaults to default_device()."""
-    device = device or default_device()
+    gradient checkpointing have base outputs to keep. `device`: the run's device kind ("cpu", "cuda")."""
     if cfg.method not in ("lora", "qlora") or not cfg.gradient_checkpointing:
         return False, ""
     if cfg.keep_base_outputs is not None:
@@ -693,12 +686,11 @@ def keep_base_outputs_for(cfg, model_config: dict | ModelArch | str | None = Non
                    f"would need {format_gb(with_kept)}, more than {AUTO_KEEP_SHARE:.0%} of {format_gb(available)} available")
 
 
-def warn_if_unfit(cfg, model_config: dict | ModelArch | str | None = None, log=print, device: str | None = None,
+def warn_if_unfit(cfg, model_config: dict | ModelArch | str | None = None, log=print, device: str = "cpu",
                   available_bytes: int | None = None) -> bool:
     """Log a warning, before a run starts, when its plan does not fit the memory this process can
-    see; returns whether it fits. device defaults to "cuda" when torch sees a GPU, else "cpu".
+    see; returns whether it fits. `device`: the run's device kind ("cpu", "cuda").
     A model the planner cannot read (a GGUF file, an unknown architecture) is not checked."""
-    device = device or default_device()
     try:
         available = available_memory(device) if available_bytes is None else available_bytes
         fits, message = check_fit(cfg, model_config, available, device)

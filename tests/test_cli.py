@@ -15,3 +15,34 @@ def test_top_level_help_lists_every_command(capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "COMMAND" in capsys.readouterr().out
+
+
+def test_device_cuda_without_a_gpu_is_one_line_and_fast(tmp_path):
+    """--device is resolved once, before any model is loaded: on a machine without CUDA, one line."""
+    import subprocess
+    import sys
+
+    import torch
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("this machine has a GPU")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    for argv in (["train", "--data", str(data), "--device", "cuda", "--output-dir", str(tmp_path / "r")],
+                 ["serve", "--device", "cuda:1"], ["quantize", "smollm2", str(tmp_path / "q"), "--device", "cuda"]):
+        proc = subprocess.run([sys.executable, "-m", "qforge", *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
+        assert len(lines) == 1 and "no CUDA GPU" in lines[0], (argv, proc.stderr)
+        assert not (tmp_path / "q").exists()
+
+
+def test_resolve_device_names():
+    import pytest
+    import torch
+
+    from qforge.devices import DeviceError, resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceError, match="expected auto"):
+        resolve_device("tpu")

@@ -39,13 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed shared by every method (default 0)")
     parser.add_argument("--output-dir", default=None,
                         help="where bench.md, bench.json and the PNG go (default runs/bench)")
+    parser.add_argument("--device", default=None,
+                        help="where every method runs: auto (CUDA when torch sees a GPU, else cpu), cpu, cuda or "
+                             "cuda:N (default: auto)")
 
 
 def bench_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     """(recipe of TrainConfig keys, bench settings) from the defaults, the YAML and the flags."""
     from ..eval.bench import BENCH_KEYS, BENCH_METHODS, FULL_LR_SCALE, default_recipe
     from ..train.config import TrainConfig
-    from ..train.tasks import demo_task_paths
+    from ..eval.tasks import demo_task_paths
 
     given: dict = {}
     if args.config:
@@ -57,7 +60,7 @@ def bench_settings(args: argparse.Namespace) -> tuple[dict, dict]:
         if unknown:
             raise ValueError(f"{args.config}: unknown setting(s) {unknown}")
     for key in ("model", "data", "eval_data", "test_data", "test_rows", "methods", "max_steps", "eval_every",
-                "seed", "output_dir"):
+                "seed", "output_dir", "device"):
         if getattr(args, key, None) is not None:
             given[key] = getattr(args, key)
     bench = {k: given.pop(k) for k in BENCH_KEYS if k in given}

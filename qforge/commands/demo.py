@@ -15,13 +15,10 @@ import json
 import time
 from pathlib import Path
 
-DEMO_RECIPE = {
-    "model": "smollm2", "method": "qlora", "quant_type": "nf4", "double_quant": True,
-    "rank": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear",
-    "optimizer": "paged_adamw_8bit", "lr": 1e-3, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
-    "batch_size": 8, "grad_accum": 1, "max_seq_len": 256, "max_steps": 30, "save_every": 15,
-    "eval_every": 10, "compute_dtype": "bfloat16", "gradient_checkpointing": True, "seed": 0,
-}
+from ..devices import add_device_argument, resolve_device
+from ..eval.tasks import demo_recipe
+
+DEMO_RECIPE = demo_recipe()  # qforge/data/demo.yaml (= configs/demo.yaml): one home for the recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help=f"training steps (default {DEMO_RECIPE['max_steps']})")
     parser.add_argument("--eval-rows", type=int, default=100, help="held-out rows scored before and after (default 100)")
     parser.add_argument("--skip-fidelity", action="store_true", help="skip the 4-bit fidelity table")
+    add_device_argument(parser)
 
 
 def accuracy(model, tok, rows, dtype) -> tuple[float, list[str]]:
     from ..eval.generate import generate_chat
-    from ..train.tasks import exact_match, prompt_messages
+    from ..eval.tasks import exact_match, prompt_messages
     replies = generate_chat(model, tok, [prompt_messages(r) for r in rows], max_new_tokens=40, compute_dtype=dtype)
     return sum(exact_match(p, r) for p, r in zip(replies, rows)) / len(rows), replies
 
@@ -45,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.data import build_dataset, read_jsonl
     from ..train.loop import train_loop
     from ..train.run import load_for_method
-    from ..train.tasks import demo_task_paths, expected_object
+    from ..eval.tasks import demo_task_paths, expected_object
 
     t_start = time.perf_counter()
     out = Path(args.output_dir)
@@ -55,13 +53,14 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(fidelity_table(standard_datasets(n=1 << 18))) + "\n")
 
     paths = demo_task_paths()
-    recipe = dict(DEMO_RECIPE, data=str(paths["train"]), eval_data=str(paths["val"]), output_dir=str(out))
+    recipe = dict(DEMO_RECIPE, output_dir=str(out), device=args.device)
     if args.max_steps:
         recipe["max_steps"] = args.max_steps
     cfg = TrainConfig(**recipe)
     print("== 2. Loading SmolLM2-135M-Instruct with NF4 + double quant and LoRA r=16 on every linear layer")
     t0 = time.perf_counter()
-    model, tok = load_for_method(cfg)
+    device = resolve_device(cfg.device)  # decided once, passed to loading, training and generation
+    model, tok = load_for_method(cfg, device)
     dtype = getattr(torch, cfg.compute_dtype)
     test_rows = read_jsonl(paths["test"])[: args.eval_rows]
     acc_before, replies_before = accuracy(model, tok, test_rows, dtype)
@@ -72,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     train_set, eval_set, report = build_dataset(cfg.data, tok, max_seq_len=cfg.max_seq_len, eval_path=cfg.eval_data,
                                                 seed=cfg.seed)
     print(f"   data: {report}")
-    result = train_loop(model, tok, train_set, eval_set, cfg)
+    result = train_loop(model, tok, train_set, eval_set, cfg, device=device)
     acc_after, replies_after = accuracy(model, tok, test_rows, dtype)
 
     from ..adapters import save_adapter

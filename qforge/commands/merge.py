@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-DTYPES = ("bfloat16", "float32", "float16")
+from ..devices import DTYPES, add_device_argument, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,21 +26,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + safetensors)")
     parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
     parser.add_argument("--name", default=None, help="adapter name inside the model (default: the folder's name)")
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the merged weights")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
+                        help="dtype of the merged weights (default: bfloat16)")
+    add_device_argument(parser)
     parser.add_argument("--requantize", choices=("nf4", "fp4"), default=None,
                         help="write a bitsandbytes 4-bit folder instead of a dense one")
     parser.add_argument("--in-place", action="store_true",
                         help="merge into the 4-bit weights in place: refused, and the error says why")
 
 
-def _load_base(source: str):
-    """(model, tokenizer) with the base quantised to 4 bits; float32 compute, since the merge is
-    float32 anyway and the unquantised parameters should reach --dtype with a single rounding."""
+def _load_base(source: str, device):
+    """(model, tokenizer) with the base quantised to 4 bits on `device`; float32 compute, since the
+    merge is float32 anyway and the unquantised parameters should reach --dtype with a single rounding."""
     import torch
 
     from ..model.load import load_model
 
-    return load_model(source, compute_dtype=torch.float32)
+    return load_model(source, compute_dtype=torch.float32, device=device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,10 +54,11 @@ def run(args: argparse.Namespace) -> int:
     if args.in_place:
         merge_in_place_4bit()  # raises; the CLI prints the explanation
     read_adapter_config(args.adapter)  # fail on a bad adapter before the (slow) base load
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
-    model, tokenizer = _load_base(args.base)
+    model, tokenizer = _load_base(args.base, device)
     name = load_adapter(model, args.adapter, name=args.name)
-    out = save_merged(model, tokenizer, args.out, name=name, dtype=getattr(torch, args.dtype),
+    out = save_merged(model, tokenizer, args.out, name=name, dtype=DTYPES[args.dtype],
                       requantize=args.requantize, adapter_source=args.adapter)
     provenance = json.loads((Path(out) / PROVENANCE_NAME).read_text())
     kind = f"{args.requantize} 4-bit (bitsandbytes format)" if args.requantize else f"dense {args.dtype}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from ..devices import DTYPES, add_device_argument, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="values per quantisation block, a power of two from 32 to 4096 (default 64)")
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default="bfloat16",
                         help="dtype of the unquantised tensors and of the 4-bit layers' matmuls (default bfloat16)")
+    add_device_argument(parser)
 
 
 def source_nbytes(source: str) -> int:
@@ -55,9 +56,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"'{out}' already exists and is not an empty folder")
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.source, quant_type=args.quant_type, double_quant=args.double_quant,
-                                  blocksize=args.blocksize, compute_dtype=DTYPES[args.compute_dtype], progress=True)
+                                  blocksize=args.blocksize, compute_dtype=DTYPES[args.compute_dtype], progress=True,
+                                  device=device)
     t_load = time.perf_counter() - t0
     save_quantized(model, tokenizer, out)
     layers = [m.base.quant_state for _, m in quantized_layers(model)]

@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-DTYPES = ("bfloat16", "float32")
+from ..devices import DTYPES, add_device_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together (1: one at a time)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="compute dtype (default: bfloat16)")
+    add_device_argument(parser)
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
                         help="accepted bearer key (repeatable; also QFORGE_API_KEY, comma-separated)")
     parser.add_argument("--insecure", action="store_true",
@@ -101,7 +102,9 @@ def build(args: argparse.Namespace, keys: list[str]):
     from ..serve import AdapterRegistry, Engine, Metrics
     from ..serve.api import create_app
 
-    model, tokenizer = load_model(args.base, compute_dtype=getattr(torch, args.dtype))
+    from ..devices import resolve_device
+    device = resolve_device(args.device)  # decided once: the engine runs where the model is
+    model, tokenizer = load_model(args.base, compute_dtype=getattr(torch, args.dtype), device=device)
     if tokenizer is None:
         raise ValueError(f"'{args.base}' has no tokenizer files; the server needs one")
     metrics = Metrics()

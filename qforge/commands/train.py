@@ -28,6 +28,7 @@ from pathlib import Path
 from ..train.config import TrainConfig
 
 HELP = {
+    "device": "where the run trains: auto (CUDA when torch sees a GPU, else cpu), cpu, cuda or cuda:N",
     "model": "smollm2 (the embedded default), a model folder, a GGUF file or a 4-bit bitsandbytes folder",
     "data": "training JSONL: chat {messages}, instruction {instruction, input, output} or {text}",
     "eval_data": "validation JSONL (default: none, or --eval-fraction of the training rows)",
@@ -51,8 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "across them (default: 1; ignored when already under torchrun)")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra":
-            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         help_text = HELP.get(f.name, "") if f.name in AUTO_BOOLS else f"{HELP.get(f.name, '')} (default: {default})".strip()

@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from .tasks import demo_recipe, demo_task_paths
+
 FULL_LR_SCALE = 0.1
 METHOD_SETTINGS = {
     "qlora": {"method": "qlora", "quant_type": "nf4", "double_quant": True},
@@ -48,12 +50,10 @@ METHOD_SETTINGS = {
 }
 BENCH_METHODS = tuple(METHOD_SETTINGS)
 # The demo recipe (qforge/commands/demo.py) with evaluation every 10 steps and no checkpoints.
-BENCH_RECIPE = {
-    "model": "smollm2", "rank": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear",
-    "optimizer": "paged_adamw_8bit", "lr": 1e-3, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
-    "batch_size": 8, "grad_accum": 1, "max_seq_len": 256, "max_steps": 12, "eval_every": 4,
-    "save_every": 0, "compute_dtype": "bfloat16", "gradient_checkpointing": True, "seed": 0,
-}
+# The demo recipe (qforge/data/demo.yaml) without its method settings, shorter, no checkpoints.
+BENCH_RECIPE = {k: v for k, v in demo_recipe().items()
+                if k not in ("method", "quant_type", "double_quant", "output_dir", "data", "eval_data")}
+BENCH_RECIPE.update(max_steps=12, eval_every=4, save_every=0)
 # Settings of the bench itself (the rest of a bench YAML are TrainConfig keys).
 BENCH_KEYS = ("methods", "test_data", "test_rows", "full_lr_scale")
 UNSUPPORTED_LOFTQ = "loftq: not supported by the loader yet"
@@ -75,7 +75,7 @@ def method_config(method: str, recipe: dict, output_dir: str | Path, full_lr_sca
 
 def is_json_task(rows: list[dict]) -> bool:
     """Whether exact match applies: every row is a chat row ending in an assistant JSON object."""
-    from ..train.tasks import first_json_object
+    from ..eval.tasks import first_json_object
 
     def answer(row):
         messages = row.get("messages") or [{}]
@@ -124,11 +124,11 @@ def run_method(method: str, recipe: dict, output_dir: str | Path, test_data: str
     record = {"method": method, "status": "ok", "lr": cfg.lr}
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)  # the adapters' initialisation: the same A for every method
-    model, tok = load_for_method(cfg)
+    from ..devices import resolve_device
+    device = resolve_device(cfg.device)
+    model, tok = load_for_method(cfg, device)
     if cfg.loftq_iters and not loftq_initialised(model):
         return dict(record, status="unsupported", note=UNSUPPORTED_LOFTQ)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
     record["trainable_parameters"], record["total_parameters"] = count_parameters(model)
     record["load_seconds"] = round(time.perf_counter() - t_start, 2)
     train_set, eval_set, report = build_dataset(cfg.data, tok, fmt=cfg.data_format, max_seq_len=cfg.max_seq_len,
@@ -172,7 +172,7 @@ def held_out_exact_match(model, tok, cfg, device, test_data: str | None, test_ro
 
     from ..train.data import read_jsonl
     from ..train.loop import autocast
-    from ..train.tasks import exact_match, prompt_messages
+    from ..eval.tasks import exact_match, prompt_messages
     from .generate import generate_chat
 
     rows = read_jsonl(test_data)[:test_rows] if test_data else []
@@ -197,7 +197,6 @@ def artifact_size(model, cfg, out: Path) -> dict:
 # ---- the parent: one child process per method ----------------------------------------------------
 def default_recipe() -> dict:
     """BENCH_RECIPE with the demo task's train and val files."""
-    from ..train.tasks import demo_task_paths
     paths = demo_task_paths()
     return dict(BENCH_RECIPE, data=str(paths["train"]), eval_data=str(paths["val"]))
 

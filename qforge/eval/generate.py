@@ -20,8 +20,9 @@ def generate_chat(model, tokenizer, conversations: list[list[dict]], max_new_tok
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                      for c in conversations[start:start + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-            with torch.autocast("cpu", dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype not in (None, torch.float32)):
+            device = next(model.parameters()).device  # the run's device: the model was placed there
+            enc = {k: v.to(device) for k, v in enc.items()}
+            with torch.autocast(device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype not in (None, torch.float32)):
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                      eos_token_id=tokenizer.eos_token_id, use_cache=True)
             new = out[:, enc["input_ids"].shape[1]:]

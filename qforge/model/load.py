@@ -437,7 +437,7 @@ def _load_gguf_model(path: Path, quantize: bool, quant: dict, compute_dtype: tor
 def load_model(source, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
                compute_dtype: torch.dtype = torch.bfloat16, target_modules="all-linear",
                lora: LoraSpec | None = None, adapter_name: str = "default", skip_modules=DEFAULT_SKIP,
-               quantize: bool = True, progress: bool = False):
+               quantize: bool = True, progress: bool = False, device: torch.device | str | None = None):
     """Load `source` -> (model, tokenizer or None).
 
     `source`: a Hugging Face folder (model.safetensors or sharded with an index), a folder in
@@ -447,7 +447,8 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
     4-bit AdaptedLinear (quant_type, blocksize, double_quant) computing in `compute_dtype`; every other
     float tensor is in `compute_dtype`. With `lora`, adapter `adapter_name` is attached and active.
     quantize=False: the plain model in `compute_dtype`, no adapter (BF16 LoRA is built elsewhere).
-    `progress` shows a progress bar over the layers being quantised.
+    `progress` shows a progress bar over the layers being quantised. `device` (resolved by the
+    caller, qforge.devices): where the loaded model is placed; None or the CPU leaves it there.
     """
     quant = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
     if quantize and lora is not None and lora.loftq_iters > 0:
@@ -461,6 +462,8 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
         tokenizer = load_tokenizer(path)
     if lora is not None and quantize:
         add_adapter(model, adapter_name, lora)
+    if device is not None and torch.device(device).type != "cpu":
+        model.to(device)
     return model, tokenizer
 
 

@@ -3,7 +3,7 @@ name of its command-line flag (with '_' for '-'), and flags given on the command
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/qforge"
     resume: bool = False
-    extra: dict = field(default_factory=dict)
+    device: str = "auto"  # qforge.devices.resolve_device: auto, cpu, cuda, cuda:N
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -69,7 +69,7 @@ class TrainConfig:
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
@@ -88,5 +88,5 @@ class TrainConfig:
         return cls(**{**raw, **(overrides or {})})
 
     def to_yaml(self) -> str:
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        data = dataclasses.asdict(self)
         return yaml.safe_dump(data, sort_keys=False)

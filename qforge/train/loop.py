@@ -82,7 +82,7 @@ def evaluate(model, dataset, cfg: TrainConfig, pad_id: int, device) -> float:
 
 
 def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=print, on_step=None,
-               group: Group | None = None) -> TrainResult:
+               group: Group | None = None, device: torch.device | None = None) -> TrainResult:
     """Train the parameters of `model` that require grad. Writes checkpoints, metrics.jsonl and
     the loss-curve PNG under cfg.output_dir; resumes from the last checkpoint when cfg.resume.
 
@@ -99,7 +99,7 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
         log = lambda *_: None  # noqa: E731
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device  # the run's, passed down
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, cfg)

@@ -22,15 +22,18 @@ def lora_spec(cfg: TrainConfig):
                     dtype=getattr(torch, cfg.compute_dtype))
 
 
-def load_for_method(cfg: TrainConfig):
-    """(model, tokenizer) ready to train: a 4-bit base with adapters (qlora), a dense frozen base
-    with the same adapters (lora), or every weight trainable (full). Gradient checkpointing keeps
+def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
+    """(model, tokenizer) ready to train on `device` (default: cfg.device resolved): a 4-bit base
+    with adapters (qlora), a dense frozen base with the same adapters (lora), or every weight
+    trainable (full). Gradient checkpointing keeps
     the base products per cfg.keep_base_outputs (auto: qforge.plan.keep_base_outputs_for);
     attention is qforge's (qforge.nn.attention: SDPA except for short training rows on the CPU)."""
     from ..model import surgery
     from ..model.load import load_model
+    from ..devices import resolve_device
     from ..plan import keep_base_outputs_for
 
+    device = device if device is not None else resolve_device(cfg.device)
     dtype = getattr(torch, cfg.compute_dtype)
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process of the run
     if cfg.method == "qlora":
@@ -43,6 +46,8 @@ def load_for_method(cfg: TrainConfig):
             targets = surgery.select_targets(surgery.linear_names(model), spec.target_modules, spec.modules_to_skip)
             surgery.dense_lora_linears(model, targets, dtype)
             surgery.add_adapter(model, "default", spec)
+    if device.type != "cpu":  # (streaming straight onto the device: the GPU issue)
+        model.to(device)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad = True
@@ -52,7 +57,7 @@ def load_for_method(cfg: TrainConfig):
     else:
         keep = cfg.keep_base_outputs
         if keep is None:
-            keep = keep_base_outputs_for(cfg, model.config)[0]
+            keep = keep_base_outputs_for(cfg, model.config, device.type)[0]
         surgery.prepare_for_kbit_training(model, cfg.gradient_checkpointing, keep_base_outputs=keep)
     surgery.use_qforge_attention(model)
     if tok.pad_token_id is None:
@@ -91,11 +96,12 @@ def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tup
         log = lambda *_: None  # noqa: E731
     if not cfg.data:
         raise ValueError("no training data: give --data FILE.jsonl (or `data:` in the recipe)")
-    from ..plan import warn_if_unfit
-    warn_if_unfit(cfg, log=log)  # before loading: says which settings would fit
+    from ..devices import resolve_device
+    from ..plan import keep_base_outputs_for, warn_if_unfit
+    device = group.device if group.distributed else resolve_device(cfg.device)  # decided once, passed down
+    warn_if_unfit(cfg, log=log, device=device.type)  # before loading: says which settings would fit
     if cfg.keep_base_outputs is None:  # auto: decided once, from the plan, and logged
-        from ..plan import keep_base_outputs_for
-        keep, why = keep_base_outputs_for(cfg)
+        keep, why = keep_base_outputs_for(cfg, device=device.type)
         if group.distributed and group.any(not keep) and keep:  # every rank the same: all keep or none
             keep, why = False, ("gradient checkpointing recomputes everything: another rank lacks the memory "
                                 "to keep the base products")
@@ -103,7 +109,7 @@ def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tup
             log(why)
         cfg = dataclasses.replace(cfg, keep_base_outputs=keep)
     t0 = time.perf_counter()
-    model, tok = load_for_method(cfg)
+    model, tok = load_for_method(cfg, device)
     trainable, total = count_parameters(model)  # before sharding turns the 4-bit codes into Parameters
     sharding = shard_for_group(model, cfg, group, log) if group.distributed else {}
     log(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters "
@@ -116,7 +122,7 @@ def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tup
     if group.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-    result = train_loop(model, tok, train_set, eval_set, cfg, log=log, group=group)
+    result = train_loop(model, tok, train_set, eval_set, cfg, log=log, group=group, device=device)
     summary = {
         "method": cfg.method, "model": cfg.model, "steps_done": len(result.losses), "steps": result.steps,
         "first_loss": result.losses[0] if result.losses else None,

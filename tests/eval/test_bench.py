@@ -7,7 +7,7 @@ import math
 import pytest
 
 from qforge.eval import bench
-from qforge.train.tasks import demo_task_paths
+from qforge.eval.tasks import demo_task_paths
 
 
 def record(method, loss, **kw):
@@ -128,7 +128,7 @@ def pretrain_tiny_llama(folder, steps: int = 60, hidden: int = 128, layers: int 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from qforge.model.embedded import smollm2_gguf_path
-    from qforge.train.tasks import make_task_rows
+    from qforge.eval.tasks import make_task_rows
 
     gguf = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

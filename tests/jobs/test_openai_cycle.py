@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 
-from qforge.train.tasks import DEMO_TASK_DIR
+from qforge.eval.tasks import DEMO_TASK_DIR
 
 from .helpers import InProcessService
 

@@ -69,14 +69,19 @@ def remember_folder(model, name: str, folder: Path) -> None:
 
 def save_random_adapters(model, root: Path, names: list[str], seed: int = 100) -> dict[str, Path]:
     """Write one random PEFT adapter folder per name under root; the model is left without them."""
-    from qforge.adapters import save_adapter
+    import copy
 
+    from qforge.adapters import save_adapter
+    from qforge.serve.lora_slots import SlotLinear, unwrap
+
+    served = any(isinstance(m, SlotLinear) for m in model.modules())
+    work = unwrap(copy.deepcopy(model)) if served else model  # a served model's layers are wrapped: use a copy
     paths = {}
     for i, name in enumerate(names):
-        random_adapter(model, name, seed + i)
-        paths[name] = save_adapter(model, root / name, name=name)
+        random_adapter(work, name, seed + i)
+        paths[name] = save_adapter(work, root / name, name=name)
         remember_folder(model, name, paths[name])
-        detach_adapter(model, name)
+        detach_adapter(work, name)
     return paths
 
 

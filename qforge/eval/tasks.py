@@ -155,3 +155,16 @@ def exact_match(prediction: str, row: dict) -> bool:
         return False
     # comparing canonical dumps rather than dicts, where True == 1 and 34.0 == 34
     return json.dumps(got, sort_keys=True) == json.dumps(expected_object(row), sort_keys=True)
+
+
+DEMO_RECIPE_PATH = Path(__file__).resolve().parent.parent / "data" / "demo.yaml"  # = configs/demo.yaml
+
+
+def demo_recipe() -> dict:
+    """The demo recipe (qforge/data/demo.yaml, which configs/demo.yaml links to) as TrainConfig keys,
+    its data and eval_data pointing at the demo task files shipped in the package."""
+    import yaml
+
+    recipe = yaml.safe_load(DEMO_RECIPE_PATH.read_text())
+    paths = demo_task_paths()
+    return dict(recipe, data=str(paths["train"]), eval_data=str(paths["val"]))

@@ -1,11 +1,11 @@
-"""qforge.train.tasks: the demo task's generator, its shipped files and exact_match."""
+"""qforge.eval.tasks: the demo task's generator, its shipped files and exact_match."""
 import json
 import statistics
 
 import pytest
 
 from qforge.train.data import load_rows, tokenize_example
-from qforge.train.tasks import (CITIES, DEMO_TASK_DIR, FIRST_NAMES, JOBS, KEYS, LAST_NAMES, SYSTEM_PROMPT, TEMPLATES,
+from qforge.eval.tasks import (CITIES, DEMO_TASK_DIR, FIRST_NAMES, JOBS, KEYS, LAST_NAMES, SYSTEM_PROMPT, TEMPLATES,
                                 demo_task_paths, exact_match, first_json_object, generate_task, make_task_rows,
                                 prompt_messages, with_article)
 
