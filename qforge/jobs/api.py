@@ -42,7 +42,6 @@ from .store import ACTIVE, FINISHED, JobStore, fine_tuned_model_name, new_id, no
 
 WEB_DIR = Path(__file__).parent / "web"
 DEFAULT_MAX_FILE_BYTES = 64 * 2 ** 20
-BASE_LR = 2e-4  # learning_rate_multiplier 1 (TrainConfig's default lr)
 SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 WATCH_S = 1.0
 
@@ -60,7 +59,7 @@ class JobsConfig:
 
 # ---- request bodies ------------------------------------------------------------------------------
 class Hyperparameters(BaseModel):
-    """OpenAI's three; 'auto' resolves to 1 epoch, batch 4, multiplier 1 (lr 2e-4)."""
+    """OpenAI's three; 'auto' resolves to TrainConfig's epochs and batch size and multiplier 1 (its lr)."""
     model_config = ConfigDict(extra="forbid")
 
     n_epochs: Literal["auto"] | int | None = Field(None, ge=1, le=100)
@@ -293,8 +292,8 @@ class JobService:
         reason = "asked for"
         if settings["method"] == "auto":
             settings["method"], reason = choose_method(self.config.base_model, settings, self.memory_budget())
-        per_epoch = math.ceil(math.ceil(rows / settings["batch_size"]) / settings["grad_accum"])
-        steps = settings["max_steps"] or max(1, per_epoch * settings["n_epochs"])
+        from ..train.loop import total_steps_for
+        steps = total_steps_for(rows, train_config(job, dict(settings, save_every=0), self.config.base_model, job_dir))
         if settings["save_every"] is None:
             settings["save_every"] = max(1, math.ceil(steps / 10))
         return train_config(job, settings, self.config.base_model, job_dir), settings, steps, reason
@@ -345,7 +344,7 @@ class JobService:
             try:
                 self.registry.add(name, self.store.job_dir(job["id"]) / "run" / "adapter", trusted=True)
             except AdapterError as exc:
-                if exc.status != 400 or "slots" not in str(exc):  # all slots busy: try again later
+                if not isinstance(exc, AdapterSlotsBusy):  # all slots busy: try again later
                     self._unloadable.add(name)
                 print(f"qforge jobs: cannot serve {name}: {exc}", flush=True)
 
@@ -378,11 +377,14 @@ def resolve_settings(top: Hyperparameters | None, supervised: Supervised | None)
         given |= top.model_dump(exclude_none=True)
     if supervised is not None and supervised.hyperparameters is not None:
         given |= supervised.hyperparameters.model_dump(exclude_none=True)
-    auto = {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 1.0, "method": "auto"}
+    from ..train.config import TrainConfig
+
+    base = TrainConfig()  # the one home of the defaults
+    auto = {"n_epochs": base.epochs, "batch_size": base.batch_size, "learning_rate_multiplier": 1.0, "method": "auto"}
     settings = {k: (auto[k] if given.get(k, "auto") == "auto" else given[k]) for k in auto}
-    defaults = {"rank": 16, "alpha": None, "dropout": 0.05, "target_modules": "all-linear", "quant_type": "nf4",
-                "double_quant": True, "max_seq_len": 512, "max_steps": None, "save_every": None, "grad_accum": 1,
-                "compute_dtype": "bfloat16"}
+    defaults = {k: getattr(base, k) for k in ("rank", "dropout", "target_modules", "quant_type", "double_quant",
+                                              "max_seq_len", "max_steps", "grad_accum", "compute_dtype")}
+    defaults |= {"alpha": None, "save_every": None}  # the service's own: alpha 2 x rank, ~10 checkpoints a job
     settings |= {k: given.get(k, v) for k, v in defaults.items()}
     if settings["alpha"] is None:
         settings["alpha"] = 2.0 * settings["rank"]
@@ -415,9 +417,9 @@ def train_config(job: dict, settings: dict, base_model: str, job_dir: Path):
     has_eval = job["validation_file"] is not None
     return TrainConfig(model=base_model, data=str(job_dir / "train.jsonl"),
                        eval_data=str(job_dir / "valid.jsonl") if has_eval else None,
-                       lr=BASE_LR * settings["learning_rate_multiplier"], epochs=settings["n_epochs"],
+                       lr=TrainConfig().lr * settings["learning_rate_multiplier"], epochs=settings["n_epochs"],
                        eval_every=settings["save_every"] if has_eval else 0, seed=job["seed"],
-                       output_dir=str(job_dir / "run"), resume=True, **{k: settings[k] for k in keys})
+                       output_dir=str(job_dir / "run"), resume="auto", **{k: settings[k] for k in keys})
 
 
 def safe_filename(raw: str | None) -> str:

@@ -7,7 +7,7 @@ Processes (`qforge serve --jobs`):
            turns the trainer's metrics.jsonl lines and checkpoint folders into events and checkpoint
            rows while it runs, and records the outcome. Holds an exclusive lock on the data dir.
   trainer  `python -m qforge.jobs.worker --train JOB_DIR`: `run_training` on the job's config.yaml
-           (always resume=True), in its own process group; writes result.json at the end.
+           (resume "auto": from a checkpoint when there is one), in its own process group; writes result.json at the end.
 Worker and trainer die with their parent (PR_SET_PDEATHSIG), so killing the server leaves no
 training running behind it.
 
@@ -367,7 +367,7 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
         print(text, flush=True)
         text = text.replace(f"{job_dir}/", "").replace(str(job_dir), ".")
         text = text.replace(f"model {cfg.model} ", f"model {base_name} ")
-        if text and not text.startswith("--resume: no checkpoint"):
+        if text:
             store.add_event(job_id, text)
 
     try:
@@ -377,7 +377,7 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
         return {"status": "interrupted"}
     except DataError as exc:
         message = str(exc).replace(f"{job_dir}/", "")
-        param = "validation_file" if message.startswith("valid.jsonl") else "training_file"
+        param = "validation_file" if exc.path and Path(exc.path).name == "valid.jsonl" else "training_file"
         return {"status": "failed", "error": _error(f"invalid_{param}", message, param)}
     except TrainingDiverged as exc:
         return {"status": "failed", "error": _error("training_diverged", str(exc).replace(f"{job_dir}/", ""))}

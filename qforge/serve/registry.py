@@ -56,6 +56,11 @@ class AdapterConflict(AdapterError):
     status, code = 409, "adapter_exists"
 
 
+class AdapterSlotsBusy(AdapterError):
+    """Every adapter slot is held by running requests: a passing state, retry shortly."""
+    status, code = 400, "adapter_slots_busy"
+
+
 @dataclass
 class AdapterEntry:
     name: str
@@ -149,8 +154,8 @@ class AdapterRegistry:
             self._entries[name] = entry
             try:
                 if not self._make_resident(entry):
-                    raise AdapterError(f"all {self.max_loaded} adapter slots are held by running requests; "
-                                       "retry shortly", "name")
+                    raise AdapterSlotsBusy(f"all {self.max_loaded} adapter slots are held by running requests; "
+                                           "retry shortly", "name")
             except Exception:
                 del self._entries[name]
                 raise
@@ -168,8 +173,8 @@ class AdapterRegistry:
             self._entries[name] = entry
             try:
                 if not self._make_resident(entry, adapters):
-                    raise AdapterError(f"all {self.max_loaded} adapter slots are held by running requests; "
-                                       "retry shortly", "name")
+                    raise AdapterSlotsBusy(f"all {self.max_loaded} adapter slots are held by running requests; "
+                                           "retry shortly", "name")
             except Exception:
                 del self._entries[name]
                 raise

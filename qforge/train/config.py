@@ -49,7 +49,7 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 0
     output_dir: str = "runs/qforge"
-    resume: bool = False
+    resume: bool | str = False  # true: from the last checkpoint; "auto": that when there is one, quietly
     device: str = "auto"  # qforge.devices.resolve_device: auto, cpu, cuda, cuda:N
 
     def __post_init__(self):
@@ -62,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
+        if self.resume not in (True, False, "auto"):
+            raise ValueError(f"resume: expected true, false or auto, got {self.resume!r}")
         if self.keep_base_outputs not in (None, True, False):
             raise ValueError(f"keep_base_outputs: expected true, false or null (auto), got {self.keep_base_outputs!r}")
         if self.optimizer not in ("paged_adamw_8bit", "adamw_8bit", "adamw"):

@@ -11,6 +11,8 @@ tokens are trained (its content and its end-of-turn token). Text rows are traine
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import random
 from dataclasses import dataclass, field
@@ -26,7 +28,21 @@ ROLES = ("system", "user", "assistant")
 
 class DataError(ValueError):
     """A training file that cannot be used; the message names the file and, where one is at
-    fault, the 1-based line number."""
+    fault, the 1-based line number. `path`: the file, for callers that must tell files apart."""
+
+    path: str | None = None
+
+
+def _names_its_file(read):
+    """Decorate a reader of one file: a DataError it raises carries that file as `path`."""
+    @functools.wraps(read)
+    def reader(path, *args, **kwargs):
+        try:
+            return read(path, *args, **kwargs)
+        except DataError as exc:
+            exc.path = exc.path or str(path)
+            raise
+    return reader
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +107,7 @@ def _row_problem(row: dict, fmt: str) -> str | None:
     return _need_str(row, "text")
 
 
+@_names_its_file
 def load_rows(path: str | Path, fmt: str = "auto") -> tuple[list[dict], str]:
     """Read and validate a JSONL file; returns (rows, format). Blank lines are skipped.
 

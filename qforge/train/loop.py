@@ -119,7 +119,7 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
         result.losses, result.tokens = state["losses"], state["tokens"]
         result.eval_losses = [tuple(e) for e in state["eval_losses"]]
         log(f"resumed from {last} (step {start_step} of {total_steps})")
-    elif cfg.resume:
+    elif cfg.resume is True:  # asked for; "auto" (the jobs service) starts fresh quietly
         log(f"--resume: no checkpoint under {ckpt_dir}; starting from step 0")
     if group.is_main:
         out.mkdir(parents=True, exist_ok=True)
