@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..serve.api import APIError
-from ..serve.registry import AdapterError, AdapterRegistry
+from ..serve.registry import AdapterError, AdapterRegistry, AdapterSlotsBusy
 from .store import ACTIVE, FINISHED, JobStore, fine_tuned_model_name, new_id, now
 
 WEB_DIR = Path(__file__).parent / "web"
