@@ -9,8 +9,8 @@ the copy bandwidth); the fused dequantise-and-multiply for decode (M = 1, 16) an
 (M = 4096); the fused LoRA layer forward + backward; the gathered multi-adapter delta; and a
 QLoRA train step of a small Llama (SmolLM2-135M when the embedded model loads, else a random
 model of its shape) in tokens/s and peak memory with QFORGE_TRITON=0 (torch reference), =1
-(Triton dequantisation through dispatch) and "fused" (QLoRALinear.forward patched, in this
-script only, to the fused Triton LoRA layer). Times are medians of CUDA-event timings.
+(Triton dequantisation and dequant-matmul through dispatch, QFORGE_FUSED_LORA=0) and "fused" (the
+fused Triton LoRA layer that dispatch picks for a plain adapter without dropout on CUDA). Times are medians of CUDA-event timings.
 Without CUDA it prints "no CUDA device" and exits 0. Last line: name=value figures.
 
 `--smoke` runs every section on the CPU under Triton's interpreter with tiny shapes: it checks
@@ -88,17 +88,22 @@ def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
 
 
 @contextlib.contextmanager
-def triton_setting(value: str):
-    """QFORGE_TRITON=value inside the block (dispatch reads it on every call)."""
-    old = os.environ.get("QFORGE_TRITON")
-    os.environ["QFORGE_TRITON"] = value
+def env_setting(name: str, value: str):
+    """name=value in the environment inside the block (dispatch reads it on every call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("QFORGE_TRITON", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["QFORGE_TRITON"] = old
+            os.environ[name] = old
+
+
+def triton_setting(value: str):
+    """QFORGE_TRITON=value inside the block."""
+    return env_setting("QFORGE_TRITON", value)
 
 
 def section(name: str):
@@ -233,7 +238,7 @@ def lora_bench(iters: int) -> None:
         with mock.patch.object(triton_matmul, "FUSED_MAX_M", 1 << 30):
             fused()
 
-    def torch_path():  # what QLoRALinear does: dequantise, cuBLAS, LoRA as two small matmuls
+    def torch_path():  # what the layer does without Triton: dequantise, cuBLAS, LoRA as two small matmuls
         w = dequantize(state, torch.bfloat16)
         (F.linear(x, w) + F.linear(F.linear(x, A), B) * s).backward(grad)
 
@@ -262,7 +267,7 @@ def gathered_bench(iters: int) -> None:
         x = torch.randn(nb, T, n, device=P.device, dtype=torch.bfloat16)
         slots = torch.arange(nb, device=P.device) % (K + 1)  # slot K: no adapter
 
-        def torch_path():  # QLoRALinear._mixed_delta: zero slot appended, gather, two bmm
+        def torch_path():  # the torch reference of the serving slots' delta: gather, two bmm
             Az = torch.cat([A, A.new_zeros(1, r, n)])
             Bz = torch.cat([B * scalings[:, None, None].to(B.dtype), B.new_zeros(1, n, r)])
             return torch.bmm(torch.bmm(x, Az[slots].transpose(1, 2)), Bz[slots].transpose(1, 2))
@@ -300,23 +305,6 @@ def build_model(rank: int, embedded: bool):
     return model, "random Llama of SmolLM2-135M's shape"
 
 
-ORIGINAL_FORWARD = None  # QLoRALinear.forward before the patch
-
-
-def fused_forward(self, x):
-    """QLoRALinear.forward through the fused Triton LoRA layer (one plain adapter), else the original."""
-    from qforge.kernels import triton_lora
-    adapter = self.adapters[self.active_adapter] if self.active_adapter in self.adapters else None
-    if (adapter is None or adapter.use_dora or self._row_index is not None
-            or not isinstance(adapter.dropout, torch.nn.Identity)):
-        return ORIGINAL_FORWARD(self, x)
-    out = triton_lora.lora_linear_4bit(x.to(self.compute_dtype), self.quant_state, adapter.lora_A.weight,
-                                       adapter.lora_B.weight, adapter.scaling)
-    if self.bias is not None:
-        out = out + self.bias
-    return out.to(x.dtype)
-
-
 def time_steps(model, ids, steps: int) -> tuple[float, float, float, float]:
     """(tokens/s, peak GiB, first loss, last loss) over `steps` AdamW steps after 2 warm-up steps.
     The losses let the paths be compared: the same start and data give nearly the same curve."""
@@ -346,23 +334,18 @@ def time_steps(model, ids, steps: int) -> tuple[float, float, float, float]:
 
 @section("QLoRA train step (all linear layers NF4 + DQ, r = 16, bf16, gradient checkpointing)")
 def train_bench(steps: int, embedded: bool) -> None:
-    global ORIGINAL_FORWARD
     batch, seq = P.batch, P.seq
-    from unittest import mock
-
     from qforge.model.surgery import prepare_for_kbit_training
-    from qforge.nn import QLoRALinear
     model, what = build_model(16, embedded)
     prepare_for_kbit_training(model, gradient_checkpointing=True)
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=P.device,
                         generator=torch.Generator(device=P.device).manual_seed(0))
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    ORIGINAL_FORWARD = QLoRALinear.forward
-    modes = {"torch (QFORGE_TRITON=0)": (triton_setting("0"), contextlib.nullcontext()),
-             "triton dequant (QFORGE_TRITON=1)": (triton_setting("1"), contextlib.nullcontext()),
-             "fused LoRA layer (patched here)": (triton_setting("1"),
-                                                 mock.patch.object(QLoRALinear, "forward", fused_forward))}
+    modes = {"torch (QFORGE_TRITON=0)": (triton_setting("0"), env_setting("QFORGE_FUSED_LORA", "0")),
+             "triton dequant (QFORGE_TRITON=1, QFORGE_FUSED_LORA=0)": (triton_setting("1"),
+                                                                        env_setting("QFORGE_FUSED_LORA", "0")),
+             "fused LoRA layer (QFORGE_FUSED_LORA=1)": (triton_setting("1"), env_setting("QFORGE_FUSED_LORA", "1"))}
     rows = []
     for name, (env, patch) in modes.items():
         with torch.no_grad():

@@ -6,11 +6,12 @@ Prints a markdown table (MSE, SQNR, bits per parameter) on N(0,1), Student-t (df
 SmolLM2-135M weights, then a last line of name=value figures: the MSE of FP4 and INT4 relative to
 NF4 (above 1 means NF4 is better) per dataset, double-quantised.
 """
+from qforge.model.embedded import smollm2_sample_weights
 from qforge.quant.fidelity import fidelity_table, format_table, standard_datasets
 
 
 def main() -> None:
-    rows = fidelity_table(standard_datasets())
+    rows = fidelity_table(standard_datasets(weights={"smollm2": smollm2_sample_weights()}))
     print(format_table(rows))
     mse = {(r.dataset, r.fmt): r.mse for r in rows}
     figures = []

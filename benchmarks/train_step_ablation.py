@@ -8,7 +8,7 @@ model, with the changes switched on one after another:
 
   before           full recomputation, SDPA attention, the 8-bit AdamW as torch operations
   + selective      gradient checkpointing keeps the base products (qforge.nn.recompute), and
-                   QLoRALinear adds B's product onto the base output with one addmm
+                   the LoRA variant adds B's product onto the base output with one addmm
   + attention      qforge.nn.attention (matrix products for short CPU training rows)
   + native adamw   the 8-bit AdamW step in the native kernel (= qforge's defaults)
 

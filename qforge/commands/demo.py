@@ -48,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     out = Path(args.output_dir)
     if not args.skip_fidelity:
+        from ..model.embedded import smollm2_sample_weights
         from ..quant.fidelity import fidelity_table, format_table, standard_datasets
         print("== 1. 4-bit formats on SmolLM2-135M's weights (and on Gaussian / Student-t samples)\n")
-        print(format_table(fidelity_table(standard_datasets(n=1 << 18))) + "\n")
+        print(format_table(fidelity_table(standard_datasets(n=1 << 18, weights={"smollm2": smollm2_sample_weights()}))) + "\n")
 
     paths = demo_task_paths()
     recipe = dict(DEMO_RECIPE, output_dir=str(out), device=args.device)

@@ -110,9 +110,10 @@ def matmul_4bit(x: torch.Tensor, state, dequantize: Callable[[torch.dtype], torc
 
 def lora_linear_4bit(x: torch.Tensor, state, A: torch.Tensor, B: torch.Tensor, scaling: float):
     """x @ dequant(W)^T + scaling * (x @ A^T) @ B^T by the fused Triton layer (forward and backward
-    in one pass each over W) where it runs (CUDA); None elsewhere, and the caller composes the
-    product from matmul_4bit and the low-rank factors."""
-    if x.dtype in _NATIVE_DTYPES and use_triton(x, state.packed, A, B) and _triton("triton_lora") is not None:
+    in one pass each over W) where it runs (CUDA; QFORGE_FUSED_LORA=0 turns it off); None elsewhere,
+    and the caller composes the product from matmul_4bit and the low-rank factors."""
+    if (x.dtype in _NATIVE_DTYPES and os.environ.get("QFORGE_FUSED_LORA", "1") != "0"
+            and use_triton(x, state.packed, A, B) and _triton("triton_lora") is not None):
         return _triton("triton_lora").lora_linear_4bit(x, state, A, B, scaling)
     return None
 

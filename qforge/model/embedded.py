@@ -43,3 +43,14 @@ def gguf_matrices(path: Path | None = None, names: list[str] | None = None) -> I
         values = dequantize(tensor.data, tensor.tensor_type)
         cols, rows = (int(s) for s in tensor.shape)  # GGUF lists the fastest-moving dimension first
         yield tensor.name, np.asarray(values, dtype=np.float32).reshape(rows, cols)
+
+
+def smollm2_sample_weights() -> "torch.Tensor":
+    """All linear weights of three SmolLM2 layers (0, 15, 29), flattened and concatenated: the real
+    weights the 4-bit fidelity table is measured on."""
+    import torch
+
+    layers = ("blk.0.", "blk.15.", "blk.29.")
+    names = [f"{layer}{p}.weight" for layer in layers
+             for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+    return torch.cat([torch.from_numpy(a).reshape(-1) for _, a in gguf_matrices(names=names)])

@@ -191,7 +191,7 @@ class Quant4bitBase(FrozenBase):
 
     def fused_lora(self, x, A, B, scaling):
         state = self.quant_state
-        if recompute.active():  # a checkpoint tape expects the base product on its own
+        if recompute.keeping():  # a selective-checkpointing tape replays the base product on its own
             return None
         y = dispatch.lora_linear_4bit(x.reshape(-1, self.shape[1]), state, A, B, scaling)
         return None if y is None else y.view(*x.shape[:-1], self.shape[0])

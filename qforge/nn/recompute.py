@@ -72,9 +72,10 @@ def recompute_everything():
     return _Using(tape, replaying=False), _Using(tape, replaying=True)
 
 
-def active() -> bool:
-    """True inside a checkpointed layer (selective or full)."""
-    return _current() is not None
+def keeping() -> bool:
+    """True inside a selectively checkpointed layer (its base products are recorded or replayed)."""
+    tape = _current()
+    return tape is not None and tape.keeps
 
 
 def full_recomputation() -> bool:

@@ -41,18 +41,13 @@ def format_table(rows: list[Fidelity]) -> str:
     return "\n".join(lines)
 
 
-def standard_datasets(n: int = 1 << 20, seed: int = 0, with_smollm2: bool = True) -> dict[str, torch.Tensor]:
-    """N(0, 1), Student-t (df=5) and, when the embedded model is installed, all SmolLM2 linear weights
-    of three layers concatenated."""
+def standard_datasets(n: int = 1 << 20, seed: int = 0,
+                      weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """N(0, 1), Student-t (df=5) and the caller's real `weights` (e.g. {"smollm2":
+    qforge.model.embedded.smollm2_sample_weights()}), flattened."""
     g = torch.Generator().manual_seed(seed)
     normal = torch.randn(n, generator=g)
     chi2 = (torch.randn(n, 5, generator=g) ** 2).sum(-1)
     sets = {"normal": normal, "student_t5": torch.randn(n, generator=g) / torch.sqrt(chi2 / 5)}
-    if with_smollm2:
-        from ..model.embedded import gguf_matrices
-        layers = ("blk.0.", "blk.15.", "blk.29.")
-        names = [f"{layer}{p}.weight" for layer in layers
-                 for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
-        mats = [torch.from_numpy(a).reshape(-1) for _, a in gguf_matrices(names=names)]
-        sets["smollm2"] = torch.cat(mats)
+    sets.update({name: w.reshape(-1) for name, w in (weights or {}).items()})
     return sets

@@ -44,11 +44,6 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
-    """Restore parameters, optimiser and RNG from `path`; returns state.json's contents."""
-    return restore_checkpoint(read_checkpoint(path), model, optimizer)
-
-
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint's contents in memory (what rank 0 reads and sends to the other ranks)."""
     return {"path": str(path), "trainable": load_file(path / "trainable.safetensors"),

@@ -260,10 +260,6 @@ class TokenizedDataset:
     def __getitem__(self, index: int) -> dict:
         return self.examples[index]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(e["input_ids"]) for e in self.examples)
-
 
 @dataclass
 class DataReport:
@@ -412,7 +408,3 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
     order = torch.randperm(n, generator=gen).tolist()
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
-
-def batches(dataset, batch_size: int, seed: int, epoch: int, start_step: int = 0) -> Iterator[list[int]]:
-    """Index lists of one epoch's batches, from batch `start_step` on (to resume mid-epoch)."""
-    yield from batch_order(len(dataset), batch_size, seed, epoch)[start_step:]

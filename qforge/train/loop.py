@@ -81,6 +81,97 @@ def evaluate(model, dataset, cfg: TrainConfig, pad_id: int, device) -> float:
     return total / max(count, 1)
 
 
+class _Run:
+    """What one training run holds between its steps, and its named parts: set-up (optimiser,
+    schedule, resume), one optimiser step, evaluation and the checkpoint."""
+
+    def __init__(self, model, tokenizer, train_set, eval_set, cfg: TrainConfig, log, group: Group,
+                 device: torch.device):
+        self.model, self.train_set, self.eval_set, self.cfg, self.log, self.group = \
+            model, train_set, eval_set, cfg, log, group
+        self.device = device
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.trainable, cfg)
+        self.total_steps = total_steps_for(len(train_set), cfg)
+        self.warmup = int(round(cfg.warmup_ratio * self.total_steps))
+        self.schedule = micro_batches(len(train_set), cfg, self.total_steps)
+        self.result = TrainResult(steps=self.total_steps, output_dir=self.out)
+        self.start_step = 0
+
+    def resume(self) -> bool:
+        """Seed, and continue from the newest checkpoint when cfg.resume; True when one was found."""
+        cfg, group, result = self.cfg, self.group, self.result
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        last = group.broadcast(latest_checkpoint(self.ckpt_dir) if cfg.resume and group.is_main else None)
+        if last is not None:
+            state = restore_checkpoint(group.broadcast(read_checkpoint(last) if group.is_main else None),
+                                       self.model, self.optimizer, group.rank)
+            self.start_step = state["step"]
+            result.losses, result.tokens = state["losses"], state["tokens"]
+            result.eval_losses = [tuple(e) for e in state["eval_losses"]]
+            self.log(f"resumed from {last} (step {self.start_step} of {self.total_steps})")
+        elif cfg.resume is True:  # asked for; "auto" (the jobs service) starts fresh quietly
+            self.log(f"--resume: no checkpoint under {self.ckpt_dir}; starting from step 0")
+        return last is not None
+
+    def step(self, step: int, t0: float) -> dict:
+        """Optimiser step `step` (0-based) over its micro-batches; its metrics record."""
+        from .data import collate
+
+        cfg, group, result, device = self.cfg, self.group, self.result, self.device
+        lr = lr_at(step, self.total_steps, cfg.lr, self.warmup, cfg.min_lr_ratio)
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
+        micro = self.schedule[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+        n_tok = sum(label_tokens(self.train_set[i] for i in idx) for idx in micro)  # the global batch's
+        loss_sum, step_tokens = 0.0, 0
+        for idx in micro:
+            rows, weight = group.rows(idx)
+            batch = {k: v.to(device) for k, v in collate([self.train_set[i] for i in rows], self.pad_id).items()}
+            share = weight * int((batch["labels"][:, 1:] != -100).sum()) / max(n_tok, 1)
+            with autocast(cfg, device):
+                # use_cache=False: packed rows (position_ids, no mask) stay separate only without a KV cache
+                loss = causal_lm_loss(self.model, batch)  # logits only where a label is
+            # every rank runs backward even on a bad loss: the others wait for it in FSDP's collectives
+            (loss * share).backward()
+            loss_sum += loss.item() * share
+            mask = batch.get("attention_mask")
+            step_tokens += int(weight) * (int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        loss_sum, step_tokens = group.sum([loss_sum, step_tokens])
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(f"step {step + 1}: loss is {loss_sum}; the last good checkpoint "
+                                   f"under {self.ckpt_dir} is intact. Lower --lr or check the data.")
+        result.tokens += int(step_tokens)
+        group.sum_gradients(self.trainable)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        result.losses.append(loss_sum)
+        return {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": result.tokens,
+                "grad_norm": None if grad_norm is None else float(grad_norm), "elapsed_s": time.perf_counter() - t0}
+
+    def evaluate_if_due(self, record: dict) -> None:
+        """The eval loss every cfg.eval_every steps and at the last step, into `record`."""
+        cfg, step = self.cfg, record["step"]
+        if cfg.eval_every and self.eval_set is not None and (step % cfg.eval_every == 0 or step == self.total_steps):
+            record["eval_loss"] = evaluate(self.model, self.eval_set, cfg, self.pad_id, self.device)
+            self.result.eval_losses.append((step, record["eval_loss"]))
+
+    def checkpoint(self, step: int) -> None:
+        """Write checkpoint `step` (rank 0; the others wait), with every rank's generator."""
+        result, group = self.result, self.group
+        rngs = group.gather(torch.get_rng_state())
+        if group.is_main:
+            save_checkpoint(self.ckpt_dir, self.model, self.optimizer, step,
+                            {"losses": result.losses, "tokens": result.tokens, "eval_losses": result.eval_losses},
+                            rngs)
+        group.barrier()
+
+
 def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=print, on_step=None,
                group: Group | None = None, device: torch.device | None = None) -> TrainResult:
     """Train the parameters of `model` that require grad. Writes checkpoints, metrics.jsonl and
@@ -92,45 +183,16 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
     batch. Only rank 0 writes files and logs."""
     from tqdm.auto import tqdm
 
-    from .data import collate
-
     group = group or Group()
     if not group.is_main:
         log = lambda *_: None  # noqa: E731
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
     device = device if device is not None else next(model.parameters()).device  # the run's, passed down
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, cfg)
-    total_steps = total_steps_for(len(train_set), cfg)
-    warmup = int(round(cfg.warmup_ratio * total_steps))
-    schedule = micro_batches(len(train_set), cfg, total_steps)
-    result = TrainResult(steps=total_steps, output_dir=out)
-
-    start_step = 0
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    last = group.broadcast(latest_checkpoint(ckpt_dir) if cfg.resume and group.is_main else None)
-    if last is not None:
-        state = restore_checkpoint(group.broadcast(read_checkpoint(last) if group.is_main else None),
-                                   model, optimizer, group.rank)
-        start_step = state["step"]
-        result.losses, result.tokens = state["losses"], state["tokens"]
-        result.eval_losses = [tuple(e) for e in state["eval_losses"]]
-        log(f"resumed from {last} (step {start_step} of {total_steps})")
-    elif cfg.resume is True:  # asked for; "auto" (the jobs service) starts fresh quietly
-        log(f"--resume: no checkpoint under {ckpt_dir}; starting from step 0")
+    run = _Run(model, tokenizer, train_set, eval_set, cfg, log, group, device)
+    resumed = run.resume()
+    result = run.result
     if group.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    metrics = open(out / "metrics.jsonl" if group.is_main else os.devnull, "a" if last is not None else "w")
-
-    def checkpoint(step: int) -> None:
-        rngs = group.gather(torch.get_rng_state())
-        if group.is_main:
-            save_checkpoint(ckpt_dir, model, optimizer, step, {"losses": result.losses, "tokens": result.tokens,
-                                                                "eval_losses": result.eval_losses}, rngs)
-        group.barrier()
+        run.out.mkdir(parents=True, exist_ok=True)
+    metrics = open(run.out / "metrics.jsonl" if group.is_main else os.devnull, "a" if resumed else "w")
 
     interrupted = {"flag": False}
     previous_handler = signal.getsignal(signal.SIGINT)
@@ -138,56 +200,24 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
         signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not group.is_main)
     try:
-        for step in range(start_step, total_steps):
-            lr = lr_at(step, total_steps, cfg.lr, warmup, cfg.min_lr_ratio)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            micro = schedule[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-            n_tok = sum(label_tokens(train_set[i] for i in idx) for idx in micro)  # the global batch's
-            loss_sum, step_tokens = 0.0, 0
-            for idx in micro:
-                rows, weight = group.rows(idx)
-                batch = {k: v.to(device) for k, v in collate([train_set[i] for i in rows], pad_id).items()}
-                share = weight * int((batch["labels"][:, 1:] != -100).sum()) / max(n_tok, 1)
-                with autocast(cfg, device):
-                    # use_cache=False: packed rows (position_ids, no mask) stay separate only without a KV cache
-                    loss = causal_lm_loss(model, batch)  # logits only where a label is
-                # every rank runs backward even on a bad loss: the others wait for it in FSDP's collectives
-                (loss * share).backward()
-                loss_sum += loss.item() * share
-                mask = batch.get("attention_mask")
-                step_tokens += int(weight) * (int(mask.sum()) if mask is not None else batch["input_ids"].numel())
-            loss_sum, step_tokens = group.sum([loss_sum, step_tokens])
-            if not math.isfinite(loss_sum):
-                raise TrainingDiverged(f"step {step + 1}: loss is {loss_sum}; the last good checkpoint "
-                                       f"under {ckpt_dir} is intact. Lower --lr or check the data.")
-            result.tokens += int(step_tokens)
-            group.sum_gradients(trainable)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.losses.append(loss_sum)
-            record = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": result.tokens,
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "elapsed_s": time.perf_counter() - t0}
-            if cfg.eval_every and eval_set is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == total_steps):
-                record["eval_loss"] = evaluate(model, eval_set, cfg, pad_id, device)
-                result.eval_losses.append((step + 1, record["eval_loss"]))
+        for step in range(run.start_step, run.total_steps):
+            record = run.step(step, t0)
+            run.evaluate_if_due(record)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            tok_s = (result.tokens - 0) / max(record["elapsed_s"], 1e-9)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            tok_s = result.tokens / max(record["elapsed_s"], 1e-9)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
             if on_step is not None:
                 on_step(record)
             fault_point(group, step + 1)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                checkpoint(step + 1)
+                run.checkpoint(step + 1)
             if group.any(interrupted["flag"]):
-                checkpoint(step + 1)
+                run.checkpoint(step + 1)
                 log(f"\ninterrupted: checkpoint saved at step {step + 1}; continue with --resume")
                 result.interrupted = True
                 break
@@ -198,7 +228,7 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
             signal.signal(signal.SIGINT, previous_handler)
     result.seconds = time.perf_counter() - t0
     if group.is_main:
-        plot_losses(result, out / "loss.png")
+        plot_losses(result, run.out / "loss.png")
     return result
 
 

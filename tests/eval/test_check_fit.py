@@ -78,16 +78,16 @@ def test_a_model_the_planner_cannot_read_is_not_checked(tmp_path):
 
 
 def test_qforge_train_warns_before_loading_a_run_that_does_not_fit(monkeypatch, tmp_path):
-    from qforge import plan
+    from qforge.plan import policy
     from qforge.train import run
 
     class Loaded(Exception):
         pass
 
-    def stop_at_load(cfg):
+    def stop_at_load(cfg, device=None):
         raise Loaded
 
-    monkeypatch.setattr(plan, "available_memory", lambda device="cpu": 10**8)
+    monkeypatch.setattr(policy, "available_memory", lambda device="cpu": 10**8)
     monkeypatch.setattr(run, "load_for_method", stop_at_load)
     lines = []
     cfg = config(data=str(tmp_path / "train.jsonl"), output_dir=str(tmp_path / "out"))

@@ -5,16 +5,16 @@ between them vary the batch (1, 4), the sequence length (128, 256) and gradient 
 full, selective: keep_base_outputs), the planner's total with the CPU constants (qforge.plan.CPU_BF16) must lie within 15% of
 the measured peak.
 
-Measured: qforge.eval.bench.measure_training_peak in a fresh process per setting: the peak RSS
+Measured: benchmarks/plan_calibration.py's measure_training_peak in a fresh process per setting: the peak RSS
 over three training steps minus the RSS of the same process after importing torch, transformers
 and qforge's modules, before any tensor exists, with glibc's mmap threshold fixed at 128 KiB
-(qforge.eval.bench.MEASURE_ENV): the memory the run holds live, the same to a few MB every run.
+(MEASURE_ENV there): the memory the run holds live, the same to a few MB every run.
 With glibc's default heap one setting read 1270-1701 MB across fresh processes (how much freed
 heap stays resident depends on thread timing); see qforge.plan.CPU_BF16. About 3 minutes.
 """
 import pytest
 
-from qforge.eval.bench import measure_training_peaks
+from benchmarks.plan_calibration import measure_training_peaks
 from qforge.plan import CPU_BF16, plan_run
 
 SETTINGS = [{"method": m, "batch_size": b, "seq_len": s, "gradient_checkpointing": gc, "keep_base_outputs": keep}

@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 
-from qforge.train.data import (IGNORE, DataError, batch_order, batches, build_dataset, chat_segments, collate,
+from qforge.train.data import (IGNORE, DataError, batch_order, build_dataset, chat_segments, collate,
                                load_rows, pack_examples, read_jsonl, tokenize_example)
 
 
@@ -315,11 +315,15 @@ def test_batch_order_is_deterministic_and_covers_each_index_once():
         batch_order(0, 4, 0, 0)
 
 
-def test_resuming_at_step_k_sees_the_same_remaining_batches():
-    data = list(range(37))
-    for epoch in range(3):
-        first_run = list(batches(data, 5, seed=7, epoch=epoch))
-        for k in (0, 1, 4, len(first_run)):
-            seen = first_run[:k]
-            resumed = list(batches(data, 5, seed=7, epoch=epoch, start_step=k))
-            assert seen + resumed == first_run
+def test_the_run_schedule_is_the_same_whenever_it_is_recomputed():
+    """A resumed run recomputes the whole schedule and continues at its step: the remaining
+    micro-batches are the ones the first run had not yet seen, across epoch boundaries too."""
+    from qforge.train.config import TrainConfig
+    from qforge.train.loop import micro_batches
+    cfg = TrainConfig(batch_size=5, grad_accum=2, seed=7, epochs=3)
+    first_run = micro_batches(37, cfg, total_steps=11)
+    torch.manual_seed(99)  # the global RNG does not matter
+    assert micro_batches(37, cfg, total_steps=11) == first_run
+    epoch0 = batch_order(37, 5, seed=7, epoch=0)
+    assert first_run[:len(epoch0)] == epoch0 and sorted(sum(epoch0, [])) == list(range(37))
+    assert first_run[len(epoch0):2 * len(epoch0)] == batch_order(37, 5, seed=7, epoch=1)

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from qforge.fileio import atomic_folder
-from qforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qforge.train.checkpoint import latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
 from qforge.train.config import TrainConfig
 from qforge.train.schedule import lr_at
 
@@ -56,7 +56,7 @@ def test_checkpoint_round_trip_restores_params_optimizer_and_rng(tmp_path):
     with torch.no_grad():
         model.weight.add_(1)
     other_opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    state = load_checkpoint(latest_checkpoint(tmp_path), model, other_opt)
+    state = restore_checkpoint(read_checkpoint(latest_checkpoint(tmp_path)), model, other_opt)
     assert state == {"step": 5, "losses": [1.0]}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert torch.equal(torch.rand(3), expected_draw)

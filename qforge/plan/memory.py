@@ -1,21 +1,8 @@
-"""Estimate the GPU memory of a fine-tuning run and recommend qlora, lora, full or FSDP.
+"""The memory model of a fine-tuning run: architecture, per-component bytes, the plan, the recommendation.
 
-  qforge plan --model llama-3.1-8b [--seq-len 4096] [--batch-size 1] [--rank 32]
-              [--method qlora|lora|full|all] [--gpu 24GB] [--num-gpus 1]
-              [--gradient-checkpointing | --no-gradient-checkpointing]
-
---model is a shipped architecture (llama-3.1-8b, llama-2-13b, yi-34b, llama-3.1-70b,
-mixtral-8x22b, llama-3.1-405b, smollm2; any case) or a Hugging Face config.json, or a folder
-holding one. --gpu is the memory of one card: 24GB (1e9 bytes), 24GiB (2**30), 80G or plain bytes.
-
-The table gives GB (1e9 bytes) per component: base weights, quantisation constants, adapter
-weights, gradients, optimiser state, activations with and without gradient checkpointing (the
-one in use is counted), temporary buffers, the working set (sharded state counted once), what
-each GPU holds, and whether that fits the card. Then the recommendation:
-  BF16 LoRA when it fits one card with 10% of the card to spare; else QLoRA when it fits;
-  full fine-tuning only when asked for (--method full) and it fits; else QLoRA sharded with
-  FSDP over the fewest cards that hold it.
-The formulas and the calibrated constants are in the docstrings of qforge/plan.py.
+Every figure is in GB = 1e9 bytes. The formulas and the calibrated constants are in the docstrings
+below (MemoryConstants: one instance per device kind, CPU_BF16 measured here, CUDA_BF16 from the
+QLoRA paper's and bitsandbytes' figures). `qforge plan` (qforge/commands/plan.py) prints it.
 """
 from __future__ import annotations
 
@@ -27,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 GB = 10**9  # every figure printed or tested is in GB = 1e9 bytes
-ARCH_DIR = Path(__file__).parent / "data" / "archs"
+ARCH_DIR = Path(__file__).resolve().parent.parent / "data" / "archs"
 ALIASES = {"smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2"}
 METHODS = ("qlora", "lora", "full")
 QUANT_TYPES = ("nf4", "fp4", "int4")  # all 4 bits per weight
@@ -548,161 +535,9 @@ def recommend(config: dict | ModelArch | str, gpu_bytes: int, seq_len: int = 409
                            f"shard it with FSDP over {n} GPUs of {card} ({format_gb(per_gpu)} each)")
 
 
-# ---------------------------------------------------------------- will a run fit? (qforge train)
-
-def constants_for(device: str) -> MemoryConstants:
-    """The calibrated constants of a device kind: CPU_BF16 for "cpu", else CUDA_BF16."""
-    return CPU_BF16 if str(device).startswith("cpu") else CUDA_BF16
 
 
-def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, device: str = "cpu",
-                    **changes: object) -> Plan:
-    """The plan of a TrainConfig-like `cfg` (attributes method, batch_size, max_seq_len, rank,
-    gradient_checkpointing, quant_type, double_quant, optimizer, model), sized at max_seq_len
-    (the longest a row can be), with `changes` (the same attribute names) applied on top.
-    model_config: a config dict, ModelArch, transformers config (anything with to_dict()), a
-    name or path for load_arch; None reads cfg.model with load_arch."""
-    settings = {k: getattr(cfg, k) for k in ("method", "batch_size", "max_seq_len", "rank", "gradient_checkpointing",
-                                             "quant_type", "double_quant", "optimizer")}
-    settings["keep_base_outputs"] = bool(getattr(cfg, "keep_base_outputs", False))  # auto (None): the minimum
-    settings.update(changes)
-    if model_config is None:
-        model_config = cfg.model
-    elif hasattr(model_config, "to_dict"):
-        model_config = model_config.to_dict()
-    optimizer = {"adamw": "adamw_torch"}.get(settings["optimizer"], settings["optimizer"])
-    return plan_run(model_config, settings["method"], seq_len=settings["max_seq_len"],
-                    batch_size=settings["batch_size"], rank=settings["rank"],
-                    gradient_checkpointing=settings["gradient_checkpointing"], quant_type=settings["quant_type"],
-                    double_quant=settings["double_quant"], optimizer=optimizer, constants=constants_for(device),
-                    keep_base_outputs=settings["keep_base_outputs"])
-
-
-def _describe(changes: dict) -> str:
-    """The flags that make `changes` to cfg, e.g. '--method qlora --batch-size 2 --grad-accum 2'."""
-    parts = []
-    for key, value in changes.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + flag[2:])
-        else:
-            parts.append(f"{flag} {value}")
-    return " ".join(parts)
-
-
-def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = "cpu") -> list[tuple[str, int]]:
-    """(flags, bytes) of the single changes to cfg that would fit, cheapest change first: QLoRA in
-    place of lora/full, gradient checkpointing on, the largest smaller batch (gradient
-    accumulation keeping the effective batch), the longest shorter max_seq_len (halving), and
-    last all of QLoRA + checkpointing + batch 1 together."""
-    candidates = []
-    if getattr(cfg, "keep_base_outputs", None) and cfg.gradient_checkpointing:
-        candidates.append({"keep_base_outputs": False})
-    if cfg.method != "qlora":
-        candidates.append({"method": "qlora"})
-    if not cfg.gradient_checkpointing:
-        candidates.append({"gradient_checkpointing": True})
-    for batch in range(cfg.batch_size - 1, 0, -1):
-        if plan_for_config(cfg, model_config, device, batch_size=batch).total <= available_bytes:
-            accum = cfg.grad_accum * math.ceil(cfg.batch_size / batch)
-            candidates.append({"batch_size": batch, "grad_accum": accum})
-            break
-    seq = cfg.max_seq_len // 2
-    while seq >= 64:
-        if plan_for_config(cfg, model_config, device, max_seq_len=seq).total <= available_bytes:
-            candidates.append({"max_seq_len": seq})
-            break
-        seq //= 2
-    smallest = {"method": "qlora", "gradient_checkpointing": True, "batch_size": 1,
-                "grad_accum": cfg.grad_accum * cfg.batch_size}
-    if getattr(cfg, "keep_base_outputs", None):
-        smallest["keep_base_outputs"] = False
-    candidates.append(smallest)
-    found, seen = [], set()
-    for change in candidates:
-        plan_changes = {k: v for k, v in change.items() if k != "grad_accum"}
-        need = plan_for_config(cfg, model_config, device, **plan_changes).total
-        flags = _describe({k: v for k, v in change.items() if getattr(cfg, k) != v})
-        if need <= available_bytes and flags and flags not in seen:
-            found.append((flags, need))
-            seen.add(flags)
-    return found
-
-
-def check_fit(cfg, model_config: dict | ModelArch | str | None, available_bytes: int,
-              device: str = "cpu") -> tuple[bool, str]:
-    """(fits, message): whether the plan of `cfg` (see plan_for_config) fits available_bytes, and
-    a one-paragraph message; when it does not, the message names the settings that would fit."""
-    plan = plan_for_config(cfg, model_config, device)
-    where = "GPU" if device.startswith("cuda") else "RAM"
-    run = (f"{cfg.method}, batch {cfg.batch_size} x {cfg.max_seq_len} tokens, gradient checkpointing "
-           f"{'on' if cfg.gradient_checkpointing else 'off'}")
-    if plan.total <= available_bytes:
-        return True, f"plan: {run} needs about {format_gb(plan.total)}; {format_gb(available_bytes)} {where} available"
-    message = (f"this run may not fit: {run} needs about {format_gb(plan.total)} (qforge plan's estimate at "
-               f"max_seq_len), but only {format_gb(available_bytes)} of {where} is available.")
-    options = fitting_alternatives(cfg, model_config, available_bytes, device)
-    if options:
-        message += " Would fit: " + "; ".join(f"{flags} ({format_gb(need)})" for flags, need in options) + "."
-    else:
-        message += " Nothing smaller fits either (QLoRA, checkpointing, batch 1): free memory or use a smaller model."
-    return False, message
-
-
-def available_memory(device: str = "cpu") -> int:
-    """Bytes a run can use now: free GPU memory (torch.cuda.mem_get_info) or available RAM (psutil)."""
-    if str(device).startswith("cuda"):
-        import torch
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    import psutil
-    return int(psutil.virtual_memory().available)
-
-
-AUTO_KEEP_SHARE = 0.8  # auto selective checkpointing: the plan with it must fit in this share of memory
-
-
-def keep_base_outputs_for(cfg, model_config: dict | ModelArch | str | None = None, device: str = "cpu",
-                          available_bytes: int | None = None) -> tuple[bool, str]:
-    """(keep, reason): whether a run keeps its base outputs under gradient checkpointing
-    (qforge.nn.recompute). An explicit cfg.keep_base_outputs wins; auto (None) keeps them when the
-    plan with them fits in AUTO_KEEP_SHARE of the available memory. Only lora and qlora with
-    gradient checkpointing have base outputs to keep. `device`: the run's device kind ("cpu", "cuda")."""
-    if cfg.method not in ("lora", "qlora") or not cfg.gradient_checkpointing:
-        return False, ""
-    if cfg.keep_base_outputs is not None:
-        how = "keeps the base products" if cfg.keep_base_outputs else "recomputes everything"
-        return bool(cfg.keep_base_outputs), f"gradient checkpointing {how} (--{'' if cfg.keep_base_outputs else 'no-'}keep-base-outputs)"
-    try:
-        available = available_memory(device) if available_bytes is None else available_bytes
-        without = plan_for_config(cfg, model_config, device, keep_base_outputs=False).total
-        with_kept = plan_for_config(cfg, model_config, device, keep_base_outputs=True).total
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        return False, f"gradient checkpointing recomputes everything (plan not available: {exc})"
-    extra = format_gb(with_kept - without)
-    if with_kept <= AUTO_KEEP_SHARE * available:
-        return True, (f"gradient checkpointing keeps the base products (selective, +{extra}; plan "
-                      f"{format_gb(with_kept)} of {format_gb(available)} available; --no-keep-base-outputs to save it)")
-    return False, (f"gradient checkpointing recomputes everything: keeping the base products (+{extra}) "
-                   f"would need {format_gb(with_kept)}, more than {AUTO_KEEP_SHARE:.0%} of {format_gb(available)} available")
-
-
-def warn_if_unfit(cfg, model_config: dict | ModelArch | str | None = None, log=print, device: str = "cpu",
-                  available_bytes: int | None = None) -> bool:
-    """Log a warning, before a run starts, when its plan does not fit the memory this process can
-    see; returns whether it fits. `device`: the run's device kind ("cpu", "cuda").
-    A model the planner cannot read (a GGUF file, an unknown architecture) is not checked."""
-    try:
-        available = available_memory(device) if available_bytes is None else available_bytes
-        fits, message = check_fit(cfg, model_config, available, device)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        log(f"plan: memory not checked ({exc})")
-        return True
-    if not fits:
-        log("warning: " + message)
-    return fits
-
-
-# ---------------------------------------------------------------- command line
+# ---------------------------------------------------------------- units
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -742,75 +577,3 @@ def card_label(gpu_bytes: int) -> str:
             return f"{gpu_bytes // unit} {name}"
     return f"{gpu_bytes / GB:.1f} GB"
 
-
-ROWS = [("base weights", "base_weights"), ("quant constants", "quant_constants"),
-        ("adapter weights", "adapter_weights"), ("gradients", "gradients"), ("optimizer state", "optimizer_state")]
-
-
-def format_table(plans: list[Plan], other_activations: list[int], gradient_checkpointing: bool,
-                 gpu_bytes: int) -> str:
-    """The plan table: one row per component, one column per method, GB; see the module docstring.
-
-    other_activations holds, per plan, the activations with checkpointing the other way; only
-    the row marked '*' is counted in the totals.
-    """
-    on, off = ("*", " ") if gradient_checkpointing else (" ", "*")
-    rows = [(label, [getattr(p, field) for p in plans]) for label, field in ROWS]
-    with_gc = [p.activations if gradient_checkpointing else o for p, o in zip(plans, other_activations)]
-    without = [o if gradient_checkpointing else p.activations for p, o in zip(plans, other_activations)]
-    rows += [(f"activations, checkpointing {on}", with_gc), (f"activations, no checkpointing {off}", without),
-             ("temporary buffers", [p.temporary for p in plans]), ("total (working set)", [p.total for p in plans])]
-    gpus = plans[0].num_gpus
-    if gpus > 1:
-        rows.append((f"per GPU (of {gpus}, FSDP)", [p.per_gpu_total for p in plans]))
-    width = max(len(label) for label, _ in rows) + 2
-    lines = [f"{'':{width}}" + "".join(f"{p.method:>12}" for p in plans)]
-    lines += [f"{label:{width}}" + "".join(f"{format_gb(v):>12}" for v in values) for label, values in rows]
-    card = card_label(gpu_bytes)
-    fits = "".join(f"{'yes' if p.fits(gpu_bytes) else 'no':>12}" for p in plans)
-    lines.append(f"{'fits ' + card + ' card' + (' each' if gpus > 1 else ''):{width}}{fits}")
-    lines.append(f"(* counted in the totals; GB = 1e9 bytes)")
-    return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `qforge plan`."""
-    parser.add_argument("--model", required=True, metavar="NAME_OR_CONFIG",
-                        help=f"one of {', '.join(known_archs())}, or a config.json (or its folder)")
-    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences per GPU per step (default 1)")
-    parser.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
-    parser.add_argument("--method", choices=[*METHODS, "all"], default="all",
-                        help="recipe to size; 'all' shows each; 'full' also lets full fine-tuning be recommended")
-    parser.add_argument("--gpu", default="24GB", help="memory of one card: 24GB, 40GB, 80GB, 141GB, 80GiB or bytes")
-    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs sharing the model with FSDP (default 1)")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="recompute each layer in backward (default on)")
-    parser.add_argument("--optimizer", choices=list(OPTIMIZER_BITS), default="paged_adamw_8bit",
-                        help="AdamW variant (default paged_adamw_8bit)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print the plan table and the recommendation; ValueError / FileNotFoundError for bad input."""
-    gpu = parse_gpu(args.gpu)
-    arch = ModelArch.from_config(load_arch(args.model), name=str(args.model))
-    methods = METHODS if args.method == "all" else (args.method,)
-    kwargs = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
-                  num_gpus=args.num_gpus, optimizer=args.optimizer)
-    gc = args.gradient_checkpointing
-    plans = [plan_run(arch, m, gradient_checkpointing=gc, **kwargs) for m in methods]
-    other = [plan_run(arch, m, gradient_checkpointing=not gc, **kwargs).activations for m in methods]
-    method, reason = recommend(arch, gpu, gradient_checkpointing=gc, want_full=args.method == "full", **kwargs)
-    print(f"{arch.name}: {parameter_count(arch) / 1e9:.2f} B parameters, {arch.num_layers} layers, "
-          f"hidden {arch.hidden_size}, vocab {arch.vocab_size}"
-          + (f", {arch.num_experts} experts ({arch.experts_per_token} per token)" if arch.num_experts else ""))
-    print(f"seq_len {args.seq_len}, batch {args.batch_size}, rank {args.rank}, {args.optimizer}, "
-          f"gradient checkpointing {'on' if gc else 'off'}, {args.num_gpus} GPU(s) of {card_label(gpu)}\n")
-    print(format_table(plans, other, gc, gpu))
-    kept = [(m, plan_run(arch, m, gradient_checkpointing=True, keep_base_outputs=True, **kwargs).activations
-             - plan_run(arch, m, gradient_checkpointing=True, **kwargs).activations) for m in methods if m != "full"]
-    if gc and kept:
-        print(f"selective checkpointing (--keep-base-outputs; qforge train turns it on when the plan with it "
-              f"fits in {AUTO_KEEP_SHARE:.0%} of memory) adds " + ", ".join(f"{format_gb(b)} ({m})" for m, b in kept))
-    print(f"recommended: {method} ({reason})")
-    return 0

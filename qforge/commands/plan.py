@@ -1,0 +1,99 @@
+"""Estimate the memory of a fine-tuning run and recommend qlora, lora, full or FSDP.
+
+  qforge plan --model llama-3.1-8b [--seq-len 4096] [--batch-size 1] [--rank 32]
+              [--method qlora|lora|full|all] [--gpu 24GB] [--num-gpus 1]
+              [--gradient-checkpointing | --no-gradient-checkpointing]
+
+--model is a shipped architecture (llama-3.1-8b, llama-2-13b, yi-34b, llama-3.1-70b,
+mixtral-8x22b, llama-3.1-405b, smollm2; any case) or a Hugging Face config.json, or a folder
+holding one. --gpu is the memory of one card: 24GB (1e9 bytes), 24GiB (2**30), 80G or plain bytes.
+
+The table gives GB (1e9 bytes) per component: base weights, quantisation constants, adapter
+weights, gradients, optimiser state, activations with and without gradient checkpointing (the
+one in use is counted), temporary buffers, the working set (sharded state counted once), what
+each GPU holds, and whether that fits the card. Then the recommendation:
+  BF16 LoRA when it fits one card with 10% of the card to spare; else QLoRA when it fits;
+  full fine-tuning only when asked for (--method full) and it fits; else QLoRA sharded with
+  FSDP over the fewest cards that hold it.
+The formulas and the calibrated constants are in the docstrings of qforge/plan.py.
+The formulas and the calibrated constants are in the docstrings of qforge/plan/memory.py.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..plan import (AUTO_KEEP_SHARE, METHODS, OPTIMIZER_BITS, ModelArch, Plan, card_label, format_gb, known_archs,
+                    load_arch, parameter_count, parse_gpu, plan_run, recommend)
+
+ROWS = [("base weights", "base_weights"), ("quant constants", "quant_constants"),
+        ("adapter weights", "adapter_weights"), ("gradients", "gradients"), ("optimizer state", "optimizer_state")]
+
+
+def format_table(plans: list[Plan], other_activations: list[int], gradient_checkpointing: bool,
+                 gpu_bytes: int) -> str:
+    """The plan table: one row per component, one column per method, GB; see the module docstring.
+
+    other_activations holds, per plan, the activations with checkpointing the other way; only
+    the row marked '*' is counted in the totals.
+    """
+    on, off = ("*", " ") if gradient_checkpointing else (" ", "*")
+    rows = [(label, [getattr(p, field) for p in plans]) for label, field in ROWS]
+    with_gc = [p.activations if gradient_checkpointing else o for p, o in zip(plans, other_activations)]
+    without = [o if gradient_checkpointing else p.activations for p, o in zip(plans, other_activations)]
+    rows += [(f"activations, checkpointing {on}", with_gc), (f"activations, no checkpointing {off}", without),
+             ("temporary buffers", [p.temporary for p in plans]), ("total (working set)", [p.total for p in plans])]
+    gpus = plans[0].num_gpus
+    if gpus > 1:
+        rows.append((f"per GPU (of {gpus}, FSDP)", [p.per_gpu_total for p in plans]))
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{'':{width}}" + "".join(f"{p.method:>12}" for p in plans)]
+    lines += [f"{label:{width}}" + "".join(f"{format_gb(v):>12}" for v in values) for label, values in rows]
+    card = card_label(gpu_bytes)
+    fits = "".join(f"{'yes' if p.fits(gpu_bytes) else 'no':>12}" for p in plans)
+    lines.append(f"{'fits ' + card + ' card' + (' each' if gpus > 1 else ''):{width}}{fits}")
+    lines.append(f"(* counted in the totals; GB = 1e9 bytes)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `qforge plan`."""
+    parser.add_argument("--model", required=True, metavar="NAME_OR_CONFIG",
+                        help=f"one of {', '.join(known_archs())}, or a config.json (or its folder)")
+    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per GPU per step (default 1)")
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
+    parser.add_argument("--method", choices=[*METHODS, "all"], default="all",
+                        help="recipe to size; 'all' shows each; 'full' also lets full fine-tuning be recommended")
+    parser.add_argument("--gpu", default="24GB", help="memory of one card: 24GB, 40GB, 80GB, 141GB, 80GiB or bytes")
+    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs sharing the model with FSDP (default 1)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="recompute each layer in backward (default on)")
+    parser.add_argument("--optimizer", choices=list(OPTIMIZER_BITS), default="paged_adamw_8bit",
+                        help="AdamW variant (default paged_adamw_8bit)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the plan table and the recommendation; ValueError / FileNotFoundError for bad input."""
+    gpu = parse_gpu(args.gpu)
+    arch = ModelArch.from_config(load_arch(args.model), name=str(args.model))
+    methods = METHODS if args.method == "all" else (args.method,)
+    kwargs = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
+                  num_gpus=args.num_gpus, optimizer=args.optimizer)
+    gc = args.gradient_checkpointing
+    plans = [plan_run(arch, m, gradient_checkpointing=gc, **kwargs) for m in methods]
+    other = [plan_run(arch, m, gradient_checkpointing=not gc, **kwargs).activations for m in methods]
+    method, reason = recommend(arch, gpu, gradient_checkpointing=gc, want_full=args.method == "full", **kwargs)
+    print(f"{arch.name}: {parameter_count(arch) / 1e9:.2f} B parameters, {arch.num_layers} layers, "
+          f"hidden {arch.hidden_size}, vocab {arch.vocab_size}"
+          + (f", {arch.num_experts} experts ({arch.experts_per_token} per token)" if arch.num_experts else ""))
+    print(f"seq_len {args.seq_len}, batch {args.batch_size}, rank {args.rank}, {args.optimizer}, "
+          f"gradient checkpointing {'on' if gc else 'off'}, {args.num_gpus} GPU(s) of {card_label(gpu)}\n")
+    print(format_table(plans, other, gc, gpu))
+    kept = [(m, plan_run(arch, m, gradient_checkpointing=True, keep_base_outputs=True, **kwargs).activations
+             - plan_run(arch, m, gradient_checkpointing=True, **kwargs).activations) for m in methods if m != "full"]
+    if gc and kept:
+        print(f"selective checkpointing (--keep-base-outputs; qforge train turns it on when the plan with it "
+              f"fits in {AUTO_KEEP_SHARE:.0%} of memory) adds " + ", ".join(f"{format_gb(b)} ({m})" for m, b in kept))
+    print(f"recommended: {method} ({reason})")
+    return 0
+

@@ -1,0 +1,165 @@
+"""The run-time policy of `qforge train`: will a run fit, what would, and selective checkpointing.
+
+Decided once per run, before the model is loaded, from the memory model (qforge.plan.memory) and the
+memory the run's device has free.
+"""
+from __future__ import annotations
+
+import math
+
+from .memory import CPU_BF16, CUDA_BF16, MemoryConstants, ModelArch, format_gb, plan_run
+
+# ---------------------------------------------------------------- will a run fit? (qforge train)
+
+def constants_for(device: str) -> MemoryConstants:
+    """The calibrated constants of a device kind: CPU_BF16 for "cpu", else CUDA_BF16."""
+    return CPU_BF16 if str(device).startswith("cpu") else CUDA_BF16
+
+
+def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, device: str = "cpu",
+                    **changes: object) -> Plan:
+    """The plan of a TrainConfig-like `cfg` (attributes method, batch_size, max_seq_len, rank,
+    gradient_checkpointing, quant_type, double_quant, optimizer, model), sized at max_seq_len
+    (the longest a row can be), with `changes` (the same attribute names) applied on top.
+    model_config: a config dict, ModelArch, transformers config (anything with to_dict()), a
+    name or path for load_arch; None reads cfg.model with load_arch."""
+    settings = {k: getattr(cfg, k) for k in ("method", "batch_size", "max_seq_len", "rank", "gradient_checkpointing",
+                                             "quant_type", "double_quant", "optimizer")}
+    settings["keep_base_outputs"] = bool(getattr(cfg, "keep_base_outputs", False))  # auto (None): the minimum
+    settings.update(changes)
+    if model_config is None:
+        model_config = cfg.model
+    elif hasattr(model_config, "to_dict"):
+        model_config = model_config.to_dict()
+    optimizer = {"adamw": "adamw_torch"}.get(settings["optimizer"], settings["optimizer"])
+    return plan_run(model_config, settings["method"], seq_len=settings["max_seq_len"],
+                    batch_size=settings["batch_size"], rank=settings["rank"],
+                    gradient_checkpointing=settings["gradient_checkpointing"], quant_type=settings["quant_type"],
+                    double_quant=settings["double_quant"], optimizer=optimizer, constants=constants_for(device),
+                    keep_base_outputs=settings["keep_base_outputs"])
+
+
+def _describe(changes: dict) -> str:
+    """The flags that make `changes` to cfg, e.g. '--method qlora --batch-size 2 --grad-accum 2'."""
+    parts = []
+    for key, value in changes.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = "cpu") -> list[tuple[str, int]]:
+    """(flags, bytes) of the single changes to cfg that would fit, cheapest change first: QLoRA in
+    place of lora/full, gradient checkpointing on, the largest smaller batch (gradient
+    accumulation keeping the effective batch), the longest shorter max_seq_len (halving), and
+    last all of QLoRA + checkpointing + batch 1 together."""
+    candidates = []
+    if getattr(cfg, "keep_base_outputs", None) and cfg.gradient_checkpointing:
+        candidates.append({"keep_base_outputs": False})
+    if cfg.method != "qlora":
+        candidates.append({"method": "qlora"})
+    if not cfg.gradient_checkpointing:
+        candidates.append({"gradient_checkpointing": True})
+    for batch in range(cfg.batch_size - 1, 0, -1):
+        if plan_for_config(cfg, model_config, device, batch_size=batch).total <= available_bytes:
+            accum = cfg.grad_accum * math.ceil(cfg.batch_size / batch)
+            candidates.append({"batch_size": batch, "grad_accum": accum})
+            break
+    seq = cfg.max_seq_len // 2
+    while seq >= 64:
+        if plan_for_config(cfg, model_config, device, max_seq_len=seq).total <= available_bytes:
+            candidates.append({"max_seq_len": seq})
+            break
+        seq //= 2
+    smallest = {"method": "qlora", "gradient_checkpointing": True, "batch_size": 1,
+                "grad_accum": cfg.grad_accum * cfg.batch_size}
+    if getattr(cfg, "keep_base_outputs", None):
+        smallest["keep_base_outputs"] = False
+    candidates.append(smallest)
+    found, seen = [], set()
+    for change in candidates:
+        plan_changes = {k: v for k, v in change.items() if k != "grad_accum"}
+        need = plan_for_config(cfg, model_config, device, **plan_changes).total
+        flags = _describe({k: v for k, v in change.items() if getattr(cfg, k) != v})
+        if need <= available_bytes and flags and flags not in seen:
+            found.append((flags, need))
+            seen.add(flags)
+    return found
+
+
+def check_fit(cfg, model_config: dict | ModelArch | str | None, available_bytes: int,
+              device: str = "cpu") -> tuple[bool, str]:
+    """(fits, message): whether the plan of `cfg` (see plan_for_config) fits available_bytes, and
+    a one-paragraph message; when it does not, the message names the settings that would fit."""
+    plan = plan_for_config(cfg, model_config, device)
+    where = "GPU" if device.startswith("cuda") else "RAM"
+    run = (f"{cfg.method}, batch {cfg.batch_size} x {cfg.max_seq_len} tokens, gradient checkpointing "
+           f"{'on' if cfg.gradient_checkpointing else 'off'}")
+    if plan.total <= available_bytes:
+        return True, f"plan: {run} needs about {format_gb(plan.total)}; {format_gb(available_bytes)} {where} available"
+    message = (f"this run may not fit: {run} needs about {format_gb(plan.total)} (qforge plan's estimate at "
+               f"max_seq_len), but only {format_gb(available_bytes)} of {where} is available.")
+    options = fitting_alternatives(cfg, model_config, available_bytes, device)
+    if options:
+        message += " Would fit: " + "; ".join(f"{flags} ({format_gb(need)})" for flags, need in options) + "."
+    else:
+        message += " Nothing smaller fits either (QLoRA, checkpointing, batch 1): free memory or use a smaller model."
+    return False, message
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes a run can use now: free GPU memory (torch.cuda.mem_get_info) or available RAM (psutil)."""
+    if str(device).startswith("cuda"):
+        import torch
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+AUTO_KEEP_SHARE = 0.8  # auto selective checkpointing: the plan with it must fit in this share of memory
+
+
+def keep_base_outputs_for(cfg, model_config: dict | ModelArch | str | None = None, device: str = "cpu",
+                          available_bytes: int | None = None) -> tuple[bool, str]:
+    """(keep, reason): whether a run keeps its base outputs under gradient checkpointing
+    (qforge.nn.recompute). An explicit cfg.keep_base_outputs wins; auto (None) keeps them when the
+    plan with them fits in AUTO_KEEP_SHARE of the available memory. Only lora and qlora with
+    gradient checkpointing have base outputs to keep. `device`: the run's device kind ("cpu", "cuda")."""
+    if cfg.method not in ("lora", "qlora") or not cfg.gradient_checkpointing:
+        return False, ""
+    if cfg.keep_base_outputs is not None:
+        how = "keeps the base products" if cfg.keep_base_outputs else "recomputes everything"
+        return bool(cfg.keep_base_outputs), f"gradient checkpointing {how} (--{'' if cfg.keep_base_outputs else 'no-'}keep-base-outputs)"
+    try:
+        available = available_memory(device) if available_bytes is None else available_bytes
+        without = plan_for_config(cfg, model_config, device, keep_base_outputs=False).total
+        with_kept = plan_for_config(cfg, model_config, device, keep_base_outputs=True).total
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        return False, f"gradient checkpointing recomputes everything (plan not available: {exc})"
+    extra = format_gb(with_kept - without)
+    if with_kept <= AUTO_KEEP_SHARE * available:
+        return True, (f"gradient checkpointing keeps the base products (selective, +{extra}; plan "
+                      f"{format_gb(with_kept)} of {format_gb(available)} available; --no-keep-base-outputs to save it)")
+    return False, (f"gradient checkpointing recomputes everything: keeping the base products (+{extra}) "
+                   f"would need {format_gb(with_kept)}, more than {AUTO_KEEP_SHARE:.0%} of {format_gb(available)} available")
+
+
+def warn_if_unfit(cfg, model_config: dict | ModelArch | str | None = None, log=print, device: str = "cpu",
+                  available_bytes: int | None = None) -> bool:
+    """Log a warning, before a run starts, when its plan does not fit the memory this process can
+    see; returns whether it fits. `device`: the run's device kind ("cpu", "cuda").
+    A model the planner cannot read (a GGUF file, an unknown architecture) is not checked."""
+    try:
+        available = available_memory(device) if available_bytes is None else available_bytes
+        fits, message = check_fit(cfg, model_config, available, device)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        log(f"plan: memory not checked ({exc})")
+        return True
+    if not fits:
+        log("warning: " + message)
+    return fits
+
+
