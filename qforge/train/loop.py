@@ -104,7 +104,7 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, cfg)
     total_steps = total_steps_for(len(train_set), cfg)
-    warmup = int(round(cfg.warmup_ratio * total_steps))
+    warmup = cfg.warmup_for(total_steps)
     schedule = micro_batches(len(train_set), cfg, total_steps)
     result = TrainResult(steps=total_steps, output_dir=out)
 
@@ -142,7 +142,7 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
                disable=not group.is_main)
     try:
         for step in range(start_step, total_steps):
-            lr = lr_at(step, total_steps, cfg.lr, warmup, cfg.min_lr_ratio)
+            lr = lr_at(step, total_steps, cfg.lr, warmup, cfg.min_lr_ratio, cfg.lr_scheduler)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
             micro = schedule[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
