@@ -3,7 +3,8 @@ the file and the row (`data.jsonl:7`, `data.csv:3`, `data.parquet: row 12`) for 
 
   .jsonl / .ndjson   one JSON object per line (blank lines skipped)
   .json              a JSON array of objects (a .json file holding JSON lines is read as JSONL)
-  .parquet           through pyarrow; nested columns (lists of messages) come back as lists of dicts
+  .parquet           through pyarrow; nested columns (lists of messages) come back as lists of dicts,
+                     null fields (columns a row lacks) dropped
   .csv               a header row, then one row per line; every value is a string
   a folder           a Hugging Face `datasets` dataset written by `save_to_disk` (a Dataset, or a
                      DatasetDict whose `train` split is trained on and whose validation/test/eval
@@ -110,7 +111,17 @@ def _parquet(path: Path) -> list[tuple[str, object]]:
         rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises its own ArrowInvalid, OSError, ...
         raise DataFileError(f"{path}: not a readable Parquet file: {str(exc).splitlines()[0]}") from None
-    return [(f"{path}: row {i}", row) for i, row in enumerate(rows, start=1)]
+    return [(f"{path}: row {i}", without_nulls(row)) for i, row in enumerate(rows, start=1)]
+
+
+def without_nulls(value):
+    """A columnar row with its null fields removed: Parquet and Arrow give every row every column,
+    filling the ones a row lacks with null (an Alpaca row without `input`, a turn without `weight`)."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
 
 
 def _saved_dataset(path: Path, split: str) -> list[tuple[str, object]]:
@@ -129,4 +140,4 @@ def _saved_dataset(path: Path, split: str) -> list[tuple[str, object]]:
         loaded, where = loaded[split], f"{path}[{split}]"
     else:
         where = str(path)
-    return [(f"{where}: row {i}", row) for i, row in enumerate(loaded, start=1)]
+    return [(f"{where}: row {i}", without_nulls(row)) for i, row in enumerate(loaded, start=1)]

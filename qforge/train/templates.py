@@ -8,9 +8,9 @@ labelling in qforge.train.data needs.
 """
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "data" / "templates"
 BUILTIN = ("chatml", "llama3", "gemma", "mistral", "qwen", "phi3")
 # other spellings: Axolotl's chat_template names and LLaMA-Factory's template names
 ALIASES = {
@@ -30,7 +30,7 @@ def read_template(name_or_file: str) -> str:
     """The Jinja source of a built-in template (by name or alias) or of a Jinja file."""
     key = ALIASES.get(name_or_file.lower(), name_or_file.lower())
     if key in BUILTIN:
-        return resources.files("qforge.data").joinpath("templates", f"{key}.jinja").read_text(encoding="utf-8")
+        return (TEMPLATE_DIR / f"{key}.jinja").read_text(encoding="utf-8")
     path = Path(name_or_file).expanduser()
     if path.is_file():
         try:
