@@ -76,7 +76,8 @@ class Trackers:
             settings = cfg.extra.get("wandb", {}) if isinstance(cfg.extra, dict) else {}
             (Path(out_dir) / "wandb").mkdir(parents=True, exist_ok=True)
             self.wandb_run = wandb.init(project=settings.get("project") or "qforge", entity=settings.get("entity"),
-                                        name=settings.get("name"), dir=str(out_dir), config=recipe, mode=wandb_mode())
+                                        name=settings.get("name"), dir=str(out_dir), config=recipe,
+                                        mode=settings.get("mode") or wandb_mode())
 
     def scalars(self, record: dict) -> dict[str, float]:
         """The scalars logged for one step's record."""

@@ -120,3 +120,44 @@ def test_parameter_counts_match_peft(tiny_dir):
     oracle = peft.get_peft_model(LlamaForCausalLM.from_pretrained(str(tiny_dir)),
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     assert count_parameters(model) == oracle.get_nb_trainable_parameters()
+
+
+def test_wandb_runs_offline_unless_logged_in_with_the_recipe_as_config(tmp_path, monkeypatch):
+    """W&B through its own client (a stand-in module here): offline without a login, the recipe as
+    the run's config, one log call per step with the same scalars TensorBoard gets."""
+    import sys
+    import types
+
+    from qforge.train.tracking import Trackers
+
+    calls = {"log": []}
+
+    class Run:
+        def log(self, values, step):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = TrainConfig(report_to="wandb", rank=8, extra={"wandb": {"project": "p1"}})
+    trackers = Trackers(cfg, tmp_path)
+    trackers.log({"step": 1, "loss": 2.5, "lr": 1e-4, "tokens": 100, "elapsed_s": 2.0, "grad_norm": 0.5})
+    trackers.log({"step": 2, "loss": 2.0, "lr": 2e-4, "tokens": 300, "elapsed_s": 3.0, "eval_loss": 1.5})
+    trackers.close()
+    assert calls["init"]["mode"] == "offline" and calls["init"]["project"] == "p1"
+    assert calls["init"]["config"]["rank"] == 8 and calls["init"]["config"]["report_to"] == "wandb"
+    (s1, v1), (s2, v2) = calls["log"]
+    assert (s1, s2) == (1, 2) and v1["train/loss"] == 2.5 and v2["eval/loss"] == 1.5
+    assert (v1["train/tokens_per_second"], v2["train/tokens_per_second"]) == (50.0, 200.0)
+    assert calls["finished"]
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    Trackers(cfg, tmp_path).close()
+    assert calls["init"]["mode"] == "online"
