@@ -547,12 +547,8 @@ def adapter_chat_template(state: _State, adapter: str | None) -> str | None:
     entry = next((e for e in state.registry.entries() if e.name == adapter), None) if adapter else None
     if entry is None or entry.path is None:
         return None
-    try:
-        if (entry.path / "chat_template.jinja").is_file():
-            return (entry.path / "chat_template.jinja").read_text(encoding="utf-8")
-        return json.loads((entry.path / "tokenizer_config.json").read_text()).get("chat_template") or None
-    except (OSError, ValueError):
-        return None
+    from ..train.templates import saved_template
+    return saved_template(entry.path)
 
 
 def _chat_prompt(state: _State, messages: list[ChatMessage], template: str | None = None) -> list[int]:

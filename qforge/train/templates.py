@@ -60,3 +60,19 @@ def apply_chat_template(tokenizer, name_or_file: str | None) -> str | None:
     source = read_template(name_or_file)
     tokenizer.chat_template = source
     return source
+
+
+def saved_template(folder: str | Path) -> str | None:
+    """The chat template saved with a folder's tokenizer files (chat_template.jinja, or the
+    chat_template of tokenizer_config.json), or None."""
+    import json
+    folder = Path(folder)
+    try:
+        if (folder / "chat_template.jinja").is_file():
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if (folder / "tokenizer_config.json").is_file():
+            template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+            return template if isinstance(template, str) and template else None
+    except (OSError, ValueError):
+        return None
+    return None
