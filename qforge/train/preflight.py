@@ -24,19 +24,20 @@ def check_output_dir(path: str | Path) -> None:
         raise ValueError(f"output_dir '{out}' is not writable: {exc.strerror or exc}") from None
 
 
-def check_model_source(cfg: TrainConfig) -> None:
-    """'smollm2', an existing file or folder, or a Hub id that resolves (cache or download)."""
+def check_model_source(cfg: TrainConfig) -> Path | None:
+    """'smollm2', an existing file or folder, or a Hub id that resolves (cache or download); returns
+    a Hub id's local folder (for the memory plan), else None."""
     from ..model.hub import looks_like_hub_id, resolve_model_id
     source = cfg.model
     if source.lower() == "smollm2":
-        return
+        return None
     if looks_like_hub_id(source):
-        resolve_model_id(source, cfg.revision)
-        return
+        return resolve_model_id(source, cfg.revision)
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model '{source}' not found: not a folder, a .gguf file or a Hugging Face Hub "
                                 "id (ORG/NAME)")
+    return None
 
 
 def per_epoch_settings(cfg: TrainConfig, train_rows: int) -> TrainConfig:
@@ -54,7 +55,7 @@ def per_epoch_settings(cfg: TrainConfig, train_rows: int) -> TrainConfig:
 
 def check_before_loading(cfg: TrainConfig, check_dir: bool = True):
     """Run every check that needs no model; returns (cfg with per-epoch settings resolved, the
-    data as qforge.train.data.read_splits returns it)."""
+    data as qforge.train.data.read_splits returns it, a Hub id's local folder or None)."""
     from .data import read_splits
     from .templates import check_template, read_template
     from .tracking import check_trackers
@@ -67,5 +68,5 @@ def check_before_loading(cfg: TrainConfig, check_dir: bool = True):
     if cfg.chat_template:
         check_template(read_template(cfg.chat_template), repr(cfg.chat_template))
     check_trackers(cfg.report_targets())
-    check_model_source(cfg)
-    return per_epoch_settings(cfg, len(splits[0])), splits
+    hub_folder = check_model_source(cfg)
+    return per_epoch_settings(cfg, len(splits[0])), splits, hub_folder

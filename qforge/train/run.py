@@ -104,12 +104,13 @@ def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tup
     group = group or Group()
     if not group.is_main:
         log = lambda *_: None  # noqa: E731
-    cfg, splits = check_before_loading(cfg, check_dir=group.is_main)  # data, output, template, trackers, model
+    cfg, splits, hub_folder = check_before_loading(cfg, check_dir=group.is_main)  # data, output, template, ...
+    arch = str(hub_folder) if hub_folder is not None else None  # the planner reads a Hub model's config.json
     from ..plan import warn_if_unfit
-    warn_if_unfit(cfg, log=log)  # before loading: says which settings would fit
+    warn_if_unfit(cfg, arch, log=log)  # before loading: says which settings would fit
     if cfg.keep_base_outputs is None:  # auto: decided once, from the plan, and logged
         from ..plan import keep_base_outputs_for
-        keep, why = keep_base_outputs_for(cfg)
+        keep, why = keep_base_outputs_for(cfg, arch)
         if group.distributed and group.any(not keep) and keep:  # every rank the same: all keep or none
             keep, why = False, ("gradient checkpointing recomputes everything: another rank lacks the memory "
                                 "to keep the base products")

@@ -161,3 +161,21 @@ def test_wandb_runs_offline_unless_logged_in_with_the_recipe_as_config(tmp_path,
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     Trackers(cfg, tmp_path).close()
     assert calls["init"]["mode"] == "online"
+
+
+def test_training_on_a_hub_id_from_the_cache(tmp_path, bare_model, monkeypatch):
+    """`model: ORG/NAME` trains on the cached snapshot; the adapter names the Hub id as its base."""
+    import shutil
+
+    from qforge.train.run import run_training
+
+    repo = tmp_path / "hub" / "models--tinyorg--bare"
+    shutil.copytree(bare_model, repo / "snapshots" / ("c" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = recipe(tmp_path, "tinyorg/bare", chat_template="chatml", max_steps=1, eval_fraction=0.0, eval_every=0)
+    _, summary = run_training(cfg, log=lambda *_: None)
+    assert summary["steps_done"] == 1
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tinyorg/bare"
