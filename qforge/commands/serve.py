@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="smollm2",
                         help="base model: 'smollm2', a model folder, a 4-bit folder, a .gguf file or a Hugging Face "
                              "Hub id ORG/NAME (the local cache first)")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub id --base (default: main)")
     parser.add_argument("--name", default=None, help="model name of the base in the API (default: from --base)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="serve the PEFT adapter in DIR as model NAME (repeatable)")
@@ -103,7 +104,8 @@ def build(args: argparse.Namespace, keys: list[str]):
     from ..serve import AdapterRegistry, Engine, Metrics
     from ..serve.api import create_app
 
-    model, tokenizer = load_model(args.base, compute_dtype=getattr(torch, args.dtype))
+    model, tokenizer = load_model(args.base, compute_dtype=getattr(torch, args.dtype),
+                                  revision=getattr(args, "revision", None))
     if tokenizer is None:
         raise ValueError(f"'{args.base}' has no tokenizer files; the server needs one")
     metrics = Metrics()

@@ -65,7 +65,7 @@ class Trackers:
         self.targets = cfg.report_targets() if targets is None else targets
         check_trackers(self.targets)
         self.tb = self.wandb_run = None
-        self._last = (0, 0.0)  # (tokens, elapsed_s) of the previous record
+        self._last = None  # (tokens, elapsed_s) of the previous record
         recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}
         if "tensorboard" in self.targets:
             from torch.utils.tensorboard import SummaryWriter
@@ -82,10 +82,11 @@ class Trackers:
     def scalars(self, record: dict) -> dict[str, float]:
         """The scalars logged for one step's record."""
         tokens, elapsed = record.get("tokens", 0), record.get("elapsed_s", 0.0)
-        step_s = elapsed - self._last[1]
-        values = {"train/loss": record["loss"], "train/learning_rate": record["lr"],
-                  "train/tokens_per_second": (tokens - self._last[0]) / step_s if step_s > 0 else 0.0,
-                  "train/memory_mib": memory_mib()}
+        values = {"train/loss": record["loss"], "train/learning_rate": record["lr"], "train/memory_mib": memory_mib()}
+        # the first step after a resume has no previous record here: its rate would mix the runs
+        last = self._last or ((0, 0.0) if record["step"] == 1 else None)
+        if last is not None and elapsed > last[1]:
+            values["train/tokens_per_second"] = (tokens - last[0]) / (elapsed - last[1])
         if record.get("grad_norm") is not None:
             values["train/grad_norm"] = record["grad_norm"]
         if record.get("eval_loss") is not None:
