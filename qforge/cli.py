@@ -28,7 +28,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default:" in text.lower():
             return text
         default = action.default
         shown = "none" if default in (None, []) else ("off" if default is False else default)

@@ -43,6 +43,6 @@ def test_every_option_of_every_command_has_help_with_its_default(command):
         text = action.help or ""
         if not text.strip():
             missing.append(f"{action.option_strings or action.dest}: no help")
-        elif action.option_strings and "default" not in formatter._get_help_string(action).lower():
+        elif action.option_strings and "default:" not in formatter._get_help_string(action).lower():
             missing.append(f"{action.option_strings}: help does not say the default")
     assert not missing, missing

@@ -95,7 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = HELP.get(f.name, "") if f.name in AUTO_BOOLS else f"{HELP.get(f.name, '')} (default: {default})".strip()
+        help_text = HELP.get(f.name, "")
+        if f.name not in AUTO_BOOLS and "default:" not in help_text.lower():  # else the help says it
+            help_text = f"{help_text} (default: {'none' if default is None else default})".strip()
         if isinstance(default, bool) or f.name in AUTO_BOOLS:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
