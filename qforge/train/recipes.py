@@ -154,7 +154,7 @@ class _Mapper:
                         self.refuse(key, self.OFF_ONLY[key])
                 else:
                     self.refuse(key, f"not a setting qforge knows from {self.dialect} recipes; remove it")
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:  # TypeError: a value of the wrong kind (a list for a number)
                 self.refuse(key, str(exc))
         self.finish()
         if self.refused:
