@@ -22,8 +22,25 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The command's docstring as written, and every option's default after its help (unless the
+    help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default:" in text.lower():
+            return text
+        default = action.default
+        shown = "none" if default in (None, []) else ("off" if default is False else default)
+        return f"{text} (default: {str(shown).replace('%', '%%')})".strip()
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="qforge", description="QLoRA fine-tuning end to end on one machine.")
+    parser.add_argument("--version", action="version", version=f"qforge {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, summary) in COMMANDS.items():
         if name != only:
@@ -32,7 +49,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or "").strip()
         p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser

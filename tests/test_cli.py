@@ -46,3 +46,34 @@ def test_resolve_device_names():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(DeviceError, match="expected auto"):
         resolve_device("tpu")
+
+
+def test_version(capsys):
+    import qforge
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"qforge {qforge.__version__}"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_option_of_every_command_has_help_with_its_default(command):
+    """Walks each sub-command's argparse parser: every option has help text, and the help shown
+    (as the command's formatter renders it) states the default."""
+    import argparse
+
+    from qforge.cli import build_parser
+
+    parser = build_parser(only=command)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    formatter = sub._get_formatter()
+    missing = []
+    for action in sub._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        text = action.help or ""
+        if not text.strip():
+            missing.append(f"{action.option_strings or action.dest}: no help")
+        elif action.option_strings and "default:" not in formatter._get_help_string(action).lower():
+            missing.append(f"{action.option_strings}: help does not say the default")
+    assert not missing, missing

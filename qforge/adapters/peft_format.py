@@ -137,15 +137,19 @@ def adapter_tensors(model: nn.Module, name: str = "default") -> dict[str, torch.
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, tokenizer=None) -> Path:
     """Write adapter `name` of `model` as a PEFT folder (adapter_config.json + adapter_model.safetensors)
-    that `PeftModel.from_pretrained(base, out_dir)` loads without warnings. Returns the folder."""
+    that `PeftModel.from_pretrained(base, out_dir)` loads without warnings. Returns the folder.
+    With `tokenizer`, its files (chat template included) are written beside the adapter."""
     config = adapter_config(model, name, base_model_name_or_path)
     tensors = {k: v.cpu() for k, v in adapter_tensors(model, name).items()}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            from ..model.checkpoint import save_tokenizer
+            save_tokenizer(tokenizer, tmp)
 
     return write_folder_atomically(out_dir, write)
 

@@ -3,6 +3,8 @@
 The base is loaded and quantised as it was for training (a model folder, a GGUF file, a
 bitsandbytes 4-bit folder, or "smollm2"), the adapter is attached, and every adapted layer becomes
 dequant(W) + s*B@A (DoRA: m * (W + s*B@A) / ||W + s*B@A||_row) in float32, cast once to --dtype.
+A chat template saved with the adapter's tokenizer files (qforge train --chat-template) goes into
+the merged model's tokenizer.
 The output is a plain transformers folder (no quantization_config), or with --requantize nf4|fp4 a
 bitsandbytes 4-bit folder (which rounds the merged weights once more; the rounding is reported).
 
@@ -57,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     model, tokenizer = _load_base(args.base, device)
+    from ..train.templates import saved_template
+    template = saved_template(args.adapter)  # the chat template the adapter was trained with, if saved
+    if template and tokenizer is not None:
+        tokenizer.chat_template = template
     name = load_adapter(model, args.adapter, name=args.name)
     out = save_merged(model, tokenizer, args.out, name=name, dtype=DTYPES[args.dtype],
                       requantize=args.requantize, adapter_source=args.adapter)

@@ -31,14 +31,16 @@ from ..devices import DTYPES, add_device_argument
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="smollm2",
-                        help="base model: 'smollm2', a model folder, a 4-bit folder or a .gguf file")
+                        help="base model: 'smollm2', a model folder, a 4-bit folder, a .gguf file or a Hugging Face "
+                             "Hub id ORG/NAME (the local cache first)")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub id --base (default: main)")
     parser.add_argument("--name", default=None, help="model name of the base in the API (default: from --base)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="serve the PEFT adapter in DIR as model NAME (repeatable)")
     parser.add_argument("--adapter-root", default=None, metavar="DIR",
                         help="folder that run-time adapter loads (POST /v1/adapters) must lie inside")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     parser.add_argument("--max-loaded-adapters", type=int, default=16, help="adapters kept in memory (LRU)")
     parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together (1: one at a time)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
@@ -49,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accepted bearer key (repeatable; also QFORGE_API_KEY, comma-separated)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without an API key")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                        help="server log level")
     parser.add_argument("--jobs", action="store_true", help="also run the fine-tuning job service and the dashboard")
     parser.add_argument("--data-dir", default="~/.qforge", metavar="DIR",
                         help="with --jobs: where the job database, uploads and job folders live")
@@ -104,7 +107,8 @@ def build(args: argparse.Namespace, keys: list[str]):
 
     from ..devices import resolve_device
     device = resolve_device(args.device)  # decided once: the engine runs where the model is
-    model, tokenizer = load_model(args.base, compute_dtype=getattr(torch, args.dtype), device=device)
+    model, tokenizer = load_model(args.base, compute_dtype=getattr(torch, args.dtype), device=device,
+                                  revision=getattr(args, "revision", None))
     if tokenizer is None:
         raise ValueError(f"'{args.base}' has no tokenizer files; the server needs one")
     metrics = Metrics()
@@ -128,7 +132,9 @@ def jobs_config(args: argparse.Namespace):
     from ..jobs.api import JobsConfig
     from ..plan import parse_gpu
 
-    base = args.base if args.base.lower() == "smollm2" else str(Path(args.base).expanduser().resolve())
+    from ..model.hub import looks_like_hub_id
+    keep = args.base.lower() == "smollm2" or looks_like_hub_id(args.base)  # a Hub id stays an id for the jobs
+    base = args.base if keep else str(Path(args.base).expanduser().resolve())
     budget = parse_gpu(args.memory_budget) if args.memory_budget else None
     return JobsConfig(data_dir=Path(args.data_dir).expanduser(), base_model=base, memory_budget=budget,
                       max_file_bytes=args.max_file_mb * 2 ** 20)

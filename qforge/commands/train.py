@@ -1,8 +1,13 @@
 """Fine-tune a model on a JSONL dataset: QLoRA (4-bit base + LoRA), BF16 LoRA, or full fine-tuning.
 
-Every setting can come from a YAML recipe (--config); its keys are the flag names (with _ or -),
-and flags given on the command line override the recipe. Output (--output-dir): the adapter in
-PEFT format (adapter/), metrics.jsonl, loss.png, checkpoints/ and summary.json.
+Every setting can come from a YAML recipe (--config): qforge's own (its keys are the flag names,
+with _ or -), an Axolotl config or a LLaMA-Factory config (told apart by their keys; see
+qforge.train.recipes; --print-config shows what it became). Flags given on the command line
+override the recipe. Data: JSONL, JSON, Parquet, CSV or a saved `datasets` folder of chat,
+ShareGPT, instruction (Alpaca), prompt/completion or text rows. --model takes a Hugging Face Hub
+id too (ORG/NAME; the local cache first). Output (--output-dir): the adapter in PEFT format with
+the tokenizer and its chat template (adapter/), metrics.jsonl, loss.png, checkpoints/,
+summary.json, and TensorBoard / W&B logs with --report-to.
 
 Several processes (QLoRA with the 4-bit base sharded across them, FSDP2): --nproc N starts N on
 this machine through torchrun; on several machines run torchrun yourself on each, with
@@ -11,6 +16,8 @@ this machine through torchrun; on several machines run torchrun yourself on each
 Examples:
   qforge train --data train.jsonl --max-steps 100
   qforge train --config configs/demo.yaml --method lora --lr 1e-4
+  qforge train --config configs/axolotl-qlora.yaml --print-config   # an Axolotl config as a qforge recipe
+  qforge train --model HuggingFaceTB/SmolLM2-135M-Instruct --data chats.parquet --report-to tensorboard
   qforge train --config configs/demo.yaml --resume        # continue from the last checkpoint
   qforge train --config configs/demo.yaml --nproc 2       # two processes (gloo on CPU, NCCL on GPUs)
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
@@ -29,9 +36,38 @@ from ..train.config import TrainConfig
 
 HELP = {
     "device": "where the run trains: auto (CUDA when torch sees a GPU, else cpu), cpu, cuda or cuda:N",
-    "model": "smollm2 (the embedded default), a model folder, a GGUF file or a 4-bit bitsandbytes folder",
-    "data": "training JSONL: chat {messages}, instruction {instruction, input, output} or {text}",
-    "eval_data": "validation JSONL (default: none, or --eval-fraction of the training rows)",
+    "model": "smollm2 (the embedded default), a model folder, a GGUF file, a 4-bit bitsandbytes folder or a "
+             "Hugging Face Hub id ORG/NAME (the local cache first; HF_HUB_OFFLINE=1 never downloads)",
+    "revision": "branch, tag or commit of a Hub model id",
+    "data": "training data: .jsonl, .json, .parquet, .csv or a datasets folder (save_to_disk) of chat {messages}, "
+            "ShareGPT {conversations}, instruction {instruction, input, output}, {prompt, completion} or {text} rows",
+    "eval_data": "validation data, same kinds (default: none, the eval split of a saved DatasetDict, or "
+                 "--eval-fraction of the training rows)",
+    "eval_fraction": "share of the training rows held out for evaluation by a seeded shuffle",
+    "data_format": "row shape: auto (from the first row), chat, sharegpt, instruction, completion or text",
+    "train_on": "assistant (only the answers are trained) or all (every token)",
+    "max_samples": "use only the first N training rows",
+    "chat_template": "chat template for the rows: a built-in (chatml, llama3, gemma, mistral, qwen, phi3) or a "
+                     "Jinja file; saved with the adapter's tokenizer (default: the tokenizer's own)",
+    "rank": "LoRA rank r", "alpha": "LoRA alpha (scaling alpha/r)", "dropout": "dropout on the LoRA input",
+    "use_rslora": "rank-stabilised LoRA scaling alpha/sqrt(r)", "use_dora": "DoRA (weight-decomposed LoRA)",
+    "loftq_iters": "LoftQ initialisation iterations (0: plain LoRA initialisation)",
+    "quant_type": "4-bit data type of the base: nf4 or fp4", "double_quant": "quantise the 4-bit scales too",
+    "compute_dtype": "dtype of the computation: bfloat16, float16 or float32",
+    "optimizer": "paged_adamw_8bit, adamw_8bit or adamw (32-bit state)", "lr": "peak learning rate",
+    "weight_decay": "AdamW weight decay", "lr_scheduler": "decay after warmup: cosine, linear or constant",
+    "warmup_ratio": "share of the steps spent in linear warmup",
+    "warmup_steps": "warmup steps (default: none, warmup_ratio decides)",
+    "min_lr_ratio": "learning-rate floor at the end, as a share of --lr",
+    "max_grad_norm": "clip the gradient norm to this (0: no clipping)", "epochs": "passes over the training data",
+    "batch_size": "rows per micro-batch", "grad_accum": "micro-batches per optimiser step",
+    "max_seq_len": "tokens per row; longer rows keep their start", "pack": "pack several rows into each sequence",
+    "gradient_checkpointing": "recompute activations in backward to save memory",
+    "log_every": "log every N steps", "seed": "seed of the data order and the adapters' initial values",
+    "output_dir": "where the adapter, metrics, checkpoints and logs go",
+    "resume": "continue from the last checkpoint in --output-dir",
+    "report_to": "experiment tracking, comma-separated: tensorboard (events in OUTPUT_DIR/tensorboard), wandb "
+                 "(offline unless logged in), none; metrics.jsonl and loss.png are always written",
     "method": "qlora (4-bit base), lora (BF16 base) or full (every weight)",
     "target_modules": "all-linear, or comma-separated layer names such as q_proj,v_proj",
     "max_steps": "stop after this many optimiser steps (default: --epochs over the data)",
@@ -46,7 +82,11 @@ AUTO_BOOLS = {"keep_base_outputs"}  # bool settings whose default (None) means "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML recipe (see configs/)")
+    parser.add_argument("--config", help="YAML recipe: qforge's own, Axolotl's or LLaMA-Factory's (see configs/; "
+                                         "default: none)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the qforge recipe the settings make (from --config and the flags) and exit "
+                             "(default: off)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes on this machine, started with torchrun; the 4-bit base is sharded "
                              "across them (default: 1; ignored when already under torchrun)")
@@ -54,21 +94,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = HELP.get(f.name, "") if f.name in AUTO_BOOLS else f"{HELP.get(f.name, '')} (default: {default})".strip()
+        help_text = HELP.get(f.name, "")
+        if f.name not in AUTO_BOOLS and "default:" not in help_text.lower():  # else the help says it
+            help_text = f"{help_text} (default: {'none' if default is None else default})".strip()
         if isinstance(default, bool) or f.name in AUTO_BOOLS:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {int: int, float: float}.get(type(default), str)
-            if f.name in ("max_steps",):
+            if f.name in ("max_steps", "max_samples", "warmup_steps"):
                 kind = int
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return config_and_recipe(args)[0]
+
+
+def config_and_recipe(args: argparse.Namespace):
+    """(TrainConfig, Recipe or None): the recipe file of any dialect, flags given on the command line winning."""
+    from ..train.recipes import load_config
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and v is not None}
     if isinstance(given.get("target_modules"), str) and given["target_modules"] != "all-linear":
         given["target_modules"] = [s.strip() for s in given["target_modules"].split(",") if s.strip()]
-    return TrainConfig.from_yaml(args.config, given) if args.config else TrainConfig(**given)
+    if args.config:
+        return load_config(args.config, given)
+    return TrainConfig(**given), None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +126,11 @@ def run(args: argparse.Namespace) -> int:
     from ..train.loop import TrainingDiverged
     from ..train.run import run_training
 
-    cfg = config_from_args(args)
+    cfg, recipe = config_and_recipe(args)
+    if getattr(args, "print_config", False):
+        from ..train.recipes import Recipe, print_config
+        print(print_config(cfg, recipe or Recipe("qforge", {}), args.config or "the command line"), end="")
+        return 0
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
         return launch(cfg, args.nproc)
     group = init_group()

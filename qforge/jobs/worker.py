@@ -351,6 +351,16 @@ def _error(code: str, message: str, param: str | None = None) -> dict:
     return {"code": code, "message": message, "param": param}
 
 
+def with_tensorboard(cfg):
+    """The job's recipe with TensorBoard events in the job's run folder (run/tensorboard) when the
+    tensorboard package is installed: the same events `qforge train --report-to tensorboard` writes."""
+    import dataclasses
+    import importlib.util
+    if "tensorboard" in cfg.report_targets() or importlib.util.find_spec("tensorboard") is None:
+        return cfg
+    return dataclasses.replace(cfg, report_to=",".join(cfg.report_targets() + ["tensorboard"]))
+
+
 def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
     """Run the job's config.yaml; the outcome as result.json's contents."""
     from ..train.config import TrainConfig
@@ -358,7 +368,7 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
     from ..train.loop import TrainingDiverged
     from ..train.run import run_training
 
-    cfg = TrainConfig.from_yaml(job_dir / "config.yaml")
+    cfg = with_tensorboard(TrainConfig.from_yaml(job_dir / "config.yaml"))
     base_name = (store.get_job(job_id) or {}).get("model", "the base model")
 
     def report(message) -> None:

@@ -402,6 +402,15 @@ def smollm2_quantized_folder(quant: dict) -> Path:
     return _cached(cache_dir(SMOLLM2_CACHE[0]) / name, build)
 
 
+def resolve_source(source, revision: str | None = None):
+    """A Hub model id (ORG/NAME, not a local path) becomes its local snapshot folder
+    (qforge.model.hub: the cache first, else a download); anything else is returned as it is."""
+    from .hub import looks_like_hub_id, resolve_model_id
+    if looks_like_hub_id(source):
+        return resolve_model_id(source, revision)
+    return source
+
+
 def _resolve(source, quantize: bool, quant: dict, default_targets: bool) -> tuple[Path, bool]:
     """(path, is_gguf) for a source: "smollm2", a .gguf file, or a model folder."""
     if isinstance(source, str) and source.lower() == SMOLLM2:
@@ -437,12 +446,14 @@ def _load_gguf_model(path: Path, quantize: bool, quant: dict, compute_dtype: tor
 def load_model(source, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
                compute_dtype: torch.dtype = torch.bfloat16, target_modules="all-linear",
                lora: LoraSpec | None = None, adapter_name: str = "default", skip_modules=DEFAULT_SKIP,
-               quantize: bool = True, progress: bool = False, device: torch.device | str | None = None):
+               quantize: bool = True, progress: bool = False, device: torch.device | str | None = None,
+               revision: str | None = None):
     """Load `source` -> (model, tokenizer or None).
 
     `source`: a Hugging Face folder (model.safetensors or sharded with an index), a folder in
     bitsandbytes' 4-bit format (its 4-bit tensors used as stored; quant_type, double_quant,
-    blocksize and target_modules are then the folder's), a .gguf file, or "smollm2".
+    blocksize and target_modules are then the folder's), a .gguf file, "smollm2", or a Hugging Face
+    Hub id ORG/NAME at `revision` (qforge.model.hub).
     quantize=True: the target Linear layers (`target_modules` minus `skip_modules`) become
     4-bit AdaptedLinear (quant_type, blocksize, double_quant) computing in `compute_dtype`; every other
     float tensor is in `compute_dtype`. With `lora`, adapter `adapter_name` is attached and active.
@@ -451,6 +462,7 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
     caller, qforge.devices): where the loaded model is placed; None or the CPU leaves it there.
     """
     quant = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
+    source = resolve_source(source, revision)
     if quantize and lora is not None and lora.loftq_iters > 0:
         return _load_loftq(source, quant, compute_dtype, target_modules, lora, adapter_name, skip_modules)
     default_targets = target_modules == "all-linear" and tuple(skip_modules) == tuple(DEFAULT_SKIP)

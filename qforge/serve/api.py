@@ -509,7 +509,7 @@ def _add_generation_routes(app: FastAPI, state: _State, caller) -> None:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
-        prompt = _chat_prompt(state, body.messages)
+        prompt = _chat_prompt(state, body.messages, adapter_chat_template(state, state.resolve_model(body.model, key_id)))
         asked = body.max_completion_tokens or body.max_tokens
         limit = asked or max(1, min(DEFAULT_CHAT_MAX_TOKENS, state.engine.context_len - len(prompt)))
         return await _respond(state, "chat", body, [prompt], [limit], key_id, request)
@@ -541,12 +541,22 @@ def _completion_prompts(state: _State, prompt) -> list[list[int]]:
     return out
 
 
-def _chat_prompt(state: _State, messages: list[ChatMessage]) -> list[int]:
-    if not getattr(state.tokenizer, "chat_template", None):
+def adapter_chat_template(state: _State, adapter: str | None) -> str | None:
+    """The chat template saved with an adapter's tokenizer files (`qforge train` writes the one it
+    trained with beside the adapter), or None: the base tokenizer's template is used."""
+    entry = next((e for e in state.registry.entries() if e.name == adapter), None) if adapter else None
+    if entry is None or entry.path is None:
+        return None
+    from ..train.templates import saved_template
+    return saved_template(entry.path)
+
+
+def _chat_prompt(state: _State, messages: list[ChatMessage], template: str | None = None) -> list[int]:
+    if not template and not getattr(state.tokenizer, "chat_template", None):
         raise APIError(400, "the base model has no chat template; use /v1/completions", param="messages")
     try:
         text = state.tokenizer.apply_chat_template([m.as_template_message() for m in messages], tokenize=False,
-                                                   add_generation_prompt=True)
+                                                   add_generation_prompt=True, chat_template=template)
     except Exception as exc:  # noqa: BLE001 - a template may reject a conversation (role order)
         raise APIError(400, f"the chat template rejects these messages: {exc}", param="messages") from exc
     return state.tokenizer(text, add_special_tokens=False).input_ids

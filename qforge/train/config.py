@@ -9,16 +9,21 @@ from pathlib import Path
 import yaml
 
 METHODS = ("qlora", "lora", "full")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+REPORT_TO = ("tensorboard", "wandb", "none")
 
 
 @dataclass
 class TrainConfig:
     model: str = "smollm2"
+    revision: str | None = None  # of a Hub model id (branch, tag or commit)
     data: str | None = None
     eval_data: str | None = None
     eval_fraction: float = 0.0
     data_format: str = "auto"
     train_on: str = "assistant"
+    max_samples: int | None = None
+    chat_template: str | None = None  # a built-in name (qforge.train.templates) or a Jinja file
     method: str = "qlora"
     rank: int = 16
     alpha: float = 32.0
@@ -33,7 +38,9 @@ class TrainConfig:
     optimizer: str = "paged_adamw_8bit"
     lr: float = 2e-4
     weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
+    warmup_steps: int | None = None  # when set, wins over warmup_ratio
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     epochs: int = 1
@@ -51,6 +58,13 @@ class TrainConfig:
     output_dir: str = "runs/qforge"
     resume: bool | str = False  # true: from the last checkpoint; "auto": that when there is one, quietly
     device: str = "auto"  # qforge.devices.resolve_device: auto, cpu, cuda, cuda:N
+    report_to: str = "none"  # comma-separated: tensorboard, wandb, none
+    evals_per_epoch: int | None = None  # Axolotl's: eval_every from the steps in an epoch, once known
+    saves_per_epoch: int | None = None  # likewise save_every
+    wandb_project: str | None = None  # Weights & Biases run settings (report_to wandb); default project "qforge"
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
+    wandb_mode: str | None = None  # online / offline; default: online when logged in, else offline
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,8 +80,26 @@ class TrainConfig:
             raise ValueError(f"resume: expected true, false or auto, got {self.resume!r}")
         if self.keep_base_outputs not in (None, True, False):
             raise ValueError(f"keep_base_outputs: expected true, false or null (auto), got {self.keep_base_outputs!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler: expected one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples: must be >= 1, got {self.max_samples}")
+        unknown = [r for r in self.report_targets() if r not in REPORT_TO]
+        if unknown or not str(self.report_to).strip():
+            raise ValueError(f"report_to: expected a comma-separated list of {', '.join(REPORT_TO)}, "
+                             f"got {self.report_to!r}")
         if self.optimizer not in ("paged_adamw_8bit", "adamw_8bit", "adamw"):
             raise ValueError(f"optimizer: expected paged_adamw_8bit, adamw_8bit or adamw, got {self.optimizer!r}")
+
+    def report_targets(self) -> list[str]:
+        """The trackers asked for by report_to, 'none' left out."""
+        return [r.strip() for r in str(self.report_to).split(",") if r.strip() and r.strip() != "none"]
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of `total_steps`: warmup_steps when set, else warmup_ratio of them."""
+        return self.warmup_steps if self.warmup_steps is not None else int(round(self.warmup_ratio * total_steps))
 
     @classmethod
     def field_names(cls) -> list[str]:

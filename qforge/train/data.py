@@ -1,13 +1,19 @@
-"""Training data: JSONL in, token ids and labels out, then deterministic batches.
+"""Training data: rows in, token ids and labels out, then deterministic batches.
 
-Three row shapes, one per file (`fmt="auto"` detects it from the first row):
+Files: JSONL, JSON arrays, Parquet, CSV or a `datasets` dataset saved with save_to_disk
+(qforge.train.datafiles). Five row shapes, one per file (`fmt="auto"` detects it from the first row):
   chat         {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0|1}, ...]}
                (OpenAI's fine-tuning format; assistant messages with weight 0 are context, not targets)
+  sharegpt     {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}, also with
+               role/content messages, or `messages` holding from/value turns; read as chat rows
   instruction  {"instruction": str, "input"?: str, "output": str}  (Alpaca)
+  completion   {"prompt": str, "completion": str}  (OpenAI's legacy format, TRL's prompt-completion):
+               the prompt is context, the completion (and an end-of-sequence token) is trained
   text         {"text": str}
 
-Chat and instruction rows go through the tokenizer's chat template; by default only the assistant
-tokens are trained (its content and its end-of-turn token). Text rows are trained on every token.
+Chat, sharegpt and instruction rows go through the tokenizer's chat template; by default only the
+assistant tokens are trained (its content and its end-of-turn token). Text rows are trained on
+every token.
 """
 from __future__ import annotations
 
@@ -22,8 +28,9 @@ from typing import Iterator
 import torch
 
 IGNORE = -100  # the label value torch's cross-entropy skips
-FORMATS = ("chat", "instruction", "text")
+FORMATS = ("chat", "sharegpt", "instruction", "completion", "text")
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 class DataError(ValueError):
@@ -50,11 +57,54 @@ def _names_its_file(read):
 
 
 def _shape_of(row: dict) -> str | None:
-    """The format a row looks like, by its distinguishing key (None when it has none of them)."""
-    for fmt, key in (("chat", "messages"), ("instruction", "instruction"), ("text", "text")):
+    """The format a row looks like, by its distinguishing key (None when it has none of them).
+    `messages` holding ShareGPT turns (from/value) is sharegpt."""
+    messages = row.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict) and "from" in messages[0]:
+        return "sharegpt"
+    for fmt, key in (("chat", "messages"), ("sharegpt", "conversations"), ("instruction", "instruction"),
+                     ("completion", "prompt"), ("text", "text")):
         if key in row:
             return fmt
     return None
+
+
+def sharegpt_to_chat(row: dict) -> tuple[dict | None, str | None]:
+    """A ShareGPT row as a chat row: (row, None), or (None, the problem). Turns are from/value
+    (roles human, gpt, system; user and assistant also) or role/content; `weight` is kept."""
+    key = "conversations" if "conversations" in row else "messages"
+    turns = row.get(key)
+    if not isinstance(turns, list):
+        return None, f"'{key}' must be a list, got {type(turns).__name__}"
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            return None, f"{where} must be an object, got {type(turn).__name__}"
+        role_key, text_key = ("from", "value") if "from" in turn else ("role", "content")
+        if role_key not in turn:
+            return None, f"{where}: missing key 'from' (or 'role')"
+        role = SHAREGPT_ROLES.get(turn[role_key]) if isinstance(turn[role_key], str) else None
+        if role is None:
+            return None, (f"{where}: unknown {role_key} {turn[role_key]!r} "
+                          f"(expected one of {', '.join(SHAREGPT_ROLES)})")
+        if text_key not in turn:
+            return None, f"{where}: missing key '{text_key}'"
+        message = {"role": role, "content": turn[text_key]}
+        if "weight" in turn:
+            message["weight"] = turn["weight"]
+        messages.append(message)
+    return {"messages": messages}, None
+
+
+def _completion_problem(row: dict) -> str | None:
+    """Prompt/completion rows: two strings, or (TRL's conversational form) two lists of messages."""
+    if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
+        for key in ("prompt", "completion"):
+            if not isinstance(row.get(key), list):
+                return f"'{key}' must be a list of messages like the other field, got {type(row.get(key)).__name__}"
+        return _chat_problem({"messages": row["prompt"] + row["completion"]})
+    return _need_str(row, "prompt", allow_empty=True) or _need_str(row, "completion")
 
 
 def _need_str(row: dict, key: str, optional: bool = False, allow_empty: bool = False) -> str | None:
@@ -104,52 +154,62 @@ def _row_problem(row: dict, fmt: str) -> str | None:
     if fmt == "instruction":
         return (_need_str(row, "instruction") or _need_str(row, "input", optional=True, allow_empty=True)
                 or _need_str(row, "output"))
+    if fmt == "completion":
+        return _completion_problem(row)
     return _need_str(row, "text")
 
 
 @_names_its_file
-def load_rows(path: str | Path, fmt: str = "auto") -> tuple[list[dict], str]:
-    """Read and validate a JSONL file; returns (rows, format). Blank lines are skipped.
+def load_rows(path: str | Path, fmt: str = "auto", split: str = "train") -> tuple[list[dict], str]:
+    """Read and validate a training file (any kind qforge.train.datafiles reads); returns (rows,
+    format). ShareGPT rows come back as chat rows ({"messages": [...]}) under format "sharegpt".
 
     With fmt="auto" the first row's shape decides and every later row must have the same shape.
-    Raises DataError naming the file and line for the first bad line, or the file when it is empty.
+    Raises DataError naming the file and row for the first bad row, or the file when it is empty.
     """
+    from .datafiles import DataFileError, read_records
+
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}: expected auto, {', '.join(FORMATS)}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from exc
+        records = read_records(path, split)
+    except DataFileError as exc:
+        raise DataError(str(exc)) from None
     rows: list[dict] = []
-    first_line = 0
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: bad JSON: {exc.msg} (column {exc.colno})") from None
+    first = ""
+    for where, row in records:
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: not a JSON object (got {type(row).__name__})")
+            raise DataError(f"{where}: not a JSON object (got {type(row).__name__})")
         shape = _shape_of(row)
         if fmt == "auto":
             if shape is None:
-                raise DataError(f"{path}:{number}: unknown row shape: expected a 'messages', "
-                                f"'instruction' or 'text' key, got keys {sorted(row)}")
-            fmt, first_line = shape, number
-        elif shape is not None and shape != fmt and first_line:
+                raise DataError(f"{where}: unknown row shape: expected a 'messages', 'conversations', "
+                                f"'instruction', 'prompt' or 'text' key, got keys {sorted(row)}")
+            fmt, first = shape, where
+        elif shape is not None and shape != fmt and first:
             # a row that clearly has another shape: say so rather than 'missing key'
-            raise DataError(f"{path}:{number}: mixed shapes in one file: this row is {shape}, "
-                            f"line {first_line} was {fmt}")
-        first_line = first_line or number
-        problem = _row_problem(row, fmt)
+            raise DataError(f"{where}: mixed shapes in one file: this row is {shape}, "
+                            f"{_row_name(first)} was {fmt}")
+        first = first or where
+        if fmt == "sharegpt":
+            row, problem = sharegpt_to_chat(row)
+            problem = problem or _chat_problem(row)
+        else:
+            problem = _row_problem(row, fmt)
         if problem:
-            raise DataError(f"{path}:{number}: {problem}")
+            raise DataError(f"{where}: {problem}")
         rows.append(row)
     if not rows:
-        raise DataError(f"{path}: empty dataset (no non-blank lines)")
+        raise DataError(f"{path}: empty dataset (no rows)" if path.suffix.lower() != ".jsonl"
+                        else f"{path}: empty dataset (no non-blank lines)")
     return rows, fmt
+
+
+def _row_name(where: str) -> str:
+    """'data.jsonl:3' -> 'line 3'; 'x.parquet: row 3' -> 'row 3'."""
+    tail = where.rsplit(":", 1)[-1].strip()
+    return f"line {tail}" if tail.isdigit() else tail
 
 
 def read_jsonl(path: str | Path, fmt: str = "auto") -> list[dict]:
@@ -165,6 +225,16 @@ def instruction_to_messages(row: dict) -> list[dict]:
     """An instruction row as a user/assistant conversation (input appended after a blank line)."""
     prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+def completion_example(row: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a plain prompt/completion row: the prompt as the tokenizer encodes text
+    (with its BOS, if any) is context; the completion and an end-of-sequence token are trained."""
+    prompt = list(tokenizer(row["prompt"])["input_ids"]) if row["prompt"] else []
+    target = _encode(tokenizer, row["completion"])
+    if tokenizer.eos_token_id is not None:
+        target.append(tokenizer.eos_token_id)
+    return prompt + target, [IGNORE] * len(prompt) + target
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
@@ -192,7 +262,8 @@ def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     (a template that rewrites earlier turns), since the spans would then be wrong.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat template; use text rows or set one")
+        raise DataError("the tokenizer has no chat template; set one with --chat-template "
+                        "(chatml, llama3, gemma, mistral, qwen, phi3 or a Jinja file) or use text rows")
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i, msg in enumerate(messages):
@@ -230,8 +301,16 @@ def tokenize_example(row: dict, tokenizer, fmt: str, max_seq_len: int, train_on:
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids.append(tokenizer.eos_token_id)
         labels = list(ids)
+    elif fmt == "completion" and isinstance(row["prompt"], str):
+        ids, labels = completion_example(row, tokenizer)
+        if train_on == "all":
+            labels = list(ids)
     else:
-        messages = row["messages"] if fmt == "chat" else instruction_to_messages(row)
+        if fmt == "completion":  # conversational prompt/completion: the prompt's turns are context
+            messages = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in row["prompt"]]
+            messages += row["completion"]
+        else:
+            messages = row["messages"] if fmt in ("chat", "sharegpt") else instruction_to_messages(row)
         special = set(tokenizer.all_special_ids)
         ids, labels = [], []
         for text, is_target in chat_segments(messages, tokenizer):
@@ -331,24 +410,47 @@ def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]
     return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
 
 
-def build_dataset(path, tokenizer, fmt: str = "auto", max_seq_len: int = 512, train_on: str = "assistant",
-                  pack: bool = False, eval_path=None, eval_fraction: float = 0.0, seed: int = 0,
-                  ) -> tuple[TokenizedDataset, TokenizedDataset | None, DataReport]:
-    """Read, validate, split and tokenise a training file -> (train, eval or None, report).
+def read_splits(path, fmt: str = "auto", eval_path=None, eval_fraction: float = 0.0, seed: int = 0,
+                max_samples: int | None = None) -> tuple[list[dict], list[dict], str, int]:
+    """Read and validate the training rows and the eval rows -> (train, eval, format, rows read).
 
-    The eval split comes from eval_path (same format rules) or, with eval_fraction > 0, from a
-    seeded shuffle of the training file; not both. Eval rows are never packed, so eval losses
-    stay comparable whatever the packing.
+    The eval rows come from eval_path (same format rules), from the eval split of a saved
+    DatasetDict (validation/eval/test), or, with eval_fraction > 0, from a seeded shuffle of the
+    training rows; eval_path and eval_fraction not both. max_samples keeps the first N training rows.
+    No tokenizer is needed: this is the check that runs before the model is loaded.
     """
+    from .datafiles import eval_split_name
+
     if eval_path is not None and eval_fraction > 0:
         raise ValueError("give eval_path or eval_fraction, not both")
     rows, fmt = load_rows(path, fmt)
-    report = DataReport(format=fmt, rows=len(rows))
+    if max_samples is not None:
+        rows = rows[:max_samples]
+    read = len(rows)
+    split = eval_split_name(path) if eval_path is None and eval_fraction == 0 else None
     if eval_path is not None:
         eval_rows = load_rows(eval_path, fmt)[0]
-        report.rows += len(eval_rows)
+    elif split is not None:
+        eval_rows = load_rows(path, fmt, split=split)[0]
     else:
         rows, eval_rows = split_rows(rows, eval_fraction, seed)
+        read = len(rows) + len(eval_rows)
+        return rows, eval_rows, fmt, read
+    return rows, eval_rows, fmt, read + len(eval_rows)
+
+
+def build_dataset(path, tokenizer, fmt: str = "auto", max_seq_len: int = 512, train_on: str = "assistant",
+                  pack: bool = False, eval_path=None, eval_fraction: float = 0.0, seed: int = 0,
+                  max_samples: int | None = None, splits: tuple | None = None,
+                  ) -> tuple[TokenizedDataset, TokenizedDataset | None, DataReport]:
+    """Read, validate, split and tokenise a training file -> (train, eval or None, report).
+
+    The eval split is as `read_splits` says; `splits`, the result of an earlier read_splits, saves
+    reading the files again. Eval rows are never packed, so eval losses stay comparable whatever
+    the packing.
+    """
+    rows, eval_rows, fmt, read = splits or read_splits(path, fmt, eval_path, eval_fraction, seed, max_samples)
+    report = DataReport(format=fmt, rows=read)
     train = _tokenize_rows(rows, tokenizer, fmt, max_seq_len, train_on, report)
     if not train:
         raise DataError(f"{path}: no row has a trainable token (check train_on and the assistant weights)")

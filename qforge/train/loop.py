@@ -96,7 +96,7 @@ class _Run:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.trainable, cfg)
         self.total_steps = total_steps_for(len(train_set), cfg)
-        self.warmup = int(round(cfg.warmup_ratio * self.total_steps))
+        self.warmup = cfg.warmup_for(self.total_steps)
         self.schedule = micro_batches(len(train_set), cfg, self.total_steps)
         self.result = TrainResult(steps=self.total_steps, output_dir=self.out)
         self.start_step = 0
@@ -123,7 +123,7 @@ class _Run:
         from .data import collate
 
         cfg, group, result, device = self.cfg, self.group, self.result, self.device
-        lr = lr_at(step, self.total_steps, cfg.lr, self.warmup, cfg.min_lr_ratio)
+        lr = lr_at(step, self.total_steps, cfg.lr, self.warmup, cfg.min_lr_ratio, cfg.lr_scheduler)
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
         micro = self.schedule[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -38,9 +39,10 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process of the run
     if cfg.method == "qlora":
         model, tok = load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                                compute_dtype=dtype, target_modules=cfg.target_modules, lora=lora_spec(cfg))
+                                compute_dtype=dtype, target_modules=cfg.target_modules, lora=lora_spec(cfg),
+                                revision=cfg.revision)
     else:
-        model, tok = load_model(cfg.model, compute_dtype=dtype, quantize=False)
+        model, tok = load_model(cfg.model, compute_dtype=dtype, quantize=False, revision=cfg.revision)
         if cfg.method == "lora":
             spec = lora_spec(cfg)
             targets = surgery.select_targets(surgery.linear_names(model), spec.target_modules, spec.modules_to_skip)
@@ -60,14 +62,24 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
             keep = keep_base_outputs_for(cfg, model.config, device.type)[0]
         surgery.prepare_for_kbit_training(model, cfg.gradient_checkpointing, keep_base_outputs=keep)
     surgery.use_qforge_attention(model)
+    from .templates import apply_chat_template
+    apply_chat_template(tok, cfg.chat_template)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
 
 
 def count_parameters(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) as PEFT's print_trainable_parameters counts them: a 4-bit weight counts
+    its elements (out x in), not the bytes of its packed codes, and tied weights count once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)  # a 4-bit base: its codes are a buffer, not a Parameter
+        if state is not None and hasattr(state, "shape"):
+            weight = getattr(module, "weight", None)
+            stored = weight.numel() if isinstance(weight, torch.nn.Parameter) else 0  # FSDP's float storage
+            total += math.prod(state.shape) - stored
     return trainable, total
 
 
@@ -91,17 +103,20 @@ def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tup
     With a `group` of several processes every rank calls this; rank 0 writes and logs."""
     from .data import build_dataset
 
+    from .preflight import check_before_loading
+    from .tracking import Trackers
+
     group = group or Group()
     if not group.is_main:
         log = lambda *_: None  # noqa: E731
-    if not cfg.data:
-        raise ValueError("no training data: give --data FILE.jsonl (or `data:` in the recipe)")
     from ..devices import resolve_device
     from ..plan import keep_base_outputs_for, warn_if_unfit
     device = group.device if group.distributed else resolve_device(cfg.device)  # decided once, passed down
-    warn_if_unfit(cfg, log=log, device=device.type)  # before loading: says which settings would fit
+    cfg, splits, hub_folder = check_before_loading(cfg, check_dir=group.is_main)  # data, output, template, ...
+    arch = str(hub_folder) if hub_folder is not None else None  # the planner reads a Hub model's config.json
+    warn_if_unfit(cfg, arch, log=log, device=device.type)  # before loading: says which settings would fit
     if cfg.keep_base_outputs is None:  # auto: decided once, from the plan, and logged
-        keep, why = keep_base_outputs_for(cfg, device=device.type)
+        keep, why = keep_base_outputs_for(cfg, arch, device=device.type)
         if group.distributed and group.any(not keep) and keep:  # every rank the same: all keep or none
             keep, why = False, ("gradient checkpointing recomputes everything: another rank lacks the memory "
                                 "to keep the base products")
@@ -116,13 +131,18 @@ def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tup
         f"({100 * trainable / total:.2f}%), loaded in {time.perf_counter() - t0:.1f} s")
     train_set, eval_set, report = build_dataset(cfg.data, tok, fmt=cfg.data_format, max_seq_len=cfg.max_seq_len,
                                                 train_on=cfg.train_on, pack=cfg.pack, eval_path=cfg.eval_data,
-                                                eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+                                                eval_fraction=cfg.eval_fraction, seed=cfg.seed, splits=splits)
     log(f"data: {report}")
     out = Path(cfg.output_dir)
     if group.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-    result = train_loop(model, tok, train_set, eval_set, cfg, log=log, group=group, device=device)
+    trackers = Trackers(cfg, out, cfg.report_targets() if group.is_main else [])
+    try:
+        result = train_loop(model, tok, train_set, eval_set, cfg, log=log, group=group, device=device,
+                            on_step=trackers.log if trackers.targets else None)
+    finally:
+        trackers.close()
     summary = {
         "method": cfg.method, "model": cfg.model, "steps_done": len(result.losses), "steps": result.steps,
         "first_loss": result.losses[0] if result.losses else None,
@@ -137,7 +157,7 @@ def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tup
     if group.is_main:
         if "adapter" in summary:
             from ..adapters import save_adapter
-            save_adapter(model, out / "adapter", name="default", base_model_name_or_path=cfg.model)
+            save_adapter(model, out / "adapter", name="default", base_model_name_or_path=cfg.model, tokenizer=tok)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     group.barrier()  # the others wait while rank 0 writes
     return result, summary

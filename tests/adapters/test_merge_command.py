@@ -83,3 +83,22 @@ def test_merge_command_end_to_end_with_load_model(tmp_path, ids):
     assert cli.main(argv) == 0
     assert rel_err(logits(load_plain(tmp_path / "out"), ids), logits(model.eval(), ids)) < 1e-4
     assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_merge_exports_the_chat_template_saved_with_the_adapter(tmp_path, monkeypatch):
+    from qforge.train.templates import apply_chat_template, read_template
+    from tests.model.conftest import tiny_tokenizer
+
+    dense = tiny_dense()
+    trained = qforge_with_adapter(dense)
+    templated = tiny_tokenizer()
+    apply_chat_template(templated, "llama3")
+    save_adapter(trained, tmp_path / "ad", tokenizer=templated)
+    bare = tiny_tokenizer()
+    bare.chat_template = None
+    monkeypatch.setattr(merge_command, "_load_base", lambda source: (quantized_twin(dense), bare))
+    argv = ["merge", "--base", "tiny", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "out")]
+    assert cli.main(argv + ["--dtype", "float32"]) == 0
+    from qforge.train.templates import saved_template
+    assert saved_template(tmp_path / "out") == read_template("llama3")
+    assert saved_template(tmp_path / "ad") == read_template("llama3")

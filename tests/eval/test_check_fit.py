@@ -90,6 +90,7 @@ def test_qforge_train_warns_before_loading_a_run_that_does_not_fit(monkeypatch, 
     monkeypatch.setattr(policy, "available_memory", lambda device="cpu": 10**8)
     monkeypatch.setattr(run, "load_for_method", stop_at_load)
     lines = []
+    (tmp_path / "train.jsonl").write_text('{"text": "a row: the data is checked before the plan"}\n')
     cfg = config(data=str(tmp_path / "train.jsonl"), output_dir=str(tmp_path / "out"))
     try:
         run.run_training(cfg, log=lines.append)

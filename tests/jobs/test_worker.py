@@ -72,6 +72,9 @@ def test_jobs_run_one_at_a_time_in_order_and_a_failure_does_not_stop_the_queue(s
     csv = service.client.files.content(jobs[0].result_files[0]).text.splitlines()
     assert csv[0].startswith("step,train_loss") and len(csv) == 3
     assert_each_step_once(service, good1.id, 2)
+    from tests.train.test_run_checks import read_scalars  # the job's TensorBoard events, as train writes them
+    scalars, _ = read_scalars(service.store.job_dir(good1.id) / "run" / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2]
     with pytest.raises(openai.BadRequestError, match="already succeeded"):
         service.client.fine_tuning.jobs.cancel(good1.id)
 

@@ -86,7 +86,7 @@ def test_named_format_that_does_not_match_is_an_error(tmp_path):
 BAD_LINES = [
     ("{not json", "bad JSON"),
     ("[1, 2]", "not a JSON object"),
-    (json.dumps({"prompt": "x", "completion": "y"}), "missing key 'messages'"),
+    (json.dumps({"prompt": "x", "completion": "y"}), "this row is completion, line 1 was chat"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "no assistant message"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}),
      "unknown role 'bot'"),
@@ -128,8 +128,8 @@ def test_bad_instruction_line(tmp_path, bad, problem):
 
 
 def test_mixed_shapes_and_wrong_text_type(tmp_path):
-    with pytest.raises(DataError, match=r"u\.jsonl:1: unknown row shape.*\['completion', 'prompt'\]"):
-        read_jsonl(write(tmp_path, [{"prompt": "x", "completion": "y"}], name="u.jsonl"))
+    with pytest.raises(DataError, match=r"u\.jsonl:1: unknown row shape.*\['answer', 'question'\]"):
+        read_jsonl(write(tmp_path, [{"question": "x", "answer": "y"}], name="u.jsonl"))
     with pytest.raises(DataError, match=r"m\.jsonl:2: mixed shapes.*this row is chat, line 1 was text"):
         read_jsonl(write(tmp_path, [{"text": "x"}, chat()], name="m.jsonl"))
     with pytest.raises(DataError, match=r"t\.jsonl:1: 'text' must be a string, got NoneType"):
