@@ -74,12 +74,11 @@ def count_parameters(model) -> tuple[int, int]:
     its elements (out x in), not the bytes of its packed codes, and tied weights count once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    for module in model.modules():
-        state = getattr(module, "quant_state", None)  # a 4-bit base: its codes are a buffer, not a Parameter
-        if state is not None and hasattr(state, "shape"):
-            weight = getattr(module, "weight", None)
-            stored = weight.numel() if isinstance(weight, torch.nn.Parameter) else 0  # FSDP's float storage
-            total += math.prod(state.shape) - stored
+    from ..model.surgery import quantized_layers
+    for _, layer in quantized_layers(model):  # a 4-bit base: its codes are a buffer, not a Parameter
+        stored = sum(p.numel() for p in layer.parameters(recurse=False)  # FSDP's float storage of the codes
+                     if p is not layer.bias)
+        total += math.prod(layer.base.shape) - stored
     return trainable, total
 
 

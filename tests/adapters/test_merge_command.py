@@ -24,7 +24,7 @@ def test_merge_command_with_a_stub_loader(tmp_path, ids, monkeypatch, capsys):
     dense = tiny_dense()
     trained = qforge_with_adapter(dense, use_dora=True)
     save_adapter(trained, tmp_path / "ad")
-    monkeypatch.setattr(merge_command, "_load_base", lambda source: (quantized_twin(dense), None))
+    monkeypatch.setattr(merge_command, "_load_base", lambda source, device=None: (quantized_twin(dense), None))
     argv = ["merge", "--base", "tiny", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "out")]
     assert cli.main(argv + ["--dtype", "float32"]) == 0
     assert "merged into tiny" in capsys.readouterr().out
@@ -33,7 +33,7 @@ def test_merge_command_with_a_stub_loader(tmp_path, ids, monkeypatch, capsys):
     assert "norm of the adapter's update" in capsys.readouterr().out
     assert "quantization_config" in json.loads((tmp_path / "q" / "config.json").read_text())
 
-    def merged_base(source):  # the merged folder as the next base
+    def merged_base(source, device=None):  # the merged folder as the next base
         model = load_plain(tmp_path / "out")
         quantize_linears(model, select_targets(linear_names(model), "all-linear"), compute_dtype=torch.float32)
         return model, None
@@ -45,7 +45,7 @@ def test_merge_command_with_a_stub_loader(tmp_path, ids, monkeypatch, capsys):
 
 
 def test_merge_command_refuses_a_bad_adapter_before_loading_the_base(tmp_path, monkeypatch, capsys):
-    def fail(source):
+    def fail(source, device=None):
         raise AssertionError("the base should not be loaded")
 
     monkeypatch.setattr(merge_command, "_load_base", fail)
@@ -96,7 +96,7 @@ def test_merge_exports_the_chat_template_saved_with_the_adapter(tmp_path, monkey
     save_adapter(trained, tmp_path / "ad", tokenizer=templated)
     bare = tiny_tokenizer()
     bare.chat_template = None
-    monkeypatch.setattr(merge_command, "_load_base", lambda source: (quantized_twin(dense), bare))
+    monkeypatch.setattr(merge_command, "_load_base", lambda source, device=None: (quantized_twin(dense), bare))
     argv = ["merge", "--base", "tiny", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "out")]
     assert cli.main(argv + ["--dtype", "float32"]) == 0
     from qforge.train.templates import saved_template
