@@ -1,7 +1,8 @@
 """Adapter slots: the serving side of multi-LoRA, several adapters in one batch over one shared base.
 
-As in vLLM's LoRA layers, every adapted layer of the served model is wrapped (SlotLinear) and the
-adapters the server holds live in preallocated stacked tensors per layer, one slot per adapter:
+As in vLLM's LoRA layers, every adapted layer of the served model is replaced by its serving form
+(SlotLinear: the same base, bias, adapters and module path) and the adapters the server holds live
+in preallocated stacked tensors per layer, one slot per adapter:
     A      [S, r_max, in]    lora_A, ranks zero-padded to the largest loaded rank
     B      [S, out, r_max]   lora_B
     s      [S]               the adapter's scaling for this layer
@@ -13,7 +14,7 @@ matrix products on that slot's views. No per-request weight swaps, no per-forwar
 
 Slots are allocated when the first adapter is loaded and grow (doubling, up to the capacity) as more
 are; the registry decides which adapters occupy them (LRU) and holds its lock around every forward.
-Outside a batch selection a SlotLinear is its wrapped layer (in-process adapters, active adapter).
+Outside a batch selection a SlotLinear is the layer it replaced (in-process adapters, active adapter).
 """
 from __future__ import annotations
 
@@ -34,35 +35,34 @@ class SlotsFull(Exception):
     """Every slot holds an adapter: the registry must evict one first."""
 
 
-class SlotLinear(nn.Module):
-    """One adapted layer as the server runs it: the wrapped layer's base and bias, plus the slots."""
+class SlotLinear(AdaptedLinear):
+    """One adapted layer as the server runs it: the layer it replaces (same base, bias, in-process
+    adapters and module path, so names, adapter loading and state dicts see no difference) plus
+    the slots. Outside a batch selection it is that layer (its active adapter)."""
 
-    def __init__(self, layer: AdaptedLinear, bank: "LoraSlots"):
-        super().__init__()
-        self.layer = layer
-        self.__dict__["bank"] = bank  # not a child module
-        self.A: torch.Tensor | None = None
-        self.B: torch.Tensor | None = None
-        self.scalings: torch.Tensor | None = None
-        self.factor: torch.Tensor | None = None
+    @classmethod
+    def replacing(cls, layer: AdaptedLinear, bank: "LoraSlots") -> "SlotLinear":
+        new = cls(layer.base, None, layer.compute_dtype)
+        new.bias, new.adapters, new.active_adapter = layer.bias, layer.adapters, layer.active_adapter
+        new.__dict__["bank"] = bank  # not a child module
+        new.A = new.B = new.scalings = new.factor = None
+        return new
 
-    @property
-    def in_features(self) -> int:
-        return self.layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.layer.out_features
+    def unwrapped(self) -> AdaptedLinear:
+        """A plain AdaptedLinear holding the same base, bias and in-process adapters."""
+        layer = AdaptedLinear(self.base, None, self.compute_dtype)
+        layer.bias, layer.adapters, layer.active_adapter = self.bias, self.adapters, self.active_adapter
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bank, layer = self.bank, self.layer
-        if bank.rows is None:  # not serving a batch: the wrapped layer as it is
-            return layer(x)
-        x_c = x.to(layer.compute_dtype)
-        out = layer.base.product(x_c)
+        bank = self.bank
+        if bank.rows is None:  # not serving a batch: the layer as it is
+            return super().forward(x)
+        x_c = x.to(self.compute_dtype)
+        out = self.base.product(x_c)
         k = bank.single
         if k == BASE_ONLY or self.A is None:
-            return layer.finish(out, x)
+            return self.finish(out, x)
         if k is not None:  # one slot for every row: that slot's views, no gather
             h = (x_c @ self.A[k].to(x_c.dtype).t()) * self.scalings[k].to(x_c.dtype)
             out = torch.addmm(out.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]),
@@ -75,7 +75,7 @@ class SlotLinear(nn.Module):
                 valid = (bank.rows >= 0)[:, None]
                 factor = torch.where(valid, self.factor[bank.rows.clamp(min=0)], 1.0).to(out.dtype)  # [B, out]
                 out = out * (factor[:, None, :] if out.dim() == 3 else factor)
-        return layer.finish(out, x)
+        return self.finish(out, x)
 
     # ---- slot tensors -------------------------------------------------------------------------
     def _resize(self, slots: int, rank: int, device, dtype) -> None:
@@ -106,7 +106,7 @@ class SlotLinear(nn.Module):
         self.A[slot, :r].copy_(adapter.lora_A.weight)
         self.B[slot, :, :r].copy_(adapter.lora_B.weight)
         self.scalings[slot] = adapter.scaling
-        factor = adapter.variant.serving_scale(self.layer, adapter)
+        factor = adapter.variant.serving_scale(self, adapter)
         if factor is not None:
             if self.factor is None:
                 self.factor = torch.ones(self.A.shape[0], self.out_features, dtype=torch.float32, device=self.A.device)
@@ -114,10 +114,10 @@ class SlotLinear(nn.Module):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Put every wrapped layer of `model` back in its wrapper's place (the model as before serving)."""
+    """Put a plain AdaptedLinear back for every serving layer of `model` (the model as before serving)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, SlotLinear):
-            set_module(model, name, module.layer)
+            set_module(model, name, module.unwrapped())
     return model
 
 
@@ -132,9 +132,9 @@ class LoraSlots:
         self.layers: dict[str, SlotLinear] = {}
         unwrap(model)  # slots of an earlier bank on this model: replaced by this one's
         for name, layer in list(adapted_layers(model)):
-            wrapper = SlotLinear(layer, self)
-            set_module(model, name, wrapper)
-            self.layers[name] = wrapper
+            serving = SlotLinear.replacing(layer, self)
+            set_module(model, name, serving)
+            self.layers[name] = serving
         self.names: list[str | None] = []  # slot -> adapter name
         self.rank = 0
         self.rows: torch.Tensor | None = None
@@ -170,7 +170,7 @@ class LoraSlots:
             size = len(self.names) if slot < len(self.names) else \
                 max(slot + 1, min(self.capacity, max(2, 2 * len(self.names))))
             for layer in self.layers.values():
-                layer._resize(size, rank, layer.layer.weight.device, self.dtype)
+                layer._resize(size, rank, layer.weight.device, self.dtype)
             self.names += [None] * (size - len(self.names))
             self.rank = rank
         for path, layer in self.layers.items():

@@ -165,8 +165,8 @@ class AdapterRegistry:
         """Register an adapter already attached to the model in-process (never evicted)."""
         with self.lock:
             self._check_new_name(name)
-            adapters = {path: slot.layer.adapters[name] for path, slot in self.slots.layers.items()
-                        if name in slot.layer.adapters}
+            adapters = {path: slot.adapters[name] for path, slot in self.slots.layers.items()
+                        if name in slot.adapters}
             if not adapters:
                 raise AdapterNotFound(f"the model carries no adapter named '{name}'")
             entry = AdapterEntry(name, None)

@@ -119,7 +119,7 @@ def test_a_new_job_is_validated_then_queued(client, training_file, live):
     assert hp["method"] == "lora" and hp["rank"] == 4 and hp["n_epochs"] == 2 and hp["batch_size"] == 4
     assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.learning_rate_multiplier == 1.0
     config = (live.jobs.store.job_dir(job.id) / "config.yaml").read_text()
-    assert "method: lora" in config and "epochs: 2" in config and "resume: true" in config
+    assert "method: lora" in config and "epochs: 2" in config and "resume: auto" in config
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=50)]
     assert messages[-1] == f"Created fine-tuning job: {job.id}"
     assert messages[0] == "Files validated, moving job to queued state"

@@ -69,6 +69,9 @@ def test_slots_grow_fill_and_free():
     with torch.no_grad():
         torch.testing.assert_close(mixed[1], alone(layer, x[1:2], "d")[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mixed[0], alone(layer, x[0:1], "q")[0], rtol=1e-5, atol=1e-5)
-    # outside a selection the wrapped layer answers as it is (its own active adapter)
+    # outside a selection the serving layer is the layer it replaced (its own active adapter)
+    served = model[0]
+    assert served.adapters is layer.adapters and served.base is layer.base
     with torch.no_grad():
-        torch.testing.assert_close(model(x), alone(layer, x, None))
+        served.active_adapter = "q"
+        torch.testing.assert_close(model(x), alone(layer, x, "q"))
