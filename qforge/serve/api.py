@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Event, QueueFull, Request as GenRequest, RequestError, SamplingParams
+from .logprobs import MAX_TOP_LOGPROBS, chat_logprobs, completion_logprobs, trim_to_text
 from .metrics import Metrics, UsageLedger
 from .registry import AdapterError, AdapterRegistry
 
@@ -116,14 +117,11 @@ class _Generation(BaseModel):
     ignore_eos: bool = False  # vLLM's extension: keep going past EOS (benchmarks)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
 
     def unsupported(self) -> None:
         for field in ("presence_penalty", "frequency_penalty"):
             if getattr(self, field):
                 raise APIError(400, f"{field} is not supported by this server", param=field, code="unsupported")
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > MAX_STOP:
             raise APIError(400, f"stop: at most {MAX_STOP} sequences", param="stop")
@@ -131,14 +129,22 @@ class _Generation(BaseModel):
 
 class CompletionBody(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.echo or (self.best_of or 1) > 1 or self.suffix:
-            raise APIError(400, "echo, best_of and suffix are not supported", param="echo", code="unsupported")
+        if (self.best_of or 1) > 1 or self.suffix:
+            raise APIError(400, "best_of and suffix are not supported", param="best_of", code="unsupported")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens 0 needs echo: true (it scores the prompt only)", param="max_tokens")
+
+    def logprob_options(self) -> tuple[int | None, bool]:
+        """(alternatives per token or None for no log-probs, score the prompt too)."""
+        return self.logprobs, self.echo and self.logprobs is not None
 
 
 class TextPart(BaseModel):
@@ -162,6 +168,13 @@ class ChatBody(_Generation):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list | None = None
     response_format: dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprob_options(self) -> tuple[int | None, bool]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None, False
 
     def unsupported(self) -> None:
         super().unsupported()
@@ -214,11 +227,15 @@ class _Generator:
         self.closed = False
         self.next_check = 0.0
         stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        self.top_k, score_prompt = body.logprob_options()
+        self.echo = kind == "completion" and body.echo
+        self.offsets: dict[int, int] = {}  # streaming: characters sent so far per choice (text_offset)
         self.requests = []
         for p, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
             for k in range(body.n):
                 seed = None if body.seed is None else body.seed + k
-                params = _params(limit, body.temperature, body.top_p, stops, seed, body.ignore_eos)
+                params = _params(limit, body.temperature, body.top_p, stops, seed, body.ignore_eos,
+                                 logprobs=self.top_k, prompt_logprobs=score_prompt)
                 index = p * body.n + k
                 self.requests.append(GenRequest(prompt, self.adapter, params, sink=self.events.sink(index)))
 
@@ -290,10 +307,19 @@ class _Generator:
                 "system_fingerprint": None}
 
     def _choice(self, index: int, event: Event) -> dict:
+        req, tok = self.requests[index], self.s.tokenizer
+        entries = trim_to_text(tok, req.output_logprobs, event.text) if self.top_k is not None else []
         if self.kind == "chat":
             return {"index": index, "message": {"role": "assistant", "content": event.text},
-                    "logprobs": None, "finish_reason": event.finish_reason}
-        return {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+                    "logprobs": chat_logprobs(tok, entries) if self.top_k is not None else None,
+                    "finish_reason": event.finish_reason}
+        prefix = tok.decode(req.prompt_ids) if self.echo else ""
+        logprobs = None
+        if self.top_k is not None:
+            scored = (req.prompt_logprobs or [None] * len(req.prompt_ids)) if self.echo else []
+            tokens = (req.prompt_ids if self.echo else []) + [e.token for e in entries]
+            logprobs = completion_logprobs(tok, scored + entries, tokens)
+        return {"index": index, "text": prefix + event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
 
     # ---- streaming ------------------------------------------------------------------------------
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
@@ -303,11 +329,30 @@ class _Generator:
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk)}\n\n"
 
-    def _delta(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+    def _delta(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False,
+               entries: list | None = None) -> dict:
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            logprobs = chat_logprobs(self.s.tokenizer, entries) if self.top_k is not None and entries else None
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": self._stream_logprobs(index, entries),
+                "finish_reason": finish}
+
+    def _stream_logprobs(self, index: int, entries: list | None, tokens: list[int] | None = None) -> dict | None:
+        """A completion chunk's legacy logprobs, text offsets running on from the choice's last chunk."""
+        if self.top_k is None or not (entries or tokens):
+            return None
+        tokens = tokens if tokens is not None else [e.token for e in entries]
+        out = completion_logprobs(self.s.tokenizer, entries, tokens, self.offsets.get(index, 0))
+        self.offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1]) if tokens else self.offsets.get(index, 0)
+        return out
+
+    def _echo_chunk(self, index: int) -> str:
+        """Streaming with echo: a choice opens with its prompt's text (and log-probs, known once prefilled)."""
+        req = self.requests[index]
+        entries = req.prompt_logprobs or [None] * len(req.prompt_ids)
+        return self._chunk([{"index": index, "text": self.s.tokenizer.decode(req.prompt_ids),
+                             "logprobs": self._stream_logprobs(index, entries, req.prompt_ids), "finish_reason": None}])
 
     async def stream(self, http_request: Request):
         """Server-sent events: a role chunk per choice (chat), text deltas, a finish chunk per choice,
@@ -316,13 +361,17 @@ class _Generator:
         try:
             if self.kind == "chat":
                 yield self._chunk([self._delta(i, role=True) for i in range(len(self.requests))])
+            echoed: set[int] = set()
             while finished < len(self.requests):
                 index, event = await self.next_event(http_request)
+                if self.echo and index not in echoed and event.kind != "error":
+                    echoed.add(index)
+                    yield self._echo_chunk(index)
                 if event.kind == "delta":
-                    yield self._chunk([self._delta(index, event.text)])
+                    yield self._chunk([self._delta(index, event.text, entries=event.logprobs)])
                 elif event.kind == "done":
                     finished += 1
-                    yield self._chunk([self._delta(index, finish=event.finish_reason)])
+                    yield self._chunk([self._delta(index, finish=event.finish_reason, entries=event.logprobs)])
                 else:
                     yield f"data: {json.dumps(error_body(event.error or 'generation failed', 'server_error'))}\n\n"
                     break
@@ -349,10 +398,10 @@ class _EventStream(StreamingResponse):
             self.generation.close()
 
 
-def _params(max_tokens, temperature, top_p, stops, seed, ignore_eos) -> SamplingParams:
+def _params(max_tokens, temperature, top_p, stops, seed, ignore_eos, **extra) -> SamplingParams:
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed,
-                              ignore_eos=ignore_eos)
+                              ignore_eos=ignore_eos, **extra)
     except RequestError as exc:
         raise APIError(400, str(exc), param=exc.param) from exc
 
@@ -503,7 +552,7 @@ def _add_generation_routes(app: FastAPI, state: _State, caller) -> None:
     async def completions(body: CompletionBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
         prompts = _completion_prompts(state, body.prompt)
-        limit = body.max_tokens or 16
+        limit = 16 if body.max_tokens is None else body.max_tokens
         return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request)
 
     @app.post("/v1/chat/completions")

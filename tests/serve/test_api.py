@@ -177,7 +177,7 @@ def assert_error(r: httpx.Response, status: int, param=None):
     ({"model": "a", "prompt": [10 ** 9]}, 400, "prompt"),
     ({"model": "a", "prompt": ""}, 400, "prompt"),
     ({"model": "a", "prompt": "hi", "stop": ["1", "2", "3", "4", "5"]}, 400, "stop"),
-    ({"model": "a", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"model": "a", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ({"model": "nope", "prompt": "hi"}, 404, "model"),
     ({"model": "a", "prompt": "hi", "max_tokens": 10 ** 6}, 400, "max_tokens"),
 ])
