@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .embeddings import add_embedding_routes
 from .engine import Engine, Event, QueueFull, Request as GenRequest, RequestError, SamplingParams
 from .logprobs import MAX_TOP_LOGPROBS, chat_logprobs, completion_logprobs, trim_to_text
 from .metrics import Metrics, UsageLedger
@@ -414,6 +415,7 @@ class _State:
         self.tokenizer = engine.tokenizer
         self.started = int(time.time())
         self.model_guard = None  # (model name, key id) -> may this caller use it? (set by the jobs service)
+        self.model_deleter = None  # (model name, key id) -> deleted card, or None when not its model (jobs)
         self.body_limits: dict[str, int] = {}  # path prefix -> larger body limit (uploads)
 
     def visible(self, name: str, key_id: str | None) -> bool:
@@ -511,6 +513,8 @@ def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: 
     _add_info_routes(app, state, caller)
     _add_generation_routes(app, state, caller)
     _add_adapter_routes(app, state, caller)
+    _add_model_delete_route(app, state, caller)
+    add_embedding_routes(app, state, caller, APIError)
     for extend in extensions:
         extend(app, state, caller)
     return app
@@ -625,3 +629,24 @@ def _add_adapter_routes(app: FastAPI, state: _State, caller) -> None:
         except AdapterError as exc:
             raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
         return {"id": name, "object": "model", "deleted": True}
+
+
+def _add_model_delete_route(app: FastAPI, state: _State, caller) -> None:
+    """DELETE /v1/models/{id}: a fine-tuned model by its owner (the jobs service removes its files),
+    or a served adapter (unloaded, as DELETE /v1/adapters/{name}); never the base model (403)."""
+    @app.delete("/v1/models/{model_id:path}")
+    async def delete_model(model_id: str, key_id: str = Depends(caller)):
+        if model_id == state.registry.base_name:
+            raise APIError(403, f"the base model '{model_id}' cannot be deleted", "permission_error", param="model",
+                           code="model_not_deletable")
+        if state.model_deleter is not None:
+            done = await run_in_threadpool(state.model_deleter, model_id, key_id)
+            if done is not None:
+                return done
+        if not state.visible(model_id, key_id) or model_id not in state.registry:
+            raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        try:
+            await run_in_threadpool(state.registry.remove, model_id)
+        except AdapterError as exc:
+            raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
+        return {"id": model_id, "object": "model", "deleted": True}

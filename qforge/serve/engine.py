@@ -303,6 +303,25 @@ class Engine:
             raise RuntimeError(req.text)
         return req
 
+    def embed(self, prompts: list[list[int]], adapter: str | None) -> torch.Tensor:
+        """(N, H) float32: each prompt's last hidden state (after the final norm), mean-pooled over its
+        own tokens. Runs in the caller's thread between the engine's steps (the registry's lock), one
+        batch of right-padded prompts, the adapter pinned meanwhile."""
+        if not self.registry.acquire(adapter):
+            raise QueueFull("every adapter slot is held by running requests")
+        try:
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in prompts], device=self.device)
+            mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=self.device)
+            with torch.no_grad(), self.registry.lock, self._row_adapters([adapter] * len(prompts)):
+                out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
+                                 logits_to_keep=1)
+            hidden = out.hidden_states[-1].float()                                  # (N, T, H)
+            weights = mask[:, :, None].to(hidden.dtype)                               # (N, T, 1)
+            return ((hidden * weights).sum(1) / weights.sum(1)).cpu()                 # (N, H)
+        finally:
+            self.registry.release(adapter)
+
     # ---- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
         try:
