@@ -30,6 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .embeddings import add_embedding_routes
 from .engine import Engine, Event, QueueFull, Request as GenRequest, RequestError, SamplingParams
 from .logprobs import MAX_TOP_LOGPROBS, chat_logprobs, completion_logprobs, trim_to_text
+from .structured import GrammarError, compile_plan
+from .tools import OutputPlan, output_plan, render_messages, template_supports_tools
 from .metrics import Metrics, UsageLedger
 from .registry import AdapterError, AdapterRegistry
 
@@ -135,6 +137,13 @@ class CompletionBody(_Generation):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    response_format: dict | None = None  # vLLM's extension: json_object / json_schema for completions too
+
+    def output_plan(self) -> OutputPlan:
+        try:
+            return output_plan(None, None, self.response_format)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
 
     def unsupported(self) -> None:
         super().unsupported()
@@ -156,34 +165,42 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None       # a tool result's call
 
     def as_template_message(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatBody(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def output_plan(self) -> OutputPlan:
+        try:
+            return output_plan(self.tools, self.tool_choice, self.response_format)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
 
     def logprob_options(self) -> tuple[int | None, bool]:
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None, False
 
-    def unsupported(self) -> None:
-        super().unsupported()
-        if self.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {type: text} is supported", param="response_format",
-                           code="unsupported")
 
 
 class AdapterBody(BaseModel):
@@ -218,8 +235,9 @@ class _Generator:
     """One HTTP generation request: n choices over one or more prompts, run by the engine."""
 
     def __init__(self, app_state: "_State", kind: str, body: _Generation, prompts: list[list[int]],
-                 max_tokens: list[int], key_id: str):
+                 max_tokens: list[int], key_id: str, plan: OutputPlan | None = None, grammar=None):
         self.s, self.kind, self.body, self.key_id = app_state, kind, body, key_id
+        self.plan, self.grammar = plan or OutputPlan(), grammar  # grammar: makes a GrammarProcessor per choice
         self.adapter = app_state.resolve_model(body.model, key_id)
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -238,7 +256,9 @@ class _Generator:
                 params = _params(limit, body.temperature, body.top_p, stops, seed, body.ignore_eos,
                                  logprobs=self.top_k, prompt_logprobs=score_prompt)
                 index = p * body.n + k
-                self.requests.append(GenRequest(prompt, self.adapter, params, sink=self.events.sink(index)))
+                processor = self.grammar() if self.grammar is not None else None
+                self.requests.append(GenRequest(prompt, self.adapter, params, sink=self.events.sink(index),
+                                                processor=processor))
 
     def submit(self) -> None:
         if not self.s.engine.alive:
@@ -311,9 +331,10 @@ class _Generator:
         req, tok = self.requests[index], self.s.tokenizer
         entries = trim_to_text(tok, req.output_logprobs, event.text) if self.top_k is not None else []
         if self.kind == "chat":
-            return {"index": index, "message": {"role": "assistant", "content": event.text},
+            message, called = self.plan.message(event.text)
+            return {"index": index, "message": message,
                     "logprobs": chat_logprobs(tok, entries) if self.top_k is not None else None,
-                    "finish_reason": event.finish_reason}
+                    "finish_reason": "tool_calls" if called and event.finish_reason == "stop" else event.finish_reason}
         prefix = tok.decode(req.prompt_ids) if self.echo else ""
         logprobs = None
         if self.top_k is not None:
@@ -348,6 +369,17 @@ class _Generator:
         self.offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1]) if tokens else self.offsets.get(index, 0)
         return out
 
+    def _tool_delta(self, index: int, event: Event, entries: list) -> dict:
+        """With tools, a streamed answer comes as one delta: its text, or its tool calls."""
+        message, called = self.plan.message(event.text)
+        if called:
+            delta = {"tool_calls": [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]}
+        else:
+            delta = {"content": event.text}
+        logprobs = chat_logprobs(self.s.tokenizer, entries) if self.top_k is not None and entries else None
+        finish = "tool_calls" if called and event.finish_reason == "stop" else event.finish_reason
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
     def _echo_chunk(self, index: int) -> str:
         """Streaming with echo: a choice opens with its prompt's text (and log-probs, known once prefilled)."""
         req = self.requests[index]
@@ -363,16 +395,22 @@ class _Generator:
             if self.kind == "chat":
                 yield self._chunk([self._delta(i, role=True) for i in range(len(self.requests))])
             echoed: set[int] = set()
+            pending: dict[int, list] = {}  # with tools: log-probs held until the answer is whole
             while finished < len(self.requests):
                 index, event = await self.next_event(http_request)
                 if self.echo and index not in echoed and event.kind != "error":
                     echoed.add(index)
                     yield self._echo_chunk(index)
-                if event.kind == "delta":
+                if event.kind == "delta" and self.plan.tools:
+                    pending.setdefault(index, []).extend(event.logprobs)  # a call is whole only at the end
+                elif event.kind == "delta":
                     yield self._chunk([self._delta(index, event.text, entries=event.logprobs)])
                 elif event.kind == "done":
                     finished += 1
-                    yield self._chunk([self._delta(index, finish=event.finish_reason, entries=event.logprobs)])
+                    if self.plan.tools:
+                        yield self._chunk([self._tool_delta(index, event, pending.pop(index, []) + event.logprobs)])
+                    else:
+                        yield self._chunk([self._delta(index, finish=event.finish_reason, entries=event.logprobs)])
                 else:
                     yield f"data: {json.dumps(error_body(event.error or 'generation failed', 'server_error'))}\n\n"
                     break
@@ -555,21 +593,29 @@ def _add_generation_routes(app: FastAPI, state: _State, caller) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
+        plan = body.output_plan()
         prompts = _completion_prompts(state, body.prompt)
         limit = 16 if body.max_tokens is None else body.max_tokens
-        return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request)
+        return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request, plan)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
-        prompt = _chat_prompt(state, body.messages)
+        plan = body.output_plan()
+        prompt = _chat_prompt(state, body.messages, plan)
         asked = body.max_completion_tokens or body.max_tokens
         limit = asked or max(1, min(DEFAULT_CHAT_MAX_TOKENS, state.engine.context_len - len(prompt)))
-        return await _respond(state, "chat", body, [prompt], [limit], key_id, request)
+        return await _respond(state, "chat", body, [prompt], [limit], key_id, request, plan)
 
 
-async def _respond(state, kind, body, prompts, limits, key_id, request: Request):
-    generation = _Generator(state, kind, body, prompts, limits, key_id)
+async def _respond(state, kind, body, prompts, limits, key_id, request: Request, plan: OutputPlan | None = None):
+    grammar = None
+    if plan is not None and plan.schema is not None:
+        try:  # the first use builds llguidance's view of the tokenizer (about a second): off the event loop
+            grammar = await run_in_threadpool(compile_plan, state.engine, plan.schema, plan.schema_param)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
+    generation = _Generator(state, kind, body, prompts, limits, key_id, plan, grammar)
     if body.stream:
         generation.submit()  # errors (400, 429) before the stream starts are plain JSON answers
         return _EventStream(generation, request)
@@ -594,12 +640,15 @@ def _completion_prompts(state: _State, prompt) -> list[list[int]]:
     return out
 
 
-def _chat_prompt(state: _State, messages: list[ChatMessage]) -> list[int]:
+def _chat_prompt(state: _State, messages: list[ChatMessage], plan: OutputPlan | None = None) -> list[int]:
     if not getattr(state.tokenizer, "chat_template", None):
         raise APIError(400, "the base model has no chat template; use /v1/completions", param="messages")
+    tools = plan.tools if plan is not None else []
+    native = template_supports_tools(state.tokenizer)
+    rendered = render_messages([m.as_template_message() for m in messages], tools, native)
+    extra = {"tools": tools} if tools and native else {}
     try:
-        text = state.tokenizer.apply_chat_template([m.as_template_message() for m in messages], tokenize=False,
-                                                   add_generation_prompt=True)
+        text = state.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as exc:  # noqa: BLE001 - a template may reject a conversation (role order)
         raise APIError(400, f"the chat template rejects these messages: {exc}", param="messages") from exc
     return state.tokenizer(text, add_special_tokens=False).input_ids
