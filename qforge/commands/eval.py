@@ -6,8 +6,9 @@
 Without --url, a server is started in this process on a free loopback port (the base from --base,
 the adapters from --adapter, --dtype compute) and stopped at the end; every model is evaluated on it
 by lm-eval's `local-completions` backend (log-likelihood tasks via `echo` + `logprobs`, generation
-tasks via greedy completions). "base" in --models names the served base model. qforge ships two
-small offline tasks, qforge_mc (multiple choice, acc) and qforge_gen (generate-until, exact_match);
+tasks via greedy completions). "base" in --models names the served base model. qforge ships three
+small offline tasks: qforge_mc (multiple choice, acc), qforge_gen (generate-until, exact_match) and
+qforge_extract (the demo task's held-out rows in ChatML, exact_match; see qforge/eval/harness.py);
 other lm-eval task folders come in with --include-path. Writes eval.md (one table, percent),
 eval.json and eval.png (bars per task and model) under --output-dir.
 """
@@ -44,12 +45,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval import harness
-
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not tasks or not models:
         raise ValueError("--tasks and --models must each name at least one")
+    evaluate_models(args, models, tasks)
+    return 0
+
+
+def evaluate_adapters(base: str, adapters: dict[str, str], tasks: list[str], output_dir: str | Path,
+                      limit: int | None = None, dtype: str = "float32") -> dict:
+    """The base and each adapter (name -> PEFT folder) on one started server: what `qforge bench
+    --eval-tasks` calls. Returns {model: {task: {metric: value}}} and writes the report."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = ["--base", base, "--dtype", dtype, "--output-dir", str(output_dir)]
+    for name, folder in adapters.items():
+        flags += ["--adapter", f"{name}={folder}"]
+    if limit is not None:
+        flags += ["--limit", str(limit)]
+    return evaluate_models(parser.parse_args(flags), ["base", *adapters], tasks)
+
+
+def evaluate_models(args: argparse.Namespace, models: list[str], tasks: list[str]) -> dict:
+    from ..eval import harness
+
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     include = harness.prepare_tasks(out / "work")
@@ -65,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     paths = harness.write_report(results, out, {"tasks": tasks, "models": list(results)})
     print("\n" + harness.markdown_table(results))
     print(f"table: {paths['markdown']}   figures: {paths['json']}   chart: {paths['chart']}")
-    return 0
+    return results
 
 
 def _evaluate_all(url, tokenizer, models, names, tasks, include, args) -> dict:

@@ -5,9 +5,10 @@ its context (`echo: true`, `logprobs: 1`, `max_tokens: 1`, token ids as the prom
 generations up to a stop string; `qforge serve` answers both, so any lm-eval task runs against the
 base model or any adapter it serves, several adapters on one server.
 
-Two small tasks ship with qforge (qforge/data/lm_eval/): `qforge_mc`, a log-likelihood multiple
-choice (acc, acc_norm), and `qforge_gen`, a generate-until task (exact_match). Their YAML names
-their JSONL beside it; `prepare_tasks` copies them into a work folder with the data paths made
+Three small tasks ship with qforge (qforge/data/lm_eval/): `qforge_mc`, a log-likelihood multiple
+choice (12 questions; acc, acc_norm), `qforge_gen`, a generate-until task (8 questions; exact_match),
+and `qforge_extract`, the demo fine-tuning task's 100 held-out rows as a generate-until task in
+ChatML (exact_match of the extracted JSON). Their YAML names their JSONL; `prepare_tasks` copies them into a work folder with the data paths made
 absolute (lm-eval reads `data_files` relative to the working directory) -- nothing is downloaded.
 Any other lm-eval task (its own YAML folder given as an include path, or a registered task whose data
 is already in the Hugging Face cache) runs the same way.
@@ -23,7 +24,7 @@ from pathlib import Path
 import yaml
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "data" / "lm_eval"
-BUILTIN_TASKS = ("qforge_mc", "qforge_gen")
+BUILTIN_TASKS = ("qforge_mc", "qforge_gen", "qforge_extract")
 STDERR_TAG = "_stderr"
 
 

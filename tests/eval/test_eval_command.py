@@ -2,6 +2,7 @@
 tasks per model, one table (markdown + JSON) and a bar chart; and the report's pure parts."""
 import json
 
+import pytest
 import torch
 
 from qforge.cli import main
@@ -12,6 +13,7 @@ from tests.jobs.helpers import tiny_model_folder
 from tests.serve.helpers import save_random_adapters
 
 
+@pytest.mark.slow
 def test_qforge_eval_writes_one_table_for_base_and_adapters(tmp_path, capsys):
     base = tiny_model_folder(tmp_path / "tiny")
     model, _ = load_model(str(base), compute_dtype=torch.float32)
@@ -35,6 +37,7 @@ def test_qforge_eval_writes_one_table_for_base_and_adapters(tmp_path, capsys):
     assert "table:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_unknown_models_and_tasks_are_one_line_errors(tmp_path, capsys):
     base = tiny_model_folder(tmp_path / "tiny")
     assert main(["eval", "--base", str(base), "--models", "base,nope", "--output-dir", str(tmp_path / "o")]) == 2
@@ -47,3 +50,21 @@ def test_markdown_table_in_percent():
     results = {"base": {"t": {"acc": 0.5}}, "x": {"t": {"acc": 0.75}, "u": {"em": 1.0}}}
     assert harness.markdown_table(results).splitlines() == [
         "| model | t acc | u em |", "|---|---:|---:|", "| base | 50.0 | - |", "| x | 75.0 | 100.0 |"]
+
+
+def test_bench_eval_tasks_serves_the_adapters_of_the_nf4_base(monkeypatch, tmp_path):
+    from qforge.commands import bench, eval as eval_command
+
+    seen = {}
+    monkeypatch.setattr(eval_command, "evaluate_adapters",
+                        lambda base, adapters, tasks, out, limit: seen.update(base=base, adapters=adapters,
+                                                                              tasks=tasks, limit=limit) or {})
+    records = [{"method": m, "status": s, "adapter_dir": f"/runs/{m}/adapter" if m != "full" else None}
+               for m, s in (("qlora", "ok"), ("lora", "ok"), ("full", "ok"), ("loftq", "ok"), ("qdora", "failed"))]
+    bench.bench_eval(records, "smollm2", "qforge_mc, qforge_extract", tmp_path, 5)
+    assert seen == {"base": "smollm2", "adapters": {"qlora": "/runs/qlora/adapter", "lora": "/runs/lora/adapter"},
+                    "tasks": ["qforge_mc", "qforge_extract"], "limit": 5}
+    parser = bench.argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--eval-tasks", "qforge_mc", "--eval-limit", "3"])
+    assert (args.eval_tasks, args.eval_limit) == ("qforge_mc", 3)
