@@ -41,10 +41,12 @@ def prepare_tasks(work: Path) -> Path:
     return out
 
 
-def server_model_args(base_url: str, model: str, tokenizer: str, max_length: int = 2048) -> dict:
-    """lm-eval's `local-completions` arguments for model `model` of the server at `base_url` (…/v1)."""
+def server_model_args(base_url: str, model: str, tokenizer: str, max_length: int = 2048,
+                      num_concurrent: int = 8) -> dict:
+    """lm-eval's `local-completions` arguments for model `model` of the server at `base_url` (…/v1).
+    `num_concurrent` requests in flight at once: the server batches them (continuous batching)."""
     return {"base_url": base_url.rstrip("/") + "/completions", "model": model, "tokenizer": tokenizer,
-            "tokenizer_backend": "huggingface", "tokenized_requests": True, "num_concurrent": 1,
+            "tokenizer_backend": "huggingface", "tokenized_requests": True, "num_concurrent": num_concurrent,
             "max_retries": 1, "max_length": max_length, "timeout": 600}
 
 

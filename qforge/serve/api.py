@@ -1,9 +1,13 @@
 """The OpenAI-compatible HTTP surface over an Engine and an AdapterRegistry.
 
-Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions
-(`stream: true` gives server-sent events in OpenAI's chunk format ending with `data: [DONE]`),
-POST /v1/adapters {name, path}, GET /v1/adapters, DELETE /v1/adapters/{name}, GET /v1/usage,
-GET /metrics (Prometheus text), GET /health. With API keys, every route but /health needs
+Routes: GET /v1/models, GET /v1/models/{id}, DELETE /v1/models/{id}, POST /v1/completions,
+POST /v1/chat/completions (`stream: true` gives server-sent events in OpenAI's chunk format ending
+with `data: [DONE]`), POST /v1/embeddings (embeddings.py), POST /v1/adapters {name, path},
+GET /v1/adapters, DELETE /v1/adapters/{name}, GET /v1/usage, GET /metrics (Prometheus text),
+GET /health.
+
+Generation options beyond sampling: log-probs (`logprobs`, `echo`, `top_logprobs`: logprobs.py),
+`response_format` json_object / json_schema and `tools` / `tool_choice` (structured.py, tools.py). With API keys, every route but /health needs
 `Authorization: Bearer KEY`. Errors are OpenAI's shape: {"error": {message, type, param, code}}.
 
 `create_app` builds the app in-process (tests run it under uvicorn in a thread); it does not own the
