@@ -3,9 +3,11 @@ constrained decoding with llguidance.
 
 Why llguidance: it installs from PyPI as one self-contained wheel with no dependencies (xgrammar
 requires torch and triton, so pip would pull a CUDA torch over our pinned CPU one), runs on the CPU,
-compiles a JSON schema lazily (an Earley parser over the tokenizer's trie computes each step's mask in
-well under a millisecond for these grammars, with no per-schema index over the whole vocabulary as
-outlines-core builds), and handles recursive grammars, so "any JSON object" (json_object) is exact.
+compiles a JSON schema in about a millisecond and computes each step's mask lazily (an Earley parser
+over the tokenizer's trie: about 0.015 ms per token for the schemas of the tests, on SmolLM2's
+49,152-token vocabulary, measured here), with no per-schema index over the whole vocabulary as
+outlines-core builds, and handles recursive grammars, so "any JSON object" (json_object) is exact.
+Building llguidance's view of a tokenizer takes about 2 s, once per server.
 
 Each request that asks gets its own `GrammarProcessor` (an llguidance matcher): before sampling, the
 engine calls `mask(logits)`, which sets every token the grammar forbids at this point to -inf; after
@@ -80,10 +82,9 @@ class GrammarProcessor:
         if self.matcher.is_error():
             raise RuntimeError(f"the output grammar failed: {self.matcher.get_error()}")
         allowed = self.allowed()
-        out = torch.full_like(logits, float("-inf"))
-        n = min(len(allowed), logits.shape[-1])
-        out[:n] = torch.where(allowed[:n], logits[:n], out[:n])
-        return out
+        if len(allowed) < logits.shape[-1]:  # logits past the tokenizer's vocabulary: never allowed
+            allowed = torch.cat([allowed, allowed.new_zeros(logits.shape[-1] - len(allowed))])
+        return logits.masked_fill(~allowed[: logits.shape[-1]], float("-inf"))
 
     def advance(self, token: int) -> None:
         self.matcher.consume_token(int(token))
