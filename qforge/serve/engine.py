@@ -421,7 +421,7 @@ class Engine:
             if req.params.max_tokens == 0:  # echo only: the prompt's log-probs are the answer
                 self._finish(req, "length")
             else:
-                self._accept(req, self._pick(req, row[-1]))
+                self._sample_into(req, row[-1])
 
     def _decode_step(self, rows: list[Request]) -> None:
         """One token for every running row: input (B, 1), mask (B, T + 1), positions (B, 1)."""
@@ -435,7 +435,17 @@ class Engine:
         self._kv.grow(1)
         for req, row in zip(rows, logits):
             if req.finish_reason is None and not req.cancelled:
-                self._accept(req, self._pick(req, row))
+                self._sample_into(req, row)
+
+    def _sample_into(self, req: Request, logits: torch.Tensor) -> None:
+        """Sample and accept one token for `req`; a failing grammar fails this request only."""
+        try:
+            token = self._pick(req, logits)
+        except Exception as exc:  # noqa: BLE001 - one row's grammar must not fail the batch
+            log.exception("sampling failed for request %s", req.id)
+            self._fail(req, f"sampling failed: {type(exc).__name__}: {exc}")
+            return
+        self._accept(req, token)
 
     def _pick(self, req: Request, logits: torch.Tensor) -> int:
         """Sample a request's next token from its float32 logits (V,): through its grammar's mask

@@ -163,3 +163,23 @@ def test_bad_structured_requests_are_400(live, extra, param):
     r = httpx.post(live.url + "/chat/completions", json={"model": "a", "messages": ASK, "max_tokens": 4, **extra})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_a_failing_grammar_fails_its_own_row_only(tiny, prompts):
+    from qforge.serve import Request, SamplingParams
+
+    class Broken:
+        def mask(self, logits):
+            raise RuntimeError("grammar broke")
+
+        def advance(self, token):
+            pass
+
+    done = threading.Semaphore(0)
+    sink = lambda e: done.release() if e.kind != "delta" else None  # noqa: E731
+    bad = Request(prompts[0], "a", SamplingParams(max_tokens=3, temperature=0), sink=sink, processor=Broken())
+    good = Request(prompts[1], "b", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), sink=sink)
+    tiny.submit(bad, good)
+    assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    assert bad.finish_reason == "error" and "grammar broke" in bad.text
+    assert good.finish_reason == "length" and len(good.output_ids) == 3
