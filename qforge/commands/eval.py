@@ -24,7 +24,8 @@ DEFAULT_TASKS = "qforge_mc,qforge_gen"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated lm-eval tasks (default {DEFAULT_TASKS})")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS,
+                        help=f"comma-separated lm-eval tasks (default {DEFAULT_TASKS})")
     parser.add_argument("--models", default="base",
                         help="comma-separated served model names; 'base' is the base model (default: base)")
     parser.add_argument("--base", default="smollm2",

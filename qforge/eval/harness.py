@@ -8,8 +8,9 @@ base model or any adapter it serves, several adapters on one server.
 Three small tasks ship with qforge (qforge/data/lm_eval/): `qforge_mc`, a log-likelihood multiple
 choice (12 questions; acc, acc_norm), `qforge_gen`, a generate-until task (8 questions; exact_match),
 and `qforge_extract`, the demo fine-tuning task's 100 held-out rows as a generate-until task in
-ChatML (exact_match of the extracted JSON). Their YAML names their JSONL; `prepare_tasks` copies them into a work folder with the data paths made
-absolute (lm-eval reads `data_files` relative to the working directory) -- nothing is downloaded.
+ChatML (exact_match of the extracted JSON). Their YAML names their JSONL; `prepare_tasks` copies
+them into a work folder with the data paths made absolute (lm-eval reads `data_files` relative to
+the working directory) -- nothing is downloaded.
 Any other lm-eval task (its own YAML folder given as an include path, or a registered task whose data
 is already in the Hugging Face cache) runs the same way.
 

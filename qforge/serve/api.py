@@ -7,8 +7,8 @@ GET /v1/adapters, DELETE /v1/adapters/{name}, GET /v1/usage, GET /metrics (Prome
 GET /health.
 
 Generation options beyond sampling: log-probs (`logprobs`, `echo`, `top_logprobs`: logprobs.py),
-`response_format` json_object / json_schema and `tools` / `tool_choice` (structured.py, tools.py). With API keys, every route but /health needs
-`Authorization: Bearer KEY`. Errors are OpenAI's shape: {"error": {message, type, param, code}}.
+`response_format` json_object / json_schema and `tools` / `tool_choice` (structured.py, tools.py).
+With API keys, every route but /health needs `Authorization: Bearer KEY`. Errors are OpenAI's shape: {"error": {message, type, param, code}}.
 
 `create_app` builds the app in-process (tests run it under uvicorn in a thread); it does not own the
 engine's thread beyond starting it.
@@ -338,7 +338,7 @@ class _Generator:
             message, called = self.plan.message(event.text)
             return {"index": index, "message": message,
                     "logprobs": chat_logprobs(tok, entries) if self.top_k is not None else None,
-                    "finish_reason": "tool_calls" if called and event.finish_reason == "stop" else event.finish_reason}
+                    "finish_reason": _finish_reason(called, event.finish_reason)}
         prefix = tok.decode(req.prompt_ids) if self.echo else ""
         logprobs = None
         if self.top_k is not None:
@@ -381,8 +381,8 @@ class _Generator:
         else:
             delta = {"content": event.text}
         logprobs = chat_logprobs(self.s.tokenizer, entries) if self.top_k is not None and entries else None
-        finish = "tool_calls" if called and event.finish_reason == "stop" else event.finish_reason
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "delta": delta, "logprobs": logprobs,
+                "finish_reason": _finish_reason(called, event.finish_reason)}
 
     def _echo_chunk(self, index: int) -> str:
         """Streaming with echo: a choice opens with its prompt's text (and log-probs, known once prefilled)."""
@@ -423,6 +423,11 @@ class _Generator:
             yield "data: [DONE]\n\n"
         finally:
             self.close()
+
+
+def _finish_reason(called: bool, reason: str | None) -> str | None:
+    """OpenAI's "tool_calls" for an answer that ended by itself with tool calls."""
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 class _EventStream(StreamingResponse):

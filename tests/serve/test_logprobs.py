@@ -121,7 +121,8 @@ def test_lm_eval_style_request_on_token_ids(client, live, tokenizer):
         logp = oracle(live.model, ids, "b", live.engine.registry.lock)
         new = int(logp[-1].argmax())
         assert len(c.logprobs.token_logprobs) == len(ids) + 1
-        check_legacy(tokenizer, c.logprobs, ids + [new], oracle(live.model, ids + [new], "b", live.engine.registry.lock), 1, False)
+        full = oracle(live.model, ids + [new], "b", live.engine.registry.lock)
+        check_legacy(tokenizer, c.logprobs, ids + [new], full, 1, False)
 
 
 def test_completion_logprobs_mixed_adapters_in_one_batch(client, live, tokenizer):
