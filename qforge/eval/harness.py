@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -51,11 +52,17 @@ def server_model_args(base_url: str, model: str, tokenizer: str, max_length: int
             "max_retries": 1, "max_length": max_length, "timeout": 600}
 
 
-def check_tasks(tasks: list[str], include_path: Path | None = None) -> None:
-    """ValueError naming the tasks lm-eval does not know (before any model is loaded)."""
+@lru_cache(maxsize=4)
+def _task_manager(include_path: str | None):
+    """lm-eval's task index (it reads every task YAML it ships: seconds), once per include path."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    return TaskManager(include_path=include_path)
+
+
+def check_tasks(tasks: list[str], include_path: Path | None = None) -> None:
+    """ValueError naming the tasks lm-eval does not know (before any model is loaded)."""
+    manager = _task_manager(str(include_path) if include_path is not None else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {unknown}; qforge ships {list(BUILTIN_TASKS)} "
@@ -66,13 +73,9 @@ def evaluate(backend: str, model_args: dict, tasks: list[str], include_path: Pat
              limit: int | None = None, batch_size: int = 1) -> dict[str, dict[str, float]]:
     """Run lm-eval's `simple_evaluate` and return {task: {metric: value}} (stderr values dropped)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise ValueError(f"unknown lm-eval task(s) {unknown}; qforge ships {list(BUILTIN_TASKS)} "
-                         "(give other task folders with --include-path)")
+    check_tasks(tasks, include_path)
+    manager = _task_manager(str(include_path) if include_path is not None else None)
     out = lm_eval.simple_evaluate(model=backend, model_args=model_args, tasks=list(tasks), task_manager=manager,
                                   limit=limit, batch_size=batch_size, bootstrap_iters=0, log_samples=False)
     return {task: _metrics(values) for task, values in out["results"].items()}
