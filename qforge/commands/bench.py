@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int,
                         help=f"eval-loss curve spacing in steps (default {BENCH_RECIPE['eval_every']})")
     parser.add_argument("--seed", type=int, help="seed shared by every method (default 0)")
+    parser.add_argument("--eval-tasks", default=None,
+                        help="after training, run these lm-eval tasks (comma-separated, e.g. qforge_extract) on the "
+                             "base and every method's adapter through one server; writes eval/ under the output "
+                             "folder (default: none)")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="with --eval-tasks: documents per task (default: all)")
     parser.add_argument("--output-dir", default=None,
                         help="where bench.md, bench.json and the PNG go (default runs/bench)")
     parser.add_argument("--device", default=None,
@@ -98,4 +104,24 @@ def run(args: argparse.Namespace) -> int:
               f"{smallest['method']} ({smallest['peak_memory_bytes'] / 1e9:.2f} GB); "
               f"{sum(r['status'] != 'ok' for r in records)} method(s) did not run")
     print(f"table: {out / 'bench.md'}   figures: {out / 'bench.json'}   curves: {out / 'bench_eval_loss.png'}")
+    if getattr(args, "eval_tasks", None):
+        bench_eval(records, recipe["model"], args.eval_tasks, out / "eval", args.eval_limit)
     return 0 if all(r["status"] in ("ok", "unsupported") for r in records) else 1
+
+
+OTHER_BASE_METHODS = ("loftq", "qlora-fp4")
+
+
+def bench_eval(records: list[dict], base: str, tasks: str, out: Path, limit: int | None) -> dict:
+    """lm-eval over the base and the adapters the bench trained, on one server with the NF4 base.
+    Every adapter is served on that NF4 base (BF16 LoRA's too: the comparison the bench is for);
+    adapters that belong to another base (LoftQ's, initialised with its own quantised base; FP4's)
+    and full fine-tuning (no adapter) are left out."""
+    from .eval import evaluate_adapters
+
+    adapters = {r["method"]: r["adapter_dir"] for r in records
+                if r["status"] == "ok" and r.get("adapter_dir") and r["method"] not in OTHER_BASE_METHODS}
+    if not adapters:
+        print("bench: --eval-tasks: no adapter to evaluate")
+        return {}
+    return evaluate_adapters(base, adapters, [t.strip() for t in tasks.split(",") if t.strip()], out, limit)

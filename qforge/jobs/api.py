@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..serve.api import APIError
 from ..serve.registry import AdapterError, AdapterRegistry, AdapterSlotsBusy
+from . import models as ft_models
 from .store import ACTIVE, FINISHED, JobStore, fine_tuned_model_name, new_id, now
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -322,31 +323,61 @@ class JobService:
 
     # ---- fine-tuned models ----------------------------------------------------------------------
     def model_visible(self, name: str, key_id: str) -> bool:
-        """Whether caller `key_id` may use model `name`: a job's fine-tuned model only by its owner
-        (registered now if the watcher has not yet); every other model by everyone."""
+        """Whether caller `key_id` may use model `name`: a job's fine-tuned model (or one of its
+        checkpoint models) only by its owner (registered now if the watcher has not yet); every other
+        model by everyone."""
         if not name.startswith("ft:"):
             return True
-        job = self.store.job_for_model(name)
+        job = ft_models.job_of_model(self.store, name)
         if job is None:
             return True
         if job["owner"] != key_id:
             return False
-        self.register(job)
+        if ft_models.checkpoint_of(name) is None:
+            self.register(job)
+        else:
+            self.register(job, name)
         return True
 
-    def register(self, job: dict) -> None:
-        name = job["fine_tuned_model"]
+    def register(self, job: dict, name: str | None = None) -> None:
+        """Serve the job's fine-tuned model, or its checkpoint model `name`, when its adapter exists."""
+        name = name or job["fine_tuned_model"]
         if name in self.registry or name in self._unloadable or job["model"] != self.registry.base_name:
+            return
+        folder = ft_models.adapter_dir(self.store, job, name)
+        if folder is None or not folder.is_dir():  # no such checkpoint, or the model was deleted
             return
         with self._register_lock:
             if name in self.registry:
                 return
             try:
-                self.registry.add(name, self.store.job_dir(job["id"]) / "run" / "adapter", trusted=True)
+                self.registry.add(name, folder, trusted=True)
             except AdapterError as exc:
                 if not isinstance(exc, AdapterSlotsBusy):  # all slots busy: try again later
                     self._unloadable.add(name)
                 print(f"qforge jobs: cannot serve {name}: {exc}", flush=True)
+
+    def delete_model(self, name: str, key_id: str) -> dict | None:
+        """DELETE /v1/models/{name} for a fine-tuned or checkpoint model: unload it and remove its
+        adapter files (the job stays). None when `name` is no job's model (the server decides)."""
+        if not name.startswith("ft:"):
+            return None
+        job = ft_models.job_of_model(self.store, name)
+        if job is None:
+            return None
+        if job["owner"] != key_id:
+            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        with self._register_lock:
+            if name in self.registry:
+                try:
+                    self.registry.remove(name)
+                except AdapterError:
+                    pass
+            removed = ft_models.delete_adapter_files(ft_models.adapter_dir(self.store, job, name))
+        if not removed:
+            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        self.store.add_event(job["id"], f"The model {name} was deleted", None)
+        return {"id": name, "object": "model", "deleted": True}
 
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_S):
@@ -434,6 +465,7 @@ def install(app: FastAPI, state, caller, service: JobService) -> None:
     """Add the files and jobs routes and the dashboard to the inference app; fine-tuned models are
     then visible only to their owners."""
     state.model_guard = service.model_visible
+    state.model_deleter = service.delete_model
     state.body_limits["/v1/files"] = service.config.max_file_bytes + 2 ** 16  # multipart framing
     app.state.jobs = service
     _add_file_routes(app, service, caller)
@@ -511,8 +543,14 @@ def _add_job_routes(app: FastAPI, service: JobService, caller) -> None:
         return job_object(await run_in_threadpool(service.create_job, owner, body))
 
     @app.get("/v1/fine_tuning/jobs")
-    async def list_jobs(after: str | None = None, limit: int = Query(20, ge=1, le=100), owner: str = Depends(caller)):
-        rows, more = store.list_jobs(owner, after, limit)
+    async def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
+                        owner: str = Depends(caller)):
+        wanted = ft_models.metadata_filter(request.query_params)  # metadata[key]=value, as OpenAI's
+        if not wanted:
+            rows, more = store.list_jobs(owner, after, limit)
+        else:
+            every = [r for r in store.list_jobs(owner, after, 10 ** 6)[0] if ft_models.matches_metadata(r, wanted)]
+            rows, more = every[:limit], len(every) > limit
         return page([job_object(r) for r in await served(rows)], more)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")

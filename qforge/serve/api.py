@@ -1,10 +1,14 @@
 """The OpenAI-compatible HTTP surface over an Engine and an AdapterRegistry.
 
-Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions
-(`stream: true` gives server-sent events in OpenAI's chunk format ending with `data: [DONE]`),
-POST /v1/adapters {name, path}, GET /v1/adapters, DELETE /v1/adapters/{name}, GET /v1/usage,
-GET /metrics (Prometheus text), GET /health. With API keys, every route but /health needs
-`Authorization: Bearer KEY`. Errors are OpenAI's shape: {"error": {message, type, param, code}}.
+Routes: GET /v1/models, GET /v1/models/{id}, DELETE /v1/models/{id}, POST /v1/completions,
+POST /v1/chat/completions (`stream: true` gives server-sent events in OpenAI's chunk format ending
+with `data: [DONE]`), POST /v1/embeddings (embeddings.py), POST /v1/adapters {name, path},
+GET /v1/adapters, DELETE /v1/adapters/{name}, GET /v1/usage, GET /metrics (Prometheus text),
+GET /health.
+
+Generation options beyond sampling: log-probs (`logprobs`, `echo`, `top_logprobs`: logprobs.py),
+`response_format` json_object / json_schema and `tools` / `tool_choice` (structured.py, tools.py).
+With API keys, every route but /health needs `Authorization: Bearer KEY`. Errors are OpenAI's shape: {"error": {message, type, param, code}}.
 
 `create_app` builds the app in-process (tests run it under uvicorn in a thread); it does not own the
 engine's thread beyond starting it.
@@ -27,7 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .embeddings import add_embedding_routes
 from .engine import Engine, Event, QueueFull, Request as GenRequest, RequestError, SamplingParams
+from .logprobs import MAX_TOP_LOGPROBS, chat_logprobs, completion_logprobs, trim_to_text
+from .structured import GrammarError, compile_plan
+from .tools import OutputPlan, output_plan, render_messages, template_supports_tools
 from .metrics import Metrics, UsageLedger
 from .registry import AdapterError, AdapterRegistry
 
@@ -116,14 +124,11 @@ class _Generation(BaseModel):
     ignore_eos: bool = False  # vLLM's extension: keep going past EOS (benchmarks)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
 
     def unsupported(self) -> None:
         for field in ("presence_penalty", "frequency_penalty"):
             if getattr(self, field):
                 raise APIError(400, f"{field} is not supported by this server", param=field, code="unsupported")
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > MAX_STOP:
             raise APIError(400, f"stop: at most {MAX_STOP} sequences", param="stop")
@@ -131,14 +136,29 @@ class _Generation(BaseModel):
 
 class CompletionBody(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    response_format: dict | None = None  # vLLM's extension: json_object / json_schema for completions too
+
+    def output_plan(self) -> OutputPlan:
+        try:
+            return output_plan(None, None, self.response_format)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.echo or (self.best_of or 1) > 1 or self.suffix:
-            raise APIError(400, "echo, best_of and suffix are not supported", param="echo", code="unsupported")
+        if (self.best_of or 1) > 1 or self.suffix:
+            raise APIError(400, "best_of and suffix are not supported", param="best_of", code="unsupported")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens 0 needs echo: true (it scores the prompt only)", param="max_tokens")
+
+    def logprob_options(self) -> tuple[int | None, bool]:
+        """(alternatives per token or None for no log-probs, score the prompt too)."""
+        return self.logprobs, self.echo and self.logprobs is not None
 
 
 class TextPart(BaseModel):
@@ -149,27 +169,42 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None       # a tool result's call
 
     def as_template_message(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatBody(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    def unsupported(self) -> None:
-        super().unsupported()
-        if self.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {type: text} is supported", param="response_format",
-                           code="unsupported")
+    def output_plan(self) -> OutputPlan:
+        try:
+            return output_plan(self.tools, self.tool_choice, self.response_format)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
+
+    def logprob_options(self) -> tuple[int | None, bool]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None, False
+
 
 
 class AdapterBody(BaseModel):
@@ -204,8 +239,9 @@ class _Generator:
     """One HTTP generation request: n choices over one or more prompts, run by the engine."""
 
     def __init__(self, app_state: "_State", kind: str, body: _Generation, prompts: list[list[int]],
-                 max_tokens: list[int], key_id: str):
+                 max_tokens: list[int], key_id: str, plan: OutputPlan | None = None, grammar=None):
         self.s, self.kind, self.body, self.key_id = app_state, kind, body, key_id
+        self.plan, self.grammar = plan or OutputPlan(), grammar  # grammar: makes a GrammarProcessor per choice
         self.adapter = app_state.resolve_model(body.model, key_id)
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -214,13 +250,19 @@ class _Generator:
         self.closed = False
         self.next_check = 0.0
         stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        self.top_k, score_prompt = body.logprob_options()
+        self.echo = kind == "completion" and body.echo
+        self.offsets: dict[int, int] = {}  # streaming: characters sent so far per choice (text_offset)
         self.requests = []
         for p, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
             for k in range(body.n):
                 seed = None if body.seed is None else body.seed + k
-                params = _params(limit, body.temperature, body.top_p, stops, seed, body.ignore_eos)
+                params = _params(limit, body.temperature, body.top_p, stops, seed, body.ignore_eos,
+                                 logprobs=self.top_k, prompt_logprobs=score_prompt)
                 index = p * body.n + k
-                self.requests.append(GenRequest(prompt, self.adapter, params, sink=self.events.sink(index)))
+                processor = self.grammar() if self.grammar is not None else None
+                self.requests.append(GenRequest(prompt, self.adapter, params, sink=self.events.sink(index),
+                                                processor=processor))
 
     def submit(self) -> None:
         if not self.s.engine.alive:
@@ -290,10 +332,20 @@ class _Generator:
                 "system_fingerprint": None}
 
     def _choice(self, index: int, event: Event) -> dict:
+        req, tok = self.requests[index], self.s.tokenizer
+        entries = trim_to_text(tok, req.output_logprobs, event.text) if self.top_k is not None else []
         if self.kind == "chat":
-            return {"index": index, "message": {"role": "assistant", "content": event.text},
-                    "logprobs": None, "finish_reason": event.finish_reason}
-        return {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+            message, called = self.plan.message(event.text)
+            return {"index": index, "message": message,
+                    "logprobs": chat_logprobs(tok, entries) if self.top_k is not None else None,
+                    "finish_reason": _finish_reason(called, event.finish_reason)}
+        prefix = tok.decode(req.prompt_ids) if self.echo else ""
+        logprobs = None
+        if self.top_k is not None:
+            scored = (req.prompt_logprobs or [None] * len(req.prompt_ids)) if self.echo else []
+            tokens = (req.prompt_ids if self.echo else []) + [e.token for e in entries]
+            logprobs = completion_logprobs(tok, scored + entries, tokens)
+        return {"index": index, "text": prefix + event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
 
     # ---- streaming ------------------------------------------------------------------------------
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
@@ -303,11 +355,41 @@ class _Generator:
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk)}\n\n"
 
-    def _delta(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+    def _delta(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False,
+               entries: list | None = None) -> dict:
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            logprobs = chat_logprobs(self.s.tokenizer, entries) if self.top_k is not None and entries else None
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": self._stream_logprobs(index, entries),
+                "finish_reason": finish}
+
+    def _stream_logprobs(self, index: int, entries: list | None, tokens: list[int] | None = None) -> dict | None:
+        """A completion chunk's legacy logprobs, text offsets running on from the choice's last chunk."""
+        if self.top_k is None or not (entries or tokens):
+            return None
+        tokens = tokens if tokens is not None else [e.token for e in entries]
+        out = completion_logprobs(self.s.tokenizer, entries, tokens, self.offsets.get(index, 0))
+        self.offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1]) if tokens else self.offsets.get(index, 0)
+        return out
+
+    def _tool_delta(self, index: int, event: Event, entries: list) -> dict:
+        """With tools, a streamed answer comes as one delta: its text, or its tool calls."""
+        message, called = self.plan.message(event.text)
+        if called:
+            delta = {"tool_calls": [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]}
+        else:
+            delta = {"content": event.text}
+        logprobs = chat_logprobs(self.s.tokenizer, entries) if self.top_k is not None and entries else None
+        return {"index": index, "delta": delta, "logprobs": logprobs,
+                "finish_reason": _finish_reason(called, event.finish_reason)}
+
+    def _echo_chunk(self, index: int) -> str:
+        """Streaming with echo: a choice opens with its prompt's text (and log-probs, known once prefilled)."""
+        req = self.requests[index]
+        entries = req.prompt_logprobs or [None] * len(req.prompt_ids)
+        return self._chunk([{"index": index, "text": self.s.tokenizer.decode(req.prompt_ids),
+                             "logprobs": self._stream_logprobs(index, entries, req.prompt_ids), "finish_reason": None}])
 
     async def stream(self, http_request: Request):
         """Server-sent events: a role chunk per choice (chat), text deltas, a finish chunk per choice,
@@ -316,13 +398,23 @@ class _Generator:
         try:
             if self.kind == "chat":
                 yield self._chunk([self._delta(i, role=True) for i in range(len(self.requests))])
+            echoed: set[int] = set()
+            pending: dict[int, list] = {}  # with tools: log-probs held until the answer is whole
             while finished < len(self.requests):
                 index, event = await self.next_event(http_request)
-                if event.kind == "delta":
-                    yield self._chunk([self._delta(index, event.text)])
+                if self.echo and index not in echoed and event.kind != "error":
+                    echoed.add(index)
+                    yield self._echo_chunk(index)
+                if event.kind == "delta" and self.plan.tools:
+                    pending.setdefault(index, []).extend(event.logprobs)  # a call is whole only at the end
+                elif event.kind == "delta":
+                    yield self._chunk([self._delta(index, event.text, entries=event.logprobs)])
                 elif event.kind == "done":
                     finished += 1
-                    yield self._chunk([self._delta(index, finish=event.finish_reason)])
+                    if self.plan.tools:
+                        yield self._chunk([self._tool_delta(index, event, pending.pop(index, []) + event.logprobs)])
+                    else:
+                        yield self._chunk([self._delta(index, finish=event.finish_reason, entries=event.logprobs)])
                 else:
                     yield f"data: {json.dumps(error_body(event.error or 'generation failed', 'server_error'))}\n\n"
                     break
@@ -331,6 +423,11 @@ class _Generator:
             yield "data: [DONE]\n\n"
         finally:
             self.close()
+
+
+def _finish_reason(called: bool, reason: str | None) -> str | None:
+    """OpenAI's "tool_calls" for an answer that ended by itself with tool calls."""
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 class _EventStream(StreamingResponse):
@@ -349,10 +446,10 @@ class _EventStream(StreamingResponse):
             self.generation.close()
 
 
-def _params(max_tokens, temperature, top_p, stops, seed, ignore_eos) -> SamplingParams:
+def _params(max_tokens, temperature, top_p, stops, seed, ignore_eos, **extra) -> SamplingParams:
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed,
-                              ignore_eos=ignore_eos)
+                              ignore_eos=ignore_eos, **extra)
     except RequestError as exc:
         raise APIError(400, str(exc), param=exc.param) from exc
 
@@ -365,6 +462,7 @@ class _State:
         self.tokenizer = engine.tokenizer
         self.started = int(time.time())
         self.model_guard = None  # (model name, key id) -> may this caller use it? (set by the jobs service)
+        self.model_deleter = None  # (model name, key id) -> deleted card, or None when not its model (jobs)
         self.body_limits: dict[str, int] = {}  # path prefix -> larger body limit (uploads)
 
     def visible(self, name: str, key_id: str | None) -> bool:
@@ -462,6 +560,8 @@ def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: 
     _add_info_routes(app, state, caller)
     _add_generation_routes(app, state, caller)
     _add_adapter_routes(app, state, caller)
+    _add_model_delete_route(app, state, caller)
+    add_embedding_routes(app, state, caller, APIError)
     for extend in extensions:
         extend(app, state, caller)
     return app
@@ -502,21 +602,30 @@ def _add_generation_routes(app: FastAPI, state: _State, caller) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
+        plan = body.output_plan()
         prompts = _completion_prompts(state, body.prompt)
-        limit = body.max_tokens or 16
-        return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request)
+        limit = 16 if body.max_tokens is None else body.max_tokens
+        return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request, plan)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
-        prompt = _chat_prompt(state, body.messages, adapter_chat_template(state, state.resolve_model(body.model, key_id)))
+        plan = body.output_plan()
+        prompt = _chat_prompt(state, body.messages, plan,
+                              adapter_chat_template(state, state.resolve_model(body.model, key_id)))
         asked = body.max_completion_tokens or body.max_tokens
         limit = asked or max(1, min(DEFAULT_CHAT_MAX_TOKENS, state.engine.context_len - len(prompt)))
-        return await _respond(state, "chat", body, [prompt], [limit], key_id, request)
+        return await _respond(state, "chat", body, [prompt], [limit], key_id, request, plan)
 
 
-async def _respond(state, kind, body, prompts, limits, key_id, request: Request):
-    generation = _Generator(state, kind, body, prompts, limits, key_id)
+async def _respond(state, kind, body, prompts, limits, key_id, request: Request, plan: OutputPlan | None = None):
+    grammar = None
+    if plan is not None and plan.schema is not None:
+        try:  # the first use builds llguidance's view of the tokenizer (about a second): off the event loop
+            grammar = await run_in_threadpool(compile_plan, state.engine, plan.schema, plan.schema_param)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
+    generation = _Generator(state, kind, body, prompts, limits, key_id, plan, grammar)
     if body.stream:
         generation.submit()  # errors (400, 429) before the stream starts are plain JSON answers
         return _EventStream(generation, request)
@@ -551,12 +660,17 @@ def adapter_chat_template(state: _State, adapter: str | None) -> str | None:
     return saved_template(entry.path)
 
 
-def _chat_prompt(state: _State, messages: list[ChatMessage], template: str | None = None) -> list[int]:
+def _chat_prompt(state: _State, messages: list[ChatMessage], plan: OutputPlan | None = None,
+                 template: str | None = None) -> list[int]:
     if not template and not getattr(state.tokenizer, "chat_template", None):
         raise APIError(400, "the base model has no chat template; use /v1/completions", param="messages")
+    tools = plan.tools if plan is not None else []
+    native = template_supports_tools(state.tokenizer)
+    rendered = render_messages([m.as_template_message() for m in messages], tools, native)
+    extra = {"tools": tools} if tools and native else {}
     try:
-        text = state.tokenizer.apply_chat_template([m.as_template_message() for m in messages], tokenize=False,
-                                                   add_generation_prompt=True, chat_template=template)
+        text = state.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True,
+                                                   chat_template=template, **extra)
     except Exception as exc:  # noqa: BLE001 - a template may reject a conversation (role order)
         raise APIError(400, f"the chat template rejects these messages: {exc}", param="messages") from exc
     return state.tokenizer(text, add_special_tokens=False).input_ids
@@ -586,3 +700,24 @@ def _add_adapter_routes(app: FastAPI, state: _State, caller) -> None:
         except AdapterError as exc:
             raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
         return {"id": name, "object": "model", "deleted": True}
+
+
+def _add_model_delete_route(app: FastAPI, state: _State, caller) -> None:
+    """DELETE /v1/models/{id}: a fine-tuned model by its owner (the jobs service removes its files),
+    or a served adapter (unloaded, as DELETE /v1/adapters/{name}); never the base model (403)."""
+    @app.delete("/v1/models/{model_id:path}")
+    async def delete_model(model_id: str, key_id: str = Depends(caller)):
+        if model_id == state.registry.base_name:
+            raise APIError(403, f"the base model '{model_id}' cannot be deleted", "permission_error", param="model",
+                           code="model_not_deletable")
+        if state.model_deleter is not None:
+            done = await run_in_threadpool(state.model_deleter, model_id, key_id)
+            if done is not None:
+                return done
+        if not state.visible(model_id, key_id) or model_id not in state.registry:
+            raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        try:
+            await run_in_threadpool(state.registry.remove, model_id)
+        except AdapterError as exc:
+            raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
+        return {"id": model_id, "object": "model", "deleted": True}

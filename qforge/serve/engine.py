@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .logprobs import prompt_logprobs, step_logprobs
 
 log = logging.getLogger("qforge.serve")
 
@@ -68,10 +69,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None      # record each sampled token's log-prob and this many alternatives
+    prompt_logprobs: bool = False    # also score the prompt's own tokens (`echo`); then max_tokens may be 0
 
     def __post_init__(self):
         self.stop = tuple(s for s in self.stop if s)
-        if self.max_tokens < 1:
+        if self.max_tokens < (0 if self.prompt_logprobs else 1):
             raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
         if self.temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
@@ -90,6 +93,7 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     status: int = 500  # for "error": the HTTP status it maps to
+    logprobs: list = field(default_factory=list)  # TokenLogprobs of the tokens this event releases
 
 
 _ids = itertools.count()
@@ -113,6 +117,11 @@ class Request:
     admitted: float | None = None
     first_token: float | None = None
     finished: float | None = None
+    # constrained decoding: an object with mask(logits (V,)) -> logits and advance(token) (structured.py)
+    processor: object | None = None
+    output_logprobs: list = field(default_factory=list)  # TokenLogprob per output token (params.logprobs)
+    prompt_logprobs: list | None = None  # per prompt token, the first None (params.prompt_logprobs)
+    logprobs_sent: int = 0  # output_logprobs already released in events
 
     def __post_init__(self):
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
@@ -294,6 +303,25 @@ class Engine:
             raise RuntimeError(req.text)
         return req
 
+    def embed(self, prompts: list[list[int]], adapter: str | None) -> torch.Tensor:
+        """(N, H) float32: each prompt's last hidden state (after the final norm), mean-pooled over its
+        own tokens. Runs in the caller's thread between the engine's steps (the registry's lock), one
+        batch of right-padded prompts, the adapter pinned meanwhile."""
+        if not self.registry.acquire(adapter):
+            raise QueueFull("every adapter slot is held by running requests")
+        try:
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in prompts], device=self.device)
+            mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=self.device)
+            with torch.no_grad(), self.registry.lock, self.registry.select([adapter] * len(prompts), self.device):
+                out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
+                                 logits_to_keep=1)
+            hidden = out.hidden_states[-1].float()                                  # (N, T, H)
+            weights = mask[:, :, None].to(hidden.dtype)                               # (N, T, 1)
+            return ((hidden * weights).sum(1) / weights.sum(1)).cpu()                 # (N, H)
+        finally:
+            self.registry.release(adapter)
+
     # ---- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -377,14 +405,23 @@ class Engine:
         kv = KVBatch(_new_cache(self.model), torch.tensor([len(r.prompt_ids) for r in new]))
         mask = kv.attention_mask()                                  # (N, P)
         positions = (mask.cumsum(1) - 1).clamp(min=0)               # (N, P), per row from 0
+        scored = [r for r in new if r.params.prompt_logprobs]
+        keep = max((len(r.prompt_ids) for r in scored), default=1)  # logits of the prompts that want them
         start = time.perf_counter()
-        logits = self._forward(ids, mask, positions, kv.cache, [r.adapter for r in new])  # (N, V)
+        logits = self._forward(ids, mask, positions, kv.cache, [r.adapter for r in new], keep=keep)  # (N, K, V)
         self._observe("step_seconds", time.perf_counter() - start, phase="prefill")
         self._kv.append(kv)
         self._rows.extend(new)
         for req, row in zip(new, logits):
-            if not req.cancelled:
-                self._accept(req, sample_token(row, req.params, req.generator))
+            if req.params.prompt_logprobs:
+                n = len(req.prompt_ids)
+                req.prompt_logprobs = prompt_logprobs(row[keep - n:], req.prompt_ids, req.params.logprobs or 0)
+            if req.cancelled:
+                continue
+            if req.params.max_tokens == 0:  # echo only: the prompt's log-probs are the answer
+                self._finish(req, "length")
+            else:
+                self._sample_into(req, row[-1])
 
     def _decode_step(self, rows: list[Request]) -> None:
         """One token for every running row: input (B, 1), mask (B, T + 1), positions (B, 1)."""
@@ -398,17 +435,42 @@ class Engine:
         self._kv.grow(1)
         for req, row in zip(rows, logits):
             if req.finish_reason is None and not req.cancelled:
-                self._accept(req, sample_token(row, req.params, req.generator))
+                self._sample_into(req, row)
 
-    def _forward(self, ids: list[list[int]], mask, positions, cache, adapters: list[str | None]) -> torch.Tensor:
-        """Last-position logits (B, V), float32 on the CPU (where the samplers' generators live);
-        the registry's lock keeps the adapters in place meanwhile."""
+    def _sample_into(self, req: Request, logits: torch.Tensor) -> None:
+        """Sample and accept one token for `req`; a failing grammar fails this request only."""
+        try:
+            token = self._pick(req, logits)
+        except Exception as exc:  # noqa: BLE001 - one row's grammar must not fail the batch
+            log.exception("sampling failed for request %s", req.id)
+            self._fail(req, f"sampling failed: {type(exc).__name__}: {exc}")
+            return
+        self._accept(req, token)
+
+    def _pick(self, req: Request, logits: torch.Tensor) -> int:
+        """Sample a request's next token from its float32 logits (V,): through its grammar's mask
+        when it has one; record the token's log-prob (of the raw logits) when it asked."""
+        allowed = req.processor.mask(logits) if req.processor is not None else logits
+        token = sample_token(allowed, req.params, req.generator)
+        if req.params.logprobs is not None:
+            req.output_logprobs.append(step_logprobs(logits, token, req.params.logprobs))
+        if req.processor is not None:
+            req.processor.advance(token)
+        return token
+
+    def _forward(self, ids: list[list[int]], mask, positions, cache, adapters: list[str | None],
+                 keep: int | None = None) -> torch.Tensor:
+        """Last-position logits (B, V) -- or, with `keep`, the last `keep` positions' (B, keep, V) --
+        float32 on the CPU (where the samplers' generators live); the registry's lock keeps the
+        adapters in place meanwhile."""
         ids = torch.tensor(ids, device=self.device)
         mask, positions = mask.to(self.device), positions.to(self.device)
         with self.registry.lock, self.registry.select(adapters, self.device):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **{self._cache_kw: cache})
-        return out.logits[:, -1, :].float().cpu()
+                             logits_to_keep=keep or 1, **{self._cache_kw: cache})
+        if keep is None:
+            return out.logits[:, -1, :].float().cpu()
+        return out.logits[:, -keep:, :].float().cpu()
 
     # ---- per-request bookkeeping ----------------------------------------------------------------
     def _accept(self, req: Request, token: int) -> None:
@@ -432,17 +494,27 @@ class Engine:
             reason = None
         req.text = text
         end = len(text) if reason else len(text) - _held_back(text, req.params.stop)
+        if eos and req.output_logprobs:
+            req.output_logprobs.pop()  # the end token is not part of the answer
         if end > req.emitted:
-            req.sink(Event("delta", text[req.emitted:end]))
+            req.sink(Event("delta", text[req.emitted:end], logprobs=self._release_logprobs(req)))
             req.emitted = end
         if reason:
             self._finish(req, reason)
+
+    @staticmethod
+    def _release_logprobs(req: Request) -> list:
+        """The recorded log-probs not yet sent with an event."""
+        out = req.output_logprobs[req.logprobs_sent:]
+        req.logprobs_sent = len(req.output_logprobs)
+        return out
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason, req.finished = reason, time.monotonic()
         if self.metrics is not None:
             self.metrics.finished.inc(reason=reason)
-        req.sink(Event("done", req.text, reason, len(req.prompt_ids), len(req.output_ids)))
+        req.sink(Event("done", req.text, reason, len(req.prompt_ids), len(req.output_ids),
+                       logprobs=self._release_logprobs(req)))
 
     def _fail(self, req: Request, message: str, status: int = 500) -> None:
         if req.finish_reason is not None:

@@ -3,7 +3,9 @@
 A checkpoint folder `step-000120/` holds trainable.safetensors (every trainable parameter by
 name), optimizer.pt, rng.pt (torch's CPU generator and Python's `random`) and state.json (step,
 the metrics so far). It is written under a temporary name, fsynced, then renamed, so a crash
-mid-write leaves the previous checkpoint as the latest one.
+mid-write leaves the previous checkpoint as the latest one. When the model carries a LoRA adapter
+("default"), the folder also holds it as a PEFT adapter (`adapter/`), so a server can answer
+with any checkpoint (`ft:...:ckpt-step-N`) without the trainer's state.
 
 A run of several processes writes the same files from rank 0 (the adapters and the optimiser state
 are whole on every rank) plus each rank's torch generator in rng.pt, so a checkpoint resumes with
@@ -30,13 +32,32 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, step: int, 
     if rng_by_rank is not None and len(rng_by_rank) > 1:
         rng["torch_by_rank"] = rng_by_rank
 
+    adapter = _peft_files(model)
+
     def write(tmp: Path) -> None:
+        if adapter is not None:
+            (tmp / ADAPTER_DIR).mkdir()
+            save_file(adapter[1], tmp / ADAPTER_DIR / "adapter_model.safetensors", metadata={"format": "pt"})
+            (tmp / ADAPTER_DIR / "adapter_config.json").write_text(json.dumps(adapter[0], indent=2, sort_keys=True))
         save_file(trainable, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
 
     return atomic_folder(folder / f"step-{step:06d}", write)
+
+
+ADAPTER_DIR = "adapter"
+
+
+def _peft_files(model: torch.nn.Module) -> tuple[dict, dict] | None:
+    """(adapter_config.json dict, PEFT tensors) of the model's "default" adapter; None without one."""
+    from ..adapters.peft_format import adapter_config, adapter_tensors
+
+    try:
+        return adapter_config(model, "default"), {k: v.cpu() for k, v in adapter_tensors(model, "default").items()}
+    except ValueError:  # no layer carries a LoRA adapter (a full fine-tune)
+        return None
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

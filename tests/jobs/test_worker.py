@@ -120,3 +120,24 @@ def test_kill_9_of_the_worker_mid_job_resumes_from_the_last_checkpoint(service, 
     reply = service.client.chat.completions.create(model=job.fine_tuned_model, max_tokens=3,
                                                    messages=[{"role": "user", "content": "Who is Ada?"}])
     assert reply.model == job.fine_tuned_model
+
+
+def test_a_real_jobs_checkpoints_are_models_and_the_model_can_be_deleted(service, training_file):
+    """Every checkpoint writes its PEFT adapter: ckpt-step-N answers, and the last checkpoint answers
+    as the job's final model (the same weights); deleting the model leaves the checkpoints."""
+    job = finished(service, create(service, training_file.id, suffix="ckpt", max_steps=2).id)
+    assert job.status == "succeeded"
+    names = [c.fine_tuned_model_checkpoint for c in service.client.fine_tuning.jobs.checkpoints.list(job.id)]
+    assert names == [f"{job.fine_tuned_model}:ckpt-step-2", f"{job.fine_tuned_model}:ckpt-step-1"]
+    ask = dict(prompt="Who is Ada?", max_tokens=6, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+    final = service.client.completions.create(model=job.fine_tuned_model, **ask).choices[0]
+    last = service.client.completions.create(model=names[0], **ask).choices[0]
+    first = service.client.completions.create(model=names[1], **ask)
+    # the same weights; this server's float32 answers vary in the last bits from run to run (~1e-5)
+    assert last.logprobs.token_logprobs == pytest.approx(final.logprobs.token_logprobs, abs=1e-3)
+    assert first.model == names[1]
+    assert service.client.models.delete(job.fine_tuned_model).deleted
+    with pytest.raises(openai.NotFoundError):
+        service.client.completions.create(model=job.fine_tuned_model, **ask)
+    assert service.client.completions.create(model=names[0], **ask).model == names[0]
+    assert service.client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"

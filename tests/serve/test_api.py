@@ -177,7 +177,7 @@ def assert_error(r: httpx.Response, status: int, param=None):
     ({"model": "a", "prompt": [10 ** 9]}, 400, "prompt"),
     ({"model": "a", "prompt": ""}, 400, "prompt"),
     ({"model": "a", "prompt": "hi", "stop": ["1", "2", "3", "4", "5"]}, 400, "stop"),
-    ({"model": "a", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"model": "a", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ({"model": "nope", "prompt": "hi"}, 404, "model"),
     ({"model": "a", "prompt": "hi", "max_tokens": 10 ** 6}, 400, "max_tokens"),
 ])
@@ -192,7 +192,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live, client, bod
 def test_bad_chat_requests(live, client):
     for body, param in (({"model": "a", "messages": []}, "messages"),
                         ({"model": "a", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-                        ({"model": "a", "messages": CHAT, "tools": [{"type": "function"}]}, "tools")):
+                        ({"model": "a", "messages": CHAT, "tools": [{"type": "function"}]}, "tools.0")):
         assert_error(httpx.post(live.url + "/chat/completions", json=body, headers=AUTH), 400, param)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="a", messages=CHAT, max_tokens=10 ** 6)

@@ -76,3 +76,35 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
         atomic_folder(tmp_path / "step-000002", crash)
     assert latest_checkpoint(tmp_path).name == "step-000001"
     assert [p.name for p in tmp_path.iterdir()] == ["step-000001"]
+
+
+def test_a_checkpoint_of_a_lora_model_holds_its_peft_adapter(tmp_path):
+    """Each checkpoint also writes the adapter in PEFT format (so a server can serve checkpoint N)."""
+    from qforge.adapters import load_adapter
+    from qforge.model.surgery import add_adapter, linear_names, quantize_linears, select_targets
+    from qforge.nn import LoraSpec
+
+    def tiny():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+        quantize_linears(m, select_targets(linear_names(m), "all-linear"), compute_dtype=torch.float32)
+        return m
+
+    model = tiny()
+    add_adapter(model, "default", LoraSpec(r=2, alpha=4, dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape))
+    x = torch.randn(3, 16)
+    want = model(x)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    folder = save_checkpoint(tmp_path, model, opt, 3, {})
+    other = tiny()
+    load_adapter(other, folder / "adapter", name="ckpt")
+    from qforge.model.surgery import set_active_adapter
+    set_active_adapter(other, "ckpt")
+    assert torch.allclose(other(x), want, atol=1e-6)
+    plain = save_checkpoint(tmp_path, torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), 0.1),
+                            4, {})
+    assert not (plain / "adapter").exists()  # no adapter: no folder

@@ -1,0 +1,93 @@
+"""Structured outputs on the embedded SmolLM2-135M-Instruct (NF4 base, float32), several adapters
+and several schemas in one batch: every answer parses and validates against its schema
+(json_object, json_schema, and a tool call forced by tool_choice)."""
+import json
+import threading
+
+import jsonschema
+import openai
+import pytest
+import torch
+
+from qforge.adapters import save_adapter
+from qforge.commands import serve
+from qforge.model.surgery import add_adapter, qlora_layers, set_active_adapter
+from qforge.nn import LoraSpec
+from qforge.serve import detach_adapter
+
+from .helpers import LiveServer
+
+pytestmark = pytest.mark.slow
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "city": {"type": "string"}, "job": {"type": "string"}},
+          "required": ["name", "age", "city", "job"], "additionalProperties": False}
+TOOL = {"type": "function", "function": {"name": "book_table", "description": "Book a restaurant table",
+                                         "parameters": {"type": "object", "properties": {
+                                             "people": {"type": "integer", "minimum": 1, "maximum": 20},
+                                             "time": {"type": "string", "pattern": "^[0-2][0-9]:[0-5][0-9]$"}},
+                                             "required": ["people", "time"], "additionalProperties": False}}}
+EXTRACT = [{"role": "system", "content": "Extract the person's name, age, city and job as JSON."},
+           {"role": "user", "content": "Ana Silva, 34, is a nurse in Lisbon."}]
+BOOK = [{"role": "user", "content": "Book a table for four people at 19:30, please."}]
+OBJECT = [{"role": "user", "content": "Describe a cat as a JSON object with a few fields."}]
+
+
+def small_adapter(model, root, name, seed):
+    add_adapter(model, name, LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in qlora_layers(model):
+            if name in layer.adapters:
+                b = layer.adapters[name].lora_B.weight
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
+    save_adapter(model, root / name, name=name)
+    detach_adapter(model, name)
+    set_active_adapter(model, None)
+
+
+def test_smollm2_structured_outputs_in_one_mixed_batch(tmp_path):
+    parser = serve.argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--dtype", "float32", "--max-batch", "16", "--adapter-root", str(tmp_path)])
+    app, engine = serve.build(args, keys=[])
+    for i, name in enumerate(("one", "two")):
+        small_adapter(engine.model, tmp_path, name, seed=i)
+        engine.registry.add(name, tmp_path / name)
+    kinds = {"object": (OBJECT, {"response_format": {"type": "json_object"}}, {"type": "object"}),
+             "schema": (EXTRACT, {"response_format": {"type": "json_schema",
+                                                      "json_schema": {"name": "person", "schema": PERSON}}}, PERSON),
+             "tool": (BOOK, {"tools": [TOOL], "tool_choice": {"type": "function",
+                                                              "function": {"name": "book_table"}}},
+                      TOOL["function"]["parameters"])}
+    jobs = [(model, kind) for model in ("smollm2", "one", "two") for kind in kinds]
+    results = {}
+    try:
+        with LiveServer(app) as live:
+            client = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0, timeout=600)
+
+            def ask(model, kind):
+                messages, extra, _ = kinds[kind]
+                results[model, kind] = client.chat.completions.create(model=model, messages=messages, max_tokens=160,
+                                                                      temperature=0, **extra)
+            threads = [threading.Thread(target=ask, args=job) for job in jobs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        engine.stop()
+    assert len(results) == len(jobs)
+    for (model, kind), r in results.items():
+        choice = r.choices[0]
+        schema = kinds[kind][2]
+        if kind == "tool":
+            assert choice.finish_reason == "tool_calls", (model, choice)
+            (call,) = choice.message.tool_calls
+            assert call.function.name == "book_table"
+            value = json.loads(call.function.arguments)
+        else:
+            assert choice.finish_reason == "stop", (model, kind, choice.message.content)
+            value = json.loads(choice.message.content)
+        jsonschema.validate(value, schema)
+        print(model, kind, value)
