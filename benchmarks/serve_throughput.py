@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qforge.adapters import save_adapter  # noqa: E402
 from qforge.model.load import load_model  # noqa: E402
-from qforge.model.surgery import add_adapter, qlora_layers, set_active_adapter  # noqa: E402
+from qforge.model.surgery import add_adapter, adapted_layers, set_active_adapter  # noqa: E402
 from qforge.nn import LoraSpec  # noqa: E402
 from qforge.serve import AdapterRegistry, Engine, detach_adapter  # noqa: E402
 from qforge.serve.api import create_app  # noqa: E402
@@ -50,7 +50,7 @@ def make_adapters(model, root: Path, count: int, rank: int, seed: int = 0) -> li
         add_adapter(model, name, LoraSpec(r=rank, alpha=2 * rank, dropout=0.0, dtype=torch.bfloat16))
         gen = torch.Generator().manual_seed(seed + i)
         with torch.no_grad():
-            for _, layer in qlora_layers(model):
+            for _, layer in adapted_layers(model):
                 b = layer.adapters[name].lora_B.weight
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.01)
         save_adapter(model, root / name, name=name, base_model_name_or_path="smollm2")

@@ -18,6 +18,7 @@ def test_jobs_flags_become_the_service_config(tmp_path, monkeypatch):
     config = serve.jobs_config(parse("--jobs", "--data-dir", "state", "--memory-budget", "16GB", "--max-file-mb", "2"))
     assert config.data_dir == Path("state") and config.memory_budget == 16 * 10 ** 9
     assert config.max_file_bytes == 2 * 2 ** 20 and config.base_model == "smollm2"
+    (tmp_path / "models" / "tiny").mkdir(parents=True)  # a folder that exists is a path, not a Hub id
     config = serve.jobs_config(parse("--base", "models/tiny"))
     assert config.base_model == str(tmp_path / "models" / "tiny") and config.memory_budget is None
     assert config.data_dir == Path.home() / ".qforge"

@@ -13,7 +13,7 @@ from qforge.model.surgery import set_active_adapter
 from qforge.serve import AdapterRegistry, Engine
 from qforge.serve.api import create_app
 
-from .helpers import LiveServer, save_random_adapters, tiny_llama
+from .helpers import LiveServer, alone_model, save_random_adapters, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,13 @@ def live(tokenizer, tmp_path_factory):
 @torch.no_grad()
 def oracle(live, text: str, adapter) -> np.ndarray:
     ids = live.engine.tokenizer(text, add_special_tokens=False).input_ids
+    model = alone_model(live.model, adapter)  # a folder's adapter: loaded in-process on a copy (no slots)
     with live.engine.registry.lock:
-        set_active_adapter(live.model, adapter)
+        set_active_adapter(model, adapter)
         try:
-            hidden = live.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+            hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
         finally:
-            set_active_adapter(live.model, None)
+            set_active_adapter(model, None)
     return hidden.float().mean(0).numpy()
 
 

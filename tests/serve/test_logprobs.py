@@ -13,7 +13,7 @@ from qforge.serve import AdapterRegistry, Engine, Metrics, Request, SamplingPara
 from qforge.serve.api import create_app
 from qforge.serve.logprobs import token_bytes
 
-from .helpers import LiveServer, save_random_adapters, tiny_llama
+from .helpers import LiveServer, alone_model, save_random_adapters, tiny_llama
 
 TOL = 1e-4
 
@@ -21,6 +21,7 @@ TOL = 1e-4
 @torch.no_grad()
 def oracle(model, ids: list[int], adapter: str | None, lock=None) -> torch.Tensor:
     """(T, V) float32 log-softmax of the model's logits over `ids`, batch 1, the adapter active."""
+    model = alone_model(model, adapter)  # a folder's adapter: loaded in-process on a copy (no slots)
     with lock or threading.RLock():
         set_active_adapter(model, adapter)
         try:

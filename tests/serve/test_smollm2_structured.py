@@ -11,7 +11,7 @@ import torch
 
 from qforge.adapters import save_adapter
 from qforge.commands import serve
-from qforge.model.surgery import add_adapter, qlora_layers, set_active_adapter
+from qforge.model.surgery import add_adapter, adapted_layers, set_active_adapter
 from qforge.nn import LoraSpec
 from qforge.serve import detach_adapter
 
@@ -37,7 +37,7 @@ def small_adapter(model, root, name, seed):
     add_adapter(model, name, LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in qlora_layers(model):
+        for _, layer in adapted_layers(model):
             if name in layer.adapters:
                 b = layer.adapters[name].lora_B.weight
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
