@@ -11,30 +11,14 @@ import sys
 import pytest
 import torch
 
-from qforge.adapters import save_adapter, save_merged
+from qforge.adapters import save_merged
 from qforge.commands import serve
 from qforge.eval import harness
-from qforge.model.surgery import add_adapter, adapted_layers, set_active_adapter
-from qforge.nn import LoraSpec
-from qforge.serve import detach_adapter
 
-from tests.serve.helpers import LiveServer
+from tests.serve.helpers import LiveServer, saved_random_adapter
 
 pytestmark = pytest.mark.slow
 TASKS = ["qforge_mc", "qforge_gen"]
-
-
-def random_adapter(model, root, name, seed, scale=0.02):
-    add_adapter(model, name, LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            if name in layer.adapters:
-                b = layer.adapters[name].lora_B.weight
-                b.copy_(torch.randn(b.shape, generator=gen) * scale)
-    folder = save_adapter(model, root / name, name=name, base_model_name_or_path="smollm2")
-    set_active_adapter(model, None)
-    return folder
 
 
 def lm_eval_cli(url, model, tokenizer, include, out):
@@ -51,7 +35,8 @@ def test_lm_eval_through_the_server_matches_the_hf_backend_on_the_merged_model(t
     serve.add_arguments(parser)
     app, engine = serve.build(parser.parse_args(["--dtype", "float32", "--max-batch", "4"]), keys=[])
     model, tokenizer = engine.model, engine.tokenizer
-    folder = random_adapter(model, tmp_path, "tuned", seed=1)
+    folder = saved_random_adapter(model, tmp_path, "tuned", seed=1, scale=0.02, keep=True,
+                                  base_model_name_or_path="smollm2")
     engine.registry.attach("tuned")
     merged = save_merged(model, tokenizer, tmp_path / "merged", name="tuned", dtype=torch.float32)
     include = harness.prepare_tasks(tmp_path / "work")

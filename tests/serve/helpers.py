@@ -85,6 +85,27 @@ def save_random_adapters(model, root: Path, names: list[str], seed: int = 100) -
     return paths
 
 
+def saved_random_adapter(model, root: Path, name: str, seed: int, scale: float = 0.2, r: int = 8,
+                         targets=("q_proj", "v_proj", "down_proj"), keep: bool = False, **save_kwargs) -> Path:
+    """Attach adapter `name` (random non-zero B) to the layers `targets` names, save it as a PEFT
+    folder root/name, and detach it again unless `keep`; no adapter is left active."""
+    from qforge.adapters import save_adapter
+
+    add_adapter(model, name, LoraSpec(r=r, alpha=2 * r, dropout=0.0, target_modules=list(targets)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            if name in layer.adapters:
+                b = layer.adapters[name].lora_B.weight
+                b.copy_(torch.randn(b.shape, generator=gen) * scale)
+    folder = save_adapter(model, root / name, name=name, **save_kwargs)
+    remember_folder(model, name, folder)
+    if not keep:
+        detach_adapter(model, name)
+    set_active_adapter(model, None)
+    return folder
+
+
 _ORACLES: dict[tuple[int, str], object] = {}
 
 

@@ -11,13 +11,10 @@ import openai
 import pytest
 import torch
 
-from qforge.adapters import save_adapter
 from qforge.commands import serve
-from qforge.model.surgery import add_adapter, adapted_layers, set_active_adapter
-from qforge.nn import LoraSpec
-from qforge.serve import detach_adapter
+from qforge.model.surgery import set_active_adapter
 
-from .helpers import LiveServer, alone_model, greedy_alone, remember_folder
+from .helpers import LiveServer, alone_model, greedy_alone, saved_random_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -30,20 +27,6 @@ def chat_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _random_adapter(model, root, name, seed):
-    add_adapter(model, name, LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            if name in layer.adapters:
-                b = layer.adapters[name].lora_B.weight
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
-    save_adapter(model, root / name, name=name, base_model_name_or_path="smollm2")
-    remember_folder(model, name, root / name)
-    detach_adapter(model, name)
-    set_active_adapter(model, None)
-
-
 def test_smollm2_serves_mixed_adapters_like_alone(tmp_path):
     parser = serve.argparse.ArgumentParser()
     serve.add_arguments(parser)
@@ -51,7 +34,7 @@ def test_smollm2_serves_mixed_adapters_like_alone(tmp_path):
     app, engine = serve.build(args, keys=["k"])
     model, tokenizer = engine.model, engine.tokenizer
     for i, name in enumerate(("formal", "pirate")):
-        _random_adapter(model, tmp_path, name, seed=i)
+        saved_random_adapter(model, tmp_path, name, seed=i, base_model_name_or_path="smollm2")
     try:
         with LiveServer(app) as live:
             client = openai.OpenAI(base_url=live.url, api_key="k", max_retries=0, timeout=300)
@@ -92,7 +75,7 @@ def test_smollm2_bfloat16_mixed_batch_stays_close(tmp_path):
 
     model, tokenizer = load_model("smollm2", compute_dtype=torch.bfloat16)
     for i, name in enumerate(("formal", "pirate")):
-        _random_adapter(model, tmp_path, name, seed=i)
+        saved_random_adapter(model, tmp_path, name, seed=i, base_model_name_or_path="smollm2")
     registry = AdapterRegistry(model, "smollm2", adapter_root=tmp_path)
     for name in ("formal", "pirate"):
         registry.add(name, name)

@@ -7,15 +7,10 @@ import threading
 import jsonschema
 import openai
 import pytest
-import torch
 
-from qforge.adapters import save_adapter
 from qforge.commands import serve
-from qforge.model.surgery import add_adapter, adapted_layers, set_active_adapter
-from qforge.nn import LoraSpec
-from qforge.serve import detach_adapter
 
-from .helpers import LiveServer
+from .helpers import LiveServer, saved_random_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -33,26 +28,13 @@ BOOK = [{"role": "user", "content": "Book a table for four people at 19:30, plea
 OBJECT = [{"role": "user", "content": "Describe a cat as a JSON object with a few fields."}]
 
 
-def small_adapter(model, root, name, seed):
-    add_adapter(model, name, LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            if name in layer.adapters:
-                b = layer.adapters[name].lora_B.weight
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
-    save_adapter(model, root / name, name=name)
-    detach_adapter(model, name)
-    set_active_adapter(model, None)
-
-
 def test_smollm2_structured_outputs_in_one_mixed_batch(tmp_path):
     parser = serve.argparse.ArgumentParser()
     serve.add_arguments(parser)
     args = parser.parse_args(["--dtype", "float32", "--max-batch", "16", "--adapter-root", str(tmp_path)])
     app, engine = serve.build(args, keys=[])
     for i, name in enumerate(("one", "two")):
-        small_adapter(engine.model, tmp_path, name, seed=i)
+        saved_random_adapter(engine.model, tmp_path, name, seed=i, scale=0.02, targets=("q_proj", "v_proj"))
         engine.registry.add(name, tmp_path / name)
     kinds = {"object": (OBJECT, {"response_format": {"type": "json_object"}}, {"type": "object"}),
              "schema": (EXTRACT, {"response_format": {"type": "json_schema",
