@@ -27,6 +27,7 @@ from torch import nn
 from ..fileio import atomic_folder
 from ..model.surgery import qlora_layers, set_active_adapter
 from ..nn import LoraAdapter, LoraSpec, QLoRALinear
+from .model_card import model_card, portable_base_id
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -125,6 +126,7 @@ def adapter_config(model: nn.Module, name: str = "default", base_model_name_or_p
     spec_targets = spec.target_modules if isinstance(spec, LoraSpec) else None
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    base_model_name_or_path = portable_base_id(base_model_name_or_path)  # a Hub id or an absolute path
     return {**PEFT_LORA_DEFAULTS,
             "base_model_name_or_path": base_model_name_or_path, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
             "use_rslora": rslora, "use_dora": dora,
@@ -154,6 +156,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(model_card(config["base_model_name_or_path"], config))
 
     return write_folder_atomically(out_dir, write)
 
