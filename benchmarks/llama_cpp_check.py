@@ -66,8 +66,9 @@ def random_adapter(out: Path) -> Path:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, layer in qlora_layers(model):
-            b = layer.adapters["default"].lora_B.weight
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.01)
+            if "default" in layer.adapters:
+                b = layer.adapters["default"].lora_B.weight
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.01)
     return save_adapter(model, out, base_model_name_or_path="smollm2")
 
 

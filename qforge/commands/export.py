@@ -77,6 +77,8 @@ def _export_merged(args: argparse.Namespace, out: Path, name: str) -> None:
     model, tokenizer = load_model(args.base, compute_dtype=torch.float32)
     adapter = load_adapter(model, args.adapter)
     tok_gguf = _base_gguf(args.base)
+    if tokenizer is None and tok_gguf is None:
+        raise ValueError(f"base '{args.base}' has no tokenizer files; llama.cpp needs the tokenizer inside the GGUF")
     export_merged_gguf(model, tokenizer, out, adapter, args.quant, name, tokenizer_gguf=tok_gguf)
     modelfile = out.parent / "Modelfile"
     if not modelfile.exists() or modelfile.read_text(errors="replace").startswith(f"FROM ./{out.name}"):
