@@ -12,8 +12,12 @@
    --max-new-tokens greedy tokens, stopping at EOS, from qforge's runtime model (NF4 base + adapter,
    float32 compute) and from llama.cpp on the GGUF, fed the same ids.
 
+With --lora, llama.cpp also runs the adapter as a LoRA GGUF (`qforge export --format gguf-lora`)
+on a GGUF of the base alone (the adapter's B set to zero, then exported), as `llama-cli --lora` does.
+
 Prints one line per row (same text or not, first differing position) and a last line:
     llama_cpp_same_text=K/N llama_cpp_token_agreement=X exact_match_qforge=A exact_match_llama_cpp=B
+    [llama_cpp_lora_same_text=L/N]
 (token agreement: the share of generated positions, up to the first difference, where both agree,
 over qforge's tokens). f16 and f32 should give the same text on nearly every row; q8_0 / q4_k_m
 round the weights, so a few rows may part after some tokens.
@@ -72,6 +76,19 @@ def random_adapter(out: Path) -> Path:
     return save_adapter(model, out, base_model_name_or_path="smollm2")
 
 
+def zero_adapter(adapter: Path, out: Path) -> Path:
+    """A copy of `adapter` with every lora_B zero: exporting it gives the base alone, as GGUF."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    save_file({k: v.zero_() if ".lora_B." in k else v for k, v in tensors.items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 def qforge_greedy(model, prompt_ids: list[int], max_new: int, eos: int) -> list[int]:
     import torch
 
@@ -99,6 +116,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens per row (default: 48)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"build cache (default: {DEFAULT_CACHE})")
     parser.add_argument("--version", default=None, help="llama-cpp-python version to build (default: newest)")
+    parser.add_argument("--lora", action="store_true", help="also run the adapter as a llama.cpp LoRA GGUF (default: off)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default: 2)")
     args = parser.parse_args()
 
@@ -120,13 +138,24 @@ def main() -> None:
                  "--quant", args.quant]) != 0:
         sys.exit("qforge export failed")
 
+    lora_llm = None
+    if args.lora:
+        base_path, lora_path = work / f"base-{args.quant}.gguf", work / "adapter-f16.gguf"
+        zero = zero_adapter(adapter, work / "zero-adapter")
+        for argv in (["--adapter", str(zero), "--out", str(base_path), "--quant", args.quant],
+                     ["--adapter", str(adapter), "--out", str(lora_path), "--format", "gguf-lora"]):
+            if cli.main(["export", "--base", "smollm2"] + argv) != 0:
+                sys.exit("qforge export failed")
+        lora_llm = llama_cpp.Llama(model_path=str(base_path), lora_path=str(lora_path), n_ctx=1024,
+                                   n_threads=args.jobs, seed=0, verbose=False)
+
     model, tok = load_model("smollm2", compute_dtype=torch.float32)
     load_adapter(model, adapter)
     model.eval()
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=args.jobs, seed=0, verbose=False)
     eos = tok.eos_token_id
     rows = read_jsonl(demo_task_paths()["test"])[: args.rows]
-    same = agree = total = em_q = em_l = 0
+    same = agree = total = em_q = em_l = lora_same = 0
     for i, row in enumerate(rows):
         text = tok.apply_chat_template(prompt_messages(row), tokenize=False, add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -140,10 +169,15 @@ def main() -> None:
         em_q += exact_match(reply_q, row)
         em_l += exact_match(reply_l, row)
         status = "same" if ours == theirs else f"differs at token {first_diff}"
-        print(f"row {i:3d}: {status:22s} qforge {reply_q.strip()[:60]!r}  llama.cpp {reply_l.strip()[:60]!r}")
+        if lora_llm is not None:
+            with_lora = llama_cpp_greedy(lora_llm, ids, args.max_new_tokens, eos)
+            lora_same += with_lora == ours
+            status += ", lora same" if with_lora == ours else ", lora differs"
+        print(f"row {i:3d}: {status:36s} qforge {reply_q.strip()[:60]!r}  llama.cpp {reply_l.strip()[:60]!r}")
     n = len(rows)
     print(f"llama_cpp_same_text={same}/{n} llama_cpp_token_agreement={agree / total:.3f} "
-          f"exact_match_qforge={em_q / n:.2f} exact_match_llama_cpp={em_l / n:.2f}")
+          f"exact_match_qforge={em_q / n:.2f} exact_match_llama_cpp={em_l / n:.2f}"
+          + (f" llama_cpp_lora_same_text={lora_same}/{n}" if lora_llm is not None else ""))
 
 
 if __name__ == "__main__":
