@@ -17,7 +17,7 @@ on a GGUF of the base alone (the adapter's B set to zero, then exported), as `ll
 
 Prints one line per row (same text or not, first differing position) and a last line:
     llama_cpp_same_text=K/N llama_cpp_token_agreement=X exact_match_qforge=A exact_match_llama_cpp=B
-    [llama_cpp_lora_same_text=L/N]
+    [llama_cpp_lora_same_text=L/N llama_cpp_lora_vs_merged_same=M/N]
 (token agreement: the share of generated positions, up to the first difference, where both agree,
 over qforge's tokens). f16 and f32 should give the same text on nearly every row; q8_0 / q4_k_m
 round the weights, so a few rows may part after some tokens.
@@ -155,7 +155,7 @@ def main() -> None:
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=args.jobs, seed=0, verbose=False)
     eos = tok.eos_token_id
     rows = read_jsonl(demo_task_paths()["test"])[: args.rows]
-    same = agree = total = em_q = em_l = lora_same = 0
+    same = agree = total = em_q = em_l = lora_same = lora_merged = 0
     for i, row in enumerate(rows):
         text = tok.apply_chat_template(prompt_messages(row), tokenize=False, add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -172,12 +172,14 @@ def main() -> None:
         if lora_llm is not None:
             with_lora = llama_cpp_greedy(lora_llm, ids, args.max_new_tokens, eos)
             lora_same += with_lora == ours
+            lora_merged += with_lora == theirs
             status += ", lora same" if with_lora == ours else ", lora differs"
         print(f"row {i:3d}: {status:36s} qforge {reply_q.strip()[:60]!r}  llama.cpp {reply_l.strip()[:60]!r}")
     n = len(rows)
     print(f"llama_cpp_same_text={same}/{n} llama_cpp_token_agreement={agree / total:.3f} "
           f"exact_match_qforge={em_q / n:.2f} exact_match_llama_cpp={em_l / n:.2f}"
-          + (f" llama_cpp_lora_same_text={lora_same}/{n}" if lora_llm is not None else ""))
+          + (f" llama_cpp_lora_same_text={lora_same}/{n} llama_cpp_lora_vs_merged_same={lora_merged}/{n}"
+             if lora_llm is not None else ""))
 
 
 if __name__ == "__main__":
