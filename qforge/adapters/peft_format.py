@@ -27,6 +27,7 @@ from torch import nn
 from ..fileio import atomic_folder
 from ..model.surgery import adapted_layers, set_active_adapter
 from ..nn import AdaptedLinear, LoraAdapter, LoraSpec
+from .model_card import model_card, portable_base_id
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -119,6 +120,7 @@ def adapter_config(model: nn.Module, name: str = "default", base_model_name_or_p
     spec_targets = next(iter(adapters.values())).spec.target_modules
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    base_model_name_or_path = portable_base_id(base_model_name_or_path)  # a Hub id or an absolute path
     return {**PEFT_LORA_DEFAULTS,
             "base_model_name_or_path": base_model_name_or_path, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
             "use_rslora": rslora, "use_dora": dora,
@@ -150,6 +152,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
         if tokenizer is not None:
             from ..model.checkpoint import save_tokenizer
             save_tokenizer(tokenizer, tmp)
+        (tmp / "README.md").write_text(model_card(config["base_model_name_or_path"], config))
 
     return write_folder_atomically(out_dir, write)
 

