@@ -160,12 +160,19 @@ class JobService:
         self.validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qforge-jobs-validate")
         self.supervisor = None
         self._register_lock = threading.Lock()
-        self._unloadable: set[str] = set()
+        self._unloadable: dict[str, str] = {}  # fine-tuned model -> why its adapter cannot be loaded
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="qforge-jobs-models", daemon=True)
 
     def start(self) -> "JobService":
+        """Sweep what interrupted writes left, then register every fine-tuned model before the
+        server takes requests (so no name is ever free for someone else to take)."""
+        from ..fileio import clean_temporaries
         self.store.sweep_orphan_files()
+        for leftover in clean_temporaries(self.store.jobs_dir):
+            print(f"qforge jobs: removed '{leftover.relative_to(self.store.root)}', left by an interrupted write",
+                  flush=True)
+        self.register_all()
         for job in self.store.list_jobs(status="validating_files", limit=10 ** 6)[0]:
             self.validator.submit(self.validate_job, job["id"])  # cut short by a crash: do it again
         if self.config.start_worker:
@@ -208,6 +215,12 @@ class JobService:
                                param="file", code="invalid_file") from None
             os.replace(tmp, final)
             fsync_dir(final.parent)
+        except OSError as exc:
+            from ..fileio import is_disk_full
+            if is_disk_full(exc):
+                raise APIError(507, "the server's disk is full: the upload was not stored; retry later",
+                               "server_error", param="file", code="disk_full") from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
         return self.store.add_file(file_id, owner, filename, "fine-tune", size, len(rows), fmt)
@@ -335,6 +348,8 @@ class JobService:
         return True
 
     def register(self, job: dict) -> None:
+        """Serve a succeeded job's adapter. One that cannot be read (corrupt, missing) is remembered
+        with the reason, which requests naming the model get; nothing else is affected."""
         name = job["fine_tuned_model"]
         if name in self.registry or name in self._unloadable or job["model"] != self.registry.base_name:
             return
@@ -343,17 +358,29 @@ class JobService:
                 return
             try:
                 self.registry.add(name, self.store.job_dir(job["id"]) / "run" / "adapter", trusted=True)
-            except AdapterError as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad adapter never stops the others
                 if not isinstance(exc, AdapterSlotsBusy):  # all slots busy: try again later
-                    self._unloadable.add(name)
+                    message = str(exc) if isinstance(exc, (AdapterError, ValueError, OSError)) else \
+                        f"internal error {type(exc).__name__}"
+                    self._unloadable[name] = message.replace(f"{self.store.root}/", "")
                 print(f"qforge jobs: cannot serve {name}: {exc}", flush=True)
+
+    def model_error(self, name: str) -> str | None:
+        """Why fine-tuned model `name` cannot be served, when it cannot."""
+        return self._unloadable.get(name)
+
+    def register_all(self) -> None:
+        for job in self.store.succeeded_models():
+            try:
+                self.register(job)
+            except Exception as exc:  # noqa: BLE001 - keep going (a locked database, a bad folder)
+                print(f"qforge jobs: model watcher: {job['fine_tuned_model']}: {exc!r}", flush=True)
 
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_S):
             try:
-                for job in self.store.succeeded_models():
-                    self.register(job)
-            except Exception as exc:  # noqa: BLE001 - keep watching (a locked database, a bad folder)
+                self.register_all()
+            except Exception as exc:  # noqa: BLE001 - keep watching (a locked database)
                 print(f"qforge jobs: model watcher: {exc!r}", flush=True)
 
 
@@ -434,6 +461,7 @@ def install(app: FastAPI, state, caller, service: JobService) -> None:
     """Add the files and jobs routes and the dashboard to the inference app; fine-tuned models are
     then visible only to their owners."""
     state.model_guard = service.model_visible
+    state.model_error = service.model_error
     state.body_limits["/v1/files"] = service.config.max_file_bytes + 2 ** 16  # multipart framing
     app.state.jobs = service
     _add_file_routes(app, service, caller)
@@ -503,7 +531,10 @@ def _add_job_routes(app: FastAPI, service: JobService, caller) -> None:
         """Whoever reads 'succeeded' finds the model registered (the watcher may not have run yet)."""
         for job in jobs:
             if job["status"] == "succeeded" and job["fine_tuned_model"] not in service.registry:
-                await run_in_threadpool(service.register, job)
+                try:
+                    await run_in_threadpool(service.register, job)
+                except Exception as exc:  # noqa: BLE001 - a listing never fails for one job's model
+                    print(f"qforge jobs: cannot serve {job['fine_tuned_model']}: {exc!r}", flush=True)
         return jobs
 
     @app.post("/v1/fine_tuning/jobs")

@@ -17,12 +17,16 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
 from pathlib import Path
 
+from .db import SCHEMA_VERSION, check_sqlite
+
 BUSY_TIMEOUT_S = 30.0
+OUR_FILE = re.compile(r"^file-[A-Za-z0-9]+\.(jsonl|csv)$")  # the only names the orphan sweep may remove
 ACTIVE = ("validating_files", "queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -135,9 +139,12 @@ class JobStore:
         for folder in (self.root, self.files_dir, self.jobs_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "qforge.db"
+        new = check_sqlite(self.db_path, self.root)  # DatabaseError (one line) for a bad database
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            if new:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
     def _connect(self):
@@ -227,7 +234,8 @@ class JobStore:
             known = {r[0] for r in db.execute("SELECT id FROM files")}
         removed = []
         for path in self.files_dir.iterdir():
-            if path.is_file() and (path.name.startswith(".") or path.name.split(".")[0] not in known):
+            ours = OUR_FILE.match(path.name) or path.name.startswith(".upload-file-")
+            if ours and path.is_file() and (path.name.startswith(".") or path.name.split(".")[0] not in known):
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
         return removed

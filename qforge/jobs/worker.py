@@ -363,6 +363,7 @@ def with_tensorboard(cfg):
 
 def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
     """Run the job's config.yaml; the outcome as result.json's contents."""
+    from ..fileio import DiskFull, is_disk_full
     from ..train.config import TrainConfig
     from ..train.data import DataError
     from ..train.loop import TrainingDiverged
@@ -391,6 +392,15 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
         return {"status": "failed", "error": _error(f"invalid_{param}", message, param)}
     except TrainingDiverged as exc:
         return {"status": "failed", "error": _error("training_diverged", str(exc).replace(f"{job_dir}/", ""))}
+    except DiskFull as exc:
+        return {"status": "failed", "error": _error("disk_full", str(exc).replace(f"{job_dir}/", ""))}
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            traceback.print_exc()
+            return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
+                                                        .replace(f"{job_dir}/", ""))}
+        return {"status": "failed", "error": _error("disk_full", "no space left on the device while training; free "
+                                                    "some space and create the job again")}
     except MemoryError:
         return {"status": "failed", "error": _error("out_of_memory", "training ran out of memory; lower "
                                                     "batch_size or max_seq_len, or use method qlora")}

@@ -4,7 +4,9 @@ Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat
 (`stream: true` gives server-sent events in OpenAI's chunk format ending with `data: [DONE]`),
 POST /v1/adapters {name, path}, GET /v1/adapters, DELETE /v1/adapters/{name}, GET /v1/usage,
 GET /metrics (Prometheus text), GET /health. With API keys, every route but /health needs
-`Authorization: Bearer KEY`. Errors are OpenAI's shape: {"error": {message, type, param, code}}.
+`Authorization: Bearer KEY`; keys have roles (qforge.serve.auth): /metrics, every key's usage and
+the server-wide adapters are the operator's, a user key sees and manages only its own.
+Errors are OpenAI's shape: {"error": {message, type, param, code}}.
 
 `create_app` builds the app in-process (tests run it under uvicorn in a thread); it does not own the
 engine's thread beyond starting it.
@@ -12,8 +14,6 @@ engine's thread beyond starting it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import re
 import time
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .auth import ANONYMOUS, AdapterOwners, Caller, KeyRing, check_adapter_name
 from .engine import Engine, Event, QueueFull, Request as GenRequest, RequestError, SamplingParams
 from .metrics import Metrics, UsageLedger
 from .registry import AdapterError, AdapterRegistry
@@ -361,13 +362,22 @@ def _params(max_tokens, temperature, top_p, stops, seed, ignore_eos) -> Sampling
 class _State:
     def __init__(self, engine: Engine, registry: AdapterRegistry, api_keys, metrics: Metrics, usage: UsageLedger):
         self.engine, self.registry, self.metrics, self.usage = engine, registry, metrics, usage
-        self.api_keys = [k for k in api_keys if k]
+        self.keys = KeyRing(api_keys)
+        self.roles = {k.id: Caller(k.id, k.role, k.name) for k in self.keys.keys}
+        self.adapter_owners = AdapterOwners()
         self.tokenizer = engine.tokenizer
         self.started = int(time.time())
         self.model_guard = None  # (model name, key id) -> may this caller use it? (set by the jobs service)
+        self.model_error = None  # model name -> why it cannot be served now, or None (set by the jobs service)
         self.body_limits: dict[str, int] = {}  # path prefix -> larger body limit (uploads)
 
+    def caller_of(self, key_id: str | None) -> Caller:
+        return ANONYMOUS if key_id is None else self.roles.get(key_id, Caller(key_id, "user" if self.keys else
+                                                                           "operator"))
+
     def visible(self, name: str, key_id: str | None) -> bool:
+        if key_id is not None and not self.adapter_owners.may_use(name, self.caller_of(key_id)):
+            return False
         return self.model_guard is None or key_id is None or self.model_guard(name, key_id)
 
     def resolve_model(self, name: str, key_id: str | None = None) -> str | None:
@@ -375,18 +385,26 @@ class _State:
         that the model guard hides from this caller)."""
         if name == self.registry.base_name:
             return None
-        if self.visible(name, key_id) and name in self.registry:  # the guard may register it just now
-            return name
+        if self.visible(name, key_id):
+            if name in self.registry:  # the guard may register it just now
+                return name
+            problem = self.model_error(name) if self.model_error is not None else None
+            if problem:
+                raise APIError(503, f"The model '{name}' cannot be served: {problem}", "server_error", "model",
+                               "model_unavailable")
         raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
 
     def key_id(self, request: Request) -> str:
         """Who is calling: "anonymous" without keys, else a fingerprint of the key (401 if wrong)."""
-        if not self.api_keys:
-            return "anonymous"
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), k.encode()) for k in self.api_keys):
-            return "key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        return self.who(request).id
+
+    def who(self, request: Request) -> Caller:
+        """The Caller of a request: the anonymous operator without keys, else the key's (401 if wrong)."""
+        if not self.keys:
+            return ANONYMOUS
+        found = self.keys.caller(request.headers.get("authorization", ""))
+        if found is not None:
+            return found
         raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", param=None,
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -468,7 +486,7 @@ def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: 
 
 
 def _add_info_routes(app: FastAPI, state: _State, caller) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         ok = state.engine.alive
         body = {"status": "ok" if ok else "error", "queue_depth": state.engine.queue_depth(),
@@ -478,12 +496,14 @@ def _add_info_routes(app: FastAPI, state: _State, caller) -> None:
         return JSONResponse(body, 200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics(_: str = Depends(caller)):
+    async def metrics(who: Caller = Depends(state.who)):
+        if not who.is_operator:
+            raise APIError(403, "/metrics needs an operator key", "permission_error", code="operator_only")
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/usage")
-    async def usage(_: str = Depends(caller)):
-        return state.usage.snapshot()
+    async def usage(who: Caller = Depends(state.who)):
+        return state.usage.snapshot(None if who.is_operator else who.id)
 
     @app.get("/v1/models")
     async def models(key_id: str = Depends(caller)):
@@ -570,19 +590,31 @@ def _add_adapter_routes(app: FastAPI, state: _State, caller) -> None:
         return {"object": "list", "data": data, "max_loaded": state.registry.max_loaded}
 
     @app.post("/v1/adapters", status_code=201)
-    async def add_adapter(body: AdapterBody, _: str = Depends(caller)):
+    async def add_adapter(body: AdapterBody, who: Caller = Depends(state.who)):
+        reason = check_adapter_name(body.name, who, state.keys)
+        if reason is not None:
+            raise APIError(403, f"cannot register '{body.name}': {reason}", "permission_error", "name",
+                           "adapter_name_reserved")
+        if body.name in state.registry and not state.visible(body.name, who.id):
+            raise APIError(409, f"cannot register '{body.name}': the name is taken", param="name",
+                           code="adapter_exists")
         try:
             entry = await run_in_threadpool(state.registry.add, body.name, body.path)
         except AdapterError as exc:
             raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
+        state.adapter_owners.set(entry.name, None if who.is_operator else who.id)
         return JSONResponse(state.model_card(entry.name, entry.created, state.registry.base_name), 201)
 
     @app.delete("/v1/adapters/{name}")
-    async def delete_adapter(name: str, key_id: str = Depends(caller)):
-        if not state.visible(name, key_id):
+    async def delete_adapter(name: str, who: Caller = Depends(state.who)):
+        if not state.visible(name, who.id):
             raise APIError(404, f"no adapter named '{name}'", param="name", code="model_not_found")
+        if not state.adapter_owners.may_delete(name, who):
+            raise APIError(403, f"adapter '{name}' is not yours to delete (it is the operator's)", "permission_error",
+                           "name", "not_owner")
         try:
             await run_in_threadpool(state.registry.remove, name)
         except AdapterError as exc:
             raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
+        state.adapter_owners.forget(name)
         return {"id": name, "object": "model", "deleted": True}
