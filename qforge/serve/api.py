@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .guards import FLOAT32_TINY, BodyTooLarge, Busy, CatchAll, LimitBody, OffLoop, lone_surrogate
 from .auth import ANONYMOUS, AdapterOwners, Caller, KeyRing, check_adapter_name
 from .engine import Engine, Event, QueueFull, Request as GenRequest, RequestError, SamplingParams
 from .metrics import Metrics, UsageLedger
@@ -87,6 +88,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(APIError(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None)))
 
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_, exc: BodyTooLarge):
+        return _error_response(APIError(413, str(exc.detail), code="body_too_large", headers={"Connection": "close"}))
+
+    @app.exception_handler(Busy)
+    async def _busy(_, exc: Busy):
+        return _error_response(APIError(429, f"the server is busy: {exc}; retry later", "rate_limit_error",
+                                        code="queue_full", headers={"Retry-After": "1"}))
+
     @app.exception_handler(ClientGone)
     async def _gone(_, exc: ClientGone):
         return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
@@ -98,11 +108,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 # ---- request bodies ------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class _Generation(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "stream": "yes", "n": "2", [true] as ids: 400
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -112,7 +123,7 @@ class _Generation(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2 ** 63, le=2 ** 63 - 1)  # a 64-bit generator seed
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: keep going past EOS (benchmarks)
     presence_penalty: float = 0.0
@@ -143,12 +154,13 @@ class CompletionBody(_Generation):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
@@ -174,6 +186,7 @@ class ChatBody(_Generation):
 
 
 class AdapterBody(BaseModel):
+    model_config = ConfigDict(strict=True)
     name: str
     path: str
 
@@ -352,6 +365,7 @@ class _EventStream(StreamingResponse):
 
 def _params(max_tokens, temperature, top_p, stops, seed, ignore_eos) -> SamplingParams:
     try:
+        top_p = max(top_p, FLOAT32_TINY)  # a smaller top_p means the same (the top token) but compares as 0
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed,
                               ignore_eos=ignore_eos)
     except RequestError as exc:
@@ -370,6 +384,7 @@ class _State:
         self.model_guard = None  # (model name, key id) -> may this caller use it? (set by the jobs service)
         self.model_error = None  # model name -> why it cannot be served now, or None (set by the jobs service)
         self.body_limits: dict[str, int] = {}  # path prefix -> larger body limit (uploads)
+        self.off_loop = OffLoop()  # templating and tokenising: off the event loop, bounded
 
     def caller_of(self, key_id: str | None) -> Caller:
         return ANONYMOUS if key_id is None else self.roles.get(key_id, Caller(key_id, "user" if self.keys else
@@ -440,27 +455,6 @@ class _CountRequests:
             self.metrics.latency.observe(time.monotonic() - start, route=route)
 
 
-class _LimitBody:
-    """ASGI middleware: a request whose Content-Length exceeds `max_bytes` (or the limit of the
-    longest matching path prefix in `overrides`) gets 413 unread."""
-
-    def __init__(self, app, max_bytes: int, overrides: dict[str, int] | None = None):
-        self.app, self.max_bytes, self.overrides = app, max_bytes, overrides if overrides is not None else {}
-
-    def limit(self, path: str) -> int:
-        prefixes = [p for p in self.overrides if path == p or path.startswith(p.rstrip("/") + "/")]
-        return self.overrides[max(prefixes, key=len)] if prefixes else self.max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length", b"0")
-            max_bytes = self.limit(scope.get("path", ""))
-            if not length.isdigit() or int(length) > max_bytes:
-                error = APIError(413, f"request body larger than {max_bytes} bytes", code="body_too_large")
-                return await _error_response(error)(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
 def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: Metrics | None = None,
                usage: UsageLedger | None = None, extensions=()) -> FastAPI:
     """The FastAPI app over a (started or not) engine. `api_keys`: accepted bearer keys (none: open).
@@ -469,7 +463,8 @@ def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: 
     state = _State(engine, registry, api_keys, metrics, usage or UsageLedger())
     app = FastAPI(title="qforge serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qforge = state
-    app.add_middleware(_LimitBody, max_bytes=MAX_BODY_BYTES, overrides=state.body_limits)
+    app.add_middleware(CatchAll)  # innermost: an escaped exception is a 500 and the connection lives on
+    app.add_middleware(LimitBody, max_bytes=MAX_BODY_BYTES, overrides=state.body_limits)
     app.add_middleware(_CountRequests, metrics=metrics)
     _install_error_handlers(app)
     engine.start()
@@ -522,17 +517,33 @@ def _add_generation_routes(app: FastAPI, state: _State, caller) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
-        prompts = _completion_prompts(state, body.prompt)
+        _check_request(state, body, len(body.prompt) if isinstance(body.prompt, list) and body.prompt
+                       and not isinstance(body.prompt[0], int) else 1)
+        prompts = await state.off_loop.run(_completion_prompts, state, body.prompt)
         limit = body.max_tokens or 16
         return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
-        prompt = _chat_prompt(state, body.messages, adapter_chat_template(state, state.resolve_model(body.model, key_id)))
+        _check_request(state, body, 1)
+        template = adapter_chat_template(state, state.resolve_model(body.model, key_id))
+        prompt = await state.off_loop.run(_chat_prompt, state, body.messages, template)
         asked = body.max_completion_tokens or body.max_tokens
         limit = asked or max(1, min(DEFAULT_CHAT_MAX_TOKENS, state.engine.context_len - len(prompt)))
         return await _respond(state, "chat", body, [prompt], [limit], key_id, request)
+
+
+def _check_request(state: "_State", body: _Generation, prompts: int) -> None:
+    """What no retry can fix, before any work: text that is not UTF-8, more choices than the queue holds."""
+    bad = lone_surrogate(body.model_dump(exclude_none=True))
+    if bad:
+        raise APIError(400, f"{bad}: the text holds a lone surrogate (not valid Unicode)", param=bad,
+                       code="invalid_value")
+    choices = prompts * body.n
+    if choices > state.engine.max_queue:
+        raise APIError(400, f"this request asks for {choices} generations (prompts x n) but the server queues at "
+                       f"most {state.engine.max_queue}; send fewer at a time", param="n", code="request_too_large")
 
 
 async def _respond(state, kind, body, prompts, limits, key_id, request: Request):
@@ -607,7 +618,7 @@ def _add_adapter_routes(app: FastAPI, state: _State, caller) -> None:
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, who: Caller = Depends(state.who)):
-        if not state.visible(name, who.id):
+        if name not in state.registry or not state.visible(name, who.id):
             raise APIError(404, f"no adapter named '{name}'", param="name", code="model_not_found")
         if not state.adapter_owners.may_delete(name, who):
             raise APIError(403, f"adapter '{name}' is not yours to delete (it is the operator's)", "permission_error",
