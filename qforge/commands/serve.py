@@ -204,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
     if not keys and not is_loopback(args.host):
         print(f"qforge serve: warning: serving on {args.host} with no API key (--insecure)", file=sys.stderr)
     parse_adapters(args.adapter)  # fail on a malformed flag before the model loads
+    if getattr(args, "jobs", False):  # and on a bad job database: one line naming it, nothing swept
+        from ..jobs.store import JobStore
+        JobStore(Path(args.data_dir).expanduser())
     app, engine = build(args, keys)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
