@@ -17,6 +17,7 @@ COMMANDS = {
     "quantize": ("qforge.commands.quantize", "write a model folder in bitsandbytes' 4-bit format"),
     "merge": ("qforge.commands.merge", "merge an adapter into its base the right way: dequantise, merge, requantise"),
     "serve": ("qforge.commands.serve", "serve the base and many adapters behind an OpenAI-compatible API"),
+    "worker": ("qforge.commands.worker", "run fine-tuning jobs from a shared job database (many workers, PostgreSQL)"),
     "bench": ("qforge.commands.bench", "compare QLoRA (NF4/FP4), BF16 LoRA, full, QDoRA and LoftQ on one task"),
     "plan": ("qforge.commands.plan", "predict the memory of a QLoRA / LoRA / full fine-tuning run and recommend a method"),
 }

@@ -73,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", default=None, metavar="SIZE",
                         help="with --jobs: memory a job may use, e.g. 16GB (default: the RAM available); a job "
                              "that names no method gets BF16 LoRA when it fits, else QLoRA")
+    parser.add_argument("--database-url", default=None, metavar="URL",
+                        help="with --jobs: postgresql://... job database shared by several replicas and workers "
+                             "(also QFORGE_DATABASE_URL; default: SQLite under --data-dir)")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="with --jobs: run no worker here (`qforge worker` processes train the jobs)")
     parser.add_argument("--max-file-mb", type=positive_int, default=64,
                         help="with --jobs: the largest upload, in MiB (default: 64)")
 
@@ -193,7 +198,12 @@ def jobs_config(args: argparse.Namespace):
     base = args.base if keep else str(Path(args.base).expanduser().resolve())
     budget = parse_gpu(args.memory_budget) if args.memory_budget else None
     return JobsConfig(data_dir=Path(args.data_dir).expanduser(), base_model=base, memory_budget=budget,
-                      max_file_bytes=args.max_file_mb * 2 ** 20)
+                      max_file_bytes=args.max_file_mb * 2 ** 20, database_url=database_url(args),
+                      start_worker=not getattr(args, "no_worker", False))
+
+
+def database_url(args: argparse.Namespace) -> str | None:
+    return getattr(args, "database_url", None) or os.environ.get("QFORGE_DATABASE_URL") or None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,8 +215,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"qforge serve: warning: serving on {args.host} with no API key (--insecure)", file=sys.stderr)
     parse_adapters(args.adapter)  # fail on a malformed flag before the model loads
     if getattr(args, "jobs", False):  # and on a bad job database: one line naming it, nothing swept
-        from ..jobs.store import JobStore
-        JobStore(Path(args.data_dir).expanduser())
+        from ..jobs.pg import open_store
+        open_store(Path(args.data_dir).expanduser(), database_url(args))
     app, engine = build(args, keys)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

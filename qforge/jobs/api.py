@@ -38,7 +38,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ..serve.api import APIError
 from ..serve.registry import AdapterError, AdapterRegistry, AdapterSlotsBusy
-from .store import ACTIVE, FINISHED, JobStore, fine_tuned_model_name, new_id, now
+from .pg import open_store
+from .store import ACTIVE, FINISHED, fine_tuned_model_name, new_id, now
 
 WEB_DIR = Path(__file__).parent / "web"
 DEFAULT_MAX_FILE_BYTES = 64 * 2 ** 20
@@ -55,6 +56,7 @@ class JobsConfig:
     poll_s: float = 0.5
     cancel_grace_s: float = 30.0
     start_worker: bool = True
+    database_url: str | None = None      # postgresql://...: the shared store (qforge.jobs.pg); None: SQLite
 
 
 # ---- request bodies ------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ class JobService:
 
     def __init__(self, config: JobsConfig, registry: AdapterRegistry):
         self.config, self.registry = config, registry
-        self.store = JobStore(config.data_dir)
+        self.store = open_store(config.data_dir, config.database_url)
         self.validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qforge-jobs-validate")
         self.supervisor = None
         self._register_lock = threading.Lock()
@@ -177,7 +179,10 @@ class JobService:
             self.validator.submit(self.validate_job, job["id"])  # cut short by a crash: do it again
         if self.config.start_worker:
             from .worker import WorkerSupervisor
-            self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s).start()
+            from .pg import worker_env
+            self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s)
+            self.supervisor.extra_env = worker_env(self.store)
+            self.supervisor.start()
         self._watcher.start()
         return self
 

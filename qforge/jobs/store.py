@@ -130,7 +130,9 @@ def _dump(value) -> str | None:
 
 class JobStore:
     """The database and the folders under `data_dir`; safe to use from many threads and processes
-    (each call opens its own connection)."""
+    (each call opens its own connection). qforge.jobs.pg.PgStore is the same over PostgreSQL."""
+
+    single_worker = True  # one worker per data dir (a file lock); PostgreSQL's store allows many
 
     def __init__(self, data_dir: str | Path):
         self.root = Path(data_dir).expanduser().resolve()
@@ -324,6 +326,10 @@ class JobStore:
         job = self.get_job(row["id"])
         job["resumed"], job["stale_train_pid"] = resumed, row["train_pid"]
         return job
+
+    def renew_lease(self, job_id: str, worker_pid: int) -> bool:
+        """One worker per SQLite store: its hold on a job never lapses (see PgStore for leases)."""
+        return True
 
     def complete_job(self, job_id: str, fine_tuned_model: str, trained_tokens: int | None,
                      results_file: dict | None) -> bool:
