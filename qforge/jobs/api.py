@@ -62,7 +62,7 @@ class JobsConfig:
 # ---- request bodies ------------------------------------------------------------------------------
 class Hyperparameters(BaseModel):
     """OpenAI's three; 'auto' resolves to TrainConfig's epochs and batch size and multiplier 1 (its lr)."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "n_epochs": "2" is a 400, not 2
 
     n_epochs: Literal["auto"] | int | None = Field(None, ge=1, le=100)
     batch_size: Literal["auto"] | int | None = Field(None, ge=1, le=256)

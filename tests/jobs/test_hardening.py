@@ -182,3 +182,14 @@ def test_an_upload_on_a_full_disk_is_507(service, monkeypatch):
                    files={"file": ("t.jsonl", jsonl(chat_rows(2)))}, data={"purpose": "fine-tune"})
     assert r.status_code == 507 and r.json()["error"]["code"] == "disk_full"
     assert [p.name for p in service.jobs.store.files_dir.iterdir() if p.name.startswith(".upload")] == []
+
+
+def test_job_numbers_are_strict(service):
+    files = {"file": ("t.jsonl", jsonl(chat_rows(4)))}
+    upload = httpx.post(service.url + "/files", headers={"Authorization": f"Bearer {ALICE}"}, files=files,
+                        data={"purpose": "fine-tune"}).json()
+    for hp in ({"n_epochs": "2"}, {"batch_size": True}, {"rank": 4.5}):
+        r = httpx.post(service.url + "/fine_tuning/jobs", headers={"Authorization": f"Bearer {ALICE}"},
+                       json={"model": "tiny", "training_file": upload["id"],
+                             "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}})
+        assert r.status_code == 400, (hp, r.text)

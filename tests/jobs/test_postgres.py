@@ -131,3 +131,37 @@ def test_three_workers_six_jobs_one_killed(postgres, tiny_base, tmp_path):
     assert all(store.get_job(i)["attempts"] == 1 for i in ids if i != victim_job["id"])
     for i in ids:  # no second trainer ever started beside a running one
         assert "another trainer holds" not in (store.job_dir(i) / "train.log").read_text()
+
+
+def test_two_serve_replicas_on_one_database_serve_every_fine_tuned_model(postgres, tiny_base, tmp_path):
+    import psycopg
+    import torch
+
+    from qforge.model.load import load_model
+    from qforge.serve import AdapterRegistry
+    from tests.serve.helpers import save_random_adapters
+
+    with psycopg.connect(postgres.url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as db:
+        db.execute("DROP DATABASE IF EXISTS replicas")
+        db.execute("CREATE DATABASE replicas")
+    url = postgres.url.rsplit("/", 1)[0] + "/replicas"
+    storage = tmp_path / "shared"
+    store = open_store(storage, url)
+    add_job(store, "ftjob-rep")
+    store.claim_next_job(77)
+    name = "ft:tiny::ftjob-rep"
+    assert store.complete_job("ftjob-rep", name, 10, None)
+    registries = []
+    for _ in range(2):  # each replica: its own copy of the base, the same database and storage
+        model, _ = load_model(str(tiny_base), compute_dtype=torch.float32)
+        registries.append(AdapterRegistry(model, "tiny"))
+    save_random_adapters(model, store.job_dir("ftjob-rep") / "run", ["adapter"], seed=5)
+    services = [JobService(JobsConfig(data_dir=storage, base_model=str(tiny_base), start_worker=False,
+                                      database_url=url), r).start() for r in registries]
+    try:
+        assert all(name in r for r in registries)
+        upload = services[0].create_file("me", io.BytesIO(jsonl(chat_rows(2))), "t.jsonl")
+        assert services[1].store.get_file(upload["id"], "me")["rows"] == 2  # one replica's upload, the other's view
+    finally:
+        for s in services:
+            s.stop()
