@@ -15,7 +15,10 @@ A new job is 'validating_files' while a background thread links its files into t
 the memory planner choose QLoRA or BF16 LoRA when the request names no method, and writes the job's
 TrainConfig; then it is 'queued' for the worker (qforge.jobs.worker). When a job has succeeded its
 adapter is registered with the inference registry as `ft:<base>:<suffix>:<job id>`: at once when a
-request names it or reads the job, and within a second by a watcher thread in any case.
+request names it or reads the job, and within a second by a watcher thread in any case; at start-up
+every succeeded job's model is registered before the server answers, and names starting `ft:` are
+reserved for this service (no key can register one through /v1/adapters). A model whose adapter
+cannot be read (corrupt, missing) answers 503 naming the file; listings and other models go on.
 """
 from __future__ import annotations
 
