@@ -31,9 +31,11 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(VENV)/bin/qforge demo
 
-# The browser test's chromium comes from Debian's packages (scripts/ensure-chromium).
+# The browser test's chromium and the scale-out test's PostgreSQL come from Debian's packages
+# (scripts/ensure-chromium, scripts/ensure-postgres).
 test: venv
 	scripts/ensure-chromium
+	scripts/ensure-postgres
 	$(VPY) -m pytest -q
 
 bench: venv

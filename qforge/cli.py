@@ -18,6 +18,7 @@ COMMANDS = {
     "merge": ("qforge.commands.merge", "merge an adapter into its base the right way: dequantise, merge, requantise"),
     "export": ("qforge.commands.export", "export a fine-tune as GGUF for llama.cpp / Ollama (merged, or the LoRA alone)"),
     "serve": ("qforge.commands.serve", "serve the base and many adapters behind an OpenAI-compatible API"),
+    "worker": ("qforge.commands.worker", "run fine-tuning jobs from a shared job database (many workers, PostgreSQL)"),
     "bench": ("qforge.commands.bench", "compare QLoRA (NF4/FP4), BF16 LoRA, full, QDoRA and LoftQ on one task"),
     "eval": ("qforge.commands.eval", "evaluate the base and adapters with lm-evaluation-harness through one server"),
     "plan": ("qforge.commands.plan", "predict the memory of a QLoRA / LoRA / full fine-tuning run and recommend a method"),

@@ -62,8 +62,10 @@ def atomic_folder(final: Path, write, markers: tuple[str, ...] | None = None) ->
         fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc) and not isinstance(exc, DiskFull):
+            raise DiskFull(out, str(exc).splitlines()[0][:120]) from exc
         raise
     return out
 
@@ -72,7 +74,7 @@ def atomic_write_bytes(final: Path, data: bytes) -> Path:
     """Write `data` to `final` atomically."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     try:
         public_permissions(Path(tmp))
         with os.fdopen(fd, "wb") as fh:
@@ -81,7 +83,115 @@ def atomic_write_bytes(final: Path, data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         fsync_dir(final.parent)
+    except OSError as exc:
+        if is_disk_full(exc) and not isinstance(exc, DiskFull):
+            raise DiskFull(final) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return final
+
+
+# ---- reading what we wrote: one loader, one error -------------------------------------------------
+class CorruptFile(ValueError):
+    """A file qforge wrote (an adapter, a checkpoint, a state file) cannot be read back: truncated,
+    overwritten or not what its name says. The message names the file; `path` is it."""
+
+    def __init__(self, path: Path | str, problem: str):
+        super().__init__(f"'{path}' is {problem}: the file is corrupt or truncated")
+        self.path = str(path)
+
+
+class DiskFull(OSError):
+    """No space left on the device while writing `path`."""
+
+    def __init__(self, path: Path | str, detail: str = ""):
+        import errno
+        super().__init__(errno.ENOSPC, f"no space left on the device while writing '{path}'"
+                         + (f" ({detail})" if detail else "") + "; free some space and try again")
+        self.path = str(path)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is the device running out of space (OSError ENOSPC/EDQUOT, or torch's
+    RuntimeError from its zip writer, which hides the errno)."""
+    import errno
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("No space left" in text or "inline_container" in text
+                                              and ("write" in text.lower() or "enforce fail" in text))
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+
+
+def read_json(path: Path | str):
+    """A JSON file qforge wrote; FileNotFoundError when absent, CorruptFile when unreadable."""
+    import json
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise CorruptFile(path, f"not valid JSON ({_short(exc)})") from exc
+
+
+def read_safetensors(path: Path | str) -> dict:
+    """Every tensor of a safetensors file; FileNotFoundError when absent, CorruptFile when unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CorruptFile(path, f"not a readable safetensors file ({_short(exc)})") from exc
+
+
+def read_torch(path: Path | str):
+    """A torch.save file qforge wrote (optimizer state, generators); CorruptFile when unreadable."""
+    import pickle
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' is missing")
+    try:
+        return torch.load(path, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError, AttributeError, KeyError) as exc:
+        raise CorruptFile(path, f"not a readable torch file ({_short(exc)})") from exc
+
+
+TEMP_SUFFIXES = (".tmp", ".old")
+
+
+def clean_temporaries(root: Path | str, max_depth: int = 4) -> list[Path]:
+    """Remove what an interrupted atomic write left under `root`: files and folders named
+    '.<name>.<random>.tmp' / '.old' (atomic_folder, atomic_write_bytes, checkpoint writes). Call it
+    only when no write is in flight (start-up). Returns what was removed."""
+    removed: list[Path] = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            children = list(folder.iterdir())
+        except OSError:
+            return
+        for child in children:
+            if child.name.startswith(".") and child.name.endswith(TEMP_SUFFIXES) and not child.is_symlink():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+                removed.append(child)
+            elif child.is_dir() and not child.is_symlink() and depth < max_depth:
+                walk(child, depth + 1)
+
+    walk(root, 0)
+    return removed

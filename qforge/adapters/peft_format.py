@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..fileio import atomic_folder
+from ..fileio import CorruptFile, atomic_folder, read_json
 from ..model.surgery import adapted_layers, set_active_adapter
 from ..nn import AdaptedLinear, LoraAdapter, LoraSpec
 from .model_card import model_card, portable_base_id
@@ -165,10 +165,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         raise FileNotFoundError(f"adapter folder '{adapter_dir}' does not exist")
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' is missing: not a PEFT adapter folder")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"'{path}' is not valid JSON: {exc}") from exc
+    config = read_json(path)
     if not isinstance(config, dict):
         raise ValueError(f"'{path}' must hold a JSON object, found {type(config).__name__}")
     if config.get("peft_type") != "LORA":
@@ -199,8 +196,8 @@ def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, dict[str, torch.T
                 if m is None:
                     raise ValueError(f"'{path}': unexpected tensor key '{key}' (not a LoRA / DoRA weight)")
                 modules.setdefault(m["module"], {})[parts[m["part"]]] = f.get_tensor(key)
-    except (OSError, RuntimeError) as exc:  # safetensors' errors for a truncated or foreign file
-        raise ValueError(f"'{path}' is not a readable safetensors file: {exc}") from exc
+    except (OSError, RuntimeError, SafetensorError) as exc:  # a truncated or foreign file
+        raise CorruptFile(path, f"not a readable safetensors file ({str(exc)[:200]})") from exc
     return modules
 
 

@@ -6,7 +6,10 @@ same continuously batched forward passes (each row its own adapter). Routes: /v1
 (POST {name, path} loads, DELETE unloads), /v1/usage, /metrics (Prometheus), /health.
 
 Security: with --api-key (repeatable) or QFORGE_API_KEY (comma-separated) every route but /health
-needs 'Authorization: Bearer KEY'. Binding to a non-loopback address without a key is refused
+needs 'Authorization: Bearer KEY'. Those are user keys: each sees its own usage and models and
+manages only the adapters it registered. Operator keys (--operator-key, QFORGE_OPERATOR_KEY) also
+manage the server-wide adapters, see every key's usage and read /metrics. --api-keys-file FILE
+gives keys with roles off the command line: one 'KEY ROLE NAME' per line (ROLE operator or user). Binding to a non-loopback address without a key is refused
 unless --insecure. Adapters loaded at run time must lie inside --adapter-root (without it, run-time
 loading is off); --adapter NAME=DIR folders are trusted.
 
@@ -40,15 +43,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-root", default=None, metavar="DIR",
                         help="folder that run-time adapter loads (POST /v1/adapters) must lie inside")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
-    parser.add_argument("--max-loaded-adapters", type=int, default=16, help="adapters kept in memory (LRU)")
-    parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together (1: one at a time)")
-    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on (default: 8000)")
+    parser.add_argument("--max-loaded-adapters", type=positive_int, default=16,
+                        help="adapters kept in memory (LRU; default: 16)")
+    parser.add_argument("--max-batch", type=positive_int, default=32,
+                        help="requests decoded together (1: one at a time; default: 32)")
+    parser.add_argument("--max-queue", type=positive_int, default=256,
+                        help="waiting requests before answering 429 (default: 256)")
+    parser.add_argument("--max-model-len", type=positive_int, default=None,
+                        help="context length (default: the model's)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="compute dtype (default: bfloat16)")
     add_device_argument(parser)
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                        help="accepted bearer key (repeatable; also QFORGE_API_KEY, comma-separated)")
+                        help="accepted bearer key of role user (repeatable; also QFORGE_API_KEY, comma-separated; "
+                             "default: none)")
+    parser.add_argument("--operator-key", action="append", default=[], metavar="KEY",
+                        help="accepted bearer key of role operator: server-wide adapters, every key's usage, "
+                             "/metrics (repeatable; also QFORGE_OPERATOR_KEY; default: none)")
+    parser.add_argument("--api-keys-file", default=None, metavar="FILE",
+                        help="keys with roles, one 'KEY ROLE NAME' per line, ROLE operator (admin) or user "
+                             "(default: none)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without an API key")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
@@ -59,12 +73,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", default=None, metavar="SIZE",
                         help="with --jobs: memory a job may use, e.g. 16GB (default: the RAM available); a job "
                              "that names no method gets BF16 LoRA when it fits, else QLoRA")
-    parser.add_argument("--max-file-mb", type=int, default=64, help="with --jobs: the largest upload, in MiB")
+    parser.add_argument("--database-url", default=None, metavar="URL",
+                        help="with --jobs: postgresql://... job database shared by several replicas and workers "
+                             "(also QFORGE_DATABASE_URL; default: SQLite under --data-dir)")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="with --jobs: run no worker here (`qforge worker` processes train the jobs)")
+    parser.add_argument("--max-file-mb", type=positive_int, default=64,
+                        help="with --jobs: the largest upload, in MiB (default: 64)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {value}")
+    return value
+
+
+def _env_keys(name: str) -> list[str]:
+    return [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
-    env = [k.strip() for k in os.environ.get("QFORGE_API_KEY", "").split(",") if k.strip()]
-    return [k for k in args.api_key if k] + env
+    """The plain user keys (flags, then QFORGE_API_KEY)."""
+    return [k for k in args.api_key if k] + _env_keys("QFORGE_API_KEY")
+
+
+def all_keys(args: argparse.Namespace) -> list:
+    """Every accepted key with its role (qforge.serve.auth.ApiKey): user keys, operator keys, the file's."""
+    from ..serve.auth import ApiKey, read_keys_file
+
+    keys = [ApiKey(k, "user", f"user{i + 1}") for i, k in enumerate(api_keys(args))]
+    operators = [k for k in getattr(args, "operator_key", []) if k] + _env_keys("QFORGE_OPERATOR_KEY")
+    keys += [ApiKey(k, "operator", f"operator{i + 1}") for i, k in enumerate(operators)]
+    if getattr(args, "api_keys_file", None):
+        keys += read_keys_file(args.api_keys_file)
+    seen = set()
+    for k in keys:
+        if k.key in seen:
+            raise ValueError("the same API key is given twice (flags, environment or --api-keys-file)")
+        seen.add(k.key)
+    return keys
 
 
 def is_loopback(host: str) -> bool:
@@ -137,17 +198,25 @@ def jobs_config(args: argparse.Namespace):
     base = args.base if keep else str(Path(args.base).expanduser().resolve())
     budget = parse_gpu(args.memory_budget) if args.memory_budget else None
     return JobsConfig(data_dir=Path(args.data_dir).expanduser(), base_model=base, memory_budget=budget,
-                      max_file_bytes=args.max_file_mb * 2 ** 20)
+                      max_file_bytes=args.max_file_mb * 2 ** 20, database_url=database_url(args),
+                      start_worker=not getattr(args, "no_worker", False))
+
+
+def database_url(args: argparse.Namespace) -> str | None:
+    return getattr(args, "database_url", None) or os.environ.get("QFORGE_DATABASE_URL") or None
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    keys = api_keys(args)
+    keys = all_keys(args)
     check_bind(args.host, keys, args.insecure)
     if not keys and not is_loopback(args.host):
         print(f"qforge serve: warning: serving on {args.host} with no API key (--insecure)", file=sys.stderr)
     parse_adapters(args.adapter)  # fail on a malformed flag before the model loads
+    if getattr(args, "jobs", False):  # and on a bad job database: one line naming it, nothing swept
+        from ..jobs.pg import open_store
+        open_store(Path(args.data_dir).expanduser(), database_url(args))
     app, engine = build(args, keys)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

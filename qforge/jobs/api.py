@@ -15,7 +15,10 @@ A new job is 'validating_files' while a background thread links its files into t
 the memory planner choose QLoRA or BF16 LoRA when the request names no method, and writes the job's
 TrainConfig; then it is 'queued' for the worker (qforge.jobs.worker). When a job has succeeded its
 adapter is registered with the inference registry as `ft:<base>:<suffix>:<job id>`: at once when a
-request names it or reads the job, and within a second by a watcher thread in any case.
+request names it or reads the job, and within a second by a watcher thread in any case; at start-up
+every succeeded job's model is registered before the server answers, and names starting `ft:` are
+reserved for this service (no key can register one through /v1/adapters). A model whose adapter
+cannot be read (corrupt, missing) answers 503 naming the file; listings and other models go on.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ from starlette.concurrency import run_in_threadpool
 from ..serve.api import APIError
 from ..serve.registry import AdapterError, AdapterRegistry, AdapterSlotsBusy
 from . import models as ft_models
-from .store import ACTIVE, FINISHED, JobStore, fine_tuned_model_name, new_id, now
+from .pg import open_store
+from .store import ACTIVE, FINISHED, fine_tuned_model_name, new_id, now
 
 WEB_DIR = Path(__file__).parent / "web"
 DEFAULT_MAX_FILE_BYTES = 64 * 2 ** 20
@@ -56,12 +60,13 @@ class JobsConfig:
     poll_s: float = 0.5
     cancel_grace_s: float = 30.0
     start_worker: bool = True
+    database_url: str | None = None      # postgresql://...: the shared store (qforge.jobs.pg); None: SQLite
 
 
 # ---- request bodies ------------------------------------------------------------------------------
 class Hyperparameters(BaseModel):
     """OpenAI's three; 'auto' resolves to TrainConfig's epochs and batch size and multiplier 1 (its lr)."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "n_epochs": "2" is a 400, not 2
 
     n_epochs: Literal["auto"] | int | None = Field(None, ge=1, le=100)
     batch_size: Literal["auto"] | int | None = Field(None, ge=1, le=256)
@@ -157,21 +162,32 @@ class JobService:
 
     def __init__(self, config: JobsConfig, registry: AdapterRegistry):
         self.config, self.registry = config, registry
-        self.store = JobStore(config.data_dir)
+        self.store = open_store(config.data_dir, config.database_url)
         self.validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qforge-jobs-validate")
         self.supervisor = None
         self._register_lock = threading.Lock()
-        self._unloadable: set[str] = set()
+        self._unloadable: dict[str, str] = {}  # fine-tuned model -> why its adapter cannot be loaded
+        self._deleted: set[str] = set()  # models their owners deleted (DELETE /v1/models) since start-up
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="qforge-jobs-models", daemon=True)
 
     def start(self) -> "JobService":
+        """Sweep what interrupted writes left, then register every fine-tuned model before the
+        server takes requests (so no name is ever free for someone else to take)."""
+        from ..fileio import clean_temporaries
         self.store.sweep_orphan_files()
+        for leftover in clean_temporaries(self.store.jobs_dir):
+            print(f"qforge jobs: removed '{leftover.relative_to(self.store.root)}', left by an interrupted write",
+                  flush=True)
+        self.register_all()
         for job in self.store.list_jobs(status="validating_files", limit=10 ** 6)[0]:
             self.validator.submit(self.validate_job, job["id"])  # cut short by a crash: do it again
         if self.config.start_worker:
             from .worker import WorkerSupervisor
-            self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s).start()
+            from .pg import worker_env
+            self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s)
+            self.supervisor.extra_env = worker_env(self.store)
+            self.supervisor.start()
         self._watcher.start()
         return self
 
@@ -209,6 +225,12 @@ class JobService:
                                param="file", code="invalid_file") from None
             os.replace(tmp, final)
             fsync_dir(final.parent)
+        except OSError as exc:
+            from ..fileio import is_disk_full
+            if is_disk_full(exc):
+                raise APIError(507, "the server's disk is full: the upload was not stored; retry later",
+                               "server_error", param="file", code="disk_full") from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
         return self.store.add_file(file_id, owner, filename, "fine-tune", size, len(rows), fmt)
@@ -340,21 +362,29 @@ class JobService:
         return True
 
     def register(self, job: dict, name: str | None = None) -> None:
-        """Serve the job's fine-tuned model, or its checkpoint model `name`, when its adapter exists."""
+        """Serve a succeeded job's adapter, or its checkpoint model `name`, when its adapter exists. One
+        that cannot be read (corrupt, missing) is remembered with the reason, which requests naming the
+        model get; nothing else is affected."""
         name = name or job["fine_tuned_model"]
         if name in self.registry or name in self._unloadable or job["model"] != self.registry.base_name:
             return
         folder = ft_models.adapter_dir(self.store, job, name)
-        if folder is None or not folder.is_dir():  # no such checkpoint, or the model was deleted
+        if folder is None or name in self._deleted:  # no such checkpoint, or its owner deleted the model
+            return
+        if not folder.is_dir():
+            if name == job["fine_tuned_model"]:  # a succeeded job's adapter is gone: say so for this model
+                self._unloadable[name] = f"the adapter folder of {name} is missing"
             return
         with self._register_lock:
             if name in self.registry:
                 return
             try:
                 self.registry.add(name, folder, trusted=True)
-            except AdapterError as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad adapter never stops the others
                 if not isinstance(exc, AdapterSlotsBusy):  # all slots busy: try again later
-                    self._unloadable.add(name)
+                    message = str(exc) if isinstance(exc, (AdapterError, ValueError, OSError)) else \
+                        f"internal error {type(exc).__name__}"
+                    self._unloadable[name] = message.replace(f"{self.store.root}/", "")
                 print(f"qforge jobs: cannot serve {name}: {exc}", flush=True)
 
     def delete_model(self, name: str, key_id: str) -> dict | None:
@@ -374,17 +404,29 @@ class JobService:
                 except AdapterError:
                     pass
             removed = ft_models.delete_adapter_files(ft_models.adapter_dir(self.store, job, name))
+            self._deleted.add(name)
+            self._unloadable.pop(name, None)
         if not removed:
             raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
         self.store.add_event(job["id"], f"The model {name} was deleted", None)
         return {"id": name, "object": "model", "deleted": True}
 
+    def model_error(self, name: str) -> str | None:
+        """Why fine-tuned model `name` cannot be served, when it cannot."""
+        return self._unloadable.get(name)
+
+    def register_all(self) -> None:
+        for job in self.store.succeeded_models():
+            try:
+                self.register(job)
+            except Exception as exc:  # noqa: BLE001 - keep going (a locked database, a bad folder)
+                print(f"qforge jobs: model watcher: {job['fine_tuned_model']}: {exc!r}", flush=True)
+
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_S):
             try:
-                for job in self.store.succeeded_models():
-                    self.register(job)
-            except Exception as exc:  # noqa: BLE001 - keep watching (a locked database, a bad folder)
+                self.register_all()
+            except Exception as exc:  # noqa: BLE001 - keep watching (a locked database)
                 print(f"qforge jobs: model watcher: {exc!r}", flush=True)
 
 
@@ -466,6 +508,7 @@ def install(app: FastAPI, state, caller, service: JobService) -> None:
     then visible only to their owners."""
     state.model_guard = service.model_visible
     state.model_deleter = service.delete_model
+    state.model_error = service.model_error
     state.body_limits["/v1/files"] = service.config.max_file_bytes + 2 ** 16  # multipart framing
     app.state.jobs = service
     _add_file_routes(app, service, caller)
@@ -535,7 +578,10 @@ def _add_job_routes(app: FastAPI, service: JobService, caller) -> None:
         """Whoever reads 'succeeded' finds the model registered (the watcher may not have run yet)."""
         for job in jobs:
             if job["status"] == "succeeded" and job["fine_tuned_model"] not in service.registry:
-                await run_in_threadpool(service.register, job)
+                try:
+                    await run_in_threadpool(service.register, job)
+                except Exception as exc:  # noqa: BLE001 - a listing never fails for one job's model
+                    print(f"qforge jobs: cannot serve {job['fine_tuned_model']}: {exc!r}", flush=True)
         return jobs
 
     @app.post("/v1/fine_tuning/jobs")

@@ -17,12 +17,16 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
 from pathlib import Path
 
+from .db import SCHEMA_VERSION, check_sqlite
+
 BUSY_TIMEOUT_S = 30.0
+OUR_FILE = re.compile(r"^file-[A-Za-z0-9]+\.(jsonl|csv)$")  # the only names the orphan sweep may remove
 ACTIVE = ("validating_files", "queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -126,7 +130,9 @@ def _dump(value) -> str | None:
 
 class JobStore:
     """The database and the folders under `data_dir`; safe to use from many threads and processes
-    (each call opens its own connection)."""
+    (each call opens its own connection). qforge.jobs.pg.PgStore is the same over PostgreSQL."""
+
+    single_worker = True  # one worker per data dir (a file lock); PostgreSQL's store allows many
 
     def __init__(self, data_dir: str | Path):
         self.root = Path(data_dir).expanduser().resolve()
@@ -135,9 +141,12 @@ class JobStore:
         for folder in (self.root, self.files_dir, self.jobs_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "qforge.db"
+        new = check_sqlite(self.db_path, self.root)  # DatabaseError (one line) for a bad database
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            if new:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
     def _connect(self):
@@ -227,7 +236,8 @@ class JobStore:
             known = {r[0] for r in db.execute("SELECT id FROM files")}
         removed = []
         for path in self.files_dir.iterdir():
-            if path.is_file() and (path.name.startswith(".") or path.name.split(".")[0] not in known):
+            ours = OUR_FILE.match(path.name) or path.name.startswith(".upload-file-")
+            if ours and path.is_file() and (path.name.startswith(".") or path.name.split(".")[0] not in known):
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
         return removed
@@ -316,6 +326,10 @@ class JobStore:
         job = self.get_job(row["id"])
         job["resumed"], job["stale_train_pid"] = resumed, row["train_pid"]
         return job
+
+    def renew_lease(self, job_id: str, worker_pid: int) -> bool:
+        """One worker per SQLite store: its hold on a job never lapses (see PgStore for leases)."""
+        return True
 
     def complete_job(self, job_id: str, fine_tuned_model: str, trained_tokens: int | None,
                      results_file: dict | None) -> bool:

@@ -39,7 +39,13 @@ import time
 import traceback
 from pathlib import Path
 
+from .pg import store_from_env, worker_env
 from .store import JobStore, derived_id, fine_tuned_model_name, now, pid_alive
+
+try:
+    from psycopg import Error as DB_ERRORS  # PostgreSQL's errors, when the store is there
+except ImportError:  # pragma: no cover - psycopg is a dependency
+    DB_ERRORS = sqlite3.Error
 
 MAX_CRASHES = 3
 TRAINER_MARK = "qforge.jobs.worker"
@@ -199,10 +205,12 @@ def results_csv(run_dir: Path) -> bytes:
 # ---- the worker ------------------------------------------------------------------------------
 class Worker:
     def __init__(self, store: JobStore, parent_pid: int | None = None, poll_s: float = 0.5,
-                 cancel_grace_s: float = 30.0):
+                 cancel_grace_s: float = 30.0, trainer_env: dict | None = None):
         self.store, self.parent_pid = store, parent_pid
         self.poll_s, self.cancel_grace_s = poll_s, cancel_grace_s
+        self.trainer_env = trainer_env or {}  # e.g. the thread bound of --worker-threads
         self.stopping = False
+        self.lease_lost = False
 
     def should_stop(self) -> bool:
         if self.parent_pid and os.getppid() != self.parent_pid:
@@ -212,7 +220,7 @@ class Worker:
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: setattr(self, "stopping", True))
-        lock = self._lock()
+        lock = self._lock() if self.store.single_worker else True
         if lock is None:
             return
         log(f"serving jobs from {self.store.root}")
@@ -258,7 +266,9 @@ class Worker:
                 [sys.executable, "-m", TRAINER_MARK, "--train", str(job_dir), "--job-id", job_id,
                  "--data-dir", str(self.store.root), "--parent-pid", str(os.getpid())],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **worker_env(self.store),
+                     **self.trainer_env})
+        self.lease_lost = False
         try:
             self.store.update_job(job_id, train_pid=proc.pid)
             self.follow(job, proc)
@@ -266,6 +276,9 @@ class Worker:
             if proc.poll() is None:  # the worker itself failed: never leave a trainer running unwatched
                 signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
+        if self.lease_lost:  # another worker runs the job now: its outcome is that worker's to record
+            log(f"job {job_id}: lease lost to another worker; trainer stopped, nothing recorded")
+            return
         self.finish(job, proc.returncode, job_dir)
 
     def follow(self, job: dict, proc: subprocess.Popen) -> None:
@@ -275,9 +288,17 @@ class Worker:
         signalled_at, killed = None, False
         while proc.poll() is None:
             try:
+                if not self.store.renew_lease(job["id"], os.getpid()):
+                    self.lease_lost = True
+                    signal_group(proc.pid, signal.SIGKILL)  # never two trainers on one job
+                    proc.wait()
+                    return
+            except Exception as exc:  # noqa: BLE001 - the database is unreachable: try again next poll
+                log(f"job {job['id']}: lease not renewed this time: {exc!r}")
+            try:
                 progress.sync()
                 stop = self.should_stop() or self.store.job_status(job["id"]) != "running"
-            except (sqlite3.Error, OSError, ValueError) as exc:  # a busy database, a folder being replaced
+            except (sqlite3.Error, OSError, ValueError, DB_ERRORS) as exc:  # a busy database, a folder being replaced
                 log(f"job {job['id']}: progress not recorded this time: {exc!r}")
                 stop = self.should_stop()
             if stop and signalled_at is None:
@@ -289,7 +310,7 @@ class Worker:
             time.sleep(self.poll_s)
         try:
             progress.sync()
-        except (sqlite3.Error, OSError, ValueError) as exc:  # the next attempt or worker syncs it again
+        except (sqlite3.Error, OSError, ValueError, DB_ERRORS) as exc:  # the next attempt or worker syncs it again
             log(f"job {job['id']}: last progress not recorded: {exc!r}")
 
     def finish(self, job: dict, returncode: int, job_dir: Path) -> None:
@@ -363,6 +384,7 @@ def with_tensorboard(cfg):
 
 def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
     """Run the job's config.yaml; the outcome as result.json's contents."""
+    from ..fileio import DiskFull, is_disk_full
     from ..train.config import TrainConfig
     from ..train.data import DataError
     from ..train.loop import TrainingDiverged
@@ -391,6 +413,15 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
         return {"status": "failed", "error": _error(f"invalid_{param}", message, param)}
     except TrainingDiverged as exc:
         return {"status": "failed", "error": _error("training_diverged", str(exc).replace(f"{job_dir}/", ""))}
+    except DiskFull as exc:
+        return {"status": "failed", "error": _error("disk_full", str(exc).replace(f"{job_dir}/", ""))}
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            traceback.print_exc()
+            return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
+                                                        .replace(f"{job_dir}/", ""))}
+        return {"status": "failed", "error": _error("disk_full", "no space left on the device while training; free "
+                                                    "some space and create the job again")}
     except MemoryError:
         return {"status": "failed", "error": _error("out_of_memory", "training ran out of memory; lower "
                                                     "batch_size or max_seq_len, or use method qlora")}
@@ -402,8 +433,21 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
 
 def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | None) -> int:
     die_with_parent(parent_pid)
+    if os.environ.get("QFORGE_TRAIN_THREADS"):  # --worker-threads: training leaves cores to serving
+        import torch
+        torch.set_num_threads(int(os.environ["QFORGE_TRAIN_THREADS"]))
+    if os.environ.get("QFORGE_TRAIN_MEMORY_FRACTION"):  # --worker-memory-fraction: the GPU is shared
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(float(os.environ["QFORGE_TRAIN_MEMORY_FRACTION"]))
     from ..fileio import atomic_write_bytes
-    outcome = train(job_dir, job_id, JobStore(data_dir))
+    guard = open(job_dir / "trainer.lock", "a")
+    try:  # a second trainer on one job (leases make it impossible; this makes it certain) stops here
+        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"another trainer holds job {job_id}; this one exits without training", flush=True)
+        return 3
+    outcome = train(job_dir, job_id, store_from_env(data_dir))
     atomic_write_bytes(job_dir / "result.json", json.dumps(outcome).encode())
     return 0
 
@@ -419,6 +463,7 @@ class WorkerSupervisor:
         self.args = ["--poll", str(poll_s), "--cancel-grace", str(cancel_grace_s)]
         self.cancel_grace_s, self.restart_delay_s = cancel_grace_s, restart_delay_s
         self.proc: subprocess.Popen | None = None
+        self.extra_env: dict = {}  # QFORGE_DATABASE_URL for a PostgreSQL store
         self.starts = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="qforge-jobs-supervisor", daemon=True)
@@ -439,7 +484,7 @@ class WorkerSupervisor:
             return subprocess.Popen([sys.executable, "-m", TRAINER_MARK, "--data-dir", str(self.data_dir),
                                      "--parent-pid", str(os.getpid()), *self.args],
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    start_new_session=True, env={**os.environ, **self.extra_env})
 
     def _supervise(self) -> None:
         delay = self.restart_delay_s
@@ -483,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train:
         return train_main(Path(args.train), args.job_id, Path(args.data_dir), args.parent_pid)
     die_with_parent(args.parent_pid)
-    Worker(JobStore(args.data_dir), args.parent_pid, args.poll, args.cancel_grace).run()
+    Worker(store_from_env(args.data_dir), args.parent_pid, args.poll, args.cancel_grace).run()
     return 0
 
 

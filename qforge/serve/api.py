@@ -8,7 +8,9 @@ GET /health.
 
 Generation options beyond sampling: log-probs (`logprobs`, `echo`, `top_logprobs`: logprobs.py),
 `response_format` json_object / json_schema and `tools` / `tool_choice` (structured.py, tools.py).
-With API keys, every route but /health needs `Authorization: Bearer KEY`. Errors are OpenAI's shape: {"error": {message, type, param, code}}.
+With API keys, every route but /health needs `Authorization: Bearer KEY`; keys have roles
+(qforge.serve.auth): /metrics, every key's usage and the server-wide adapters are the operator's, a
+user key sees and manages only its own. Errors are OpenAI's shape: {"error": {message, type, param, code}}.
 
 `create_app` builds the app in-process (tests run it under uvicorn in a thread); it does not own the
 engine's thread beyond starting it.
@@ -16,8 +18,6 @@ engine's thread beyond starting it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import re
 import time
@@ -31,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .auth import ANONYMOUS, AdapterOwners, Caller, KeyRing, check_adapter_name
 from .embeddings import add_embedding_routes
+from .guards import FLOAT32_TINY, BodyTooLarge, Busy, CatchAll, LimitBody, OffLoop, lone_surrogate
 from .engine import Engine, Event, QueueFull, Request as GenRequest, RequestError, SamplingParams
 from .logprobs import MAX_TOP_LOGPROBS, chat_logprobs, completion_logprobs, trim_to_text
 from .structured import GrammarError, compile_plan
@@ -94,6 +96,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(APIError(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None)))
 
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_, exc: BodyTooLarge):
+        return _error_response(APIError(413, str(exc.detail), code="body_too_large", headers={"Connection": "close"}))
+
+    @app.exception_handler(Busy)
+    async def _busy(_, exc: Busy):
+        return _error_response(APIError(429, f"the server is busy: {exc}; retry later", "rate_limit_error",
+                                        code="queue_full", headers={"Retry-After": "1"}))
+
     @app.exception_handler(ClientGone)
     async def _gone(_, exc: ClientGone):
         return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
@@ -105,11 +116,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 # ---- request bodies ------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class _Generation(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "stream": "yes", "n": "2", [true] as ids: 400
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -119,7 +131,7 @@ class _Generation(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2 ** 63, le=2 ** 63 - 1)  # a 64-bit generator seed
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: keep going past EOS (benchmarks)
     presence_penalty: float = 0.0
@@ -162,12 +174,13 @@ class CompletionBody(_Generation):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -208,6 +221,7 @@ class ChatBody(_Generation):
 
 
 class AdapterBody(BaseModel):
+    model_config = ConfigDict(strict=True)
     name: str
     path: str
 
@@ -448,6 +462,7 @@ class _EventStream(StreamingResponse):
 
 def _params(max_tokens, temperature, top_p, stops, seed, ignore_eos, **extra) -> SamplingParams:
     try:
+        top_p = max(top_p, FLOAT32_TINY)  # a smaller top_p means the same (the top token) but compares as 0
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed,
                               ignore_eos=ignore_eos, **extra)
     except RequestError as exc:
@@ -458,14 +473,24 @@ def _params(max_tokens, temperature, top_p, stops, seed, ignore_eos, **extra) ->
 class _State:
     def __init__(self, engine: Engine, registry: AdapterRegistry, api_keys, metrics: Metrics, usage: UsageLedger):
         self.engine, self.registry, self.metrics, self.usage = engine, registry, metrics, usage
-        self.api_keys = [k for k in api_keys if k]
+        self.keys = KeyRing(api_keys)
+        self.roles = {k.id: Caller(k.id, k.role, k.name) for k in self.keys.keys}
+        self.adapter_owners = AdapterOwners()
         self.tokenizer = engine.tokenizer
         self.started = int(time.time())
         self.model_guard = None  # (model name, key id) -> may this caller use it? (set by the jobs service)
         self.model_deleter = None  # (model name, key id) -> deleted card, or None when not its model (jobs)
+        self.model_error = None  # model name -> why it cannot be served now, or None (set by the jobs service)
         self.body_limits: dict[str, int] = {}  # path prefix -> larger body limit (uploads)
+        self.off_loop = OffLoop()  # templating and tokenising: off the event loop, bounded
+
+    def caller_of(self, key_id: str | None) -> Caller:
+        return ANONYMOUS if key_id is None else self.roles.get(key_id, Caller(key_id, "user" if self.keys else
+                                                                           "operator"))
 
     def visible(self, name: str, key_id: str | None) -> bool:
+        if key_id is not None and not self.adapter_owners.may_use(name, self.caller_of(key_id)):
+            return False
         return self.model_guard is None or key_id is None or self.model_guard(name, key_id)
 
     def resolve_model(self, name: str, key_id: str | None = None) -> str | None:
@@ -473,18 +498,26 @@ class _State:
         that the model guard hides from this caller)."""
         if name == self.registry.base_name:
             return None
-        if self.visible(name, key_id) and name in self.registry:  # the guard may register it just now
-            return name
+        if self.visible(name, key_id):
+            if name in self.registry:  # the guard may register it just now
+                return name
+            problem = self.model_error(name) if self.model_error is not None else None
+            if problem:
+                raise APIError(503, f"The model '{name}' cannot be served: {problem}", "server_error", "model",
+                               "model_unavailable")
         raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
 
     def key_id(self, request: Request) -> str:
         """Who is calling: "anonymous" without keys, else a fingerprint of the key (401 if wrong)."""
-        if not self.api_keys:
-            return "anonymous"
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), k.encode()) for k in self.api_keys):
-            return "key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        return self.who(request).id
+
+    def who(self, request: Request) -> Caller:
+        """The Caller of a request: the anonymous operator without keys, else the key's (401 if wrong)."""
+        if not self.keys:
+            return ANONYMOUS
+        found = self.keys.caller(request.headers.get("authorization", ""))
+        if found is not None:
+            return found
         raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", param=None,
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -520,27 +553,6 @@ class _CountRequests:
             self.metrics.latency.observe(time.monotonic() - start, route=route)
 
 
-class _LimitBody:
-    """ASGI middleware: a request whose Content-Length exceeds `max_bytes` (or the limit of the
-    longest matching path prefix in `overrides`) gets 413 unread."""
-
-    def __init__(self, app, max_bytes: int, overrides: dict[str, int] | None = None):
-        self.app, self.max_bytes, self.overrides = app, max_bytes, overrides if overrides is not None else {}
-
-    def limit(self, path: str) -> int:
-        prefixes = [p for p in self.overrides if path == p or path.startswith(p.rstrip("/") + "/")]
-        return self.overrides[max(prefixes, key=len)] if prefixes else self.max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length", b"0")
-            max_bytes = self.limit(scope.get("path", ""))
-            if not length.isdigit() or int(length) > max_bytes:
-                error = APIError(413, f"request body larger than {max_bytes} bytes", code="body_too_large")
-                return await _error_response(error)(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
 def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: Metrics | None = None,
                usage: UsageLedger | None = None, extensions=()) -> FastAPI:
     """The FastAPI app over a (started or not) engine. `api_keys`: accepted bearer keys (none: open).
@@ -549,7 +561,8 @@ def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: 
     state = _State(engine, registry, api_keys, metrics, usage or UsageLedger())
     app = FastAPI(title="qforge serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qforge = state
-    app.add_middleware(_LimitBody, max_bytes=MAX_BODY_BYTES, overrides=state.body_limits)
+    app.add_middleware(CatchAll)  # innermost: an escaped exception is a 500 and the connection lives on
+    app.add_middleware(LimitBody, max_bytes=MAX_BODY_BYTES, overrides=state.body_limits)
     app.add_middleware(_CountRequests, metrics=metrics)
     _install_error_handlers(app)
     engine.start()
@@ -568,7 +581,7 @@ def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: 
 
 
 def _add_info_routes(app: FastAPI, state: _State, caller) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         ok = state.engine.alive
         body = {"status": "ok" if ok else "error", "queue_depth": state.engine.queue_depth(),
@@ -578,12 +591,14 @@ def _add_info_routes(app: FastAPI, state: _State, caller) -> None:
         return JSONResponse(body, 200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics(_: str = Depends(caller)):
+    async def metrics(who: Caller = Depends(state.who)):
+        if not who.is_operator:
+            raise APIError(403, "/metrics needs an operator key", "permission_error", code="operator_only")
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/usage")
-    async def usage(_: str = Depends(caller)):
-        return state.usage.snapshot()
+    async def usage(who: Caller = Depends(state.who)):
+        return state.usage.snapshot(None if who.is_operator else who.id)
 
     @app.get("/v1/models")
     async def models(key_id: str = Depends(caller)):
@@ -602,20 +617,35 @@ def _add_generation_routes(app: FastAPI, state: _State, caller) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
+        _check_request(state, body, len(body.prompt) if isinstance(body.prompt, list) and body.prompt
+                       and not isinstance(body.prompt[0], int) else 1)
         plan = body.output_plan()
-        prompts = _completion_prompts(state, body.prompt)
+        prompts = await state.off_loop.run(_completion_prompts, state, body.prompt)
         limit = 16 if body.max_tokens is None else body.max_tokens
         return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request, plan)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
+        _check_request(state, body, 1)
         plan = body.output_plan()
-        prompt = _chat_prompt(state, body.messages, plan,
-                              adapter_chat_template(state, state.resolve_model(body.model, key_id)))
+        template = adapter_chat_template(state, state.resolve_model(body.model, key_id))
+        prompt = await state.off_loop.run(_chat_prompt, state, body.messages, plan, template)
         asked = body.max_completion_tokens or body.max_tokens
         limit = asked or max(1, min(DEFAULT_CHAT_MAX_TOKENS, state.engine.context_len - len(prompt)))
         return await _respond(state, "chat", body, [prompt], [limit], key_id, request, plan)
+
+
+def _check_request(state: "_State", body: _Generation, prompts: int) -> None:
+    """What no retry can fix, before any work: text that is not UTF-8, more choices than the queue holds."""
+    bad = lone_surrogate(body.model_dump(exclude_none=True))
+    if bad:
+        raise APIError(400, f"{bad}: the text holds a lone surrogate (not valid Unicode)", param=bad,
+                       code="invalid_value")
+    choices = prompts * body.n
+    if choices > state.engine.max_queue:
+        raise APIError(400, f"this request asks for {choices} generations (prompts x n) but the server queues at "
+                       f"most {state.engine.max_queue}; send fewer at a time", param="n", code="request_too_large")
 
 
 async def _respond(state, kind, body, prompts, limits, key_id, request: Request, plan: OutputPlan | None = None):
@@ -684,21 +714,33 @@ def _add_adapter_routes(app: FastAPI, state: _State, caller) -> None:
         return {"object": "list", "data": data, "max_loaded": state.registry.max_loaded}
 
     @app.post("/v1/adapters", status_code=201)
-    async def add_adapter(body: AdapterBody, _: str = Depends(caller)):
+    async def add_adapter(body: AdapterBody, who: Caller = Depends(state.who)):
+        reason = check_adapter_name(body.name, who, state.keys)
+        if reason is not None:
+            raise APIError(403, f"cannot register '{body.name}': {reason}", "permission_error", "name",
+                           "adapter_name_reserved")
+        if body.name in state.registry and not state.visible(body.name, who.id):
+            raise APIError(409, f"cannot register '{body.name}': the name is taken", param="name",
+                           code="adapter_exists")
         try:
             entry = await run_in_threadpool(state.registry.add, body.name, body.path)
         except AdapterError as exc:
             raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
+        state.adapter_owners.set(entry.name, None if who.is_operator else who.id)
         return JSONResponse(state.model_card(entry.name, entry.created, state.registry.base_name), 201)
 
     @app.delete("/v1/adapters/{name}")
-    async def delete_adapter(name: str, key_id: str = Depends(caller)):
-        if not state.visible(name, key_id):
+    async def delete_adapter(name: str, who: Caller = Depends(state.who)):
+        if name not in state.registry or not state.visible(name, who.id):
             raise APIError(404, f"no adapter named '{name}'", param="name", code="model_not_found")
+        if not state.adapter_owners.may_delete(name, who):
+            raise APIError(403, f"adapter '{name}' is not yours to delete (it is the operator's)", "permission_error",
+                           "name", "not_owner")
         try:
             await run_in_threadpool(state.registry.remove, name)
         except AdapterError as exc:
             raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
+        state.adapter_owners.forget(name)
         return {"id": name, "object": "model", "deleted": True}
 
 

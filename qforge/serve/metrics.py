@@ -149,19 +149,28 @@ class UsageLedger:
         self.since = int(time.time())
         self._lock = threading.Lock()
         self._by: dict[str, dict[str, dict[str, int]]] = {"model": {}, "api_key": {}}
+        self._per_key: dict[str, dict[str, dict[str, int]]] = {}  # api key -> model -> counts
 
     def record(self, model: str, api_key: str, prompt_tokens: int, completion_tokens: int) -> None:
         with self._lock:
-            for kind, key in (("model", model), ("api_key", api_key)):
-                row = self._by[kind].setdefault(key, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                                      "total_tokens": 0})
+            tables = ((self._by["model"], model), (self._by["api_key"], api_key),
+                      (self._per_key.setdefault(api_key, {}), model))
+            for table, key in tables:
+                row = table.setdefault(key, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                             "total_tokens": 0})
                 row["requests"] += 1
                 row["prompt_tokens"] += prompt_tokens
                 row["completion_tokens"] += completion_tokens
                 row["total_tokens"] += prompt_tokens + completion_tokens
 
-    def snapshot(self) -> dict:
+    def snapshot(self, api_key: str | None = None) -> dict:
+        """Every key's usage; with `api_key`, only that key's (its models, its own row)."""
         with self._lock:
+            if api_key is not None:
+                own = self._by["api_key"].get(api_key)
+                return {"object": "usage", "since": self.since,
+                        "by_model": {k: dict(v) for k, v in self._per_key.get(api_key, {}).items()},
+                        "by_api_key": {api_key: dict(own)} if own else {}}
             return {"object": "usage", "since": self.since,
                     "by_model": {k: dict(v) for k, v in self._by["model"].items()},
                     "by_api_key": {k: dict(v) for k, v in self._by["api_key"].items()}}

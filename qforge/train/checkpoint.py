@@ -18,9 +18,9 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..fileio import atomic_folder
+from ..fileio import CorruptFile, atomic_folder, clean_temporaries, read_json, read_safetensors, read_torch
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, step: int, state: dict,
@@ -61,16 +61,38 @@ def _peft_files(model: torch.nn.Module) -> tuple[dict, dict] | None:
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file())
+    found = checkpoints(folder)
     return found[-1] if found else None
 
 
+def checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint folders under `folder`, oldest first (a temporary one left by a kill is not one)."""
+    return sorted(p for p in Path(folder).glob("step-*") if (p / "state.json").is_file())
+
+
 def read_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents in memory (what rank 0 reads and sends to the other ranks)."""
-    return {"path": str(path), "trainable": load_file(path / "trainable.safetensors"),
-            "optimizer": torch.load(path / "optimizer.pt", weights_only=False),
-            "rng": torch.load(path / "rng.pt", weights_only=False),
-            "state": json.loads((path / "state.json").read_text())}
+    """A checkpoint's contents in memory (what rank 0 reads and sends to the other ranks).
+    CorruptFile (naming the file) when one of its files cannot be read back."""
+    path = Path(path)
+    state = read_json(path / "state.json")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CorruptFile(path / "state.json", "not a checkpoint state (no integer 'step')")
+    return {"path": str(path), "trainable": read_safetensors(path / "trainable.safetensors"),
+            "optimizer": read_torch(path / "optimizer.pt"), "rng": read_torch(path / "rng.pt"), "state": state}
+
+
+def read_latest_intact(folder: Path, log=print) -> tuple[Path | None, dict | None]:
+    """(path, contents) of the newest checkpoint under `folder` that reads back whole; a corrupt
+    newer one is skipped and `log` says which and why. Temporary folders of an interrupted write are
+    removed first. (None, None) when there is no intact one."""
+    for tmp in clean_temporaries(folder, max_depth=0):
+        log(f"removed '{tmp.name}', left by a checkpoint write that was interrupted")
+    for path in reversed(checkpoints(folder)):
+        try:
+            return path, read_checkpoint(path)
+        except (CorruptFile, FileNotFoundError) as exc:
+            log(f"checkpoint {path.name} cannot be used: {exc}; falling back to the one before it")
+    return None, None
 
 
 def restore_checkpoint(contents: dict, model: torch.nn.Module, optimizer, rank: int = 0) -> dict:

@@ -453,7 +453,9 @@ def build_dataset(path, tokenizer, fmt: str = "auto", max_seq_len: int = 512, tr
     report = DataReport(format=fmt, rows=read)
     train = _tokenize_rows(rows, tokenizer, fmt, max_seq_len, train_on, report)
     if not train:
-        raise DataError(f"{path}: no row has a trainable token (check train_on and the assistant weights)")
+        cut = (f"; {report.truncated} row(s) were truncated at max_seq_len={max_seq_len}, which cut off their "
+               "trained tokens: raise max_seq_len or shorten the rows") if report.truncated else ""
+        raise DataError(f"{path}: no row has a trainable token (check train_on and the assistant weights){cut}")
     held = _tokenize_rows(eval_rows, tokenizer, fmt, max_seq_len, train_on, report) if eval_rows else []
     report.train_rows, report.eval_rows = len(train), len(held)
     report.tokens = sum(len(e["input_ids"]) for e in train)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..dist import Group, fault_point
-from .checkpoint import latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
+from .checkpoint import read_latest_intact, restore_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .loss import causal_lm_loss
 from .schedule import lr_at
@@ -106,9 +106,10 @@ class _Run:
         cfg, group, result = self.cfg, self.group, self.result
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        last = group.broadcast(latest_checkpoint(self.ckpt_dir) if cfg.resume and group.is_main else None)
+        found = read_latest_intact(self.ckpt_dir, self.log) if cfg.resume and group.is_main else (None, None)
+        last = group.broadcast(found[0])
         if last is not None:
-            state = restore_checkpoint(group.broadcast(read_checkpoint(last) if group.is_main else None),
+            state = restore_checkpoint(group.broadcast(found[1] if group.is_main else None),
                                        self.model, self.optimizer, group.rank)
             self.start_step = state["step"]
             result.losses, result.tokens = state["losses"], state["tokens"]

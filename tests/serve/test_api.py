@@ -11,6 +11,7 @@ import pytest
 
 from qforge.serve import AdapterRegistry, Engine, Metrics
 from qforge.serve.api import create_app
+from qforge.serve.auth import ApiKey
 
 from .helpers import LiveServer, greedy_alone, save_random_adapters, tiny_llama
 
@@ -29,7 +30,8 @@ def live(tokenizer, tmp_path_factory):
     for name in "ab":
         registry.add(name, root / name, trusted=True)
     engine = Engine(model, tokenizer, registry, max_batch=8, metrics=metrics)
-    with LiveServer(create_app(engine, registry, api_keys=[KEY], metrics=metrics)) as server:
+    keys = [ApiKey(KEY, "operator", "op")]  # the operator: run-time adapters, /metrics, every key's usage
+    with LiveServer(create_app(engine, registry, api_keys=keys, metrics=metrics)) as server:
         server.engine, server.model, server.root_dir = engine, model, root
         yield server
     engine.stop()

@@ -1,0 +1,308 @@
+"""Soak test: `qforge serve --jobs` under a bounded loopback load with faults injected, for a fixed time.
+
+Set-up: a tiny random Llama folder (SmolLM2's tokenizer) as the base, two random PEFT adapters (a,
+b) served from the command line, an operator key and two user keys. Load (--clients threads):
+streaming chats over tiny/a/b (a quarter of them hang up after the first chunk), uploads of small
+training files, fine-tuning jobs (all the same data and seed, a few steps), cancellation of some.
+Faults, one every --fault-every seconds at random: kill -9 of the worker, kill -9 of the server
+(restarted at once on the same data dir), a corrupt adapter registered by a user (truncated weights:
+must be a 4xx). A full disk is simulated in a small tmpfs only where mounting one is allowed.
+
+At the end (load stopped, jobs given --drain seconds to finish): every upload not deleted must read
+back byte for byte, every job must exist and end succeeded or cancelled (or failed for a reason
+that names the client's input), and every succeeded job's adapter must be bit-identical to the
+others (same data, same seed). The last line:
+
+  requests=N errors_5xx=E jobs_lost=J files_lost=F adapters_mismatched=M
+
+  python benchmarks/soak.py --seconds 600 [--clients 4] [--fault-every 30] [--drain 300]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+OPERATOR, USERS = "soak-operator-key", ["soak-user-key-1", "soak-user-key-2"]
+HP = {"method": "qlora", "rank": 4, "batch_size": 2, "max_seq_len": 64, "save_every": 1, "compute_dtype": "float32",
+      "n_epochs": 1}
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`qforge serve --jobs` as a subprocess; restartable on the same port and data dir."""
+
+    def __init__(self, base: Path, adapters: Path, data: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "qforge", "serve", "--base", str(base), "--jobs", "--data-dir", str(data),
+                    "--port", str(self.port), "--dtype", "float32", "--log-level", "warning", "--max-queue", "64",
+                    "--adapter-root", str(adapters), "--adapter", f"a={adapters / 'a'}",
+                    "--adapter", f"b={adapters / 'b'}", "--operator-key", OPERATOR]
+        for key in USERS:
+            self.cmd += ["--api-key", key]
+        self.log, self.data = open(log, "ab"), data
+        self.proc: subprocess.Popen | None = None
+        self.up = threading.Event()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "QFORGE_API_KEY": "", "PYTHONPATH": str(REPO)})
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.up.set()
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("the server did not come up")
+
+    def worker_pids(self) -> list[int]:
+        """The job worker(s) this server started (its children running qforge.jobs.worker)."""
+        pids = []
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
+            try:
+                pids += [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        out = []
+        for pid in pids:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"qforge.jobs.worker" in cmd and b"--train" not in cmd:
+                out.append(pid)
+        return out
+
+    def kill(self) -> None:
+        self.up.clear()
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Tally:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = self.errors_5xx = self.refused = 0
+        self.fives: list[str] = []
+        self.files: dict[str, tuple[str, bytes]] = {}  # file id -> (key, bytes)
+        self.jobs: dict[str, tuple[str, bool]] = {}    # job id -> (key, cancel asked)
+        self.faults: dict[str, int] = {}
+
+    def answer(self, what: str, r: httpx.Response) -> httpx.Response:
+        with self.lock:
+            self.requests += 1
+            if r.status_code >= 500:
+                self.errors_5xx += 1
+                self.fives.append(f"{what}: {r.status_code} {r.text[:200]}")
+        return r
+
+
+def training_bytes(n: int = 8) -> bytes:
+    from tests.jobs.helpers import chat_rows, jsonl
+    return jsonl(chat_rows(n))
+
+
+def client_loop(server: Server, tally: Tally, stop: threading.Event, seed: int, job_every: float) -> None:
+    rng = random.Random(seed)
+    key = USERS[seed % 2]
+    headers = {"Authorization": f"Bearer {key}"}
+    next_job = time.monotonic() + rng.uniform(0, job_every)
+    data = training_bytes()
+    while not stop.is_set():
+        if not server.up.wait(5):
+            continue
+        try:
+            roll = rng.random()
+            if time.monotonic() > next_job:
+                next_job = time.monotonic() + job_every
+                files = {"file": ("t.jsonl", data)}
+                r = tally.answer("upload", httpx.post(server.url + "/v1/files", headers=headers, files=files,
+                                                      data={"purpose": "fine-tune"}, timeout=60))
+                if r.status_code == 200:
+                    with tally.lock:
+                        tally.files[r.json()["id"]] = (key, data)
+                    body = {"model": "tiny", "training_file": r.json()["id"], "seed": 11,
+                            "method": {"type": "supervised", "supervised": {"hyperparameters": HP}}}
+                    j = tally.answer("job", httpx.post(server.url + "/v1/fine_tuning/jobs", headers=headers,
+                                                       json=body, timeout=60))
+                    if j.status_code == 200:
+                        cancel = rng.random() < 0.25
+                        with tally.lock:
+                            tally.jobs[j.json()["id"]] = (key, cancel)
+                        if cancel:
+                            tally.answer("cancel", httpx.post(server.url + f"/v1/fine_tuning/jobs/{j.json()['id']}"
+                                                              "/cancel", headers=headers, timeout=60))
+            elif roll < 0.8:
+                model = rng.choice(["tiny", "a", "b"])
+                body = {"model": model, "messages": [{"role": "user", "content": f"Say {rng.randrange(100)}"}],
+                        "max_tokens": 8, "temperature": 0, "stream": True}
+                with httpx.stream("POST", server.url + "/v1/chat/completions", headers=headers, json=body,
+                                  timeout=60) as r:
+                    tally.answer("chat", r)
+                    for i, _ in enumerate(r.iter_lines()):
+                        if rng.random() < 0.25 and i == 1:
+                            break  # hang up mid-stream
+            else:
+                tally.answer("list", httpx.get(server.url + "/v1/fine_tuning/jobs", headers=headers, timeout=60))
+                tally.answer("models", httpx.get(server.url + "/v1/models", headers=headers, timeout=60))
+        except httpx.HTTPError:
+            with tally.lock:
+                tally.refused += 1  # the server was being killed or restarted: no answer, not a 5xx
+            time.sleep(0.2)
+
+
+def corrupt_adapter(server: Server, adapters: Path, tally: Tally, n: int) -> None:
+    import shutil
+    bad = adapters / f"broken{n}"
+    shutil.copytree(adapters / "a", bad)
+    weights = bad / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    r = tally.answer("corrupt-adapter", httpx.post(server.url + "/v1/adapters", timeout=60, json={
+        "name": f"broken{n}", "path": bad.name}, headers={"Authorization": f"Bearer {USERS[0]}"}))
+    if not 400 <= r.status_code < 500:
+        print(f"corrupt adapter answered {r.status_code}: {r.text[:200]}", flush=True)
+
+
+def faults(server: Server, adapters: Path, tally: Tally, stop: threading.Event, every: float, seed: int) -> None:
+    rng = random.Random(seed)
+    n = 0
+    while not stop.wait(rng.uniform(every / 2, every * 1.5)):
+        kind = rng.choice(["kill-worker", "kill-server", "corrupt-adapter"])
+        n += 1
+        try:
+            if kind == "kill-worker":
+                for pid in server.worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+            elif kind == "kill-server":
+                server.kill()
+                server.start()
+            else:
+                corrupt_adapter(server, adapters, tally, n)
+        except (httpx.HTTPError, OSError, RuntimeError) as exc:
+            print(f"fault {kind}: {exc!r}", flush=True)
+            if kind == "kill-server" and not server.up.is_set():
+                server.start()
+        tally.faults[kind] = tally.faults.get(kind, 0) + 1
+
+
+def check(server: Server, tally: Tally, drain: float) -> tuple[int, int, int]:
+    """(jobs_lost, files_lost, adapters_mismatched) once the jobs have had `drain` seconds."""
+    deadline = time.monotonic() + drain
+    finals: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        finals = {}
+        for job_id, (key, _) in tally.jobs.items():
+            r = httpx.get(server.url + f"/v1/fine_tuning/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"},
+                          timeout=60)
+            finals[job_id] = r.json() if r.status_code == 200 else {"status": f"http {r.status_code}"}
+        if all(j["status"] in ("succeeded", "failed", "cancelled") for j in finals.values()):
+            break
+        time.sleep(2)
+    jobs_lost = 0
+    for job_id, job in finals.items():
+        if job["status"] in ("succeeded", "cancelled"):
+            continue
+        jobs_lost += 1
+        print(f"job {job_id} lost: {job['status']} {job.get('error')}", flush=True)
+    files_lost = 0
+    for file_id, (key, data) in tally.files.items():
+        r = httpx.get(server.url + f"/v1/files/{file_id}/content", headers={"Authorization": f"Bearer {key}"},
+                      timeout=60)
+        if r.status_code != 200 or r.content != data:
+            files_lost += 1
+            print(f"file {file_id} lost: {r.status_code}", flush=True)
+    adapters = {}
+    for job_id, job in finals.items():
+        if job["status"] == "succeeded":
+            path = server.data / "jobs" / job_id / "run" / "adapter" / "adapter_model.safetensors"
+            adapters[job_id] = path.read_bytes() if path.is_file() else b""
+    values = list(adapters.values())
+    reference = max(set(values), key=values.count) if values else b""
+    mismatched = sum(1 for v in values if v != reference or not v)
+    return jobs_lost, files_lost, mismatched
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, required=True, help="how long the load runs")
+    parser.add_argument("--clients", type=int, default=4, help="client threads (default: 4)")
+    parser.add_argument("--fault-every", type=float, default=30.0, help="mean seconds between faults (default: 30)")
+    parser.add_argument("--job-every", type=float, default=40.0, help="seconds between a client's jobs (default: 40)")
+    parser.add_argument("--drain", type=float, default=300.0, help="seconds the jobs get to finish (default: 300)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the load and the faults (default: 0)")
+    args = parser.parse_args(argv)
+
+    import torch
+    from qforge.model.load import load_model
+    from tests.jobs.helpers import tiny_model_folder
+    from tests.serve.helpers import save_random_adapters
+
+    work = Path(tempfile.mkdtemp(prefix="qforge-soak-"))
+    base = tiny_model_folder(work / "tiny")
+    model, _ = load_model(str(base), compute_dtype=torch.float32)
+    adapters = work / "adapters"
+    save_random_adapters(model, adapters, ["a", "b"])
+    del model
+    server = Server(base, adapters, work / "data", work / "server.log")
+    server.start()
+    tally, stop = Tally(), threading.Event()
+    threads = [threading.Thread(target=client_loop, args=(server, tally, stop, args.seed * 100 + i, args.job_every),
+                                daemon=True) for i in range(args.clients)]
+    threads.append(threading.Thread(target=faults, args=(server, adapters, tally, stop, args.fault_every, args.seed),
+                                    daemon=True))
+    for t in threads:
+        t.start()
+    time.sleep(args.seconds)
+    stop.set()
+    for t in threads:
+        t.join(120)
+    if not server.up.is_set():
+        server.start()
+    try:
+        jobs_lost, files_lost, mismatched = check(server, tally, args.drain)
+    finally:
+        server.stop()
+    for line in tally.fives[:10]:
+        print("5xx:", line)
+    print(json.dumps({"work": str(work), "jobs": len(tally.jobs), "files": len(tally.files), "faults": tally.faults,
+                      "no_answer": tally.refused}))
+    print(f"requests={tally.requests} errors_5xx={tally.errors_5xx} jobs_lost={jobs_lost} files_lost={files_lost} "
+          f"adapters_mismatched={mismatched}")
+    return 0 if (tally.errors_5xx, jobs_lost, files_lost, mismatched) == (0, 0, 0, 0) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
