@@ -373,7 +373,7 @@ class JobService:
             return
         if not folder.is_dir():
             if name == job["fine_tuned_model"]:  # a succeeded job's adapter is gone: say so for this model
-                self._unloadable[name] = f"the adapter folder of {name} is missing"
+                self._unloadable[name] = f"the adapter folder of {name} does not exist (run/adapter)"
             return
         with self._register_lock:
             if name in self.registry:
