@@ -44,10 +44,12 @@ def config(tmp_path, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_loss_falls_and_outputs_are_written(tmp_path):
+def test_loss_falls_and_outputs_are_written(tmp_path, device):
     data = copy_task()
-    result = train_loop(tiny_model(), TOKENIZER, data, data[:8], config(tmp_path, max_steps=25, eval_every=25),
-                        log=lambda *_: None)
+    model = tiny_model().to(device)
+    result = train_loop(model, TOKENIZER, data, data[:8], config(tmp_path, max_steps=25, eval_every=25),
+                        log=lambda *_: None, device=torch.device(device))
+    assert all(p.device.type == torch.device(device).type for p in model.parameters())
     assert len(result.losses) == 25
     assert sum(result.losses[-5:]) / 5 < 0.8 * sum(result.losses[:5]) / 5
     assert (tmp_path / "loss.png").stat().st_size > 1000
