@@ -1,28 +1,16 @@
 """Where optimiser state lives, and moving it to the parameter's device for one update.
 
-Paged state lives in host (CPU) memory, pinned when the parameter is on a CUDA device so the
-copies can use DMA; each parameter's state is copied to the device for its update and back, so
-the accelerator holds the state of one parameter at a time. bitsandbytes pages with CUDA unified
-memory instead; explicit copies are simpler, work on any device and cost the same bytes per step.
-When state and parameter share a device (every CPU run, and unpaged runs anywhere) both moves
-return the very same tensors: no copies.
+A paged optimiser keeps the state of GPU parameters on the GPU while there is room (DevicePager
+below); when free GPU memory falls under what a step needs, the state moves to pinned host memory
+and each parameter's state is copied to the device for its update and back (page_in / page_out),
+so the GPU holds the state of one parameter at a time; when there is room again it moves back.
+bitsandbytes pages with CUDA unified memory instead; explicit copies are simpler, can be tested on
+any device and cost the same bytes. When state and parameter share a device (every CPU run, and a
+GPU run without memory pressure) page_in and page_out return the very same tensors: no copies.
 """
 from __future__ import annotations
 
 import torch
-
-
-def state_device(param: torch.Tensor, paged: bool) -> torch.device:
-    """The device a parameter's state is stored on: the host when paged, else the parameter's."""
-    return torch.device("cpu") if paged else param.device
-
-
-def place(t: torch.Tensor, param: torch.Tensor, paged: bool) -> torch.Tensor:
-    """A copy of `t` (any dtype and shape kept) on the state device of `param`; never aliases `t`."""
-    device = state_device(param, paged)
-    pin = device.type == "cpu" and param.device.type == "cuda"
-    out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
-    return out.copy_(t)
 
 
 def page_in(state: dict, device: torch.device) -> dict:
