@@ -368,6 +368,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6, help="timed train steps per path")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU + Triton interpreter, tiny shapes: checks the script only")
+    ap.add_argument("--only", choices=("all", "dequant"), default="all",
+                    help="dequant: only the copy bandwidth and the dequantisation sections "
+                         "(what benchmarks/gpu_check.sh needs; default: all)")
     args = ap.parse_args()
     global P
     if args.smoke:
@@ -389,6 +392,8 @@ def main() -> int:
         copy_gbps = copy_bandwidth(iters) or float("nan")
         bnb = bitsandbytes_cuda()
         dequant_bench(copy_gbps, bnb, iters)
+        if args.only == "dequant":
+            return 0
         matmul_bench(bnb, iters)
         lora_bench(iters)
         gathered_bench(iters)

@@ -29,7 +29,10 @@ def test_device_cuda_without_a_gpu_is_one_line_and_fast(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hello"}\n')
     for argv in (["train", "--data", str(data), "--device", "cuda", "--output-dir", str(tmp_path / "r")],
-                 ["serve", "--device", "cuda:1"], ["quantize", "smollm2", str(tmp_path / "q"), "--device", "cuda"]):
+                 ["train", "--data", str(data), "--device", "cuda", "--nproc", "2", "--output-dir", str(tmp_path / "r")],
+                 ["serve", "--device", "cuda:1"], ["quantize", "smollm2", str(tmp_path / "q"), "--device", "cuda"],
+                 ["merge", "--base", "smollm2", "--adapter", str(tmp_path), "--out", str(tmp_path / "m"),
+                  "--device", "cuda"]):
         proc = subprocess.run([sys.executable, "-m", "qforge", *argv], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (argv, proc.stderr)
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]

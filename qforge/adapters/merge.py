@@ -76,19 +76,21 @@ def _other_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tens
         if ident in seen:
             continue
         seen.add(ident)
-        out[key] = (t.to(dtype) if t.is_floating_point() else t).detach().contiguous()
+        out[key] = (t.to(dtype) if t.is_floating_point() else t).detach().contiguous().cpu()
     return out
 
 
 def merged_state_dict(model: nn.Module, name: str = "default", dtype: torch.dtype = torch.bfloat16
                       ) -> dict[str, torch.Tensor]:
     """A plain transformers state dict (`<module>.weight`, `<module>.bias`, ...) of the model with
-    adapter `name` merged in float32 and cast once to `dtype`. Tied weights appear once."""
+    adapter `name` merged in float32 and cast once to `dtype`. Tied weights appear once. On the
+    CPU, whatever the model's device: each layer is merged where the model is and then moved out,
+    so the device holds one merged layer at a time."""
     out = _other_tensors(model, dtype)
     for module, layer, w in merged_linears(model, name):
-        out[f"{module}.weight"] = w.to(dtype).contiguous()
+        out[f"{module}.weight"] = w.to(dtype).contiguous().cpu()
         if layer.bias is not None:
-            out[f"{module}.bias"] = layer.bias.detach().to(dtype).contiguous()
+            out[f"{module}.bias"] = layer.bias.detach().to(dtype).contiguous().cpu()
     return out
 
 
@@ -98,15 +100,17 @@ def requantized_state_dict(model: nn.Module, name: str = "default", dtype: torch
     """The merged model with every merged linear weight quantised again (bitsandbytes keys, the
     layer's own blocksize and double quantisation), and the rounding error over the update:
     ||dequant(Q') - W'||_F / ||W' - dequant(W)||_F summed over layers (> 1: the rounding is larger
-    than what the adapter changed)."""
+    than what the adapter changed). Dequantise, merge and requantise run layer by layer on the
+    model's device (quantisation through dispatch: Triton on CUDA, the same bits as on the CPU);
+    the tensors returned are on the CPU."""
     out = _other_tensors(model, dtype)
     err2 = upd2 = 0.0
     for module, layer, w in merged_linears(model, name):
         st = layer.base.quant_state
         q = quantize(w.to(dtype), quant_type, st.blocksize, st.nested)
-        out.update(q.to_state_dict(f"{module}.weight"))
+        out.update(q.to("cpu").to_state_dict(f"{module}.weight"))
         if layer.bias is not None:
-            out[f"{module}.bias"] = layer.bias.detach().to(dtype).contiguous()
+            out[f"{module}.bias"] = layer.bias.detach().to(dtype).contiguous().cpu()
         err2 += float((dequantize(q, torch.float32) - w).pow(2).sum())
         upd2 += float((w - layer.dequantized(torch.float32)).pow(2).sum())
     return out, (err2 ** 0.5) / max(upd2 ** 0.5, 1e-30)

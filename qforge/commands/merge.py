@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.in_place:
         merge_in_place_4bit()  # raises; the CLI prints the explanation
+    device = resolve_device(args.device)  # --device cuda without a GPU: one line, first
     read_adapter_config(args.adapter)  # fail on a bad adapter before the (slow) base load
-    device = resolve_device(args.device)
     t0 = time.perf_counter()
     model, tokenizer = _load_base(args.base, device)
     from ..train.templates import saved_template

@@ -132,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
         print(print_config(cfg, recipe or Recipe("qforge", {}), args.config or "the command line"), end="")
         return 0
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
+        from ..devices import resolve_device
+        resolve_device(cfg.device)  # --device cuda without a GPU: one line here, not one per rank
         return launch(cfg, args.nproc)
-    group = init_group()
+    group = init_group(device_kind=cfg.device)  # cuda: NCCL, one GPU per rank (LOCAL_RANK); cpu: gloo
     try:
         result, summary = run_training(cfg, group=group)
     except TrainingDiverged as exc:

@@ -145,10 +145,27 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_group(timeout_s: float | None = None) -> Group:
+def backend_for(device_kind: str | None, cuda_available: bool) -> tuple[str, str]:
+    """(backend, device type) of a distributed run whose --device is `device_kind`: "cuda" is NCCL
+    with one GPU per rank, "cpu" gloo on the CPU, None / "auto" the former when CUDA is available.
+    --device cuda without a GPU is a ValueError (qforge.devices says so before any rank starts)."""
+    kind = (device_kind or "auto").split(":")[0]
+    if kind == "auto":
+        kind = "cuda" if cuda_available else "cpu"
+    if kind == "cuda":
+        if not cuda_available:
+            raise ValueError("--device cuda: no CUDA GPU is visible to torch on this machine; use --device cpu")
+        return "nccl", "cuda"
+    if kind == "cpu":
+        return "gloo", "cpu"
+    raise ValueError(f"--device {device_kind!r}: expected auto, cpu or cuda")
+
+
+def init_group(timeout_s: float | None = None, device_kind: str | None = None) -> Group:
     """Join the process group torchrun set up (a run of one process when WORLD_SIZE is absent or 1).
 
-    The backend is NCCL when CUDA is available (each rank on GPU LOCAL_RANK), else gloo on the CPU.
+    The backend follows the run's device (backend_for): NCCL with each rank on GPU LOCAL_RANK for
+    cuda, gloo on the CPU for cpu; unspecified, NCCL when CUDA is available.
     """
     if timeout_s is None:
         timeout_s = float(os.environ.get("QFORGE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
@@ -156,11 +173,12 @@ def init_group(timeout_s: float | None = None) -> Group:
     if world <= 1:
         return Group(timeout_s=timeout_s)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    backend, kind = backend_for(device_kind, torch.cuda.is_available())
+    if kind == "cuda":
         torch.cuda.set_device(local_rank)
-        backend, device = "nccl", torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank)
     else:
-        backend, device = "gloo", torch.device("cpu")
+        device = torch.device("cpu")
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                              **({"device_id": device} if backend == "nccl" else {}))

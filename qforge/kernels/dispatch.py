@@ -46,9 +46,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: torch.Tensor):
-    """Flattened blockwise 4-bit quantisation -> (packed uint8 [(n+1)//2], absmax float32 [blocks])."""
+    """Flattened blockwise 4-bit quantisation -> (packed uint8 [(n+1)//2], absmax float32 [blocks]),
+    on x's device: the native CPU kernel, the Triton kernel on CUDA (kernels/triton_quant.py), else
+    the torch reference's ops on x's device. The same bits on every path."""
     if x.dtype in _NATIVE_DTYPES and _native_ok(x):
         return cpu.quantize_4bit(x, blocksize, bounds, order)
+    if x.dtype in _NATIVE_DTYPES and use_triton(x) and _triton("triton_quant") is not None:
+        return _triton("triton_quant").quantize_4bit(x, blocksize, bounds, order)
     return reference.quantize_4bit(x, blocksize, bounds.to(x.device), order.to(x.device))
 
 
@@ -68,7 +72,7 @@ def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int, table: to
     `table` (code_lookup_table(code)) may be passed by callers that reuse one map."""
     if _native_ok(x, code):
         return cpu.quantize_8bit(x, reference.code_lookup_table(code) if table is None else table, blocksize)
-    return reference.quantize_8bit(x, code, blocksize, table)
+    return reference.quantize_8bit(x, code.to(x.device), blocksize, None if table is None else table.to(x.device))
 
 
 def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:

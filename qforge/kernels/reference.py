@@ -53,7 +53,7 @@ def code_lookup_table(code: torch.Tensor) -> torch.Tensor:
     """For each of 65536 evenly spaced points v_i = -1 + 2i/65535 of [-1, 1], the index of the
     nearest entry of the sorted map `code` (ties to the lower one): #{midpoints < v_i}."""
     mids = 0.5 * (code[:-1] + code[1:])
-    points = (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1) + -1.0
+    points = (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32, device=code.device)) / (_LUT_SIZE - 1) + -1.0
     return torch.searchsorted(mids, points, side="left").to(torch.uint8)
 
 

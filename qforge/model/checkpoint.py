@@ -102,7 +102,7 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, tensor in model.state_dict().items():
         if ".adapters." in key or key.startswith("adapters.") or key in duplicates:
             continue
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach().contiguous().cpu()  # a model on a GPU is written from host copies
         ptr = tensor.untyped_storage().data_ptr()
         if ptr in seen and tensor.numel():  # safetensors refuses shared storage
             tensor = tensor.clone()

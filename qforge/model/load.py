@@ -34,6 +34,7 @@ SMOLLM2_CACHE = ("models", "smollm2-135m-instruct")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 QUANT_CACHE_VERSION = 1  # bump when quantisation results change, to rebuild cached 4-bit copies
 
+CPU = torch.device("cpu")
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -213,13 +214,15 @@ def _bnb_targets(ckpt: Checkpoint) -> list[str]:
 
 
 def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: list[str], prequantised: bool,
-                     quant: dict, compute_dtype: torch.dtype) -> AdaptedLinear:
-    """A 4-bit AdaptedLinear for module `name`: read its stored 4-bit state as is, or read its weight
-    [out, in] and quantise it. The bias, if any, is read too. Uses about one weight of memory."""
+                     quant: dict, compute_dtype: torch.dtype, device: torch.device = CPU) -> AdaptedLinear:
+    """A 4-bit AdaptedLinear for module `name` on `device`: read its stored 4-bit state as is (and
+    move it there), or read its weight [out, in], move it there and quantise it there (dispatch:
+    Triton on CUDA; the same bits as on the CPU). The bias, if any, is read too. Uses about one
+    weight of host memory, and on the device about one weight beyond the 4-bit model."""
     if prequantised:
         prefix = name + ".weight"
         keys = [k for k in ckpt.keys() if k == prefix or k.startswith(prefix + ".")]
-        state = QuantState.from_state_dict({k: ckpt.read(k) for k in keys}, prefix)
+        state = QuantState.from_state_dict({k: ckpt.read(k) for k in keys}, prefix).to(device)
         if tuple(state.shape) != (linear.out_features, linear.in_features):
             raise ValueError(f"tensor '{prefix}' has shape {list(state.shape)}, the model expects "
                              f"[{linear.out_features}, {linear.in_features}]")
@@ -228,15 +231,17 @@ def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: li
         if tuple(weight.shape) != tuple(linear.weight.shape):
             raise ValueError(f"tensor '{aliases[0]}' has shape {list(weight.shape)}, the model expects "
                              f"{list(linear.weight.shape)}")
+        weight = weight.to(device)
         state = quantize_tensor(weight, **quant)
         del weight
-    bias = ckpt.read(name + ".bias") if linear.bias is not None else None
+    bias = ckpt.read(name + ".bias").to(device) if linear.bias is not None else None
     return AdaptedLinear(Quant4bitBase(state), bias, compute_dtype)
 
 
-def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype) -> None:
-    """Replace every meta parameter and persistent buffer by its tensor from the checkpoint, floats
-    cast to `compute_dtype`. Tied names receive one shared Parameter."""
+def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype, device: torch.device = CPU) -> None:
+    """Replace every meta parameter and persistent buffer by its tensor from the checkpoint on
+    `device`, floats cast to `compute_dtype` (there: the host holds one tensor at a time). Tied
+    names receive one shared Parameter."""
     tied = _tied_names(model)
     done: dict[str, nn.Parameter] = {}
     for name, param in list(model.named_parameters(remove_duplicate=False)):
@@ -251,7 +256,7 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(f"tensor '{name}' has shape {list(tensor.shape)}, "
                                  f"the model expects {list(param.shape)}")
-            tensor = tensor.to(_target_dtype(tensor, compute_dtype))
+            tensor = tensor.to(device).to(_target_dtype(tensor, compute_dtype))
             shared = nn.Parameter(tensor, requires_grad=param.requires_grad and tensor.is_floating_point())
             shared._is_hf_initialized = True  # tells transformers' init functions to leave it alone
         module._parameters[leaf] = done[name] = shared
@@ -259,10 +264,10 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype)
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         if buf.is_meta and leaf not in module._non_persistent_buffers_set and name in ckpt:
-            module._buffers[leaf] = ckpt.read(name).to(_target_dtype(buf, compute_dtype))
+            module._buffers[leaf] = ckpt.read(name).to(device).to(_target_dtype(buf, compute_dtype))
 
 
-def _init_computed_buffers(model: nn.Module) -> None:
+def _init_computed_buffers(model: nn.Module, device: torch.device = CPU) -> None:
     """Buffers still on meta (non-persistent ones such as rotary inv_freq) get real memory and are
     recomputed by the model's `_init_weights`, as transformers' from_pretrained does; the module's
     loaded parameters carry `_is_hf_initialized`, so they are left as they are."""
@@ -271,7 +276,7 @@ def _init_computed_buffers(model: nn.Module) -> None:
         if not meta:
             continue
         for k in meta:
-            module._buffers[k] = torch.empty_like(module._buffers[k], device="cpu")
+            module._buffers[k] = torch.empty_like(module._buffers[k], device=device)
         if hasattr(model, "_init_weights"):
             model._init_weights(module)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -281,9 +286,13 @@ def _init_computed_buffers(model: nn.Module) -> None:
 
 
 def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.dtype,
-                target_modules="all-linear", skip_modules=DEFAULT_SKIP, progress: bool = False) -> nn.Module:
-    """Stream a Hugging Face folder into a model: target Linear layers become 4-bit AdaptedLinear
-    (quantised from the stored weight, or read as stored in a bitsandbytes folder)."""
+                target_modules="all-linear", skip_modules=DEFAULT_SKIP, progress: bool = False,
+                device: torch.device | str | None = None) -> nn.Module:
+    """Stream a Hugging Face folder into a model on `device` (default the CPU): target Linear layers
+    become 4-bit AdaptedLinear (quantised from the stored weight on the device, or read as stored in
+    a bitsandbytes folder and moved there); every other tensor goes there as it is read. Host memory
+    holds about one tensor at a time; the device, the 4-bit model plus one layer in the compute dtype."""
+    device = torch.device(device) if device is not None else CPU
     config = _read_config(folder)
     prequantised = read_bnb_config(config) is not None
     ckpt = Checkpoint(folder)
@@ -302,10 +311,11 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"checkpoint stores '{name}' in 4 bits, but the model's '{name}' is not a Linear")
         aliases = tied.get(name + ".weight", [name + ".weight"])
-        set_module(model, name, _quantised_layer(ckpt, name, linear, aliases, prequantised, quant, compute_dtype))
+        set_module(model, name, _quantised_layer(ckpt, name, linear, aliases, prequantised, quant, compute_dtype,
+                                                 device))
         release_free_memory()
-    _materialise(model, ckpt, compute_dtype)
-    _init_computed_buffers(model)
+    _materialise(model, ckpt, compute_dtype, device)
+    _init_computed_buffers(model, device)
     release_free_memory()
     if (folder / "generation_config.json").is_file():  # eos / pad ids for generate(), as from_pretrained
         from transformers import GenerationConfig
@@ -459,23 +469,28 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
     float tensor is in `compute_dtype`. With `lora`, adapter `adapter_name` is attached and active.
     quantize=False: the plain model in `compute_dtype`, no adapter (BF16 LoRA is built elsewhere).
     `progress` shows a progress bar over the layers being quantised. `device` (resolved by the
-    caller, qforge.devices): where the loaded model is placed; None or the CPU leaves it there.
+    caller, qforge.devices): where the model is built. A folder (and "smollm2") streams onto it:
+    each tensor is read from its shard, moved there and, for a target layer, quantised there, so
+    neither the host nor the device ever holds the model in 16 bits. GGUF and LoftQ sources are
+    built on the CPU (their loaders need the dense model) and then moved.
     """
     quant = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
     source = resolve_source(source, revision)
+    device = torch.device(device) if device is not None else CPU
     if quantize and lora is not None and lora.loftq_iters > 0:
-        return _load_loftq(source, quant, compute_dtype, target_modules, lora, adapter_name, skip_modules)
+        model, tokenizer = _load_loftq(source, quant, compute_dtype, target_modules, lora, adapter_name, skip_modules)
+        return (model.to(device) if device.type != "cpu" else model), tokenizer
     default_targets = target_modules == "all-linear" and tuple(skip_modules) == tuple(DEFAULT_SKIP)
     path, is_gguf = _resolve(source, quantize, quant, default_targets)
     if is_gguf:
         model, tokenizer = _load_gguf_model(path, quantize, quant, compute_dtype, target_modules, skip_modules)
     else:
-        model = load_folder(path, quantize, quant, compute_dtype, target_modules, skip_modules, progress)
+        model = load_folder(path, quantize, quant, compute_dtype, target_modules, skip_modules, progress, device)
         tokenizer = load_tokenizer(path)
-    if lora is not None and quantize:
-        add_adapter(model, adapter_name, lora)
-    if device is not None and torch.device(device).type != "cpu":
+    if is_gguf and device.type != "cpu":
         model.to(device)
+    if lora is not None and quantize:
+        add_adapter(model, adapter_name, lora)  # on the device of the layer it adapts
     return model, tokenizer
 
 

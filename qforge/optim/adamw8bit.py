@@ -131,11 +131,18 @@ def check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, wei
 
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW with blockwise 8-bit moments for tensors of at least `min_8bit_size` elements.
-    paged=True keeps all state in host memory and moves it to the parameter's device per update."""
+
+    paged=True (qforge.optim.paging.DevicePager): the state of GPU parameters lives on the GPU and
+    is spilled to pinned host memory when free GPU memory falls under what a step needs, then
+    copied to the GPU per update, and brought back when there is room; `free_memory(device)`
+    replaces torch.cuda.mem_get_info (tests force the decision with it, on CPU tensors too);
+    `log` receives a line at each spill and return. CPU parameters keep their state in place."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, paged: bool = False, block_size: int = 256, min_8bit_size: int = 4096):
+                 weight_decay: float = 1e-2, paged: bool = False, block_size: int = 256, min_8bit_size: int = 4096,
+                 free_memory=None, log=None):
         self.paged = paged
+        self.pager = paging.DevicePager(free_memory, log) if paged else None
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         block_size=block_size, min_8bit_size=min_8bit_size)
         check_hyperparameters(**defaults)
@@ -157,6 +164,13 @@ class AdamW8bit(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW8bit does not support sparse gradients")
+        if self.pager is not None:  # spill or restore before the first update touches device memory
+            self.pager.before_step({p: self.state[p] for g in self.param_groups for p in g["params"]
+                                    if p.grad is not None and self.state[p]})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
                 state = self.state[p]
                 if not state:
                     state.update(self._placed(p, init_state(p, group["block_size"], group["min_8bit_size"])))
@@ -183,5 +197,11 @@ class AdamW8bit(torch.optim.Optimizer):
                 self.state[p] = self._placed(p, state_dict["state"][i])
 
     def _placed(self, p: torch.Tensor, state: dict) -> dict:
-        """Copies of the tensors of `state` on p's state device (the host when paged)."""
-        return {k: paging.place(v, p, self.paged) if torch.is_tensor(v) else v for k, v in state.items()}
+        """Copies of the tensors of `state` where p's state is kept now (the pager's choice)."""
+        home = self.pager.home(p) if self.pager is not None else p.device
+        pin = home.type == "cpu" and p.device.type == "cuda"
+        return {k: paging._copy_to(v, home, pin) if torch.is_tensor(v) else v for k, v in state.items()}
+
+    def paging_report(self) -> str | None:
+        """What was paged over the run (one line), or None."""
+        return self.pager.report() if self.pager is not None else None

@@ -45,7 +45,9 @@ def quantize(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     state = QuantState(packed.reshape(-1, 1), absmax, torch.Size(weight.shape), weight.dtype, blocksize,
                        quant_type, LEVELS_4BIT[quant_type].clone().to(weight.device))
     if double_quant:
-        offset = absmax.mean()
+        # The mean on the host, whatever the device: a float32 sum's order is the device's own, and
+        # a last-bit difference in the offset would change the stored state (absmax is small).
+        offset = absmax.cpu().mean().to(absmax.device)
         codes, nested_absmax = dispatch.quantize_8bit(absmax - offset, DYNAMIC_SIGNED.to(absmax.device), NESTED_BLOCKSIZE)
         state.absmax = codes
         state.nested_absmax = nested_absmax

@@ -36,11 +36,13 @@ class TrainResult:
     output_dir: Path | None = None
 
 
-def make_optimizer(params, cfg: TrainConfig):
+def make_optimizer(params, cfg: TrainConfig, log=None):
+    """The run's optimiser; a paged one says in `log` when its state moves between GPU and host."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     from ..optim import AdamW8bit
-    return AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.optimizer.startswith("paged"))
+    return AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.optimizer.startswith("paged"),
+                     log=log)
 
 
 def micro_batches(n_rows: int, cfg: TrainConfig, total_steps: int) -> list[list[int]]:
@@ -94,7 +96,7 @@ class _Run:
         self.ckpt_dir = self.out / "checkpoints"
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.trainable, cfg)
+        self.optimizer = make_optimizer(self.trainable, cfg, log)
         self.total_steps = total_steps_for(len(train_set), cfg)
         self.warmup = cfg.warmup_for(self.total_steps)
         self.schedule = micro_batches(len(train_set), cfg, self.total_steps)
@@ -228,6 +230,9 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
         if threading_main():
             signal.signal(signal.SIGINT, previous_handler)
     result.seconds = time.perf_counter() - t0
+    paging = getattr(run.optimizer, "paging_report", lambda: None)()
+    if paging:
+        log(paging)
     if group.is_main:
         plot_losses(result, run.out / "loss.png")
     return result

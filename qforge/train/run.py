@@ -40,15 +40,15 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
     if cfg.method == "qlora":
         model, tok = load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                                 compute_dtype=dtype, target_modules=cfg.target_modules, lora=lora_spec(cfg),
-                                revision=cfg.revision)
+                                revision=cfg.revision, device=device)
     else:
-        model, tok = load_model(cfg.model, compute_dtype=dtype, quantize=False, revision=cfg.revision)
+        model, tok = load_model(cfg.model, compute_dtype=dtype, quantize=False, revision=cfg.revision, device=device)
         if cfg.method == "lora":
             spec = lora_spec(cfg)
             targets = surgery.select_targets(surgery.linear_names(model), spec.target_modules, spec.modules_to_skip)
             surgery.dense_lora_linears(model, targets, dtype)
             surgery.add_adapter(model, "default", spec)
-    if device.type != "cpu":  # (streaming straight onto the device: the GPU issue)
+    if device.type != "cpu":  # streamed there already; this only moves what surgery added on the CPU
         model.to(device)
     if cfg.method == "full":
         for p in model.parameters():

@@ -138,3 +138,17 @@ def test_cli_flag_is_auto_unless_given():
     assert config_from_args(parser.parse_args(["--keep-base-outputs"])).keep_base_outputs is True
     assert config_from_args(parser.parse_args(["--no-keep-base-outputs"])).keep_base_outputs is False
     assert "80%" in parser.format_help()
+
+
+def test_on_cuda_the_keep_is_sized_from_mem_get_info(monkeypatch):
+    """device "cuda": the free memory is torch.cuda.mem_get_info's (injected here), not RAM."""
+    import torch
+
+    from qforge.plan import AUTO_KEEP_SHARE, keep_base_outputs_for
+    cfg = config(method="qlora", gradient_checkpointing=True)
+    kept = plan_for_config(cfg, "smollm2", "cuda", keep_base_outputs=True).total
+    asked = []
+    for free, expected in ((int(kept / AUTO_KEEP_SHARE) + 1, True), (int(kept / AUTO_KEEP_SHARE) - 1, False)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: asked.append(device) or (free, 2 * free))
+        assert keep_base_outputs_for(cfg, "smollm2", "cuda")[0] is expected
+    assert asked == [torch.device("cuda")] * 2

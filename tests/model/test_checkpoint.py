@@ -126,3 +126,14 @@ def test_save_refuses_a_model_without_4bit_layers(tiny_dir, tmp_path):
     model, _ = load_model(tiny_dir, quantize=False)
     with pytest.raises(ValueError, match="no 4-bit"):
         save_quantized(model, None, tmp_path / "out")
+
+
+def test_quantize_command_on_the_device_writes_the_cpu_bytes(tiny_dir, tmp_path, capsys, device):
+    """`qforge quantize --device D`: the weights are quantised on D and the folder written from host
+    copies holds exactly the bytes of a CPU run."""
+    assert main(["quantize", str(tiny_dir), str(tmp_path / "cpu"), "--compute-dtype", "float32", "--device", "cpu"]) == 0
+    assert main(["quantize", str(tiny_dir), str(tmp_path / "dev"), "--compute-dtype", "float32",
+                 "--device", device]) == 0
+    capsys.readouterr()
+    want, got = stored(tmp_path / "cpu"), stored(tmp_path / "dev")
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)

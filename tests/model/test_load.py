@@ -1,6 +1,9 @@
 """Streaming load against transformers: a tiny Llama loaded by qforge must give the logits of the
 transformers model whose linear weights are replaced by dequantize(quantize(W)), exactly in float32
 compute; with quantize=False, the logits of the plain transformers model."""
+import math
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -179,3 +182,54 @@ def test_loftq_load_initialises_base_and_adapter_from_the_dense_weight(tmp_path)
     plain = (w - layer.dequantized(torch.float32)).norm()
     with_adapter = (w - layer.dequantized(torch.float32) - a.delta_weight()).norm()
     assert with_adapter < 0.97 * plain
+
+
+def _quant_states(model):
+    return {n: m.base.quant_state for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def _same_state(a, b) -> bool:
+    tensors = ("packed", "absmax", "code", "nested_absmax", "nested_code")
+    return a.offset == b.offset and all(torch.equal(getattr(a, t).cpu(), getattr(b, t).cpu()) for t in tensors)
+
+
+def test_load_streams_onto_the_device(tmp_path, token_ids, device, monkeypatch):
+    """load_model(device=...): each weight is moved to the device before it is quantised, there,
+    with the bits of a CPU load (on the CPU the device route of dispatch is taken in Triton's
+    interpreter); everything ends on the device; a bitsandbytes folder goes there as stored. On
+    CUDA the device never holds more than the 4-bit model plus about one layer in 16 bits."""
+    from qforge.kernels import dispatch
+    from qforge.model import load as load_mod
+    from qforge.model.checkpoint import save_quantized
+
+    folder = write_tiny(tmp_path / "dense", shard="60KB", dtype=torch.bfloat16, tied=False, bias=True)
+    ref, _ = load_model(folder, compute_dtype=torch.float32)
+    seen, real = [], load_mod.quantize_tensor
+    monkeypatch.setattr(load_mod, "quantize_tensor", lambda w, **q: seen.append(w.device.type) or real(w, **q))
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    with monkeypatch.context() as m:
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") == "1":  # the CUDA route, interpreted
+            m.setattr(dispatch, "_native_ok", lambda *t: False)
+            m.setattr(dispatch, "use_triton", lambda *t: True)
+        model, _ = load_model(folder, compute_dtype=torch.float32, device=device)
+    if on_cuda:
+        four_bit = sum(s.nbytes() for s in _quant_states(model).values())
+        rest = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "adapters" not in n)
+        layer = max(math.prod(s.shape) * 4 for s in _quant_states(model).values())
+        assert torch.cuda.max_memory_allocated() - before <= four_bit + rest + 3 * layer
+    assert seen == [torch.device(device).type] * 14
+    assert all(t.device.type == torch.device(device).type for t in list(model.parameters()) + list(model.buffers()))
+    states, ref_states = _quant_states(model), _quant_states(ref)
+    assert states.keys() == ref_states.keys() and all(_same_state(states[k], ref_states[k]) for k in states)
+    ids = token_ids.to(device)
+    torch.testing.assert_close(logits(model, ids).cpu(), logits(ref, token_ids), rtol=1e-5, atol=1e-5)
+
+    bnb_folder = save_quantized(ref, None, tmp_path / "bnb")
+    seen.clear()
+    stored, _ = load_model(bnb_folder, compute_dtype=torch.float32, device=device, lora=LoraSpec(r=4))
+    assert seen == []  # read as stored, never requantised
+    assert all(t.device.type == torch.device(device).type for t in list(stored.parameters()) + list(stored.buffers()))
+    assert all(_same_state(s, ref_states[k]) for k, s in _quant_states(stored).items())

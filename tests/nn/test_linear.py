@@ -10,14 +10,15 @@ from qforge.nn import AdaptedLinear, LoraSpec, Quant4bitBase
 from qforge.quant import dequantize
 
 
-def make_layer(in_f=96, out_f=80, bias=True, dtype=torch.float32, seed=0, **spec):
+def make_layer(in_f=96, out_f=80, bias=True, dtype=torch.float32, seed=0, device="cpu", **spec):
+    """Built (and quantised) on the CPU, then moved to `device`: the same layer on every device."""
     torch.manual_seed(seed)
     lin = nn.Linear(in_f, out_f, bias=bias)
     layer = AdaptedLinear.quantized(lin, compute_dtype=dtype)
     spec = LoraSpec(**{"r": 8, "alpha": 16, "dropout": 0.0, "dtype": dtype, **spec})
     adapter = layer.add_adapter("a", spec)
     nn.init.normal_(adapter.lora_B.weight, std=0.1)  # non-zero B so the adapter matters
-    return layer
+    return layer.to(device)
 
 
 def reference_lora(layer, name, x):
@@ -29,12 +30,13 @@ def reference_lora(layer, name, x):
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_forward_and_backward_equal_lora_on_the_dequantised_weight(use_rslora):
-    layer = make_layer(use_rslora=use_rslora)
+def test_forward_and_backward_equal_lora_on_the_dequantised_weight(use_rslora, device):
+    layer = make_layer(use_rslora=use_rslora, device=device)
     ref = copy.deepcopy(layer)
-    x = torch.randn(3, 5, 96, requires_grad=True)
+    x = torch.randn(3, 5, 96).to(device).requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     y, y_ref = layer(x), reference_lora(ref, "a", x_ref)
+    assert y.device.type == torch.device(device).type
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
     y.backward(g)
@@ -46,9 +48,9 @@ def test_forward_and_backward_equal_lora_on_the_dequantised_weight(use_rslora):
     assert layer.adapters["a"].scaling == (16 / 8 ** 0.5 if use_rslora else 2.0)
 
 
-def test_bf16_compute_is_close_to_fp32():
-    layer = make_layer(dtype=torch.bfloat16)
-    x = torch.randn(4, 96)
+def test_bf16_compute_is_close_to_fp32(device):
+    layer = make_layer(dtype=torch.bfloat16, device=device)
+    x = torch.randn(4, 96).to(device)
     y = layer(x)
     assert y.dtype == torch.float32  # returns the input's dtype
     ref = reference_lora(layer, "a", x.to(torch.bfloat16)).float()
@@ -69,18 +71,18 @@ def test_base_is_frozen_and_backward_keeps_no_dequantised_weight():
     assert layer.weight.grad is None and layer.weight.dtype == torch.uint8
 
 
-def test_dora_matches_its_formula():
-    layer = make_layer(use_dora=True)
+def test_dora_matches_its_formula(device):
+    layer = make_layer(use_dora=True, device=device)
     a = layer.adapters["a"]
     with torch.no_grad():
-        a.magnitude.mul_(torch.linspace(0.5, 1.5, 80))
-    x = torch.randn(6, 96)
+        a.magnitude.mul_(torch.linspace(0.5, 1.5, 80, device=device))
+    x = torch.randn(6, 96).to(device)
     w0 = dequantize(layer.base.quant_state, torch.float32)
     merged = w0 + a.scaling * a.lora_B.weight @ a.lora_A.weight
     w_dora = a.magnitude[:, None] * merged / merged.norm(dim=1, keepdim=True)
     torch.testing.assert_close(layer(x), x @ w_dora.T + layer.bias, rtol=1e-5, atol=1e-5)
     # magnitude starts as the row norms of the dequantised base: a fresh DoRA layer equals the base
-    fresh = make_layer(use_dora=True)
+    fresh = make_layer(use_dora=True, device=device)
     nn.init.zeros_(fresh.adapters["a"].lora_B.weight)
     fresh_base = x @ fresh.dequantized(torch.float32).T + fresh.bias
     torch.testing.assert_close(fresh(x), fresh_base, rtol=1e-5, atol=1e-5)
@@ -101,13 +103,30 @@ def test_state_dict_uses_bitsandbytes_keys_and_round_trips():
         make_layer(seed=2).load_state_dict(bad)
 
 
-def test_bf16_lora_layer_matches_qlora_on_the_same_dequantised_weight():
+def test_bf16_lora_layer_matches_qlora_on_the_same_dequantised_weight(device):
     """A dense base and a 4-bit base differ only in the base product."""
     from qforge.nn import DenseBase
-    q = make_layer(use_dora=True)
+    q = make_layer(use_dora=True, device=device)
     dense = AdaptedLinear(DenseBase(q.dequantized(torch.float32)), q.bias, torch.float32)
     dense.add_adapter("a", LoraSpec(r=8, alpha=16, dropout=0.0, dtype=torch.float32, use_dora=True))
+    dense = dense.to(device)
     dense.adapters["a"].load_state_dict(q.adapters["a"].state_dict())
-    x = torch.randn(4, 96)
+    x = torch.randn(4, 96).to(device)
     torch.testing.assert_close(dense(x), q(x), rtol=1e-5, atol=1e-5)
     assert set(dense.state_dict()) >= {"weight", "bias"} and "weight.absmax" not in dense.state_dict()
+
+
+def test_moving_the_layer_moves_its_base_and_keeps_its_result(device):
+    """layer.to(device) carries the 4-bit state (codes, absmax, nested scales, code books) along;
+    the product on the device equals the CPU's."""
+    cpu_layer = make_layer()
+    layer = make_layer(device=device)
+    st = layer.base.quant_state
+    for t in (st.packed, st.absmax, st.code, st.nested_absmax, st.nested_code):
+        assert t.device.type == torch.device(device).type
+    assert layer.weight is st.packed
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.to(device)).cpu(), cpu_layer(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.dequantized(torch.float32).cpu(), cpu_layer.dequantized(torch.float32),
+                                   rtol=0, atol=0)

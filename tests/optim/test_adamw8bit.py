@@ -278,6 +278,91 @@ def test_paged_on_cpu_is_the_same_run_without_copies():
         assert all(on_device[k] is v for k, v in s.items() if torch.is_tensor(v))
 
 
+def _free_memory_schedule(values):
+    """A free_memory(device) that answers values[0], values[1], ... (one per step), then the last."""
+    calls = []
+
+    def free_memory(device):
+        calls.append(device)
+        return values[min(len(calls) - 1, len(values) - 1)]
+    return free_memory, calls
+
+
+LOW, HIGH = 0, 1 << 50  # bytes of free device memory: a step does not fit / everything fits
+
+
+def _grad_steps(device, steps=8, seed=0):
+    """Parameters [5000] (8-bit state) and [100] (32-bit state) on `device`, and per-step gradients."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(5000, generator=g).to(device)),
+              torch.nn.Parameter(torch.randn(100, generator=g).to(device))]
+    grads = [[torch.randn(p.shape, generator=g).to(device) for p in params] for _ in range(steps)]
+    return params, grads
+
+
+def _run(opt, params, grads, on_step=None):
+    for i, step_grads in enumerate(grads):
+        for p, grad in zip(params, step_grads):
+            p.grad = grad.clone()
+        opt.step()
+        if on_step is not None:
+            on_step(i)
+    return [p.detach().cpu() for p in params]
+
+
+def test_paged_state_spills_and_returns_without_changing_a_step(device):
+    """The pager's decision forced by an injected free-memory reading: the state spills to host
+    memory when a step does not fit and comes back when it does; parameters and state equal the
+    unpaged run's bit for bit at every step; every move is logged and counted."""
+    # asked before steps 2..8 (step 1 has no state yet): step 3 spills, 6 returns, 7 spills, 8 returns
+    schedule = [HIGH, LOW, LOW, LOW, HIGH, LOW, HIGH]
+    free_memory, calls = _free_memory_schedule(schedule)
+    lines = []
+    params, grads = _grad_steps(device)
+    ref_params, _ = _grad_steps(device)
+    paged = AdamW8bit(params, lr=1e-2, paged=True, free_memory=free_memory, log=lines.append)
+    unpaged = AdamW8bit(ref_params, lr=1e-2)
+    where, pointers = [], []
+
+    def record(i):
+        states = list(paged.state.values())
+        where.append((paged.pager.on_host, {v.device.type for s in states for k, v in s.items() if torch.is_tensor(v)}))
+        pointers.append(states[0]["exp_avg_codes"].data_ptr())
+        if paged.pager.on_host and torch.device(device).type == "cuda":  # pinned: copies by DMA
+            assert all(v.is_pinned() for s in states for v in s.values() if torch.is_tensor(v))
+        for s, r in zip(states, unpaged.state.values()):
+            assert all(torch.equal(v.cpu(), r[k].cpu()) for k, v in s.items() if torch.is_tensor(v)), i
+
+    ref = []
+    for i, step_grads in enumerate(grads):
+        ref.append(_run(unpaged, ref_params, [step_grads]))
+        got = _run(paged, params, [step_grads], on_step=lambda _, i=i: record(i))
+        assert all(torch.equal(a, b) for a, b in zip(got, ref[-1])), f"step {i + 1}"
+    host = (True, {"cpu"})
+    home = (False, {torch.device(device).type})
+    assert where == [home, home, host, host, host, home, host, home]
+    assert len(set(pointers[1:3])) == 2 and pointers[2] == pointers[3] == pointers[4] != pointers[5]  # moved, then kept
+    assert len(calls) == 7  # asked before every step that has state (not the first)
+    assert paged.pager.spills == 2 and paged.pager.restores == 2
+    state_bytes = paged.state_bytes()
+    assert paged.pager.bytes_out == paged.pager.bytes_in == 2 * state_bytes
+    assert [ln.split(":")[0] for ln in lines] == ["optimizer state paged out to host memory",
+                                                  "optimizer state paged back to the device"] * 2
+    assert f"{state_bytes / 2**20:,.1f} MiB" in lines[0]
+    assert paged.paging_report().startswith("optimizer paging: 2 spill(s)")
+
+
+def test_paged_on_cuda_without_pressure_keeps_state_on_the_device(device):
+    """Unforced paging reads torch.cuda.mem_get_info: a small run on a GPU keeps its state there
+    and pages nothing; on the CPU the pager never applies."""
+    params, grads = _grad_steps(device, steps=3)
+    opt = AdamW8bit(params, lr=1e-2, paged=True)
+    _run(opt, params, grads)
+    assert all(v.device.type == torch.device(device).type for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v))
+    assert opt.paging_report() is None
+
+
 # ---------------------------------------------------------------- hyperparameters
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -137,14 +137,15 @@ def greedy_alone(model, prompt_ids: list[int], adapter: str | None, max_tokens: 
     model = alone_model(model, adapter)
     set_active_adapter(model, adapter)
     try:
-        cache, ids, out = DynamicCache(config=model.config), torch.tensor([prompt_ids]), []
+        device = next(model.parameters()).device
+        cache, ids, out = DynamicCache(config=model.config), torch.tensor([prompt_ids], device=device), []
         for _ in range(max_tokens):
             logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1].float()
             token = int(logits.argmax())
             out.append(token)
             if token in stop_ids:
                 break
-            ids = torch.tensor([[token]])
+            ids = torch.tensor([[token]], device=device)
         return out
     finally:
         set_active_adapter(model, None)

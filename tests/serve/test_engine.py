@@ -70,6 +70,31 @@ def test_bfloat16_mixed_batch_stays_close_to_alone(tokenizer, prompts):
     assert sum(firsts) >= len(reqs) - 1 and sum(same) >= len(reqs) * 3 // 4, (firsts, same)
 
 
+def test_engine_on_the_models_device(tokenizer, prompts, device):
+    """The model on `device`: the engine, its KV cache and the adapter slots live there too, and a
+    mixed batch decodes as each request alone with its adapter active."""
+    model = tiny_llama(tokenizer)
+    for i, name in enumerate("ab"):
+        random_adapter(model, name, seed=i)
+    model.to(device)
+    registry = AdapterRegistry(model, "tiny")
+    for name in "ab":
+        registry.attach(name)
+    engine = Engine(model, tokenizer, registry, max_batch=4).start()
+    seen = []
+    real = engine._kv.append
+    engine._kv.append = lambda kv: seen.append(kv.cache.layers[0].keys.device) or real(kv)
+    try:
+        jobs = [(p, a, SamplingParams(max_tokens=5, **GREEDY)) for p in prompts[:2] for a in (None, "a", "b")]
+        reqs = run_all(engine, jobs)
+    finally:
+        engine.stop()
+    assert engine.device.type == torch.device(device).type
+    assert seen and all(d.type == engine.device.type for d in seen)
+    for req in reqs:
+        assert req.output_ids == greedy_alone(model, req.prompt_ids, req.adapter, 5), req.adapter
+
+
 def test_seeded_sampling_is_reproducible(tiny, prompts):
     params = dict(max_tokens=12, temperature=1.0, top_p=0.9, ignore_eos=True)
     first, _, third = run_all(tiny, [(prompts[1], "a", SamplingParams(seed=7, **params)),

@@ -32,13 +32,14 @@ def alone(layer, x, name):
 
 
 @pytest.mark.parametrize("shape", [(5, 7, 96), (5, 96)], ids=["BxT", "B"])
-def test_mixed_batch_equals_each_row_alone(shape):
-    model = make_model()
+def test_mixed_batch_equals_each_row_alone(shape, device):
+    model = make_model().to(device)
     layer = model[0]
     slots = LoraSlots(model, capacity=4, dtype=torch.float32)
     for name in ("p", "q", "d"):
         slots.load(name, {"0": layer.adapters[name]})
-    x = torch.randn(*shape)
+    assert model[0].A.device.type == model[0].B.device.type == torch.device(device).type  # slots on the model's device
+    x = torch.randn(*shape).to(device)
     rows = ["p", "q", None, "d", "p"]
     with torch.no_grad(), slots.select(rows, x.device):
         mixed = model(x)

@@ -44,10 +44,12 @@ def config(tmp_path, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_loss_falls_and_outputs_are_written(tmp_path):
+def test_loss_falls_and_outputs_are_written(tmp_path, device):
     data = copy_task()
-    result = train_loop(tiny_model(), TOKENIZER, data, data[:8], config(tmp_path, max_steps=25, eval_every=25),
-                        log=lambda *_: None)
+    model = tiny_model().to(device)
+    result = train_loop(model, TOKENIZER, data, data[:8], config(tmp_path, max_steps=25, eval_every=25),
+                        log=lambda *_: None, device=torch.device(device))
+    assert all(p.device.type == torch.device(device).type for p in model.parameters())
     assert len(result.losses) == 25
     assert sum(result.losses[-5:]) / 5 < 0.8 * sum(result.losses[:5]) / 5
     assert (tmp_path / "loss.png").stat().st_size > 1000
@@ -87,3 +89,19 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match="step 5: loss is nan"):
         train_loop(model, TOKENIZER, data, None, config(tmp_path, save_every=2), log=lambda *_: None, on_step=poison)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_paged_optimizer_spills_in_the_loop_and_says_how_much(tmp_path, monkeypatch):
+    """Free device memory forced to 0 (as under an activation spike): the loop's paged 8-bit AdamW
+    moves its state to host memory, logs it, and the run's losses are those of the unforced run."""
+    from qforge.optim import paging
+    data = copy_task()
+    plain = train_loop(tiny_model(), TOKENIZER, data, None, config(tmp_path / "a", max_steps=4), log=lambda *_: None)
+    real_init = paging.DevicePager.__init__
+    monkeypatch.setattr(paging.DevicePager, "__init__",
+                        lambda self, free_memory=None, log=None: real_init(self, lambda device: 0, log))
+    lines = []
+    forced = train_loop(tiny_model(), TOKENIZER, data, None, config(tmp_path / "b", max_steps=4), log=lines.append)
+    assert forced.losses == plain.losses
+    assert lines[0].startswith("optimizer state paged out to host memory: ") and "MiB" in lines[0]
+    assert lines[-1].startswith("optimizer paging: 1 spill(s) to host memory")
