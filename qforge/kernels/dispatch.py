@@ -82,6 +82,13 @@ def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, b
     return reference.dequantize_8bit(q, absmax, code, blocksize)
 
 
+def matrix_attention(query: torch.Tensor, n_scores: int, max_scores: int) -> bool:
+    """Whether a training attention call of n_scores scores takes qforge's matrix attention
+    (qforge.nn.attention: bmm + float32 softmax, faster than the CPU's SDPA for short rows) rather
+    than SDPA (the flash / memory-efficient kernels on a GPU, and long rows anywhere)."""
+    return query.device.type == "cpu" and n_scores <= max_scores
+
+
 def counter_dropout(x: torch.Tensor) -> bool:
     """Whether x takes qforge's counter-based dropout (CPU, where it beats torch's and is
     reproducible from a seed); elsewhere torch's own fused dropout is one cheap pass already."""

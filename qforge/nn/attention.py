@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import dispatch
+
 NAME = "qforge"
 MATH_MAX_SCORES = 2 * 1024 * 1024
 # attention-function arguments of some models (Gemma 2's logit soft-capping, gpt-oss' sinks) that
@@ -61,8 +63,8 @@ def qforge_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     b, h, t, d = query.shape
     plain = all(kwargs.get(k) is None for k in UNSUPPORTED)  # nothing the matrix path does not do
-    if (plain and query.device.type == "cpu" and torch.is_grad_enabled() and key.shape[-2] == t
-            and b * h * t * t <= MATH_MAX_SCORES):
+    if (plain and torch.is_grad_enabled() and key.shape[-2] == t
+            and dispatch.matrix_attention(query, b * h * t * t, MATH_MAX_SCORES)):
         # without a mask, causal as transformers' SDPA function decides it
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         scale = scaling if scaling is not None else d ** -0.5
