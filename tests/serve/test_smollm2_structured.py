@@ -68,6 +68,12 @@ def test_smollm2_structured_outputs_in_one_mixed_batch(tmp_path):
             (call,) = choice.message.tool_calls
             assert call.function.name == "book_table"
             value = json.loads(call.function.arguments)
+        elif kind == "object" and model != "smollm2" and choice.finish_reason == "length":
+            # An unbounded json_object can run to max_tokens (as OpenAI's does: then it is cut, not
+            # closed); a random adapter can make the greedy object nest on and on. The base must close
+            # its object; an adapter's run cut at the limit must still be the start of one.
+            assert r.usage.completion_tokens == 160 and choice.message.content.lstrip().startswith("{"), (model, r)
+            continue
         else:
             assert choice.finish_reason == "stop", (model, kind, choice.message.content)
             value = json.loads(choice.message.content)
