@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from ..devices import DTYPES, add_device_argument
+from .argtypes import port_number, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,26 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --jobs: run no worker here (`qforge worker` processes train the jobs)")
     parser.add_argument("--max-file-mb", type=positive_int, default=64,
                         help="with --jobs: the largest upload, in MiB (default: 64)")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {value}")
-    return value
 
 
 def _env_keys(name: str) -> list[str]:

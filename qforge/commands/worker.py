@@ -17,35 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+from .argtypes import fraction, positive_int, positive_seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,16 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "QFORGE_DATABASE_URL, else the SQLite store under --storage)")
     parser.add_argument("--storage", required=True, metavar="DIR",
                         help="the shared folder of uploads and job folders (the serve replicas' --data-dir)")
-    parser.add_argument("--poll", type=_positive_float, default=0.5,
+    parser.add_argument("--poll", type=positive_seconds, default=0.5,
                         help="seconds between queue polls and lease renewals (default: 0.5)")
-    parser.add_argument("--lease-seconds", type=_positive_float, default=30.0,
+    parser.add_argument("--lease-seconds", type=positive_seconds, default=30.0,
                         help="a job whose worker has not renewed its lease for this long is taken over "
                              "(default: 30)")
-    parser.add_argument("--cancel-grace", type=_positive_float, default=30.0,
+    parser.add_argument("--cancel-grace", type=positive_seconds, default=30.0,
                         help="seconds a cancelled job's trainer gets to checkpoint before SIGKILL (default: 30)")
-    parser.add_argument("--worker-threads", type=_positive_int, default=None,
+    parser.add_argument("--worker-threads", type=positive_int, default=None,
                         help="CPU threads a trainer may use, leaving the rest to serving (default: torch's choice)")
-    parser.add_argument("--worker-memory-fraction", type=_fraction, default=None,
+    parser.add_argument("--worker-memory-fraction", type=fraction, default=None,
                         help="share of the GPU's memory a trainer may take, in (0, 1] (default: no bound)")
 
 
