@@ -96,12 +96,8 @@ def _output_layer(model: nn.Module) -> str | None:
 
 def _target_modules(model: nn.Module, adapted: list[str], spec_targets) -> list[str]:
     """What PEFT writes: for "all-linear", the full path of every adapted layer (PEFT expands the
-    shorthand); for a list, its leaf names. When the adapters do not keep their spec, "all-linear"
-    is recognised by its effect (every linear layer but the output one is adapted)."""
+    shorthand); for a list, its leaf names."""
     linears = list(base_linears(model))
-    if spec_targets is None:
-        spec_targets = "all-linear" if sorted(adapted) == sorted(n for n in linears if n != _output_layer(model)) \
-            else None
     leaves = sorted({n.rsplit(".", 1)[-1] for n in adapted})
     if spec_targets != "all-linear" and sorted(n for n in linears if n.rsplit(".", 1)[-1] in leaves) == sorted(adapted):
         return leaves

@@ -123,8 +123,9 @@ def lora_linear_4bit(x: torch.Tensor, state, A: torch.Tensor, B: torch.Tensor, s
     """x @ dequant(W)^T + scaling * (x @ A^T) @ B^T by the fused Triton layer (forward and backward
     in one pass each over W) where it runs (CUDA; QFORGE_FUSED_LORA=0 turns it off); None elsewhere,
     and the caller composes the product from matmul_4bit and the low-rank factors."""
-    if (x.dtype in _NATIVE_DTYPES and os.environ.get("QFORGE_FUSED_LORA", "1") != "0"
-            and use_triton(x, state.packed, A, B) and _triton("triton_lora") is not None):
+    # device first: on the CPU every adapted layer's forward asks, and the answer is "no" at once
+    if (use_triton(x, state.packed, A, B) and x.dtype in _NATIVE_DTYPES
+            and os.environ.get("QFORGE_FUSED_LORA", "1") != "0" and _triton("triton_lora") is not None):
         return _triton("triton_lora").lora_linear_4bit(x, state, A, B, scaling)
     return None
 

@@ -190,10 +190,9 @@ class Quant4bitBase(FrozenBase):
         return Linear4bitFunction.apply(x, self.quant_state, self.host)
 
     def fused_lora(self, x, A, B, scaling):
-        state = self.quant_state
         if recompute.keeping():  # a selective-checkpointing tape replays the base product on its own
             return None
-        y = dispatch.lora_linear_4bit(x.reshape(-1, self.shape[1]), state, A, B, scaling)
+        y = dispatch.lora_linear_4bit(x.reshape(-1, self.shape[1]), self.quant_state, A, B, scaling)
         return None if y is None else y.view(*x.shape[:-1], self.shape[0])
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
