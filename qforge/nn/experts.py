@@ -254,6 +254,14 @@ class QuantExperts(nn.Module):
         """A fresh dense copy of expert parameter `name` [E, out, in]."""
         return self.bank(name).dequantized(dtype)
 
+    @torch.no_grad()
+    def merged_weight(self, name: str, adapter: str | None) -> torch.Tensor:
+        """float32 [E, out, in]: the dequantised parameter plus adapter `adapter`'s s B[e] A[e]
+        (the parameter alone when the adapter does not target it)."""
+        w = self.dequantized(name, torch.float32)
+        loras = self.adapters[adapter] if adapter in self.adapters else {}
+        return w + loras[name].delta_weight().to(w.device) if name in loras else w
+
     # ---- forward --------------------------------------------------------------------------
     def project(self, name: str, e: int, x: torch.Tensor, loras) -> torch.Tensor:
         """Expert e's product with parameter `name` (+ its low-rank term): x [n, in] -> [n, out]."""

@@ -79,6 +79,9 @@ def count_parameters(model) -> tuple[int, int]:
         stored = sum(p.numel() for p in layer.parameters(recurse=False)  # FSDP's float storage of the codes
                      if p is not layer.bias)
         total += math.prod(layer.base.shape) - stored
+    from ..model.surgery import expert_layers
+    for _, experts in expert_layers(model):  # 4-bit MoE experts: buffers too, counted as [E, out, in]
+        total += sum(math.prod(bank.shape) for bank in experts.banks.values())
     return trainable, total
 
 

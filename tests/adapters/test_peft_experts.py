@@ -101,3 +101,25 @@ def test_only_experts_targeted_and_bad_target_parameters(tmp_path):
         load_adapter(quantized_moe(dense), tmp_path / "a")
     with pytest.raises(ValueError, match="DoRA is not supported on expert parameters"):
         surgery.add_adapter(quantized_moe(dense), "d", LoraSpec(r=2, use_dora=True, dtype=torch.float32))
+
+
+def test_merged_state_dict_of_an_moe_adapter_is_peft_merge_and_unload(tmp_path):
+    from qforge.adapters.merge import adapter_fingerprint, merged_state_dict, requantized_state_dict
+
+    dense = tiny_moe("qwen3_moe")
+    qmodel = quantized_moe(dense)
+    surgery.add_adapter(qmodel, "default", LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
+    randomise_adapters(qmodel)
+    merged = merged_state_dict(qmodel.eval(), dtype=torch.float32)
+    save_adapter(qmodel, tmp_path / "a")
+    peft_merged = PeftModel.from_pretrained(dequantized_moe(qmodel, dense), tmp_path / "a").merge_and_unload()
+    theirs = peft_merged.state_dict()
+    assert merged.keys() == theirs.keys()
+    for k in merged:
+        torch.testing.assert_close(merged[k], theirs[k], rtol=0, atol=1e-6, msg=k)
+    fingerprint = adapter_fingerprint(qmodel)
+    with torch.no_grad():
+        qmodel.model.layers[0].mlp.experts.adapters["default"]["down_proj"].lora_B[2, 0, 0] += 1
+    assert adapter_fingerprint(qmodel) != fingerprint  # the expert weights are part of it
+    with pytest.raises(ValueError, match="4-bit MoE experts is not supported"):
+        requantized_state_dict(qmodel)

@@ -109,14 +109,15 @@ def test_quantize_experts_leaves_only_router_norms_embeddings_and_attention_dens
     # what stays in floats: the routers, the norms, the embedding and lm_head; no expert, no linear
     assert kinds == {"gate", "input_layernorm", "post_attention_layernorm", "q_norm", "k_norm", "norm",
                      "embed_tokens", "lm_head"}
-    dense_experts = sum(getattr(m, p).numel() for _, m in surgery.expert_layers(dense.model)
-                        for p in ("gate_up_proj", "down_proj")) if False else \
-        sum(p.numel() for n, p in dense.named_parameters() if ".experts." in n)
+    dense_experts = sum(p.numel() for n, p in dense.named_parameters() if ".experts." in n)
     packed = sum(b.numel() for n, b in qmodel.named_buffers() if ".experts." in n and b.dtype == torch.uint8
                  and n.endswith("proj"))
     assert packed * 2 == dense_experts  # two 4-bit codes a byte, every expert weight
     expert_lora = [n for n, p in qmodel.named_parameters() if p.requires_grad and ".experts." in n]
     assert len(expert_lora) == 2 * 2 * 2  # 2 layers x (gate_up_proj, down_proj) x (A, B)
+    from qforge.train.run import count_parameters
+    trainable, total = count_parameters(qmodel)  # a 4-bit expert weight counts its elements, as PEFT counts
+    assert total == sum(p.numel() for p in dense.parameters()) + trainable
 
 
 def test_state_dict_round_trip_and_dtype_casts_keep_the_scales():
@@ -160,3 +161,21 @@ def test_twenty_steps_lower_the_loss(arch, tmp_path):
     assert last < 0.7 * first, result.losses
     moved = [n for n, p in qmodel.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert len(moved) == len(before)  # every expert A and B trained
+
+
+def test_a_streaming_loader_places_one_expert_tensor_at_a_time_on_a_meta_skeleton():
+    dense = tiny_moe("mixtral")
+    with torch.device("meta"):
+        skeleton = type(dense)(dense.config)
+    state = dense.state_dict()
+    for name in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        surgery.place_quantized_expert(skeleton, name, state[name], compute_dtype=torch.float32)
+    reference = quantized_moe(dense)
+    for (name, ours), (_, theirs) in zip(surgery.expert_layers(skeleton), surgery.expert_layers(reference)):
+        for key, t in theirs.named_buffers():
+            assert torch.equal(getattr(ours, key), t), (name, key)
+    with pytest.raises(ValueError, match=r"has shape \[4, 64, 32\], expected \[4, 64, 64\]"):
+        surgery.place_quantized_expert(skeleton, "model.layers.0.mlp.experts.gate_up_proj",
+                                       state["model.layers.0.mlp.experts.down_proj"])
+    with pytest.raises(ValueError, match="not a fused expert parameter"):
+        surgery.place_quantized_expert(skeleton, "model.layers.0.mlp.gate.weight", state["model.layers.0.mlp.gate.weight"])
