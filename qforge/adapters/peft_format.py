@@ -215,6 +215,9 @@ def read_adapter_config(adapter_dir: str | Path, experts: bool = False) -> dict:
     for key in _UNSUPPORTED:
         if key == "target_parameters" and params is not None:
             continue
+        if key == "target_parameters" and config.get(key):
+            raise ValueError(f"'{path}': target_parameters = {config[key]!r} (LoRA on MoE expert parameters) loads "
+                             "with load_adapter onto one model, not into the multi-adapter server")
         if config.get(key) not in (None, False, [], {}):
             raise ValueError(f"'{path}': {key} = {config[key]!r} is not supported by qforge")
     if config.get("bias", "none") != "none":

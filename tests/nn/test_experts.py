@@ -179,3 +179,28 @@ def test_a_streaming_loader_places_one_expert_tensor_at_a_time_on_a_meta_skeleto
                                        state["model.layers.0.mlp.experts.down_proj"])
     with pytest.raises(ValueError, match="not a fused expert parameter"):
         surgery.place_quantized_expert(skeleton, "model.layers.0.mlp.gate.weight", state["model.layers.0.mlp.gate.weight"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_selective_checkpointing_replays_the_expert_products(arch, monkeypatch):
+    """keep_base_outputs: backward's recomputation takes every expert product from the tape (no
+    dequantisation beyond the no-checkpointing run's) and the gradients are the same."""
+    calls = []
+    real = ExpertBank.dequantize_expert
+    monkeypatch.setattr(ExpertBank, "dequantize_expert", lambda self, e, dtype: calls.append(e) or real(self, e, dtype))
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    grads, counts = {}, {}
+    for mode in ("none", "keep", "full"):
+        qmodel = quantized_moe(tiny_moe(arch))
+        surgery.add_adapter(qmodel, "default", LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
+        randomise_adapters(qmodel)
+        surgery.prepare_for_kbit_training(qmodel, gradient_checkpointing=mode != "none", keep_base_outputs=mode == "keep")
+        qmodel.train()
+        calls.clear()
+        qmodel(ids, labels=ids).loss.backward()
+        counts[mode] = len(calls)
+        grads[mode] = [p.grad.clone() for _, p in surgery.adapter_parameters(qmodel)]
+    assert counts["keep"] == counts["none"] < counts["full"]
+    for mode in ("keep", "full"):
+        for a, b in zip(grads[mode], grads["none"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
