@@ -322,12 +322,15 @@ def check_supported(experts: nn.Module) -> None:
     kind = type(experts).__name__
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
-            and gate_up.dim() == 3 and down.dim() == 3 and hasattr(experts, "act_fn")):
-        raise ValueError(f"{kind}: not a fused-experts module (3-D gate_up_proj and down_proj, act_fn)")
+            and gate_up.dim() == 3 and down.dim() == 3):
+        raise ValueError(f"{kind}: not a fused-experts module (3-D gate_up_proj and down_proj)")
     for flag, fine in (("has_bias", False), ("is_transposed", False), ("is_concatenated", True),
                        ("has_gate", True), ("has_post_expert_norm", False)):
         if getattr(experts, flag, fine) != fine:
             raise ValueError(f"{kind}: {flag}={getattr(experts, flag)} is not supported by qforge's 4-bit experts")
+    if not hasattr(experts, "act_fn"):
+        raise ValueError(f"{kind}: experts without an act_fn (their own gating) are not supported by qforge's "
+                         "4-bit experts")
     E, two_i, H = gate_up.shape
     if tuple(down.shape) != (E, H, two_i // 2) or two_i % 2:
         raise ValueError(f"{kind}: gate_up_proj {list(gate_up.shape)} and down_proj {list(down.shape)} "

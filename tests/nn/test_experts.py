@@ -204,3 +204,44 @@ def test_selective_checkpointing_replays_the_expert_products(arch, monkeypatch):
     for mode in ("keep", "full"):
         for a, b in zip(grads[mode], grads["none"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+FAMILIES = {  # more MoE families transformers 5.24 ships with fused experts (tiny configs)
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=32),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_other_moe_families_quantise_to_their_dequantised_logits(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import copy
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=32,
+                               max_position_embeddings=64, eos_token_id=1, **FAMILIES[model_type])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    reference = copy.deepcopy(model)
+    assert surgery.quantize_experts(model, compute_dtype=torch.float32)
+    with torch.no_grad():
+        for name, experts in surgery.expert_layers(model):
+            for p in ("gate_up_proj", "down_proj"):
+                getattr(reference.get_submodule(name), p).copy_(experts.dequantized(p))
+        ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(model(ids, use_cache=False).logits, reference(ids, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_experts_layout_is_refused_by_name():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=64, head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match="GptOssExperts: has_bias=True is not supported"):
+        surgery.quantize_experts(model)
