@@ -216,8 +216,9 @@ def read_adapter_config(adapter_dir: str | Path, experts: bool = False) -> dict:
         if key == "target_parameters" and params is not None:
             continue
         if key == "target_parameters" and config.get(key):
-            raise ValueError(f"'{path}': target_parameters = {config[key]!r} (LoRA on MoE expert parameters) loads "
-                             "with load_adapter onto one model, not into the multi-adapter server")
+            raise ValueError(f"'{path}': target_parameters = {config[key]!r} (LoRA on MoE expert parameters) is "
+                             "not supported here: qforge attaches such adapters with load_adapter (training, "
+                             "merge), not in the multi-adapter server or the GGUF LoRA export")
         if config.get(key) not in (None, False, [], {}):
             raise ValueError(f"'{path}': {key} = {config[key]!r} is not supported by qforge")
     if config.get("bias", "none") != "none":

@@ -123,3 +123,16 @@ def test_merged_state_dict_of_an_moe_adapter_is_peft_merge_and_unload(tmp_path):
     assert adapter_fingerprint(qmodel) != fingerprint  # the expert weights are part of it
     with pytest.raises(ValueError, match="4-bit MoE experts is not supported"):
         requantized_state_dict(qmodel)
+
+
+def test_save_merged_moe_folder_loads_in_transformers_with_the_same_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qforge.adapters.merge import save_merged
+
+    qmodel = quantized_moe(tiny_moe("mixtral"))
+    surgery.add_adapter(qmodel, "default", LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
+    randomise_adapters(qmodel)
+    save_merged(qmodel.eval(), None, tmp_path / "merged", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(merged), logits(qmodel), rtol=0, atol=ATOL)
