@@ -392,7 +392,7 @@ def _plan_experts(model: nn.Module, adapter_dir: Path, config: dict, tensors: di
     entries = config["target_parameters"]
     plan = []
     for module_name, module in expert_layers(model):
-        params = tuple(p for p in ("gate_up_proj", "down_proj")
+        params = tuple(p for p in module.parameter_order
                        if any(f"{module_name}.{p}" == w or f"{module_name}.{p}".endswith("." + w) for w in entries))
         if not params:
             continue

@@ -73,7 +73,8 @@ class ExpertBank:
         return cls(torch.stack([s.packed.view(-1) for s in states]),
                    torch.stack([s.absmax for s in states]),
                    torch.stack([s.nested_absmax for s in states]) if nested else None,
-                   torch.tensor([s.offset for s in states], dtype=torch.float32) if nested else None,
+                   torch.tensor([s.offset for s in states], dtype=torch.float32, device=first.packed.device)
+                   if nested else None,
                    QuantState(None, None, first.shape, first.dtype, first.blocksize, first.quant_type, first.code,
                               None, first.nested_code, first.nested_blocksize, None, first.nested_dtype))
 
@@ -189,6 +190,8 @@ class QuantExperts(nn.Module):
         self.act_fn = act_fn
         self.compute_dtype = compute_dtype
         self.banks: dict[str, ExpertBank] = {}
+        # the order transformers' module registers its parameters in: PEFT nests its ParamWrappers so
+        self.parameter_order: tuple[str, ...] = EXPERT_PARAMETERS
         self.adapters = nn.ModuleDict()  # adapter name -> ModuleDict(parameter name -> ExpertLora)
         self.active_adapter: str | None = None
 
@@ -204,7 +207,9 @@ class QuantExperts(nn.Module):
         """An empty 4-bit module shaped as transformers' `experts` (banks set later)."""
         check_supported(experts)
         E, two_i, H = experts.gate_up_proj.shape
-        return cls(E, H, two_i // 2, experts.act_fn, compute_dtype)
+        module = cls(E, H, two_i // 2, experts.act_fn, compute_dtype)
+        module.parameter_order = tuple(n for n, _ in experts.named_parameters(recurse=False) if n in EXPERT_PARAMETERS)
+        return module
 
     @classmethod
     def quantized(cls, experts: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
@@ -241,7 +246,7 @@ class QuantExperts(nn.Module):
             raise ValueError("DoRA is not supported on expert parameters (nor by PEFT's target_parameters); "
                              "target linear layers only")
         loras = nn.ModuleDict()
-        for pname in EXPERT_PARAMETERS:  # registration order: PEFT nests its wrappers in this order
+        for pname in self.parameter_order:  # PEFT nests its wrappers in this order
             if pname in parameters:
                 E, out_f, in_f = self.expected_shape(pname)
                 loras[pname] = ExpertLora(E, in_f, out_f, spec)
