@@ -28,7 +28,7 @@ def logits(model):
         return model(ids()).logits
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["qwen2_moe"])
 def test_qforge_adapter_loads_in_peft_with_the_same_logits(arch, tmp_path):
     dense = tiny_moe(arch)
     qmodel = quantized_moe(dense)

@@ -4,7 +4,7 @@ import copy
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from qforge.model import surgery
 from qforge.quant import dequantize
@@ -13,12 +13,15 @@ VOCAB = 96
 
 
 def tiny_moe(arch: str, seed: int = 0) -> nn.Module:
-    """A 2-layer float32 Mixtral or Qwen3-MoE: hidden 64, 4 experts of width 32, top-2 routing."""
+    """A 2-layer float32 Mixtral, Qwen3-MoE or Qwen2-MoE: hidden 64, 4 experts of width 32, top-2 routing."""
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=64, num_experts_per_tok=2, initializer_range=0.1, tie_word_embeddings=False)
     if arch == "mixtral":
         cfg = MixtralConfig(intermediate_size=32, num_local_experts=4, **common)
+    elif arch == "qwen2_moe":  # with a shared expert: three more linear layers and a 1-wide gate per layer
+        cfg = Qwen2MoeConfig(moe_intermediate_size=32, intermediate_size=64, num_experts=4,
+                             shared_expert_intermediate_size=32, **common)
     else:
         cfg = Qwen3MoeConfig(moe_intermediate_size=32, intermediate_size=64, num_experts=4, head_dim=16,
                              decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, **common)
