@@ -122,10 +122,11 @@ def adapter_config(model: nn.Module, name: str = "default", base_model_name_or_p
     if len({h[2:] for h in hyper.values()}) > 1:
         raise ValueError(f"adapter '{name}' mixes dropout / rsLoRA / DoRA settings across layers; "
                          "PEFT's format holds one setting per adapter")
-    odd = sorted(p for p, h in expert_hyper.items() if (h[0], h[1], h[3]) != (r, alpha, rslora))
+    odd = sorted(p for p, h in expert_hyper.items() if h[3] != rslora)
     if odd:
-        raise ValueError(f"adapter '{name}': expert parameters {odd[:3]} have another rank, alpha or rsLoRA "
-                         "setting than the linear layers; PEFT's format holds one for all target_parameters")
+        raise ValueError(f"adapter '{name}': expert parameters {odd[:3]} have another rsLoRA setting than the "
+                         "linear layers; PEFT's format holds one setting per adapter")
+    hyper.update(expert_hyper)  # their own rank / alpha go to the patterns, keyed by the parameter's path
     if experts:
         # PEFT's ParamWrapper refuses lora_dropout != 0; dropout only acts in training, so the file
         # says 0 and loads in PEFT with the same outputs (the linear layers trained with `dropout`)
@@ -385,11 +386,15 @@ def _attach(plan, name: str) -> None:
 
 
 def _plan_experts(model: nn.Module, adapter_dir: Path, config: dict, tensors: dict, name: str,
-                  dtype: torch.dtype | None) -> list[tuple[object, str, tuple, LoraSpec, dict]]:
+                  dtype: torch.dtype | None) -> list[tuple[object, str, tuple, dict, dict]]:
     """Check the expert part of an adapter (target_parameters) against the model's 4-bit experts
-    modules; takes (pops) its tensors out of `tensors`. [(module, path, params, spec, {param: t})]."""
+    modules; takes (pops) its tensors out of `tensors`. [(module, path, params, {param: spec},
+    {param: tensors})]."""
     weights_path = adapter_dir / WEIGHTS_NAME
     entries = config["target_parameters"]
+    if config.get("use_dora"):
+        raise ValueError(f"'{adapter_dir / CONFIG_NAME}': use_dora with target_parameters: DoRA on expert "
+                         "parameters is not supported (nor by PEFT)")
     plan = []
     for module_name, module in expert_layers(model):
         params = tuple(p for p in module.parameter_order
@@ -398,13 +403,14 @@ def _plan_experts(model: nn.Module, adapter_dir: Path, config: dict, tensors: di
             continue
         if name in module.adapters:
             raise ValueError(f"layer '{module_name}' already has an adapter named '{name}'; pass another name")
-        found = {}
+        found, specs = {}, {}
         for path, p in _expert_key_paths(module_name, list(params)).items():
             t = tensors.pop(path, None)
             if t is None or "lora_A" not in t or "lora_B" not in t:
                 raise ValueError(f"'{weights_path}': expert parameter '{module_name}.{p}' is targeted but "
                                  f"'{PREFIX}{path}.lora_A.weight' / '.lora_B.weight' are missing")
-            spec = _layer_spec({**config, "lora_dropout": 0.0}, f"{module_name}.{p}", dtype or t["lora_A"].dtype)
+            spec = specs[p] = _layer_spec({**config, "lora_dropout": 0.0}, f"{module_name}.{p}",
+                                          dtype or t["lora_A"].dtype)
             E, out_f, in_f = module.expected_shape(p)
             want = {"lora_A": [E * spec.r, in_f], "lora_B": [out_f, spec.r * E]}
             for part, shape in want.items():
@@ -413,7 +419,7 @@ def _plan_experts(model: nn.Module, adapter_dir: Path, config: dict, tensors: di
                                      f"{list(t[part].shape)}, but [{E} experts, out={out_f}, in={in_f}] with "
                                      f"r={spec.r} needs {shape}")
             found[p] = t
-        plan.append((module, module_name, params, spec, found))
+        plan.append((module, module_name, params, specs, found))
     if not plan:
         raise ValueError(f"'{adapter_dir / CONFIG_NAME}': target_parameters {entries!r} match no 4-bit experts "
                          "module of the base model (quantize_experts first)")
@@ -430,8 +436,8 @@ def _load_with_experts(model: nn.Module, adapter_dir: Path, name: str | None, dt
     if config["target_modules"] or tensors:
         plan = _plan(model_layout(model), adapter_dir, config, tensors, name, dtype)
     _attach(plan, name)
-    for module, _, params, spec, found in expert_plan:
-        loras = module.add_adapter(name, spec, params)
+    for module, _, params, specs, found in expert_plan:
+        loras = module.add_adapter(name, specs, params)
         for p, t in found.items():
             loras[p].from_peft_factors(t["lora_A"], t["lora_B"])
     set_active_adapter(model, name)

@@ -241,15 +241,19 @@ class QuantExperts(nn.Module):
                 f"intermediate_dim={self.intermediate_dim}{quant}, active={self.active_adapter}")
 
     # ---- adapters -------------------------------------------------------------------------
-    def add_adapter(self, name: str, spec: LoraSpec, parameters=EXPERT_PARAMETERS) -> nn.ModuleDict:
-        if spec.use_dora:
+    def add_adapter(self, name: str, spec: LoraSpec | dict[str, LoraSpec],
+                    parameters=EXPERT_PARAMETERS) -> nn.ModuleDict:
+        """Adapter `name` on the expert parameters named in `parameters` (`spec`: one for all, or
+        one per parameter name). No dropout: as in PEFT, whose ParamWrapper refuses any."""
+        specs = spec if isinstance(spec, dict) else {p: spec for p in parameters}
+        if any(s.use_dora for s in specs.values()):
             raise ValueError("DoRA is not supported on expert parameters (nor by PEFT's target_parameters); "
                              "target linear layers only")
         loras = nn.ModuleDict()
         for pname in self.parameter_order:  # PEFT nests its wrappers in this order
             if pname in parameters:
                 E, out_f, in_f = self.expected_shape(pname)
-                loras[pname] = ExpertLora(E, in_f, out_f, spec)
+                loras[pname] = ExpertLora(E, in_f, out_f, specs[pname])
         device = next(iter(self.buffers()), torch.empty(0)).device
         self.adapters[name] = loras.to(device)
         self.active_adapter = self.active_adapter or name

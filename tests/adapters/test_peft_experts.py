@@ -65,12 +65,15 @@ def test_peft_adapter_on_experts_loads_in_qforge_with_peft_logits(arch, tmp_path
     peft_model = get_peft_model(dequantized_moe(qmodel, dense),
                                 LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"],
                                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                                           rank_pattern={"gate_up_proj": 8}, alpha_pattern={"down_proj": 2},
                                            init_lora_weights=False))  # random B: the adapter changes the output
     peft_model.eval().save_pretrained(tmp_path / "peft")
     name = load_adapter(qmodel, tmp_path / "peft", name="moe")
     assert name == "moe"
     layer = qmodel.model.layers[1]
-    assert set(layer.mlp.experts.adapters["moe"]) == {"gate_up_proj", "down_proj"}
+    loras = layer.mlp.experts.adapters["moe"]
+    assert set(loras) == {"gate_up_proj", "down_proj"}
+    assert loras["gate_up_proj"].r == 8 and loras["down_proj"].r == 4 and loras["down_proj"].scaling == 2 / 2
     assert "moe" in layer.self_attn.q_proj.adapters and "moe" not in layer.self_attn.o_proj.adapters
     torch.testing.assert_close(logits(qmodel.eval()), logits(peft_model), rtol=0, atol=ATOL)
 
@@ -78,6 +81,8 @@ def test_peft_adapter_on_experts_loads_in_qforge_with_peft_logits(arch, tmp_path
     before, after = load_file(tmp_path / "peft" / "adapter_model.safetensors"), \
         load_file(tmp_path / "again" / "adapter_model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    again = PeftModel.from_pretrained(dequantized_moe(qmodel, dense), tmp_path / "again").eval()
+    torch.testing.assert_close(logits(again), logits(peft_model), rtol=0, atol=ATOL)
 
 
 def test_only_experts_targeted_and_bad_target_parameters(tmp_path):
