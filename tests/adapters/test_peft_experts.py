@@ -100,6 +100,11 @@ def test_only_experts_targeted_and_bad_target_parameters(tmp_path):
     loaded = PeftModel.from_pretrained(dequantized_moe(qmodel, dense), tmp_path / "a").eval()
     torch.testing.assert_close(logits(loaded), logits(qmodel.eval()), rtol=0, atol=ATOL)
 
+    bad = {**config, "r": 3}
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.experts.down_proj' lora_A has shape \[8, 32\], but "
+                                         r"\[4 experts, out=64, in=32\] with r=3 needs \[12, 32\]"):
+        load_adapter(quantized_moe(dense), tmp_path / "a")
     config["target_parameters"] = ["mlp.gate.weight"]  # the router: qforge keeps it frozen
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="target_parameters .*only MoE expert parameters"):
