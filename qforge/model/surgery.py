@@ -1,5 +1,5 @@
 """Layer surgery on a transformers model: swap target nn.Linear layers for AdaptedLinear (over a
-4-bit or dense base) and fused MoE expert modules for QuantExperts (4-bit per expert), attach and
+4-bit or dense base) and fused MoE expert modules for AdaptedExperts (4-bit per expert), attach and
 select adapters, and prepare the model for k-bit training. The model class itself is untouched."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..nn import AdaptedLinear, LoraSpec
-from ..nn.experts import EXPERT_PARAMETERS, ExpertBank, QuantExperts, is_fused_experts
+from ..nn.experts import EXPERT_PARAMETERS, ExpertBank, AdaptedExperts, is_fused_experts
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -150,17 +150,17 @@ def names_experts(target: str) -> bool:
     return target == "experts" or (len(parts) >= 2 and parts[-1] in EXPERT_PARAMETERS and parts[-2] == "experts")
 
 
-def expert_layers(model: nn.Module) -> Iterator[tuple[str, QuantExperts]]:
-    """(name, module) of every 4-bit experts module."""
+def expert_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedExperts]]:
+    """(name, module) of every experts module qforge adapts (AdaptedExperts: 4-bit or dense banks)."""
     for name, module in model.named_modules():
-        if isinstance(module, QuantExperts):
+        if isinstance(module, AdaptedExperts):
             yield name, module
 
 
 def expert_targets(model: nn.Module, target_modules: str | list[str]) -> dict[str, tuple[str, ...]]:
-    """4-bit experts module name -> the expert parameters `target_modules` adapts: every one for
+    """AdaptedExperts module name -> the expert parameters `target_modules` adapts: every one for
     "all-linear" (the default: all linear layers + experts), else those named per names_experts.
-    A ValueError when the list names experts but the model has no 4-bit experts module."""
+    A ValueError when the list names experts but the model has no AdaptedExperts module."""
     layers = [n for n, _ in expert_layers(model)]
     if target_modules == "all-linear":
         return {n: EXPERT_PARAMETERS for n in layers}
@@ -168,8 +168,8 @@ def expert_targets(model: nn.Module, target_modules: str | list[str]) -> dict[st
     if not wanted:
         return {}
     if not layers:
-        raise ValueError(f"target_modules {wanted} name expert parameters, but the model has no 4-bit experts "
-                         "module (quantize_experts first)")
+        raise ValueError(f"target_modules {wanted} name expert parameters, but the model has no adapted experts "
+                         "module (quantize_experts or dense_lora_experts first)")
     out = {}
     for n in layers:
         params = tuple(p for p in EXPERT_PARAMETERS
@@ -182,14 +182,23 @@ def expert_targets(model: nn.Module, target_modules: str | list[str]) -> dict[st
 def quantize_experts(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                      compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """Replace every fused-experts module (transformers' 3-D gate_up_proj / down_proj) by a
-    QuantExperts holding both parameters in 4 bits per expert, one module at a time. The router
+    AdaptedExperts holding both parameters in 4 bits per expert, one module at a time. The router
     (the MoE block's `gate`) is not touched: it stays as it is, frozen by prepare_for_kbit_training.
     Returns the replaced modules' names."""
     names = [n for n, m in model.named_modules() if is_fused_experts(m)]
     for name in names:
         experts = model.get_submodule(name)
-        set_module(model, name, QuantExperts.quantized(experts, quant_type, blocksize, double_quant, compute_dtype))
+        set_module(model, name, AdaptedExperts.quantized(experts, quant_type, blocksize, double_quant, compute_dtype))
         del experts
+    return names
+
+
+def dense_lora_experts(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Replace every fused-experts module by an AdaptedExperts over its weights kept dense and frozen
+    in `compute_dtype` (BF16 LoRA on experts, the counterpart of dense_lora_linears). Returns the names."""
+    names = [n for n, m in model.named_modules() if is_fused_experts(m)]
+    for name in names:
+        set_module(model, name, AdaptedExperts.dense(model.get_submodule(name), compute_dtype))
     return names
 
 
@@ -206,15 +215,15 @@ def place_quantized_expert(model: nn.Module, name: str, tensor: torch.Tensor, qu
     """Put the fused expert parameter `name` (e.g. "model.layers.0.mlp.experts.gate_up_proj",
     tensor [E, out, in]) into the model in 4 bits: the first of a module's two parameters turns
     the transformers experts module (whose own parameters may be on the meta device) into a
-    QuantExperts; each call quantises only its own tensor. ValueError for another name or shape."""
+    AdaptedExperts; each call quantises only its own tensor. ValueError for another name or shape."""
     parent, _, pname = name.rpartition(".")
     if pname not in EXPERT_PARAMETERS:
         raise ValueError(f"'{name}' is not a fused expert parameter (expected one of {EXPERT_PARAMETERS})")
     module = model.get_submodule(parent)
-    if not isinstance(module, QuantExperts):
+    if not isinstance(module, AdaptedExperts):
         if not is_fused_experts(module):
             raise ValueError(f"'{parent}' is a {type(module).__name__}, not a fused-experts module")
-        module_q = QuantExperts.like(module, compute_dtype)
+        module_q = AdaptedExperts.like(module, compute_dtype)
         set_module(model, parent, module_q)
         module = module_q
     if tuple(tensor.shape) != module.expected_shape(pname):

@@ -1,5 +1,6 @@
-"""4-bit mixture-of-experts banks: transformers' fused expert parameters, quantised per expert,
-with per-expert LoRA in PEFT's `target_parameters` layout.
+"""Mixture-of-experts layers with adapters: transformers' fused expert parameters held in 4 bits per
+expert (QLoRA) or dense and frozen (BF16 LoRA), with per-expert LoRA in PEFT's `target_parameters`
+layout.
 
 transformers 5.x keeps an MoE layer's experts as two fused 3-D parameters (Mixtral, Qwen2/3-MoE):
     gate_up_proj [E, 2I, H]    expert e: [gate; up] = W_gu[e] x
@@ -21,7 +22,8 @@ slice's own offset), and the slices are stacked: packed codes [E, (d1*d2+1)//2] 
 [E, blocks], nested absmax [E, nested blocks], offsets [E]. A slice is dequantised into a
 shared workspace for one product and dropped; the products go through an autograd Function that
 saves nothing for backward (backward dequantises again) and keeps the selective-checkpointing
-tape of qforge.nn.recompute, as the Linear bases in bases.py do.
+tape of qforge.nn.recompute, as the Linear bases in bases.py do. A bank is the experts' frozen
+base (ExpertBank: 4 bits; DenseExpertBank: a plain tensor), as a FrozenBase is a linear layer's.
 
 PEFT 0.21 (ParamWrapper) keeps an expert adapter as lora_A [E*r, in] (expert-major rows) and
 lora_B [out, r*E] (column j*E + e is rank j of expert e); here they are held as A [E, r, in] and
@@ -33,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import dispatch
@@ -112,6 +115,10 @@ class ExpertBank:
         """Expert e's weight [out, in] in a transient workspace (use at once)."""
         return dequantize_cached(self.expert(e), dtype)
 
+    def product(self, x: torch.Tensor, e: int, transposed: bool = True) -> torch.Tensor:
+        """x @ W[e]^T (x [n, in] -> [n, out]) or, transposed=False, x @ W[e] ([n, out] -> [n, in])."""
+        return dispatch.matmul_4bit(x, self.expert(e), lambda dtype: self.dequantize_expert(e, dtype), transposed)
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A fresh copy of the whole parameter [E, out, in]."""
         return torch.stack([self.dequantize_expert(e, dtype).clone() for e in range(self.num_experts)])
@@ -119,25 +126,61 @@ class ExpertBank:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def keeps_dtype(self) -> bool:
+        """True: a dtype cast of the host must not touch these tensors (the float32 scales)."""
+        return True
+
+
+class DenseExpertBank:
+    """One fused expert parameter [E, out, in] kept dense and frozen (BF16 LoRA on experts): the
+    same questions as ExpertBank, answered from a plain tensor."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.detach()
+        self.num_experts = weight.shape[0]
+        self.keys = [object() for _ in range(self.num_experts)]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.weight.shape)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"": self.weight}
+
+    def replace_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.weight = tensors[""]
+
+    def dequantize_expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight[e].to(dtype)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype).clone()
+
+    def product(self, x: torch.Tensor, e: int, transposed: bool = True) -> torch.Tensor:
+        w = self.dequantize_expert(e, x.dtype)
+        return F.linear(x, w) if transposed else x @ w
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def keeps_dtype(self) -> bool:
+        return False
+
 
 class ExpertProductFunction(torch.autograd.Function):
-    """y = x @ dequant(W[e])^T for one frozen expert slice. Saves nothing but references; the chain
-    rule dL/dx = dL/dy @ dequant(W[e]) dequantises the slice again."""
+    """y = x @ dequant(W[e])^T for one frozen expert slice of a bank (4-bit or dense). Saves nothing
+    but references; the chain rule dL/dx = dL/dy @ dequant(W[e]) dequantises the slice again."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bank: ExpertBank, e: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, bank, e: int) -> torch.Tensor:
         ctx.bank, ctx.e = bank, e
-        state = bank.expert(e)
-        return recompute.base_product(bank.keys[e], x, state.shape[0], lambda: dispatch.matmul_4bit(
-            x, state, lambda dtype: bank.dequantize_expert(e, dtype), transposed=True))
+        return recompute.base_product(bank.keys[e], x, bank.shape[1], lambda: bank.product(x, e, transposed=True))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        bank, e = ctx.bank, ctx.e
-        return dispatch.matmul_4bit(grad_out, bank.expert(e), lambda dtype: bank.dequantize_expert(e, dtype),
-                                    transposed=False), None, None
+        return ctx.bank.product(grad_out, ctx.e, transposed=False), None, None
 
 
 class ExpertLora(nn.Module):
@@ -174,14 +217,15 @@ class ExpertLora(nn.Module):
         self.lora_B.copy_(lora_B.reshape(lora_B.shape[0], r, E).permute(2, 0, 1))
 
 
-class QuantExperts(nn.Module):
-    """A transformers fused-experts module with both expert parameters in 4 bits and named
-    per-expert adapters: forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H].
+class AdaptedExperts(nn.Module):
+    """A transformers fused-experts module whose two expert parameters are frozen banks (4-bit or
+    dense) with named per-expert adapters:
+    forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H].
 
-    The stacked 4-bit tensors are buffers named after the parameter (`gate_up_proj`,
-    `gate_up_proj_absmax`, `gate_up_proj_nested_absmax`, `gate_up_proj_offset`, likewise for
-    `down_proj`), so the module's state dict round-trips. A bank may be set later (`set_bank`),
-    as a streaming loader places one parameter at a time."""
+    A bank's tensors are buffers named after the parameter (4 bits: `gate_up_proj` (codes),
+    `gate_up_proj_absmax`, `gate_up_proj_nested_absmax`, `gate_up_proj_offset`; dense:
+    `gate_up_proj`; likewise for `down_proj`), so the module's state dict round-trips. A bank may
+    be set later (`set_bank`), as a streaming loader places one parameter at a time."""
 
     def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, act_fn: nn.Module,
                  compute_dtype: torch.dtype = torch.bfloat16):
@@ -203,7 +247,7 @@ class QuantExperts(nn.Module):
         return shapes[name]
 
     @classmethod
-    def like(cls, experts: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> "QuantExperts":
+    def like(cls, experts: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> "AdaptedExperts":
         """An empty 4-bit module shaped as transformers' `experts` (banks set later)."""
         check_supported(experts)
         E, two_i, H = experts.gate_up_proj.shape
@@ -213,11 +257,19 @@ class QuantExperts(nn.Module):
 
     @classmethod
     def quantized(cls, experts: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                  compute_dtype: torch.dtype = torch.bfloat16) -> "QuantExperts":
+                  compute_dtype: torch.dtype = torch.bfloat16) -> "AdaptedExperts":
         """transformers' fused `experts` module with its weights quantised, one parameter at a time."""
         module = cls.like(experts, compute_dtype)
         for name in EXPERT_PARAMETERS:
             module.set_bank(name, ExpertBank.quantize(getattr(experts, name), quant_type, blocksize, double_quant))
+        return module
+
+    @classmethod
+    def dense(cls, experts: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> "AdaptedExperts":
+        """transformers' fused `experts` module with its weights kept dense (frozen, in compute_dtype)."""
+        module = cls.like(experts, compute_dtype)
+        for name in EXPERT_PARAMETERS:
+            module.set_bank(name, DenseExpertBank(getattr(experts, name).detach().to(compute_dtype)))
         return module
 
     def set_bank(self, name: str, bank: ExpertBank) -> None:
@@ -234,7 +286,7 @@ class QuantExperts(nn.Module):
         return self.banks[name]
 
     def extra_repr(self) -> str:
-        t = next(iter(self.banks.values())).template if self.banks else None
+        t = getattr(next(iter(self.banks.values()), None), "template", None)
         quant = f", quant_type={t.quant_type}, blocksize={t.blocksize}, double_quant={t.nested_code is not None}" \
             if t is not None else ""
         return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
@@ -313,7 +365,8 @@ class QuantExperts(nn.Module):
         return self
 
     def _owns(self, key: str) -> bool:
-        return any(key == name + suffix for name, bank in self.banks.items() for suffix in bank.tensors())
+        return any(key == name + suffix for name, bank in self.banks.items() if bank.keeps_dtype()
+                   for suffix in bank.tensors())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -326,7 +379,7 @@ class QuantExperts(nn.Module):
 
 
 def check_supported(experts: nn.Module) -> None:
-    """ValueError unless `experts` is a fused-experts layout QuantExperts computes: gate and up
+    """ValueError unless `experts` is a fused-experts layout AdaptedExperts computes: gate and up
     concatenated in gate_up_proj [E, 2I, H], down_proj [E, H, I], no bias, not transposed."""
     kind = type(experts).__name__
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
@@ -352,9 +405,9 @@ def check_supported(experts: nn.Module) -> None:
 def is_fused_experts(module: nn.Module) -> bool:
     """True for a transformers module holding fused 3-D expert parameters (not yet quantised)."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return (not isinstance(module, QuantExperts) and isinstance(gate_up, nn.Parameter)
+    return (not isinstance(module, AdaptedExperts) and isinstance(gate_up, nn.Parameter)
             and isinstance(down, nn.Parameter) and gate_up.dim() == 3 and down.dim() == 3)
 
 
-__all__ = ["ExpertBank", "ExpertLora", "QuantExperts", "ExpertProductFunction", "EXPERT_PARAMETERS",
+__all__ = ["ExpertBank", "DenseExpertBank", "ExpertLora", "AdaptedExperts", "ExpertProductFunction", "EXPERT_PARAMETERS",
            "check_supported", "is_fused_experts"]

@@ -47,6 +47,7 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
             spec = lora_spec(cfg)
             targets = surgery.select_targets(surgery.linear_names(model), spec.target_modules, spec.modules_to_skip)
             surgery.dense_lora_linears(model, targets, dtype)
+            surgery.dense_lora_experts(model, dtype)  # MoE: LoRA on the experts, as for qlora
             surgery.add_adapter(model, "default", spec)
     if device.type != "cpu":  # streamed there already; this only moves what surgery added on the CPU
         model.to(device)

@@ -146,3 +146,21 @@ def test_save_merged_moe_folder_loads_in_transformers_with_the_same_logits(tmp_p
     save_merged(qmodel.eval(), None, tmp_path / "merged", dtype=torch.float32)
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
     torch.testing.assert_close(logits(merged), logits(qmodel), rtol=0, atol=ATOL)
+
+
+def test_dense_lora_on_experts_equals_peft_on_the_plain_model(tmp_path):
+    """BF16 LoRA's counterpart (here in float32): experts kept dense, the same adapter files."""
+    import copy
+
+    dense = tiny_moe("qwen3_moe")
+    model = copy.deepcopy(dense)
+    surgery.dense_lora_linears(model, surgery.select_targets(surgery.linear_names(model), "all-linear"),
+                               compute_dtype=torch.float32)
+    assert surgery.dense_lora_experts(model, compute_dtype=torch.float32) == ["model.layers.0.mlp.experts",
+                                                                              "model.layers.1.mlp.experts"]
+    assert {k for k in model.state_dict() if ".experts." in k} == {k for k in dense.state_dict() if ".experts." in k}
+    surgery.add_adapter(model, "default", LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
+    randomise_adapters(model)
+    save_adapter(model.eval(), tmp_path / "a")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(dense), tmp_path / "a").eval()
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=ATOL)

@@ -10,7 +10,7 @@ import torch
 
 from qforge.model import surgery
 from qforge.nn import LoraSpec
-from qforge.nn.experts import ExpertBank, QuantExperts
+from qforge.nn.experts import ExpertBank, AdaptedExperts
 from qforge.train.config import TrainConfig
 from qforge.train.loop import train_loop
 
@@ -56,7 +56,7 @@ def test_forward_and_gradients_equal_transformers_experts_on_dequantised_weights
     ref_model = dequantized_moe(qmodel, dense)
     block, ref_block = qmodel.model.layers[1].mlp, ref_model.model.layers[1].mlp
     experts, ref = block.experts, ref_block.experts
-    assert isinstance(experts, QuantExperts)
+    assert isinstance(experts, AdaptedExperts)
     x = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
     weights, index = _routing(ref_block, x)
     loras = experts.adapters["default"]
