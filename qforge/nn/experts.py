@@ -233,7 +233,7 @@ class AdaptedExperts(nn.Module):
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
         self.act_fn = act_fn
         self.compute_dtype = compute_dtype
-        self.banks: dict[str, ExpertBank] = {}
+        self.banks: dict[str, ExpertBank | DenseExpertBank] = {}
         # the order transformers' module registers its parameters in: PEFT nests its ParamWrappers so
         self.parameter_order: tuple[str, ...] = EXPERT_PARAMETERS
         self.adapters = nn.ModuleDict()  # adapter name -> ModuleDict(parameter name -> ExpertLora)
@@ -248,7 +248,7 @@ class AdaptedExperts(nn.Module):
 
     @classmethod
     def like(cls, experts: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> "AdaptedExperts":
-        """An empty 4-bit module shaped as transformers' `experts` (banks set later)."""
+        """An empty module shaped as transformers' `experts` (banks set later)."""
         check_supported(experts)
         E, two_i, H = experts.gate_up_proj.shape
         module = cls(E, H, two_i // 2, experts.act_fn, compute_dtype)
@@ -272,7 +272,7 @@ class AdaptedExperts(nn.Module):
             module.set_bank(name, DenseExpertBank(getattr(experts, name).detach().to(compute_dtype)))
         return module
 
-    def set_bank(self, name: str, bank: ExpertBank) -> None:
+    def set_bank(self, name: str, bank: ExpertBank | DenseExpertBank) -> None:
         if tuple(bank.shape) != self.expected_shape(name):
             raise ValueError(f"expert parameter '{name}' has shape {list(bank.shape)}, "
                              f"expected {list(self.expected_shape(name))}")
@@ -280,7 +280,7 @@ class AdaptedExperts(nn.Module):
             self.register_buffer(name + suffix, t)
         self.banks[name] = bank
 
-    def bank(self, name: str) -> ExpertBank:
+    def bank(self, name: str) -> ExpertBank | DenseExpertBank:
         if name not in self.banks:
             raise ValueError(f"expert parameter '{name}' of this layer was never loaded")
         return self.banks[name]
