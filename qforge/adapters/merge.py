@@ -31,7 +31,7 @@ from ..model.surgery import adapted_layers
 from ..nn import AdaptedLinear, LoraAdapter
 from ..quant import dequantize, quantize
 from ..quant.state import dtype_name
-from .peft_format import _adapted_layers, write_folder_atomically
+from .peft_format import _adapted_layers, _expert_adapters, write_folder_atomically
 
 RECORD_KEY = "qforge_merged_adapters"  # in config.json, and on a model object that was merged
 PROVENANCE_NAME = "qforge_merge.json"
@@ -53,7 +53,8 @@ def merged_weight(layer: AdaptedLinear, adapter: LoraAdapter | None) -> torch.Te
 def merged_linears(model: nn.Module, name: str = "default") -> Iterator[tuple[str, AdaptedLinear, torch.Tensor]]:
     """(module path, layer, merged float32 weight) for every adapted layer, one at a time. A NaN or
     Inf in a merged weight is a ValueError naming the layer (as PEFT's safe_merge checks)."""
-    _adapted_layers(model, name)  # a ValueError listing the adapters present when `name` is absent
+    # a ValueError listing the adapters present when `name` is absent
+    _adapted_layers(model, name, allow_none=bool(_expert_adapters(model, name)))
     for module, layer in adapted_layers(model):
         w = merged_weight(layer, layer.adapters[name] if name in layer.adapters else None)
         if not torch.isfinite(w).all():
@@ -63,11 +64,25 @@ def merged_linears(model: nn.Module, name: str = "default") -> Iterator[tuple[st
         yield module, layer, w
 
 
+def merged_experts(model: nn.Module, name: str = "default") -> Iterator[tuple[str, torch.Tensor]]:
+    """(state-dict key, merged float32 [E, out, in]) of every 4-bit MoE expert parameter, one at a
+    time: transformers' fused `<experts>.gate_up_proj` / `.down_proj` with adapter `name` merged."""
+    from ..model.surgery import expert_layers
+    for module, experts in expert_layers(model):
+        for p in experts.banks:
+            w = experts.merged_weight(p, name)
+            if not torch.isfinite(w).all():
+                raise ValueError(f"merging adapter '{name}' gives NaN/Inf values in '{module}.{p}'; "
+                                 "the adapter is broken, nothing was written")
+            yield f"{module}.{p}", w
+
+
 def _other_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every state-dict tensor outside the adapted layers, floating ones cast to dtype. A
     tensor that shares memory with an earlier one (tied lm_head / embeddings) is written once, as
     save_pretrained does; transformers ties it again on load from config.tie_word_embeddings."""
-    prefixes = tuple(f"{n}." for n, _ in adapted_layers(model))
+    from ..model.surgery import expert_layers
+    prefixes = tuple(f"{n}." for n, _ in [*adapted_layers(model), *expert_layers(model)])
     out, seen = {}, set()
     for key, t in model.state_dict().items():
         if key.startswith(prefixes):
@@ -91,6 +106,8 @@ def merged_state_dict(model: nn.Module, name: str = "default", dtype: torch.dtyp
         out[f"{module}.weight"] = w.to(dtype).contiguous().cpu()
         if layer.bias is not None:
             out[f"{module}.bias"] = layer.bias.detach().to(dtype).contiguous().cpu()
+    for key, w in merged_experts(model, name):
+        out[key] = w.to(dtype).contiguous().cpu()
     return out
 
 
@@ -103,6 +120,10 @@ def requantized_state_dict(model: nn.Module, name: str = "default", dtype: torch
     than what the adapter changed). Dequantise, merge and requantise run layer by layer on the
     model's device (quantisation through dispatch: Triton on CUDA, the same bits as on the CPU);
     the tensors returned are on the CPU."""
+    from ..model.surgery import expert_layers
+    if any(True for _ in expert_layers(model)):
+        raise ValueError("requantising a merged model with 4-bit MoE experts is not supported: bitsandbytes' "
+                         "format has no 4-bit fused expert parameters; write the dense merged model instead")
     out = _other_tensors(model, dtype)
     err2 = upd2 = 0.0
     for module, layer, w in merged_linears(model, name):
@@ -122,10 +143,15 @@ def adapter_fingerprint(model: nn.Module, name: str = "default") -> str:
     """sha256 of adapter `name`'s weights (float32 bytes, layers in order): the same adapter gives
     the same fingerprint wherever it was loaded from."""
     h = hashlib.sha256()
-    for module, a in _adapted_layers(model, name).items():
+    for module, a in _adapted_layers(model, name, allow_none=bool(_expert_adapters(model, name))).items():
         h.update(module.encode())
         for t in a.peft_weights().values():  # A, B, then the variant's own (DoRA's magnitude)
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    for module, loras in _expert_adapters(model, name).items():  # LoRA on MoE experts
+        for p, lora in loras.items():
+            h.update(f"{module}.{p}".encode())
+            for t in (lora.lora_A, lora.lora_B):
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -212,7 +238,10 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, name: str = "d
 @torch.no_grad()
 def _rounding_demo(model: nn.Module, name: str) -> str:
     """One layer's numbers: how much of the update survives requantising dequant(W) + update."""
-    module, adapter = next(iter(_adapted_layers(model, name).items()))
+    layers = _adapted_layers(model, name, allow_none=bool(_expert_adapters(model, name)))
+    if not layers:  # an adapter on MoE experts only
+        return ""
+    module, adapter = next(iter(layers.items()))
     layer = model.get_submodule(module)
     st = layer.base.quant_state
     w0 = layer.dequantized(torch.float32)

@@ -5,6 +5,13 @@ A folder holds two files:
   adapter_model.safetensors    base_model.model.<module>.lora_A.weight   [r, in]
                                base_model.model.<module>.lora_B.weight   [out, r]
                                base_model.model.<module>.lora_magnitude_vector [out]   (DoRA)
+  and for LoRA on 4-bit MoE experts (PEFT's `target_parameters`, e.g. ["experts.gate_up_proj",
+  "experts.down_proj"]): per fused expert parameter [E, out, in] of module <experts>,
+                               base_model.model.<experts>[.base_layer].lora_A.weight  [E*r, in]
+                               base_model.model.<experts>[.base_layer].lora_B.weight  [out, r*E]
+  PEFT wraps one parameter per ParamWrapper and nests them in the module's parameter order, so
+  gate_up_proj's keys carry one `.base_layer` when down_proj is targeted too (see
+  qforge.nn.experts for the per-expert order inside A and B).
 
 `target_modules` is written as PEFT writes it: the list of leaf names it was given
 (["q_proj", "v_proj"]), or, for "all-linear", the full path of every adapted layer (PEFT expands
@@ -25,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..fileio import CorruptFile, atomic_folder, read_json
-from ..model.surgery import adapted_layers, set_active_adapter
+from ..model.surgery import adapted_layers, expert_layers, names_experts, set_active_adapter
 from ..nn import AdaptedLinear, LoraAdapter, LoraSpec
 from .model_card import model_card, portable_base_id
 
@@ -64,9 +71,9 @@ def write_folder_atomically(out_dir: str | Path, write: Callable[[Path], None],
 
 
 # ---- save -----------------------------------------------------------------------------------
-def _adapted_layers(model: nn.Module, name: str) -> dict[str, LoraAdapter]:
+def _adapted_layers(model: nn.Module, name: str, allow_none: bool = False) -> dict[str, LoraAdapter]:
     found = {n: layer.adapters[name] for n, layer in adapted_layers(model) if name in layer.adapters}
-    if not found:
+    if not found and not allow_none:
         have = sorted({a for _, layer in adapted_layers(model) for a in layer.adapters})
         raise ValueError(f"no layer of the model carries an adapter named '{name}'; adapters present: {have}")
     return found
@@ -107,13 +114,24 @@ def _target_modules(model: nn.Module, adapted: list[str], spec_targets) -> list[
 def adapter_config(model: nn.Module, name: str = "default", base_model_name_or_path: str | None = None) -> dict:
     """The adapter_config.json dict PEFT 0.21 would write for adapter `name` of `model`. Layers whose
     rank or alpha differ from the most common one go to rank_pattern / alpha_pattern (full paths)."""
-    adapters = _adapted_layers(model, name)
+    experts = _expert_adapters(model, name)
+    adapters = _adapted_layers(model, name, allow_none=bool(experts))
+    expert_hyper = {f"{m}.{p}": _hyper(a) for m, loras in experts.items() for p, a in loras.items()}
     hyper = {n: _hyper(a) for n, a in adapters.items()}
-    r, alpha, dropout, rslora, dora = Counter(hyper.values()).most_common(1)[0][0]
+    r, alpha, dropout, rslora, dora = Counter((hyper or expert_hyper).values()).most_common(1)[0][0]
     if len({h[2:] for h in hyper.values()}) > 1:
         raise ValueError(f"adapter '{name}' mixes dropout / rsLoRA / DoRA settings across layers; "
                          "PEFT's format holds one setting per adapter")
-    spec_targets = next(iter(adapters.values())).spec.target_modules
+    odd = sorted(p for p, h in expert_hyper.items() if h[3] != rslora)
+    if odd:
+        raise ValueError(f"adapter '{name}': expert parameters {odd[:3]} have another rsLoRA setting than the "
+                         "linear layers; PEFT's format holds one setting per adapter")
+    hyper.update(expert_hyper)  # their own rank / alpha go to the patterns, keyed by the parameter's path
+    if experts:
+        # PEFT's ParamWrapper refuses lora_dropout != 0; dropout only acts in training, so the file
+        # says 0 and loads in PEFT with the same outputs (the linear layers trained with `dropout`)
+        dropout = 0.0
+    spec_targets = next(iter(adapters.values())).spec.target_modules if adapters else "all-linear"
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     base_model_name_or_path = portable_base_id(base_model_name_or_path)  # a Hub id or an absolute path
@@ -121,6 +139,8 @@ def adapter_config(model: nn.Module, name: str = "default", base_model_name_or_p
             "base_model_name_or_path": base_model_name_or_path, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
             "use_rslora": rslora, "use_dora": dora,
             "target_modules": _target_modules(model, list(adapters), spec_targets),
+            "target_parameters": sorted({f"{m.rsplit('.', 1)[-1]}.{p}" for m, loras in experts.items()
+                                         for p in loras}) or None,
             "rank_pattern": {n: h[0] for n, h in hyper.items() if h[0] != r},
             "alpha_pattern": {n: h[1] for n, h in hyper.items() if h[1] != alpha}}
 
@@ -128,10 +148,26 @@ def adapter_config(model: nn.Module, name: str = "default", base_model_name_or_p
 def adapter_tensors(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """PEFT's tensor keys -> contiguous copies of adapter `name`'s weights (in the adapter's dtype)."""
     out = {}
-    for module, a in _adapted_layers(model, name).items():
+    experts = _expert_adapters(model, name)
+    for module, a in _adapted_layers(model, name, allow_none=bool(experts)).items():
         for suffix, t in a.peft_weights().items():  # lora_A [r, in], lora_B [out, r], DoRA's magnitude [out]
             out[f"{PREFIX}{module}.{suffix}"] = t.detach().contiguous().clone()
+    for module, loras in experts.items():
+        for path, p in _expert_key_paths(module, list(loras)).items():
+            for suffix, t in loras[p].peft_factors().items():  # lora_A [E*r, in], lora_B [out, r*E]
+                out[f"{PREFIX}{path}.{suffix}"] = t.contiguous().clone()
     return out
+
+
+def _expert_adapters(model: nn.Module, name: str) -> dict[str, nn.ModuleDict]:
+    """experts module path -> {parameter name: ExpertLora} of adapter `name`."""
+    return {n: layer.adapters[name] for n, layer in expert_layers(model) if name in layer.adapters}
+
+
+def _expert_key_paths(module: str, params: list[str]) -> dict[str, str]:
+    """PEFT's module path -> targeted expert parameter, for the parameters p_0..p_k-1 in the module's
+    order: p_i's ParamWrapper is nested k-1-i levels deep (one `.base_layer` each)."""
+    return {module + ".base_layer" * (len(params) - 1 - i): p for i, p in enumerate(params)}
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
@@ -154,8 +190,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
 
 
 # ---- load -----------------------------------------------------------------------------------
-def read_adapter_config(adapter_dir: str | Path) -> dict:
-    """adapter_config.json as a dict; FileNotFoundError / ValueError naming the file and the problem."""
+def read_adapter_config(adapter_dir: str | Path, experts: bool = False) -> dict:
+    """adapter_config.json as a dict; FileNotFoundError / ValueError naming the file and the problem.
+    `experts`: accept target_parameters that name MoE expert parameters (load_adapter reads them;
+    the multi-adapter server does not)."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"adapter folder '{adapter_dir}' does not exist")
@@ -166,10 +204,22 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         raise ValueError(f"'{path}' must hold a JSON object, found {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"'{path}': peft_type is {config.get('peft_type')!r}; qforge loads only 'LORA' adapters")
+    params = config.get("target_parameters") if experts else None
+    if params is not None:
+        if not isinstance(params, list) or not all(isinstance(p, str) and names_experts(p) for p in params):
+            raise ValueError(f"'{path}': target_parameters = {params!r}: qforge adapts only MoE expert parameters "
+                             "(entries ending in 'experts.gate_up_proj' or 'experts.down_proj')")
+        config = {**config, "target_modules": config.get("target_modules") or []}
     for key in ("r", "lora_alpha", "target_modules"):
         if config.get(key) is None:
             raise ValueError(f"'{path}': required field '{key}' is missing")
     for key in _UNSUPPORTED:
+        if key == "target_parameters" and params is not None:
+            continue
+        if key == "target_parameters" and config.get(key):
+            raise ValueError(f"'{path}': target_parameters = {config[key]!r} (LoRA on MoE expert parameters) is "
+                             "not supported here: qforge attaches such adapters with load_adapter (training, "
+                             "merge), not in the multi-adapter server or the GGUF LoRA export")
         if config.get(key) not in (None, False, [], {}):
             raise ValueError(f"'{path}': {key} = {config[key]!r} is not supported by qforge")
     if config.get("bias", "none") != "none":
@@ -317,7 +367,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str | None = N
     """Attach the PEFT adapter in `adapter_dir` to the adapter layers of `model` as adapter `name`
     (default: the folder's name, or "default") and make it active. Weights keep the file's dtype
     unless `dtype` is given. Nothing is changed when a check fails (read_adapter). Returns the name."""
+    if read_adapter_config(adapter_dir, experts=True).get("target_parameters"):
+        return _load_with_experts(model, Path(adapter_dir), name, dtype)
     name, plan = read_adapter(model, adapter_dir, name, dtype)
+    _attach(plan, name)
+    set_active_adapter(model, name)
+    return name
+
+
+def _attach(plan, name: str) -> None:
     for _, layer, spec, t in plan:
         adapter = layer.add_adapter(name, spec)
         with torch.no_grad():
@@ -325,6 +383,63 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str | None = N
             adapter.lora_B.weight.copy_(t["lora_B"])
             for attr in spec.variant.extra_weights:
                 getattr(adapter, attr).copy_(t[attr])
+
+
+def _plan_experts(model: nn.Module, adapter_dir: Path, config: dict, tensors: dict, name: str,
+                  dtype: torch.dtype | None) -> list[tuple[object, str, tuple, dict, dict]]:
+    """Check the expert part of an adapter (target_parameters) against the model's 4-bit experts
+    modules; takes (pops) its tensors out of `tensors`. [(module, path, params, {param: spec},
+    {param: tensors})]."""
+    weights_path = adapter_dir / WEIGHTS_NAME
+    entries = config["target_parameters"]
+    if config.get("use_dora"):
+        raise ValueError(f"'{adapter_dir / CONFIG_NAME}': use_dora with target_parameters: DoRA on expert "
+                         "parameters is not supported (nor by PEFT)")
+    plan = []
+    for module_name, module in expert_layers(model):
+        params = tuple(p for p in module.parameter_order
+                       if any(f"{module_name}.{p}" == w or f"{module_name}.{p}".endswith("." + w) for w in entries))
+        if not params:
+            continue
+        if name in module.adapters:
+            raise ValueError(f"layer '{module_name}' already has an adapter named '{name}'; pass another name")
+        found, specs = {}, {}
+        for path, p in _expert_key_paths(module_name, list(params)).items():
+            t = tensors.pop(path, None)
+            if t is None or "lora_A" not in t or "lora_B" not in t:
+                raise ValueError(f"'{weights_path}': expert parameter '{module_name}.{p}' is targeted but "
+                                 f"'{PREFIX}{path}.lora_A.weight' / '.lora_B.weight' are missing")
+            spec = specs[p] = _layer_spec({**config, "lora_dropout": 0.0}, f"{module_name}.{p}",
+                                          dtype or t["lora_A"].dtype)
+            E, out_f, in_f = module.expected_shape(p)
+            want = {"lora_A": [E * spec.r, in_f], "lora_B": [out_f, spec.r * E]}
+            for part, shape in want.items():
+                if list(t[part].shape) != shape:
+                    raise ValueError(f"'{weights_path}': expert parameter '{module_name}.{p}' {part} has shape "
+                                     f"{list(t[part].shape)}, but [{E} experts, out={out_f}, in={in_f}] with "
+                                     f"r={spec.r} needs {shape}")
+            found[p] = t
+        plan.append((module, module_name, params, specs, found))
+    if not plan:
+        raise ValueError(f"'{adapter_dir / CONFIG_NAME}': target_parameters {entries!r} match no 4-bit experts "
+                         "module of the base model (quantize_experts first)")
+    return plan
+
+
+def _load_with_experts(model: nn.Module, adapter_dir: Path, name: str | None, dtype: torch.dtype | None) -> str:
+    """load_adapter for a file with target_parameters: the expert part, then the linear part."""
+    config = read_adapter_config(adapter_dir, experts=True)
+    tensors = read_adapter_tensors(adapter_dir)
+    name = name or default_adapter_name(adapter_dir)
+    expert_plan = _plan_experts(model, adapter_dir, config, tensors, name, dtype)
+    plan = []
+    if config["target_modules"] or tensors:
+        plan = _plan(model_layout(model), adapter_dir, config, tensors, name, dtype)
+    _attach(plan, name)
+    for module, _, params, specs, found in expert_plan:
+        loras = module.add_adapter(name, specs, params)
+        for p, t in found.items():
+            loras[p].from_peft_factors(t["lora_A"], t["lora_B"])
     set_active_adapter(model, name)
     return name
 

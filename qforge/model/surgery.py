@@ -1,6 +1,6 @@
 """Layer surgery on a transformers model: swap target nn.Linear layers for AdaptedLinear (over a
-4-bit or dense base), attach and select adapters, and prepare the model for k-bit training. The
-model class itself is untouched."""
+4-bit or dense base) and fused MoE expert modules for AdaptedExperts (4-bit per expert), attach and
+select adapters, and prepare the model for k-bit training. The model class itself is untouched."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..nn import AdaptedLinear, LoraSpec
+from ..nn.experts import EXPERT_PARAMETERS, ExpertBank, AdaptedExperts, is_fused_experts
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -27,7 +28,7 @@ def select_targets(names: list[str], target_modules: str | list[str], skip=DEFAU
     if target_modules == "all-linear":
         return [n for n in names if n.rsplit(".", 1)[-1] not in skip]
     wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    unknown = sorted(set(wanted) - leaves)
+    unknown = sorted(w for w in set(wanted) - leaves if not names_experts(w))  # experts: see expert_targets
     if unknown:
         raise ValueError(f"target_modules {unknown} not found in the model; its linear layers are {sorted(leaves)}")
     return [n for n in names if n.rsplit(".", 1)[-1] in wanted]
@@ -69,21 +70,24 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
 
 
 def add_adapter(model: nn.Module, name: str, spec: LoraSpec) -> None:
-    """Attach adapter `name` to every AdaptedLinear the spec targets and make it active."""
+    """Attach adapter `name` to every AdaptedLinear and 4-bit expert parameter the spec targets
+    (expert_targets) and make it active."""
     layers = dict(adapted_layers(model))
     for layer_name in select_targets(list(layers), spec.target_modules, spec.modules_to_skip):
         layers[layer_name].add_adapter(name, spec)
+    for experts_name, params in expert_targets(model, spec.target_modules).items():
+        model.get_submodule(experts_name).add_adapter(name, spec, params)
     set_active_adapter(model, name)
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
-    for _, layer in adapted_layers(model):
+    for _, layer in [*adapted_layers(model), *expert_layers(model)]:
         layer.active_adapter = name if name in layer.adapters else None
 
 
 def detach_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` from every AdaptedLinear of the model (and stop it being active)."""
-    for _, layer in adapted_layers(model):
+    """Remove adapter `name` from every adapter layer of the model (and stop it being active)."""
+    for _, layer in [*adapted_layers(model), *expert_layers(model)]:
         if name in layer.adapters:
             del layer.adapters[name]
         if layer.active_adapter == name:
@@ -135,3 +139,95 @@ def use_qforge_attention(model: nn.Module) -> bool:
     except (ValueError, ImportError, KeyError):
         return False
     return True
+
+
+# ---- mixture-of-experts: fused 3-D expert parameters in 4 bits ---------------------------------
+def names_experts(target: str) -> bool:
+    """Whether a target_modules entry names expert parameters: "experts" (both parameters of every
+    fused-experts module) or a path ending in "experts.gate_up_proj" / "experts.down_proj" (a
+    bare "down_proj" names linear layers only, as in PEFT's target_modules)."""
+    parts = target.split(".")
+    return target == "experts" or (len(parts) >= 2 and parts[-1] in EXPERT_PARAMETERS and parts[-2] == "experts")
+
+
+def expert_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedExperts]]:
+    """(name, module) of every experts module qforge adapts (AdaptedExperts: 4-bit or dense banks)."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedExperts):
+            yield name, module
+
+
+def expert_targets(model: nn.Module, target_modules: str | list[str]) -> dict[str, tuple[str, ...]]:
+    """AdaptedExperts module name -> the expert parameters `target_modules` adapts: every one for
+    "all-linear" (the default: all linear layers + experts), else those named per names_experts.
+    A ValueError when the list names experts but the model has no AdaptedExperts module."""
+    layers = [n for n, _ in expert_layers(model)]
+    if target_modules == "all-linear":
+        return {n: EXPERT_PARAMETERS for n in layers}
+    wanted = [w for w in ([target_modules] if isinstance(target_modules, str) else target_modules) if names_experts(w)]
+    if not wanted:
+        return {}
+    if not layers:
+        raise ValueError(f"target_modules {wanted} name expert parameters, but the model has no adapted experts "
+                         "module (quantize_experts or dense_lora_experts first)")
+    out = {}
+    for n in layers:
+        params = tuple(p for p in EXPERT_PARAMETERS
+                       if any(w == "experts" or f"{n}.{p}" == w or f"{n}.{p}".endswith("." + w) for w in wanted))
+        if params:
+            out[n] = params
+    return out
+
+
+def quantize_experts(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                     compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Replace every fused-experts module (transformers' 3-D gate_up_proj / down_proj) by a
+    AdaptedExperts holding both parameters in 4 bits per expert, one module at a time. The router
+    (the MoE block's `gate`) is not touched: it stays as it is, frozen by prepare_for_kbit_training.
+    Returns the replaced modules' names."""
+    names = [n for n, m in model.named_modules() if is_fused_experts(m)]
+    for name in names:
+        experts = model.get_submodule(name)
+        set_module(model, name, AdaptedExperts.quantized(experts, quant_type, blocksize, double_quant, compute_dtype))
+        del experts
+    return names
+
+
+def dense_lora_experts(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Replace every fused-experts module by an AdaptedExperts over its weights kept dense and frozen
+    in `compute_dtype` (BF16 LoRA on experts, the counterpart of dense_lora_linears). Returns the names."""
+    names = [n for n, m in model.named_modules() if is_fused_experts(m)]
+    for name in names:
+        set_module(model, name, AdaptedExperts.dense(model.get_submodule(name), compute_dtype))
+    return names
+
+
+def quantize_expert_tensor(tensor: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
+                           double_quant: bool = True) -> ExpertBank:
+    """One fused expert parameter [E, out, in] (as a streaming loader reads it) -> its 4-bit bank,
+    each expert quantised as bitsandbytes' quantize_4bit would quantise that slice."""
+    return ExpertBank.quantize(tensor, quant_type, blocksize, double_quant)
+
+
+def place_quantized_expert(model: nn.Module, name: str, tensor: torch.Tensor, quant_type: str = "nf4",
+                           blocksize: int = 64, double_quant: bool = True,
+                           compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Put the fused expert parameter `name` (e.g. "model.layers.0.mlp.experts.gate_up_proj",
+    tensor [E, out, in]) into the model in 4 bits: the first of a module's two parameters turns
+    the transformers experts module (whose own parameters may be on the meta device) into a
+    AdaptedExperts; each call quantises only its own tensor. ValueError for another name or shape."""
+    parent, _, pname = name.rpartition(".")
+    if pname not in EXPERT_PARAMETERS:
+        raise ValueError(f"'{name}' is not a fused expert parameter (expected one of {EXPERT_PARAMETERS})")
+    module = model.get_submodule(parent)
+    if not isinstance(module, AdaptedExperts):
+        if not is_fused_experts(module):
+            raise ValueError(f"'{parent}' is a {type(module).__name__}, not a fused-experts module")
+        module_q = AdaptedExperts.like(module, compute_dtype)
+        set_module(model, parent, module_q)
+        module = module_q
+    if tuple(tensor.shape) != module.expected_shape(pname):
+        raise ValueError(f"tensor '{name}' has shape {list(tensor.shape)}, expected "
+                         f"{list(module.expected_shape(pname))}")
+    bank = quantize_expert_tensor(tensor, quant_type, blocksize, double_quant)
+    module.set_bank(pname, bank)

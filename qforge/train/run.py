@@ -47,6 +47,7 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
             spec = lora_spec(cfg)
             targets = surgery.select_targets(surgery.linear_names(model), spec.target_modules, spec.modules_to_skip)
             surgery.dense_lora_linears(model, targets, dtype)
+            surgery.dense_lora_experts(model, dtype)  # MoE: LoRA on the experts, as for qlora
             surgery.add_adapter(model, "default", spec)
     if device.type != "cpu":  # streamed there already; this only moves what surgery added on the CPU
         model.to(device)
@@ -79,6 +80,9 @@ def count_parameters(model) -> tuple[int, int]:
         stored = sum(p.numel() for p in layer.parameters(recurse=False)  # FSDP's float storage of the codes
                      if p is not layer.bias)
         total += math.prod(layer.base.shape) - stored
+    from ..model.surgery import expert_layers
+    for _, experts in expert_layers(model):  # 4-bit MoE experts: buffers too, counted as [E, out, in]
+        total += sum(math.prod(bank.shape) for bank in experts.banks.values())
     return trainable, total
 
 
