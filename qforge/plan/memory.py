@@ -233,14 +233,15 @@ def model_weights(arch: ModelArch) -> list[Weight]:
     """Every parameter tensor of the model.
 
     MoE experts are stored as transformers 5 stores them: one fused [E, 2*I, H] gate_up tensor
-    and one [E, H, I] down tensor per MoE layer (what a QLoRA forward dequantises at once), while
-    LoRA adapters go on each expert's gate, up and down matrix (PEFT's target_parameters).
+    and one [E, H, I] down tensor per MoE layer, and adapted as PEFT's target_parameters adapts
+    them: one LoRA pair per expert and fused matrix (A [r, H], B [2I, r] on gate_up; A [r, I],
+    B [H, r] on down).
     """
     h, layers = arch.hidden_size, arch.num_layers
     weights = _attention_weights(arch)
     i, e, moe = arch.intermediate_size, arch.num_experts, arch.moe_layers
     if e:
-        weights += [Weight("experts.gate_up_proj", e * 2 * i * h, moe, "linear", ((h, i),) * (2 * e)),
+        weights += [Weight("experts.gate_up_proj", e * 2 * i * h, moe, "linear", ((h, 2 * i),) * e),
                     Weight("experts.down_proj", e * i * h, moe, "linear", ((i, h),) * e),
                     Weight("router", h * e, moe, "router")]  # tiny and sensitive: kept in BF16
         if arch.shared_expert_size:

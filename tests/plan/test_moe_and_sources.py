@@ -9,7 +9,7 @@ import json
 import pytest
 
 from qforge import cli
-from qforge.plan import (GB, ModelArch, active_parameter_count, as_arch, expert_bytes, expert_parameter_count,
+from qforge.plan import (GB, ModelArch, active_parameter_count, adapter_tensors, as_arch, expert_bytes, expert_parameter_count,
                          load_arch, parameter_count, plan_for_config, plan_run)
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -185,3 +185,16 @@ def test_hub_id_reads_the_cached_config_offline(tmp_path, monkeypatch, capsys):
         load_arch("not-cached/model")
     assert cli.main(["plan", "--model", "not-cached/model"]) == 2
     assert "Hugging Face cache" in capsys.readouterr().err
+
+
+def test_expert_adapter_count_matches_peft_target_parameters():
+    """LoRA on fused experts the way PEFT 0.21 puts it there: per expert, A [r, in] and B [out, r]."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("mixtral", **TINY, num_local_experts=4, **MOE)
+    model = peft.get_peft_model(meta_model(config), peft.LoraConfig(
+        r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(n * k for n, k in adapter_tensors(ModelArch.from_config(config.to_dict()), 8)) == trained
