@@ -9,8 +9,9 @@ quantise/dequantise. Fused expert parameters stay dense in this branch on both s
 dequantise to the same float32 values and run the same float32 ops: tolerance 1e-5 (observed: equal).
 
 `qforge quantize` of each writes a bitsandbytes folder that transformers + bitsandbytes load
-(Linear layers as bnb Linear4bit; fused expert parameters, which bitsandbytes does not quantise,
-dense in the folder) with the same logits as qforge's load of that folder.
+(Linear layers as bnb Linear4bit; fused expert parameters, which transformers' bitsandbytes
+integration does not quantise, dense in the folder) with the same logits as qforge's load of it;
+and qforge loads what transformers + bitsandbytes save.
 
 Sizes are multiples of 64 wherever a Linear's input is: bitsandbytes 0.50's CPU Linear4bit crashes
 in eval mode otherwise, and its CPU dequantize_4bit returns wrong values for a 2-D weight whose
@@ -114,6 +115,26 @@ def test_family_quantize_folder_loads_in_transformers_bitsandbytes(family_dir, f
     torch.testing.assert_close(logits(theirs), logits(ours), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_neox"])
+def test_qforge_loads_transformers_bitsandbytes_save_pretrained(family_dir, family, tmp_path):
+    """transformers + bitsandbytes write the checkpoint layout back (per-expert tensors, dense;
+    `embed_out`) beside bnb's 4-bit keys; qforge reads the 4-bit layers as stored and converts the rest."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(str(family_dir(family)), quantization_config=config,
+                                                  device_map="cpu", dtype=torch.float32)
+    theirs.save_pretrained(str(tmp_path / "bnb"))  # before any forward: eval forwards repack the weight
+    ours, _ = load_model(tmp_path / "bnb", compute_dtype=torch.float32)
+    theirs.eval()
+    for module in theirs.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.train()
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in theirs.modules()) == len(list(quantized_layers(ours)))
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+
+
 def test_expert_merge_reads_one_layer_group_at_a_time(family_dir, monkeypatch):
     """Building one fused expert tensor reads exactly that layer's per-expert tensors, no others."""
     from qforge.model.conversion import convert_checkpoint
@@ -132,6 +153,18 @@ def test_expert_merge_reads_one_layer_group_at_a_time(family_dir, monkeypatch):
         raw.read("model.layers.1.block_sparse_moe.experts.2.w3.weight")
     assert torch.equal(fused[2], torch.cat([w1, w3]))
     assert "model.layers.0.mlp.gate.weight" in ckpt and "lm_head.weight" in ckpt
+
+
+def test_sharded_moe_checkpoint_loads_the_same(family_dir, tmp_path):
+    """Experts of one layer spread over several shards are gathered through the index."""
+    folder = family_dir("qwen2_moe")
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).save_pretrained(
+        str(sharded), max_shard_size="40KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 3
+    whole, _ = load_model(folder, compute_dtype=torch.float32)
+    parts, _ = load_model(sharded, compute_dtype=torch.float32)
+    torch.testing.assert_close(logits(parts), logits(whole), rtol=0, atol=0)
 
 
 def test_missing_expert_is_a_clear_error(family_dir, tmp_path):
