@@ -34,11 +34,11 @@ class ConvertedCheckpoint:
     `convert_checkpoint`, which returns the checkpoint itself when no transform applies."""
 
     def __init__(self, ckpt, model: nn.Module, renamed: dict[str, str], merged: dict[str, tuple],
-                 passthrough: list[str]):
+                 passthrough: dict[str, str]):
         self.ckpt, self.model, self.folder = ckpt, model, ckpt.folder
         self._renamed = renamed          # target key -> the one source key
         self._merged = merged            # target key -> [converter, [(source key, source pattern)], first target]
-        self._passthrough = set(passthrough)
+        self._passthrough = passthrough  # name -> source key of tensors the model has no parameter for
         self._pending: dict[str, torch.Tensor] = {}  # the other outputs of a one-to-many converter
 
     def keys(self) -> list[str]:
@@ -66,7 +66,7 @@ class ConvertedCheckpoint:
         if key in self._merged:
             return self._convert(key)
         if key in self._passthrough:
-            return self.ckpt.read(key)
+            return self.ckpt.read(self._passthrough[key])
         raise ValueError(f"tensor '{key}' is missing from the checkpoint in '{self.folder}'")
 
     def first_present(self, names: list[str]) -> str:
@@ -139,18 +139,24 @@ def convert_checkpoint(ckpt, model: nn.Module):
 
         def rename(key: str):
             return rename_source_key(key, renamings, converters, prefix, present)
+
+        def rename_only(key: str) -> str:
+            return rename_source_key(key, renamings, [])[0]
         keys = sorted(ckpt.keys(), key=dot_natural_key)  # experts in index order, as transformers stacks them
         by_pattern = {p: c for c in converters for p in c.source_patterns}
     else:
         rename, keys, by_pattern = _legacy_rename(model), sorted(ckpt.keys()), {}
 
-    renamed, merged, passthrough = {}, {}, []
+        def rename_only(key: str) -> str:
+            return rename(key)[0]
+
+    renamed, merged, passthrough = {}, {}, {}
     for key in keys:
         target, pattern = rename(key)
         if target not in expected and key in expected:  # a rename that leads nowhere: keep the key
             target, pattern = key, None
-        if target not in expected:
-            passthrough.append(key)
+        if target not in expected:  # e.g. bitsandbytes' `weight.absmax`: renamed as its weight is
+            passthrough[rename_only(key)] = key
         elif pattern is None:
             if target in renamed:
                 raise ValueError(f"checkpoint in '{ckpt.folder}': both '{renamed[target]}' and '{key}' "
@@ -164,7 +170,7 @@ def convert_checkpoint(ckpt, model: nn.Module):
                 for other in converter.target_patterns:
                     merged[target.replace(first, other)] = group
             merged[target][1].append((key, pattern))
-    if not merged and all(target == key for target, key in renamed.items()):
+    if not merged and all(target == key for target, key in [*renamed.items(), *passthrough.items()]):
         return ckpt
     return ConvertedCheckpoint(ckpt, model, renamed, merged, passthrough)
 

@@ -167,6 +167,23 @@ def test_sharded_moe_checkpoint_loads_the_same(family_dir, tmp_path):
     torch.testing.assert_close(logits(parts), logits(whole), rtol=0, atol=0)
 
 
+def test_renamed_4bit_layer_keeps_its_quant_state(family_dir, tmp_path):
+    """A 4-bit layer under a checkpoint name (GPT-NeoX's head as `embed_out`, quantised too): its
+    bitsandbytes keys (`weight.absmax`, `weight.quant_state.*` ...) follow the weight's rename."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = load_model(family_dir("gpt_neox"), compute_dtype=torch.float32, skip_modules=())
+    from qforge.model.checkpoint import save_quantized
+    save_quantized(model, None, tmp_path / "q4")
+    tensors = load_file(str(tmp_path / "q4" / "model.safetensors"))
+    assert "lm_head.weight.absmax" in tensors
+    save_file({k.replace("lm_head.", "embed_out.", 1) if k.startswith("lm_head.") else k: v
+               for k, v in tensors.items()}, str(tmp_path / "q4" / "model.safetensors"))
+    again, _ = load_model(tmp_path / "q4", compute_dtype=torch.float32)
+    assert "lm_head" in dict(quantized_layers(again))
+    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
+
+
 def test_missing_expert_is_a_clear_error(family_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
