@@ -50,14 +50,6 @@ class ConvertedCheckpoint:
     def nbytes(self) -> int:
         return self.ckpt.nbytes()
 
-    def sources(self, key: str) -> list[str]:
-        """The checkpoint keys that tensor `key` is built from."""
-        if key in self._renamed:
-            return [self._renamed[key]]
-        if key in self._merged:
-            return [source for source, _ in self._merged[key][1]]
-        return [key]
-
     def read(self, key: str) -> torch.Tensor:
         if key in self._pending:
             return self._pending.pop(key)
@@ -80,7 +72,8 @@ class ConvertedCheckpoint:
         """Run transformers' converter for target `key` on its source tensors, read lazily: the
         converter calls each reader when it materialises its inputs. A converter with several
         outputs (a split) runs once; its other outputs wait in `_pending` until they are read."""
-        template, sources, first = self._merged[key]
+        group = self._merged[key]
+        template, sources, first = group
         converter = deepcopy(template)
         for source, pattern in sources:
             converter.add_tensor(first, source, pattern, functools.partial(self.ckpt.read, source))
@@ -89,7 +82,7 @@ class ConvertedCheckpoint:
         except Exception as exc:  # the ops raise assorted errors on shapes; name what was merged
             raise ValueError(f"'{self.folder}': cannot build '{key}' from {[s for s, _ in sources][:4]}"
                              f"{' ...' if len(sources) > 4 else ''} ({type(exc).__name__}: {exc})") from None
-        for name in [n for n, group in self._merged.items() if group is self._merged[key]]:
+        for name in [n for n, g in self._merged.items() if g is group]:  # every output of this converter
             del self._merged[name]
         for name, value in out.items():
             self._pending[name] = value[0] if isinstance(value, list) else value

@@ -184,6 +184,37 @@ def test_renamed_4bit_layer_keeps_its_quant_state(family_dir, tmp_path):
     torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
 
 
+def test_a_split_converter_runs_once_for_all_its_outputs(tmp_path, monkeypatch):
+    """A one-to-many converter (a fused qkv checkpoint tensor split into q, k, v, as transformers'
+    mapping does for some models) reads its source once; the other outputs wait until asked for."""
+    from safetensors.torch import load_file, save_file
+    from transformers.core_model_loading import Chunk, WeightConverter
+
+    import qforge.model.conversion as conversion
+
+    config = AutoConfig.for_model("llama", **dict(COMMON, num_key_value_heads=4))  # q, k, v all [64, 64]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "plain"))
+    tensors = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.self_attn."
+        tensors[prefix + "qkv.weight"] = torch.cat([tensors.pop(prefix + f"{x}_proj.weight") for x in "qkv"])
+    (tmp_path / "fused").mkdir()
+    (tmp_path / "fused" / "config.json").write_text((tmp_path / "plain" / "config.json").read_text())
+    save_file(tensors, str(tmp_path / "fused" / "model.safetensors"))
+    split = WeightConverter("self_attn.qkv.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                     "self_attn.v_proj.weight"], operations=[Chunk(dim=0)])
+    monkeypatch.setattr(conversion, "_transforms", lambda model: ([], [split]))
+    reads = []
+    real_read = Checkpoint.read
+    monkeypatch.setattr(Checkpoint, "read", lambda self, key: reads.append(key) or real_read(self, key))
+    fused, _ = load_model(tmp_path / "fused", compute_dtype=torch.float32)
+    assert reads.count("model.layers.1.self_attn.qkv.weight") == 1
+    monkeypatch.undo()
+    plain, _ = load_model(tmp_path / "plain", compute_dtype=torch.float32)
+    torch.testing.assert_close(logits(fused), logits(plain), rtol=0, atol=0)
+
+
 def test_missing_expert_is_a_clear_error(family_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
