@@ -10,7 +10,8 @@ import pytest
 
 from qforge import cli
 from qforge.plan import (GB, ModelArch, active_parameter_count, adapter_tensors, as_arch, expert_bytes, expert_parameter_count,
-                         load_arch, parameter_count, plan_for_config, plan_run)
+                         keep_base_outputs_for, load_arch, parameter_count, plan_for_config, plan_run,
+                         warn_if_unfit)
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2)
@@ -146,8 +147,14 @@ def test_plan_and_train_policy_read_a_gguf(tmp_path, capsys):
     assert cli.main(["plan", "--model", str(path)]) == 0
     assert "4 layers, hidden 64, vocab 128, 8 experts (2 per token)" in capsys.readouterr().out
     cfg = SimpleNamespace(method="qlora", batch_size=1, max_seq_len=64, rank=8, gradient_checkpointing=True,
-                          quant_type="nf4", double_quant=True, optimizer="paged_adamw_8bit", model=str(path))
+                          quant_type="nf4", double_quant=True, optimizer="paged_adamw_8bit", model=str(path),
+                          keep_base_outputs=None, grad_accum=1)
     assert plan_for_config(cfg).total > 0
+    lines = []
+    assert not warn_if_unfit(cfg, log=lines.append, device="cpu", available_bytes=10**6)
+    assert len(lines) == 1 and lines[0].startswith("warning: this run may not fit")
+    keep, why = keep_base_outputs_for(cfg, device="cpu", available_bytes=10**12)
+    assert keep and "keeps the base products" in why
 
 
 def test_bad_gguf_files(tmp_path, capsys):
