@@ -3,8 +3,11 @@
 The model skeleton is built on the meta device; each weight is then read from the safetensors
 files on its own (plain file reads, no mmap: mapped pages would stay counted in the process'
 resident memory), and a target Linear's weight is quantised at once and dropped. Everything else
-is materialised in the compute dtype. Non-persistent buffers (rotary inv_freq) are not in
-checkpoints; they are recomputed as transformers recomputes them, by the model's `_init_weights`.
+is materialised in the compute dtype. Checkpoint names are read through transformers' own
+conversion mapping for the architecture (qforge.model.conversion: Mixtral's per-expert tensors
+merged into fused expert parameters one layer at a time, GPT-NeoX's `embed_out` ...).
+Non-persistent buffers (rotary inv_freq) are not in checkpoints; they are recomputed as
+transformers recomputes them, by the model's `_init_weights`.
 
 Sources: a Hugging Face folder (single or sharded safetensors), a folder in bitsandbytes' 4-bit
 format (read as stored, never requantised), a GGUF file (materialised by transformers' GGUF
