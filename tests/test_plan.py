@@ -12,7 +12,8 @@ from qforge import cli
 from qforge.plan import (CUDA_BF16, GB, HEADROOM, METHODS, ModelArch, adapter_tensors, as_arch, gpus_needed,
                          known_archs, load_arch, parameter_count, parse_gpu, plan_run, recommend)
 
-SHIPPED = ["llama-2-13b", "llama-3.1-405b", "llama-3.1-70b", "llama-3.1-8b", "mixtral-8x22b", "smollm2", "yi-34b"]
+SHIPPED = ["llama-2-13b", "llama-3.1-405b", "llama-3.1-70b", "llama-3.1-8b", "mixtral-8x22b", "qwen3-30b-a3b", "smollm2",
+           "yi-34b"]
 
 # The public QLoRA sizing table: r=32, seq 4096, gradient checkpointing, paged 8-bit AdamW,
 # batch 1; working set in GB. 405B is the total across the GPUs FSDP shards it over.

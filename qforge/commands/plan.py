@@ -5,8 +5,10 @@
               [--gradient-checkpointing | --no-gradient-checkpointing]
 
 --model is a shipped architecture (llama-3.1-8b, llama-2-13b, yi-34b, llama-3.1-70b,
-mixtral-8x22b, llama-3.1-405b, smollm2; any case) or a Hugging Face config.json, or a folder
-holding one. --gpu is the memory of one card: 24GB (1e9 bytes), 24GiB (2**30), 80G or plain bytes.
+mixtral-8x22b, qwen3-30b-a3b, llama-3.1-405b, smollm2; any case), a Hugging Face config.json or a
+folder holding one, a .gguf file (its metadata), or a Hub id ORG/NAME already in the local Hugging
+Face cache (its config.json; nothing is downloaded). For a mixture-of-experts model the header
+adds the parameters a token runs through and the routed experts' 4-bit size. --gpu is the memory of one card: 24GB (1e9 bytes), 24GiB (2**30), 80G or plain bytes.
 
 The table gives GB (1e9 bytes) per component: base weights, quantisation constants, adapter
 weights, gradients, optimiser state, activations with and without gradient checkpointing (the
@@ -15,15 +17,15 @@ each GPU holds, and whether that fits the card. Then the recommendation:
   BF16 LoRA when it fits one card with 10% of the card to spare; else QLoRA when it fits;
   full fine-tuning only when asked for (--method full) and it fits; else QLoRA sharded with
   FSDP over the fewest cards that hold it.
-The formulas and the calibrated constants are in the docstrings of qforge/plan.py.
 The formulas and the calibrated constants are in the docstrings of qforge/plan/memory.py.
 """
 from __future__ import annotations
 
 import argparse
 
-from ..plan import (AUTO_KEEP_SHARE, METHODS, OPTIMIZER_BITS, ModelArch, Plan, card_label, format_gb, known_archs,
-                    load_arch, parameter_count, parse_gpu, plan_run, recommend)
+from ..plan import (AUTO_KEEP_SHARE, METHODS, OPTIMIZER_BITS, ModelArch, Plan, active_parameter_count, card_label,
+                    expert_bytes, expert_parameter_count, format_gb, known_archs, load_arch, parameter_count,
+                    parse_gpu, plan_run, recommend)
 
 ROWS = [("base weights", "base_weights"), ("quant constants", "quant_constants"),
         ("adapter weights", "adapter_weights"), ("gradients", "gradients"), ("optimizer state", "optimizer_state")]
@@ -58,7 +60,8 @@ def format_table(plans: list[Plan], other_activations: list[int], gradient_check
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `qforge plan`."""
     parser.add_argument("--model", required=True, metavar="NAME_OR_CONFIG",
-                        help=f"one of {', '.join(known_archs())}, or a config.json (or its folder)")
+                        help=f"one of {', '.join(known_archs())}; a config.json (or its folder); a .gguf "
+                             "file; or a Hub id ORG/NAME in the local Hugging Face cache (required)")
     parser.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per GPU per step (default 1)")
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
@@ -86,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{arch.name}: {parameter_count(arch) / 1e9:.2f} B parameters, {arch.num_layers} layers, "
           f"hidden {arch.hidden_size}, vocab {arch.vocab_size}"
           + (f", {arch.num_experts} experts ({arch.experts_per_token} per token)" if arch.num_experts else ""))
+    if arch.num_experts:
+        print(moe_summary(arch))
     print(f"seq_len {args.seq_len}, batch {args.batch_size}, rank {args.rank}, {args.optimizer}, "
           f"gradient checkpointing {'on' if gc else 'off'}, {args.num_gpus} GPU(s) of {card_label(gpu)}\n")
     print(format_table(plans, other, gc, gpu))
@@ -97,3 +102,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"recommended: {method} ({reason})")
     return 0
 
+
+
+def moe_summary(arch: ModelArch) -> str:
+    """One line on a mixture-of-experts model: active parameters, experts' share and 4-bit size."""
+    total, experts = parameter_count(arch), expert_parameter_count(arch)
+    shared = f", shared experts {arch.shared_expert_size} wide" if arch.shared_expert_size else ""
+    dense = f", {arch.dense_layers} dense layer(s)" if arch.dense_layers else ""
+    return (f"  {active_parameter_count(arch) / 1e9:.2f} B active per token; routed experts "
+            f"{experts / 1e9:.2f} B ({experts / total:.0%}), each {arch.intermediate_size} wide{shared}{dense}; "
+            f"experts in NF4 with double quantisation: {format_gb(expert_bytes(arch))}")

@@ -3,8 +3,11 @@
 The model skeleton is built on the meta device; each weight is then read from the safetensors
 files on its own (plain file reads, no mmap: mapped pages would stay counted in the process'
 resident memory), and a target Linear's weight is quantised at once and dropped. Everything else
-is materialised in the compute dtype. Non-persistent buffers (rotary inv_freq) are not in
-checkpoints; they are recomputed as transformers recomputes them, by the model's `_init_weights`.
+is materialised in the compute dtype. Checkpoint names are read through transformers' own
+conversion mapping for the architecture (qforge.model.conversion: Mixtral's per-expert tensors
+merged into fused expert parameters one layer at a time, GPT-NeoX's `embed_out` ...).
+Non-persistent buffers (rotary inv_freq) are not in checkpoints; they are recomputed as
+transformers recomputes them, by the model's `_init_weights`.
 
 Sources: a Hugging Face folder (single or sharded safetensors), a folder in bitsandbytes' 4-bit
 format (read as stored, never requantised), a GGUF file (materialised by transformers' GGUF
@@ -27,6 +30,7 @@ from torch import nn
 from ..nn import AdaptedLinear, LoraSpec, Quant4bitBase
 from ..quant import QuantState, quantize as quantize_tensor
 from .checkpoint import INDEX_NAME, WEIGHTS_NAME, read_bnb_config, save_tokenizer, write_new_folder
+from .conversion import convert_checkpoint, expert_parameter_names, place_expert_parameter, router_linear_names
 from .surgery import DEFAULT_SKIP, add_adapter, linear_names, quantize_linears, select_targets, set_module
 
 SMOLLM2 = "smollm2"
@@ -295,14 +299,15 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
     device = torch.device(device) if device is not None else CPU
     config = _read_config(folder)
     prequantised = read_bnb_config(config) is not None
-    ckpt = Checkpoint(folder)
     model = build_skeleton(config, compute_dtype)
+    ckpt = convert_checkpoint(Checkpoint(folder), model)  # transformers' renames and expert merges
     if prequantised and not quantize:
         raise ValueError(f"'{folder}' stores 4-bit weights; load it with quantize=True")
     if prequantised:
         targets = _bnb_targets(ckpt)
     elif quantize:
-        targets = select_targets(linear_names(model), target_modules, skip_modules)
+        routers = set(router_linear_names(model))  # MoE routers stay dense
+        targets = [n for n in select_targets(linear_names(model), target_modules, skip_modules) if n not in routers]
     else:
         targets = []
     tied = _tied_names(model)
@@ -313,6 +318,9 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
         aliases = tied.get(name + ".weight", [name + ".weight"])
         set_module(model, name, _quantised_layer(ckpt, name, linear, aliases, prequantised, quant, compute_dtype,
                                                  device))
+        release_free_memory()
+    for name in expert_parameter_names(model):  # one fused expert group at a time
+        place_expert_parameter(model, name, ckpt.read(name), compute_dtype, device, quant if quantize else None)
         release_free_memory()
     _materialise(model, ckpt, compute_dtype, device)
     _init_computed_buffers(model, device)

@@ -151,7 +151,7 @@ def warn_if_unfit(cfg, model_config: dict | ModelArch | str | None = None, log=p
                   available_bytes: int | None = None) -> bool:
     """Log a warning, before a run starts, when its plan does not fit the memory this process can
     see; returns whether it fits. `device`: the run's device kind ("cpu", "cuda").
-    A model the planner cannot read (a GGUF file, an unknown architecture) is not checked."""
+    A model the planner cannot read (a damaged GGUF file, an unknown architecture) is not checked."""
     try:
         available = available_memory(device) if available_bytes is None else available_bytes
         fits, message = check_fit(cfg, model_config, available, device)
