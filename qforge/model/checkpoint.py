@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..fileio import atomic_folder
+from ..nn.experts import AdaptedExperts, ExpertBank
 from .surgery import linear_names, quantized_layers
 from ..quant.state import dtype_name
 
@@ -98,9 +99,15 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
     duplicates = {n for names in names_of.values() for n in names[1:]}
+    banks = _expert_banks(model)
     out, seen = {}, set()
     for key, tensor in model.state_dict().items():
         if ".adapters." in key or key.startswith("adapters.") or key in duplicates:
+            continue
+        owner = next((name for name, (keys, _) in banks.items() if key in keys), None)
+        if owner is not None:  # 4-bit experts: one bitsandbytes weight per expert (loader: stored_expert_bank)
+            if key == owner:
+                out.update({k: v.detach().cpu() for k, v in banks[owner][1].expert_state_dicts(owner).items()})
             continue
         tensor = tensor.detach().contiguous().cpu()  # a model on a GPU is written from host copies
         ptr = tensor.untyped_storage().data_ptr()
@@ -108,6 +115,18 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             tensor = tensor.clone()
         seen.add(tensor.untyped_storage().data_ptr())
         out[key] = tensor
+    return out
+
+
+def _expert_banks(model: nn.Module) -> dict:
+    """Fused expert parameter name -> (its state-dict keys, its 4-bit ExpertBank)."""
+    out = {}
+    for mname, module in model.named_modules():
+        if isinstance(module, AdaptedExperts):
+            for pname, bank in module.banks.items():
+                if isinstance(bank, ExpertBank):
+                    name = f"{mname}.{pname}" if mname else pname
+                    out[name] = ({name + suffix for suffix in bank.tensors()}, bank)
     return out
 
 

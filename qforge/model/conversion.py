@@ -27,6 +27,10 @@ from copy import deepcopy
 import torch
 from torch import nn
 
+from ..nn.experts import EXPERT_PARAMETERS, AdaptedExperts, ExpertBank, check_supported, is_fused_experts
+from ..quant import QuantState
+from .surgery import place_expert_bank, place_quantized_expert
+
 
 class ConvertedCheckpoint:
     """A `qforge.model.load.Checkpoint` seen through the model's conversion mapping: `keys()`,
@@ -202,10 +206,13 @@ def place_expert_parameter(model: nn.Module, name: str, tensor: torch.Tensor, co
     """Put fused expert tensor `name` ([experts, out, in], one expert group as read from the
     checkpoint) into the model on `device`.
 
-    Here the experts stay dense in `compute_dtype`, frozen, whatever `quant` asks: this function is
-    the single point where the 4-bit experts base (qforge.nn.experts) takes over when `quant`
-    (quant_type, blocksize, double_quant) is given."""
-    del quant  # dense for now, see the docstring
+    With `quant` (quant_type nf4/fp4, blocksize, double_quant) the parameter becomes a 4-bit expert
+    bank (qforge.nn.experts, each expert quantised as bitsandbytes quantises a weight); without it,
+    or for a quant type experts do not take (HQQ), it stays dense in `compute_dtype`, frozen."""
+    if quant is not None and quant.get("quant_type") in ("nf4", "fp4") and takes_4bit_experts(model, name):
+        place_quantized_expert(model, name, tensor.to(device), quant["quant_type"], quant["blocksize"],
+                               quant["double_quant"], compute_dtype)
+        return
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     expected = tuple(getattr(module, leaf).shape)
@@ -214,3 +221,37 @@ def place_expert_parameter(model: nn.Module, name: str, tensor: torch.Tensor, co
     param = nn.Parameter(tensor.to(device).to(compute_dtype), requires_grad=False)
     param._is_hf_initialized = True
     module._parameters[leaf] = param
+
+
+def stored_expert_bank(ckpt, name: str, device: torch.device | str = "cpu") -> ExpertBank | None:
+    """The 4-bit bank of fused expert parameter `name` when the folder stores it so (a qforge 4-bit
+    folder: expert e under `{name}.{e}` in bitsandbytes' keys of one weight), else None."""
+    if f"{name}.0" not in ckpt:
+        return None
+    keys = [k for k in ckpt.keys() if k.startswith(name + ".")]
+    states, e = [], 0
+    while f"{name}.{e}" in ckpt:
+        prefix = f"{name}.{e}"
+        try:
+            states.append(QuantState.from_state_dict({k: ckpt.read(k).to(device) for k in keys
+                                                      if k == prefix or k.startswith(prefix + ".")}, prefix))
+        except ValueError as exc:
+            raise ValueError(f"'{ckpt.folder}': expert {e} of '{name}': {exc}") from None
+        e += 1
+    return ExpertBank.from_states(states)
+
+
+def takes_4bit_experts(model: nn.Module, name: str) -> bool:
+    """Whether fused expert parameter `name` can live in qforge's 4-bit experts (gate_up_proj /
+    down_proj of a layout AdaptedExperts computes); others (e.g. GraniteMoE's input_linear) stay dense."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf not in EXPERT_PARAMETERS:
+        return False
+    if isinstance(module, AdaptedExperts):
+        return True
+    try:
+        check_supported(module)
+    except ValueError:
+        return False
+    return is_fused_experts(module)

@@ -30,8 +30,10 @@ from torch import nn
 from ..nn import AdaptedLinear, LoraSpec, Quant4bitBase
 from ..quant import QuantState, quantize as quantize_tensor
 from .checkpoint import INDEX_NAME, WEIGHTS_NAME, read_bnb_config, save_tokenizer, write_new_folder
-from .conversion import convert_checkpoint, expert_parameter_names, place_expert_parameter, router_linear_names
-from .surgery import DEFAULT_SKIP, add_adapter, linear_names, quantize_linears, select_targets, set_module
+from .conversion import (convert_checkpoint, expert_parameter_names, place_expert_parameter, router_linear_names,
+                         stored_expert_bank)
+from .surgery import (DEFAULT_SKIP, add_adapter, linear_names, place_expert_bank, quantize_linears, select_targets,
+                      set_module)
 
 SMOLLM2 = "smollm2"
 SMOLLM2_CACHE = ("models", "smollm2-135m-instruct")
@@ -320,7 +322,11 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
                                                  device))
         release_free_memory()
     for name in expert_parameter_names(model):  # one fused expert group at a time
-        place_expert_parameter(model, name, ckpt.read(name), compute_dtype, device, quant if quantize else None)
+        bank = stored_expert_bank(ckpt, name, device) if prequantised else None
+        if bank is not None:  # a qforge 4-bit folder: the experts as stored
+            place_expert_bank(model, name, bank, compute_dtype)
+        else:
+            place_expert_parameter(model, name, ckpt.read(name), compute_dtype, device, quant if quantize else None)
         release_free_memory()
     _materialise(model, ckpt, compute_dtype, device)
     _init_computed_buffers(model, device)

@@ -209,6 +209,21 @@ def quantize_expert_tensor(tensor: torch.Tensor, quant_type: str = "nf4", blocks
     return ExpertBank.quantize(tensor, quant_type, blocksize, double_quant)
 
 
+def place_expert_bank(model: nn.Module, name: str, bank, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Put a ready bank (4-bit, or dense) for fused expert parameter `name` into the model, turning
+    its transformers experts module into an AdaptedExperts on the first of its two parameters."""
+    parent, _, pname = name.rpartition(".")
+    if pname not in EXPERT_PARAMETERS:
+        raise ValueError(f"'{name}' is not a fused expert parameter (expected one of {EXPERT_PARAMETERS})")
+    module = model.get_submodule(parent)
+    if not isinstance(module, AdaptedExperts):
+        if not is_fused_experts(module):
+            raise ValueError(f"'{parent}' is a {type(module).__name__}, not a fused-experts module")
+        module = AdaptedExperts.like(module, compute_dtype)
+        set_module(model, parent, module)
+    module.set_bank(pname, bank)
+
+
 def place_quantized_expert(model: nn.Module, name: str, tensor: torch.Tensor, quant_type: str = "nf4",
                            blocksize: int = 64, double_quant: bool = True,
                            compute_dtype: torch.dtype = torch.bfloat16) -> None:

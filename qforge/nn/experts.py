@@ -70,8 +70,17 @@ class ExpertBank:
         weight[e]. One expert at a time: the transient float copies are one slice's."""
         if weight.dim() != 3:
             raise ValueError(f"expert parameter must be 3-D [experts, out, in], got shape {list(weight.shape)}")
-        states = [quantize(weight[e].detach(), quant_type, blocksize, double_quant) for e in range(weight.shape[0])]
+        return cls.from_states([quantize(weight[e].detach(), quant_type, blocksize, double_quant)
+                                for e in range(weight.shape[0])])
+
+    @classmethod
+    def from_states(cls, states: list[QuantState]) -> "ExpertBank":
+        """The bank of per-expert states (one expert's as bitsandbytes stores a 4-bit weight); all
+        must share shape, dtype, blocksize, quant type and nesting."""
         first = states[0]
+        kinds = {(tuple(s.shape), s.dtype, s.blocksize, s.quant_type, s.nested, s.nested_blocksize) for s in states}
+        if len(kinds) != 1:
+            raise ValueError(f"expert states differ in shape, dtype, blocksize, quant type or nesting: {sorted(kinds)}")
         nested = first.nested
         return cls(torch.stack([s.packed.view(-1) for s in states]),
                    torch.stack([s.absmax for s in states]),
@@ -86,6 +95,14 @@ class ExpertBank:
         out = {"": self.packed, "_absmax": self.absmax}
         if self.nested_absmax is not None:
             out.update({"_nested_absmax": self.nested_absmax, "_offset": self.offsets})
+        return out
+
+    def expert_state_dicts(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The bank as a folder stores it: expert e under `{prefix}.{e}` in bitsandbytes' keys of one
+        4-bit weight (codes, absmax, quant_map, nested_*, quant_state.bitsandbytes__<type>)."""
+        out = {}
+        for e in range(self.num_experts):
+            out.update({k: v.clone() for k, v in self.expert(e).to_state_dict(f"{prefix}.{e}").items()})
         return out
 
     def replace_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

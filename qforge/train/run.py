@@ -30,6 +30,7 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
     the base products per cfg.keep_base_outputs (auto: qforge.plan.keep_base_outputs_for);
     attention is qforge's (qforge.nn.attention: SDPA except for short training rows on the CPU)."""
     from ..model import surgery
+    from ..model.conversion import router_linear_names
     from ..model.load import load_model
     from ..devices import resolve_device
     from ..plan import keep_base_outputs_for
@@ -45,7 +46,9 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
         model, tok = load_model(cfg.model, compute_dtype=dtype, quantize=False, revision=cfg.revision, device=device)
         if cfg.method == "lora":
             spec = lora_spec(cfg)
-            targets = surgery.select_targets(surgery.linear_names(model), spec.target_modules, spec.modules_to_skip)
+            routers = set(router_linear_names(model))  # MoE routers stay frozen and adapter-free, as in qlora
+            targets = [n for n in surgery.select_targets(surgery.linear_names(model), spec.target_modules,
+                                                         spec.modules_to_skip) if n not in routers]
             surgery.dense_lora_linears(model, targets, dtype)
             surgery.dense_lora_experts(model, dtype)  # MoE: LoRA on the experts, as for qlora
             surgery.add_adapter(model, "default", spec)
