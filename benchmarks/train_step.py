@@ -70,7 +70,6 @@ import ctypes
 import functools
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -137,18 +136,21 @@ def prepare_models(cache: Path, workloads: list[str]) -> dict[str, dict[str, str
                 from load_memory import write_checkpoint  # noqa: E402
                 write_checkpoint(dense)
             if not (dense / "tokenizer.json").is_file():  # the loaders want one; rows are ids modulo 32000
-                for f in ("tokenizer.json", "tokenizer_config.json"):
-                    shutil.copy(smollm2_folder() / f, dense / f)
+                from qforge.fileio import atomic_write_bytes
+                for f in ("tokenizer_config.json", "tokenizer.json"):
+                    atomic_write_bytes(dense / f, (smollm2_folder() / f).read_bytes())
         bnb = cache / f"{name}-nf4-dq-b64-bf16"
         if not (bnb / "config.json").is_file():
             print(f"qforge quantize {dense} -> {bnb} (once)", flush=True)
-            subprocess.run([sys.executable, "-m", "qforge", "quantize", str(dense), str(bnb)], check=True,
-                           stdout=subprocess.DEVNULL)
+            proc = subprocess.run([sys.executable, "-m", "qforge", "quantize", str(dense), str(bnb)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"qforge quantize {dense} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         models[name] = {"bnb": str(bnb), "dense": str(dense)}
     return models
 
 
-def prepare_batches(cache: Path, workload: str, steps: int, tinyllama_seq: int) -> Path:
+def prepare_batches(cache: Path, workload: str, steps: int, tinyllama_seq: int, batch_size: int | None) -> Path:
     """The workload's batches, tokenised once and saved (every process reads the same tensors)."""
     import torch
     from transformers import AutoTokenizer
@@ -158,7 +160,8 @@ def prepare_batches(cache: Path, workload: str, steps: int, tinyllama_seq: int) 
     from qforge.model.load import smollm2_folder
     from qforge.train.data import build_dataset, collate
 
-    model, length, batch_size = WORKLOADS[workload]
+    model, length, default_batch = WORKLOADS[workload]
+    batch_size = batch_size or default_batch
     length = tinyllama_seq if length == "tinyllama_seq" else length
     path = cache / f"batches-{workload}-{length}-b{batch_size}-s{steps}.pt"
     if path.is_file():
@@ -377,7 +380,7 @@ def run_all(args) -> None:
     models = prepare_models(cache, args.workloads)
     commit = git_commit()
     for workload in args.workloads:
-        batches = prepare_batches(cache, workload, args.warmup + args.steps, args.tinyllama_seq)
+        batches = prepare_batches(cache, workload, args.warmup + args.steps, args.tinyllama_seq, args.batch_size)
         folders = models[WORKLOADS[workload][0]]
         for index in range(args.processes):
             for config in args.configs:
@@ -456,14 +459,15 @@ def report(args) -> None:
               f"commit {', '.join(commits)}")
         print("| config | processes | tokens/s (median) | spread | step (s) | train peak RSS (GB) "
               "| load peak (GB) | RssAnon end (GB) | load (s) | trainable | checkpointing | attention "
-              "| adapter / residual dtype | first losses |")
-        print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---|")
+              "| adapter / residual dtype | first losses | losses alike in every process |")
+        print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|")
         for c, s in rows.items():
             tp = f"{s['train_peak'] / 1e9:.3f}" if s["train_peak"] else "n/a"
             print(f"| {c} | {s['n']} | {s['tokens_per_s']:.1f} | {s['spread']} | {s['step_s']:.3f} | {tp} "
                   f"| {s['load_peak'] / 1e9:.3f} | {s['rss_anon'] / 1e9:.3f} | {s['load_s']:.1f} "
                   f"| {s['trainable']:,} | {s['checkpointing']} | {s['attention']} "
-                  f"| {s['adapter_dtype']} / {s['residual_dtype']} | {s['losses']} |")
+                  f"| {s['adapter_dtype']} / {s['residual_dtype']} | {s['losses']} "
+                  f"| {'yes' if s['same_losses'] else 'no'} |")
         q = ratios(rows)
         fmt = " ".join(f"{k}={v:.2f}" if v is not None else f"{k}=n/a"
                        for k, v in q.items() if k != "best_matched")
@@ -483,6 +487,8 @@ def main():
     ap.add_argument("--processes", type=int, default=5, help="fresh processes per configuration (default 5)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per process (default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="rows per step for every workload run (default: the workload's own, listed above)")
     ap.add_argument("--tinyllama-seq", type=int, default=256, help="row length of the tinyllama workload (default 256)")
     ap.add_argument("--output-dir", default="runs/train_step",
                     help="records (runs/), models and batches (cache/) (default runs/train_step)")
@@ -502,8 +508,8 @@ def main():
     bad = [w for w in args.workloads if w not in WORKLOADS] + [c for c in args.configs if c not in CONFIGS]
     if bad:
         raise SystemExit(f"unknown workload/config {bad}; workloads: {list(WORKLOADS)}, configs: {list(CONFIGS)}")
-    if args.processes < 1 or args.steps < 1 or args.warmup < 1:
-        raise SystemExit("--processes, --steps and --warmup must be >= 1")
+    if min(args.processes, args.steps, args.warmup, args.batch_size or 1, args.tinyllama_seq) < 1:
+        raise SystemExit("--processes, --steps, --warmup, --batch-size and --tinyllama-seq must be >= 1")
     if not args.report_only:
         run_all(args)
     report(args)
