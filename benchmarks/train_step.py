@@ -49,7 +49,11 @@ steps. Speed: each process' tokens per second over its timed steps (the same ste
 tokens, for every configuration); a configuration's figure is the median over its processes, with
 the spread (min-max). Memory: the training phase's peak RSS (VmHWM over the timed steps; the
 model, optimiser state and import baseline are in it, the loader's transient peak is not), shown
-beside the loading peak and RssAnon at the end. Every record is written to
+beside the peak of RssAnon over the same steps (anonymous memory, read every 10 ms by a thread),
+RssFile at the end (file pages mapped into the process: transformers maps the safetensors file, and
+the 4-bit weights it keeps as views of that mapping are counted here, not in RssAnon; qforge reads
+with pread, so its weights are anonymous) and the loading peak. C is taken from the RSS peak: the
+mapped weights are the peer's working set, not reclaimable cache. Every record is written to
 OUTPUT_DIR/runs/WORKLOAD/CONFIG/I.json, so a run can be made in parts and reported at once
 (--report-only).
 
@@ -181,6 +185,10 @@ def prepare_batches(cache: Path, workload: str, steps: int, tinyllama_seq: int, 
                 rows.append({"input_ids": ids[:length], "labels": labels[:length]})
                 ids, labels = [], []
         batches = [collate(rows[s * batch_size:(s + 1) * batch_size], pad) for s in range(steps)]
+    empty = [k for k, b in enumerate(batches) if not bool((b["labels"][:, 1:] != -100).any())]
+    if empty:
+        raise SystemExit(f"{workload}: batch(es) {empty} have no labelled token (rows of {length} tokens are all "
+                         f"prompt); use longer rows")
     if model == "tinyllama":
         for b in batches:
             b["input_ids"] %= 32000
@@ -313,6 +321,9 @@ def child(args) -> None:
     hook = decoder.register_forward_hook(note_residual)
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses, times, tokens, reset_ok, at_reset = [], [], [], None, None
+    sys.path.insert(0, str(HERE))
+    from load_memory import AnonSampler  # noqa: E402
+    sampler = AnonSampler(every=0.01)
     for i, batch in enumerate(batches[:args.warmup + args.steps]):
         if i == args.warmup:
             import gc
@@ -320,6 +331,7 @@ def child(args) -> None:
             malloc_trim()
             at_reset = proc_status("VmRSS")["VmRSS"]
             reset_ok = reset_peak()
+            sampler.start()
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = compute_loss(batch)
@@ -333,6 +345,7 @@ def child(args) -> None:
         if i >= args.warmup:
             times.append(elapsed)
             tokens.append(int(batch["attention_mask"].sum()))
+    sampler.stop()
     end = proc_status("VmHWM", "VmRSS", "RssAnon", "RssFile")
     attn = getattr(model.config, "_attn_implementation", None)
     print(json.dumps({
@@ -348,7 +361,7 @@ def child(args) -> None:
         "losses": losses, "step_s": times, "tokens": tokens, "tokens_per_s": sum(tokens) / sum(times),
         "load_s": load_s, "baseline_rss": baseline, "load_peak": after_load["VmHWM"],
         "rss_at_reset": at_reset, "train_peak": end["VmHWM"] if reset_ok else None,
-        "end_rss_anon": end["RssAnon"], "end_rss_file": end["RssFile"],
+        "end_rss_anon": end["RssAnon"], "end_rss_file": end["RssFile"], "train_peak_anon": sampler.peak,
         "threads": torch.get_num_threads(),
     }))
 
@@ -417,6 +430,8 @@ def summarise(records: list[dict]) -> dict:
             "train_peak": statistics.median(peaks) if peaks else None,
             "load_peak": statistics.median(r["load_peak"] for r in records),
             "rss_anon": statistics.median(r["end_rss_anon"] for r in records),
+            "train_peak_anon": statistics.median(r.get("train_peak_anon") or 0 for r in records),
+            "rss_file": statistics.median(r["end_rss_file"] for r in records),
             "load_s": statistics.median(r["load_s"] for r in records),
             "commits": sorted({r.get("commit", "?") for r in records}),
             "steps": len(first["step_s"]), "same_losses": len({tuple(r["losses"]) for r in records}) == 1}
@@ -458,13 +473,15 @@ def report(args) -> None:
               f"with a label), r={RANK} all linear, 8-bit AdamW, bf16 autocast; {any_row['steps']} timed steps; "
               f"commit {', '.join(commits)}")
         print("| config | processes | tokens/s (median) | spread | step (s) | train peak RSS (GB) "
-              "| load peak (GB) | RssAnon end (GB) | load (s) | trainable | checkpointing | attention "
+              "| train peak RssAnon (GB) | RssFile end (GB) | load peak (GB) | load (s) | trainable | checkpointing | attention "
               "| adapter / residual dtype | first losses | losses alike in every process |")
-        print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|")
+        print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|")
         for c, s in rows.items():
             tp = f"{s['train_peak'] / 1e9:.3f}" if s["train_peak"] else "n/a"
+            anon = f"{s['train_peak_anon'] / 1e9:.3f}" if s["train_peak_anon"] else "n/a"
             print(f"| {c} | {s['n']} | {s['tokens_per_s']:.1f} | {s['spread']} | {s['step_s']:.3f} | {tp} "
-                  f"| {s['load_peak'] / 1e9:.3f} | {s['rss_anon'] / 1e9:.3f} | {s['load_s']:.1f} "
+                  f"| {anon} | {s['rss_file'] / 1e9:.3f} "
+                  f"| {s['load_peak'] / 1e9:.3f} | {s['load_s']:.1f} "
                   f"| {s['trainable']:,} | {s['checkpointing']} | {s['attention']} "
                   f"| {s['adapter_dtype']} / {s['residual_dtype']} | {s['losses']} "
                   f"| {'yes' if s['same_losses'] else 'no'} |")

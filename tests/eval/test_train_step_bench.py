@@ -10,7 +10,7 @@ def record(config, tokens_per_s, train_peak, index=0, losses=(0.5, 0.4, 0.3)):
             "residual_dtype": "bfloat16", "checkpointing": "none", "attention": "eager", "batch_shape": [4, 80],
             "tokens_per_step": 300.0, "label_tokens_per_step": 120.0, "losses": list(losses),
             "step_s": [300 / tokens_per_s] * 2, "tokens": [300, 300], "tokens_per_s": tokens_per_s,
-            "load_s": 1.0, "load_peak": 2e9, "train_peak": train_peak, "end_rss_anon": 1e9, "commit": "abc"}
+            "load_s": 1.0, "load_peak": 2e9, "end_rss_file": 1e8, "train_peak_anon": 9e8, "train_peak": train_peak, "end_rss_anon": 1e9, "commit": "abc"}
 
 
 def test_summary_is_the_median_process_with_its_spread():
