@@ -10,7 +10,7 @@
 # of every workload (its last line: qlora_speed_vs_peft=A qlora_speed_vs_peft_matched=B
 # qlora_train_mem_vs_peft=C qlora_vs_lora_step_time=D, for the short-row workload).
 #
-# Run time on this project's 2-core CPU when idle: about 30 minutes (estimated from the CPU time
+# Run time on this project's 2-core CPU when idle: about 33-35 minutes (estimated from the CPU time
 # of short check runs and earlier idle step times; see the estimates beside each stage). The
 # random 1.1B checkpoints (load_memory's under $QFORGE_CACHE/bench, train_step's under
 # OUT_DIR/train_step/cache) are written on first use (about 1 minute each) and reused after.
@@ -49,7 +49,8 @@ FOUR=peft-recipe,peft-matched-nockpt,qforge,qforge-lora
 stage quant_speed $PY benchmarks/quant_speed.py --repeats 30
 # ~1.5 min (+1 min the first time: the random 1.1B bf16 checkpoint)
 stage load_memory $PY benchmarks/load_memory.py
-# ~12.5 min: all 9 configurations, 5 interleaved processes each, 2 warm-up + 6 timed steps
+# ~13.5 min: all 9 configurations, 5 interleaved processes each, 2 warm-up + 6 timed steps
+# (torch SAC measured ~1.75x no checkpointing per forward+backward in a short check)
 stage train_step_short $TS --workloads short --processes 5 --warmup 2 --steps 6
 # ~4.5 + 5 min: rows of 512 (batch 2) and 1024 tokens (batch 1), four configurations, 3 processes each
 stage train_step_rows512 $TS --workloads rows512 --configs $FOUR --processes 3 --warmup 1 --steps 3
