@@ -10,8 +10,10 @@
 # of every workload (its last line: qlora_speed_vs_peft=A qlora_speed_vs_peft_matched=B
 # qlora_train_mem_vs_peft=C qlora_vs_lora_step_time=D, for the short-row workload).
 #
-# Run time on this project's 2-core CPU when idle: about 33-35 minutes (estimated from the CPU time
-# of short check runs and earlier idle step times; see the estimates beside each stage). The
+# Run time on this project's 2-core CPU when idle: about 33-35 minutes, an ESTIMATE (the check runs
+# were made on a machine shared by 7 sessions, load average 13-25, so their times say nothing; the
+# estimate takes the idle step times in BENCHMARKS.md and relative costs measured in-process; see
+# the figure beside each stage, and OUT_DIR/stages.log for the real ones). The
 # random 1.1B checkpoints (load_memory's under $QFORGE_CACHE/bench, train_step's under
 # OUT_DIR/train_step/cache) are written on first use (about 1 minute each) and reused after.
 # Stages can be rerun one at a time by copying their line; train_step's records accumulate under
