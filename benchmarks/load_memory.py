@@ -165,7 +165,8 @@ def model_bytes(model) -> int:
 
     tensors = list(model.parameters()) + list(model.buffers())
     for module in model.modules():
-        qs = getattr(module, "quant_state", None) or getattr(getattr(module, "weight", None), "quant_state", None)
+        qs = (getattr(module, "quant_state", None) or getattr(getattr(module, "weight", None), "quant_state", None)
+              or getattr(getattr(module, "base", None), "quant_state", None))  # qforge's AdaptedLinear
         for state in (qs, getattr(qs, "state2", None)):
             if state is not None:
                 tensors += [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
@@ -198,7 +199,8 @@ def child(loader: str, folder: str) -> None:
         packed = model.model.layers[0].mlp.down_proj.weight.data
     seconds = time.perf_counter() - t0
     sampler.stop()
-    four_bit = sum(1 for m in model.modules() if "4bit" in type(m).__name__ or "QLoRA" in type(m).__name__)
+    four_bit = sum(1 for m in model.modules() if "4bit" in type(m).__name__  # bitsandbytes' Linear4bit
+                   or "4bit" in type(getattr(m, "base", None)).__name__)  # qforge's AdaptedLinear on a 4-bit base
     checksum = int(packed.view(torch.uint8).to(torch.int64).sum())
     after = status_bytes("RssAnon", "RssFile")
     print(json.dumps({"baseline": baseline, "peak": peak_rss(), "seconds": seconds, "layers": four_bit,
