@@ -283,7 +283,7 @@ def checkpoint_policy(model) -> str:
     if context_fn is None or name == "recompute_everything":
         return "full"
     if name == "keep_base_outputs":
-        return "selective: 4-bit base products kept"
+        return "selective: frozen base products kept"
     if name == "sac_context":
         return "selective: torch SAC, mm/addmm outputs kept"
     return f"selective: {name}"
