@@ -9,10 +9,15 @@ time (imports excluded). Both read the files from a warm page cache.
 
     .venv/bin/python benchmarks/load_memory.py
 
-The last line is `peak_rss_vs_bf16=X peak_rss_vs_bnb=Y load_time_vs_bnb=Z load_peak_vs_bf16=W`: qforge's
-peak RSS over the checkpoint's bf16 bytes, qforge over transformers + bitsandbytes for peak RSS and
-load time, and W: what loading adds to the process' peak (peak RSS minus the RSS after the imports)
-over the bf16 bytes.
+The last line is `peak_rss_vs_bf16=X peak_rss_vs_bnb=Y load_time_vs_bnb=Z load_peak_vs_bf16=W
+peak_anon_vs_bnb=V`: qforge's peak RSS over the checkpoint's bf16 bytes, qforge over transformers +
+bitsandbytes for peak RSS and load time, W: what loading adds to the process' peak (peak RSS minus
+the RSS after the imports) over the bf16 bytes, and V: the two loaders' peaks of anonymous memory.
+
+RSS counts file pages mapped into the process (transformers reads safetensors through mmap; those
+pages are page cache the kernel can drop, not memory the loader allocated), so each side also
+reports RssAnon (/proc/self/status: its anonymous memory): its peak while loading (sampled every
+5 ms by a thread) and after loading, beside RssFile after loading.
 
 Why both X and W: X counts the interpreter with torch and transformers' Llama code imported
 (~425-485 MB, the same for any loader) and the loaded model itself, which QLoRA keeps by design
@@ -115,6 +120,43 @@ def peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def status_bytes(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status in bytes: RssAnon (anonymous memory: the process' own), RssFile
+    (file pages mapped into it, e.g. a safetensors file through mmap: page cache, which the kernel
+    can drop), VmRSS, VmHWM."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in keys:
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
+class AnonSampler:
+    """The peak of RssAnon while loading, read every 5 ms by a thread (the kernel keeps a
+    high-water mark for the whole RSS only; a peak shorter than 5 ms can be missed)."""
+
+    def __init__(self, every: float = 0.005):
+        import threading
+        self.every, self.peak, self.first = every, 0, status_bytes("RssAnon")["RssAnon"]
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, status_bytes("RssAnon")["RssAnon"])
+            self._done.wait(self.every)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, status_bytes("RssAnon")["RssAnon"])
+
+
 # ---- the measured children ----------------------------------------------------------------------
 def model_bytes(model) -> int:
     """Bytes of every distinct tensor the loaded model holds: parameters, buffers and the 4-bit
@@ -123,7 +165,8 @@ def model_bytes(model) -> int:
 
     tensors = list(model.parameters()) + list(model.buffers())
     for module in model.modules():
-        qs = getattr(module, "quant_state", None) or getattr(getattr(module, "weight", None), "quant_state", None)
+        qs = (getattr(module, "quant_state", None) or getattr(getattr(module, "weight", None), "quant_state", None)
+              or getattr(getattr(module, "base", None), "quant_state", None))  # qforge's AdaptedLinear
         for state in (qs, getattr(qs, "state2", None)):
             if state is not None:
                 tensors += [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
@@ -144,6 +187,8 @@ def child(loader: str, folder: str) -> None:
     else:
         import bitsandbytes  # noqa: F401
     baseline = peak_rss()
+    sampler = AnonSampler()
+    sampler.start()
     t0 = time.perf_counter()
     if loader == "qforge":
         model, _ = load_model(folder)
@@ -153,10 +198,14 @@ def child(loader: str, folder: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu")
         packed = model.model.layers[0].mlp.down_proj.weight.data
     seconds = time.perf_counter() - t0
-    four_bit = sum(1 for m in model.modules() if "4bit" in type(m).__name__ or "QLoRA" in type(m).__name__)
+    sampler.stop()
+    four_bit = sum(1 for m in model.modules() if "4bit" in type(m).__name__  # bitsandbytes' Linear4bit
+                   or "4bit" in type(getattr(m, "base", None)).__name__)  # qforge's AdaptedLinear on a 4-bit base
     checksum = int(packed.view(torch.uint8).to(torch.int64).sum())
+    after = status_bytes("RssAnon", "RssFile")
     print(json.dumps({"baseline": baseline, "peak": peak_rss(), "seconds": seconds, "layers": four_bit,
-                      "checksum": checksum, "model": model_bytes(model)}))
+                      "checksum": checksum, "model": model_bytes(model), "peak_anon": sampler.peak,
+                      "anon": after["RssAnon"], "file": after["RssFile"], "baseline_anon": sampler.first}))
 
 
 def run_child(loader: str, folder: Path) -> dict:
@@ -188,17 +237,19 @@ def main() -> None:
     print(f"\ncheckpoint: {folder}\n  {len(shards)} bf16 shards, {bf16 / 1e9:.3f} GB "
           f"({bf16 // 2 / 1e9:.3f} B parameters)\n")
     print("| loader | import baseline RSS | loaded model's tensors | peak RSS | peak RSS / bf16 bytes "
-          "| load time | 4-bit layers |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| peak RssAnon | RssAnon after load | RssFile after load | load time | 4-bit layers |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, label in (("qforge", "qforge load_model"), ("bnb", "transformers + bitsandbytes")):
         r = results[name]
         print(f"| {label} | {r['baseline'] / 1e6:,.0f} MB | {r['model'] / 1e6:,.0f} MB | {r['peak'] / 1e6:,.0f} MB "
-              f"| {r['peak'] / bf16:.3f} | {r['seconds']:.1f} s | {r['layers']} |")
+              f"| {r['peak'] / bf16:.3f} | {r['peak_anon'] / 1e6:,.0f} MB | {r['anon'] / 1e6:,.0f} MB "
+              f"| {r['file'] / 1e6:,.0f} MB | {r['seconds']:.1f} s | {r['layers']} |")
     q, b = results["qforge"], results["bnb"]
     print(f"\nsame packed bytes in layer 0 down_proj: {q['checksum'] == b['checksum']}")
     print(f"peak_rss_vs_bf16={q['peak'] / bf16:.3f} peak_rss_vs_bnb={q['peak'] / b['peak']:.3f} "
           f"load_time_vs_bnb={q['seconds'] / b['seconds']:.3f} "
-          f"load_peak_vs_bf16={(q['peak'] - q['baseline']) / bf16:.3f}")
+          f"load_peak_vs_bf16={(q['peak'] - q['baseline']) / bf16:.3f} "
+          f"peak_anon_vs_bnb={q['peak_anon'] / b['peak_anon']:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,34 +1,76 @@
-"""Quantise / dequantise speed of qforge against bitsandbytes, side by side, on one CPU.
+"""Quantise / dequantise speed of qforge against bitsandbytes, like for like, on one CPU.
 
-    .venv/bin/python benchmarks/quant_speed.py [--size 4096] [--repeats 20]
+    .venv/bin/python benchmarks/quant_speed.py [--size 4096] [--repeats 30]
 
-A 4096x4096 bf16 weight, NF4, blocksize 64, with and without double quantisation; medians of
-repeated runs. The memory-bandwidth yardstick is a plain copy_ of the bf16 output. Last line:
-quantize_vs_bnb=X dequantize_vs_bnb=Y dequantize_vs_memcpy=Z (speed ratios, default settings:
-NF4 + double quant; qforge dequantising into a reusable buffer as its layers do on every step,
-bitsandbytes the only way its CPU backend can (a new tensor each call: it has no CPU `out=` kernel);
-above 1 means qforge is faster; for memcpy, the fraction of copy speed). The table and the line
-before the last also give the like-for-like case, both libraries allocating a new output each call.
+A 4096x4096 bf16 weight, NF4, blocksize 64, with and without double quantisation. Every
+operation is timed --repeats times (>= 20), the operations interleaved (repeat i of each runs
+before repeat i+1 of any, so a slow spell of the machine hits them alike), after 3 untimed calls
+each; the table gives the median and the spread (min-max) in milliseconds. Both libraries are
+timed the same two ways:
+
+  new tensor  each call allocates its output (a fresh 32 MiB tensor: its page faults included,
+              on both sides)
+  out=        each call writes into one reused output buffer (what qforge's 4-bit layers do on
+              every forward and backward). bitsandbytes' CPU backend has no kernel for
+              `dequantize_4bit.out` (0.50: NotImplementedError); where it has none its row says
+              so and the ratio is n/a, it is never replaced by another operation.
+
+Quantisation allocates on both sides (neither takes an output). The memory-bandwidth yardstick
+is a plain copy_ of the bf16 output into the reused buffer. Both sides' outputs are checked equal
+before timing. Last line (NF4 + double quant, the default; above 1 = qforge faster):
+quantize_vs_bnb=X dequantize_vs_bnb=Y dequantize_out_vs_bnb_out=Z dequantize_out_vs_memcpy=W
+(Y: both allocating; Z: both into a buffer, or n/a; W: qforge's out= time over copy_'s, as a
+speed: the fraction of copy speed).
 """
 import argparse
 import logging
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import markdown_table, median_time  # noqa: E402
+from common import markdown_table  # noqa: E402
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def interleaved_times(ops: dict, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    """{name: [seconds per call] * repeats}, the calls interleaved across ops."""
+    for fn in ops.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in ops}
+    for _ in range(repeats):
+        for name, fn in ops.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def bnb_out_supported(bnbF, packed, qs, out) -> str | None:
+    """None when bitsandbytes can dequantise into `out` on this device, else why not."""
+    try:
+        bnbF.dequantize_4bit(packed, qs, out=out)
+    except (NotImplementedError, RuntimeError) as exc:
+        if "Could not run" in str(exc):
+            return f"no {packed.device.type} kernel for bitsandbytes::dequantize_4bit.out ({type(exc).__name__})"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--size", type=int, default=4096, help="the weight is SIZE x SIZE (default 4096)")
+    ap.add_argument("--repeats", type=int, default=30, help="timed calls per operation, >= 20 (default 30)")
     args = ap.parse_args()
+    if args.repeats < 20:
+        raise SystemExit(f"--repeats: at least 20, got {args.repeats}")
 
+    import bitsandbytes
     import bitsandbytes.functional as bnbF
 
     from qforge.quant import dequantize, quantize
@@ -36,36 +78,50 @@ def main() -> None:
     w = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 0.02
     out = torch.empty_like(w)
     src = torch.empty_like(w).normal_()
-    t_copy = median_time(lambda: out.copy_(src), args.repeats)
-    rows, ratios = [], {}
+    rows, results, notes = [], {}, []
     for dq in (False, True):
+        label = "nf4+dq" if dq else "nf4"
         packed, qs = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
         state = quantize(w, "nf4", 64, dq)
-        assert torch.equal(state.packed, packed) and torch.equal(dequantize(state), bnbF.dequantize_4bit(packed, qs))
-        t = {
-            "quantize qforge": median_time(lambda: quantize(w, "nf4", 64, dq), max(3, args.repeats // 4)),
-            "quantize bitsandbytes": median_time(
-                lambda: bnbF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4"),
-                max(3, args.repeats // 4)),
-            "dequantize qforge (new tensor)": median_time(lambda: dequantize(state), args.repeats),
-            "dequantize bitsandbytes (new tensor)": median_time(lambda: bnbF.dequantize_4bit(packed, qs), args.repeats),
-            "dequantize qforge (out=)": median_time(lambda: dequantize(state, out=out), args.repeats),
+        reference = bnbF.dequantize_4bit(packed, qs)
+        assert torch.equal(state.packed, packed) and torch.equal(dequantize(state), reference)
+        assert torch.equal(dequantize(state, out=torch.empty_like(w)), reference)
+        why_not = bnb_out_supported(bnbF, packed, qs, out)
+        if why_not is None:
+            assert torch.equal(out, reference)
+        ops = {
+            "quantize qforge": lambda: quantize(w, "nf4", 64, dq),
+            "quantize bitsandbytes": lambda: bnbF.quantize_4bit(w, blocksize=64, compress_statistics=dq,
+                                                                quant_type="nf4"),
+            "dequantize qforge, new tensor": lambda: dequantize(state),
+            "dequantize bitsandbytes, new tensor": lambda: bnbF.dequantize_4bit(packed, qs),
+            "dequantize qforge, out=": lambda: dequantize(state, out=out),
+            "copy_ into the buffer": lambda: out.copy_(src),
         }
-        assert torch.equal(dequantize(state, out=torch.empty_like(w)), bnbF.dequantize_4bit(packed, qs))
-        label = "nf4+dq" if dq else "nf4"
-        rows += [[label, k, f"{v * 1e3:.2f}"] for k, v in t.items()]
-        ratios[dq] = (t["quantize bitsandbytes"] / t["quantize qforge"],
-                      t["dequantize bitsandbytes (new tensor)"] / t["dequantize qforge (out=)"],
-                      t_copy / t["dequantize qforge (out=)"],
-                      t["dequantize bitsandbytes (new tensor)"] / t["dequantize qforge (new tensor)"])
-    rows.append(["-", "copy_ of the bf16 output", f"{t_copy * 1e3:.2f}"])
-    print(f"{args.size}x{args.size} bf16, blocksize 64, torch threads {torch.get_num_threads()}")
-    print(markdown_table(["format", "operation", "median ms"], rows))
-    q, d, m, a = ratios[False]
-    print(f"without double quant: quantize_vs_bnb={q:.2f} dequantize_vs_bnb={d:.2f} dequantize_vs_memcpy={m:.2f}")
-    q, d, m, a = ratios[True]
-    print(f"into a new tensor each call (page faults included on both sides): dequantize_vs_bnb={a:.2f}")
-    print(f"quantize_vs_bnb={q:.2f} dequantize_vs_bnb={d:.2f} dequantize_vs_memcpy={m:.2f}")
+        if why_not is None:
+            ops["dequantize bitsandbytes, out="] = lambda: bnbF.dequantize_4bit(packed, qs, out=out)
+        times = interleaved_times(ops, args.repeats)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for k, v in times.items():
+            rows.append([label, k, f"{med[k] * 1e3:.2f}", f"{min(v) * 1e3:.2f}-{max(v) * 1e3:.2f}", len(v)])
+        if why_not is not None:
+            rows.append([label, "dequantize bitsandbytes, out=", "n/a", why_not, 0])
+            notes.append(why_not)
+        results[dq] = {
+            "quantize_vs_bnb": med["quantize bitsandbytes"] / med["quantize qforge"],
+            "dequantize_vs_bnb": med["dequantize bitsandbytes, new tensor"] / med["dequantize qforge, new tensor"],
+            "dequantize_out_vs_bnb_out": (med["dequantize bitsandbytes, out="] / med["dequantize qforge, out="]
+                                          if why_not is None else None),
+            "dequantize_out_vs_memcpy": med["copy_ into the buffer"] / med["dequantize qforge, out="],
+        }
+    print(f"{args.size}x{args.size} bf16, blocksize 64, {args.repeats} interleaved repeats per operation, "
+          f"torch {torch.__version__} threads {torch.get_num_threads()}, bitsandbytes {bitsandbytes.__version__}")
+    print(markdown_table(["format", "operation", "median ms", "spread (min-max ms)", "calls"], rows))
+
+    def line(r):
+        return " ".join(f"{k}={v:.2f}" if v is not None else f"{k}=n/a" for k, v in r.items())
+    print(f"without double quant: {line(results[False])}")
+    print(line(results[True]))
 
 
 if __name__ == "__main__":

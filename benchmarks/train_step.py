@@ -1,168 +1,535 @@
-"""Training-step speed and memory: qforge QLoRA vs bitsandbytes + PEFT QLoRA vs qforge BF16 LoRA.
+"""Training-step speed and memory: qforge QLoRA against bitsandbytes + PEFT QLoRA, like for like.
 
-    .venv/bin/python benchmarks/train_step.py [--steps 12] [--batch-size 4] [--rank 16] [--repeats 2]
+    .venv/bin/python benchmarks/train_step.py [--workloads short] [--configs ...] [--processes 5]
+        [--steps 10] [--warmup 2] [--output-dir runs/train_step]
+    .venv/bin/python benchmarks/train_step.py --report-only --output-dir runs/train_step
 
-SmolLM2-135M-Instruct (the embedded model), the demo task's rows (~80 tokens each), LoRA r=16 /
-alpha 32 on every linear layer, dropout 0.05, gradient checkpointing on, 8-bit AdamW, bf16 compute.
-qforge runs with its defaults, as `qforge train` does: selective checkpointing when the plan fits
-(keep_base_outputs auto: each layer's frozen base products kept, the rest recomputed) and its
-attention (qforge.nn.attention); PEFT with prepare_model_for_kbit_training's full checkpointing and
-SDPA. The extra variant qforge-qlora-recompute is qforge with full recomputation
-(--no-keep-base-outputs), its least-memory setting, for comparison.
-Each computes its loss as its trainer does: PEFT through transformers' `model(**batch).loss`,
-qforge through qforge.train.loss.causal_lm_loss (the LM head only where a label is).
-Each variant runs in a fresh process, --repeats times (default 2), the variants interleaved
-(qforge, PEFT, ..., qforge, PEFT, ...); the first 2 steps of a process are warm-up and not timed,
-and speed is taken from the fastest timed step in tokens per second (every variant sees the same
-batches in the same order; on a shared machine the fastest step is the least disturbed one; the
-mean is shown too). Each variant's row is its fastest process: on this project's 2-vCPU machine a
-whole process can run 10-20% slower than the next one of the same code (its steps all alike),
-which the fastest step alone does not filter out; the spread over the processes is shown.
-Peak RSS is
-the child's ru_maxrss (it includes the Python + torch baseline, the same for every variant).
-Last line: qlora_speed_vs_peft=X qlora_mem_vs_peft=Y qlora_vs_lora_step_time=Z
-(X: tokens/s ratio, above 1 = qforge faster; Y: peak-RSS ratio; Z: qforge QLoRA step time over
-qforge BF16 LoRA step time, per token).
+Every configuration trains LoRA r=16 / alpha 32 on every linear layer but the LM head (dropout
+0.05) over a frozen NF4 + double-quant base (bf16 compute, bf16 autocast), with an 8-bit AdamW at
+a constant lr 1e-4, on the same batches in the same order. Both sides load the SAME
+bitsandbytes-format folder, written once by `qforge quantize` under OUTPUT_DIR/cache (qforge reads
+it as stored; transformers + bitsandbytes' CPU backend loads it with from_pretrained). BF16 LoRA
+loads the unquantised model.
+
+Configurations (--configs):
+  peft-recipe                 PEFT's documented QLoRA recipe: prepare_model_for_kbit_training (its
+                              float32 upcast of every non-4-bit weight, full non-reentrant
+                              checkpointing), transformers' default attention (SDPA), the loss
+                              from `model(**batch).loss` (LM head and float32 logits everywhere)
+  peft-matched-nockpt[-upcast]   PEFT matched to qforge's choices: the attention qforge uses for the
+  peft-matched-sac[-upcast]      workload (eager, i.e. the same matrix products, where qforge's
+                              attention takes its matrix path: short rows; SDPA otherwise), the
+                              loss only where a label is (qforge.train.loss.causal_lm_loss, which
+                              works on any transformers model), and either no checkpointing
+                              (nockpt) or torch's selective activation checkpointing (sac:
+                              torch.utils.checkpoint with create_selective_checkpoint_contexts,
+                              every aten.mm / aten.addmm output kept, the rest recomputed); with
+                              -upcast, prepare_model_for_kbit_training's float32 upcast (without
+                              its checkpointing), else every non-4-bit weight in bf16
+  qforge                      qforge's defaults, as `qforge train` runs (keep_base_outputs auto:
+                              selective checkpointing that keeps each 4-bit base product when the
+                              plan fits; qforge's attention)
+  qforge-recompute            qforge with full recomputation (--no-keep-base-outputs)
+  qforge-nockpt               qforge without gradient checkpointing
+  qforge-lora                 qforge BF16 LoRA (the unquantised bf16 base), its defaults
+
+Workloads (--workloads):
+  short      SmolLM2-135M (the embedded model), the demo task's rows (~80 tokens), batch 4
+  rows512    SmolLM2-135M, rows of 512 tokens (demo rows concatenated, labels on their answers), batch 2
+  rows1024   the same at 1024 tokens, batch 1
+  tinyllama  a randomly initialised TinyLlama-1.1B-shaped Llama (hidden 2048, 22 layers, vocab
+             32000; written once as bf16 safetensors under OUTPUT_DIR/cache, then quantised), rows
+             of --tinyllama-seq tokens (the concatenated demo rows' ids modulo 32000), batch 1
+
+Each configuration runs in --processes fresh processes, interleaved: process i of every
+configuration runs before process i+1 of any. A process loads, runs --warmup steps (not timed),
+returns the allocator's free memory to the system (malloc_trim, both sides), resets the kernel's
+high-water mark of its resident set (writing 5 to /proc/self/clear_refs), then times --steps
+steps. Speed: each process' tokens per second over its timed steps (the same steps, the same
+tokens, for every configuration); a configuration's figure is the median over its processes, with
+the spread (min-max). Memory: the training phase's peak RSS (VmHWM over the timed steps; the
+model, optimiser state and import baseline are in it, the loader's transient peak is not), shown
+beside the peak of RssAnon over the same steps (anonymous memory, read every 10 ms by a thread),
+RssFile at the end (file pages mapped into the process: transformers maps the safetensors file, and
+the 4-bit weights it keeps as views of that mapping are counted here, not in RssAnon; qforge reads
+with pread, so its weights are anonymous) and the loading peak. C is taken from the RSS peak: the
+mapped weights are the peer's working set, not reclaimable cache. Every record is written to
+OUTPUT_DIR/runs/WORKLOAD/CONFIG/I.json, so a run can be made in parts and reported at once
+(--report-only).
+
+Each configuration prints its trainable-parameter count, tokens per step, checkpointing policy,
+attention, adapter dtype (of the parameters the optimiser updates, read from the trained model)
+and residual dtype (the hidden states a decoder layer returns, read by a hook in the first step)
+and its first three losses.
+
+Last line, for the first workload reported (short when present):
+qlora_speed_vs_peft=A qlora_speed_vs_peft_matched=B qlora_train_mem_vs_peft=C qlora_vs_lora_step_time=D
+A: qforge's tokens/s over peft-recipe's; B: over the fastest peft-matched-* configuration run;
+C: qforge's training-phase peak RSS over peft-recipe's; D: qforge's step time over qforge-lora's.
 """
+from __future__ import annotations
+
 import argparse
+import ctypes
+import functools
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-VARIANTS = ("qforge-qlora", "peft-bnb-qlora", "qforge-lora", "qforge-qlora-recompute")
+HERE = Path(__file__).resolve().parent
+PEFT_CONFIGS = ("peft-recipe", "peft-matched-nockpt", "peft-matched-nockpt-upcast",
+                "peft-matched-sac", "peft-matched-sac-upcast")
+QFORGE_CONFIGS = ("qforge", "qforge-recompute", "qforge-nockpt", "qforge-lora")
+CONFIGS = PEFT_CONFIGS[:1] + QFORGE_CONFIGS[:1] + PEFT_CONFIGS[1:] + QFORGE_CONFIGS[1:]
+WORKLOADS = {  # name: (model, row length or None for the demo rows as they are, batch size)
+    "short": ("smollm2", None, 4),
+    "rows512": ("smollm2", 512, 2),
+    "rows1024": ("smollm2", 1024, 1),
+    "tinyllama": ("tinyllama", "tinyllama_seq", 1),
+}
+RANK, LR = 16, 1e-4
 
 
-def batches(tok, batch_size, steps):
-    from qforge.train.data import build_dataset, collate
+# ---- what every process measures ------------------------------------------------------------------
+def proc_status(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status in bytes (VmHWM, VmRSS, RssAnon, RssFile)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in keys:
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- preparation (the parent, once per output dir) ------------------------------------------------
+def prepare_models(cache: Path, workloads: list[str]) -> dict[str, dict[str, str]]:
+    """{model: {"bnb": 4-bit folder, "dense": bf16/float32 folder}} for the workloads' models;
+    each written once under `cache`."""
+    from qforge.model.load import smollm2_folder
+    models = {}
+    for name in sorted({WORKLOADS[w][0] for w in workloads}):
+        if name == "smollm2":
+            dense = smollm2_folder()
+        else:
+            dense = cache / "tinyllama-1.1b-random-bf16"
+            if not (dense / "config.json").is_file():
+                print(f"writing a random TinyLlama-1.1B-shaped bf16 checkpoint to {dense} (once)", flush=True)
+                sys.path.insert(0, str(HERE))
+                from load_memory import write_checkpoint  # noqa: E402
+                write_checkpoint(dense)
+            if not (dense / "tokenizer.json").is_file():  # the loaders want one; rows are ids modulo 32000
+                from qforge.fileio import atomic_write_bytes
+                for f in ("tokenizer_config.json", "tokenizer.json"):
+                    atomic_write_bytes(dense / f, (smollm2_folder() / f).read_bytes())
+        bnb = cache / f"{name}-nf4-dq-b64-bf16"
+        if not (bnb / "config.json").is_file():
+            print(f"qforge quantize {dense} -> {bnb} (once)", flush=True)
+            proc = subprocess.run([sys.executable, "-m", "qforge", "quantize", str(dense), str(bnb)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"qforge quantize {dense} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        models[name] = {"bnb": str(bnb), "dense": str(dense)}
+    return models
+
+
+def prepare_batches(cache: Path, workload: str, steps: int, tinyllama_seq: int, batch_size: int | None) -> Path:
+    """The workload's batches, tokenised once and saved (every process reads the same tensors)."""
+    import torch
+    from transformers import AutoTokenizer
+
     from qforge.eval.tasks import demo_task_paths
+    from qforge.fileio import atomic_write_bytes
+    from qforge.model.load import smollm2_folder
+    from qforge.train.data import build_dataset, collate
+
+    model, length, default_batch = WORKLOADS[workload]
+    batch_size = batch_size or default_batch
+    length = tinyllama_seq if length == "tinyllama_seq" else length
+    path = cache / f"batches-{workload}-{length}-b{batch_size}-s{steps}.pt"
+    if path.is_file():
+        return path
+    tok = AutoTokenizer.from_pretrained(smollm2_folder())
     train, _, _ = build_dataset(demo_task_paths()["train"], tok, max_seq_len=256)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return [collate([train[(s * batch_size + i) % len(train)] for i in range(batch_size)], pad) for s in range(steps)]
+    if length is None:
+        batches = [collate([train[(s * batch_size + i) % len(train)] for i in range(batch_size)], pad)
+                   for s in range(steps)]
+    else:  # rows of `length` tokens: demo rows one after another, each keeping its own labels
+        rows, ids, labels, k = [], [], [], 0
+        while len(rows) < steps * batch_size:
+            ex = train[k % len(train)]
+            ids, labels, k = ids + list(ex["input_ids"]), labels + list(ex["labels"]), k + 1
+            if len(ids) >= length:
+                rows.append({"input_ids": ids[:length], "labels": labels[:length]})
+                ids, labels = [], []
+        batches = [collate(rows[s * batch_size:(s + 1) * batch_size], pad) for s in range(steps)]
+    empty = [k for k, b in enumerate(batches) if not bool((b["labels"][:, 1:] != -100).any())]
+    if empty:
+        raise SystemExit(f"{workload}: batch(es) {empty} have no labelled token (rows of {length} tokens are all "
+                         f"prompt); use longer rows")
+    if model == "tinyllama":
+        for b in batches:
+            b["input_ids"] %= 32000
+            b["labels"] = torch.where(b["labels"] == -100, b["labels"], b["labels"] % 32000)
+    import io
+    buf = io.BytesIO()
+    torch.save(batches, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
-def build_qforge(method, rank, keep_base_outputs=None):
-    from qforge.train.config import TrainConfig
-    from qforge.train.run import load_for_method
-    cfg = TrainConfig(model="smollm2", method=method, rank=rank, alpha=2 * rank, dropout=0.05,
-                      keep_base_outputs=keep_base_outputs)
-    model, tok = load_for_method(cfg)
-    from qforge.optim import AdamW8bit
-    opt = AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    return model, tok, opt
+# ---- building each side ---------------------------------------------------------------------------
+def sac_context():
+    """torch's selective activation checkpointing: keep every matrix product's output (the 4-bit
+    base products and the LoRA products), recompute everything else."""
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
 
 
-def build_peft(rank):
+def qforge_attention_path(config, batch: dict) -> str:
+    """The attention qforge runs for this batch: "eager" (its matrix path: transformers' eager
+    products) when it takes its matrix path on the CPU, else "sdpa"."""
+    from qforge.nn.attention import MATH_MAX_SCORES
+    b, t = batch["input_ids"].shape
+    return "eager" if b * config.num_attention_heads * t * t <= MATH_MAX_SCORES else "sdpa"
+
+
+def build_peft(config: str, folder: str, first_batch: dict):
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qforge.model.load import smollm2_folder
-    folder = smollm2_folder()
     qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
+    kwargs = {}
+    if config != "peft-recipe":
+        kwargs["attn_implementation"] = qforge_attention_path(AutoConfig.from_pretrained(folder), first_batch)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qcfg, device_map="cpu",
-                                                 dtype=torch.bfloat16)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05,
+                                                 dtype=torch.bfloat16, **kwargs)
+    if config == "peft-recipe":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        if config.endswith("-upcast"):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        else:  # what prepare_model_for_kbit_training does but its upcast: freeze, every float weight bf16
+            for p in model.parameters():
+                p.requires_grad = False
+                if p.is_floating_point() and p.dtype != torch.bfloat16:
+                    p.data = p.data.to(torch.bfloat16)
+        if "-sac" in config:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                               "context_fn": sac_context})
+            model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.05,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
-    tok = AutoTokenizer.from_pretrained(folder)
-    opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    return model, tok, opt
+    opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=LR)
+    return model, opt
 
 
-def child(variant, steps, batch_size, rank):
+def build_qforge(config: str, folders: dict):
+    from qforge.train.config import TrainConfig
+    from qforge.train.loop import make_optimizer
+    from qforge.train.run import load_for_method
+
+    lora = config == "qforge-lora"
+    cfg = TrainConfig(model=folders["dense" if lora else "bnb"], method="lora" if lora else "qlora",
+                      rank=RANK, alpha=2 * RANK, dropout=0.05, lr=LR, optimizer="adamw_8bit",
+                      keep_base_outputs=False if config == "qforge-recompute" else None,
+                      gradient_checkpointing=config != "qforge-nockpt")
+    model, _ = load_for_method(cfg)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    return model, opt
+
+
+def checkpoint_policy(model) -> str:
+    """The gradient checkpointing the model's layers actually run, read from them."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+              and hasattr(m, "_gradient_checkpointing_func")]
+    if not layers:
+        return "none"
+    fn = layers[0]._gradient_checkpointing_func
+    context_fn = getattr(fn, "keywords", {}).get("context_fn")
+    name = getattr(context_fn, "__name__", "")
+    if context_fn is None or name == "recompute_everything":
+        return "full"
+    if name == "keep_base_outputs":
+        return "selective: frozen base products kept"
+    if name == "sac_context":
+        return "selective: torch SAC, mm/addmm outputs kept"
+    return f"selective: {name}"
+
+
+def child(args) -> None:
     import torch
     torch.manual_seed(0)
+    baseline = proc_status("VmRSS")["VmRSS"]
+    batches = torch.load(args.batches, weights_only=True)
+    folders = json.loads(args.folders)
     t0 = time.perf_counter()
-    if variant == "peft-bnb-qlora":
-        model, tok, opt = build_peft(rank)
+    if args.config.startswith("peft"):
+        model, opt = build_peft(args.config, folders["bnb"], batches[0])
     else:
-        model, tok, opt = build_qforge("lora" if variant == "qforge-lora" else "qlora", rank,
-                                       False if variant == "qforge-qlora-recompute" else None)
+        model, opt = build_qforge(args.config, folders)
     load_s = time.perf_counter() - t0
-    data = batches(tok, batch_size, steps)
+    after_load = proc_status("VmHWM", "VmRSS")
     model.train()
-    if variant == "peft-bnb-qlora":
+    if args.config == "peft-recipe":
         def compute_loss(batch):
             return model(**batch, use_cache=False).loss
-    else:  # qforge's trainer step: logits only where a label is (qforge.train.loss)
+    else:
         from qforge.train.loss import causal_lm_loss
 
         def compute_loss(batch):
             return causal_lm_loss(model, batch)
-    times, tokens, losses = [], [], []
-    for i, batch in enumerate(data):
+    residual = []
+    decoder = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")][-1]
+
+    def note_residual(module, inputs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        if not residual:
+            residual.append(str(out.dtype).replace("torch.", ""))
+    hook = decoder.register_forward_hook(note_residual)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    losses, times, tokens, reset_ok, at_reset = [], [], [], None, None
+    sys.path.insert(0, str(HERE))
+    from load_memory import AnonSampler  # noqa: E402
+    sampler = AnonSampler(every=0.01)
+    for i, batch in enumerate(batches[:args.warmup + args.steps]):
+        if i == args.warmup:
+            import gc
+            gc.collect()
+            malloc_trim()
+            at_reset = proc_status("VmRSS")["VmRSS"]
+            reset_ok = reset_peak()
+            sampler.start()
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = compute_loss(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-            tokens.append(int(batch["attention_mask"].sum()))
+        elapsed = time.perf_counter() - t
         losses.append(round(loss.item(), 4))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    # Batches are the same rows in the same order for every variant; the fastest step (in tokens
-    # per second) is the one least disturbed by other processes on a shared machine.
-    best = max(range(len(times)), key=lambda k: tokens[k] / times[k])
-    checkpoint_fn = next((m._gradient_checkpointing_func for m in model.modules()
-                          if hasattr(m, "_gradient_checkpointing_func")), None)
-    context_fn = getattr(checkpoint_fn, "keywords", {}).get("context_fn")
-    selective = getattr(context_fn, "__name__", "") == "keep_base_outputs"
-    print(json.dumps({"variant": variant, "checkpointing": "selective" if selective else "full",
-                      "attention": model.config._attn_implementation, "step_s": times[best], "mean_step_s": sum(times) / len(times),
-                      "tokens_per_s": tokens[best] / times[best], "mean_tokens_per_s": sum(tokens) / sum(times),
-                      "peak_rss": rss, "load_s": load_s, "losses": losses}))
+        if i == 0:
+            hook.remove()
+        if i >= args.warmup:
+            times.append(elapsed)
+            tokens.append(int(batch["attention_mask"].sum()))
+    sampler.stop()
+    end = proc_status("VmHWM", "VmRSS", "RssAnon", "RssFile")
+    attn = getattr(model.config, "_attn_implementation", None)
+    print(json.dumps({
+        "workload": args.workload, "config": args.config, "index": args.index,
+        "trainable": sum(p.numel() for p in trainable),
+        "adapter_dtype": "/".join(sorted({str(p.dtype).replace("torch.", "") for p in trainable})),
+        "residual_dtype": residual[0] if residual else None, "checkpointing": checkpoint_policy(model),
+        "attention": "qforge (matrix for short rows, else sdpa)" if attn and attn.startswith("qforge") else attn,
+        "batch_shape": list(batches[0]["input_ids"].shape),
+        "tokens_per_step": statistics.mean(int(b["attention_mask"].sum()) for b in batches[:args.warmup + args.steps]),
+        "label_tokens_per_step": statistics.mean(int((b["labels"][:, 1:] != -100).sum())
+                                                 for b in batches[:args.warmup + args.steps]),
+        "losses": losses, "step_s": times, "tokens": tokens, "tokens_per_s": sum(tokens) / sum(times),
+        "load_s": load_s, "baseline_rss": baseline, "load_peak": after_load["VmHWM"],
+        "rss_at_reset": at_reset, "train_peak": end["VmHWM"] if reset_ok else None,
+        "end_rss_anon": end["RssAnon"], "end_rss_file": end["RssFile"], "train_peak_anon": sampler.peak,
+        "threads": torch.get_num_threads(),
+    }))
+
+
+# ---- the parent: runs, records, report -------------------------------------------------------------
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process' finished children so far."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_all(args) -> None:
+    from qforge.fileio import atomic_write_bytes
+
+    out = Path(args.output_dir)
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    models = prepare_models(cache, args.workloads)
+    commit = git_commit()
+    for workload in args.workloads:
+        batches = prepare_batches(cache, workload, args.warmup + args.steps, args.tinyllama_seq, args.batch_size)
+        folders = models[WORKLOADS[workload][0]]
+        for index in range(args.processes):
+            for config in args.configs:
+                cmd = [sys.executable, __file__, "--child", "--workload", workload, "--config", config,
+                       "--index", str(index), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--batches", str(batches), "--folders", json.dumps(folders)]
+                t, cpu = time.perf_counter(), children_cpu_s()
+                proc = subprocess.run(cmd, capture_output=True, text=True,
+                                      env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{workload} {config} process {index} failed (exit {proc.returncode})")
+                rec = json.loads(lines[-1])
+                rec.update(commit=commit, wall_s=time.perf_counter() - t, cpu_s=children_cpu_s() - cpu,
+                           date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                           loadavg=os.getloadavg()[0])
+                atomic_write_bytes(out / "runs" / workload / config / f"{index}.json",
+                                   json.dumps(rec).encode())
+                print(f"{workload} {config} #{index}: {rec['tokens_per_s']:.1f} tok/s, train peak "
+                      f"{(rec['train_peak'] or 0) / 1e9:.2f} GB, {rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU, "
+                      f"losses {rec['losses'][:3]}", flush=True)
+
+
+def summarise(records: list[dict]) -> dict:
+    speeds = sorted(r["tokens_per_s"] for r in records)
+    peaks = [r["train_peak"] for r in records if r["train_peak"]]
+    first = records[0]
+    return {**{k: first[k] for k in ("config", "trainable", "adapter_dtype", "residual_dtype", "checkpointing",
+                                     "attention", "batch_shape", "tokens_per_step", "label_tokens_per_step")},
+            "losses": first["losses"][:3], "n": len(records), "tokens_per_s": statistics.median(speeds),
+            "spread": f"{speeds[0]:.0f}-{speeds[-1]:.0f}",
+            "step_s": statistics.median(sum(r["step_s"]) / len(r["step_s"]) for r in records),
+            "train_peak": statistics.median(peaks) if peaks else None,
+            "load_peak": statistics.median(r["load_peak"] for r in records),
+            "rss_anon": statistics.median(r["end_rss_anon"] for r in records),
+            "train_peak_anon": statistics.median(r.get("train_peak_anon") or 0 for r in records),
+            "rss_file": statistics.median(r["end_rss_file"] for r in records),
+            "load_s": statistics.median(r["load_s"] for r in records),
+            "commits": sorted({r.get("commit", "?") for r in records}),
+            "steps": len(first["step_s"]), "same_losses": len({tuple(r["losses"]) for r in records}) == 1}
+
+
+def ratios(rows: dict) -> dict:
+    def r(a, b, key, invert=False):
+        if a not in rows or b not in rows or not rows[a][key] or not rows[b][key]:
+            return None
+        return rows[b][key] / rows[a][key] if invert else rows[a][key] / rows[b][key]
+    matched = [c for c in rows if c.startswith("peft-matched")]
+    best = max(matched, key=lambda c: rows[c]["tokens_per_s"]) if matched else None
+    return {"qlora_speed_vs_peft": r("qforge", "peft-recipe", "tokens_per_s"),
+            "qlora_speed_vs_peft_matched": r("qforge", best, "tokens_per_s") if best else None,
+            "qlora_train_mem_vs_peft": r("qforge", "peft-recipe", "train_peak"),
+            "qlora_vs_lora_step_time": r("qforge", "qforge-lora", "tokens_per_s", invert=True),
+            "best_matched": best}
+
+
+def report(args) -> None:
+    root = Path(args.output_dir) / "runs"
+    if not root.is_dir():
+        raise SystemExit(f"{root}: no records (run without --report-only first)")
+    order = [w for w in WORKLOADS if (root / w).is_dir() and (not args.workload_given or w in args.workloads)]
+    lines = []
+    for workload in order:
+        rows = {}
+        for config in CONFIGS:
+            files = sorted((root / workload / config).glob("*.json"))
+            if files:
+                rows[config] = summarise([json.loads(f.read_text()) for f in files])
+        if not rows:
+            continue
+        any_row = next(iter(rows.values()))
+        model, _, _ = WORKLOADS[workload]
+        commits = sorted({c for row in rows.values() for c in row["commits"]})
+        print(f"\n### {workload}: {model}, batch {any_row['batch_shape'][0]} x {any_row['batch_shape'][1]} "
+              f"(padded), {any_row['tokens_per_step']:.0f} tokens/step ({any_row['label_tokens_per_step']:.0f} "
+              f"with a label), r={RANK} all linear, 8-bit AdamW, bf16 autocast; {any_row['steps']} timed steps; "
+              f"commit {', '.join(commits)}")
+        print("| config | processes | tokens/s (median) | spread | step (s) | train peak RSS (GB) "
+              "| train peak RssAnon (GB) | RssFile end (GB) | load peak (GB) | load (s) | trainable | checkpointing | attention "
+              "| adapter / residual dtype | first losses | losses alike in every process |")
+        print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|")
+        for c, s in rows.items():
+            tp = f"{s['train_peak'] / 1e9:.3f}" if s["train_peak"] else "n/a"
+            anon = f"{s['train_peak_anon'] / 1e9:.3f}" if s["train_peak_anon"] else "n/a"
+            print(f"| {c} | {s['n']} | {s['tokens_per_s']:.1f} | {s['spread']} | {s['step_s']:.3f} | {tp} "
+                  f"| {anon} | {s['rss_file'] / 1e9:.3f} "
+                  f"| {s['load_peak'] / 1e9:.3f} | {s['load_s']:.1f} "
+                  f"| {s['trainable']:,} | {s['checkpointing']} | {s['attention']} "
+                  f"| {s['adapter_dtype']} / {s['residual_dtype']} | {s['losses']} "
+                  f"| {'yes' if s['same_losses'] else 'no'} |")
+        q = ratios(rows)
+        fmt = " ".join(f"{k}={v:.2f}" if v is not None else f"{k}=n/a"
+                       for k, v in q.items() if k != "best_matched")
+        print(f"{workload}: {fmt} (best matched peer: {q['best_matched']})")
+        lines.append(fmt)
+    if not lines:
+        raise SystemExit(f"{root}: no records for {args.workloads}")
+    print(lines[0])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2, help="fresh processes per variant (the fastest is reported)")
-    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--workloads", default=None,
+                    help=f"comma-separated, of {', '.join(WORKLOADS)} (default short)")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated, of {', '.join(CONFIGS)} (default all)")
+    ap.add_argument("--processes", type=int, default=5, help="fresh processes per configuration (default 5)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per process (default 10)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="rows per step for every workload run (default: the workload's own, listed above)")
+    ap.add_argument("--tinyllama-seq", type=int, default=256, help="row length of the tinyllama workload (default 256)")
+    ap.add_argument("--output-dir", default="runs/train_step",
+                    help="records (runs/), models and batches (cache/) (default runs/train_step)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="print the tables from the records already in --output-dir (all workloads found, "
+                         "or those of --workloads), run nothing")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    for hidden in ("--workload", "--config", "--batches", "--folders"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.variant:
-        return child(args.variant, args.steps, args.batch_size, args.rank)
-    runs = {v: [] for v in VARIANTS}
-    for _ in range(args.repeats):
-        for v in VARIANTS:
-            cmd = [sys.executable, __file__, "--variant", v, "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--rank", str(args.rank)]
-            proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"variant {v} failed (exit {proc.returncode})")
-            runs[v].append(json.loads(lines[-1]))
-    results = {v: max(rs, key=lambda r: r["tokens_per_s"]) for v, rs in runs.items()}
-    for v, r in results.items():
-        r["spread"] = "-".join(f"{x:.0f}" for x in sorted(x["tokens_per_s"] for x in runs[v]))
-    print(f"SmolLM2-135M, batch {args.batch_size} x ~80 tokens, r={args.rank}, all linear layers, "
-          f"gradient checkpointing, 8-bit AdamW, bf16 autocast, {args.steps - 2} timed steps, "
-          f"fastest of {args.repeats} processes per variant")
-    print("| variant | checkpointing | attention | best step (s) | mean step (s) | tokens/s (best) "
-          "| tokens/s per process | peak RSS (GB) | load (s) | first losses |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
-    for v, r in results.items():
-        print(f"| {v} | {r['checkpointing']} | {r['attention']} | {r['step_s']:.3f} | {r['mean_step_s']:.3f} "
-              f"| {r['tokens_per_s']:.1f} | {r['spread']} | {r['peak_rss'] / 1e9:.2f} | {r['load_s']:.1f} "
-              f"| {r['losses'][:3]} |")
-    q, p, lo = results["qforge-qlora"], results["peft-bnb-qlora"], results["qforge-lora"]
-    rc = results["qforge-qlora-recompute"]
-    print(f"qforge-qlora-recompute (full recomputation, the least memory): "
-          f"speed_vs_peft={rc['tokens_per_s'] / p['tokens_per_s']:.2f} mem_vs_peft={rc['peak_rss'] / p['peak_rss']:.2f}")
-    print(f"qlora_speed_vs_peft={q['tokens_per_s'] / p['tokens_per_s']:.2f} "
-          f"qlora_mem_vs_peft={q['peak_rss'] / p['peak_rss']:.2f} "
-          f"qlora_vs_lora_step_time={lo['tokens_per_s'] / q['tokens_per_s']:.2f}")
+    if args.child:
+        return child(args)
+    args.workload_given = args.workloads is not None
+    args.workloads = (args.workloads or "short").split(",")
+    args.configs = args.configs.split(",")
+    bad = [w for w in args.workloads if w not in WORKLOADS] + [c for c in args.configs if c not in CONFIGS]
+    if bad:
+        raise SystemExit(f"unknown workload/config {bad}; workloads: {list(WORKLOADS)}, configs: {list(CONFIGS)}")
+    if min(args.processes, args.steps, args.warmup, args.batch_size or 1, args.tinyllama_seq) < 1:
+        raise SystemExit("--processes, --steps, --warmup, --batch-size and --tinyllama-seq must be >= 1")
+    if not args.report_only:
+        run_all(args)
+    report(args)
 
 
 if __name__ == "__main__":

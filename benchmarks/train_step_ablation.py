@@ -18,14 +18,9 @@ and the median step per token. Last line: speedup=X (before's median over the de
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-import train_step  # noqa: E402
 
 
 def main():
@@ -39,8 +34,15 @@ def main():
 
     native = adamw8bit._native_step
     torch.manual_seed(0)
-    model, tok, opt = train_step.build_qforge("qlora", 16)
-    data = train_step.batches(tok, 4, 4)
+    from qforge.eval.tasks import demo_task_paths
+    from qforge.optim import AdamW8bit
+    from qforge.train.config import TrainConfig
+    from qforge.train.data import build_dataset, collate
+    from qforge.train.run import load_for_method
+    model, tok = load_for_method(TrainConfig(model="smollm2", method="qlora", rank=16, alpha=32, dropout=0.05))
+    opt = AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    train, _, _ = build_dataset(demo_task_paths()["train"], tok, max_seq_len=256)
+    data = [collate([train[s * 4 + i] for i in range(4)], tok.pad_token_id) for s in range(4)]
     model.train()
 
     def configure(selective, attn, native_adamw):
