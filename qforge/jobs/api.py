@@ -61,6 +61,9 @@ class JobsConfig:
     cancel_grace_s: float = 30.0
     start_worker: bool = True
     database_url: str | None = None      # postgresql://...: the shared store (qforge.jobs.pg); None: SQLite
+    worker_threads: int | None = None    # the trainers' torch threads (None: torch's choice)
+    worker_memory_fraction: float | None = None  # the trainers' share of the GPU's memory (None: no bound)
+    worker_args: tuple[str, ...] = ()    # more worker flags (the disk-full ones)
 
 
 # ---- request bodies ------------------------------------------------------------------------------
@@ -185,7 +188,10 @@ class JobService:
         if self.config.start_worker:
             from .worker import WorkerSupervisor
             from .pg import worker_env
-            self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s)
+            self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s,
+                                               worker_threads=self.config.worker_threads,
+                                               worker_memory_fraction=self.config.worker_memory_fraction,
+                                               extra_args=list(self.config.worker_args))
             self.supervisor.extra_env = worker_env(self.store)
             self.supervisor.start()
         self._watcher.start()
@@ -233,7 +239,11 @@ class JobService:
             raise
         finally:
             tmp.unlink(missing_ok=True)
-        return self.store.add_file(file_id, owner, filename, "fine-tune", size, len(rows), fmt)
+        try:
+            return self.store.add_file(file_id, owner, filename, "fine-tune", size, len(rows), fmt)
+        except BaseException:  # not recorded (a full disk under the database): the bytes go too
+            final.unlink(missing_ok=True)
+            raise
 
     # ---- jobs ---------------------------------------------------------------------------------
     def _training_file(self, owner: str, file_id: str | None, param: str) -> dict | None:

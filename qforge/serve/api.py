@@ -111,7 +111,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(_, exc: Exception):
-        return _error_response(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
+        return _error_response(internal_error(exc))
+
+
+def internal_error(exc: BaseException) -> APIError:
+    """The answer to an exception nothing else handled: 507 naming a full disk (the request may be
+    retried once there is room), else a plain 500."""
+    from ..fileio import is_disk_full
+    if is_disk_full(exc):
+        return APIError(507, "the server's disk is full: nothing was stored; retry later", "server_error",
+                        code="disk_full")
+    return APIError(500, f"internal error: {type(exc).__name__}", "server_error")
 
 
 # ---- request bodies ------------------------------------------------------------------------------

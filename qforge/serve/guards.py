@@ -113,7 +113,10 @@ class CatchAll:
             print(f"qforge serve: internal error on {scope.get('method')} {scope.get('path')}:", file=sys.stderr)
             traceback.print_exception(exc, file=sys.stderr)
             if not started:
-                start, body = _json_error(500, f"internal error: {type(exc).__name__}", "server_error", None)
+                from ..fileio import is_disk_full
+                start, body = (_json_error(507, "the server's disk is full: nothing was stored; retry later",
+                                           "server_error", "disk_full") if is_disk_full(exc) else
+                               _json_error(500, f"internal error: {type(exc).__name__}", "server_error", None))
                 await send(start)
                 await send({"type": "http.response.body", "body": body})
 
