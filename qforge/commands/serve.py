@@ -16,8 +16,9 @@ loading is off); --adapter NAME=DIR folders are trusted.
 With --jobs the same server also runs OpenAI's files and fine-tuning jobs API (/v1/files,
 /v1/fine_tuning/jobs) and a dashboard at /: a worker subprocess trains queued jobs one at a time on
 the base, state lives in SQLite under --data-dir, and each finished job's model
-(ft:<base>:<suffix>:<job id>) is served at once. The worker's trainers use every core but one
-(--worker-threads) so training does not starve serving; on a GPU --worker-memory-fraction bounds them.
+(ft:<base>:<suffix>:<job id>) is served at once. The worker's trainers use half the cores
+(--worker-threads) and the server the rest, so training does not starve serving; on a GPU
+--worker-memory-fraction bounds the trainers' share of its memory.
 
   qforge serve --base smollm2 --adapter demo=runs/demo/adapter --adapter-root runs
   qforge serve --jobs --data-dir ~/.qforge
@@ -83,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-file-mb", type=positive_int, default=64,
                         help="with --jobs: the largest upload, in MiB (default: 64)")
     from .worker import add_limit_arguments
-    add_limit_arguments(parser, default_threads="every core but one, so serving keeps one", prefix="with --jobs: ")
+    add_limit_arguments(parser, default_threads="half the cores, at least 1; the server keeps the others",
+                        prefix="with --jobs: ")
 
 
 def _env_keys(name: str) -> list[str]:
@@ -199,6 +201,20 @@ def worker_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def share_cores(args: argparse.Namespace) -> tuple[int, int]:
+    """The server and its job worker on one machine: the worker's trainers take --worker-threads
+    (default half the cores), the server's torch the cores left; (serving, training) threads."""
+    import torch
+
+    from ..jobs.limits import default_worker_threads, serving_threads
+    training = getattr(args, "worker_threads", None) or default_worker_threads()
+    serving = serving_threads(training)
+    torch.set_num_threads(serving)
+    print(f"qforge serve: {serving} CPU thread(s) for serving, {training} for the job worker's training",
+          file=sys.stderr, flush=True)
+    return serving, training
+
+
 def database_url(args: argparse.Namespace) -> str | None:
     return getattr(args, "database_url", None) or os.environ.get("QFORGE_DATABASE_URL") or None
 
@@ -214,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "jobs", False):  # and on a bad job database: one line naming it, nothing swept
         from ..jobs.pg import open_store
         open_store(Path(args.data_dir).expanduser(), database_url(args))
+    if getattr(args, "jobs", False) and not getattr(args, "no_worker", False):
+        share_cores(args)
     app, engine = build(args, keys)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

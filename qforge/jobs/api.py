@@ -287,13 +287,32 @@ class JobService:
 
     def validate_job(self, job_id: str) -> None:
         """validating_files -> queued: link the files into the job folder, choose the method, write
-        config.yaml. Safe to run again after a crash part-way."""
+        config.yaml. Safe to run again after a crash part-way. On a full disk it tries again with a
+        doubling back-off (the job stays 'validating_files'; a restart also takes it up again)."""
+        from ..fileio import is_disk_full
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                return self._validate_job(job_id)
+            except Exception as exc:  # noqa: BLE001 - a full disk waits; anything else is logged
+                if not is_disk_full(exc):
+                    print(f"qforge jobs: validating {job_id} failed: {exc!r}", flush=True)
+                    return
+                print(f"qforge jobs: validating {job_id}: the disk is full; trying again in {delay:.0f} s", flush=True)
+            if self._stop.wait(delay):
+                return
+            delay = min(60.0, delay * 2)
+
+    def _validate_job(self, job_id: str) -> None:
+        from ..fileio import is_disk_full
         job = self.store.get_job(job_id)
         if job is None or job["status"] != "validating_files":
             return
         try:
             config, settings, steps, reason = self._prepare(job)
         except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the service goes on
+            if is_disk_full(exc):
+                raise
             param = "training_file" if isinstance(exc, FileNotFoundError) else None
             error = {"code": "invalid_training_file" if param else "validation_error", "message": str(exc),
                      "param": param}

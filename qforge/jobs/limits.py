@@ -24,12 +24,19 @@ def trainer_env(threads: int | None = None, memory_fraction: float | None = None
     return env
 
 
-def default_worker_threads() -> int:
-    """Threads for a worker that shares the machine with the server: every core but one (at least 1)."""
+def cpu_cores() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+        return os.cpu_count() or 1
 
 
+def default_worker_threads() -> int:
+    """Threads for a worker that shares the machine with the server: half the cores (at least 1), so
+    serving keeps the other half (on 2 cores: one each)."""
+    return max(1, cpu_cores() // 2)
+
+
+def serving_threads(worker_threads: int) -> int:
+    """The server's torch threads beside a local worker of `worker_threads`: the cores it leaves (at least 1)."""
+    return max(1, cpu_cores() - worker_threads)

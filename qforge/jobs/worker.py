@@ -79,7 +79,10 @@ def folder_bytes(path: Path) -> int:
 
 
 def log(message: str) -> None:
-    print(time.strftime("%Y-%m-%d %H:%M:%S"), f"[worker {os.getpid()}]", message, flush=True)
+    try:
+        print(time.strftime("%Y-%m-%d %H:%M:%S"), f"[worker {os.getpid()}]", message, flush=True)
+    except OSError:
+        pass  # the log's disk is full: the work goes on
 
 
 def die_with_parent(parent_pid: int | None) -> None:
@@ -262,8 +265,12 @@ class Worker:
                 continue
             try:
                 self.run_job(job)
-            except Exception:  # noqa: BLE001 - a bug in one job's bookkeeping must not stop the queue
+            except Exception as exc:  # noqa: BLE001 - a bug in one job's bookkeeping must not stop the queue
                 log(f"job {job['id']}: {traceback.format_exc()}")
+                from ..fileio import is_disk_full
+                if is_disk_full(exc):  # nothing could be recorded: the job stays ours and resumes
+                    time.sleep(self.disk_full_backoff_s)
+                    continue
                 self.store.update_job(job["id"], only_if_status=("running",), status="failed", finished_at=now(),
                                       train_pid=None, error={"code": "internal_error", "param": None,
                                                              "message": "the worker failed while running the job"},
@@ -360,11 +367,11 @@ class Worker:
             self.fail_disk_full(job, f"{why}; the disk was full on {count} attempts in a row")
             return False
         need = self.space_needed(job_dir)
-        self.store.update_job(job_id, only_if_status=("running",), train_pid=None, estimated_finish=None,
-                              level="warn", events=[(
-                                  f"Disk full: {why}. Nothing half-written is kept; the job waits until the storage "
-                                  f"has {need / 2 ** 20:.0f} MiB free and resumes from its last checkpoint "
-                                  f"(retry {count} of {self.disk_full_retries})", None)])
+        self._record(lambda: self.store.update_job(
+            job_id, only_if_status=("running",), train_pid=None, estimated_finish=None, level="warn", events=[(
+                f"Disk full: {why}. Nothing half-written is kept; the job waits until the storage has "
+                f"{need / 2 ** 20:.0f} MiB free and resumes from its last checkpoint "
+                f"(retry {count} of {self.disk_full_retries})", None)]))
         delay = self.disk_full_backoff_s * 2 ** (count - 1)
         started = time.monotonic()
         while True:
@@ -377,14 +384,26 @@ class Worker:
                 return False
             free = shutil.disk_usage(job_dir).free
             if free >= need:
-                self.store.add_event(job_id, f"The storage has room again ({free / 2 ** 20:.0f} MiB free); "
-                                     "resuming the job from its last checkpoint", level="info")
+                self._record(lambda: self.store.add_event(
+                    job_id, f"The storage has room again ({free / 2 ** 20:.0f} MiB free); resuming the job from "
+                    "its last checkpoint", level="info"))
                 return True
             if time.monotonic() - started > self.disk_full_wait_s:
                 self.fail_disk_full(job, f"{why}; the storage had only {free / 2 ** 20:.0f} MiB free after "
                                     f"{self.disk_full_wait_s:.0f} s of waiting (needs {need / 2 ** 20:.0f} MiB)")
                 return False
             delay *= 2
+
+    @staticmethod
+    def _record(write) -> None:
+        """An event written while the disk may still be full: not recorded then, and the wait goes on."""
+        from ..fileio import is_disk_full
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001
+            if not is_disk_full(exc):
+                raise
+            log(f"event not recorded (disk full): {exc!r}")
 
     def _still_holding(self, job: dict) -> bool:
         """While waiting for room: renew the lease; False (after recording why) when the job was

@@ -168,13 +168,16 @@ def test_worker_limit_flags_are_validated(command, flag, value, expected, capsys
     assert expected in capsys.readouterr().err
 
 
-def test_serve_jobs_leaves_the_server_a_core_and_passes_the_limits_on(monkeypatch):
+def test_serve_jobs_leaves_the_server_cores_and_passes_the_limits_on(monkeypatch):
     from qforge.commands import serve
     from qforge.jobs import limits
 
     monkeypatch.setattr(limits.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
     config = serve.jobs_config(parse("serve", "--jobs"))
     assert config.worker_threads == 1 and config.worker_memory_fraction is None
+    monkeypatch.setattr(limits.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    assert serve.jobs_config(parse("serve", "--jobs")).worker_threads == 8
+    assert limits.serving_threads(8) == 8 and limits.serving_threads(16) == 1
     config = serve.jobs_config(parse("serve", "--jobs", "--worker-threads", "3", "--worker-memory-fraction", "0.25",
                                      "--disk-full-retries", "2"))
     assert (config.worker_threads, config.worker_memory_fraction) == (3, 0.25)
