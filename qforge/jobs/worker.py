@@ -56,6 +56,7 @@ from pathlib import Path
 
 from .limits import (DISK_FULL_BACKOFF_S, DISK_FULL_EXIT, DISK_FULL_RETRIES, DISK_FULL_WAIT_S, MAX_BACKOFF_S,
                      MIN_FREE_BYTES, trainer_env)
+from .db import DatabaseError
 from .pg import store_from_env, worker_env
 from .store import JobStore, derived_id, fine_tuned_model_name, now, pid_alive
 
@@ -259,7 +260,12 @@ class Worker:
             return
         log(f"serving jobs from {self.store.root}")
         while not self.should_stop():
-            job = self.store.claim_next_job(os.getpid())
+            try:
+                job = self.store.claim_next_job(os.getpid())
+            except (sqlite3.Error, DatabaseError, *DB_ERRORS_T) as exc:  # a busy, full or unreachable database
+                log(f"no job claimed this time: {exc!r}")
+                time.sleep(max(self.poll_s, 1.0))
+                continue
             if job is None:
                 time.sleep(self.poll_s)
                 continue
@@ -367,11 +373,12 @@ class Worker:
             self.fail_disk_full(job, f"{why}; the disk was full on {count} attempts in a row")
             return False
         need = self.space_needed(job_dir)
-        self._record(lambda: self.store.update_job(
-            job_id, only_if_status=("running",), train_pid=None, estimated_finish=None, level="warn", events=[(
-                f"Disk full: {why}. Nothing half-written is kept; the job waits until the storage has "
-                f"{need / 2 ** 20:.0f} MiB free and resumes from its last checkpoint "
-                f"(retry {count} of {self.disk_full_retries})", None)]))
+        named = (f"Disk full: {why}. Nothing half-written is kept; the job waits until the storage has "
+                 f"{need / 2 ** 20:.0f} MiB free and resumes from its last checkpoint "
+                 f"(retry {count} of {self.disk_full_retries})")
+        recorded = self._record(lambda: self.store.update_job(
+            job_id, only_if_status=("running",), train_pid=None, estimated_finish=None, level="warn",
+            events=[(named, None)]))
         delay = self.disk_full_backoff_s * 2 ** (count - 1)
         started = time.monotonic()
         while True:
@@ -384,6 +391,8 @@ class Worker:
                 return False
             free = shutil.disk_usage(job_dir).free
             if free >= need:
+                if not recorded:  # the database shares the full disk: the event is written now there is room
+                    self._record(lambda: self.store.add_event(job_id, named, level="warn"))
                 self._record(lambda: self.store.add_event(
                     job_id, f"The storage has room again ({free / 2 ** 20:.0f} MiB free); resuming the job from "
                     "its last checkpoint", level="info"))
@@ -395,15 +404,17 @@ class Worker:
             delay *= 2
 
     @staticmethod
-    def _record(write) -> None:
-        """An event written while the disk may still be full: not recorded then, and the wait goes on."""
+    def _record(write) -> bool:
+        """An event written while the disk may still be full: False when it could not be, and the wait goes on."""
         from ..fileio import is_disk_full
         try:
             write()
+            return True
         except Exception as exc:  # noqa: BLE001
             if not is_disk_full(exc):
                 raise
             log(f"event not recorded (disk full): {exc!r}")
+            return False
 
     def _still_holding(self, job: dict) -> bool:
         """While waiting for room: renew the lease; False (after recording why) when the job was
