@@ -265,15 +265,25 @@ def faults(server: Server, adapters: Path, tally: Tally, stop: threading.Event, 
         tally.faults[kind] = tally.faults.get(kind, 0) + 1
 
 
-def check(server: Server, tally: Tally, drain: float) -> tuple[int, int, int]:
+def get(url: str, key: str, tries: int = 5) -> httpx.Response:
+    """A GET of the final check, tried again when the loaded machine answers slowly."""
+    for attempt in range(tries):
+        try:
+            return httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        except httpx.HTTPError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(2)
+
+
+def check(server: Server, tally: Tally, drain: float) -> tuple[int, int, int, dict]:
     """(jobs_lost, files_lost, adapters_mismatched) once the jobs have had `drain` seconds."""
     deadline = time.monotonic() + drain
     finals: dict[str, dict] = {}
     while time.monotonic() < deadline:
         finals = {}
         for job_id, (key, _) in tally.jobs.items():
-            r = httpx.get(server.url + f"/v1/fine_tuning/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"},
-                          timeout=60)
+            r = get(server.url + f"/v1/fine_tuning/jobs/{job_id}", key)
             finals[job_id] = r.json() if r.status_code == 200 else {"status": f"http {r.status_code}"}
         if all(j["status"] in ("succeeded", "failed", "cancelled") for j in finals.values()):
             break
@@ -286,8 +296,7 @@ def check(server: Server, tally: Tally, drain: float) -> tuple[int, int, int]:
         print(f"job {job_id} lost: {job['status']} {job.get('error')}", flush=True)
     files_lost = 0
     for file_id, (key, data) in tally.files.items():
-        r = httpx.get(server.url + f"/v1/files/{file_id}/content", headers={"Authorization": f"Bearer {key}"},
-                      timeout=60)
+        r = get(server.url + f"/v1/files/{file_id}/content", key)
         if r.status_code != 200 or r.content != data:
             files_lost += 1
             print(f"file {file_id} lost: {r.status_code}", flush=True)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import errno
 import fcntl
 import io
 import json
@@ -54,9 +53,9 @@ import time
 import traceback
 from pathlib import Path
 
+from .db import DatabaseError
 from .limits import (DISK_FULL_BACKOFF_S, DISK_FULL_EXIT, DISK_FULL_RETRIES, DISK_FULL_WAIT_S, MAX_BACKOFF_S,
                      MIN_FREE_BYTES, trainer_env)
-from .db import DatabaseError
 from .pg import store_from_env, worker_env
 from .store import JobStore, derived_id, fine_tuned_model_name, now, pid_alive
 
@@ -68,6 +67,8 @@ DB_ERRORS_T = (DB_ERRORS,)
 
 MAX_CRASHES = 3
 TRAINER_MARK = "qforge.jobs.worker"
+
+
 def folder_bytes(path: Path) -> int:
     total = 0
     for f in Path(path).rglob("*"):
