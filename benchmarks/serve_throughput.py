@@ -233,8 +233,8 @@ def run_training_latency(args) -> dict:
             idle = [latency_round(url, args.latency_requests) for _ in range(args.repeat)]
             up = httpx.post(url + "/files", files={"file": ("train.jsonl", jsonl(chat_rows(64)))},
                             data={"purpose": "fine-tune"}, timeout=120).json()
-            hp = {"method": "qlora", "rank": 16, "batch_size": 4, "max_seq_len": 128, "max_steps": 100000,
-                  "save_every": 100000}
+            hp = {"method": "qlora", "rank": 16, "batch_size": 4, "max_seq_len": 128, "n_epochs": 100,
+                  "max_steps": 100000, "save_every": 100000}
             job = httpx.post(url + "/fine_tuning/jobs", timeout=120, json={
                 "model": "smollm2", "training_file": up["id"],
                 "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}).json()

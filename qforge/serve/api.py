@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import ANONYMOUS, AdapterOwners, Caller, KeyRing, check_adapter_name
 from .embeddings import add_embedding_routes
-from .guards import FLOAT32_TINY, BodyTooLarge, Busy, CatchAll, LimitBody, OffLoop, lone_surrogate
+from .guards import FLOAT32_TINY, BodyTooLarge, Busy, CatchAll, ClientDisconnected, LimitBody, OffLoop, lone_surrogate
 from .engine import Engine, Event, QueueFull, Request as GenRequest, RequestError, SamplingParams
 from .logprobs import MAX_TOP_LOGPROBS, chat_logprobs, completion_logprobs, trim_to_text
 from .structured import GrammarError, compile_plan
@@ -48,7 +48,7 @@ MAX_BODY_BYTES = 8 * 2 ** 20
 
 
 # ---- errors --------------------------------------------------------------------------------------
-class ClientGone(Exception):
+class ClientGone(ClientDisconnected):
     """The client disconnected before its answer was ready."""
 
 

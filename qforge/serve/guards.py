@@ -89,6 +89,10 @@ class LimitBody:
         await send({"type": "http.response.body", "body": body})
 
 
+class ClientDisconnected(Exception):
+    """The client went away mid-answer: nothing to answer, nothing to log."""
+
+
 class CatchAll:
     """An exception that escapes the app becomes a 500 answer (when none has started) and is not
     re-raised: the connection stays usable for the client's next request."""
@@ -109,6 +113,8 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, watched_send)
+        except ClientDisconnected:
+            return  # a hang-up mid-stream is the client's choice, not an internal error
         except Exception as exc:  # noqa: BLE001 - logged here, answered as a 500
             print(f"qforge serve: internal error on {scope.get('method')} {scope.get('path')}:", file=sys.stderr)
             traceback.print_exception(exc, file=sys.stderr)
