@@ -20,7 +20,8 @@ others (same data, same seed). The last line:
 
   requests=N errors_5xx=E jobs_lost=J files_lost=F adapters_mismatched=M
 
-  python benchmarks/soak.py --seconds 600 [--clients 4] [--fault-every 30] [--drain 300] [--tmpfs-mb 1024]
+  python benchmarks/soak.py --seconds 600 [--clients 4] [--fault-every 30] [--job-every 120] [--drain 1200]
+      [--tmpfs-mb 1024]
 """
 from __future__ import annotations
 
@@ -330,8 +331,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, required=True, help="how long the load runs")
     parser.add_argument("--clients", type=int, default=4, help="client threads (default: 4)")
     parser.add_argument("--fault-every", type=float, default=30.0, help="mean seconds between faults (default: 30)")
-    parser.add_argument("--job-every", type=float, default=40.0, help="seconds between a client's jobs (default: 40)")
-    parser.add_argument("--drain", type=float, default=300.0, help="seconds the jobs get to finish (default: 300)")
+    parser.add_argument("--job-every", type=float, default=120.0,
+                        help="seconds between a client's jobs (default: 120: on 2 shared cores the worker, one "
+                             "job at a time, keeps up)")
+    parser.add_argument("--drain", type=float, default=1200.0,
+                        help="seconds the jobs still queued at the end get to finish (default: 1200)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the load and the faults (default: 0)")
     parser.add_argument("--tmpfs-mb", type=int, default=1024,
                         help="size of the tmpfs the data dir lives on, for the full-disk fault (0: no tmpfs, no "
