@@ -6,7 +6,12 @@ streaming chats over tiny/a/b (a quarter of them hang up after the first chunk),
 training files, fine-tuning jobs (all the same data and seed, a few steps), cancellation of some.
 Faults, one every --fault-every seconds at random: kill -9 of the worker, kill -9 of the server
 (restarted at once on the same data dir), a corrupt adapter registered by a user (truncated weights:
-must be a 4xx). A full disk is simulated in a small tmpfs only where mounting one is allowed.
+must be a 4xx), and a full disk: the data dir (database, uploads, job folders) is a tmpfs of
+--tmpfs-mb MiB, which the fault fills to the last byte, holds full for 5-20 s, then frees. Mounting
+needs root: as another user the script runs itself again in a user and mount namespace
+(`unshare -rm`); where neither works there is no full-disk fault and the summary says so. While the
+disk is full, 507 answers naming the full disk (code disk_full) are expected and counted apart
+(`disk_full_507`); any other 5xx, or a 507 outside a fill, counts in errors_5xx.
 
 At the end (load stopped, jobs given --drain seconds to finish): every upload not deleted must read
 back byte for byte, every job must exist and end succeeded or cancelled (or failed for a reason
@@ -15,14 +20,17 @@ others (same data, same seed). The last line:
 
   requests=N errors_5xx=E jobs_lost=J files_lost=F adapters_mismatched=M
 
-  python benchmarks/soak.py --seconds 600 [--clients 4] [--fault-every 30] [--drain 300]
+  python benchmarks/soak.py --seconds 600 [--clients 4] [--fault-every 30] [--job-every 120] [--drain 1200]
+      [--tmpfs-mb 1024]
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,7 +123,8 @@ class Server:
 class Tally:
     def __init__(self):
         self.lock = threading.Lock()
-        self.requests = self.errors_5xx = self.refused = 0
+        self.requests = self.errors_5xx = self.refused = self.disk_full_507 = 0
+        self.disk_full = threading.Event()  # set while a fill fault holds the data dir full (and just after)
         self.fives: list[str] = []
         self.files: dict[str, tuple[str, bytes]] = {}  # file id -> (key, bytes)
         self.jobs: dict[str, tuple[str, bool]] = {}    # job id -> (key, cancel asked)
@@ -124,10 +133,23 @@ class Tally:
     def answer(self, what: str, r: httpx.Response) -> httpx.Response:
         with self.lock:
             self.requests += 1
-            if r.status_code >= 500:
+            if r.status_code == 507 and self.disk_full.is_set() and is_disk_full_answer(r):
+                self.disk_full_507 += 1
+            elif r.status_code >= 500:
                 self.errors_5xx += 1
                 self.fives.append(f"{what}: {r.status_code} {r.text[:200]}")
         return r
+
+
+def is_disk_full_answer(r: httpx.Response) -> bool:
+    """An OpenAI error object naming the full disk."""
+    try:
+        if not r.is_stream_consumed:
+            r.read()
+        error = r.json()["error"]
+        return error["code"] == "disk_full" and "disk is full" in error["message"]
+    except (ValueError, KeyError, TypeError, httpx.HTTPError):
+        return False
 
 
 def training_bytes(n: int = 8) -> bytes:
@@ -196,11 +218,35 @@ def corrupt_adapter(server: Server, adapters: Path, tally: Tally, n: int) -> Non
         print(f"corrupt adapter answered {r.status_code}: {r.text[:200]}", flush=True)
 
 
-def faults(server: Server, adapters: Path, tally: Tally, stop: threading.Event, every: float, seed: int) -> None:
+def fill_disk(data: Path, tally: Tally, hold: float) -> None:
+    """Fill the data dir's tmpfs to the last byte, hold it full for `hold` seconds, free it."""
+    filler = data / "soak-filler.bin"
+    tally.disk_full.set()
+    try:
+        with open(filler, "wb", buffering=0) as fh:
+            for size in (2 ** 20, 2 ** 12, 1):
+                block = bytes(size)
+                try:
+                    while True:
+                        fh.write(block)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+        print(f"fill-disk: {filler.stat().st_size / 2 ** 20:.0f} MiB written; full for {hold:.0f} s", flush=True)
+        time.sleep(hold)
+    finally:
+        filler.unlink(missing_ok=True)
+        time.sleep(3)  # answers to requests that met the full disk may still arrive
+        tally.disk_full.clear()
+
+
+def faults(server: Server, adapters: Path, tally: Tally, stop: threading.Event, every: float, seed: int,
+           tmpfs: bool) -> None:
     rng = random.Random(seed)
     n = 0
+    kinds = ["kill-worker", "kill-server", "corrupt-adapter"] + (["fill-disk"] if tmpfs else [])
     while not stop.wait(rng.uniform(every / 2, every * 1.5)):
-        kind = rng.choice(["kill-worker", "kill-server", "corrupt-adapter"])
+        kind = rng.choice(kinds)
         n += 1
         try:
             if kind == "kill-worker":
@@ -209,6 +255,8 @@ def faults(server: Server, adapters: Path, tally: Tally, stop: threading.Event, 
             elif kind == "kill-server":
                 server.kill()
                 server.start()
+            elif kind == "fill-disk":
+                fill_disk(server.data, tally, rng.uniform(5, 20))
             else:
                 corrupt_adapter(server, adapters, tally, n)
         except (httpx.HTTPError, OSError, RuntimeError) as exc:
@@ -218,15 +266,25 @@ def faults(server: Server, adapters: Path, tally: Tally, stop: threading.Event, 
         tally.faults[kind] = tally.faults.get(kind, 0) + 1
 
 
-def check(server: Server, tally: Tally, drain: float) -> tuple[int, int, int]:
+def get(url: str, key: str, tries: int = 5) -> httpx.Response:
+    """A GET of the final check, tried again when the loaded machine answers slowly."""
+    for attempt in range(tries):
+        try:
+            return httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        except httpx.HTTPError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(2)
+
+
+def check(server: Server, tally: Tally, drain: float) -> tuple[int, int, int, dict]:
     """(jobs_lost, files_lost, adapters_mismatched) once the jobs have had `drain` seconds."""
     deadline = time.monotonic() + drain
     finals: dict[str, dict] = {}
     while time.monotonic() < deadline:
         finals = {}
         for job_id, (key, _) in tally.jobs.items():
-            r = httpx.get(server.url + f"/v1/fine_tuning/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"},
-                          timeout=60)
+            r = get(server.url + f"/v1/fine_tuning/jobs/{job_id}", key)
             finals[job_id] = r.json() if r.status_code == 200 else {"status": f"http {r.status_code}"}
         if all(j["status"] in ("succeeded", "failed", "cancelled") for j in finals.values()):
             break
@@ -239,8 +297,7 @@ def check(server: Server, tally: Tally, drain: float) -> tuple[int, int, int]:
         print(f"job {job_id} lost: {job['status']} {job.get('error')}", flush=True)
     files_lost = 0
     for file_id, (key, data) in tally.files.items():
-        r = httpx.get(server.url + f"/v1/files/{file_id}/content", headers={"Authorization": f"Bearer {key}"},
-                      timeout=60)
+        r = get(server.url + f"/v1/files/{file_id}/content", key)
         if r.status_code != 200 or r.content != data:
             files_lost += 1
             print(f"file {file_id} lost: {r.status_code}", flush=True)
@@ -252,7 +309,21 @@ def check(server: Server, tally: Tally, drain: float) -> tuple[int, int, int]:
     values = list(adapters.values())
     reference = max(set(values), key=values.count) if values else b""
     mismatched = sum(1 for v in values if v != reference or not v)
-    return jobs_lost, files_lost, mismatched
+    outcomes: dict[str, int] = {}
+    for job in finals.values():
+        outcomes[job["status"]] = outcomes.get(job["status"], 0) + 1
+    return jobs_lost, files_lost, mismatched, outcomes
+
+
+def mount_tmpfs(folder: Path, size_mb: int) -> tuple[bool, str]:
+    """Mount a tmpfs of `size_mb` MiB on `folder`: (True, "") or (False, why not)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+    except OSError as exc:
+        return False, f"mount: {exc}"
+    return (True, "") if r.returncode == 0 else (False, (r.stderr.strip() or f"mount exited {r.returncode}")[:200])
 
 
 def main(argv=None) -> int:
@@ -260,9 +331,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, required=True, help="how long the load runs")
     parser.add_argument("--clients", type=int, default=4, help="client threads (default: 4)")
     parser.add_argument("--fault-every", type=float, default=30.0, help="mean seconds between faults (default: 30)")
-    parser.add_argument("--job-every", type=float, default=40.0, help="seconds between a client's jobs (default: 40)")
-    parser.add_argument("--drain", type=float, default=300.0, help="seconds the jobs get to finish (default: 300)")
+    parser.add_argument("--job-every", type=float, default=120.0,
+                        help="seconds between a client's jobs (default: 120: on 2 shared cores the worker, one "
+                             "job at a time, keeps up)")
+    parser.add_argument("--drain", type=float, default=1200.0,
+                        help="seconds the jobs still queued at the end get to finish (default: 1200)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the load and the faults (default: 0)")
+    parser.add_argument("--tmpfs-mb", type=int, default=1024,
+                        help="size of the tmpfs the data dir lives on, for the full-disk fault (0: no tmpfs, no "
+                             "full-disk fault; default: 1024)")
     args = parser.parse_args(argv)
 
     import torch
@@ -271,6 +348,13 @@ def main(argv=None) -> int:
     from tests.serve.helpers import save_random_adapters
 
     work = Path(tempfile.mkdtemp(prefix="qforge-soak-"))
+    tmpfs, why_not = mount_tmpfs(work / "data", args.tmpfs_mb) if args.tmpfs_mb > 0 else (False, "--tmpfs-mb 0")
+    if not tmpfs and os.geteuid() != 0 and not os.environ.get("QFORGE_SOAK_UNSHARED") and shutil.which("unshare"):
+        shutil.rmtree(work, ignore_errors=True)  # again, as root of a user and mount namespace of our own
+        os.environ["QFORGE_SOAK_UNSHARED"] = "1"
+        os.execvp("unshare", ["unshare", "-rm", sys.executable, *sys.argv])
+    print(f"full-disk fault: {'on, data dir on a ' + str(args.tmpfs_mb) + ' MiB tmpfs' if tmpfs else 'off (' + why_not + ')'}",
+          flush=True)
     base = tiny_model_folder(work / "tiny")
     model, _ = load_model(str(base), compute_dtype=torch.float32)
     adapters = work / "adapters"
@@ -281,8 +365,8 @@ def main(argv=None) -> int:
     tally, stop = Tally(), threading.Event()
     threads = [threading.Thread(target=client_loop, args=(server, tally, stop, args.seed * 100 + i, args.job_every),
                                 daemon=True) for i in range(args.clients)]
-    threads.append(threading.Thread(target=faults, args=(server, adapters, tally, stop, args.fault_every, args.seed),
-                                    daemon=True))
+    threads.append(threading.Thread(target=faults, args=(server, adapters, tally, stop, args.fault_every, args.seed,
+                                                         tmpfs), daemon=True))
     for t in threads:
         t.start()
     time.sleep(args.seconds)
@@ -292,13 +376,18 @@ def main(argv=None) -> int:
     if not server.up.is_set():
         server.start()
     try:
-        jobs_lost, files_lost, mismatched = check(server, tally, args.drain)
+        jobs_lost, files_lost, mismatched, outcomes = check(server, tally, args.drain)
     finally:
         server.stop()
+        if tmpfs:
+            keep = work / "data-copy"
+            shutil.copytree(work / "data", keep, ignore=shutil.ignore_patterns("*.safetensors", "*.pt", "tokenizer*"))
+            subprocess.run(["umount", str(work / "data")], check=False)
     for line in tally.fives[:10]:
         print("5xx:", line)
-    print(json.dumps({"work": str(work), "jobs": len(tally.jobs), "files": len(tally.files), "faults": tally.faults,
-                      "no_answer": tally.refused}))
+    print(json.dumps({"work": str(work), "jobs": len(tally.jobs), "job_outcomes": outcomes, "files": len(tally.files),
+                      "faults": tally.faults, "no_answer": tally.refused, "disk_full_507": tally.disk_full_507,
+                      "full_disk_fault": "tmpfs" if tmpfs else f"off ({why_not})"}))
     print(f"requests={tally.requests} errors_5xx={tally.errors_5xx} jobs_lost={jobs_lost} files_lost={files_lost} "
           f"adapters_mismatched={mismatched}")
     return 0 if (tally.errors_5xx, jobs_lost, files_lost, mismatched) == (0, 0, 0, 0) else 1

@@ -113,15 +113,24 @@ class DiskFull(OSError):
         self.path = str(path)
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc` is the device running out of space (OSError ENOSPC/EDQUOT, or torch's
-    RuntimeError from its zip writer, which hides the errno)."""
+def is_disk_full(exc: BaseException | None, _depth: int = 0) -> bool:
+    """Whether `exc` is the device running out of space: OSError ENOSPC/EDQUOT, torch's RuntimeError
+    from its zip writer (which hides the errno), SQLite's SQLITE_FULL ("database or disk is full"),
+    PostgreSQL's disk_full (SQLSTATE 53100), or an exception raised from one of those."""
     import errno
+    if exc is None or _depth > 4:
+        return False
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("No space left" in text or "inline_container" in text
-                                              and ("write" in text.lower() or "enforce fail" in text))
+    if isinstance(exc, RuntimeError) and ("No space left" in text or "inline_container" in text
+                                          and ("write" in text.lower() or "enforce fail" in text)):
+        return True
+    if getattr(exc, "sqlite_errorcode", None) == 13 or getattr(exc, "sqlstate", None) == "53100":
+        return True  # SQLITE_FULL; PostgreSQL's disk_full
+    if type(exc).__module__.startswith("sqlite3") and "database or disk is full" in text:
+        return True
+    return is_disk_full(exc.__cause__, _depth + 1)
 
 
 def _short(exc: BaseException) -> str:

@@ -16,7 +16,9 @@ loading is off); --adapter NAME=DIR folders are trusted.
 With --jobs the same server also runs OpenAI's files and fine-tuning jobs API (/v1/files,
 /v1/fine_tuning/jobs) and a dashboard at /: a worker subprocess trains queued jobs one at a time on
 the base, state lives in SQLite under --data-dir, and each finished job's model
-(ft:<base>:<suffix>:<job id>) is served at once.
+(ft:<base>:<suffix>:<job id>) is served at once. The worker's trainers use half the cores
+(--worker-threads) and the server the rest, so training does not starve serving; on a GPU
+--worker-memory-fraction bounds the trainers' share of its memory.
 
   qforge serve --base smollm2 --adapter demo=runs/demo/adapter --adapter-root runs
   qforge serve --jobs --data-dir ~/.qforge
@@ -81,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --jobs: run no worker here (`qforge worker` processes train the jobs)")
     parser.add_argument("--max-file-mb", type=positive_int, default=64,
                         help="with --jobs: the largest upload, in MiB (default: 64)")
+    from .worker import add_limit_arguments
+    add_limit_arguments(parser, default_threads="half the cores, at least 1; the server keeps the others",
+                        prefix="with --jobs: ")
 
 
 def _env_keys(name: str) -> list[str]:
@@ -172,6 +177,7 @@ def build(args: argparse.Namespace, keys: list[str]):
 
 def jobs_config(args: argparse.Namespace):
     from ..jobs.api import JobsConfig
+    from ..jobs.limits import default_worker_threads
     from ..plan import parse_gpu
 
     from ..model.hub import looks_like_hub_id
@@ -180,7 +186,33 @@ def jobs_config(args: argparse.Namespace):
     budget = parse_gpu(args.memory_budget) if args.memory_budget else None
     return JobsConfig(data_dir=Path(args.data_dir).expanduser(), base_model=base, memory_budget=budget,
                       max_file_bytes=args.max_file_mb * 2 ** 20, database_url=database_url(args),
-                      start_worker=not getattr(args, "no_worker", False))
+                      start_worker=not getattr(args, "no_worker", False),
+                      worker_threads=getattr(args, "worker_threads", None) or default_worker_threads(),
+                      worker_memory_fraction=getattr(args, "worker_memory_fraction", None),
+                      worker_args=worker_args(args))
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    """The disk-full flags, passed on to the worker subprocess."""
+    out = []
+    for flag in ("disk_full_retries", "disk_full_backoff", "disk_full_wait"):
+        if getattr(args, flag, None) is not None:
+            out += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return out
+
+
+def share_cores(args: argparse.Namespace) -> tuple[int, int]:
+    """The server and its job worker on one machine: the worker's trainers take --worker-threads
+    (default half the cores), the server's torch the cores left; (serving, training) threads."""
+    import torch
+
+    from ..jobs.limits import default_worker_threads, serving_threads
+    training = getattr(args, "worker_threads", None) or default_worker_threads()
+    serving = serving_threads(training)
+    torch.set_num_threads(serving)
+    print(f"qforge serve: {serving} CPU thread(s) for serving, {training} for the job worker's training",
+          file=sys.stderr, flush=True)
+    return serving, training
 
 
 def database_url(args: argparse.Namespace) -> str | None:
@@ -198,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "jobs", False):  # and on a bad job database: one line naming it, nothing swept
         from ..jobs.pg import open_store
         open_store(Path(args.data_dir).expanduser(), database_url(args))
+    if getattr(args, "jobs", False) and not getattr(args, "no_worker", False):
+        share_cores(args)
     app, engine = build(args, keys)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -10,6 +10,8 @@ worker stops renewing its lease (killed, frozen, cut off) is taken over by anoth
   qforge serve --jobs --database-url postgresql://qforge@db:5432/qforge --data-dir /mnt/qforge --no-worker
 
 Without --database-url the worker serves the SQLite store under --storage (one worker per folder).
+--worker-threads / --worker-memory-fraction bound each trainer when the worker shares its machine with
+a server; a job that runs out of disk space waits for room and resumes (--disk-full-*).
 The URL may also come from QFORGE_DATABASE_URL (so its password is not on the command line).
 """
 from __future__ import annotations
@@ -33,26 +35,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 30)")
     parser.add_argument("--cancel-grace", type=positive_seconds, default=30.0,
                         help="seconds a cancelled job's trainer gets to checkpoint before SIGKILL (default: 30)")
+    add_limit_arguments(parser)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser, default_threads: str = "torch's choice",
+                        prefix: str = "") -> None:
+    """The flags that bound a worker's trainers and its disk-full retries (`qforge worker`, `qforge serve --jobs`)."""
+    from ..jobs.limits import DISK_FULL_BACKOFF_S, DISK_FULL_RETRIES, DISK_FULL_WAIT_S, MAX_BACKOFF_S
     parser.add_argument("--worker-threads", type=positive_int, default=None,
-                        help="CPU threads a trainer may use, leaving the rest to serving (default: torch's choice)")
+                        help=f"{prefix}CPU threads a trainer may use (torch.set_num_threads), leaving the rest to serving "
+                             f"(default: {default_threads})")
     parser.add_argument("--worker-memory-fraction", type=fraction, default=None,
-                        help="share of the GPU's memory a trainer may take, in (0, 1] (default: no bound)")
+                        help=f"{prefix}share of the GPU's memory a trainer may take, in (0, 1] "
+                             "(torch.cuda.set_per_process_memory_fraction; on a CPU accepted and recorded; "
+                             "default: no bound)")
+    parser.add_argument("--disk-full-retries", type=positive_int, default=DISK_FULL_RETRIES,
+                        help=f"{prefix}disk-full attempts in a row before a job fails (default: {DISK_FULL_RETRIES})")
+    parser.add_argument("--disk-full-backoff", type=positive_seconds, default=DISK_FULL_BACKOFF_S,
+                        help=f"{prefix}seconds before the first look for free space after a disk-full attempt, doubling "
+                             f"up to {MAX_BACKOFF_S:.0f} (default: {DISK_FULL_BACKOFF_S:g})")
+    parser.add_argument("--disk-full-wait", type=positive_seconds, default=DISK_FULL_WAIT_S,
+                        help=f"{prefix}seconds a job waits for free space before it fails (default: {DISK_FULL_WAIT_S:g})")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..jobs.pg import open_store
-    from ..jobs.worker import Worker
+    from ..jobs.worker import worker_from_args
 
     url = args.database_url or os.environ.get("QFORGE_DATABASE_URL") or None
     store = open_store(args.storage, url)
     if hasattr(store, "lease_s"):
         store.lease_s = args.lease_seconds
-    env = {}
-    if url:
-        env["QFORGE_DATABASE_URL"] = url
-    if args.worker_threads:
-        env |= {"QFORGE_TRAIN_THREADS": str(args.worker_threads), "OMP_NUM_THREADS": str(args.worker_threads)}
-    if args.worker_memory_fraction:
-        env["QFORGE_TRAIN_MEMORY_FRACTION"] = str(args.worker_memory_fraction)
-    Worker(store, None, args.poll, args.cancel_grace, trainer_env=env).run()
+    worker_from_args(store, args).run()
     return 0

@@ -61,6 +61,9 @@ class JobsConfig:
     cancel_grace_s: float = 30.0
     start_worker: bool = True
     database_url: str | None = None      # postgresql://...: the shared store (qforge.jobs.pg); None: SQLite
+    worker_threads: int | None = None    # the trainers' torch threads (None: torch's choice)
+    worker_memory_fraction: float | None = None  # the trainers' share of the GPU's memory (None: no bound)
+    worker_args: tuple[str, ...] = ()    # more worker flags (the disk-full ones)
 
 
 # ---- request bodies ------------------------------------------------------------------------------
@@ -185,7 +188,10 @@ class JobService:
         if self.config.start_worker:
             from .worker import WorkerSupervisor
             from .pg import worker_env
-            self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s)
+            self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s,
+                                               worker_threads=self.config.worker_threads,
+                                               worker_memory_fraction=self.config.worker_memory_fraction,
+                                               extra_args=list(self.config.worker_args))
             self.supervisor.extra_env = worker_env(self.store)
             self.supervisor.start()
         self._watcher.start()
@@ -233,7 +239,11 @@ class JobService:
             raise
         finally:
             tmp.unlink(missing_ok=True)
-        return self.store.add_file(file_id, owner, filename, "fine-tune", size, len(rows), fmt)
+        try:
+            return self.store.add_file(file_id, owner, filename, "fine-tune", size, len(rows), fmt)
+        except BaseException:  # not recorded (a full disk under the database): the bytes go too
+            final.unlink(missing_ok=True)
+            raise
 
     # ---- jobs ---------------------------------------------------------------------------------
     def _training_file(self, owner: str, file_id: str | None, param: str) -> dict | None:
@@ -277,13 +287,32 @@ class JobService:
 
     def validate_job(self, job_id: str) -> None:
         """validating_files -> queued: link the files into the job folder, choose the method, write
-        config.yaml. Safe to run again after a crash part-way."""
+        config.yaml. Safe to run again after a crash part-way. On a full disk it tries again with a
+        doubling back-off (the job stays 'validating_files'; a restart also takes it up again)."""
+        from ..fileio import is_disk_full
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                return self._validate_job(job_id)
+            except Exception as exc:  # noqa: BLE001 - a full disk waits; anything else is logged
+                if not is_disk_full(exc):
+                    print(f"qforge jobs: validating {job_id} failed: {exc!r}", flush=True)
+                    return
+                print(f"qforge jobs: validating {job_id}: the disk is full; trying again in {delay:.0f} s", flush=True)
+            if self._stop.wait(delay):
+                return
+            delay = min(60.0, delay * 2)
+
+    def _validate_job(self, job_id: str) -> None:
+        from ..fileio import is_disk_full
         job = self.store.get_job(job_id)
         if job is None or job["status"] != "validating_files":
             return
         try:
             config, settings, steps, reason = self._prepare(job)
         except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the service goes on
+            if is_disk_full(exc):
+                raise
             param = "training_file" if isinstance(exc, FileNotFoundError) else None
             error = {"code": "invalid_training_file" if param else "validation_error", "message": str(exc),
                      "param": param}

@@ -147,6 +147,11 @@ class JobStore:
             db.executescript(SCHEMA)
             if new:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        # One idle connection held for the store's life: SQLite removes the -wal and -shm files when
+        # its last connection closes and makes them again at the next open, which fails on a full
+        # disk ("disk I/O error" on a mere read). Held open, they stay, and reads go on.
+        self._keeper = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        self._keeper.execute("SELECT count(*) FROM sqlite_master").fetchall()
 
     @contextlib.contextmanager
     def _connect(self):

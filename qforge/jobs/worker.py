@@ -18,6 +18,19 @@ are keyed by step and checkpoint rows by (job, step), so the replayed steps add 
 A trainer that dies by itself (OOM killer, a crash) is restarted the same way, at most
 MAX_CRASHES times.
 
+Disk full: a trainer that runs out of space (ENOSPC, torch's "enforce fail at inline_container.cc"
+from its zip writer, SQLite's "database or disk is full") ends its attempt with outcome 'disk_full'
+(the checkpoint being written is removed whole by the atomic write). The worker names it in the
+job's events, keeps the job, waits with a doubling back-off until the storage has room again
+(twice the newest checkpoint, at least MIN_FREE_BYTES), then resumes it from its last intact
+checkpoint; after `disk_full_retries` disk-full attempts in a row, or `disk_full_wait_s` without
+room, the job fails with error code 'disk_full'. Temporary files of interrupted writes in the job's
+folder are removed before every attempt (the worker holds the job: nothing else writes there).
+
+Threads and memory: `--worker-threads N` runs every trainer with torch.set_num_threads(N) (and
+OMP_NUM_THREADS), `--worker-memory-fraction F` with torch.cuda.set_per_process_memory_fraction(F) on
+CUDA; the trainer's first event says what it runs with.
+
 Cancel: the API sets status 'cancelled'; the worker sees it within `poll_s` and sends SIGINT to the
 trainer's process group: the loop saves a checkpoint after the current step and exits (SIGKILL after
 `cancel_grace_s`). Checkpoints are kept.
@@ -30,6 +43,7 @@ import fcntl
 import io
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -39,6 +53,9 @@ import time
 import traceback
 from pathlib import Path
 
+from .db import DatabaseError
+from .limits import (DISK_FULL_BACKOFF_S, DISK_FULL_EXIT, DISK_FULL_RETRIES, DISK_FULL_WAIT_S, MAX_BACKOFF_S,
+                     MIN_FREE_BYTES, trainer_env)
 from .pg import store_from_env, worker_env
 from .store import JobStore, derived_id, fine_tuned_model_name, now, pid_alive
 
@@ -46,13 +63,28 @@ try:
     from psycopg import Error as DB_ERRORS  # PostgreSQL's errors, when the store is there
 except ImportError:  # pragma: no cover - psycopg is a dependency
     DB_ERRORS = sqlite3.Error
+DB_ERRORS_T = (DB_ERRORS,)
 
 MAX_CRASHES = 3
 TRAINER_MARK = "qforge.jobs.worker"
 
 
+def folder_bytes(path: Path) -> int:
+    total = 0
+    for f in Path(path).rglob("*"):
+        try:
+            if f.is_file():
+                total += f.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
 def log(message: str) -> None:
-    print(time.strftime("%Y-%m-%d %H:%M:%S"), f"[worker {os.getpid()}]", message, flush=True)
+    try:
+        print(time.strftime("%Y-%m-%d %H:%M:%S"), f"[worker {os.getpid()}]", message, flush=True)
+    except OSError:
+        pass  # the log's disk is full: the work goes on
 
 
 def die_with_parent(parent_pid: int | None) -> None:
@@ -205,10 +237,14 @@ def results_csv(run_dir: Path) -> bytes:
 # ---- the worker ------------------------------------------------------------------------------
 class Worker:
     def __init__(self, store: JobStore, parent_pid: int | None = None, poll_s: float = 0.5,
-                 cancel_grace_s: float = 30.0, trainer_env: dict | None = None):
+                 cancel_grace_s: float = 30.0, trainer_env: dict | None = None,
+                 disk_full_retries: int = DISK_FULL_RETRIES, disk_full_backoff_s: float = DISK_FULL_BACKOFF_S,
+                 disk_full_wait_s: float = DISK_FULL_WAIT_S):
         self.store, self.parent_pid = store, parent_pid
         self.poll_s, self.cancel_grace_s = poll_s, cancel_grace_s
         self.trainer_env = trainer_env or {}  # e.g. the thread bound of --worker-threads
+        self.disk_full_retries, self.disk_full_backoff_s = disk_full_retries, disk_full_backoff_s
+        self.disk_full_wait_s = disk_full_wait_s
         self.stopping = False
         self.lease_lost = False
 
@@ -225,14 +261,23 @@ class Worker:
             return
         log(f"serving jobs from {self.store.root}")
         while not self.should_stop():
-            job = self.store.claim_next_job(os.getpid())
+            try:
+                job = self.store.claim_next_job(os.getpid())
+            except (sqlite3.Error, DatabaseError, *DB_ERRORS_T) as exc:  # a busy, full or unreachable database
+                log(f"no job claimed this time: {exc!r}")
+                time.sleep(max(self.poll_s, 1.0))
+                continue
             if job is None:
                 time.sleep(self.poll_s)
                 continue
             try:
                 self.run_job(job)
-            except Exception:  # noqa: BLE001 - a bug in one job's bookkeeping must not stop the queue
+            except Exception as exc:  # noqa: BLE001 - a bug in one job's bookkeeping must not stop the queue
                 log(f"job {job['id']}: {traceback.format_exc()}")
+                from ..fileio import is_disk_full
+                if is_disk_full(exc):  # nothing could be recorded: the job stays ours and resumes
+                    time.sleep(self.disk_full_backoff_s)
+                    continue
                 self.store.update_job(job["id"], only_if_status=("running",), status="failed", finished_at=now(),
                                       train_pid=None, error={"code": "internal_error", "param": None,
                                                              "message": "the worker failed while running the job"},
@@ -253,12 +298,42 @@ class Worker:
                 time.sleep(0.2)
 
     def run_job(self, job: dict) -> None:
+        """Train the claimed job to its outcome; a disk-full attempt waits for room and runs again."""
+        from ..fileio import clean_temporaries, is_disk_full
+
         job_id = job["id"]
         job_dir = self.store.job_dir(job_id)
         if job["resumed"]:
             kill_stale_trainer(job["stale_train_pid"], job_id)
             self.store.add_event(job_id, f"Resuming the job from its last checkpoint (attempt {job['attempts']})",
                                  level="warn")
+        full, returncode = 0, None
+        while True:
+            for leftover in clean_temporaries(job_dir):  # this worker holds the job: no write is in flight
+                log(f"job {job_id}: removed '{leftover.relative_to(job_dir)}', left by an interrupted write")
+            if returncode is None:  # (else the training succeeded and only recording its outcome ran out of room)
+                returncode = self.attempt(job, job_dir)
+                if returncode is None:
+                    return  # the lease went to another worker
+            try:
+                why = self.finish(job, returncode, job_dir)
+            except Exception as exc:  # noqa: BLE001 - anything but a full disk goes up to run()
+                if not is_disk_full(exc):
+                    raise
+                why = f"no space left on the device while recording the job's outcome ({_first_line(exc)})"
+                if _read_result(job_dir).get("status") != "succeeded":
+                    returncode = None
+            else:
+                returncode = None
+            if why is None:
+                return
+            full += 1
+            if not self.wait_for_space(job, full, why):
+                return
+
+    def attempt(self, job: dict, job_dir: Path) -> int | None:
+        """One trainer run of the job: its exit status, or None when the lease was lost meanwhile."""
+        job_id = job["id"]
         (job_dir / "result.json").unlink(missing_ok=True)
         log(f"job {job_id}: training (attempt {job['attempts']})")
         with open(job_dir / "train.log", "ab") as out:
@@ -278,8 +353,98 @@ class Worker:
                 proc.wait()
         if self.lease_lost:  # another worker runs the job now: its outcome is that worker's to record
             log(f"job {job_id}: lease lost to another worker; trainer stopped, nothing recorded")
-            return
-        self.finish(job, proc.returncode, job_dir)
+            return None
+        return proc.returncode
+
+    # ---- a full disk ---------------------------------------------------------------------------
+    def space_needed(self, job_dir: Path) -> int:
+        """Free bytes a retry needs: twice the newest checkpoint (its write and the next), at least MIN_FREE_BYTES."""
+        from ..train.checkpoint import latest_checkpoint
+        latest = latest_checkpoint(job_dir / "run" / "checkpoints")
+        return max(MIN_FREE_BYTES, 2 * folder_bytes(latest) if latest else 0)
+
+    def wait_for_space(self, job: dict, count: int, why: str) -> bool:
+        """After the job's `count`-th disk-full attempt in a row: say so in its events and wait (a
+        doubling back-off, the lease renewed, cancel and stop watched) until the storage has room,
+        then True (run it again). False when the job was cancelled, the worker is stopping or the
+        lease is lost, or when the job failed here for good (too many times, or no room for too long)."""
+        job_id, job_dir = job["id"], self.store.job_dir(job["id"])
+        log(f"job {job_id}: disk full ({count}): {why}")
+        if count > self.disk_full_retries:
+            self.fail_disk_full(job, f"{why}; the disk was full on {count} attempts in a row")
+            return False
+        need = self.space_needed(job_dir)
+        named = (f"Disk full: {why}. Nothing half-written is kept; the job waits until the storage has "
+                 f"{need / 2 ** 20:.0f} MiB free and resumes from its last checkpoint "
+                 f"(retry {count} of {self.disk_full_retries})")
+        recorded = self._record(lambda: self.store.update_job(
+            job_id, only_if_status=("running",), train_pid=None, estimated_finish=None, level="warn",
+            events=[(named, None)]))
+        delay = self.disk_full_backoff_s * 2 ** (count - 1)
+        started = time.monotonic()
+        while True:
+            until = time.monotonic() + min(delay, MAX_BACKOFF_S)
+            while time.monotonic() < until:
+                if not self._still_holding(job):
+                    return False
+                time.sleep(min(self.poll_s, max(0.0, until - time.monotonic())))
+            if not self._still_holding(job):
+                return False
+            free = shutil.disk_usage(job_dir).free
+            if free >= need:
+                if not recorded:  # the database shares the full disk: the event is written now there is room
+                    self._record(lambda: self.store.add_event(job_id, named, level="warn"))
+                self._record(lambda: self.store.add_event(
+                    job_id, f"The storage has room again ({free / 2 ** 20:.0f} MiB free); resuming the job from "
+                    "its last checkpoint", level="info"))
+                return True
+            if time.monotonic() - started > self.disk_full_wait_s:
+                self.fail_disk_full(job, f"{why}; the storage had only {free / 2 ** 20:.0f} MiB free after "
+                                    f"{self.disk_full_wait_s:.0f} s of waiting (needs {need / 2 ** 20:.0f} MiB)")
+                return False
+            delay *= 2
+
+    @staticmethod
+    def _record(write) -> bool:
+        """An event written while the disk may still be full: False when it could not be, and the wait goes on."""
+        from ..fileio import is_disk_full
+        try:
+            write()
+            return True
+        except Exception as exc:  # noqa: BLE001
+            if not is_disk_full(exc):
+                raise
+            log(f"event not recorded (disk full): {exc!r}")
+            return False
+
+    def _still_holding(self, job: dict) -> bool:
+        """While waiting for room: renew the lease; False (after recording why) when the job was
+        cancelled, the worker is stopping, or another worker holds the job now."""
+        try:
+            if not self.store.renew_lease(job["id"], os.getpid()):
+                log(f"job {job['id']}: lease lost to another worker while waiting for disk space")
+                return False
+            status = self.store.job_status(job["id"])
+        except Exception as exc:  # noqa: BLE001 - the database is unreachable or full: keep waiting
+            log(f"job {job['id']}: lease not renewed this time: {exc!r}")
+            status = "running"
+        if status == "cancelled":
+            self.finish(job, 0, self.store.job_dir(job["id"]))
+            return False
+        if status != "running":
+            return False
+        if self.should_stop():
+            self.store.update_job(job["id"], train_pid=None, events=[(
+                "The worker is stopping; the job will resume from its last checkpoint", None)], level="warn")
+            return False
+        return True
+
+    def fail_disk_full(self, job: dict, why: str) -> None:
+        message = f"disk full: {why}; free some space and create the job again"
+        self.store.update_job(job["id"], only_if_status=("running",), status="failed", finished_at=now(),
+                              train_pid=None, estimated_finish=None,
+                              error={"code": "disk_full", "message": message, "param": None},
+                              events=[(f"The job failed: {message}", "failed")], level="error")
 
     def follow(self, job: dict, proc: subprocess.Popen) -> None:
         """Until the trainer exits: record its progress, and stop it (SIGINT, then SIGKILL after the
@@ -313,12 +478,11 @@ class Worker:
         except (sqlite3.Error, OSError, ValueError, DB_ERRORS) as exc:  # the next attempt or worker syncs it again
             log(f"job {job['id']}: last progress not recorded: {exc!r}")
 
-    def finish(self, job: dict, returncode: int, job_dir: Path) -> None:
+    def finish(self, job: dict, returncode: int, job_dir: Path) -> str | None:
+        """Record the attempt's outcome. Returns why, when the attempt ran out of disk space (the
+        job is still running: the caller waits for room and runs it again), else None."""
         job_id = job["id"]
-        try:
-            result = json.loads((job_dir / "result.json").read_text())
-        except (OSError, ValueError):
-            result = {"status": "crashed"}
+        result = _read_result(job_dir)
         status = self.store.job_status(job_id)
         log(f"job {job_id}: trainer exited ({returncode}), result {result['status']}, job {status}")
         if status == "cancelled":
@@ -327,6 +491,10 @@ class Worker:
                                   events=[(f"The job was cancelled; its {kept} checkpoint(s) are kept", "cancelled")])
         elif status != "running":
             return
+        elif result["status"] == "disk_full":
+            return result["error"]["message"]
+        elif result["status"] == "crashed" and returncode == DISK_FULL_EXIT:
+            return "no space left on the device for the trainer's result file"
         elif result["status"] == "succeeded":
             self.succeed(job, result)
         elif result["status"] == "failed":
@@ -339,6 +507,7 @@ class Worker:
                 "The worker is stopping; the job will resume from its last checkpoint", None)], level="warn")
         else:
             self.crashed(job, returncode)
+        return None
 
     def crashed(self, job: dict, returncode: int) -> None:
         crashes = job["crashes"] + 1
@@ -365,6 +534,17 @@ class Worker:
         model = fine_tuned_model_name(job["model"], job["suffix"], job_id)
         tokens = (result.get("summary") or {}).get("tokens")
         self.store.complete_job(job_id, model, tokens, results)
+
+
+def _read_result(job_dir: Path) -> dict:
+    try:
+        return json.loads((job_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return {"status": "crashed"}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 # ---- the trainer (a subprocess per job attempt) -----------------------------------------------
@@ -400,8 +580,12 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
         text = text.replace(f"{job_dir}/", "").replace(str(job_dir), ".")
         text = text.replace(f"model {cfg.model} ", f"model {base_name} ")
         if text:
-            store.add_event(job_id, text)
+            try:
+                store.add_event(job_id, text)
+            except Exception as exc:  # noqa: BLE001 - a message not recorded (a full disk) never stops training
+                print(f"(event not recorded: {exc!r})", flush=True)
 
+    report(resources_message())
     try:
         result, summary = run_training(cfg, log=report)
         return {"status": "interrupted" if result.interrupted else "succeeded", "summary": summary}
@@ -414,14 +598,16 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
     except TrainingDiverged as exc:
         return {"status": "failed", "error": _error("training_diverged", str(exc).replace(f"{job_dir}/", ""))}
     except DiskFull as exc:
-        return {"status": "failed", "error": _error("disk_full", str(exc).replace(f"{job_dir}/", ""))}
-    except (OSError, RuntimeError) as exc:
+        traceback.print_exc()
+        return {"status": "disk_full", "error": _error("disk_full", exc.strerror.replace(f"{job_dir}/", "")
+                                                       .replace("; free some space and try again", ""))}
+    except (OSError, RuntimeError, sqlite3.Error, *DB_ERRORS_T) as exc:
+        traceback.print_exc()
         if not is_disk_full(exc):
-            traceback.print_exc()
             return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
                                                         .replace(f"{job_dir}/", ""))}
-        return {"status": "failed", "error": _error("disk_full", "no space left on the device while training; free "
-                                                    "some space and create the job again")}
+        return {"status": "disk_full", "error": _error("disk_full", "no space left on the device while training "
+                                                       f"({_first_line(exc)})".replace(f"{job_dir}/", ""))}
     except MemoryError:
         return {"status": "failed", "error": _error("out_of_memory", "training ran out of memory; lower "
                                                     "batch_size or max_seq_len, or use method qlora")}
@@ -431,16 +617,31 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
                                                     .replace(f"{job_dir}/", ""))}
 
 
+def apply_limits() -> None:
+    """--worker-threads and --worker-memory-fraction, from the environment the worker gave the trainer."""
+    import torch
+    if os.environ.get("QFORGE_TRAIN_THREADS"):  # training leaves cores to serving
+        torch.set_num_threads(int(os.environ["QFORGE_TRAIN_THREADS"]))
+    if os.environ.get("QFORGE_TRAIN_MEMORY_FRACTION") and torch.cuda.is_available():  # the GPU is shared
+        torch.cuda.set_per_process_memory_fraction(float(os.environ["QFORGE_TRAIN_MEMORY_FRACTION"]))
+
+
+def resources_message() -> str:
+    """What the trainer runs with, for the job's events: its torch threads and its GPU memory share."""
+    import torch
+    text = f"The training process uses {torch.get_num_threads()} CPU thread(s)"
+    fraction = os.environ.get("QFORGE_TRAIN_MEMORY_FRACTION")
+    if fraction and torch.cuda.is_available():
+        text += f" and at most {float(fraction):g} of the GPU's memory"
+    elif fraction:
+        text += f"; GPU memory fraction {float(fraction):g} recorded (no CUDA device: not applied)"
+    return text
+
+
 def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | None) -> int:
     die_with_parent(parent_pid)
-    if os.environ.get("QFORGE_TRAIN_THREADS"):  # --worker-threads: training leaves cores to serving
-        import torch
-        torch.set_num_threads(int(os.environ["QFORGE_TRAIN_THREADS"]))
-    if os.environ.get("QFORGE_TRAIN_MEMORY_FRACTION"):  # --worker-memory-fraction: the GPU is shared
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.set_per_process_memory_fraction(float(os.environ["QFORGE_TRAIN_MEMORY_FRACTION"]))
-    from ..fileio import atomic_write_bytes
+    apply_limits()
+    from ..fileio import DiskFull, atomic_write_bytes
     guard = open(job_dir / "trainer.lock", "a")
     try:  # a second trainer on one job (leases make it impossible; this makes it certain) stops here
         fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -448,7 +649,11 @@ def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | Non
         print(f"another trainer holds job {job_id}; this one exits without training", flush=True)
         return 3
     outcome = train(job_dir, job_id, store_from_env(data_dir))
-    atomic_write_bytes(job_dir / "result.json", json.dumps(outcome).encode())
+    try:
+        atomic_write_bytes(job_dir / "result.json", json.dumps(outcome).encode())
+    except DiskFull as exc:
+        print(f"{exc}; the worker waits for room and runs the job again", flush=True)
+        return DISK_FULL_EXIT
     return 0
 
 
@@ -458,9 +663,14 @@ class WorkerSupervisor:
     doubling while it keeps dying within a few seconds, up to a minute)."""
 
     def __init__(self, data_dir: Path, poll_s: float = 0.5, cancel_grace_s: float = 30.0,
-                 restart_delay_s: float = 1.0):
+                 restart_delay_s: float = 1.0, worker_threads: int | None = None,
+                 worker_memory_fraction: float | None = None, extra_args: list[str] = ()):
         self.data_dir = Path(data_dir)
-        self.args = ["--poll", str(poll_s), "--cancel-grace", str(cancel_grace_s)]
+        self.args = ["--poll", str(poll_s), "--cancel-grace", str(cancel_grace_s), *extra_args]
+        if worker_threads:
+            self.args += ["--worker-threads", str(worker_threads)]
+        if worker_memory_fraction:
+            self.args += ["--worker-memory-fraction", str(worker_memory_fraction)]
         self.cancel_grace_s, self.restart_delay_s = cancel_grace_s, restart_delay_s
         self.proc: subprocess.Popen | None = None
         self.extra_env: dict = {}  # QFORGE_DATABASE_URL for a PostgreSQL store
@@ -524,12 +734,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cancel-grace", type=float, default=30.0)
     parser.add_argument("--train", default=None, metavar="JOB_DIR", help="run one job attempt (the trainer)")
     parser.add_argument("--job-id", default=None)
+    parser.add_argument("--worker-threads", type=int, default=None)  # checked by the commands that start it
+    parser.add_argument("--worker-memory-fraction", type=float, default=None)
+    parser.add_argument("--disk-full-retries", type=int, default=DISK_FULL_RETRIES)
+    parser.add_argument("--disk-full-backoff", type=float, default=DISK_FULL_BACKOFF_S)
+    parser.add_argument("--disk-full-wait", type=float, default=DISK_FULL_WAIT_S)
     args = parser.parse_args(argv)
     if args.train:
         return train_main(Path(args.train), args.job_id, Path(args.data_dir), args.parent_pid)
     die_with_parent(args.parent_pid)
-    Worker(store_from_env(args.data_dir), args.parent_pid, args.poll, args.cancel_grace).run()
+    worker_from_args(store_from_env(args.data_dir), args, args.parent_pid).run()
     return 0
+
+
+def worker_from_args(store: JobStore, args: argparse.Namespace, parent_pid: int | None = None) -> Worker:
+    env = {**worker_env(store), **trainer_env(args.worker_threads, args.worker_memory_fraction)}
+    return Worker(store, parent_pid, args.poll, args.cancel_grace, trainer_env=env,
+                  disk_full_retries=args.disk_full_retries, disk_full_backoff_s=args.disk_full_backoff,
+                  disk_full_wait_s=args.disk_full_wait)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import ANONYMOUS, AdapterOwners, Caller, KeyRing, check_adapter_name
 from .embeddings import add_embedding_routes
-from .guards import FLOAT32_TINY, BodyTooLarge, Busy, CatchAll, LimitBody, OffLoop, lone_surrogate
+from .guards import FLOAT32_TINY, BodyTooLarge, Busy, CatchAll, ClientDisconnected, LimitBody, OffLoop, lone_surrogate
 from .engine import Engine, Event, QueueFull, Request as GenRequest, RequestError, SamplingParams
 from .logprobs import MAX_TOP_LOGPROBS, chat_logprobs, completion_logprobs, trim_to_text
 from .structured import GrammarError, compile_plan
@@ -48,7 +48,7 @@ MAX_BODY_BYTES = 8 * 2 ** 20
 
 
 # ---- errors --------------------------------------------------------------------------------------
-class ClientGone(Exception):
+class ClientGone(ClientDisconnected):
     """The client disconnected before its answer was ready."""
 
 
@@ -111,7 +111,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(_, exc: Exception):
-        return _error_response(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
+        return _error_response(internal_error(exc))
+
+
+def internal_error(exc: BaseException) -> APIError:
+    """The answer to an exception nothing else handled: 507 naming a full disk (the request may be
+    retried once there is room), else a plain 500."""
+    from ..fileio import is_disk_full
+    if is_disk_full(exc):
+        return APIError(507, "the server's disk is full: nothing was stored; retry later", "server_error",
+                        code="disk_full")
+    return APIError(500, f"internal error: {type(exc).__name__}", "server_error")
 
 
 # ---- request bodies ------------------------------------------------------------------------------

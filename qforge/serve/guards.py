@@ -89,6 +89,10 @@ class LimitBody:
         await send({"type": "http.response.body", "body": body})
 
 
+class ClientDisconnected(Exception):
+    """The client went away mid-answer: nothing to answer, nothing to log."""
+
+
 class CatchAll:
     """An exception that escapes the app becomes a 500 answer (when none has started) and is not
     re-raised: the connection stays usable for the client's next request."""
@@ -109,13 +113,36 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, watched_send)
-        except Exception as exc:  # noqa: BLE001 - logged here, answered as a 500
-            print(f"qforge serve: internal error on {scope.get('method')} {scope.get('path')}:", file=sys.stderr)
-            traceback.print_exception(exc, file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - logged here, answered as a 500 (507 for a full disk)
+            from ..fileio import is_disk_full
+            if _caused_by(exc, ClientDisconnected):
+                return  # a hang-up mid-stream is the client's choice, not an internal error
+            where = f"{scope.get('method')} {scope.get('path')}"
+            full = is_disk_full(exc)
+            if full:
+                print(f"qforge serve: disk full on {where}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                      file=sys.stderr)
+            else:
+                print(f"qforge serve: internal error on {where}:", file=sys.stderr)
+                traceback.print_exception(exc, file=sys.stderr)
             if not started:
-                start, body = _json_error(500, f"internal error: {type(exc).__name__}", "server_error", None)
+                start, body = (_json_error(507, "the server's disk is full: nothing was stored; retry later",
+                                           "server_error", "disk_full") if full else
+                               _json_error(500, f"internal error: {type(exc).__name__}", "server_error", None))
                 await send(start)
                 await send({"type": "http.response.body", "body": body})
+
+
+def _caused_by(exc: BaseException | None, kind: type) -> bool:
+    """Whether `exc` or an exception it was raised from (Starlette wraps one a handler took after
+    the answer began) is a `kind`."""
+    for _ in range(5):
+        if exc is None:
+            return False
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class Busy(Exception):
