@@ -64,6 +64,11 @@ class LoraVariant:
     name = "lora"
     extra_weights: dict[str, str] = {}  # adapter attribute -> PEFT key suffix, beyond lora_A / lora_B
 
+    def __deepcopy__(self, memo):
+        # one stateless object per variant: a deep-copied adapter must still be `variant is LORA`
+        # (else it left the fused path for the unfused one, with other roundings)
+        return self
+
     def create(self, adapter: "LoraAdapter", out_features: int, dtype: torch.dtype) -> None:
         """Make the variant's own parameters on a new adapter."""
 

@@ -86,7 +86,7 @@ def qforge_grads(folder, keep_base_outputs: bool):
         a = layer.adapters["default"]
         assert a.lora_A.weight.dtype == torch.float32 and a.lora_A.weight.grad.dtype == torch.float32
         grads[n] = (a.lora_A.weight.grad, a.lora_B.weight.grad)
-    return float(loss), grads, layers
+    return float(loss.detach()), grads, layers
 
 
 def peft_grads(folder, layer_shapes):
@@ -113,14 +113,17 @@ def peft_grads(folder, layer_shapes):
         A, B = modules[n].lora_A["default"].weight, modules[n].lora_B["default"].weight
         assert A.dtype == torch.float32  # PEFT's autocast_adapter_dtype
         grads[n] = (A.grad, B.grad)
-    return float(loss), grads
+    codes = {n: modules[n].base_layer.weight.data.flatten() for n in init}  # bitsandbytes' packed 4-bit codes
+    return float(loss.detach()), grads, codes
 
 
 @pytest.mark.parametrize("keep_base_outputs", [False, True], ids=["full-recompute", "keep-base-outputs"])
 def test_one_step_gradients_match_peft(folder, keep_base_outputs):
     q_loss, q_grads, layers = qforge_grads(folder, keep_base_outputs)
     shapes = [(n, (l.out_features, l.in_features)) for n, l in sorted(layers.items())]
-    p_loss, p_grads = peft_grads(folder, shapes)
+    p_loss, p_grads, p_codes = peft_grads(folder, shapes)
+    for n, layer in layers.items():  # the same 4-bit base on both sides
+        assert torch.equal(layer.base.quant_state.packed.flatten(), p_codes[n]), n
     assert sorted(q_grads) == sorted(p_grads) and len(q_grads) == 14  # 7 linears x 2 layers
     assert q_loss == pytest.approx(p_loss, rel=5e-3)
     q_all = torch.cat([g.flatten() for n in sorted(q_grads) for g in q_grads[n]])
