@@ -40,7 +40,7 @@ eval_loss_vs_peft=X eval_loss_vs_bf16_lora=Y grad_cosine_vs_peft=Z, X = qforge Q
 loss over PEFT's and Y = over qforge BF16 LoRA's, each the larger of the ratios over the learning
 rates; Z the gradient cosine. Targets: X <= 1.01, Y <= 1.02, Z >= 0.99.
 
-Measured at 5814fe3 on the shared 2-vCPU machine (--batch-size 4 --eval-every 50, the two learning
+Measured at 459038f on the shared 2-vCPU machine (--batch-size 4 --eval-every 50, the two learning
 rates in parallel processes): eval_loss_vs_peft=1.0680 eval_loss_vs_bf16_lora=1.3472
 grad_cosine_vs_peft=0.9979. With the same 4-bit tensors and B = 0 the step-0 eval losses already
 differ, qforge 0.6757 against PEFT 0.6702: the forward's precision (PEFT's recipe carries a float32
