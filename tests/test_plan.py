@@ -97,7 +97,9 @@ def test_nf4_double_quant_costs_about_0127_bits():
 def test_adapter_gradient_and_optimizer_bytes():
     plan = plan_run(as_arch("llama-3.1-8b"), "qlora", rank=32)
     params = 32 * 32 * (2 * 8192 + 2 * 5120 + 3 * (4096 + 14336))  # r * layers * sum(in + out)
-    assert plan.adapter_weights == 2 * params and plan.gradients == 4 * params
+    assert plan.adapter_weights == 4 * params and plan.gradients == 4 * params  # float32 adapters (the default)
+    bf16 = plan_run(as_arch("llama-3.1-8b"), "qlora", rank=32, adapter_bytes=2)
+    assert bf16.adapter_weights == 2 * params and bf16.gradients == 2 * params
     assert plan.optimizer_state == pytest.approx(2 * params, rel=0.02)  # 8-bit: 2 bytes + block absmax
     assert plan_run(as_arch("llama-3.1-8b"), "qlora", optimizer="adamw_torch").optimizer_state == 8 * params
     full = plan_run(as_arch("llama-3.1-8b"), "full")

@@ -54,6 +54,9 @@ HELP = {
     "loftq_iters": "LoftQ initialisation iterations (0: plain LoRA initialisation)",
     "quant_type": "4-bit data type of the base: nf4 or fp4", "double_quant": "quantise the 4-bit scales too",
     "compute_dtype": "dtype of the computation: bfloat16, float16 or float32",
+    "adapter_dtype": "dtype the LoRA weights are kept, updated and saved in: float32 (as PEFT; every optimiser "
+                     "update kept) or bfloat16 (half the adapter memory; updates under half a BF16 ulp are lost); "
+                     "the products run in --compute-dtype either way",
     "optimizer": "paged_adamw_8bit, adamw_8bit or adamw (32-bit state)", "lr": "peak learning rate",
     "weight_decay": "AdamW weight decay", "lr_scheduler": "decay after warmup: cosine, linear or constant",
     "warmup_ratio": "share of the steps spent in linear warmup",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import recompute
 from .dropout import HashDropout
@@ -21,7 +22,11 @@ from .dropout import HashDropout
 @dataclass
 class LoraSpec:
     """How to build adapters. `target_modules`: "all-linear" or a list of module-name suffixes
-    (q_proj, k_proj, ...). `loftq_iters` > 0 initialises A, B (and the 4-bit base) with LoftQ."""
+    (q_proj, k_proj, ...). `loftq_iters` > 0 initialises A, B (and the 4-bit base) with LoftQ.
+    `dtype` is the dtype the weights are kept (and trained, and saved) in; the products run in the
+    layer's compute dtype whatever it is. Float32, the default as in PEFT (autocast_adapter_dtype),
+    keeps every optimiser update: in BF16 an Adam step below half a BF16 ulp of a weight
+    (|update| < |w| / 256) is rounded away."""
 
     r: int = 16
     alpha: float = 32.0
@@ -30,7 +35,7 @@ class LoraSpec:
     use_rslora: bool = False
     use_dora: bool = False
     loftq_iters: int = 0
-    dtype: torch.dtype = torch.bfloat16
+    dtype: torch.dtype = torch.float32
     modules_to_skip: list[str] = field(default_factory=lambda: ["lm_head"])
 
     def __post_init__(self):
@@ -59,6 +64,11 @@ class LoraVariant:
     name = "lora"
     extra_weights: dict[str, str] = {}  # adapter attribute -> PEFT key suffix, beyond lora_A / lora_B
 
+    def __deepcopy__(self, memo):
+        # one stateless object per variant: a deep-copied adapter must still be `variant is LORA`
+        # (else it left the fused path for the unfused one, with other roundings)
+        return self
+
     def create(self, adapter: "LoraAdapter", out_features: int, dtype: torch.dtype) -> None:
         """Make the variant's own parameters on a new adapter."""
 
@@ -69,7 +79,7 @@ class LoraVariant:
     def forward(self, layer, adapter: "LoraAdapter", x: torch.Tensor) -> torch.Tensor:
         """The layer's bias-free output with this adapter for x [..., in] in the compute dtype."""
         if not adapter.dropout_active() and adapter.fusable(layer.compute_dtype):
-            fused = layer.base.fused_lora(x, adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling)
+            fused = layer.base.fused_lora(x, *adapter.weights(x.dtype), adapter.scaling)
             if fused is not None:
                 return fused
         if recompute.full_recomputation() or not adapter.fusable(layer.compute_dtype):
@@ -84,7 +94,8 @@ class LoraVariant:
         # the scaling applied to the rank-r factor: no (rows, out) passes for the scaling and the sum.
         base = layer.base.product(x)
         h = adapter.scaled_down(x)                                                    # (..., r)
-        out = torch.addmm(base.reshape(-1, layer.out_features), h.reshape(-1, adapter.r), adapter.lora_B.weight.t())
+        B = adapter.weights(h.dtype)[1]
+        out = torch.addmm(base.reshape(-1, layer.out_features), h.reshape(-1, adapter.r), B.t())
         return out.view(base.shape)
 
     @torch.no_grad()
@@ -130,22 +141,27 @@ class LoraAdapter(nn.Module):
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
     def fusable(self, dtype: torch.dtype) -> bool:
-        """Whether B's product may be added onto the base output in `dtype` directly: the adapter
-        computes in that dtype and is plain LoRA."""
-        return self.variant is LORA and self.lora_A.weight.dtype == self.lora_B.weight.dtype == dtype
+        """Whether B's product may be added onto the base output in `dtype` directly: plain LoRA
+        (its products run in the compute dtype whatever dtype its weights are kept in)."""
+        return self.variant is LORA
+
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) for products in `dtype`: the weights themselves when kept in it,
+        else cast copies whose gradients flow back to the kept weights in their dtype (float32
+        weights compute in BF16 as PEFT's do under autocast: the same products, the same gradients)."""
+        return self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
 
     def dropout_active(self) -> bool:
         return isinstance(self.dropout, HashDropout) and self.dropout.training and self.dropout.p > 0
 
     def scaled_down(self, x: torch.Tensor) -> torch.Tensor:
-        """s * A(dropout(x)): the rank-r factor of low_rank, the scaling applied here. [..., r]"""
-        x = self.dropout(x.to(self.lora_A.weight.dtype))
-        return self.lora_A(x) * self.scaling
+        """s * A(dropout(x)) in x's dtype: the rank-r factor of low_rank, the scaling applied here. [..., r]"""
+        return F.linear(self.dropout(x), self.weights(x.dtype)[0]) * self.scaling
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """s * B(A(dropout(x))), computed in the adapter's dtype: [..., in] -> [..., out]."""
-        x = self.dropout(x.to(self.lora_A.weight.dtype))
-        return self.lora_B(self.lora_A(x)) * self.scaling
+        """s * B(A(dropout(x))), computed in x's dtype (the layer's compute dtype): [..., in] -> [..., out]."""
+        A, B = self.weights(x.dtype)
+        return F.linear(F.linear(self.dropout(x), A), B) * self.scaling
 
     def peft_weights(self) -> dict[str, torch.Tensor]:
         """PEFT key suffix -> tensor, for every weight of this adapter."""

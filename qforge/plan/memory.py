@@ -576,12 +576,14 @@ def _check_run(method: str, seq_len: int, batch_size: int, rank: int, num_gpus: 
 def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, batch_size: int = 1, rank: int = 32,
              gradient_checkpointing: bool = True, num_gpus: int = 1, quant_type: str = "nf4",
              double_quant: bool = True, optimizer: str = "paged_adamw_8bit",
-             constants: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False) -> Plan:
+             constants: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False,
+             adapter_bytes: int = 4) -> Plan:
     """Memory of fine-tuning `config` with `method` ("qlora", "lora" or "full"), in bytes.
 
     qlora: 4-bit base (quant_type, with or without double quantisation) + BF16 LoRA adapters of
     `rank` on every decoder linear; lora: the same adapters on a BF16 base; full: every weight
-    trained. Adapters are BF16 (2 bytes/param) with fp32 gradients (4); full fine-tuning keeps
+    trained. Adapters take `adapter_bytes` per parameter (4: float32, the default; 2: BF16) and
+    their gradients as many (a gradient has its parameter's dtype); full fine-tuning keeps
     BF16 gradients (2). The optimiser is AdamW, 8- or 32-bit (see optimizer_bytes).
     keep_base_outputs: selective checkpointing (see activation_bytes).
     """
@@ -599,7 +601,7 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     else:
         trained = adapter_tensors(arch, rank)
         adapter_params = sum(n * k for n, k in trained)
-        adapters, grads = 2 * adapter_params, 4 * adapter_params
+        adapters, grads = adapter_bytes * adapter_params, adapter_bytes * adapter_params
     optim = optimizer_bytes(trained, optimizer)
     acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants, keep_base_outputs)
     temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants)

@@ -11,6 +11,9 @@ import yaml
 METHODS = ("qlora", "lora", "full")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 REPORT_TO = ("tensorboard", "wandb", "none")
+# float32: adapter weights kept, updated and saved in float32 (PEFT's default), computed in compute_dtype;
+# bfloat16: kept in BF16, where an optimiser step under half a BF16 ulp of a weight is lost.
+ADAPTER_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class TrainConfig:
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
+    adapter_dtype: str = "float32"  # the adapters' weights (products run in compute_dtype); see ADAPTER_DTYPES
     optimizer: str = "paged_adamw_8bit"
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -90,6 +94,8 @@ class TrainConfig:
         if unknown or not str(self.report_to).strip():
             raise ValueError(f"report_to: expected a comma-separated list of {', '.join(REPORT_TO)}, "
                              f"got {self.report_to!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype: expected one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
         if self.optimizer not in ("paged_adamw_8bit", "adamw_8bit", "adamw"):
             raise ValueError(f"optimizer: expected paged_adamw_8bit, adamw_8bit or adamw, got {self.optimizer!r}")
 

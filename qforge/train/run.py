@@ -20,7 +20,7 @@ def lora_spec(cfg: TrainConfig):
     from ..nn import LoraSpec
     return LoraSpec(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
                     use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, loftq_iters=cfg.loftq_iters,
-                    dtype=getattr(torch, cfg.compute_dtype))
+                    dtype=getattr(torch, cfg.adapter_dtype))
 
 
 def load_for_method(cfg: TrainConfig, device: torch.device | None = None):

@@ -110,15 +110,31 @@ def test_bench_is_a_command():
 # on chats of the demo task's kind (a seed no split uses), then fine-tuned with the bench's recipe
 # (12 steps of batch 8, lr 1e-3, same seed and data order) as NF4, FP4 and BF16 LoRA.
 # Measured (pretraining loss 2.67): eval loss at step 0, i.e. the quantisation alone: NF4 2.9438,
-# FP4 2.9466, BF16 2.9411; after 12 steps: NF4 2.8839, FP4 2.8811, BF16 LoRA 2.8785 (NF4 / LoRA
-# 1.0019). In an earlier variant (150 pretraining steps, hidden 256 x 4 layers, loss 1.44):
-# NF4 / LoRA 1.0004, NF4 / FP4 0.9987 after training. Where the two 4-bit types' quantisation
-# errors differ by 0.1%, 12 steps of training move their order either way (here FP4 ended 0.1%
-# lower), so NF4 <= FP4 is asserted on the quantised model, as the paper compares them, and after
-# training to within NF4_VS_FP4_AFTER_TRAINING.
+# FP4 2.9466, BF16 2.9411; after 12 steps (float32 adapters): NF4 2.8838, FP4 2.8810, BF16 LoRA
+# 2.8791 (NF4 / LoRA 1.0016; with BF16 adapters it was 2.8839 / 2.8811 / 2.8785). In an earlier
+# variant (150 pretraining steps, hidden 256 x 4 layers, loss 1.44): NF4 / LoRA 1.0004, NF4 / FP4
+# 0.9987 after training. Where the two 4-bit types' quantisation errors differ by 0.1%, 12 steps
+# of training move their order either way (here FP4 ended 0.1% lower).
+#
+# Why two runs of this test differ at all, and what is asserted: the tiny model is pretrained here,
+# 60 steps at lr 3e-3 in BF16 autocast, a chaotic process whose result follows every rounding of
+# torch's CPU kernels. On one machine the whole test is deterministic: measured on this project's
+# 2-vCPU machine (Xeon with AVX-512 BF16), the pretraining with 1 and with 2 threads ends at
+# bit-identical weights (loss 2.668223), and a later run repeated the step-0 losses above (NF4
+# 2.94390, FP4 2.94668; the auto keep-base-outputs choice, which depends on free memory, changes
+# the roundings of training but not step 0: B is zero there and evaluation runs without
+# checkpointing). Another
+# machine (another CPU: oneDNN picks AVX2 / AVX-512 / AMX BF16 kernels by instruction set) pretrains
+# another model: there NF4 2.8471 vs FP4 2.8460 at step 0, and the first assertion failed. A
+# 0.04-0.1% difference between the two 4-bit types' eval losses is inside that variation, so the
+# ordering is asserted where the data is unambiguous, on the quantisation error of the model's own
+# weights (FP4's mean squared error is 1.73x NF4's here, 1.7-1.8x on normal and on SmolLM2's
+# weights in benchmarks/quant_fidelity.py; FP4_VS_NF4_MSE_BAR leaves room), and the eval losses,
+# before and after training, within NF4_VS_FP4_LOSS_MARGIN.
 FINDING_STEPS = 12
 LORA_BAR = 0.02
-NF4_VS_FP4_AFTER_TRAINING = 0.005
+NF4_VS_FP4_LOSS_MARGIN = 0.005
+FP4_VS_NF4_MSE_BAR = 1.3
 
 
 def pretrain_tiny_llama(folder, steps: int = 60, hidden: int = 128, layers: int = 2, lr: float = 3e-3):
@@ -160,9 +176,14 @@ def pretrain_tiny_llama(folder, steps: int = 60, hidden: int = 128, layers: int 
 
 
 @pytest.fixture(scope="module")
-def finding(tmp_path_factory):
+def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("finding")
-    pretrain_loss = pretrain_tiny_llama(out / "model")
+    return out, pretrain_tiny_llama(out / "model")
+
+
+@pytest.fixture(scope="module")
+def finding(pretrained):
+    out, pretrain_loss = pretrained
     recipe = dict(bench.default_recipe(), model=str(out / "model"), max_steps=FINDING_STEPS, eval_every=0)
     runs = {m: bench.run_method(m, recipe, out / m, None, initial_eval=True, log=lambda *_: None)
             for m in ("qlora", "qlora-fp4", "lora")}
@@ -178,7 +199,20 @@ def test_nf4_double_quant_is_within_2_percent_of_bf16_lora(finding):
     assert final["qlora"] < finding["qlora"][0] and final["lora"] < finding["lora"][0]  # training did something
 
 
+def weight_mse(folder, quant_type: str) -> float:
+    """Mean squared quantisation error (double quantisation, block 64) over the decoder's linear weights."""
+    from safetensors.torch import load_file
+
+    from qforge.quant.fidelity import measure
+    weights = [w for k, w in load_file(str(folder / "model.safetensors")).items()
+               if ".layers." in k and k.endswith("proj.weight")]
+    return sum(measure(quant_type, w, quant_type, True).mse * w.numel() for w in weights) / sum(w.numel() for w in weights)
+
+
 @pytest.mark.slow
-def test_nf4_is_no_worse_than_fp4(finding):
-    assert finding["qlora"][0] <= finding["qlora-fp4"][0], finding  # the quantisation alone
-    assert finding["qlora"][-1] <= finding["qlora-fp4"][-1] * (1 + NF4_VS_FP4_AFTER_TRAINING), finding
+def test_nf4_is_no_worse_than_fp4(pretrained, finding):
+    mse = {q: weight_mse(pretrained[0] / "model", q) for q in ("nf4", "fp4")}
+    print(f"\nquantisation MSE of the pretrained weights: {mse}")
+    assert mse["fp4"] >= FP4_VS_NF4_MSE_BAR * mse["nf4"], mse  # the quantisation alone, where it is clear
+    assert finding["qlora"][0] <= finding["qlora-fp4"][0] * (1 + NF4_VS_FP4_LOSS_MARGIN), finding  # step 0
+    assert finding["qlora"][-1] <= finding["qlora-fp4"][-1] * (1 + NF4_VS_FP4_LOSS_MARGIN), finding

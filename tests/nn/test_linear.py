@@ -130,3 +130,39 @@ def test_moving_the_layer_moves_its_base_and_keeps_its_result(device):
         torch.testing.assert_close(layer(x.to(device)).cpu(), cpu_layer(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer.dequantized(torch.float32).cpu(), cpu_layer.dequantized(torch.float32),
                                    rtol=0, atol=0)
+
+
+def test_float32_adapters_compute_in_bf16_and_keep_small_updates():
+    """Float32 adapter weights (the default, as PEFT's) run their products in the layer's BF16, so
+    forward and gradients equal those of BF16 weights holding the same (rounded) values, and the
+    gradients arrive in float32; an update below half a BF16 ulp is kept, where BF16 weights lose it."""
+    assert LoraSpec().dtype == torch.float32
+    torch.manual_seed(3)
+    fp32 = AdaptedLinear.quantized(nn.Linear(96, 80), compute_dtype=torch.bfloat16)
+    nn.init.normal_(fp32.add_adapter("a", LoraSpec(r=8, alpha=16, dropout=0.0)).lora_B.weight, std=0.1)
+    bf16 = copy.deepcopy(fp32)
+    a32, a16 = fp32.adapters["a"], bf16.adapters["a"]
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B"):  # BF16 twins of the float32 weights, rounded once
+            w = getattr(a32, name).weight
+            w.copy_(w.to(torch.bfloat16).float())
+            getattr(a16, name).weight = nn.Parameter(w.to(torch.bfloat16))
+    x = torch.randn(2, 7, 96, dtype=torch.bfloat16)
+    y32, y16 = fp32(x), bf16(x)
+    assert y32.dtype == y16.dtype == torch.bfloat16
+    assert torch.equal(y32, y16)
+    g = torch.randn_like(y32)
+    y32.backward(g)
+    y16.backward(g)
+    for name in ("lora_A", "lora_B"):
+        g32, g16 = getattr(a32, name).weight.grad, getattr(a16, name).weight.grad
+        assert g32.dtype == torch.float32 and g16.dtype == torch.bfloat16
+        assert torch.equal(g32, g16.float())
+    # 1e-4 on entries of about 0.1 (a BF16 ulp there is 2^-10 ~ 9.8e-4): float32 keeps every one
+    with torch.no_grad():
+        w32, w16 = a32.lora_A.weight, a16.lora_A.weight
+        w32.fill_(0.1)
+        w16.fill_(0.1)
+        w32.add_(1e-4)
+        w16.add_(1e-4)
+    assert bool((w32 != torch.tensor(0.1)).all()) and bool((w16 == torch.tensor(0.1, dtype=torch.bfloat16)).all())

@@ -1,0 +1,427 @@
+"""Training quality: qforge QLoRA against bitsandbytes + PEFT QLoRA and against qforge's own BF16 LoRA.
+
+    .venv/bin/python benchmarks/train_quality.py [--steps 100] [--lrs 1e-4,2e-4] [--batch-size 8]
+                                                 [--variants ...] [--out runs/train_quality]
+
+The embedded model (SmolLM2-135M-Instruct) on the demo task (qforge/data/demo_task: train.jsonl to
+train, val.jsonl's 100 rows to evaluate), LoRA r=16 / alpha 32 / dropout 0.05 on every linear layer
+but lm_head, batch 8 rows (~80 tokens each), 8-bit AdamW (weight decay 0, gradient clipping at 1.0),
+the demo recipe's schedule (5% linear warmup, cosine to 10% of the peak), bf16 autocast, gradient
+checkpointing, `--steps` steps at each learning rate of `--lrs`. Every variant sees the same
+batches in the same order (qforge.train.loop.micro_batches, seed 0), starts from the same A
+(PEFT's kaiming-uniform init drawn once from a fixed generator, copied into each side by layer
+name; B = 0) and the same 4-bit base: PEFT loads qforge's cached bitsandbytes-format folder of the
+model (NF4, double quantisation, block 64, quantised from the float32 weights), the very tensors
+qforge trains on.
+
+    variant               what
+    qforge-qlora          `qforge train --method qlora` as shipped (float32 adapters, computed in BF16)
+    peft-bnb-qlora        PEFT's documented QLoRA recipe: prepare_model_for_kbit_training (float32
+                          norms and embeddings, full checkpointing), LoraConfig(target_modules=
+                          "all-linear"), float32 adapters (autocast_adapter_dtype), bitsandbytes'
+                          Linear4bit and AdamW8bit, `model(**batch).loss`
+    qforge-lora           `qforge train --method lora` (the same adapters on a frozen BF16 base)
+    qforge-qlora-bf16     qforge QLoRA with --adapter-dtype bfloat16 (the old default: no float32 weights)
+
+qforge's variants run qforge.train.loop.train_loop itself; PEFT's a loop with the same schedule,
+clipping and optimiser settings. Each variant and learning rate runs in a fresh process. The eval
+loss (token-weighted mean over val.jsonl, the same function for every variant, with the
+modules in train mode but dropout off: see eval_loss) is taken at step 0 and every `--eval-every` steps. For the qforge
+variants the script also counts, after every step, the adapter elements whose value the step left
+unchanged (lora_A and lora_B apart): the cost of keeping adapters in BF16, where an update below
+half a BF16 ulp of a weight rounds away.
+
+grad_cosine_vs_peft: before training, each side runs one forward and backward on the first batch
+(bf16 autocast, gradient checkpointing, dropout off so both see the same function, B = 0 so only
+B has a gradient) and the cosine between the two sides' concatenated adapter gradients is taken.
+
+Writes OUT/quality.json (everything) and OUT/train_quality.png (the loss curves). Last line:
+eval_loss_vs_peft=X eval_loss_vs_bf16_lora=Y grad_cosine_vs_peft=Z, X = qforge QLoRA's final eval
+loss over PEFT's and Y = over qforge BF16 LoRA's, each the larger of the ratios over the learning
+rates; Z the gradient cosine. Targets: X <= 1.01, Y <= 1.02, Z >= 0.99.
+
+Measured at 459038f on the shared 2-vCPU machine (--batch-size 4 --eval-every 50, the two learning
+rates in parallel processes): eval_loss_vs_peft=1.0680 eval_loss_vs_bf16_lora=1.3472
+grad_cosine_vs_peft=0.9979. With the same 4-bit tensors and B = 0 the step-0 eval losses already
+differ, qforge 0.6757 against PEFT 0.6702: the forward's precision (PEFT's recipe carries a float32
+residual stream, float32 embeddings and norms; qforge a BF16 one). A float32 residual in qforge
+(embeddings in float32, the adapted layers returning their input's dtype) measured 0.6727 at step 0,
+half the gap. BF16 LoRA starts at 0.5725: NF4 of the embedded model's Q4_1-derived weights costs
+18% before training (see tests/eval/test_bench.py), which 100 steps of adapters do not recover.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("qforge-qlora", "peft-bnb-qlora", "qforge-lora", "qforge-qlora-bf16")
+RANK, ALPHA, DROPOUT = 16, 32, 0.05
+QUANT = {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
+INIT_SEED = 1234
+PEFT_PREFIX = "base_model.model."
+
+
+# ---- shared pieces ------------------------------------------------------------------------------
+def train_config(variant: str, lr: float, steps: int, batch_size: int, out: Path):
+    from qforge.eval.tasks import demo_task_paths
+    from qforge.train.config import TrainConfig
+    paths = demo_task_paths()
+    return TrainConfig(model="smollm2", data=str(paths["train"]), eval_data=str(paths["val"]),
+                       method="lora" if variant == "qforge-lora" else "qlora", rank=RANK, alpha=ALPHA,
+                       dropout=DROPOUT, target_modules="all-linear", lr=lr, weight_decay=0.0, warmup_ratio=0.05,
+                       min_lr_ratio=0.1, lr_scheduler="cosine", max_grad_norm=1.0, max_steps=steps,
+                       batch_size=batch_size, max_seq_len=256, eval_every=0, save_every=0, seed=0,
+                       adapter_dtype="bfloat16" if variant == "qforge-qlora-bf16" else "float32",
+                       output_dir=str(out), device="cpu")
+
+
+def lora_modules(model) -> dict:
+    """Layer path (as in the base model: model.layers.0.self_attn.q_proj) -> (A, B) parameters."""
+    from torch import nn
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "adapters") and "default" in getattr(module, "adapters", {}):  # qforge
+            a = module.adapters["default"]
+            out[name] = (a.lora_A.weight, a.lora_B.weight)
+        elif isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and "default" in module.lora_A:  # PEFT
+            out[name.removeprefix(PEFT_PREFIX)] = (module.lora_A["default"].weight, module.lora_B["default"].weight)
+    return out
+
+
+def shared_start(model) -> None:
+    """A from one fixed generator, layer by layer in name order (PEFT's kaiming-uniform, bound
+    1/sqrt(in)), copied into whichever side this is; B = 0."""
+    import torch
+    gen = torch.Generator().manual_seed(INIT_SEED)
+    with torch.no_grad():
+        for name, (A, B) in sorted(lora_modules(model).items()):
+            bound = 1.0 / math.sqrt(A.shape[1])
+            A.copy_((torch.rand(A.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound)
+            B.zero_()
+
+
+def first_gradients(model, batch, loss_fn) -> dict:
+    """Adapter gradients of one forward + backward on `batch`, dropout off; grads cleared after."""
+    import torch
+    from qforge.nn.dropout import HashDropout
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Dropout, HashDropout)):
+            m.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(batch)
+    loss.backward()
+    grads = {}
+    for name, (A, B) in lora_modules(model).items():
+        grads[name + ".lora_A"] = A.grad.detach().float().clone()
+        grads[name + ".lora_B"] = B.grad.detach().float().clone()
+    model.zero_grad(set_to_none=True)
+    model.train()
+    return grads
+
+
+def unchanged_elements(before: dict, after: dict) -> dict:
+    """{"A": (unchanged, total), "B": (...)}: adapter elements equal before and after a step."""
+    counts = {"A": [0, 0], "B": [0, 0]}
+    for name, (a0, b0) in before.items():
+        a1, b1 = after[name]
+        for key, old, new in (("A", a0, a1), ("B", b0, b1)):
+            counts[key][0] += int((old == new).sum())
+            counts[key][1] += old.numel()
+    return {k: tuple(v) for k, v in counts.items()}
+
+
+def snapshot(model) -> dict:
+    return {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in lora_modules(model).items()}
+
+
+def eval_loss(model, dataset, cfg, pad_id: int) -> float:
+    """Token-weighted mean loss over `dataset` (qforge.train.loss.causal_lm_loss, bf16 autocast), the
+    same function for every variant. The modules stay in train mode with only the dropouts off:
+    bitsandbytes' Linear4bit repacks its weight in place for inference after an eval-mode forward,
+    and the training forwards after that lose their input gradients silently (measured: PEFT then
+    barely trains), so no variant is put in eval mode."""
+    import torch
+    from qforge.nn.dropout import HashDropout
+    from qforge.train.data import collate
+    from qforge.train.loss import causal_lm_loss
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Dropout, HashDropout)):
+            m.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for start in range(0, len(dataset), cfg.batch_size):
+                batch = collate([dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))], pad_id)
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                total += causal_lm_loss(model, batch).float().item() * n
+                count += n
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return total / max(count, 1)
+
+
+def data_for(cfg, tok):
+    from qforge.train.data import build_dataset
+    train, val, _ = build_dataset(cfg.data, tok, max_seq_len=cfg.max_seq_len, eval_path=cfg.eval_data, seed=cfg.seed)
+    return train, val
+
+
+# ---- children -----------------------------------------------------------------------------------
+def child_qforge(variant: str, cfg, eval_every: int, out: Path) -> dict:
+    import torch
+    from qforge.train.data import collate
+    from qforge.train.loop import micro_batches, total_steps_for, train_loop
+    from qforge.train.loss import causal_lm_loss
+    from qforge.train.run import load_for_method
+
+    device = torch.device("cpu")
+    model, tok = load_for_method(cfg, device)
+    shared_start(model)
+    train, val = data_for(cfg, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    first = micro_batches(len(train), cfg, total_steps_for(len(train), cfg))[0]
+    grads = first_gradients(model, collate([train[i] for i in first], pad), lambda b: causal_lm_loss(model, b))
+    torch.save(grads, out / "first_grads.pt")
+    curve = [(0, eval_loss(model, val, cfg, pad))]
+    unchanged, prev = [], [snapshot(model)]
+
+    def on_step(rec: dict) -> None:
+        now = snapshot(model)
+        unchanged.append(unchanged_elements(prev[0], now))
+        prev[0] = now
+        if rec["step"] % eval_every == 0 or rec["step"] == cfg.max_steps:
+            curve.append((rec["step"], eval_loss(model, val, cfg, pad)))
+            print(f"{variant} lr {cfg.lr:g}: step {rec['step']} loss {rec['loss']:.4f} eval {curve[-1][1]:.4f}",
+                  file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    result = train_loop(model, tok, train, val, cfg, log=lambda *_: None, on_step=on_step, device=device)
+    A, B = next(iter(lora_modules(model).values()))
+    return {"losses": result.losses, "eval_curve": curve, "unchanged": unchanged, "seconds": time.perf_counter() - t0,
+            "adapter_dtype": str(A.dtype).removeprefix("torch."), "tokens": result.tokens}
+
+
+def build_peft(cfg):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from qforge.model.load import smollm2_quantized_folder
+
+    folder = smollm2_quantized_folder(QUANT)  # the 4-bit tensors qforge trains on
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.bfloat16)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def child_peft(cfg, eval_every: int, out: Path) -> dict:
+    import bitsandbytes as bnb
+    import torch
+    from qforge.train.data import collate
+    from qforge.train.loop import micro_batches, total_steps_for
+    from qforge.train.schedule import lr_at
+
+    device = torch.device("cpu")
+    model, tok = build_peft(cfg)
+    shared_start(model)
+    train, val = data_for(cfg, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    total = total_steps_for(len(train), cfg)
+    order = micro_batches(len(train), cfg, total)
+    grads = first_gradients(model, collate([train[i] for i in order[0]], pad),
+                            lambda b: model(**b, use_cache=False).loss)
+    torch.save(grads, out / "first_grads.pt")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    curve = [(0, eval_loss(model, val, cfg, pad))]
+    warmup = cfg.warmup_for(total)
+    losses, tokens = [], 0
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(total):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, cfg.lr, warmup, cfg.min_lr_ratio, cfg.lr_scheduler)
+        batch = collate([train[i] for i in order[step]], pad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        tokens += int(batch["attention_mask"].sum())
+        if (step + 1) % eval_every == 0 or step + 1 == total:
+            curve.append((step + 1, eval_loss(model, val, cfg, pad)))
+            print(f"peft lr {cfg.lr:g}: step {step + 1} loss {losses[-1]:.4f} eval {curve[-1][1]:.4f}",
+                  file=sys.stderr, flush=True)
+    A, _ = next(iter(lora_modules(model).values()))
+    return {"losses": losses, "eval_curve": curve, "unchanged": [], "seconds": time.perf_counter() - t0,
+            "adapter_dtype": str(A.dtype).removeprefix("torch."), "tokens": tokens}
+
+
+def child(variant: str, lr: float, steps: int, batch_size: int, eval_every: int, out: Path) -> None:
+    import torch
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = train_config(variant, lr, steps, batch_size, out)
+    record = child_peft(cfg, eval_every, out) if variant == "peft-bnb-qlora" else \
+        child_qforge(variant, cfg, eval_every, out)
+    record.update(variant=variant, lr=lr, batch_size=batch_size, threads=torch.get_num_threads())
+    (out / "record.json").write_text(json.dumps(record))
+
+
+# ---- the parent ---------------------------------------------------------------------------------
+def cosine(a: dict, b: dict) -> float:
+    import torch
+    keys = sorted(a)
+    if sorted(b) != keys:
+        raise SystemExit(f"the two sides adapt different layers: {sorted(set(a) ^ set(b))[:4]}")
+    x = torch.cat([a[k].flatten() for k in keys])
+    y = torch.cat([b[k].flatten() for k in keys])
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+
+
+def unchanged_line(record: dict) -> str:
+    rows = record["unchanged"]
+    if not rows:
+        return ""
+    pick = [s for s in (1, 2, 3, 5, 10, 25, 50, len(rows)) if s <= len(rows)]
+    parts = []
+    for s in dict.fromkeys(pick):
+        u = rows[s - 1]
+        parts.append(f"step {s}: A {u['A'][0] / u['A'][1]:.1%} B {u['B'][0] / u['B'][1]:.1%}")
+    later = rows[1:] or rows
+    mean_a = sum(u["A"][0] / u["A"][1] for u in later) / len(later)
+    mean_b = sum(u["B"][0] / u["B"][1] for u in later) / len(later)
+    return "; ".join(parts) + f"; mean over steps 2-{len(rows)}: A {mean_a:.1%} B {mean_b:.1%}"
+
+
+def plot(records: list[dict], lrs: list[float], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(lrs), figsize=(6.5 * len(lrs), 4.5), squeeze=False)
+    for ax, lr in zip(axes[0], lrs):
+        for r in (r for r in records if r["lr"] == lr):
+            line, = ax.plot(range(1, len(r["losses"]) + 1), r["losses"], lw=0.8, alpha=0.7,
+                            label=f"{r['variant']} train")
+            ax.plot(*zip(*r["eval_curve"]), "o-", ms=3, lw=1.5, color=line.get_color(),
+                    label=f"{r['variant']} eval")
+        ax.set_yscale("log")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("loss (log scale)")
+        ax.set_title(f"SmolLM2-135M, demo task, lr {lr:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=100, help="optimiser steps per run (default: 100)")
+    ap.add_argument("--lrs", default="1e-4,2e-4", help="peak learning rates, comma-separated (default: 1e-4,2e-4)")
+    ap.add_argument("--batch-size", type=int, default=8, help="rows per step (default: 8)")
+    ap.add_argument("--eval-every", type=int, default=25, help="steps between eval losses (default: 25)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
+    ap.add_argument("--out", default="runs/train_quality", help="output folder (default: runs/train_quality)")
+    ap.add_argument("--report", action="store_true",
+                    help="only print the report from the records an earlier run left in --out (default: off)")
+    ap.add_argument("--child", nargs=2, metavar=("VARIANT", "LR"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.child:
+        return child(args.child[0], float(args.child[1]), args.steps, args.batch_size, args.eval_every,
+                     out / f"{args.child[0]}-lr{args.child[1]}")
+    lrs = [float(x) for x in args.lrs.split(",")]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or "qforge-qlora" not in variants:
+        raise SystemExit(f"--variants: unknown {bad} (known: {', '.join(VARIANTS)}); qforge-qlora is required")
+    from qforge.model.load import smollm2_quantized_folder
+    smollm2_quantized_folder(QUANT)  # built once, before any child
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                           os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    records = []
+    if not args.report:
+        for lr in lrs:
+            for v in variants:
+                folder = out / f"{v}-lr{lr:g}"
+                cmd = [sys.executable, __file__, "--child", v, f"{lr:g}", "--steps", str(args.steps),
+                       "--batch-size", str(args.batch_size), "--eval-every", str(args.eval_every), "--out", str(out)]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                (out / f"{v}-lr{lr:g}.log").write_text(proc.stdout)
+                if proc.returncode != 0 or not (folder / "record.json").is_file():
+                    print(proc.stdout[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{v} at lr {lr:g} failed (exit {proc.returncode})")
+                print(f"ran {v} lr {lr:g} in {time.perf_counter() - t0:.0f} s", flush=True)
+    for lr in lrs:  # what ran (all of it, or with --report what earlier runs left)
+        for v in variants:
+            path = out / f"{v}-lr{lr:g}" / "record.json"
+            if path.is_file():
+                records.append(json.loads(path.read_text()))
+    report(records, args, lrs, variants, out)
+
+
+def report(records: list[dict], args, lrs: list[float], variants: list[str], out: Path) -> None:
+    """Print the tables and the last line, write quality.json and the PNG."""
+    import torch
+    grads = {v: out / f"{v}-lr{lrs[0]:g}" / "first_grads.pt" for v in ("qforge-qlora", "peft-bnb-qlora")}
+    grad_cos = (cosine(torch.load(grads["qforge-qlora"]), torch.load(grads["peft-bnb-qlora"]))
+                if all(p.is_file() for p in grads.values()) else float("nan"))
+    batch_size = records[0].get("batch_size", args.batch_size) if records else args.batch_size
+    print(f"\nSmolLM2-135M-Instruct, demo task, {args.steps} steps of {batch_size} rows, r={RANK} alpha={ALPHA} "
+          f"dropout={DROPOUT}, all linear layers, 8-bit AdamW, bf16 autocast, gradient checkpointing, same batches, "
+          f"same A init, same 4-bit base (NF4 + double quant from the float32 weights)")
+    print("| variant | lr | adapter dtype | first losses | final train loss (mean of last 10) | eval loss by step |")
+    print("|---|---:|---|---|---:|---|")
+    for r in records:
+        curve = ", ".join(f"{s}: {e:.4f}" for s, e in r["eval_curve"])
+        tail = r["losses"][-10:]
+        print(f"| {r['variant']} | {r['lr']:g} | {r['adapter_dtype']} | {[round(x, 4) for x in r['losses'][:3]]} "
+              f"| {sum(tail) / len(tail):.4f} | {curve} |")
+    print("\ntrain loss every 10 steps:")
+    for r in records:
+        print(f"  {r['variant']:<18} lr {r['lr']:g}: " + " ".join(f"{x:.3f}" for x in r["losses"][::10]))
+    print("\nadapter elements a step leaves unchanged (share of all A / B elements):")
+    for r in records:
+        if r["unchanged"]:
+            print(f"  {r['variant']:<18} lr {r['lr']:g} ({r['adapter_dtype']}): {unchanged_line(r)}")
+    final = {(r["variant"], r["lr"]): r["eval_curve"][-1][1] for r in records}
+    ratios_peft = [final[("qforge-qlora", lr)] / final[("peft-bnb-qlora", lr)] for lr in lrs
+                   if ("peft-bnb-qlora", lr) in final and ("qforge-qlora", lr) in final]
+    ratios_lora = [final[("qforge-qlora", lr)] / final[("qforge-lora", lr)] for lr in lrs
+                   if ("qforge-lora", lr) in final and ("qforge-qlora", lr) in final]
+    for lr in lrs:
+        row = {v: final.get((v, lr)) for v in variants}
+        print(f"final eval loss at lr {lr:g}: " + ", ".join(f"{v} {x:.4f}" for v, x in row.items() if x is not None))
+    if records:
+        plot(records, lrs, out / "train_quality.png")
+    (out / "quality.json").write_text(json.dumps({"records": records, "grad_cosine_vs_peft": grad_cos}))
+    x = max(ratios_peft) if ratios_peft else float("nan")
+    y = max(ratios_lora) if ratios_lora else float("nan")
+    print(f"eval_loss_vs_peft={x:.4f} eval_loss_vs_bf16_lora={y:.4f} grad_cosine_vs_peft={grad_cos:.4f}")
+
+if __name__ == "__main__":
+    main()
