@@ -380,3 +380,43 @@ def hqq_from_state_dict(state_dict: dict, prefix: str = "") -> HQQState:
         else:
             setattr(state, name, need(name))
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# quant_type names ("hqq4", "hqq3", "hqq2"), as TrainConfig, the loader and the commands spell them
+
+HQQ_QUANT_TYPES = ("hqq4", "hqq3", "hqq2")
+HQQ_META_DTYPE = torch.float16  # the package's default compute dtype, which is its scales' and zeros' dtype
+
+
+def hqq_nbits(quant_type: str) -> int | None:
+    """4, 3 or 2 for "hqq4" / "hqq3" / "hqq2"; None for any other quant type (nf4, fp4, ...)."""
+    if isinstance(quant_type, str) and quant_type.startswith("hqq"):
+        if quant_type not in HQQ_QUANT_TYPES:
+            raise ValueError(f"quant type '{quant_type}': HQQ is offered at {', '.join(HQQ_QUANT_TYPES)}")
+        return int(quant_type[3:])
+    return None
+
+
+def check_hqq_group_size(group_size: int, shape, name: str = "weight") -> None:
+    """ValueError naming `name` when `group_size` does not cut a weight of `shape` into whole groups."""
+    numel = int(torch.Size(shape).numel())
+    if not isinstance(group_size, int) or group_size <= 0 or numel % group_size:
+        raise ValueError(f"hqq: group size {group_size} does not divide the {numel} values of {name} "
+                         f"(shape {list(shape)}); choose a group size that divides it (64 is the default)")
+
+
+def hqq_state_keys(state_dict, prefix: str) -> list[str]:
+    """The keys of an HQQ-quantised layer at `prefix` (include the dot) in a state dict: every key
+    `hqq_state_dict` writes there (W_q, scale, zero, nbits, ..., meta_scale.*), not its bias."""
+    names = {"W_q", "scale", "zero", "scale_q", "zero_q", "nbits", "group_size", "shape", "axis", "packing",
+             "unpack_view_dtype", "compute_dtype", "view_as_float", "quant_scale", "quant_zero", "offload_meta",
+             "encoded_state_dict", "stores_quant_config", "channel_wise", "optimize", "round_zero"}
+    out = []
+    for key in state_dict:
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix):]
+        if rest in names or rest.startswith(("meta_scale.", "meta_zero.")):
+            out.append(key)
+    return out

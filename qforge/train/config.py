@@ -11,6 +11,7 @@ import yaml
 METHODS = ("qlora", "lora", "full")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 REPORT_TO = ("tensorboard", "wandb", "none")
+QUANT_TYPES = ("nf4", "fp4", "hqq4", "hqq3", "hqq2")  # qlora's base: bitsandbytes 4-bit, or HQQ at 4/3/2 bits
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrainConfig:
     loftq_iters: int = 0
     quant_type: str = "nf4"
     double_quant: bool = True
+    hqq_group_size: int = 64  # values per scale and zero-point of an HQQ base (quant_type hqq4/hqq3/hqq2)
     compute_dtype: str = "bfloat16"
     optimizer: str = "paged_adamw_8bit"
     lr: float = 2e-4
@@ -90,6 +92,10 @@ class TrainConfig:
         if unknown or not str(self.report_to).strip():
             raise ValueError(f"report_to: expected a comma-separated list of {', '.join(REPORT_TO)}, "
                              f"got {self.report_to!r}")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type: expected one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
+        if not isinstance(self.hqq_group_size, int) or self.hqq_group_size < 1:
+            raise ValueError(f"hqq_group_size: must be a positive integer, got {self.hqq_group_size!r}")
         if self.optimizer not in ("paged_adamw_8bit", "adamw_8bit", "adamw"):
             raise ValueError(f"optimizer: expected paged_adamw_8bit, adamw_8bit or adamw, got {self.optimizer!r}")
 

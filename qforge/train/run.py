@@ -38,9 +38,11 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
     dtype = getattr(torch, cfg.compute_dtype)
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process of the run
     if cfg.method == "qlora":
+        hqq = cfg.quant_type.startswith("hqq")  # an HQQ base: its group size is the loader's blocksize
         model, tok = load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                                compute_dtype=dtype, target_modules=cfg.target_modules, lora=lora_spec(cfg),
-                                revision=cfg.revision, device=device)
+                                blocksize=cfg.hqq_group_size if hqq else 64, compute_dtype=dtype,
+                                target_modules=cfg.target_modules, lora=lora_spec(cfg), revision=cfg.revision,
+                                device=device)
     else:
         model, tok = load_model(cfg.model, compute_dtype=dtype, quantize=False, revision=cfg.revision, device=device)
         if cfg.method == "lora":
@@ -74,8 +76,8 @@ def count_parameters(model) -> tuple[int, int]:
     its elements (out x in), not the bytes of its packed codes, and tied weights count once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    from ..model.surgery import quantized_layers
-    for _, layer in quantized_layers(model):  # a 4-bit base: its codes are a buffer, not a Parameter
+    from ..model.surgery import hqq_layers, quantized_layers
+    for _, layer in [*quantized_layers(model), *hqq_layers(model)]:  # codes are a buffer, not a Parameter
         stored = sum(p.numel() for p in layer.parameters(recurse=False)  # FSDP's float storage of the codes
                      if p is not layer.bias)
         total += math.prod(layer.base.shape) - stored
