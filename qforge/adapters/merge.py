@@ -214,7 +214,7 @@ def _config_dict(model: nn.Module, dtype: torch.dtype, records: list[dict], quan
 
 def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, name: str = "default",
                 dtype: torch.dtype = torch.bfloat16, requantize: str | None = None,
-                adapter_source: str | Path | None = None) -> Path:
+                adapter_source: str | Path | None = None, group_size: int | None = None) -> Path:
     """Write `model` with adapter `name` merged as a plain transformers folder (config.json without
     quantization_config, model.safetensors in `dtype`, tokenizer files when `tokenizer` is given,
     qforge_merge.json), or with requantize="nf4"/"fp4" as a bitsandbytes 4-bit folder, "hqq4"/"hqq3"/
