@@ -284,9 +284,9 @@ def merge_in_place_4bit(model: nn.Module | None = None, name: str = "default") -
     demo = _rounding_demo(model, name) if model is not None else ""
     raise InPlaceMergeError(
         f"merging adapter '{name}' in place into 4-bit (or HQQ) weights is refused: it would requantise "
-        "dequant(W) + s*B@A, and since dequant(W) already sits on the quantisation grid (NF4's, or HQQ's per-group "
-        "one) while the update is far smaller than the grid's step size, nearly every weight rounds back to its old "
-        "code and the adapter's effect is lost."
+        "dequant(W) + s*B@A, and since dequant(W) already sits on the quantisation grid while the update is far "
+        "smaller than the NF4 step size (or an HQQ group's step, coarser still at 3 and 2 bits), nearly every weight "
+        "rounds back to its old code and the adapter's effect is lost."
         f"{demo} Supported: dequantise, merge in float32 and write a dense model with `{SUPPORTED_COMMAND}` "
         "(bfloat16 by default, or --dtype float32); add `--requantize nf4` (or hqq4, hqq3, hqq2) only if you need "
         "a quantised folder "

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ..nn import AdaptedLinear, LoraSpec, Quant4bitBase
-from ..nn.hqq_base import base_from_state_dict as hqq_base_from_state_dict, quantized_base
-from ..quant.hqq import hqq_state_keys
-from ..quant import QuantState
+from ..nn.hqq_base import HQQBase, base_from_state_dict as hqq_base_from_state_dict
+from ..quant.hqq import hqq_nbits, hqq_state_keys
+from ..quant import QuantState, quantize as quantize_tensor
 from .checkpoint import INDEX_NAME, WEIGHTS_NAME, read_bnb_config, save_tokenizer, write_new_folder
 from .surgery import DEFAULT_SKIP, add_adapter, linear_names, quantize_linears, select_targets, set_module
 
@@ -249,6 +249,7 @@ def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: li
     move it there), or read its weight [out, in], move it there and quantise it there (dispatch:
     Triton on CUDA; the same bits as on the CPU). The bias, if any, is read too. Uses about one
     weight of host memory, and on the device about one weight beyond the 4-bit model."""
+    nbits = None
     if prequantised:
         prefix = name + ".weight"
         keys = [k for k in ckpt.keys() if k == prefix or k.startswith(prefix + ".")]
@@ -262,10 +263,14 @@ def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: li
             raise ValueError(f"tensor '{aliases[0]}' has shape {list(weight.shape)}, the model expects "
                              f"{list(linear.weight.shape)}")
         weight = weight.to(device)
-        base = quantized_base(weight, **quant)  # NF4/FP4, or HQQ for quant_type hqq4/hqq3/hqq2
+        nbits = hqq_nbits(quant["quant_type"])
+        if nbits is not None:  # HQQ (quant_type hqq4/hqq3/hqq2): blocksize is the group size
+            base = HQQBase.from_weight(weight, nbits, quant["blocksize"])
+        else:
+            state = quantize_tensor(weight, **quant)
         del weight
     bias = ckpt.read(name + ".bias").to(device) if linear.bias is not None else None
-    return AdaptedLinear(Quant4bitBase(state) if prequantised else base, bias, compute_dtype)
+    return AdaptedLinear(base if nbits is not None else Quant4bitBase(state), bias, compute_dtype)
 
 
 def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype, device: torch.device = CPU) -> None:
