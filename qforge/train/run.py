@@ -89,6 +89,9 @@ def shard_for_group(model, cfg: TrainConfig, group: Group, log=print) -> dict:
     from ..dist import local_quantised_bytes, shard_base
     if cfg.method != "qlora":
         raise ValueError(f"several processes train only --method qlora (the sharded 4-bit base); got {cfg.method}")
+    if cfg.quant_type.startswith("hqq"):
+        raise ValueError(f"several processes shard an nf4/fp4 base; quant_type {cfg.quant_type} (HQQ) trains in "
+                         "one process")
     shard_base(model, group, storage_dtype=getattr(torch, cfg.compute_dtype))
     group.copy_from_rank0([p for p in model.parameters() if p.requires_grad])
     held, whole = local_quantised_bytes(model)
