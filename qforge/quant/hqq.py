@@ -184,28 +184,30 @@ def unpack_codes(packed: torch.Tensor, nbits: int, rows: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Quantisation
 
-def _shrink_lp(x: torch.Tensor, beta: float, lp_norm: float) -> torch.Tensor:
-    """The generalised soft threshold of |x|**p: sign(x) * relu(|x| - |x|**(p-1) / beta)."""
-    mag = x.abs()
-    if lp_norm == 1:
-        return (mag - 1.0 / beta).clamp_min(0.0) * torch.sign(x)
-    return (mag - (1.0 / beta) * mag.pow(lp_norm - 1)).clamp_min(0.0) * torch.sign(x)
-
-
 def solve_zero(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, axis: int,
                solver: HQQSolver = HQQSolver()) -> torch.Tensor:
     """Refine the zero-points of grouped float32 `w` for fixed inverse `scale` (the proximal solver).
 
     Returns the zero after the last round run; like the package, a round whose error did not
-    improve still leaves its update in place.
-    """
+    improve still leaves its update in place. Each round works in two temporaries the size of w,
+    updated in place (the same operations in the same order as the package's: the same bits)."""
     beta, best = solver.beta, math.inf
     for _ in range(solver.iters):
-        q = torch.round(w * scale + zero).clamp(0, qmax)
-        w_r = (q - zero) / scale
-        w_e = _shrink_lp(w - w_r, beta, solver.lp_norm)
-        zero = torch.mean(q - (w - w_e) * scale, axis, keepdim=True)
-        error = (w - w_r).abs().mean().item()
+        q = w * scale
+        q.add_(zero).round_().clamp_(0, qmax)           # codes
+        x = q - zero
+        x.div_(scale)                                   # W_r = (q - z) / s
+        torch.sub(w, x, out=x)                          # x = W - W_r
+        mag = x.abs()
+        error = mag.mean().item()
+        if solver.lp_norm == 1:
+            mag.sub_(1.0 / beta)
+        else:
+            mag.sub_(mag.pow(solver.lp_norm - 1).mul_(1.0 / beta))
+        mag.clamp_min_(0.0).mul_(torch.sign(x))         # W_e = shrink_p(x, beta)
+        torch.sub(w, mag, out=mag)                      # W - W_e
+        q.sub_(mag.mul_(scale))
+        zero = torch.mean(q, axis, keepdim=True)        # z = mean(q - (W - W_e) s)
         if solver.anneal_beta:
             beta *= solver.kappa
         if error < best:
