@@ -77,3 +77,24 @@ def test_in_place_merge_into_an_hqq_base_is_refused_with_the_measured_reason(hqq
 def test_bad_requantize_is_an_error():
     with pytest.raises(ValueError, match="requantize must be None or one of nf4, fp4, hqq4, hqq3, hqq2"):
         save_merged(torch.nn.Linear(2, 2), None, "/nonexistent", requantize="hqq5")
+
+
+def test_the_trained_quant_type_comes_from_the_run_or_the_flags(tmp_path, hqq_trained, monkeypatch):
+    from qforge.commands import export as export_command
+    from qforge.commands import merge as merge_command
+
+    _, _, adapter = hqq_trained
+    assert merge_command.trained_quant(adapter) == ("hqq3", 32)
+    assert merge_command.trained_quant(adapter, "nf4", 64) == ("nf4", 64)
+    assert merge_command.trained_quant(tmp_path / "nowhere" / "adapter") == ("nf4", 64)
+    with pytest.raises(ValueError, match="--hqq-group-size must be a positive integer, got 0"):
+        merge_command.trained_quant(adapter, "hqq4", 0)
+    seen = {}
+
+    def stub(source, device=None, **kw):  # export loads the base as the run trained it
+        seen.update(kw)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(merge_command, "_load_base", stub)
+    with pytest.raises(RuntimeError, match="stop here"):
+        export_command._export_merged(type("A", (), {"base": "b", "adapter": str(adapter)})(), tmp_path / "m.gguf", "m")
+    assert seen == {"quant_type": "hqq3", "group_size": 32}
