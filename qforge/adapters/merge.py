@@ -6,8 +6,9 @@ For every adapted layer (AdaptedLinear) the merged weight is
 computed in float32 and cast once to the output dtype. The adapter was trained against
 dequant(W), not against the original full-precision weights, so this is the function it learned.
 
-Merging into the 4-bit codes in place is refused (`merge_in_place_4bit` says why). Requantising
-the dense merge (`requantize="nf4"`) is offered for deployment size, and is measured: the merged
+Merging into the 4-bit (or HQQ) codes in place is refused (`merge_in_place_4bit` says why). Requantising
+the dense merge (`requantize="nf4"`, or "hqq4"/"hqq3"/"hqq2" for an HQQ folder) is offered for
+deployment size, and is measured: the merged
 weight is rounded to the grid again, and qforge_merge.json records how large that rounding error
 is compared with the adapter's update.
 
@@ -26,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..model.checkpoint import quantization_config_for
-from ..model.surgery import adapted_layers
+from ..model.checkpoint import build_bnb_config, hqq_config_for, quantization_config_for
+from ..model.surgery import adapted_layers, quantized_layers
 from ..nn import AdaptedLinear, LoraAdapter
 from ..quant import dequantize, quantize
 from ..quant.state import dtype_name
@@ -111,11 +112,52 @@ def merged_state_dict(model: nn.Module, name: str = "default", dtype: torch.dtyp
     return out
 
 
+REQUANTIZE_TYPES = ("nf4", "fp4", "hqq4", "hqq3", "hqq2")
+
+
+def requantize_weight(layer: AdaptedLinear, w: torch.Tensor, quant_type: str, prefix: str,
+                      group_size: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(state-dict tensors under `prefix`, dequantised float32 weight) of merged weight `w` [out, in]
+    quantised to `quant_type`: nf4/fp4 with the layer's own blocksize and double quantisation
+    (64 and on for a base that is not bitsandbytes 4-bit), bitsandbytes' keys at `prefix`.weight;
+    hqq4/hqq3/hqq2 with `group_size` (default: the layer's own HQQ group size, else 64), the `hqq`
+    package's keys at `prefix`. (prefix: the module path, no dot.)"""
+    from ..nn.hqq_base import HQQBase
+    from ..quant.hqq import hqq_nbits
+
+    nbits = hqq_nbits(quant_type)
+    if nbits is not None:
+        own = getattr(layer.base, "hqq_state", None)
+        base = HQQBase.from_weight(w, nbits, group_size or (own.group_size if own is not None else 64))
+        tensors = {f"{prefix}.{k}": v for k, v in base.hqq_state.to("cpu").to_state_dict().items()}
+        return tensors, base.dequantized(torch.float32)
+    st = getattr(layer.base, "quant_state", None)
+    q = quantize(w, quant_type, st.blocksize if st is not None else 64, st.nested if st is not None else True)
+    return q.to("cpu").to_state_dict(f"{prefix}.weight"), dequantize(q, torch.float32)
+
+
+def requantized_config(model: nn.Module, quant_type: str, dtype: torch.dtype, group_size: int | None = None) -> dict:
+    """config.json's quantization_config of the merged model requantised to `quant_type`."""
+    from ..quant.hqq import hqq_nbits
+
+    nbits = hqq_nbits(quant_type)
+    if nbits is not None:
+        groups = {m.base.hqq_state.group_size for _, m in adapted_layers(model) if hasattr(m.base, "hqq_state")}
+        return hqq_config_for(model, nbits, group_size or (groups.pop() if len(groups) == 1 else 64))
+    if any(True for _ in quantized_layers(model)):
+        return quantization_config_for(model, quant_type, dtype)
+    adapted = {n.rsplit(".", 1)[-1] for n, _ in adapted_layers(model)}
+    plain = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return build_bnb_config(quant_type, True, dtype, sorted(plain - adapted))
+
+
 @torch.no_grad()
 def requantized_state_dict(model: nn.Module, name: str = "default", dtype: torch.dtype = torch.bfloat16,
-                           quant_type: str = "nf4") -> tuple[dict[str, torch.Tensor], float]:
-    """The merged model with every merged linear weight quantised again (bitsandbytes keys, the
-    layer's own blocksize and double quantisation), and the rounding error over the update:
+                           quant_type: str = "nf4", group_size: int | None = None
+                           ) -> tuple[dict[str, torch.Tensor], float]:
+    """The merged model with every merged linear weight quantised again (requantize_weight:
+    bitsandbytes keys with the layer's own blocksize and double quantisation, or HQQ), and the
+    rounding error over the update:
     ||dequant(Q') - W'||_F / ||W' - dequant(W)||_F summed over layers (> 1: the rounding is larger
     than what the adapter changed). Dequantise, merge and requantise run layer by layer on the
     model's device (quantisation through dispatch: Triton on CUDA, the same bits as on the CPU);
@@ -127,12 +169,11 @@ def requantized_state_dict(model: nn.Module, name: str = "default", dtype: torch
     out = _other_tensors(model, dtype)
     err2 = upd2 = 0.0
     for module, layer, w in merged_linears(model, name):
-        st = layer.base.quant_state
-        q = quantize(w.to(dtype), quant_type, st.blocksize, st.nested)
-        out.update(q.to("cpu").to_state_dict(f"{module}.weight"))
+        tensors, back = requantize_weight(layer, w.to(dtype), quant_type, module, group_size)
+        out.update(tensors)
         if layer.bias is not None:
             out[f"{module}.bias"] = layer.bias.detach().to(dtype).contiguous().cpu()
-        err2 += float((dequantize(q, torch.float32) - w).pow(2).sum())
+        err2 += float((back - w).pow(2).sum())
         upd2 += float((w - layer.dequantized(torch.float32)).pow(2).sum())
     return out, (err2 ** 0.5) / max(upd2 ** 0.5, 1e-30)
 
@@ -199,13 +240,14 @@ def _config_dict(model: nn.Module, dtype: torch.dtype, records: list[dict], quan
 
 def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, name: str = "default",
                 dtype: torch.dtype = torch.bfloat16, requantize: str | None = None,
-                adapter_source: str | Path | None = None) -> Path:
+                adapter_source: str | Path | None = None, group_size: int | None = None) -> Path:
     """Write `model` with adapter `name` merged as a plain transformers folder (config.json without
     quantization_config, model.safetensors in `dtype`, tokenizer files when `tokenizer` is given,
-    qforge_merge.json), or with requantize="nf4"/"fp4" as a bitsandbytes 4-bit folder. Atomic.
+    qforge_merge.json), or with requantize="nf4"/"fp4" as a bitsandbytes 4-bit folder, "hqq4"/"hqq3"/
+    "hqq2" as an HQQ folder (group_size: default the base's HQQ group size, else 64). Atomic.
     Refused (ValueError) when this adapter is already merged into the model's base."""
-    if requantize not in (None, "nf4", "fp4"):
-        raise ValueError(f"requantize must be None, 'nf4' or 'fp4', got {requantize!r}")
+    if requantize not in (None, *REQUANTIZE_TYPES):
+        raise ValueError(f"requantize must be None or one of {', '.join(REQUANTIZE_TYPES)}, got {requantize!r}")
     source = str(Path(adapter_source).absolute()) if adapter_source is not None else None
     record = {"adapter": name, "source": source, "sha256": adapter_fingerprint(model, name)}
     check_not_merged(model, record)
@@ -213,8 +255,8 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, name: str = "d
     if requantize is None:
         tensors, quant_config = merged_state_dict(model, name, dtype), None
     else:
-        tensors, rounding = requantized_state_dict(model, name, dtype, requantize)
-        quant_config = quantization_config_for(model, requantize, dtype)
+        tensors, rounding = requantized_state_dict(model, name, dtype, requantize, group_size)
+        quant_config = requantized_config(model, requantize, dtype, group_size)
     records = merge_records(model) + [record]
     config = _config_dict(model, dtype, records, quant_config)
     provenance = {"adapter": name, "adapter_source": source, "adapter_sha256": record["sha256"],
@@ -243,19 +285,25 @@ def _rounding_demo(model: nn.Module, name: str) -> str:
         return ""
     module, adapter = next(iter(layers.items()))
     layer = model.get_submodule(module)
-    st = layer.base.quant_state
     w0 = layer.dequantized(torch.float32)
     w1 = merged_weight(layer, adapter)
-    q = quantize(w1, st.quant_type, st.blocksize, st.nested)
-    same = float((q.packed == st.packed).float().mean()) * 100
-    kept = float(torch.linalg.matrix_norm(dequantize(q, torch.float32) - w0)) / \
+    hqq = getattr(layer.base, "hqq_state", None)
+    if hqq is not None:  # the same HQQ setting again: compare codes
+        tensors, back = requantize_weight(layer, w1, layer.base.kind, module)
+        same = float((tensors[f"{module}.W_q"] == hqq.packed.cpu()).float().mean()) * 100
+    else:
+        st = layer.base.quant_state
+        q = quantize(w1, st.quant_type, st.blocksize, st.nested)
+        same, back = float((q.packed == st.packed).float().mean()) * 100, dequantize(q, torch.float32)
+    kept = float(torch.linalg.matrix_norm(back - w0)) / \
         max(float(torch.linalg.matrix_norm(w1 - w0)), 1e-30)
     return (f" Measured on layer '{module}': {same:.1f}% of the packed code bytes would not change, and the "
             f"requantised change has {kept:.2f}x the norm of the adapter's update, in the wrong places.")
 
 
 def merge_in_place_4bit(model: nn.Module | None = None, name: str = "default") -> None:
-    """Always raises InPlaceMergeError: folding s B A into the 4-bit codes of a QLoRA base.
+    """Always raises InPlaceMergeError: folding s B A into the 4-bit codes of a QLoRA base (NF4/FP4,
+    or HQQ at 4, 3 or 2 bits: the same argument, with a coarser grid at 3 and 2 bits).
 
     dequant(W) sits exactly on the quantisation grid, and a LoRA update is far smaller than one
     NF4 step (absmax * ~0.1 between neighbouring levels), so requantising dequant(W) + s B A rounds
@@ -264,9 +312,11 @@ def merge_in_place_4bit(model: nn.Module | None = None, name: str = "default") -
     """
     demo = _rounding_demo(model, name) if model is not None else ""
     raise InPlaceMergeError(
-        f"merging adapter '{name}' in place into 4-bit weights is refused: it would requantise "
-        "dequant(W) + s*B@A, and since dequant(W) already sits on the NF4 grid while the update is far smaller "
-        "than the NF4 step size, nearly every weight rounds back to its old code and the adapter's effect is lost."
+        f"merging adapter '{name}' in place into 4-bit (or HQQ) weights is refused: it would requantise "
+        "dequant(W) + s*B@A, and since dequant(W) already sits on the quantisation grid while the update is far "
+        "smaller than the NF4 step size (or an HQQ group's step, coarser still at 3 and 2 bits), nearly every weight "
+        "rounds back to its old code and the adapter's effect is lost."
         f"{demo} Supported: dequantise, merge in float32 and write a dense model with `{SUPPORTED_COMMAND}` "
-        "(bfloat16 by default, or --dtype float32); add `--requantize nf4` only if you need a 4-bit folder "
+        "(bfloat16 by default, or --dtype float32); add `--requantize nf4` (or hqq4, hqq3, hqq2) only if you need "
+        "a quantised folder "
         "again, and evaluate it: requantising rounds the merged weights once more.")

@@ -109,13 +109,13 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] in ("ok", "unsupported") for r in records) else 1
 
 
-OTHER_BASE_METHODS = ("loftq", "qlora-fp4")
+OTHER_BASE_METHODS = ("loftq", "qlora-fp4", "qlora-hqq4", "qlora-hqq3", "qlora-hqq2")
 
 
 def bench_eval(records: list[dict], base: str, tasks: str, out: Path, limit: int | None) -> dict:
     """lm-eval over the base and the adapters the bench trained, on one server with the NF4 base.
     Every adapter is served on that NF4 base (BF16 LoRA's too: the comparison the bench is for);
-    adapters that belong to another base (LoftQ's, initialised with its own quantised base; FP4's)
+    adapters that belong to another base (LoftQ's, initialised with its own quantised base; FP4's; HQQ's)
     and full fine-tuning (no adapter) are left out."""
     from .eval import evaluate_adapters
 

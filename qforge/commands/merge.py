@@ -6,7 +6,12 @@ dequant(W) + s*B@A (DoRA: m * (W + s*B@A) / ||W + s*B@A||_row) in float32, cast 
 A chat template saved with the adapter's tokenizer files (qforge train --chat-template) goes into
 the merged model's tokenizer.
 The output is a plain transformers folder (no quantization_config), or with --requantize nf4|fp4 a
-bitsandbytes 4-bit folder (which rounds the merged weights once more; the rounding is reported).
+bitsandbytes 4-bit folder, or with --requantize hqq4|hqq3|hqq2 an HQQ folder (qforge.model.checkpoint);
+either rounds the merged weights once more, and the rounding is reported.
+
+The base is dequantised as the adapter was trained on it: --base-quant-type auto reads quant_type
+(and hqq_group_size) from the run's config.yaml beside the adapter folder (nf4 when there is none);
+an HQQ or bitsandbytes folder given as --base is read as stored.
 
 Merging into the 4-bit weights in place (--in-place) is refused, with the reason. Merging an
 adapter into a folder that already carries it is refused too.
@@ -31,20 +36,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
                         help="dtype of the merged weights (default: bfloat16)")
     add_device_argument(parser)
-    parser.add_argument("--requantize", choices=("nf4", "fp4"), default=None,
-                        help="write a bitsandbytes 4-bit folder instead of a dense one")
+    parser.add_argument("--requantize", choices=("nf4", "fp4", "hqq4", "hqq3", "hqq2"), default=None,
+                        help="write a quantised folder instead of a dense one: nf4/fp4 (bitsandbytes 4-bit) or "
+                             "hqq4/hqq3/hqq2 (HQQ, the hqq package's keys) (default: none, dense)")
+    parser.add_argument("--base-quant-type", choices=("auto", "nf4", "fp4", "hqq4", "hqq3", "hqq2"), default="auto",
+                        help="how the base was quantised for training, so it is dequantised the same way: auto "
+                             "reads the run's config.yaml beside --adapter, else nf4 (default: auto)")
+    parser.add_argument("--hqq-group-size", type=int, default=None,
+                        help="group size of an HQQ base and of --requantize hqq* (default: the run's "
+                             "hqq_group_size, else 64)")
     parser.add_argument("--in-place", action="store_true",
                         help="merge into the 4-bit weights in place: refused, and the error says why")
 
 
-def _load_base(source: str, device):
-    """(model, tokenizer) with the base quantised to 4 bits on `device`; float32 compute, since the
-    merge is float32 anyway and the unquantised parameters should reach --dtype with a single rounding."""
+def _load_base(source: str, device, quant_type: str = "nf4", group_size: int = 64):
+    """(model, tokenizer) with the base quantised (quant_type: nf4/fp4, or hqq4/3/2 with group_size)
+    on `device`; float32 compute, since the merge is float32 anyway and the unquantised parameters
+    should reach --dtype with a single rounding."""
     import torch
 
     from ..model.load import load_model
 
-    return load_model(source, compute_dtype=torch.float32, device=device)
+    return load_model(source, quant_type=quant_type, blocksize=group_size if quant_type.startswith("hqq") else 64,
+                      compute_dtype=torch.float32, device=device)
+
+
+def trained_quant(adapter_dir, quant_type: str = "auto", group_size: int | None = None) -> tuple[str, int]:
+    """(quant type, HQQ group size) the adapter was trained against: those given, else the run's
+    config.yaml beside the adapter folder (what `qforge train` writes), else (nf4, 64)."""
+    run_cfg: dict = {}
+    if quant_type == "auto" or group_size is None:
+        try:
+            import yaml
+            run_cfg = yaml.safe_load((Path(adapter_dir).parent / "config.yaml").read_text()) or {}
+        except (OSError, ValueError, AttributeError):
+            run_cfg = {}
+        run_cfg = run_cfg if isinstance(run_cfg, dict) else {}
+    if quant_type == "auto":
+        quant_type = str(run_cfg.get("quant_type") or "nf4")
+    if group_size is None:
+        group_size = int(run_cfg.get("hqq_group_size") or 64)
+    if group_size < 1:
+        raise ValueError(f"--hqq-group-size must be a positive integer, got {group_size}")
+    return quant_type, group_size
 
 
 def _write_model_card(out, args: argparse.Namespace) -> None:
@@ -69,17 +103,21 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # --device cuda without a GPU: one line, first
     read_adapter_config(args.adapter)  # fail on a bad adapter before the (slow) base load
     t0 = time.perf_counter()
-    model, tokenizer = _load_base(args.base, device)
+    quant_type, group_size = trained_quant(args.adapter, args.base_quant_type, args.hqq_group_size)
+    hqq = {"quant_type": quant_type, "group_size": group_size} if quant_type != "nf4" else {}
+    model, tokenizer = _load_base(args.base, device, **hqq)
     from ..train.templates import saved_template
     template = saved_template(args.adapter)  # the chat template the adapter was trained with, if saved
     if template and tokenizer is not None:
         tokenizer.chat_template = template
     name = load_adapter(model, args.adapter, name=args.name)
     out = save_merged(model, tokenizer, args.out, name=name, dtype=DTYPES[args.dtype],
-                      requantize=args.requantize, adapter_source=args.adapter)
+                      requantize=args.requantize, adapter_source=args.adapter,
+                      group_size=args.hqq_group_size)
     provenance = json.loads((Path(out) / PROVENANCE_NAME).read_text())
     _write_model_card(out, args)
-    kind = f"{args.requantize} 4-bit (bitsandbytes format)" if args.requantize else f"dense {args.dtype}"
+    kind = (f"dense {args.dtype}" if not args.requantize else f"{args.requantize} (HQQ format)"
+            if args.requantize.startswith("hqq") else f"{args.requantize} 4-bit (bitsandbytes format)")
     print(f"qforge merge: adapter '{name}' from {args.adapter} merged into {args.base}")
     print(f"wrote {kind} model to {out} ({time.perf_counter() - t0:.1f} s)")
     if args.requantize:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..plan import (AUTO_KEEP_SHARE, METHODS, OPTIMIZER_BITS, ModelArch, Plan, active_parameter_count, card_label,
-                    expert_bytes, expert_parameter_count, format_gb, known_archs, load_arch, parameter_count,
-                    parse_gpu, plan_run, recommend)
+from ..plan import (AUTO_KEEP_SHARE, METHODS, OPTIMIZER_BITS, QUANT_TYPES, ModelArch, Plan, active_parameter_count,
+                    bits_per_param, card_label, expert_bytes, expert_parameter_count, format_gb, known_archs,
+                    load_arch, parameter_count, parse_gpu, plan_run, recommend)
 
 ROWS = [("base weights", "base_weights"), ("quant constants", "quant_constants"),
         ("adapter weights", "adapter_weights"), ("gradients", "gradients"), ("optimizer state", "optimizer_state")]
@@ -73,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recompute each layer in backward (default on)")
     parser.add_argument("--optimizer", choices=list(OPTIMIZER_BITS), default="paged_adamw_8bit",
                         help="AdamW variant (default paged_adamw_8bit)")
+    parser.add_argument("--quant-type", choices=[q for q in QUANT_TYPES if q != "int4"], default="nf4",
+                        help="qlora's base: nf4/fp4 (4-bit, double quantisation) or hqq4/hqq3/hqq2 (HQQ at 4, 3 "
+                             "or 2 bits; float16 scale and zero per --hqq-group-size values) (default nf4)")
+    parser.add_argument("--hqq-group-size", type=int, default=64,
+                        help="values per HQQ scale and zero-point (default 64)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
     arch = ModelArch.from_config(load_arch(args.model), name=str(args.model))
     methods = METHODS if args.method == "all" else (args.method,)
     kwargs = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
-                  num_gpus=args.num_gpus, optimizer=args.optimizer)
+                  num_gpus=args.num_gpus, optimizer=args.optimizer, quant_type=args.quant_type,
+                  hqq_group_size=args.hqq_group_size)
+    if args.hqq_group_size < 1:
+        raise ValueError(f"--hqq-group-size must be a positive integer, got {args.hqq_group_size}")
     gc = args.gradient_checkpointing
     plans = [plan_run(arch, m, gradient_checkpointing=gc, **kwargs) for m in methods]
     other = [plan_run(arch, m, gradient_checkpointing=not gc, **kwargs).activations for m in methods]
@@ -92,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
     if arch.num_experts:
         print(moe_summary(arch))
     print(f"seq_len {args.seq_len}, batch {args.batch_size}, rank {args.rank}, {args.optimizer}, "
-          f"gradient checkpointing {'on' if gc else 'off'}, {args.num_gpus} GPU(s) of {card_label(gpu)}\n")
+          f"gradient checkpointing {'on' if gc else 'off'}, {args.num_gpus} GPU(s) of {card_label(gpu)}")
+    print(f"qlora base: {args.quant_type}, {bits_per_param(args.quant_type, True, args.hqq_group_size):.3f} bits "
+          f"per parameter (codes and constants)\n")
     print(format_table(plans, other, gc, gpu))
     kept = [(m, plan_run(arch, m, gradient_checkpointing=True, keep_base_outputs=True, **kwargs).activations
              - plan_run(arch, m, gradient_checkpointing=True, **kwargs).activations) for m in methods if m != "full"]

@@ -52,7 +52,9 @@ HELP = {
     "rank": "LoRA rank r", "alpha": "LoRA alpha (scaling alpha/r)", "dropout": "dropout on the LoRA input",
     "use_rslora": "rank-stabilised LoRA scaling alpha/sqrt(r)", "use_dora": "DoRA (weight-decomposed LoRA)",
     "loftq_iters": "LoftQ initialisation iterations (0: plain LoRA initialisation)",
-    "quant_type": "4-bit data type of the base: nf4 or fp4", "double_quant": "quantise the 4-bit scales too",
+    "quant_type": "data type of the qlora base: nf4 or fp4 (4-bit, bitsandbytes' layout), or hqq4, hqq3, hqq2 "
+                  "(HQQ at 4, 3 or 2 bits, a scale and zero-point per --hqq-group-size values)",
+    "hqq_group_size": "values per HQQ scale and zero-point (quant_type hqq4/hqq3/hqq2); must divide each weight", "double_quant": "quantise the 4-bit scales too",
     "compute_dtype": "dtype of the computation: bfloat16, float16 or float32",
     "adapter_dtype": "dtype the LoRA weights are kept, updated and saved in: float32 (as PEFT; every optimiser "
                      "update kept) or bfloat16 (half the adapter memory; updates under half a BF16 ulp are lost); "

@@ -4,6 +4,9 @@ method, each in a fresh process so that its peak memory is its own.
     method      TrainConfig settings over the shared recipe (BENCH_RECIPE)
     qlora       method qlora, NF4, double quantisation
     qlora-fp4   method qlora, FP4, double quantisation (only the 4-bit data type differs)
+    qlora-hqq4  method qlora over an HQQ base: 4 bits, group 64, float16 scale and zero (4.5 bits/param)
+    qlora-hqq3  the same at 3 bits (3.7 bits/param: ten codes per int32)
+    qlora-hqq2  the same at 2 bits (2.5 bits/param)
     lora        method lora: the same adapters on a frozen BF16 base
     full        method full: every weight trained, same 8-bit AdamW, lr * FULL_LR_SCALE
     qdora       qlora + use_dora
@@ -43,6 +46,9 @@ FULL_LR_SCALE = 0.1
 METHOD_SETTINGS = {
     "qlora": {"method": "qlora", "quant_type": "nf4", "double_quant": True},
     "qlora-fp4": {"method": "qlora", "quant_type": "fp4", "double_quant": True},
+    "qlora-hqq4": {"method": "qlora", "quant_type": "hqq4", "hqq_group_size": 64},
+    "qlora-hqq3": {"method": "qlora", "quant_type": "hqq3", "hqq_group_size": 64},
+    "qlora-hqq2": {"method": "qlora", "quant_type": "hqq2", "hqq_group_size": 64},
     "lora": {"method": "lora"},
     "full": {"method": "full"},
     "qdora": {"method": "qlora", "quant_type": "nf4", "double_quant": True, "use_dora": True},
@@ -52,7 +58,7 @@ BENCH_METHODS = tuple(METHOD_SETTINGS)
 # The demo recipe (qforge/commands/demo.py) with evaluation every 10 steps and no checkpoints.
 # The demo recipe (qforge/data/demo.yaml) without its method settings, shorter, no checkpoints.
 BENCH_RECIPE = {k: v for k, v in demo_recipe().items()
-                if k not in ("method", "quant_type", "double_quant", "output_dir", "data", "eval_data")}
+                if k not in ("method", "quant_type", "double_quant", "hqq_group_size", "output_dir", "data", "eval_data")}
 BENCH_RECIPE.update(max_steps=12, eval_every=4, save_every=0)
 # Settings of the bench itself (the rest of a bench YAML are TrainConfig keys).
 BENCH_KEYS = ("methods", "test_data", "test_rows", "full_lr_scale")
@@ -210,6 +216,8 @@ def prepare_model(model: str, methods: list[str]) -> None:
     from ..model.load import smollm2_folder, smollm2_quantized_folder
     smollm2_folder()
     for quant_type in sorted({METHOD_SETTINGS[m].get("quant_type") for m in methods} - {None}):
+        if quant_type.startswith("hqq"):  # HQQ bases are quantised from the float32 copy in each child
+            continue
         smollm2_quantized_folder({"quant_type": quant_type, "blocksize": 64, "double_quant": True})
 
 

@@ -1,10 +1,20 @@
-"""Hugging Face model folders in bitsandbytes' 4-bit format: write them, and read their config.
+"""Hugging Face model folders in bitsandbytes' 4-bit format (or HQQ's): write them, and read their config.
 
 A folder holds config.json (with `quantization_config`, quant_method "bitsandbytes"),
 model.safetensors (the AdaptedLinear layers' state dict: bitsandbytes' keys for every 4-bit weight, plain
 tensors for the rest; adapters are never part of it) and the tokenizer files. transformers +
 bitsandbytes load it as they load their own; `qforge.model.load.load_model` loads it without
 requantising. Every folder is written atomically (qforge.fileio) and never over a non-empty one.
+
+An HQQ folder (layers over qforge.nn.HQQBase, quant_type hqq4/hqq3/hqq2) is the same but for the
+quantised layers: config.json's `quantization_config` is transformers' HqqConfig dict
+{"quant_method": "hqq", "quant_config": {"weight_quant_params": {"nbits", "group_size", "axis",
+...}, ...}, "skip_modules": [...]} (qforge.quant.hqq.hqq_quantization_config), and model.safetensors
+holds each quantised layer under the `hqq` package's HQQLinear.state_dict() keys at the module path
+(`P.W_q`, `P.scale`, `P.zero`, `P.nbits`, `P.group_size`, `P.shape`, `P.axis`, ..., `P.bias`; the
+layout is documented in qforge/quant/hqq.py), as transformers' HQQ integration and the package's
+`save_to_safetensors` write them. (The package's own `save_quantized` pickles a `qmodel.pt` with
+torch.save: not a format to load from untrusted folders, so qforge neither writes nor reads it.)
 """
 from __future__ import annotations
 
@@ -19,7 +29,7 @@ from torch import nn
 
 from ..fileio import atomic_folder
 from ..nn.experts import AdaptedExperts, ExpertBank
-from .surgery import linear_names, quantized_layers
+from .surgery import hqq_layers, linear_names, quantized_layers
 from ..quant.state import dtype_name
 
 WEIGHTS_NAME = "model.safetensors"
@@ -91,6 +101,26 @@ def quantization_config_for(model: nn.Module, quant_type: str | None = None,
     return build_bnb_config(quant_type or own_type, nested, compute_dtype or own_dtype, _skip_patterns(model))
 
 
+def hqq_config_for(model: nn.Module, nbits: int | None = None, group_size: int | None = None) -> dict:
+    """config.json's `quantization_config` for `model`'s HQQ layers (or, with nbits and group_size,
+    for the model's quantised layers requantised to HQQ): one setting for all; the linear layers
+    kept dense are named in skip_modules (leaf names, as transformers' HqqConfig takes them)."""
+    from ..quant.hqq import hqq_quantization_config
+
+    layers = [m for _, m in hqq_layers(model)]
+    kinds = {(m.base.hqq_state.nbits, m.base.hqq_state.group_size, m.base.hqq_state.axis) for m in layers}
+    if nbits is None:
+        if len(kinds) != 1:
+            raise ValueError("the model's HQQ layers " + (f"mix settings {sorted(kinds)}" if kinds else "are none")
+                             + "; an HQQ quantization_config holds one")
+        nbits, group_size, axis = kinds.pop()
+    else:
+        axis = 1
+    quantised = {n.rsplit(".", 1)[-1] for n, _ in list(hqq_layers(model)) + list(quantized_layers(model))}
+    plain = {n.rsplit(".", 1)[-1] for n in linear_names(model) if isinstance(model.get_submodule(n), nn.Linear)}
+    return hqq_quantization_config(nbits, group_size or 64, axis, tuple(sorted(plain - quantised)))
+
+
 # ---- writing ------------------------------------------------------------------------------------
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict without adapters, tied duplicates written once (the first name, as
@@ -131,7 +161,8 @@ def _expert_banks(model: nn.Module) -> dict:
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Write `model` (with 4-bit AdaptedLinear layers) as a bitsandbytes 4-bit Hugging Face folder.
+    """Write `model` (with 4-bit AdaptedLinear layers) as a bitsandbytes 4-bit Hugging Face folder
+    (HQQ layers: an HQQ folder, see the module docstring).
 
     out_dir/config.json      the model config plus `quantization_config` (quantization_config_for)
     out_dir/model.safetensors every tensor but the adapters; 4-bit weights under bitsandbytes' keys
@@ -139,7 +170,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> P
     template inside tokenizer_config.json)
     Returns out_dir. ValueError when out_dir exists and is not empty.
     """
-    qconfig = quantization_config_for(model)
+    qconfig = hqq_config_for(model) if any(True for _ in hqq_layers(model)) else quantization_config_for(model)
     tensors = quantized_state_dict(model)
     config = model.config.to_dict()
     config["quantization_config"] = qconfig

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from ..nn import AdaptedLinear, LoraSpec, Quant4bitBase
+from ..nn.hqq_base import HQQBase, base_from_state_dict as hqq_base_from_state_dict
+from ..quant.hqq import hqq_nbits, hqq_state_keys
 from ..quant import QuantState, quantize as quantize_tensor
 from .checkpoint import INDEX_NAME, WEIGHTS_NAME, read_bnb_config, save_tokenizer, write_new_folder
 from .conversion import (convert_checkpoint, expert_parameter_names, place_expert_parameter, router_linear_names,
@@ -219,12 +221,41 @@ def _bnb_targets(ckpt: Checkpoint) -> list[str]:
     return sorted({k.split(suffix)[0] for k in ckpt.keys() if suffix in k})
 
 
+def _hqq_targets(ckpt: Checkpoint) -> list[str]:
+    """Modules whose weight the checkpoint stores as HQQ codes (it has their W_q key)."""
+    return sorted({k[:-len(".W_q")] for k in ckpt.keys() if k.endswith(".W_q") and ".meta_" not in k})
+
+
+def read_hqq_config(config) -> dict | None:
+    """The folder's `quantization_config` as a dict when it describes HQQ (quant_method "hqq"), else None."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    return qc if qc.get("quant_method") == "hqq" else None
+
+
+def _hqq_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, compute_dtype: torch.dtype,
+               device: torch.device = CPU) -> AdaptedLinear:
+    """An HQQ AdaptedLinear for module `name`, its codes read as stored (the `hqq` package's keys)."""
+    prefix = name + "."
+    keys = hqq_state_keys(ckpt.keys(), prefix)
+    base = hqq_base_from_state_dict({k: ckpt.read(k) for k in keys}, prefix)
+    if base.shape != (linear.out_features, linear.in_features):
+        raise ValueError(f"tensor '{prefix}W_q' holds a weight of shape {list(base.shape)}, the model expects "
+                         f"[{linear.out_features}, {linear.in_features}]")
+    base.hqq_state = base.hqq_state.to(device)
+    bias = ckpt.read(name + ".bias").to(device) if linear.bias is not None else None
+    return AdaptedLinear(base, bias, compute_dtype)
+
+
 def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: list[str], prequantised: bool,
                      quant: dict, compute_dtype: torch.dtype, device: torch.device = CPU) -> AdaptedLinear:
     """A 4-bit AdaptedLinear for module `name` on `device`: read its stored 4-bit state as is (and
     move it there), or read its weight [out, in], move it there and quantise it there (dispatch:
     Triton on CUDA; the same bits as on the CPU). The bias, if any, is read too. Uses about one
     weight of host memory, and on the device about one weight beyond the 4-bit model."""
+    nbits = None
     if prequantised:
         prefix = name + ".weight"
         keys = [k for k in ckpt.keys() if k == prefix or k.startswith(prefix + ".")]
@@ -238,10 +269,14 @@ def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: li
             raise ValueError(f"tensor '{aliases[0]}' has shape {list(weight.shape)}, the model expects "
                              f"{list(linear.weight.shape)}")
         weight = weight.to(device)
-        state = quantize_tensor(weight, **quant)
+        nbits = hqq_nbits(quant["quant_type"])
+        if nbits is not None:  # HQQ (quant_type hqq4/hqq3/hqq2): blocksize is the group size
+            base = HQQBase.from_weight(weight, nbits, quant["blocksize"])
+        else:
+            state = quantize_tensor(weight, **quant)
         del weight
     bias = ckpt.read(name + ".bias").to(device) if linear.bias is not None else None
-    return AdaptedLinear(Quant4bitBase(state), bias, compute_dtype)
+    return AdaptedLinear(base if nbits is not None else Quant4bitBase(state), bias, compute_dtype)
 
 
 def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype, device: torch.device = CPU) -> None:
@@ -300,12 +335,15 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
     holds about one tensor at a time; the device, the 4-bit model plus one layer in the compute dtype."""
     device = torch.device(device) if device is not None else CPU
     config = _read_config(folder)
-    prequantised = read_bnb_config(config) is not None
+    hqq_folder = read_hqq_config(config) is not None
+    prequantised = hqq_folder or read_bnb_config(config) is not None
     model = build_skeleton(config, compute_dtype)
     ckpt = convert_checkpoint(Checkpoint(folder), model)  # transformers' renames and expert merges
     if prequantised and not quantize:
-        raise ValueError(f"'{folder}' stores 4-bit weights; load it with quantize=True")
-    if prequantised:
+        raise ValueError(f"'{folder}' stores {'HQQ' if hqq_folder else '4-bit'} weights; load it with quantize=True")
+    if hqq_folder:
+        targets = _hqq_targets(ckpt)
+    elif prequantised:
         targets = _bnb_targets(ckpt)
     elif quantize:
         routers = set(router_linear_names(model))  # MoE routers stay dense
@@ -318,8 +356,11 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"checkpoint stores '{name}' in 4 bits, but the model's '{name}' is not a Linear")
         aliases = tied.get(name + ".weight", [name + ".weight"])
-        set_module(model, name, _quantised_layer(ckpt, name, linear, aliases, prequantised, quant, compute_dtype,
-                                                 device))
+        if hqq_folder:
+            set_module(model, name, _hqq_layer(ckpt, name, linear, compute_dtype, device))
+        else:
+            set_module(model, name, _quantised_layer(ckpt, name, linear, aliases, prequantised, quant,
+                                                     compute_dtype, device))
         release_free_memory()
     for name in expert_parameter_names(model):  # one fused expert group at a time
         bank = stored_expert_bank(ckpt, name, device) if prequantised else None
@@ -479,7 +520,9 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
     blocksize and target_modules are then the folder's), a .gguf file, "smollm2", or a Hugging Face
     Hub id ORG/NAME at `revision` (qforge.model.hub).
     quantize=True: the target Linear layers (`target_modules` minus `skip_modules`) become
-    4-bit AdaptedLinear (quant_type, blocksize, double_quant) computing in `compute_dtype`; every other
+    4-bit AdaptedLinear (quant_type, blocksize, double_quant) computing in `compute_dtype`, or with
+    quant_type hqq4/hqq3/hqq2 HQQ layers (qforge.nn.HQQBase, blocksize the group size), and a
+    folder in HQQ format (quant_method "hqq", see qforge.model.checkpoint) is read as stored; every other
     float tensor is in `compute_dtype`. With `lora`, adapter `adapter_name` is attached and active.
     quantize=False: the plain model in `compute_dtype`, no adapter (BF16 LoRA is built elsewhere).
     `progress` shows a progress bar over the layers being quantised. `device` (resolved by the
@@ -492,6 +535,9 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
     source = resolve_source(source, revision)
     device = torch.device(device) if device is not None else CPU
     if quantize and lora is not None and lora.loftq_iters > 0:
+        if quant_type.startswith("hqq"):
+            raise ValueError(f"LoftQ initialises adapters against an nf4/fp4 base, not quant type '{quant_type}'; "
+                             "set loftq_iters 0 for an HQQ base")
         model, tokenizer = _load_loftq(source, quant, compute_dtype, target_modules, lora, adapter_name, skip_modules)
         return (model.to(device) if device.type != "cpu" else model), tokenizer
     default_targets = target_modules == "all-linear" and tuple(skip_modules) == tuple(DEFAULT_SKIP)

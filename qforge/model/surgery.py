@@ -42,7 +42,8 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_linears(model: nn.Module, targets: list[str], quant_type="nf4", blocksize=64, double_quant=True,
                      compute_dtype=torch.bfloat16) -> None:
     """Replace each named nn.Linear by an AdaptedLinear holding its weight in 4 bits, one at a time
-    (each dense weight is freed as soon as its replacement exists)."""
+    (each dense weight is freed as soon as its replacement exists). quant_type hqq4/hqq3/hqq2: HQQ
+    codes instead, blocksize being the group size (double_quant does not apply)."""
     for name in targets:
         linear = model.get_submodule(name)
         set_module(model, name, AdaptedLinear.quantized(linear, quant_type, blocksize, double_quant, compute_dtype))
@@ -66,6 +67,13 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
     """(name, layer) of every AdaptedLinear whose base is 4-bit codes (it has a quant_state)."""
     for name, layer in adapted_layers(model):
         if getattr(layer.base, "quant_state", None) is not None:
+            yield name, layer
+
+
+def hqq_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    """(name, layer) of every AdaptedLinear whose base is HQQ codes (it has an hqq_state)."""
+    for name, layer in adapted_layers(model):
+        if getattr(layer.base, "hqq_state", None) is not None:
             yield name, layer
 
 

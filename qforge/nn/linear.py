@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bases import DenseBase, FrozenBase, Quant4bitBase
+from .bases import DenseBase, FrozenBase
+from .hqq_base import HQQBase, quantized_base
 from .lora import LoraAdapter, LoraSpec
 
 
@@ -33,9 +34,15 @@ class AdaptedLinear(nn.Module):
     @classmethod
     def quantized(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                   compute_dtype: torch.dtype = torch.bfloat16) -> "AdaptedLinear":
-        """linear's weight quantised to 4 bits (QLoRA)."""
-        return cls(Quant4bitBase.from_weight(linear.weight, quant_type, blocksize, double_quant), linear.bias,
-                   compute_dtype)
+        """linear's weight quantised to 4 bits (QLoRA), or with quant_type hqq4/hqq3/hqq2 to HQQ codes
+        (blocksize: the group size; qforge.nn.hqq_base.quantized_base)."""
+        return cls(quantized_base(linear.weight, quant_type, blocksize, double_quant), linear.bias, compute_dtype)
+
+    @classmethod
+    def hqq(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64,
+            compute_dtype: torch.dtype = torch.bfloat16) -> "AdaptedLinear":
+        """linear's weight quantised with HQQ at `bits` (4, 3 or 2), a scale and zero per `group_size`."""
+        return cls(HQQBase.from_weight(linear.weight, bits, group_size), linear.bias, compute_dtype)
 
     @classmethod
     def dense(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "AdaptedLinear":

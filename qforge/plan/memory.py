@@ -17,7 +17,8 @@ GB = 10**9  # every figure printed or tested is in GB = 1e9 bytes
 ARCH_DIR = Path(__file__).resolve().parent.parent / "data" / "archs"
 ALIASES = {"smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2"}
 METHODS = ("qlora", "lora", "full")
-QUANT_TYPES = ("nf4", "fp4", "int4")  # all 4 bits per weight
+QUANT_TYPES = ("nf4", "fp4", "int4", "hqq4", "hqq3", "hqq2")  # 4 bits per weight; HQQ 4, 3.2 (10 in 32), 2
+HQQ_GROUP = 64  # values per HQQ scale and zero-point (TrainConfig.hqq_group_size's default)
 OPTIMIZER_BITS = {"paged_adamw_8bit": 8, "adamw_8bit": 8, "paged_adamw_32bit": 32, "adamw_torch": 32, "adamw": 32}
 HEADROOM = 0.10  # BF16 LoRA is chosen only if it leaves 10% of the card free: the estimate is +-10%
 QUANT_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit blocks and double-quant blocks
@@ -396,10 +397,30 @@ CPU_BF16 = replace(CUDA_BF16, lora_dropout=1.0, backward_hidden=3.0, backward_ml
 
 # ---------------------------------------------------------------- per-component bytes
 
-def weight_bytes(arch: ModelArch, method: str) -> int:
+def code_bits(quant_type: str = "nf4") -> float:
+    """Bits of one stored code of a quantised linear weight: 4 for nf4/fp4/int4; HQQ's 4, 3.2 (ten
+    3-bit codes per int32) or 2 (qforge.quant.hqq.hqq_bits_per_param without its scales and zeros)."""
+    if not quant_type.startswith("hqq"):
+        return 4.0
+    from ..quant.hqq import hqq_bits_per_param, hqq_nbits
+    return hqq_bits_per_param(hqq_nbits(quant_type), 1, meta_bits=0)
+
+
+def bits_per_param(quant_type: str = "nf4", double_quant: bool = True, group_size: int = HQQ_GROUP) -> float:
+    """Storage bits per weight of a quantised linear, codes plus constants: NF4 with double
+    quantisation ~4.127, without 4.5; HQQ at group size 64 with float16 scales and zeros 4.5, 3.7, 2.5."""
+    if quant_type.startswith("hqq"):
+        from ..quant.hqq import hqq_bits_per_param, hqq_nbits
+        return hqq_bits_per_param(hqq_nbits(quant_type), group_size, meta_bits=16)
+    n = QUANT_BLOCK * NESTED_BLOCK * 1024  # large enough for the fixed maps to vanish
+    return 4 + 8 * quant_constant_bytes(n, double_quant) / n
+
+
+def weight_bytes(arch: ModelArch, method: str, quant_type: str = "nf4") -> int:
     """Bytes of the frozen (lora/qlora) or trained (full) model weights.
 
-    qlora: decoder linears as 4-bit codes (0.5 byte/param, odd counts padded to a byte);
+    qlora: decoder linears as 4-bit codes (0.5 byte/param, odd counts padded to a byte; HQQ:
+    code_bits(quant_type) per param, rounded up to a byte);
     embeddings, LM head and router in BF16 (2 bytes); norms in fp32 (4), as k-bit preparation
     leaves them. lora and full: every parameter in BF16.
     """
@@ -407,19 +428,25 @@ def weight_bytes(arch: ModelArch, method: str) -> int:
         return 2 * parameter_count(arch)
     unquantised_bytes = {"norm": 4, "embedding": 2, "router": 2, "bias": 2}
     total = 0
+    bits = code_bits(quant_type)
     for w in model_weights(arch):
-        size = (w.numel + 1) // 2 if w.kind == "linear" else w.numel * unquantised_bytes[w.kind]
+        linear = (w.numel + 1) // 2 if bits == 4 else math.ceil(w.numel * bits / 8)
+        size = linear if w.kind == "linear" else w.numel * unquantised_bytes[w.kind]
         total += size * w.copies
     return total
 
 
-def quant_constant_bytes(numel: int, double_quant: bool = True) -> int:
-    """Bytes of bitsandbytes' 4-bit constants for one tensor of `numel` weights.
+def quant_constant_bytes(numel: int, double_quant: bool = True, quant_type: str = "nf4",
+                         group_size: int = HQQ_GROUP) -> int:
+    """Bytes of bitsandbytes' 4-bit constants for one tensor of `numel` weights (HQQ: a float16
+    scale and zero-point per group of `group_size`, 4 bytes a group; double_quant does not apply).
 
     One absmax per 64-weight block: with double quantisation a uint8 code (1 byte) plus, per 256
     absmax, an fp32 second-level scale (4 bytes), an fp32 offset and the fp32 code maps (16 + 256
     values); about 0.127 bits per weight. Without it, an fp32 absmax per block (0.5 bits/weight).
     """
+    if quant_type.startswith("hqq"):
+        return 4 * math.ceil(numel / group_size)
     blocks = math.ceil(numel / QUANT_BLOCK)
     if not double_quant:
         return 4 * blocks + 4 * 16
@@ -577,7 +604,7 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
              gradient_checkpointing: bool = True, num_gpus: int = 1, quant_type: str = "nf4",
              double_quant: bool = True, optimizer: str = "paged_adamw_8bit",
              constants: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False,
-             adapter_bytes: int = 4) -> Plan:
+             adapter_bytes: int = 4, hqq_group_size: int = HQQ_GROUP) -> Plan:
     """Memory of fine-tuning `config` with `method` ("qlora", "lora" or "full"), in bytes.
 
     qlora: 4-bit base (quant_type, with or without double quantisation) + BF16 LoRA adapters of
@@ -585,15 +612,16 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     trained. Adapters take `adapter_bytes` per parameter (4: float32, the default; 2: BF16) and
     their gradients as many (a gradient has its parameter's dtype); full fine-tuning keeps
     BF16 gradients (2). The optimiser is AdamW, 8- or 32-bit (see optimizer_bytes).
-    keep_base_outputs: selective checkpointing (see activation_bytes).
+    keep_base_outputs: selective checkpointing (see activation_bytes). quant_type hqq4/hqq3/hqq2:
+    an HQQ base (code_bits, and scales and zeros per hqq_group_size values).
     """
     _check_run(method, seq_len, batch_size, rank, num_gpus, quant_type)
     arch = as_arch(config)
     tokens = seq_len * batch_size
-    base = weight_bytes(arch, method)
+    base = weight_bytes(arch, method, quant_type if method == "qlora" else "nf4")
     constants_bytes = 0
     if method == "qlora":
-        constants_bytes = sum(quant_constant_bytes(w.numel, double_quant) * w.copies
+        constants_bytes = sum(quant_constant_bytes(w.numel, double_quant, quant_type, hqq_group_size) * w.copies
                               for w in model_weights(arch) if w.kind == "linear")
     if method == "full":
         trained = [(w.numel, w.copies) for w in model_weights(arch)]

@@ -184,28 +184,30 @@ def unpack_codes(packed: torch.Tensor, nbits: int, rows: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Quantisation
 
-def _shrink_lp(x: torch.Tensor, beta: float, lp_norm: float) -> torch.Tensor:
-    """The generalised soft threshold of |x|**p: sign(x) * relu(|x| - |x|**(p-1) / beta)."""
-    mag = x.abs()
-    if lp_norm == 1:
-        return (mag - 1.0 / beta).clamp_min(0.0) * torch.sign(x)
-    return (mag - (1.0 / beta) * mag.pow(lp_norm - 1)).clamp_min(0.0) * torch.sign(x)
-
-
 def solve_zero(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, axis: int,
                solver: HQQSolver = HQQSolver()) -> torch.Tensor:
     """Refine the zero-points of grouped float32 `w` for fixed inverse `scale` (the proximal solver).
 
     Returns the zero after the last round run; like the package, a round whose error did not
-    improve still leaves its update in place.
-    """
+    improve still leaves its update in place. Each round works in two temporaries the size of w,
+    updated in place (the same operations in the same order as the package's: the same bits)."""
     beta, best = solver.beta, math.inf
     for _ in range(solver.iters):
-        q = torch.round(w * scale + zero).clamp(0, qmax)
-        w_r = (q - zero) / scale
-        w_e = _shrink_lp(w - w_r, beta, solver.lp_norm)
-        zero = torch.mean(q - (w - w_e) * scale, axis, keepdim=True)
-        error = (w - w_r).abs().mean().item()
+        q = w * scale
+        q.add_(zero).round_().clamp_(0, qmax)           # codes
+        x = q - zero
+        x.div_(scale)                                   # W_r = (q - z) / s
+        torch.sub(w, x, out=x)                          # x = W - W_r
+        mag = x.abs()
+        error = mag.mean().item()
+        if solver.lp_norm == 1:
+            mag.sub_(1.0 / beta)
+        else:
+            mag.sub_(mag.pow(solver.lp_norm - 1).mul_(1.0 / beta))
+        mag.clamp_min_(0.0).mul_(torch.sign(x))         # W_e = shrink_p(x, beta)
+        torch.sub(w, mag, out=mag)                      # W - W_e
+        q.sub_(mag.mul_(scale))
+        zero = torch.mean(q, axis, keepdim=True)        # z = mean(q - (W - W_e) s)
         if solver.anneal_beta:
             beta *= solver.kappa
         if error < best:
@@ -380,3 +382,43 @@ def hqq_from_state_dict(state_dict: dict, prefix: str = "") -> HQQState:
         else:
             setattr(state, name, need(name))
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# quant_type names ("hqq4", "hqq3", "hqq2"), as TrainConfig, the loader and the commands spell them
+
+HQQ_QUANT_TYPES = ("hqq4", "hqq3", "hqq2")
+HQQ_META_DTYPE = torch.float16  # the package's default compute dtype, which is its scales' and zeros' dtype
+
+
+def hqq_nbits(quant_type: str) -> int | None:
+    """4, 3 or 2 for "hqq4" / "hqq3" / "hqq2"; None for any other quant type (nf4, fp4, ...)."""
+    if isinstance(quant_type, str) and quant_type.startswith("hqq"):
+        if quant_type not in HQQ_QUANT_TYPES:
+            raise ValueError(f"quant type '{quant_type}': HQQ is offered at {', '.join(HQQ_QUANT_TYPES)}")
+        return int(quant_type[3:])
+    return None
+
+
+def check_hqq_group_size(group_size: int, shape, name: str = "weight") -> None:
+    """ValueError naming `name` when `group_size` does not cut a weight of `shape` into whole groups."""
+    numel = int(torch.Size(shape).numel())
+    if not isinstance(group_size, int) or group_size <= 0 or numel % group_size:
+        raise ValueError(f"hqq: group size {group_size} does not divide the {numel} values of {name} "
+                         f"(shape {list(shape)}); choose a group size that divides it (64 is the default)")
+
+
+def hqq_state_keys(state_dict, prefix: str) -> list[str]:
+    """The keys of an HQQ-quantised layer at `prefix` (include the dot) in a state dict: every key
+    `hqq_state_dict` writes there (W_q, scale, zero, nbits, ..., meta_scale.*), not its bias."""
+    names = {"W_q", "scale", "zero", "scale_q", "zero_q", "nbits", "group_size", "shape", "axis", "packing",
+             "unpack_view_dtype", "compute_dtype", "view_as_float", "quant_scale", "quant_zero", "offload_meta",
+             "encoded_state_dict", "stores_quant_config", "channel_wise", "optimize", "round_zero"}
+    out = []
+    for key in state_dict:
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix):]
+        if rest in names or rest.startswith(("meta_scale.", "meta_zero.")):
+            out.append(key)
+    return out

@@ -14,6 +14,7 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 # float32: adapter weights kept, updated and saved in float32 (PEFT's default), computed in compute_dtype;
 # bfloat16: kept in BF16, where an optimiser step under half a BF16 ulp of a weight is lost.
 ADAPTER_DTYPES = ("float32", "bfloat16")
+QUANT_TYPES = ("nf4", "fp4", "hqq4", "hqq3", "hqq2")  # qlora's base: bitsandbytes 4-bit, or HQQ at 4/3/2 bits
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TrainConfig:
     loftq_iters: int = 0
     quant_type: str = "nf4"
     double_quant: bool = True
+    hqq_group_size: int = 64  # values per scale and zero-point of an HQQ base (quant_type hqq4/hqq3/hqq2)
     compute_dtype: str = "bfloat16"
     adapter_dtype: str = "float32"  # the adapters' weights (products run in compute_dtype); see ADAPTER_DTYPES
     optimizer: str = "paged_adamw_8bit"
@@ -96,6 +98,10 @@ class TrainConfig:
                              f"got {self.report_to!r}")
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"adapter_dtype: expected one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type: expected one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
+        if not isinstance(self.hqq_group_size, int) or self.hqq_group_size < 1:
+            raise ValueError(f"hqq_group_size: must be a positive integer, got {self.hqq_group_size!r}")
         if self.optimizer not in ("paged_adamw_8bit", "adamw_8bit", "adamw"):
             raise ValueError(f"optimizer: expected paged_adamw_8bit, adamw_8bit or adamw, got {self.optimizer!r}")
 

@@ -39,9 +39,11 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
     dtype = getattr(torch, cfg.compute_dtype)
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process of the run
     if cfg.method == "qlora":
+        hqq = cfg.quant_type.startswith("hqq")  # an HQQ base: its group size is the loader's blocksize
         model, tok = load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                                compute_dtype=dtype, target_modules=cfg.target_modules, lora=lora_spec(cfg),
-                                revision=cfg.revision, device=device)
+                                blocksize=cfg.hqq_group_size if hqq else 64, compute_dtype=dtype,
+                                target_modules=cfg.target_modules, lora=lora_spec(cfg), revision=cfg.revision,
+                                device=device)
     else:
         model, tok = load_model(cfg.model, compute_dtype=dtype, quantize=False, revision=cfg.revision, device=device)
         if cfg.method == "lora":
@@ -78,8 +80,8 @@ def count_parameters(model) -> tuple[int, int]:
     its elements (out x in), not the bytes of its packed codes, and tied weights count once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    from ..model.surgery import quantized_layers
-    for _, layer in quantized_layers(model):  # a 4-bit base: its codes are a buffer, not a Parameter
+    from ..model.surgery import hqq_layers, quantized_layers
+    for _, layer in [*quantized_layers(model), *hqq_layers(model)]:  # codes are a buffer, not a Parameter
         stored = sum(p.numel() for p in layer.parameters(recurse=False)  # FSDP's float storage of the codes
                      if p is not layer.bias)
         total += math.prod(layer.base.shape) - stored
@@ -94,6 +96,9 @@ def shard_for_group(model, cfg: TrainConfig, group: Group, log=print) -> dict:
     from ..dist import local_quantised_bytes, shard_base
     if cfg.method != "qlora":
         raise ValueError(f"several processes train only --method qlora (the sharded 4-bit base); got {cfg.method}")
+    if cfg.quant_type.startswith("hqq"):
+        raise ValueError(f"several processes shard an nf4/fp4 base; quant_type {cfg.quant_type} (HQQ) trains in "
+                         "one process")
     shard_base(model, group, storage_dtype=getattr(torch, cfg.compute_dtype))
     group.copy_from_rank0([p for p in model.parameters() if p.requires_grad])
     held, whole = local_quantised_bytes(model)
