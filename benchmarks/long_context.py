@@ -112,7 +112,7 @@ def measure(folder: str, seq_len: int, steps: int) -> dict:
 def planned(seq_len: int) -> int:
     from qforge.plan import CPU_BF16, plan_run
     return plan_run(dict(SHAPE), "qlora", seq_len=seq_len, batch_size=1, rank=RANK, gradient_checkpointing=True,
-                    constants=CPU_BF16).total
+                    constants=CPU_BF16, chunked_loss=True).total
 
 
 def run_length(folder: Path, seq_len: int, steps: int, work: Path) -> dict:

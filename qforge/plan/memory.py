@@ -22,6 +22,12 @@ OPTIMIZER_BITS = {"paged_adamw_8bit": 8, "adamw_8bit": 8, "paged_adamw_32bit": 3
 HEADROOM = 0.10  # BF16 LoRA is chosen only if it leaves 10% of the card free: the estimate is +-10%
 QUANT_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit blocks and double-quant blocks
 OPTIM_BLOCK, OPTIM_MIN_NUMEL = 256, 4096  # 8-bit optimiser blocks; smaller tensors keep 32-bit state
+# qforge's training loss (qforge.train.loss, which this layer does not import): above one chunk of
+# rows it computes the head and the loss LOGITS_CHUNK_BYTES of float32 logits at a time, and holds
+# LOSS_HIDDEN_BYTES per trained token and hidden unit: the final hidden states it captured (float32,
+# the final norm's output) and their gradient, taken chunk by chunk in forward.
+LOGITS_CHUNK_BYTES = 32 * 2**20
+LOSS_HIDDEN_BYTES = 8
 
 
 # ---------------------------------------------------------------- architecture
@@ -368,20 +374,40 @@ def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradi
 
 
 def temporary_bytes(arch: ModelArch, method: str, tokens: int, activations: int, num_gpus: int,
-                    c: MemoryConstants = CUDA_BF16) -> int:
+                    c: MemoryConstants = CUDA_BF16, chunked_loss: bool = False, layer_peak: int = 0) -> int:
     """Bytes of short-lived buffers and allowances on one GPU.
 
       dequantised weight (qlora): the largest 4-bit tensor in BF16, 2 bytes * its numel
-      logits: tokens * vocab * logit_bytes (the fp32 copy the loss works on)
+      logits: tokens * vocab * logit_bytes (the fp32 copy the loss works on); with chunked_loss and
+        more tokens than one chunk (loss_rows), the chunk's logits plus LOSS_HIDDEN_BYTES * hidden
+        per token, less `layer_peak` (what a layer's recomputation and backward hold: the loss runs
+        before them, so only the larger of the two peaks counts)
       FSDP (num_gpus > 1): the all-gathered weights of two decoder layers (current + prefetch)
       fragmentation * (activations + the buffers above) + context_bytes
     """
-    buffers = tokens * arch.vocab_size * c.logit_bytes
+    rows = loss_rows(arch, tokens) if chunked_loss else tokens
+    buffers = rows * arch.vocab_size * c.logit_bytes
+    if rows < tokens:
+        buffers = max(0, buffers + tokens * arch.hidden_size * LOSS_HIDDEN_BYTES - layer_peak)
     if method == "qlora":
         buffers += 2 * max(w.numel for w in model_weights(arch) if w.kind == "linear")
     if num_gpus > 1:
         buffers += 2 * layer_weight_bytes(arch, method)
     return int(buffers + c.fragmentation * (activations + buffers) + c.context_bytes)
+
+
+def loss_rows(arch: ModelArch, tokens: int) -> int:
+    """Rows of logits alive at once in qforge's chunked loss: all `tokens` up to one chunk of
+    LOGITS_CHUNK_BYTES of float32 logits, that chunk above."""
+    return min(tokens, max(1, LOGITS_CHUNK_BYTES // (4 * arch.vocab_size)))
+
+
+def recomputed_layer_bytes(arch: ModelArch, method: str, tokens: int, rank: int,
+                           c: MemoryConstants = CUDA_BF16) -> int:
+    """Bytes one checkpointed layer holds while it is recomputed and runs backward (part of
+    activation_bytes): tokens * compute_bytes * (layer + backward)."""
+    backward = c.backward_hidden * arch.hidden_size + c.backward_mlp * arch.active_intermediate
+    return int(tokens * c.compute_bytes * (layer_activation_elems(arch, method, rank, c) + backward))
 
 
 def layer_weight_bytes(arch: ModelArch, method: str) -> int:
@@ -437,14 +463,17 @@ def _check_run(method: str, seq_len: int, batch_size: int, rank: int, num_gpus: 
 def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, batch_size: int = 1, rank: int = 32,
              gradient_checkpointing: bool = True, num_gpus: int = 1, quant_type: str = "nf4",
              double_quant: bool = True, optimizer: str = "paged_adamw_8bit",
-             constants: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False) -> Plan:
+             constants: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False,
+             chunked_loss: bool = False) -> Plan:
     """Memory of fine-tuning `config` with `method` ("qlora", "lora" or "full"), in bytes.
 
     qlora: 4-bit base (quant_type, with or without double quantisation) + BF16 LoRA adapters of
     `rank` on every decoder linear; lora: the same adapters on a BF16 base; full: every weight
     trained. Adapters are BF16 (2 bytes/param) with fp32 gradients (4); full fine-tuning keeps
     BF16 gradients (2). The optimiser is AdamW, 8- or 32-bit (see optimizer_bytes).
-    keep_base_outputs: selective checkpointing (see activation_bytes).
+    keep_base_outputs: selective checkpointing (see activation_bytes). chunked_loss: the loss of
+    qforge's trainer (its logits a chunk at a time; see temporary_bytes); False: the one-pass loss
+    of transformers and PEFT, which the public sizing table assumes.
     """
     _check_run(method, seq_len, batch_size, rank, num_gpus, quant_type)
     arch = as_arch(config)
@@ -463,7 +492,8 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
         adapters, grads = 2 * adapter_params, 4 * adapter_params
     optim = optimizer_bytes(trained, optimizer)
     acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants, keep_base_outputs)
-    temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants)
+    layer_peak = recomputed_layer_bytes(arch, method, tokens, rank, constants) if gradient_checkpointing else 0
+    temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants, chunked_loss, layer_peak)
     sharded = base + constants_bytes + adapters + grads + optim
     return Plan(method=method, num_gpus=num_gpus, base_weights=base, quant_constants=constants_bytes,
                 adapter_weights=adapters, gradients=grads, optimizer_state=optim, activations=acts,
