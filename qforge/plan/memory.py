@@ -28,6 +28,8 @@ OPTIM_BLOCK, OPTIM_MIN_NUMEL = 256, 4096  # 8-bit optimiser blocks; smaller tens
 # the final norm's output) and their gradient, taken chunk by chunk in forward.
 LOGITS_CHUNK_BYTES = 32 * 2**20
 LOSS_HIDDEN_BYTES = 8
+MATRIX_ATTENTION_SCORES = 2 * 1024 * 1024  # qforge.nn.attention.MATH_MAX_SCORES: above it, SDPA
+SDPA_LAYER_SCALE_CPU = 0.75
 
 
 # ---------------------------------------------------------------- architecture
@@ -234,6 +236,7 @@ class MemoryConstants:
     logit_bytes: float = 4.0
     context_bytes: int = int(1.25 * GB)
     fragmentation: float = 0.40
+    sdpa_layer_scale: float = 1.0  # CPU only: see CPU_BF16
 
 
 CUDA_BF16 = MemoryConstants()
@@ -247,7 +250,7 @@ CUDA_BF16 = MemoryConstants()
 # runs of the eight settings (this checkout and a fresh clone, whose post-import baseline differed
 # by 100 MB and whose peaks read ~30 MB higher): worst error 8.1%. glibc's default heap can hold
 # 10-60% more than this on top of the dynamic part; `qforge train`'s fit warning does not add it.
-# Six constants differ from CUDA_BF16:
+# Seven constants differ from CUDA_BF16:
 #   lora_dropout 1.0  qforge's dropout keeps no mask (qforge.nn.dropout): only the dropped copy
 #   backward_hidden 3.0, backward_mlp 4.5  gradients alive while a layer runs backward: 1.5x the
 #                     CUDA counts (fitted; not broken down tensor by tensor)
@@ -257,8 +260,14 @@ CUDA_BF16 = MemoryConstants()
 #   context_bytes 60 MB  no CUDA context; what a CPU run holds beyond the planned tensors (the
 #                     model's Python objects, dequantisation workspaces, thread stacks)
 #   fragmentation 0.0  nothing: with every tensor-sized block its own mapping there is no slack
+#   sdpa_layer_scale  the share of (layer + backward) that one checkpointed layer holds when its
+#                     attention runs SDPA (CPU rows with batch*heads*seq^2 > MATRIX_ATTENTION_SCORES,
+#                     qforge.nn.attention's limit for its matrix path: long rows). The counts above
+#                     were fitted on 128-256-token rows; benchmarks/long_context.py (a 13M Llama
+#                     shape, 1k-16k tokens, the chunked loss) put the recomputed layer at about
+#                     this share of them. One shape: treat it as a first calibration.
 CPU_BF16 = replace(CUDA_BF16, lora_dropout=1.0, backward_hidden=3.0, backward_mlp=4.5, logit_bytes=10.0,
-                   context_bytes=60 * 10**6, fragmentation=0.0)
+                   context_bytes=60 * 10**6, fragmentation=0.0, sdpa_layer_scale=SDPA_LAYER_SCALE_CPU)
 
 
 # ---------------------------------------------------------------- per-component bytes
@@ -351,7 +360,7 @@ def base_output_elems(arch: ModelArch) -> int:
 
 
 def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradient_checkpointing: bool,
-                     c: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False) -> int:
+                     c: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False, sdpa: bool = False) -> int:
     """Bytes of saved activations on one GPU for `tokens` = batch * seq_len tokens.
 
     With checkpointing: each layer's input hidden state is kept (L * H elements per token) and
@@ -361,11 +370,12 @@ def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradi
     where b = compute_bytes, layer = layer_activation_elems, backward = backward_hidden*H +
     backward_mlp*I_active. The logits are counted in temporary_bytes. keep_base_outputs
     (selective checkpointing, lora and qlora) adds every layer's base products: L * base_output_elems.
+    sdpa (rows whose attention runs SDPA) scales the recomputed layer's share by c.sdpa_layer_scale.
     """
     layer = layer_activation_elems(arch, method, rank, c)
     backward = c.backward_hidden * arch.hidden_size + c.backward_mlp * arch.active_intermediate
     if gradient_checkpointing:
-        per_token = arch.num_layers * arch.hidden_size + layer + backward
+        per_token = arch.num_layers * arch.hidden_size + (layer + backward) * (c.sdpa_layer_scale if sdpa else 1.0)
         if keep_base_outputs and method in ("lora", "qlora"):
             per_token += arch.num_layers * base_output_elems(arch)
     else:
@@ -403,11 +413,17 @@ def loss_rows(arch: ModelArch, tokens: int) -> int:
 
 
 def recomputed_layer_bytes(arch: ModelArch, method: str, tokens: int, rank: int,
-                           c: MemoryConstants = CUDA_BF16) -> int:
+                           c: MemoryConstants = CUDA_BF16, sdpa: bool = False) -> int:
     """Bytes one checkpointed layer holds while it is recomputed and runs backward (part of
-    activation_bytes): tokens * compute_bytes * (layer + backward)."""
+    activation_bytes): tokens * compute_bytes * (layer + backward), scaled as there."""
     backward = c.backward_hidden * arch.hidden_size + c.backward_mlp * arch.active_intermediate
-    return int(tokens * c.compute_bytes * (layer_activation_elems(arch, method, rank, c) + backward))
+    scale = c.sdpa_layer_scale if sdpa else 1.0
+    return int(tokens * c.compute_bytes * (layer_activation_elems(arch, method, rank, c) + backward) * scale)
+
+
+def runs_sdpa(arch: ModelArch, batch_size: int, seq_len: int) -> bool:
+    """Whether a training row's attention runs SDPA rather than qforge's matrix path on the CPU."""
+    return batch_size * arch.num_heads * seq_len * seq_len > MATRIX_ATTENTION_SCORES
 
 
 def layer_weight_bytes(arch: ModelArch, method: str) -> int:
@@ -491,8 +507,9 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
         adapter_params = sum(n * k for n, k in trained)
         adapters, grads = 2 * adapter_params, 4 * adapter_params
     optim = optimizer_bytes(trained, optimizer)
-    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants, keep_base_outputs)
-    layer_peak = recomputed_layer_bytes(arch, method, tokens, rank, constants) if gradient_checkpointing else 0
+    sdpa = runs_sdpa(arch, batch_size, seq_len)
+    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants, keep_base_outputs, sdpa)
+    layer_peak = recomputed_layer_bytes(arch, method, tokens, rank, constants, sdpa) if gradient_checkpointing else 0
     temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants, chunked_loss, layer_peak)
     sharded = base + constants_bytes + adapters + grads + optim
     return Plan(method=method, num_gpus=num_gpus, base_weights=base, quant_constants=constants_bytes,

@@ -128,3 +128,14 @@ def test_chunked_peak_memory_is_below_the_one_pass_peak_on_a_long_row():
 
 def test_default_chunk_size():
     assert chunk_rows_for(49152) == 170 and chunk_rows_for(128256) == 65 and chunk_rows_for(10**9) == 1
+
+
+def test_the_planner_knows_the_loss_chunk_and_the_attention_limit():
+    """qforge.plan cannot import the trainer or the layers: its copies of their constants agree."""
+    from qforge.nn import attention
+    from qforge.plan import memory
+    from qforge.train import loss
+    assert memory.LOGITS_CHUNK_BYTES == loss.LOGITS_CHUNK_BYTES
+    assert memory.MATRIX_ATTENTION_SCORES == attention.MATH_MAX_SCORES
+    arch = memory.as_arch("smollm2")
+    assert memory.loss_rows(arch, 10**6) == chunk_rows_for(arch.vocab_size) and memory.loss_rows(arch, 7) == 7
