@@ -9,7 +9,8 @@
    all lie inside the 128k vocabulary).
 2. `qforge quantize` (NF4, double quantisation, bf16) writes its 4-bit folder, in a subprocess.
 3. `qforge train` runs one QLoRA step from the 4-bit folder (r=16, alpha 32, all-linear, batch 1 x 256
-   tokens, gradient checkpointing, paged 8-bit AdamW), in a subprocess.
+   tokens, gradient checkpointing keeping the base products (what `qforge train` chooses here when
+   the plan fits), paged 8-bit AdamW), in a subprocess.
 
 Each phase runs in a fresh process started through this script (`--phase`), which notes its RSS
 after importing torch, transformers and qforge (the import baseline), runs the qforge command in the
@@ -196,14 +197,14 @@ def main() -> None:
         train = run_phase("train", ["train", "--model", str(four_bit), "--data", str(data), "--data-format", "text",
                                     "--train-on", "all", "--max-steps", "1", "--batch-size", "1",
                                     "--max-seq-len", str(SEQ), "--rank", str(RANK), "--alpha", str(2 * RANK),
-                                    "--target-modules", "all-linear", "--output-dir", str(run_dir),
+                                    "--target-modules", "all-linear", "--keep-base-outputs", "--output-dir", str(run_dir),
                                     "--device", "cpu"], work)
         record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     plan = plan_run(dict(SHAPE), "qlora", seq_len=SEQ, batch_size=1, rank=RANK, gradient_checkpointing=True,
-                    constants=CPU_BF16)
+                    keep_base_outputs=True, constants=CPU_BF16, chunked_loss=True)
     gib = 2**30
     print(f"\ncheckpoint: {folder}: {bf16 / 1e9:.2f} GB bf16 ({bf16 / gib:.2f} GiB); "
           f"4-bit folder {four_bit_bytes / 1e9:.2f} GB")
