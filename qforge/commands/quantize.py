@@ -58,6 +58,34 @@ def _mb(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..model.load import SMOLLM2, _resolve, resolve_source
+
+    source = resolve_source(args.source)
+    path, is_gguf = (None, True) if str(source).lower() == SMOLLM2 else \
+        _resolve(source, True, {}, default_targets=False)
+    if is_gguf:  # GGUF and the embedded model: built whole, then written
+        return _run_whole(args)
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"'{out}' already exists and is not an empty folder")
+    from ..model.stream_quantize import quantize_folder
+
+    t0 = time.perf_counter()
+    quant = {"quant_type": args.quant_type, "blocksize": args.blocksize, "double_quant": args.double_quant}
+    done = quantize_folder(Path(path), out, quant, DTYPES[args.compute_dtype], resolve_device(args.device),
+                           progress=True)
+    written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    print(f"\nqforge quantize: {args.source} -> {out}")
+    print(f"  layers quantised : {done['layers']} ({args.quant_type}, blocksize {args.blocksize}, "
+          f"double quant {'on' if args.double_quant else 'off'}; streamed: one output shard held at a time)")
+    print(f"  4-bit weights    : {_mb(done['dense_bytes'])} -> {_mb(done['packed_bytes'])} "
+          f"({done['packed_bytes'] / max(done['dense_bytes'], 1):.3f}x)")
+    print(f"  checkpoint       : {_mb(source_nbytes(str(path)))} -> {_mb(written)}")
+    print(f"  time             : {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _run_whole(args: argparse.Namespace) -> int:
     from ..model.checkpoint import WEIGHTS_NAME, save_quantized
     from ..model.load import load_model
     from ..model.surgery import hqq_layers, quantized_layers

@@ -68,6 +68,9 @@ HELP = {
     "batch_size": "rows per micro-batch", "grad_accum": "micro-batches per optimiser step",
     "max_seq_len": "tokens per row; longer rows keep their start", "pack": "pack several rows into each sequence",
     "gradient_checkpointing": "recompute activations in backward to save memory",
+    "offload_activations": "keep what forward saves for backward in host memory (pinned; copied back for "
+                           "backward) instead of on the GPU; on the CPU activations live in host memory "
+                           "already and this changes nothing (the log says so)",
     "log_every": "log every N steps", "seed": "seed of the data order and the adapters' initial values",
     "output_dir": "where the adapter, metrics, checkpoints and logs go",
     "resume": "continue from the last checkpoint in --output-dir",

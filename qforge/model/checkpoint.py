@@ -66,7 +66,12 @@ def _skip_patterns(model: nn.Module) -> list[str]:
     """Linear layers left unquantised, as transformers' `llm_int8_skip_modules` patterns: a leaf name
     (e.g. "lm_head") when no layer of that leaf name is quantised, else the full module names."""
     plain = [n for n in linear_names(model) if isinstance(model.get_submodule(n), nn.Linear)]  # not the adapters' own
-    quantised_leaves = {n.rsplit(".", 1)[-1] for n, _ in quantized_layers(model)}
+    return skip_patterns(plain, [n for n, _ in quantized_layers(model)])
+
+
+def skip_patterns(plain: list[str], quantised: list[str]) -> list[str]:
+    """_skip_patterns from the names of the plain and of the quantised linear layers."""
+    quantised_leaves = {n.rsplit(".", 1)[-1] for n in quantised}
     leaves = sorted({n.rsplit(".", 1)[-1] for n in plain})
     return [leaf for leaf in leaves if leaf not in quantised_leaves] + \
            [n for n in plain if n.rsplit(".", 1)[-1] in quantised_leaves]

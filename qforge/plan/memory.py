@@ -23,6 +23,14 @@ OPTIMIZER_BITS = {"paged_adamw_8bit": 8, "adamw_8bit": 8, "paged_adamw_32bit": 3
 HEADROOM = 0.10  # BF16 LoRA is chosen only if it leaves 10% of the card free: the estimate is +-10%
 QUANT_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit blocks and double-quant blocks
 OPTIM_BLOCK, OPTIM_MIN_NUMEL = 256, 4096  # 8-bit optimiser blocks; smaller tensors keep 32-bit state
+# qforge's training loss (qforge.train.loss, which this layer does not import): above one chunk of
+# rows it computes the head and the loss LOGITS_CHUNK_BYTES of float32 logits at a time, and holds
+# LOSS_HIDDEN_BYTES per trained token and hidden unit: the final hidden states it captured (float32,
+# the final norm's output) and their gradient, taken chunk by chunk in forward.
+LOGITS_CHUNK_BYTES = 32 * 2**20
+LOSS_HIDDEN_BYTES = 8
+MATRIX_ATTENTION_SCORES = 2 * 1024 * 1024  # qforge.nn.attention.MATH_MAX_SCORES: above it, SDPA
+SDPA_LAYER_SCALE_CPU = 0.75
 
 
 # ---------------------------------------------------------------- architecture
@@ -368,6 +376,7 @@ class MemoryConstants:
     logit_bytes: float = 4.0
     context_bytes: int = int(1.25 * GB)
     fragmentation: float = 0.40
+    sdpa_layer_scale: float = 1.0  # CPU only: see CPU_BF16
 
 
 CUDA_BF16 = MemoryConstants()
@@ -381,7 +390,7 @@ CUDA_BF16 = MemoryConstants()
 # runs of the eight settings (this checkout and a fresh clone, whose post-import baseline differed
 # by 100 MB and whose peaks read ~30 MB higher): worst error 8.1%. glibc's default heap can hold
 # 10-60% more than this on top of the dynamic part; `qforge train`'s fit warning does not add it.
-# Six constants differ from CUDA_BF16:
+# Seven constants differ from CUDA_BF16:
 #   lora_dropout 1.0  qforge's dropout keeps no mask (qforge.nn.dropout): only the dropped copy
 #   backward_hidden 3.0, backward_mlp 4.5  gradients alive while a layer runs backward: 1.5x the
 #                     CUDA counts (fitted; not broken down tensor by tensor)
@@ -391,8 +400,14 @@ CUDA_BF16 = MemoryConstants()
 #   context_bytes 60 MB  no CUDA context; what a CPU run holds beyond the planned tensors (the
 #                     model's Python objects, dequantisation workspaces, thread stacks)
 #   fragmentation 0.0  nothing: with every tensor-sized block its own mapping there is no slack
+#   sdpa_layer_scale  the share of (layer + backward) that one checkpointed layer holds when its
+#                     attention runs SDPA (CPU rows with batch*heads*seq^2 > MATRIX_ATTENTION_SCORES,
+#                     qforge.nn.attention's limit for its matrix path: long rows). The counts above
+#                     were fitted on 128-256-token rows; benchmarks/long_context.py (a 13M Llama
+#                     shape, 1k-16k tokens, the chunked loss) put the recomputed layer at about
+#                     this share of them. One shape: treat it as a first calibration.
 CPU_BF16 = replace(CUDA_BF16, lora_dropout=1.0, backward_hidden=3.0, backward_mlp=4.5, logit_bytes=10.0,
-                   context_bytes=60 * 10**6, fragmentation=0.0)
+                   context_bytes=60 * 10**6, fragmentation=0.0, sdpa_layer_scale=SDPA_LAYER_SCALE_CPU)
 
 
 # ---------------------------------------------------------------- per-component bytes
@@ -511,7 +526,7 @@ def base_output_elems(arch: ModelArch) -> int:
 
 
 def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradient_checkpointing: bool,
-                     c: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False) -> int:
+                     c: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False, sdpa: bool = False) -> int:
     """Bytes of saved activations on one GPU for `tokens` = batch * seq_len tokens.
 
     With checkpointing: each layer's input hidden state is kept (L * H elements per token) and
@@ -521,11 +536,12 @@ def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradi
     where b = compute_bytes, layer = layer_activation_elems, backward = backward_hidden*H +
     backward_mlp*I_active. The logits are counted in temporary_bytes. keep_base_outputs
     (selective checkpointing, lora and qlora) adds every layer's base products: L * base_output_elems.
+    sdpa (rows whose attention runs SDPA) scales the recomputed layer's share by c.sdpa_layer_scale.
     """
     layer = layer_activation_elems(arch, method, rank, c)
     backward = c.backward_hidden * arch.hidden_size + c.backward_mlp * arch.active_intermediate
     if gradient_checkpointing:
-        per_token = arch.num_layers * arch.hidden_size + layer + backward
+        per_token = arch.num_layers * arch.hidden_size + (layer + backward) * (c.sdpa_layer_scale if sdpa else 1.0)
         if keep_base_outputs and method in ("lora", "qlora"):
             per_token += arch.num_layers * base_output_elems(arch)
     else:
@@ -534,20 +550,46 @@ def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradi
 
 
 def temporary_bytes(arch: ModelArch, method: str, tokens: int, activations: int, num_gpus: int,
-                    c: MemoryConstants = CUDA_BF16) -> int:
+                    c: MemoryConstants = CUDA_BF16, chunked_loss: bool = False, layer_peak: int = 0) -> int:
     """Bytes of short-lived buffers and allowances on one GPU.
 
       dequantised weight (qlora): the largest 4-bit tensor in BF16, 2 bytes * its numel
-      logits: tokens * vocab * logit_bytes (the fp32 copy the loss works on)
+      logits: tokens * vocab * logit_bytes (the fp32 copy the loss works on); with chunked_loss and
+        more tokens than one chunk (loss_rows), the chunk's logits plus LOSS_HIDDEN_BYTES * hidden
+        per token, less `layer_peak` (what a layer's recomputation and backward hold: the loss runs
+        before them, so only the larger of the two peaks counts)
       FSDP (num_gpus > 1): the all-gathered weights of two decoder layers (current + prefetch)
       fragmentation * (activations + the buffers above) + context_bytes
     """
-    buffers = tokens * arch.vocab_size * c.logit_bytes
+    rows = loss_rows(arch, tokens) if chunked_loss else tokens
+    buffers = rows * arch.vocab_size * c.logit_bytes
+    if rows < tokens:
+        buffers = max(0, buffers + tokens * arch.hidden_size * LOSS_HIDDEN_BYTES - layer_peak)
     if method == "qlora":
         buffers += 2 * max(w.numel for w in model_weights(arch) if w.kind == "linear")
     if num_gpus > 1:
         buffers += 2 * layer_weight_bytes(arch, method)
     return int(buffers + c.fragmentation * (activations + buffers) + c.context_bytes)
+
+
+def loss_rows(arch: ModelArch, tokens: int) -> int:
+    """Rows of logits alive at once in qforge's chunked loss: all `tokens` up to one chunk of
+    LOGITS_CHUNK_BYTES of float32 logits, that chunk above."""
+    return min(tokens, max(1, LOGITS_CHUNK_BYTES // (4 * arch.vocab_size)))
+
+
+def recomputed_layer_bytes(arch: ModelArch, method: str, tokens: int, rank: int,
+                           c: MemoryConstants = CUDA_BF16, sdpa: bool = False) -> int:
+    """Bytes one checkpointed layer holds while it is recomputed and runs backward (part of
+    activation_bytes): tokens * compute_bytes * (layer + backward), scaled as there."""
+    backward = c.backward_hidden * arch.hidden_size + c.backward_mlp * arch.active_intermediate
+    scale = c.sdpa_layer_scale if sdpa else 1.0
+    return int(tokens * c.compute_bytes * (layer_activation_elems(arch, method, rank, c) + backward) * scale)
+
+
+def runs_sdpa(arch: ModelArch, batch_size: int, seq_len: int) -> bool:
+    """Whether a training row's attention runs SDPA rather than qforge's matrix path on the CPU."""
+    return batch_size * arch.num_heads * seq_len * seq_len > MATRIX_ATTENTION_SCORES
 
 
 def layer_weight_bytes(arch: ModelArch, method: str) -> int:
@@ -604,7 +646,7 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
              gradient_checkpointing: bool = True, num_gpus: int = 1, quant_type: str = "nf4",
              double_quant: bool = True, optimizer: str = "paged_adamw_8bit",
              constants: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False,
-             adapter_bytes: int = 4, hqq_group_size: int = HQQ_GROUP) -> Plan:
+             adapter_bytes: int = 4, hqq_group_size: int = HQQ_GROUP, chunked_loss: bool = False) -> Plan:
     """Memory of fine-tuning `config` with `method` ("qlora", "lora" or "full"), in bytes.
 
     qlora: 4-bit base (quant_type, with or without double quantisation) + BF16 LoRA adapters of
@@ -613,7 +655,9 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     their gradients as many (a gradient has its parameter's dtype); full fine-tuning keeps
     BF16 gradients (2). The optimiser is AdamW, 8- or 32-bit (see optimizer_bytes).
     keep_base_outputs: selective checkpointing (see activation_bytes). quant_type hqq4/hqq3/hqq2:
-    an HQQ base (code_bits, and scales and zeros per hqq_group_size values).
+    an HQQ base (code_bits, and scales and zeros per hqq_group_size values). chunked_loss: the loss of
+    qforge's trainer (its logits a chunk at a time; see temporary_bytes); False: the one-pass loss
+    of transformers and PEFT, which the public sizing table assumes.
     """
     _check_run(method, seq_len, batch_size, rank, num_gpus, quant_type)
     arch = as_arch(config)
@@ -631,8 +675,10 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
         adapter_params = sum(n * k for n, k in trained)
         adapters, grads = adapter_bytes * adapter_params, adapter_bytes * adapter_params
     optim = optimizer_bytes(trained, optimizer)
-    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants, keep_base_outputs)
-    temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants)
+    sdpa = runs_sdpa(arch, batch_size, seq_len)
+    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants, keep_base_outputs, sdpa)
+    layer_peak = recomputed_layer_bytes(arch, method, tokens, rank, constants, sdpa) if gradient_checkpointing else 0
+    temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants, chunked_loss, layer_peak)
     sharded = base + constants_bytes + adapters + grads + optim
     return Plan(method=method, num_gpus=num_gpus, base_weights=base, quant_constants=constants_bytes,
                 adapter_weights=adapters, gradients=grads, optimizer_state=optim, activations=acts,

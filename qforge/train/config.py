@@ -56,6 +56,7 @@ class TrainConfig:
     max_seq_len: int = 512
     pack: bool = False
     gradient_checkpointing: bool = True
+    offload_activations: bool = False  # saved activations wait in host memory (qforge.train.offload)
     keep_base_outputs: bool | None = None  # None: auto (qforge.plan.keep_base_outputs_for)
     eval_every: int = 0
     save_every: int = 0

@@ -3,6 +3,7 @@ checkpoints out. Reads top to bottom: set-up, then one optimiser step per iterat
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -102,6 +103,11 @@ class _Run:
         self.schedule = micro_batches(len(train_set), cfg, self.total_steps)
         self.result = TrainResult(steps=self.total_steps, output_dir=self.out)
         self.start_step = 0
+        self.offload = None
+        if cfg.offload_activations:
+            from .offload import ActivationOffload
+            self.offload = ActivationOffload(model, device)
+            log(self.offload.describe())
 
     def resume(self) -> bool:
         """Seed, and continue from the newest checkpoint when cfg.resume; True when one was found."""
@@ -136,7 +142,7 @@ class _Run:
             rows, weight = group.rows(idx)
             batch = {k: v.to(device) for k, v in collate([self.train_set[i] for i in rows], self.pad_id).items()}
             share = weight * int((batch["labels"][:, 1:] != -100).sum()) / max(n_tok, 1)
-            with autocast(cfg, device):
+            with autocast(cfg, device), self.offload or contextlib.nullcontext():
                 # use_cache=False: packed rows (position_ids, no mask) stay separate only without a KV cache
                 loss = causal_lm_loss(self.model, batch)  # logits only where a label is
             # every rank runs backward even on a bad loss: the others wait for it in FSDP's collectives

@@ -415,6 +415,11 @@ class _Axolotl(_Mapper):
         if v not in (True, False, "unsloth", "offload"):
             raise ValueError(f"expected true or false, got {v!r}")
         self.set("gradient_checkpointing", bool(v))
+        if v == "offload":  # Axolotl's checkpointing with the layer inputs offloaded to host memory
+            self.set("offload_activations", True)
+
+    def key_activation_offloading(self, v):
+        self.set("offload_activations", bool(v))
 
     def key_logging_steps(self, v):
         self.set("log_every", _number(v, "logging_steps", int))

@@ -14,7 +14,7 @@ def config(**kw) -> TrainConfig:
 def test_plan_for_config_is_plan_run_at_max_seq_len_with_cpu_constants():
     cfg = config()
     expected = plan_run("smollm2", "lora", seq_len=256, batch_size=4, rank=16, gradient_checkpointing=False,
-                        constants=CPU_BF16)
+                        constants=CPU_BF16, chunked_loss=True)
     assert plan_for_config(cfg) == expected
     assert plan_for_config(cfg, device="cuda").total > expected.total  # the CUDA context and slack
 

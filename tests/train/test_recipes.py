@@ -232,3 +232,14 @@ def test_the_shipped_axolotl_config_reads_as_qlora_on_sharegpt():
     cfg, recipe = load_config("configs/axolotl-qlora.yaml")
     assert recipe.dialect == "axolotl" and cfg.method == "qlora" and cfg.chat_template == "chatml"
     assert cfg.data == "configs/sharegpt-example.jsonl" and cfg.eval_fraction == 0.1
+
+
+@pytest.mark.parametrize("line", ["activation_offloading: true", "gradient_checkpointing: offload"])
+def test_axolotl_activation_offloading_turns_on_offload_activations(tmp_path, alpaca, line):
+    text = AXOLOTL_QLORA.format(data=alpaca)
+    text = text.replace("gradient_checkpointing: true", line) if line.startswith("gradient") else text + line + "\n"
+    assert line in text
+    cfg, _ = load_config(write(tmp_path, text))
+    assert cfg.offload_activations is True and cfg.gradient_checkpointing is True
+    plain, _ = load_config(write(tmp_path, AXOLOTL_QLORA.format(data=alpaca), name="plain.yaml"))
+    assert plain.offload_activations is False
