@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_source(args.source)
     path, is_gguf = (None, True) if str(source).lower() == SMOLLM2 else \
         _resolve(source, True, {}, default_targets=False)
-    if is_gguf:  # GGUF and the embedded model: built whole, then written
+    if is_gguf or args.quant_type not in ("nf4", "fp4"):  # GGUF, the embedded model, HQQ: built whole, then written
         return _run_whole(args)
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

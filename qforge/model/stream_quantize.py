@@ -19,7 +19,9 @@ from safetensors.torch import save_file
 from .checkpoint import INDEX_NAME, WEIGHTS_NAME, build_bnb_config, save_tokenizer, skip_patterns, write_new_folder
 from .load import (CPU, Checkpoint, _progress, _quantised_layer, _read_config, _target_dtype, _tied_names,
                    build_skeleton, load_tokenizer, release_free_memory)
+from .conversion import convert_checkpoint, expert_parameter_names, router_linear_names, takes_4bit_experts
 from .surgery import DEFAULT_SKIP, linear_names, select_targets
+from ..nn.experts import ExpertBank
 from ..quant.state import dtype_name
 
 SHARD_BYTES = 2 * 10**9  # output held before it is written; transformers' own default shard is 5 GB
@@ -74,10 +76,14 @@ def quantize_folder(source: Path, out_dir, quant: dict, compute_dtype: torch.dty
     config = _read_config(source)
     if getattr(config, "quantization_config", None) is not None:
         raise ValueError(f"'{source}' is already quantised (its config.json has a quantization_config)")
-    ckpt = Checkpoint(source)
+    if quant["quant_type"] not in ("nf4", "fp4"):
+        raise ValueError(f"quantize_folder writes bitsandbytes nf4/fp4 folders, not {quant['quant_type']!r}")
     model = build_skeleton(config, compute_dtype)  # on meta: names, shapes, tied parameters
+    ckpt = convert_checkpoint(Checkpoint(source), model)  # transformers' renames and expert merges
     names = linear_names(model)
-    targets = select_targets(names, "all-linear", DEFAULT_SKIP)
+    routers = set(router_linear_names(model))  # MoE routers stay dense, as load_folder keeps them
+    targets = [n for n in select_targets(names, "all-linear", DEFAULT_SKIP) if n not in routers]
+    experts = {n for n in expert_parameter_names(model) if takes_4bit_experts(model, n)}
     tied = _tied_names(model)
     qconfig = build_bnb_config(quant["quant_type"], quant["double_quant"], compute_dtype,
                                skip_patterns([n for n in names if n not in targets], targets))
@@ -115,7 +121,16 @@ def quantize_folder(source: Path, out_dir, quant: dict, compute_dtype: torch.dty
             tensor = ckpt.read(ckpt.first_present(names_of))
             if tuple(tensor.shape) != tuple(value.shape):
                 raise ValueError(f"tensor '{key}' has shape {list(tensor.shape)}, the model expects {list(value.shape)}")
-            shards.add(key, tensor.to(_target_dtype(tensor, compute_dtype)))
+            if key in experts:  # 4-bit experts, one bitsandbytes weight per expert (load: stored_expert_bank)
+                bank = ExpertBank.quantize(tensor.to(device), quant["quant_type"], quant["blocksize"],
+                                           quant["double_quant"])
+                for k, t in bank.expert_state_dicts(key).items():
+                    shards.add(k, t)
+                summary["dense_bytes"] += tensor.numel() * compute_dtype.itemsize
+                summary["packed_bytes"] += bank.nbytes()
+                del bank
+            else:
+                shards.add(key, tensor.to(_target_dtype(tensor, compute_dtype)))
             written.add(key)
         shards.finish()
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
