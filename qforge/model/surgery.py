@@ -217,9 +217,10 @@ def quantize_expert_tensor(tensor: torch.Tensor, quant_type: str = "nf4", blocks
     return ExpertBank.quantize(tensor, quant_type, blocksize, double_quant)
 
 
-def place_expert_bank(model: nn.Module, name: str, bank, compute_dtype: torch.dtype = torch.bfloat16) -> None:
-    """Put a ready bank (4-bit, or dense) for fused expert parameter `name` into the model, turning
-    its transformers experts module into an AdaptedExperts on the first of its two parameters."""
+def _experts_module(model: nn.Module, name: str, compute_dtype: torch.dtype) -> tuple[AdaptedExperts, str]:
+    """The AdaptedExperts holding fused expert parameter `name` (the transformers experts module, whose
+    own parameters may be on the meta device, becomes one on the first of its two parameters) and the
+    parameter's leaf name. ValueError for a name that is not a fused expert parameter."""
     parent, _, pname = name.rpartition(".")
     if pname not in EXPERT_PARAMETERS:
         raise ValueError(f"'{name}' is not a fused expert parameter (expected one of {EXPERT_PARAMETERS})")
@@ -229,6 +230,12 @@ def place_expert_bank(model: nn.Module, name: str, bank, compute_dtype: torch.dt
             raise ValueError(f"'{parent}' is a {type(module).__name__}, not a fused-experts module")
         module = AdaptedExperts.like(module, compute_dtype)
         set_module(model, parent, module)
+    return module, pname
+
+
+def place_expert_bank(model: nn.Module, name: str, bank, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Put a ready bank (4-bit, or dense) for fused expert parameter `name` into the model."""
+    module, pname = _experts_module(model, name, compute_dtype)
     module.set_bank(pname, bank)
 
 
@@ -236,21 +243,10 @@ def place_quantized_expert(model: nn.Module, name: str, tensor: torch.Tensor, qu
                            blocksize: int = 64, double_quant: bool = True,
                            compute_dtype: torch.dtype = torch.bfloat16) -> None:
     """Put the fused expert parameter `name` (e.g. "model.layers.0.mlp.experts.gate_up_proj",
-    tensor [E, out, in]) into the model in 4 bits: the first of a module's two parameters turns
-    the transformers experts module (whose own parameters may be on the meta device) into a
-    AdaptedExperts; each call quantises only its own tensor. ValueError for another name or shape."""
-    parent, _, pname = name.rpartition(".")
-    if pname not in EXPERT_PARAMETERS:
-        raise ValueError(f"'{name}' is not a fused expert parameter (expected one of {EXPERT_PARAMETERS})")
-    module = model.get_submodule(parent)
-    if not isinstance(module, AdaptedExperts):
-        if not is_fused_experts(module):
-            raise ValueError(f"'{parent}' is a {type(module).__name__}, not a fused-experts module")
-        module_q = AdaptedExperts.like(module, compute_dtype)
-        set_module(model, parent, module_q)
-        module = module_q
+    tensor [E, out, in]) into the model in 4 bits; each call quantises only its own tensor.
+    ValueError for another name or shape."""
+    module, pname = _experts_module(model, name, compute_dtype)
     if tuple(tensor.shape) != module.expected_shape(pname):
         raise ValueError(f"tensor '{name}' has shape {list(tensor.shape)}, expected "
                          f"{list(module.expected_shape(pname))}")
-    bank = quantize_expert_tensor(tensor, quant_type, blocksize, double_quant)
-    module.set_bank(pname, bank)
+    module.set_bank(pname, quantize_expert_tensor(tensor, quant_type, blocksize, double_quant))
