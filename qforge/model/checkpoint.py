@@ -135,11 +135,12 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         names_of.setdefault(id(param), []).append(name)
     duplicates = {n for names in names_of.values() for n in names[1:]}
     banks = _expert_banks(model)
+    owner_of = {key: name for name, (keys, _) in banks.items() for key in keys}
     out, seen = {}, set()
     for key, tensor in model.state_dict().items():
         if ".adapters." in key or key.startswith("adapters.") or key in duplicates:
             continue
-        owner = next((name for name, (keys, _) in banks.items() if key in keys), None)
+        owner = owner_of.get(key)
         if owner is not None:  # 4-bit experts: one bitsandbytes weight per expert (loader: stored_expert_bank)
             if key == owner:
                 out.update({k: v.detach().cpu() for k, v in banks[owner][1].expert_state_dicts(owner).items()})

@@ -57,7 +57,6 @@ class LimitBody:
         if length is not None and (not length.isdigit() or int(length) > max_bytes):
             return await self._refuse(send, max_bytes)
         received = 0
-        started = False
 
         async def counted_receive():
             nonlocal received
@@ -68,16 +67,11 @@ class LimitBody:
                     raise BodyTooLarge(max_bytes)
             return message
 
-        async def watched_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        watched = _WatchedSend(send)
         try:
-            await self.app(scope, counted_receive, watched_send)
+            await self.app(scope, counted_receive, watched)
         except BodyTooLarge:
-            if not started:
+            if not watched.started:
                 await self._refuse(send, max_bytes)
 
     @staticmethod
@@ -87,6 +81,19 @@ class LimitBody:
         start["headers"].append((b"connection", b"close"))  # the rest of the body is never read
         await send(start)
         await send({"type": "http.response.body", "body": body})
+
+
+class _WatchedSend:
+    """An ASGI `send` that remembers whether the response has started (a later error can no longer
+    be answered with a status of its own)."""
+
+    def __init__(self, send):
+        self.send, self.started = send, False
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
 
 
 class ClientDisconnected(Exception):
@@ -103,16 +110,9 @@ class CatchAll:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def watched_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        watched = _WatchedSend(send)
         try:
-            await self.app(scope, receive, watched_send)
+            await self.app(scope, receive, watched)
         except Exception as exc:  # noqa: BLE001 - logged here, answered as a 500 (507 for a full disk)
             from ..fileio import is_disk_full
             if _caused_by(exc, ClientDisconnected):
@@ -125,7 +125,7 @@ class CatchAll:
             else:
                 print(f"qforge serve: internal error on {where}:", file=sys.stderr)
                 traceback.print_exception(exc, file=sys.stderr)
-            if not started:
+            if not watched.started:
                 start, body = (_json_error(507, "the server's disk is full: nothing was stored; retry later",
                                            "server_error", "disk_full") if full else
                                _json_error(500, f"internal error: {type(exc).__name__}", "server_error", None))
