@@ -377,6 +377,7 @@ class MemoryConstants:
     context_bytes: int = int(1.25 * GB)
     fragmentation: float = 0.40
     sdpa_layer_scale: float = 1.0  # CPU only: see CPU_BF16
+    matrix_score_bytes: float = 0.0  # CPU only: see CPU_BF16
 
 
 CUDA_BF16 = MemoryConstants()
@@ -386,11 +387,11 @@ CUDA_BF16 = MemoryConstants()
 # of a fresh process per setting above its post-import baseline, with glibc's mmap threshold
 # fixed at 128 KiB (qforge.eval.bench.MEASURE_ENV), so that the peak is the memory the run holds
 # live and is the same every time (with glibc's default heap the same setting read 1270-1701 MB
-# across processes: freed heap that stays resident, which depends on thread timing). Fitted on two
-# runs of the eight settings (this checkout and a fresh clone, whose post-import baseline differed
-# by 100 MB and whose peaks read ~30 MB higher): worst error 8.1%. glibc's default heap can hold
-# 10-60% more than this on top of the dynamic part; `qforge train`'s fit warning does not add it.
-# Seven constants differ from CUDA_BF16:
+# across processes: freed heap that stays resident, which depends on thread timing). Checked on
+# two runs of the ten settings (this checkout and CI's clean clone, whose peaks read 2-8% higher):
+# worst error 8.1% (see matrix_score_bytes). glibc's default heap can hold 10-60% more than this
+# on top of the dynamic part; `qforge train`'s fit warning does not add it.
+# Eight constants differ from CUDA_BF16:
 #   lora_dropout 1.0  qforge's dropout keeps no mask (qforge.nn.dropout): only the dropped copy
 #   backward_hidden 3.0, backward_mlp 4.5  gradients alive while a layer runs backward: 1.5x the
 #                     CUDA counts (fitted; not broken down tensor by tensor)
@@ -406,8 +407,17 @@ CUDA_BF16 = MemoryConstants()
 #                     were fitted on 128-256-token rows; benchmarks/long_context.py (a 13M Llama
 #                     shape, 1k-16k tokens, the chunked loss) put the recomputed layer at about
 #                     this share of them. One shape: treat it as a first calibration.
+#   matrix_score_bytes 6  bytes per attention score that a layer saves for backward when its rows take
+#                     qforge's matrix attention (short rows: batch*heads*seq^2 <= MATRIX_ATTENTION_SCORES):
+#                     the float32 softmax output (4) and its BF16 copy that multiplies v (2). Every
+#                     layer's without checkpointing, one layer's with it. Before this term the
+#                     uncheckpointed 1 x 256 rows (9 heads, 30 layers: 106 MB of scores) read 13-15%
+#                     under the measured peak; with it, and context_bytes 70 MB, the ten settings
+#                     of tests/eval/test_plan_measured.py lie within -8.1%..+5.9% of two runs
+#                     (this checkout and CI's clean clone, whose peaks read 2-8% higher).
 CPU_BF16 = replace(CUDA_BF16, lora_dropout=1.0, backward_hidden=3.0, backward_mlp=4.5, logit_bytes=10.0,
-                   context_bytes=60 * 10**6, fragmentation=0.0, sdpa_layer_scale=SDPA_LAYER_SCALE_CPU)
+                   context_bytes=70 * 10**6, fragmentation=0.0, sdpa_layer_scale=SDPA_LAYER_SCALE_CPU,
+                   matrix_score_bytes=6.0)
 
 
 # ---------------------------------------------------------------- per-component bytes
@@ -526,7 +536,8 @@ def base_output_elems(arch: ModelArch) -> int:
 
 
 def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradient_checkpointing: bool,
-                     c: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False, sdpa: bool = False) -> int:
+                     c: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False, sdpa: bool = False,
+                     scores: int = 0) -> int:
     """Bytes of saved activations on one GPU for `tokens` = batch * seq_len tokens.
 
     With checkpointing: each layer's input hidden state is kept (L * H elements per token) and
@@ -537,6 +548,8 @@ def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradi
     backward_mlp*I_active. The logits are counted in temporary_bytes. keep_base_outputs
     (selective checkpointing, lora and qlora) adds every layer's base products: L * base_output_elems.
     sdpa (rows whose attention runs SDPA) scales the recomputed layer's share by c.sdpa_layer_scale.
+    scores: attention scores per layer (batch * heads * seq^2) of rows that take the CPU's matrix
+    attention; each layer that keeps its activations keeps c.matrix_score_bytes per score.
     """
     layer = layer_activation_elems(arch, method, rank, c)
     backward = c.backward_hidden * arch.hidden_size + c.backward_mlp * arch.active_intermediate
@@ -546,7 +559,8 @@ def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradi
             per_token += arch.num_layers * base_output_elems(arch)
     else:
         per_token = arch.num_layers * layer + backward
-    return int(tokens * c.compute_bytes * per_token)
+    layers_keeping_scores = 1 if gradient_checkpointing else arch.num_layers
+    return int(tokens * c.compute_bytes * per_token + layers_keeping_scores * scores * c.matrix_score_bytes)
 
 
 def temporary_bytes(arch: ModelArch, method: str, tokens: int, activations: int, num_gpus: int,
@@ -579,12 +593,14 @@ def loss_rows(arch: ModelArch, tokens: int) -> int:
 
 
 def recomputed_layer_bytes(arch: ModelArch, method: str, tokens: int, rank: int,
-                           c: MemoryConstants = CUDA_BF16, sdpa: bool = False) -> int:
+                           c: MemoryConstants = CUDA_BF16, sdpa: bool = False, scores: int = 0) -> int:
     """Bytes one checkpointed layer holds while it is recomputed and runs backward (part of
-    activation_bytes): tokens * compute_bytes * (layer + backward), scaled as there."""
+    activation_bytes): tokens * compute_bytes * (layer + backward), scaled as there, and the
+    layer's matrix-attention scores."""
     backward = c.backward_hidden * arch.hidden_size + c.backward_mlp * arch.active_intermediate
     scale = c.sdpa_layer_scale if sdpa else 1.0
-    return int(tokens * c.compute_bytes * (layer_activation_elems(arch, method, rank, c) + backward) * scale)
+    return int(tokens * c.compute_bytes * (layer_activation_elems(arch, method, rank, c) + backward) * scale
+               + scores * c.matrix_score_bytes)
 
 
 def runs_sdpa(arch: ModelArch, batch_size: int, seq_len: int) -> bool:
@@ -676,8 +692,11 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
         adapters, grads = adapter_bytes * adapter_params, adapter_bytes * adapter_params
     optim = optimizer_bytes(trained, optimizer)
     sdpa = runs_sdpa(arch, batch_size, seq_len)
-    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants, keep_base_outputs, sdpa)
-    layer_peak = recomputed_layer_bytes(arch, method, tokens, rank, constants, sdpa) if gradient_checkpointing else 0
+    scores = 0 if sdpa else batch_size * arch.num_heads * seq_len * seq_len  # CPU matrix attention's
+    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants, keep_base_outputs, sdpa,
+                            scores)
+    layer_peak = (recomputed_layer_bytes(arch, method, tokens, rank, constants, sdpa, scores)
+                  if gradient_checkpointing else 0)
     temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants, chunked_loss, layer_peak)
     sharded = base + constants_bytes + adapters + grads + optim
     return Plan(method=method, num_gpus=num_gpus, base_weights=base, quant_constants=constants_bytes,
