@@ -40,6 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+from common import status_bytes  # noqa: E402
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=False,
@@ -117,11 +118,6 @@ def write_checkpoint(folder: Path) -> None:
 
 
 # ---- the measured phases (each in its own process) ------------------------------------------------
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
 def phase(name: str, argv: list[str], report: str) -> None:
     """Run `qforge <argv>` in this process; write {baseline, peak, seconds} to `report`."""
     import torch  # noqa: F401
@@ -135,13 +131,13 @@ def phase(name: str, argv: list[str], report: str) -> None:
     from qforge.model.load import release_free_memory
 
     release_free_memory()
-    baseline = _status_bytes("VmRSS")
+    baseline = status_bytes("VmRSS")
     t0 = time.perf_counter()
     code = qforge_main(argv)
     seconds = time.perf_counter() - t0
     if code:
         sys.exit(f"qforge {' '.join(argv)} exited with {code}")
-    Path(report).write_text(json.dumps({"phase": name, "baseline": baseline, "peak": _status_bytes("VmHWM"),
+    Path(report).write_text(json.dumps({"phase": name, "baseline": baseline, "peak": status_bytes("VmHWM"),
                                         "seconds": seconds}))
 
 

@@ -5,6 +5,28 @@ import statistics
 import time
 
 
+def proc_status(*keys: str) -> dict[str, int]:
+    """Fields of this process' /proc/self/status in bytes (Linux): VmRSS (resident now), VmHWM (peak
+    resident, reset by exec and by writing 5 to /proc/self/clear_refs), RssAnon (anonymous memory:
+    the process' own), RssFile (file pages mapped into it: page cache the kernel can drop).
+    A key the kernel does not report raises KeyError naming it."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in keys:
+                out[key] = int(line.split()[1]) * 1024
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise KeyError(f"{', '.join(missing)} not in /proc/self/status")
+    return out
+
+
+def status_bytes(key: str) -> int:
+    """One field of /proc/self/status in bytes (see proc_status)."""
+    return proc_status(key)[key]
+
+
 def median_time(fn, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of fn() in seconds."""
     for _ in range(warmup):

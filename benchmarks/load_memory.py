@@ -36,6 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import proc_status, status_bytes  # noqa: E402
+
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
              rms_norm_eps=1e-5, dtype="bfloat16")
@@ -114,23 +117,9 @@ def peak_rss() -> int:
     """This process' peak resident set in bytes: VmHWM, which exec resets. (ru_maxrss is not reset
     by exec on Linux: a child would report its parent's peak when that was higher.)"""
     try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
+        return status_bytes("VmHWM")
+    except (OSError, KeyError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def status_bytes(*keys: str) -> dict[str, int]:
-    """Fields of /proc/self/status in bytes: RssAnon (anonymous memory: the process' own), RssFile
-    (file pages mapped into it, e.g. a safetensors file through mmap: page cache, which the kernel
-    can drop), VmRSS, VmHWM."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":")[0]
-            if key in keys:
-                out[key] = int(line.split()[1]) * 1024
-    return out
 
 
 class AnonSampler:
@@ -139,13 +128,13 @@ class AnonSampler:
 
     def __init__(self, every: float = 0.005):
         import threading
-        self.every, self.peak, self.first = every, 0, status_bytes("RssAnon")["RssAnon"]
+        self.every, self.peak, self.first = every, 0, status_bytes("RssAnon")
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._done.is_set():
-            self.peak = max(self.peak, status_bytes("RssAnon")["RssAnon"])
+            self.peak = max(self.peak, status_bytes("RssAnon"))
             self._done.wait(self.every)
 
     def start(self) -> None:
@@ -154,7 +143,7 @@ class AnonSampler:
     def stop(self) -> None:
         self._done.set()
         self._thread.join()
-        self.peak = max(self.peak, status_bytes("RssAnon")["RssAnon"])
+        self.peak = max(self.peak, status_bytes("RssAnon"))
 
 
 # ---- the measured children ----------------------------------------------------------------------
@@ -202,7 +191,7 @@ def child(loader: str, folder: str) -> None:
     four_bit = sum(1 for m in model.modules() if "4bit" in type(m).__name__  # bitsandbytes' Linear4bit
                    or "4bit" in type(getattr(m, "base", None)).__name__)  # qforge's AdaptedLinear on a 4-bit base
     checksum = int(packed.view(torch.uint8).to(torch.int64).sum())
-    after = status_bytes("RssAnon", "RssFile")
+    after = proc_status("RssAnon", "RssFile")
     print(json.dumps({"baseline": baseline, "peak": peak_rss(), "seconds": seconds, "layers": four_bit,
                       "checksum": checksum, "model": model_bytes(model), "peak_anon": sampler.peak,
                       "anon": after["RssAnon"], "file": after["RssFile"], "baseline_anon": sampler.first}))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from common import status_bytes  # noqa: E402
 
 SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=49152, max_position_embeddings=32768, tie_word_embeddings=False,
@@ -62,11 +63,6 @@ def write_model(folder: Path) -> None:
     write_new_folder(folder, write)
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
 def measure(folder: str, seq_len: int, steps: int) -> dict:
     """One length, in this (fresh) process: see the module docstring."""
     import torch
@@ -85,7 +81,7 @@ def measure(folder: str, seq_len: int, steps: int) -> dict:
 
     dispatch.warm_up(torch.device("cpu"))
     release_free_memory()
-    baseline = _status_bytes("VmRSS")
+    baseline = status_bytes("VmRSS")
     cfg = TrainConfig(model=folder, method="qlora", rank=RANK, alpha=2 * RANK, batch_size=1, max_seq_len=seq_len,
                       gradient_checkpointing=True, keep_base_outputs=False, device="cpu", output_dir="/dev/null")
     model, _ = load_for_method(cfg, torch.device("cpu"))
@@ -94,7 +90,7 @@ def measure(folder: str, seq_len: int, steps: int) -> dict:
     optimizer = make_optimizer(trainable, cfg)
     ids = torch.randint(0, SHAPE["vocab_size"], (1, seq_len), generator=torch.Generator().manual_seed(0))
     release_free_memory()
-    loaded = _status_bytes("VmRSS") - baseline
+    loaded = status_bytes("VmRSS") - baseline
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the loading peak does not count
     t0, losses = time.perf_counter(), []
     for _ in range(steps):
@@ -106,7 +102,7 @@ def measure(folder: str, seq_len: int, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return {"seq_len": seq_len, "steps": steps, "baseline_bytes": baseline, "loaded_bytes": loaded,
-            "peak_bytes": _status_bytes("VmHWM") - baseline, "seconds": time.perf_counter() - t0, "losses": losses}
+            "peak_bytes": status_bytes("VmHWM") - baseline, "seconds": time.perf_counter() - t0, "losses": losses}
 
 
 def planned(seq_len: int) -> int:

@@ -13,13 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import status_bytes  # noqa: E402
 
-def _proc_status_bytes(key: str) -> int:
-    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"{key} not in /proc/self/status")
+
 
 
 def _release_memory() -> None:
@@ -67,14 +64,14 @@ def measure_training_peak(method: str, batch_size: int, seq_len: int, gradient_c
     from qforge.kernels import dispatch
     dispatch.warm_up(torch.device("cpu"))  # the native kernel library, built or loaded
     _release_memory()
-    baseline = _proc_status_bytes("VmRSS")
+    baseline = status_bytes("VmRSS")
     cfg = TrainConfig(model=model, method=method, rank=rank, alpha=2 * rank, seed=seed, output_dir="/dev/null",
                       batch_size=batch_size, max_seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
                       keep_base_outputs=keep_base_outputs, device="cpu")
     torch.manual_seed(seed)
     net, _ = load_for_method(cfg)
     _release_memory()
-    loaded = _proc_status_bytes("VmRSS") - baseline
+    loaded = status_bytes("VmRSS") - baseline
     net.train()  # the loaded model is in eval mode, where transformers skips checkpointing
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, cfg)
@@ -89,7 +86,7 @@ def measure_training_peak(method: str, batch_size: int, seq_len: int, gradient_c
     return {"method": method, "batch_size": batch_size, "seq_len": seq_len,
             "gradient_checkpointing": gradient_checkpointing, "keep_base_outputs": keep_base_outputs,
             "steps": steps, "rank": rank,
-            "peak_bytes": _proc_status_bytes("VmHWM") - baseline, "baseline_bytes": baseline, "loaded_bytes": loaded}
+            "peak_bytes": status_bytes("VmHWM") - baseline, "baseline_bytes": baseline, "loaded_bytes": loaded}
 
 
 # glibc's malloc, by default, serves blocks under a threshold that it raises at run time (up to

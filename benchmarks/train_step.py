@@ -81,6 +81,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import proc_status  # noqa: E402
 PEFT_CONFIGS = ("peft-recipe", "peft-matched-nockpt", "peft-matched-nockpt-upcast",
                 "peft-matched-sac", "peft-matched-sac-upcast")
 QFORGE_CONFIGS = ("qforge", "qforge-recompute", "qforge-nockpt", "qforge-lora")
@@ -95,17 +97,6 @@ RANK, LR = 16, 1e-4
 
 
 # ---- what every process measures ------------------------------------------------------------------
-def proc_status(*keys: str) -> dict[str, int]:
-    """Fields of /proc/self/status in bytes (VmHWM, VmRSS, RssAnon, RssFile)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":")[0]
-            if key in keys:
-                out[key] = int(line.split()[1]) * 1024
-    return out
-
-
 def reset_peak() -> bool:
     """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
     try:
