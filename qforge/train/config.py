@@ -105,6 +105,9 @@ class TrainConfig:
             raise ValueError(f"adapter_dtype: expected one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
         if self.residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype: expected one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
+        if self.residual_dtype == "float32" and self.method == "full":
+            raise ValueError("residual_dtype: float32 is for the adapter methods (qlora, lora); full fine-tuning "
+                             "trains every weight in compute_dtype")
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type: expected one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
         if not isinstance(self.hqq_group_size, int) or self.hqq_group_size < 1:
