@@ -79,21 +79,22 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_c = x.to(self.compute_dtype)
         adapter = self.adapters[self.active_adapter] if self.active_adapter in self.adapters else None
-        if adapter is not None and self.float32_sum(x) and adapter.fusable(self.compute_dtype):
-            # PEFT over Linear4bit: the base product (+ bias) and the low-rank term each in the
-            # compute dtype, their sum in float32 (not rounded to the compute dtype first); the
-            # low-rank branch first, as the unfused path orders it for full recomputation
+        if adapter is not None and self.returns_input_dtype(x) and adapter.fusable(self.compute_dtype):
+            # PEFT over Linear4bit: the base product (+ bias) and the low-rank term s*B(A x) each
+            # in the compute dtype, added in the input's dtype (float32 for a float32 residual:
+            # not rounded to the compute dtype first); the low-rank branch first, as the unfused
+            # path orders it for full recomputation
             lora = adapter.low_rank(x_c)
             out = self.base.product(x_c)
             if self.bias is not None:
                 out = out + self.bias
-            return out.float() + lora.float()
+            return out.to(x.dtype) + lora.to(x.dtype)
         out = self.base.product(x_c) if adapter is None else adapter.variant.forward(self, adapter, x_c)
         return self.finish(out, x)
 
-    def float32_sum(self, x: torch.Tensor) -> bool:
-        """Whether this forward returns float32 under autocast: keep_input_dtype and a float32 input."""
-        return self.keep_input_dtype and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)
+    def returns_input_dtype(self, x: torch.Tensor) -> bool:
+        """Whether this forward under autocast returns x's dtype (keep_input_dtype), not the compute dtype."""
+        return self.keep_input_dtype and x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type)
 
     def finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Add the bias. Under autocast the result stays in the compute dtype, as nn.Linear's does;
@@ -106,7 +107,7 @@ class AdaptedLinear(nn.Module):
         if not x.dtype.is_floating_point:
             return out
         if torch.is_autocast_enabled(x.device.type):
-            return out.float() if self.float32_sum(x) else out
+            return out.to(x.dtype) if self.returns_input_dtype(x) else out
         return out.to(x.dtype)
 
     # ---- state dict and device moves: the base's tensors, under the base's keys ---------------
