@@ -308,8 +308,8 @@ def cosine(a: dict, b: dict) -> float:
     keys = sorted(a)
     if sorted(b) != keys:
         raise SystemExit(f"the two sides adapt different layers: {sorted(set(a) ^ set(b))[:4]}")
-    x = torch.cat([a[k].flatten() for k in keys])
-    y = torch.cat([b[k].flatten() for k in keys])
+    x = torch.cat([a[k].flatten() for k in keys]).double()  # float32 sums over 10M terms overshoot 1.0
+    y = torch.cat([b[k].flatten() for k in keys]).double()
     return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
 
 
