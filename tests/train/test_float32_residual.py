@@ -57,7 +57,7 @@ def adapter_weights(name: str, out_f: int, in_f: int):
 
 def qforge_logits(folder, residual: torch.dtype | None):
     from qforge.model.load import load_model
-    model, _ = load_model(str(folder), compute_dtype=torch.bfloat16, residual_dtype=torch.float32,
+    model, _ = load_model(str(folder), compute_dtype=torch.bfloat16, residual_dtype=residual,
                           lora=LoraSpec(r=R, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
     prepare_for_kbit_training(model, False)
     with torch.no_grad():
