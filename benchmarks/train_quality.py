@@ -1,7 +1,7 @@
 """Training quality: qforge QLoRA against bitsandbytes + PEFT QLoRA and against qforge's own BF16 LoRA.
 
     .venv/bin/python benchmarks/train_quality.py [--steps 100] [--lrs 1e-4,2e-4] [--batch-size 8]
-                                                 [--variants ...] [--out runs/train_quality]
+                                                 [--variants ...] [--seeds 0,1,2] [--out runs/train_quality]
 
 The embedded model (SmolLM2-135M-Instruct) on the demo task (qforge/data/demo_task: train.jsonl to
 train, val.jsonl's 100 rows to evaluate), LoRA r=16 / alpha 32 / dropout 0.05 on every linear layer
@@ -22,9 +22,15 @@ qforge trains on.
                           Linear4bit and AdamW8bit, `model(**batch).loss`
     qforge-lora           `qforge train --method lora` (the same adapters on a frozen BF16 base)
     qforge-qlora-bf16     qforge QLoRA with --adapter-dtype bfloat16 (the old default: no float32 weights)
+    qforge-qlora-f32res   qforge QLoRA with --residual-dtype float32: embeddings and norms read in
+                          float32, the adapted layers returning their input's dtype, SDPA for the
+                          float32 queries (PEFT's recipe's forward; qforge.model.surgery.use_float32_residual)
 
 qforge's variants run qforge.train.loop.train_loop itself; PEFT's a loop with the same schedule,
-clipping and optimiser settings. Each variant and learning rate runs in a fresh process. The eval
+clipping and optimiser settings. Each variant, learning rate and seed runs in a fresh process.
+--seeds: the seed of the dropout masks (torch's generator, seeded just before the first training
+forward: qforge's HashDropout draws its seeds from it, PEFT's nn.Dropout its masks); A, the batches
+and the base are the same for every seed, so the seeds show the run-to-run noise of dropout alone. The eval
 loss (token-weighted mean over val.jsonl, the same function for every variant, with the
 modules in train mode but dropout off: see eval_loss) is taken at step 0 and every `--eval-every` steps. For the qforge
 variants the script also counts, after every step, the adapter elements whose value the step left
@@ -36,9 +42,12 @@ grad_cosine_vs_peft: before training, each side runs one forward and backward on
 B has a gradient) and the cosine between the two sides' concatenated adapter gradients is taken.
 
 Writes OUT/quality.json (everything) and OUT/train_quality.png (the loss curves). Last line:
-eval_loss_vs_peft=X eval_loss_vs_bf16_lora=Y grad_cosine_vs_peft=Z, X = qforge QLoRA's final eval
-loss over PEFT's and Y = over qforge BF16 LoRA's, each the larger of the ratios over the learning
-rates; Z the gradient cosine. Targets: X <= 1.01, Y <= 1.02, Z >= 0.99.
+eval_loss_vs_peft=X eval_loss_vs_bf16_lora=Y grad_cosine_vs_peft=Z peft_seed_spread=S
+[eval_loss_vs_peft_f32res=X32], X = qforge QLoRA's (as shipped) mean final eval loss over the seeds
+over PEFT's mean and Y = over qforge BF16 LoRA's, each the larger of the ratios over the learning
+rates; Z the gradient cosine; S the peer's own seed-to-seed spread of its final eval loss ((max -
+min) / mean, the larger over the learning rates), the noise X is to be read against; X32 as X for
+qforge-qlora-f32res when it ran. Targets: X <= 1.01, Y <= 1.02, Z >= 0.99.
 
 Measured at 459038f on the shared 2-vCPU machine (--batch-size 4 --eval-every 50, the two learning
 rates in parallel processes): eval_loss_vs_peft=1.0680 eval_loss_vs_bf16_lora=1.3472
@@ -440,6 +449,9 @@ def report(records: list[dict], args, lrs: list[float], variants: list[str], out
     ours = "qforge-qlora" if "qforge-qlora" in firsts else "qforge-qlora-f32res"
     grad_cos = (cosine(torch.load(firsts[ours]), torch.load(firsts["peft-bnb-qlora"]))
                 if ours in firsts and "peft-bnb-qlora" in firsts else float("nan"))
+    for v in (x for x in firsts if x.startswith("qforge-qlora") and "peft-bnb-qlora" in firsts):
+        print(f"first-step adapter gradient cosine, {v} vs peft-bnb-qlora: "
+              f"{cosine(torch.load(firsts[v]), torch.load(firsts['peft-bnb-qlora'])):.6f}")
     batch_size = records[0].get("batch_size", args.batch_size) if records else args.batch_size
     print(f"\nSmolLM2-135M-Instruct, demo task, {args.steps} steps of {batch_size} rows, r={RANK} alpha={ALPHA} "
           f"dropout={DROPOUT}, all linear layers, 8-bit AdamW, bf16 autocast, gradient checkpointing, same batches, "
@@ -484,8 +496,10 @@ def report(records: list[dict], args, lrs: list[float], variants: list[str], out
     (out / "quality.json").write_text(json.dumps({"records": records, "grad_cosine_vs_peft": grad_cos}))
     x = max(ratios(ours, "peft-bnb-qlora"), default=float("nan"))
     y = max(ratios(ours, "qforge-lora"), default=float("nan"))
+    x32 = max(ratios("qforge-qlora-f32res", "peft-bnb-qlora"), default=None)
+    extra = f" eval_loss_vs_peft_f32res={x32:.4f}" if x32 is not None and ours != "qforge-qlora-f32res" else ""
     print(f"eval_loss_vs_peft={x:.4f} eval_loss_vs_bf16_lora={y:.4f} grad_cosine_vs_peft={grad_cos:.4f} "
-          f"peft_seed_spread={peer_spread:.4f}")
+          f"peft_seed_spread={peer_spread:.4f}{extra}")
 
 
 if __name__ == "__main__":
