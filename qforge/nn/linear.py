@@ -97,11 +97,12 @@ class AdaptedLinear(nn.Module):
         return self.keep_input_dtype and x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type)
 
     def finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Add the bias. Under autocast the result stays in the compute dtype, as nn.Linear's does;
-        otherwise it goes back to the input's dtype. (Returning the input's dtype under autocast,
-        as bitsandbytes' Linear4bit does, lets the float32 norms of a k-bit model turn the whole
-        residual stream into float32: on SmolLM2 that cost ~150-300 MB of activations and a
-        slower step than BF16 LoRA.)"""
+        """Add the bias. Under autocast the result stays in the compute dtype, as nn.Linear's does
+        (unless keep_input_dtype); otherwise it goes back to the input's dtype. (Returning the
+        input's dtype under autocast, as bitsandbytes' Linear4bit does, lets the float32 norms of a
+        k-bit model turn the whole residual stream into float32: on SmolLM2 that cost ~150-300 MB
+        of activations and a slower step than BF16 LoRA; it is what --residual-dtype float32 asks
+        for, and what PEFT's recipe computes.)"""
         if self.bias is not None:
             out = out + self.bias
         if not x.dtype.is_floating_point:
