@@ -56,14 +56,17 @@ weights costs 18% before training (see tests/eval/test_bench.py), which 100 step
 not recover.
 
 Measured at the issue15x branch (fbaec5b; the machine shared, losses do not depend on load),
---steps 100 --batch-size 4 --eval-every 50, seeds 0,1,2, final eval loss (step 100):
+--steps 100 --batch-size 4 --eval-every 50 --seeds 0,1,2, one --lrs and one variant per command
+(two commands at a time), then --report over the folder; final eval loss (step 100). Last line:
+eval_loss_vs_peft=1.0664 eval_loss_vs_bf16_lora=nan grad_cosine_vs_peft=0.9977
+peft_seed_spread=0.0194 eval_loss_vs_peft_f32res=1.0020 (Y: qforge-lora was not run)
 
     lr     peft-bnb-qlora              qforge-qlora (bf16 residual)  qforge-qlora-f32res
     1e-4   .02988 .02983 .02981 (0.2%)  .03187 .03171 .03189 (0.6%)  .02999 .02997 .02973 (0.9%)
-    2e-4   .01594 .01597 .01625 (1.9%)  see the report               .01603 .01605 .01591 (1.3%)
+    2e-4   .01594 .01595 .01625 (1.9%)  .01652 .01659 .01690 (2.2%)  .01602 .01610 .01589 (1.3%)
 
 (spread = (max - min) / mean over the seeds). Ratio of the means over PEFT's: qforge-qlora 1.066 at
-1e-4, 1.03 at 2e-4 (far outside either side's seed spread: the BF16 residual trains measurably
+1e-4, 1.039 at 2e-4 (far outside either side's seed spread: the BF16 residual trains measurably
 worse, e.g. train loss at step 10 0.29 against PEFT's 0.21); qforge-qlora-f32res 1.002 at 1e-4 and
 0.997 at 2e-4 (inside the noise). Step 0 (B = 0): PEFT 0.6702243, f32res 0.6702243 (the same
 float), bf16 residual 0.6756570; first-step adapter gradient cosine to PEFT's 0.9977 (bf16
