@@ -59,6 +59,11 @@ HELP = {
     "adapter_dtype": "dtype the LoRA weights are kept, updated and saved in: float32 (as PEFT; every optimiser "
                      "update kept) or bfloat16 (half the adapter memory; updates under half a BF16 ulp are lost); "
                      "the products run in --compute-dtype either way",
+    "residual_dtype": "dtype of the residual stream between layers (qlora, lora): bfloat16, or float32 as PEFT's "
+                      "prepare_model_for_kbit_training gives it (embeddings, norms and the adapted layers' outputs in "
+                      "float32; the products stay in --compute-dtype). Costs the embeddings in float32 (+2 bytes per "
+                      "element: +1 GB for Llama 3 8B's, +2 GB with an untied head in PEFT's recipe; qforge leaves "
+                      "an untied head as it is) and float32 hidden states (twice the residual's activations)",
     "optimizer": "paged_adamw_8bit, adamw_8bit or adamw (32-bit state)", "lr": "peak learning rate",
     "weight_decay": "AdamW weight decay", "lr_scheduler": "decay after warmup: cosine, linear or constant",
     "warmup_ratio": "share of the steps spent in linear warmup",

@@ -35,7 +35,7 @@ from .checkpoint import INDEX_NAME, WEIGHTS_NAME, read_bnb_config, save_tokenize
 from .conversion import (convert_checkpoint, expert_parameter_names, place_expert_parameter, router_linear_names,
                          stored_expert_bank)
 from .surgery import (DEFAULT_SKIP, add_adapter, linear_names, place_expert_bank, quantize_linears, select_targets,
-                      set_module)
+                      set_module, use_float32_residual)
 
 SMOLLM2 = "smollm2"
 SMOLLM2_CACHE = ("models", "smollm2-135m-instruct")
@@ -279,10 +279,23 @@ def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: li
     return AdaptedLinear(base if nbits is not None else Quant4bitBase(state), bias, compute_dtype)
 
 
-def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype, device: torch.device = CPU) -> None:
+def float32_residual_names(model: nn.Module) -> set[str]:
+    """Parameter names a float32 residual stream keeps in float32 (surgery.use_float32_residual):
+    the input embeddings' (a tied LM head shares them) and every norm's."""
+    names: set[str] = set()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for module_name, module in model.named_modules():
+        if module is emb or "norm" in type(module).__name__.lower():
+            names.update(f"{module_name}.{leaf}" if module_name else leaf
+                         for leaf, _ in module.named_parameters(recurse=False))
+    return names
+
+
+def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype, device: torch.device = CPU,
+                 float32_names: set[str] = frozenset()) -> None:
     """Replace every meta parameter and persistent buffer by its tensor from the checkpoint on
-    `device`, floats cast to `compute_dtype` (there: the host holds one tensor at a time). Tied
-    names receive one shared Parameter."""
+    `device`, floats cast to `compute_dtype` (there: the host holds one tensor at a time), those
+    of `float32_names` (or sharing their Parameter) to float32. Tied names receive one shared Parameter."""
     tied = _tied_names(model)
     done: dict[str, nn.Parameter] = {}
     for name, param in list(model.named_parameters(remove_duplicate=False)):
@@ -297,7 +310,8 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype,
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(f"tensor '{name}' has shape {list(tensor.shape)}, "
                                  f"the model expects {list(param.shape)}")
-            tensor = tensor.to(device).to(_target_dtype(tensor, compute_dtype))
+            wide = tensor.is_floating_point() and any(n in float32_names for n in names)
+            tensor = tensor.to(device).to(torch.float32 if wide else _target_dtype(tensor, compute_dtype))
             shared = nn.Parameter(tensor, requires_grad=param.requires_grad and tensor.is_floating_point())
             shared._is_hf_initialized = True  # tells transformers' init functions to leave it alone
         module._parameters[leaf] = done[name] = shared
@@ -328,11 +342,13 @@ def _init_computed_buffers(model: nn.Module, device: torch.device = CPU) -> None
 
 def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.dtype,
                 target_modules="all-linear", skip_modules=DEFAULT_SKIP, progress: bool = False,
-                device: torch.device | str | None = None) -> nn.Module:
+                device: torch.device | str | None = None, residual_dtype: torch.dtype | None = None) -> nn.Module:
     """Stream a Hugging Face folder into a model on `device` (default the CPU): target Linear layers
     become 4-bit AdaptedLinear (quantised from the stored weight on the device, or read as stored in
     a bitsandbytes folder and moved there); every other tensor goes there as it is read. Host memory
-    holds about one tensor at a time; the device, the 4-bit model plus one layer in the compute dtype."""
+    holds about one tensor at a time; the device, the 4-bit model plus one layer in the compute dtype.
+    residual_dtype float32: the embeddings and norms are read in float32 (their stored values, not
+    rounded to the compute dtype first), for surgery.use_float32_residual."""
     device = torch.device(device) if device is not None else CPU
     config = _read_config(folder)
     hqq_folder = read_hqq_config(config) is not None
@@ -369,7 +385,8 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
         else:
             place_expert_parameter(model, name, ckpt.read(name), compute_dtype, device, quant if quantize else None)
         release_free_memory()
-    _materialise(model, ckpt, compute_dtype, device)
+    wide = float32_residual_names(model) if residual_dtype == torch.float32 else frozenset()
+    _materialise(model, ckpt, compute_dtype, device, wide)
     _init_computed_buffers(model, device)
     release_free_memory()
     if (folder / "generation_config.json").is_file():  # eos / pad ids for generate(), as from_pretrained
@@ -512,7 +529,7 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
                compute_dtype: torch.dtype = torch.bfloat16, target_modules="all-linear",
                lora: LoraSpec | None = None, adapter_name: str = "default", skip_modules=DEFAULT_SKIP,
                quantize: bool = True, progress: bool = False, device: torch.device | str | None = None,
-               revision: str | None = None):
+               revision: str | None = None, residual_dtype: torch.dtype | None = None):
     """Load `source` -> (model, tokenizer or None).
 
     `source`: a Hugging Face folder (model.safetensors or sharded with an index), a folder in
@@ -530,6 +547,8 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
     each tensor is read from its shard, moved there and, for a target layer, quantised there, so
     neither the host nor the device ever holds the model in 16 bits. GGUF and LoftQ sources are
     built on the CPU (their loaders need the dense model) and then moved.
+    `residual_dtype` torch.float32: a float32 residual stream (surgery.use_float32_residual), the
+    embeddings and norms read from a folder in float32 as stored (from GGUF and LoftQ: upcast).
     """
     quant = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
     source = resolve_source(source, revision)
@@ -539,18 +558,23 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
             raise ValueError(f"LoftQ initialises adapters against an nf4/fp4 base, not quant type '{quant_type}'; "
                              "set loftq_iters 0 for an HQQ base")
         model, tokenizer = _load_loftq(source, quant, compute_dtype, target_modules, lora, adapter_name, skip_modules)
+        if residual_dtype == torch.float32:
+            use_float32_residual(model)
         return (model.to(device) if device.type != "cpu" else model), tokenizer
     default_targets = target_modules == "all-linear" and tuple(skip_modules) == tuple(DEFAULT_SKIP)
     path, is_gguf = _resolve(source, quantize, quant, default_targets)
     if is_gguf:
         model, tokenizer = _load_gguf_model(path, quantize, quant, compute_dtype, target_modules, skip_modules)
     else:
-        model = load_folder(path, quantize, quant, compute_dtype, target_modules, skip_modules, progress, device)
+        model = load_folder(path, quantize, quant, compute_dtype, target_modules, skip_modules, progress, device,
+                            residual_dtype)
         tokenizer = load_tokenizer(path)
     if is_gguf and device.type != "cpu":
         model.to(device)
     if lora is not None and quantize:
         add_adapter(model, adapter_name, lora)  # on the device of the layer it adapts
+    if residual_dtype == torch.float32:
+        use_float32_residual(model)
     return model, tokenizer
 
 

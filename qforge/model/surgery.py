@@ -133,6 +133,31 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     return model
 
 
+def use_float32_residual(model: nn.Module) -> int:
+    """A float32 residual stream under bf16 autocast, as PEFT's prepare_model_for_kbit_training
+    gives a k-bit model: the input embeddings (and with them a tied LM head) and the norms in
+    float32, so the hidden states start in float32 and the norms keep them so; every adapted layer
+    returns its float32 input's dtype (AdaptedLinear.keep_input_dtype), its base product and
+    low-rank term added in float32. The products themselves stay in the compute dtype (autocast),
+    and with float32 hidden states the rotary cos/sin reach attention in float32 as in PEFT's run.
+    An untied LM head is left as it is: autocast computes it in BF16 from either dtype, so
+    upcasting it (as PEFT's recipe does) would cost memory and change no value. Returns the bytes
+    the upcast added (the embeddings' extra two bytes per element)."""
+    added = 0
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        for param in emb.parameters():
+            if param.dtype != torch.float32 and param.is_floating_point():
+                added += param.numel() * (4 - param.element_size())
+        emb.float()
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            module.float()
+        elif isinstance(module, AdaptedLinear):
+            module.keep_input_dtype = True
+    return added
+
+
 def use_qforge_attention(model: nn.Module) -> bool:
     """Switch a transformers model that runs SDPA to qforge's attention (qforge.nn.attention, which
     is SDPA but for short CPU training rows); False, leaving the model as it was, when it runs

@@ -12,7 +12,8 @@ with SDPA's mask function), so `model.set_attn_implementation("qforge")` selects
 trainer selects it only for models that run SDPA (surgery.use_qforge_attention). It takes the
 matrix path only on CPU tensors, with autograd recording, without a KV cache (query and key of the
 same length), without arguments it does not implement (UNSUPPORTED) and up to MATH_MAX_SCORES
-scores; every other call goes to transformers' SDPA function unchanged. The matrix path is transformers' eager attention: scores in the compute dtype,
+scores, and not for float32 queries under autocast (a float32 residual: SDPA, whose scores stay in
+float32 as in PEFT's run); every other call goes to transformers' SDPA function unchanged. The matrix path is transformers' eager attention: scores in the compute dtype,
 masked with the dtype's lowest value, softmax in float32, probabilities back in the compute dtype;
 a query row with nothing to attend to (left padding) outputs zeros, as SDPA's kernel gives.
 """
@@ -63,7 +64,12 @@ def qforge_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     b, h, t, d = query.shape
     plain = all(kwargs.get(k) is None for k in UNSUPPORTED)  # nothing the matrix path does not do
-    if (plain and torch.is_grad_enabled() and key.shape[-2] == t
+    # float32 query and key under autocast (a float32 residual stream, qforge.model.surgery.
+    # use_float32_residual): SDPA, as in PEFT's recipe. Its kernel takes the BF16-cast inputs and keeps
+    # the scores in float32; the matrix path rounds them to BF16 before the softmax (measured on the
+    # embedded model: first-step adapter gradients at cosine 0.9983 to PEFT's against ~1.0 with SDPA)
+    wide = query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type)
+    if (plain and not wide and torch.is_grad_enabled() and key.shape[-2] == t
             and dispatch.matrix_attention(query, b * h * t * t, MATH_MAX_SCORES)):
         # without a mask, causal as transformers' SDPA function decides it
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)

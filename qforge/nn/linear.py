@@ -29,6 +29,9 @@ class AdaptedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
+        # under autocast, return a float32 input's dtype (bitsandbytes' Linear4bit with PEFT's
+        # adapters do): a float32 residual stream stays float32 (qforge.model.surgery.use_float32_residual)
+        self.keep_input_dtype = False
         self.set_base(base)
 
     @classmethod
@@ -76,19 +79,36 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_c = x.to(self.compute_dtype)
         adapter = self.adapters[self.active_adapter] if self.active_adapter in self.adapters else None
+        if adapter is not None and self.returns_input_dtype(x) and adapter.fusable(self.compute_dtype):
+            # PEFT over Linear4bit: the base product (+ bias) and the low-rank term s*B(A x) each
+            # in the compute dtype, added in the input's dtype (float32 for a float32 residual:
+            # not rounded to the compute dtype first); the low-rank branch first, as the unfused
+            # path orders it for full recomputation
+            lora = adapter.low_rank(x_c)
+            out = self.base.product(x_c)
+            if self.bias is not None:
+                out = out + self.bias
+            return out.to(x.dtype) + lora.to(x.dtype)
         out = self.base.product(x_c) if adapter is None else adapter.variant.forward(self, adapter, x_c)
         return self.finish(out, x)
 
+    def returns_input_dtype(self, x: torch.Tensor) -> bool:
+        """Whether this forward under autocast returns x's dtype (keep_input_dtype), not the compute dtype."""
+        return self.keep_input_dtype and x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type)
+
     def finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Add the bias. Under autocast the result stays in the compute dtype, as nn.Linear's does;
-        otherwise it goes back to the input's dtype. (Returning the input's dtype under autocast,
-        as bitsandbytes' Linear4bit does, lets the float32 norms of a k-bit model turn the whole
-        residual stream into float32: on SmolLM2 that cost ~150-300 MB of activations and a
-        slower step than BF16 LoRA.)"""
+        """Add the bias. Under autocast the result stays in the compute dtype, as nn.Linear's does
+        (unless keep_input_dtype); otherwise it goes back to the input's dtype. (Returning the
+        input's dtype under autocast, as bitsandbytes' Linear4bit does, lets the float32 norms of a
+        k-bit model turn the whole residual stream into float32: on SmolLM2 that cost ~150-300 MB
+        of activations and a slower step than BF16 LoRA; it is what --residual-dtype float32 asks
+        for, and what PEFT's recipe computes.)"""
         if self.bias is not None:
             out = out + self.bias
-        if not x.dtype.is_floating_point or torch.is_autocast_enabled(x.device.type):
+        if not x.dtype.is_floating_point:
             return out
+        if torch.is_autocast_enabled(x.device.type):
+            return out.to(x.dtype) if self.returns_input_dtype(x) else out
         return out.to(x.dtype)
 
     # ---- state dict and device moves: the base's tensors, under the base's keys ---------------

@@ -662,7 +662,8 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
              gradient_checkpointing: bool = True, num_gpus: int = 1, quant_type: str = "nf4",
              double_quant: bool = True, optimizer: str = "paged_adamw_8bit",
              constants: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False,
-             adapter_bytes: int = 4, hqq_group_size: int = HQQ_GROUP, chunked_loss: bool = False) -> Plan:
+             adapter_bytes: int = 4, hqq_group_size: int = HQQ_GROUP, chunked_loss: bool = False,
+             residual_bytes: int = 2) -> Plan:
     """Memory of fine-tuning `config` with `method` ("qlora", "lora" or "full"), in bytes.
 
     qlora: 4-bit base (quant_type, with or without double quantisation) + BF16 LoRA adapters of
@@ -673,7 +674,10 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     keep_base_outputs: selective checkpointing (see activation_bytes). quant_type hqq4/hqq3/hqq2:
     an HQQ base (code_bits, and scales and zeros per hqq_group_size values). chunked_loss: the loss of
     qforge's trainer (its logits a chunk at a time; see temporary_bytes); False: the one-pass loss
-    of transformers and PEFT, which the public sizing table assumes.
+    of transformers and PEFT, which the public sizing table assumes. residual_bytes 4 (lora, qlora
+    with a float32 residual stream, qforge.model.surgery.use_float32_residual): the input embeddings
+    in float32 (+2 bytes per element; a tied head shares them, an untied one stays as it is) and
+    the hidden state checkpointed at each layer's input in float32 (+2 bytes per element).
     """
     _check_run(method, seq_len, batch_size, rank, num_gpus, quant_type)
     arch = as_arch(config)
@@ -698,6 +702,9 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     layer_peak = (recomputed_layer_bytes(arch, method, tokens, rank, constants, sdpa, scores)
                   if gradient_checkpointing else 0)
     temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants, chunked_loss, layer_peak)
+    if method != "full" and residual_bytes > 2:  # embeddings are counted in BF16 above; checkpoints in compute_bytes
+        base += (residual_bytes - 2) * arch.vocab_size * arch.hidden_size
+        acts += max(0, residual_bytes - constants.compute_bytes) * tokens * arch.num_layers * arch.hidden_size
     sharded = base + constants_bytes + adapters + grads + optim
     return Plan(method=method, num_gpus=num_gpus, base_weights=base, quant_constants=constants_bytes,
                 adapter_weights=adapters, gradients=grads, optimizer_state=optim, activations=acts,

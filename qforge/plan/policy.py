@@ -37,7 +37,8 @@ def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, dev
                     gradient_checkpointing=settings["gradient_checkpointing"], quant_type=settings["quant_type"],
                     double_quant=settings["double_quant"], optimizer=optimizer, constants=constants_for(device),
                     keep_base_outputs=settings["keep_base_outputs"], chunked_loss=True,  # the trainer's loss
-                    adapter_bytes=2 if getattr(cfg, "adapter_dtype", "float32") == "bfloat16" else 4)
+                    adapter_bytes=2 if getattr(cfg, "adapter_dtype", "float32") == "bfloat16" else 4,
+                    residual_bytes=4 if getattr(cfg, "residual_dtype", "bfloat16") == "float32" else 2)
 
 
 def _describe(changes: dict) -> str:

@@ -14,6 +14,9 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 # float32: adapter weights kept, updated and saved in float32 (PEFT's default), computed in compute_dtype;
 # bfloat16: kept in BF16, where an optimiser step under half a BF16 ulp of a weight is lost.
 ADAPTER_DTYPES = ("float32", "bfloat16")
+# bfloat16: the residual stream between layers in the compute dtype; float32: embeddings (and a tied
+# lm_head), norms and the adapted layers' outputs in float32, as PEFT's prepare_model_for_kbit_training
+RESIDUAL_DTYPES = ("bfloat16", "float32")
 QUANT_TYPES = ("nf4", "fp4", "hqq4", "hqq3", "hqq2")  # qlora's base: bitsandbytes 4-bit, or HQQ at 4/3/2 bits
 
 
@@ -41,6 +44,7 @@ class TrainConfig:
     hqq_group_size: int = 64  # values per scale and zero-point of an HQQ base (quant_type hqq4/hqq3/hqq2)
     compute_dtype: str = "bfloat16"
     adapter_dtype: str = "float32"  # the adapters' weights (products run in compute_dtype); see ADAPTER_DTYPES
+    residual_dtype: str = "bfloat16"  # the residual stream between layers; see RESIDUAL_DTYPES
     optimizer: str = "paged_adamw_8bit"
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -99,6 +103,11 @@ class TrainConfig:
                              f"got {self.report_to!r}")
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"adapter_dtype: expected one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"residual_dtype: expected one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
+        if self.residual_dtype == "float32" and self.method == "full":
+            raise ValueError("residual_dtype: float32 is for the adapter methods (qlora, lora); full fine-tuning "
+                             "trains every weight in compute_dtype")
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type: expected one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
         if not isinstance(self.hqq_group_size, int) or self.hqq_group_size < 1:

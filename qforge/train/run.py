@@ -37,15 +37,17 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
 
     device = device if device is not None else resolve_device(cfg.device)
     dtype = getattr(torch, cfg.compute_dtype)
+    residual = getattr(torch, cfg.residual_dtype)  # float32: embeddings and norms read in float32 (qforge.model.load)
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process of the run
     if cfg.method == "qlora":
         hqq = cfg.quant_type.startswith("hqq")  # an HQQ base: its group size is the loader's blocksize
         model, tok = load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                                 blocksize=cfg.hqq_group_size if hqq else 64, compute_dtype=dtype,
                                 target_modules=cfg.target_modules, lora=lora_spec(cfg), revision=cfg.revision,
-                                device=device)
+                                device=device, residual_dtype=residual)
     else:
-        model, tok = load_model(cfg.model, compute_dtype=dtype, quantize=False, revision=cfg.revision, device=device)
+        model, tok = load_model(cfg.model, compute_dtype=dtype, quantize=False, revision=cfg.revision, device=device,
+                                residual_dtype=residual)
         if cfg.method == "lora":
             spec = lora_spec(cfg)
             routers = set(router_linear_names(model))  # MoE routers stay frozen and adapter-free, as in qlora
@@ -67,6 +69,8 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
         if keep is None:
             keep = keep_base_outputs_for(cfg, model.config, device.type)[0]
         surgery.prepare_for_kbit_training(model, cfg.gradient_checkpointing, keep_base_outputs=keep)
+        if cfg.residual_dtype == "float32":
+            surgery.use_float32_residual(model)
     surgery.use_qforge_attention(model)
     from .templates import apply_chat_template
     apply_chat_template(tok, cfg.chat_template)
