@@ -31,6 +31,9 @@ Configurations (--configs):
                               plan fits; qforge's attention)
   qforge-recompute            qforge with full recomputation (--no-keep-base-outputs)
   qforge-nockpt               qforge without gradient checkpointing
+  qforge-f32res               qforge with --residual-dtype float32 (PEFT's recipe's precision: float32
+                              embeddings, norms and residual stream, SDPA on float32 queries); its
+                              ratios to the peers are printed beside the workload's line
   qforge-lora                 qforge BF16 LoRA (the unquantised bf16 base), its defaults
 
 Workloads (--workloads):
@@ -85,7 +88,7 @@ sys.path.insert(0, str(HERE))
 from common import proc_status  # noqa: E402
 PEFT_CONFIGS = ("peft-recipe", "peft-matched-nockpt", "peft-matched-nockpt-upcast",
                 "peft-matched-sac", "peft-matched-sac-upcast")
-QFORGE_CONFIGS = ("qforge", "qforge-recompute", "qforge-nockpt", "qforge-lora")
+QFORGE_CONFIGS = ("qforge", "qforge-recompute", "qforge-nockpt", "qforge-lora", "qforge-f32res")
 CONFIGS = PEFT_CONFIGS[:1] + QFORGE_CONFIGS[:1] + PEFT_CONFIGS[1:] + QFORGE_CONFIGS[1:]
 WORKLOADS = {  # name: (model, row length or None for the demo rows as they are, batch size)
     "short": ("smollm2", None, 4),
@@ -256,7 +259,8 @@ def build_qforge(config: str, folders: dict):
     cfg = TrainConfig(model=folders["dense" if lora else "bnb"], method="lora" if lora else "qlora",
                       rank=RANK, alpha=2 * RANK, dropout=0.05, lr=LR, optimizer="adamw_8bit",
                       keep_base_outputs=False if config == "qforge-recompute" else None,
-                      gradient_checkpointing=config != "qforge-nockpt")
+                      gradient_checkpointing=config != "qforge-nockpt",
+                      residual_dtype="float32" if config == "qforge-f32res" else "bfloat16")
     model, _ = load_for_method(cfg)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     return model, opt
@@ -428,17 +432,17 @@ def summarise(records: list[dict]) -> dict:
             "steps": len(first["step_s"]), "same_losses": len({tuple(r["losses"]) for r in records}) == 1}
 
 
-def ratios(rows: dict) -> dict:
+def ratios(rows: dict, ours: str = "qforge") -> dict:
     def r(a, b, key, invert=False):
         if a not in rows or b not in rows or not rows[a][key] or not rows[b][key]:
             return None
         return rows[b][key] / rows[a][key] if invert else rows[a][key] / rows[b][key]
     matched = [c for c in rows if c.startswith("peft-matched")]
     best = max(matched, key=lambda c: rows[c]["tokens_per_s"]) if matched else None
-    return {"qlora_speed_vs_peft": r("qforge", "peft-recipe", "tokens_per_s"),
-            "qlora_speed_vs_peft_matched": r("qforge", best, "tokens_per_s") if best else None,
-            "qlora_train_mem_vs_peft": r("qforge", "peft-recipe", "train_peak"),
-            "qlora_vs_lora_step_time": r("qforge", "qforge-lora", "tokens_per_s", invert=True),
+    return {"qlora_speed_vs_peft": r(ours, "peft-recipe", "tokens_per_s"),
+            "qlora_speed_vs_peft_matched": r(ours, best, "tokens_per_s") if best else None,
+            "qlora_train_mem_vs_peft": r(ours, "peft-recipe", "train_peak"),
+            "qlora_vs_lora_step_time": r(ours, "qforge-lora", "tokens_per_s", invert=True),
             "best_matched": best}
 
 
@@ -480,6 +484,10 @@ def report(args) -> None:
         fmt = " ".join(f"{k}={v:.2f}" if v is not None else f"{k}=n/a"
                        for k, v in q.items() if k != "best_matched")
         print(f"{workload}: {fmt} (best matched peer: {q['best_matched']})")
+        if "qforge-f32res" in rows:  # the same four ratios with PEFT's precision on qforge's side
+            f = ratios(rows, "qforge-f32res")
+            print(f"{workload}, qforge-f32res: " + " ".join(
+                f"{k}={v:.2f}" if v is not None else f"{k}=n/a" for k, v in f.items() if k != "best_matched"))
         lines.append(fmt)
     if not lines:
         raise SystemExit(f"{root}: no records for {args.workloads}")
