@@ -10,10 +10,9 @@
 # of every workload (its last line: qlora_speed_vs_peft=A qlora_speed_vs_peft_matched=B
 # qlora_train_mem_vs_peft=C qlora_vs_lora_step_time=D, for the short-row workload).
 #
-# Run time on this project's 2-core CPU when idle: about 33-35 minutes, an ESTIMATE (the check runs
-# were made on a machine shared by 7 sessions, load average 13-25, so their times say nothing; the
-# estimate takes the idle step times in BENCHMARKS.md and relative costs measured in-process; see
-# the figure beside each stage, and OUT_DIR/stages.log for the real ones). The
+# Run time on this project's 2-core CPU when idle: about 25 minutes at 00e844e with 3 and 2
+# processes on the long workloads; with 5 on every workload and the serving stage about 50 minutes
+# (see the figure beside each stage, and OUT_DIR/stages.log for the real ones). The
 # random 1.1B checkpoints (load_memory's under $QFORGE_CACHE/bench, train_step's under
 # OUT_DIR/train_step/cache) are written on first use (about 1 minute each) and reused after.
 # Stages can be rerun one at a time by copying their line; train_step's records accumulate under
@@ -51,14 +50,17 @@ FOUR=peft-recipe,peft-matched-nockpt,qforge,qforge-lora
 stage quant_speed $PY benchmarks/quant_speed.py --repeats 30
 # ~1.5 min (+1 min the first time: the random 1.1B bf16 checkpoint)
 stage load_memory $PY benchmarks/load_memory.py
-# ~13.5 min: all 9 configurations, 5 interleaved processes each, 2 warm-up + 6 timed steps
+# ~15 min: all 10 configurations, 5 interleaved processes each, 2 warm-up + 6 timed steps
 # (torch SAC measured ~1.75x no checkpointing per forward+backward in a short check)
 stage train_step_short $TS --workloads short --processes 5 --warmup 2 --steps 6
-# ~4.5 + 5 min: rows of 512 (batch 2) and 1024 tokens (batch 1), four configurations, 3 processes each
-stage train_step_rows512 $TS --workloads rows512 --configs $FOUR --processes 3 --warmup 1 --steps 3
-stage train_step_rows1024 $TS --workloads rows1024 --configs $FOUR --processes 3 --warmup 1 --steps 3
-# ~6 min (+1.5 min the first time: the random TinyLlama-1.1B checkpoint and its quantisation)
-stage train_step_tinyllama $TS --workloads tinyllama --tinyllama-seq 256 --configs $FOUR --processes 2 --warmup 1 --steps 3
+# ~7 + 7.5 min: rows of 512 (batch 2) and 1024 tokens (batch 1), four configurations, 5 processes each
+stage train_step_rows512 $TS --workloads rows512 --configs $FOUR --processes 5 --warmup 1 --steps 3
+stage train_step_rows1024 $TS --workloads rows1024 --configs $FOUR --processes 5 --warmup 1 --steps 3
+# ~7.5 min (+1.5 min the first time: the random TinyLlama-1.1B checkpoint and its quantisation)
+stage train_step_tinyllama $TS --workloads tinyllama --tinyllama-seq 256 --configs $FOUR --processes 5 --warmup 1 --steps 3
 # every workload's table from the records above; the last line is the short-row workload's
 stage train_step_report $TS --report-only
+# ~8 min: multi-adapter serving against one-at-a-time, single-adapter and PEFT's adapter_names= batch,
+# every mode best of 3 (serving beside training is its own run: --modes training, BENCHMARKS.md)
+stage serve_throughput $PY benchmarks/serve_throughput.py --modes multi,naive,single,peft --repeat 3
 echo "all done: $OUT" | tee -a "$OUT/stages.log"
