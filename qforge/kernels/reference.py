@@ -134,3 +134,29 @@ def gathered_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torc
     h = (h.to(wide) * scale[:, None, None]).to(x.dtype)
     y = torch.bmm(h, B.to(x.dtype)[index].transpose(1, 2))                            # [B, T, out]
     return y if x.dim() == 3 else y.squeeze(1)
+
+
+def concatenated_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
+                      scalings: torch.Tensor) -> torch.Tensor:
+    """gathered_lora's delta without per-row gathers: every slot's factors concatenated along the
+    rank, h = x [A_0; ...; A_K-1]^T for all K*r columns in one product, each row's columns outside its
+    own slot's block set to zero (and its own scaled), then one product with [B_0 ... B_K-1]. K times
+    gathered_lora's multiply-adds, but two plain GEMMs and no copies of B*r*(in+out) gathered values:
+    faster for a few adapters of small rank (serving's usual case on the CPU). The same values as
+    gathered_lora up to the order of float accumulation (the other slots add exact zeros)."""
+    x3 = x if x.dim() == 3 else x.unsqueeze(1)
+    K, r, n_in = A.shape
+    n_out = B.shape[1]
+    slots = slots.to(x.device).reshape(-1).long()
+    if K == 0:
+        y = x3.new_zeros(*x3.shape[:2], n_out)
+        return y if x.dim() == 3 else y.squeeze(1)
+    valid = (slots >= 0) & (slots < K)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    scale = scalings.to(device=x.device, dtype=wide)[slots.clamp(0, K - 1)] * valid              # [B]
+    own = torch.arange(K, device=x.device)[None, :] == slots[:, None]                           # [B, K]
+    mask = (own.to(wide) * scale[:, None]).repeat_interleave(r, dim=1)                          # [B, K*r]
+    h = torch.matmul(x3, A.to(x.dtype).reshape(K * r, n_in).t())                                # [B, T, K*r]
+    h = (h.to(wide) * mask[:, None, :]).to(x.dtype)
+    y = torch.matmul(h, B.to(x.dtype).permute(1, 0, 2).reshape(n_out, K * r).t())              # [B, T, out]
+    return y if x.dim() == 3 else y.squeeze(1)

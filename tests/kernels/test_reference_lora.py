@@ -15,6 +15,7 @@ def test_reference_gathered_lora_matches_loop(rows_shape):
     slots = torch.tensor([0, K, 2, -1, 1, 0])
     scalings = torch.tensor([0.5, 2.0, 1.0])
     got = reference.gathered_lora(x, A, B, slots, scalings)
+    concatenated = reference.concatenated_lora(x, A, B, slots, scalings)
     x3 = x if x.dim() == 3 else x.unsqueeze(1)
     want = torch.zeros(x3.shape[0], x3.shape[1], n_out, dtype=torch.float64)
     for b, k in enumerate(slots.tolist()):
@@ -24,3 +25,21 @@ def test_reference_gathered_lora_matches_loop(rows_shape):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
     assert not got[1].any() and not got[3].any()  # slot K and slot -1: no adapter, exactly zero
+    torch.testing.assert_close(concatenated, want, rtol=1e-6, atol=1e-9)
+    assert not concatenated[1].any() and not concatenated[3].any()
+
+
+def test_concatenated_lora_equals_gathered_in_bfloat16():
+    """The serving dtype: both round h to bf16 after scaling, so they differ only by the order in which
+    the products accumulate."""
+    K, r, n_in, n_out = 8, 16, 64, 48
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(32, n_in, generator=g).bfloat16()
+    A = (torch.randn(K, r, n_in, generator=g) / 8).bfloat16()
+    B = (torch.randn(K, n_out, r, generator=g) / 8).bfloat16()
+    slots = torch.randint(-1, K, (32,), generator=g)
+    scalings = torch.rand(K, generator=g) * 2
+    want = reference.gathered_lora(x, A, B, slots, scalings).float()
+    got = reference.concatenated_lora(x, A, B, slots, scalings).float()
+    assert torch.equal(got[slots < 0], torch.zeros_like(got[slots < 0]))
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
