@@ -70,6 +70,19 @@ def qforge_logits(folder, residual: torch.dtype | None):
     return out, model
 
 
+def set_peft_adapters(model) -> dict:
+    """Copy adapter_weights into every PEFT LoRA layer of `model`; {layer name: layer}."""
+    layers = {}
+    with torch.no_grad():
+        for n, m in model.base_model.model.named_modules():
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+                A, B = adapter_weights(n, m.out_features, m.in_features)
+                m.lora_A["default"].weight.copy_(A)
+                m.lora_B["default"].weight.copy_(B)
+                layers[n] = m
+    return layers
+
+
 def peft_logits(folder):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -77,12 +90,7 @@ def peft_logits(folder):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, m in model.base_model.model.named_modules():
-            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
-                A, B = adapter_weights(n, m.out_features, m.in_features)
-                m.lora_A["default"].weight.copy_(A)
-                m.lora_B["default"].weight.copy_(B)
+    set_peft_adapters(model)
     model.train()  # bitsandbytes' Linear4bit repacks its weight after an eval-mode forward
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         return model(**batch(), use_cache=False).logits.float()
@@ -162,14 +170,7 @@ def test_float32_residual_training_step_gradients_match_peft(folder):
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     peft = get_peft_model(peft, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
                                            task_type="CAUSAL_LM"))
-    theirs = {}
-    with torch.no_grad():
-        for n, m in peft.base_model.model.named_modules():
-            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
-                A, B = adapter_weights(n, m.out_features, m.in_features)
-                m.lora_A["default"].weight.copy_(A)
-                m.lora_B["default"].weight.copy_(B)
-                theirs[n] = m
+    theirs = set_peft_adapters(peft)
     peft.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         peft(**rows, use_cache=False).loss.backward()
