@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     quant_type, group_size = trained_quant(args.adapter, args.base_quant_type, args.hqq_group_size)
     hqq = {"quant_type": quant_type, "group_size": group_size} if quant_type != "nf4" else {}
     model, tokenizer = _load_base(args.base, device, **hqq)
-    from ..train.templates import saved_template
+    from ..model.templates import saved_template
     template = saved_template(args.adapter)  # the chat template the adapter was trained with, if saved
     if template and tokenizer is not None:
         tokenizer.chat_template = template

@@ -696,7 +696,7 @@ def adapter_chat_template(state: _State, adapter: str | None) -> str | None:
     entry = next((e for e in state.registry.entries() if e.name == adapter), None) if adapter else None
     if entry is None or entry.path is None:
         return None
-    from ..train.templates import saved_template
+    from ..model.templates import saved_template
     return saved_template(entry.path)
 
 

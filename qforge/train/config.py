@@ -30,7 +30,7 @@ class TrainConfig:
     data_format: str = "auto"
     train_on: str = "assistant"
     max_samples: int | None = None
-    chat_template: str | None = None  # a built-in name (qforge.train.templates) or a Jinja file
+    chat_template: str | None = None  # a built-in name (qforge.model.templates) or a Jinja file
     method: str = "qlora"
     rank: int = 16
     alpha: float = 32.0

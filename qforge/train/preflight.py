@@ -56,7 +56,7 @@ def check_before_loading(cfg: TrainConfig, check_dir: bool = True):
     """Run every check that needs no model; returns (cfg with per-epoch settings resolved, the
     data as qforge.train.data.read_splits returns it, a Hub id's local folder or None)."""
     from .data import read_splits
-    from .templates import check_template, read_template
+    from ..model.templates import check_template, read_template
     from .tracking import check_trackers
 
     if not cfg.data:

@@ -188,7 +188,7 @@ class _Mapper:
         self.set("epochs", _number(value, key, int))
 
     def chat_template(self, value, key: str) -> None:
-        from .templates import ALIASES, BUILTIN
+        from ..model.templates import ALIASES, BUILTIN
         name = str(value).lower()
         if name not in BUILTIN and name not in ALIASES:
             raise ValueError(f"qforge's built-in templates are {', '.join(BUILTIN)} (or give a Jinja file with "

@@ -72,7 +72,7 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
         if cfg.residual_dtype == "float32":
             surgery.use_float32_residual(model)
     surgery.use_qforge_attention(model)
-    from .templates import apply_chat_template
+    from ..model.templates import apply_chat_template
     apply_chat_template(tok, cfg.chat_template)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

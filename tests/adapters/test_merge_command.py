@@ -88,7 +88,7 @@ def test_merge_command_end_to_end_with_load_model(tmp_path, ids):
 
 
 def test_merge_exports_the_chat_template_saved_with_the_adapter(tmp_path, monkeypatch):
-    from qforge.train.templates import apply_chat_template, read_template
+    from qforge.model.templates import apply_chat_template, read_template
     from tests.model.conftest import tiny_tokenizer
 
     dense = tiny_dense()
@@ -101,6 +101,6 @@ def test_merge_exports_the_chat_template_saved_with_the_adapter(tmp_path, monkey
     monkeypatch.setattr(merge_command, "_load_base", lambda source, device=None: (quantized_twin(dense), bare))
     argv = ["merge", "--base", "tiny", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "out")]
     assert cli.main(argv + ["--dtype", "float32"]) == 0
-    from qforge.train.templates import saved_template
+    from qforge.model.templates import saved_template
     assert saved_template(tmp_path / "out") == read_template("llama3")
     assert saved_template(tmp_path / "ad") == read_template("llama3")

@@ -9,7 +9,7 @@ from qforge.adapters import save_adapter
 from qforge.serve import AdapterRegistry, Engine, Metrics
 from qforge.serve.api import create_app
 from qforge.serve.registry import detach_adapter
-from qforge.train.templates import apply_chat_template
+from qforge.model.templates import apply_chat_template
 
 from .helpers import LiveServer, random_adapter, tiny_llama
 

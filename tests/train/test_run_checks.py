@@ -91,7 +91,7 @@ def test_run_with_chat_template_and_tensorboard(tmp_path, bare_model):
     saved with the adapter's tokenizer; TensorBoard's events hold the metrics.jsonl values."""
     pytest.importorskip("tensorboard")
     from qforge.train.run import run_training
-    from qforge.train.templates import read_template
+    from qforge.model.templates import read_template
 
     cfg = recipe(tmp_path, bare_model, chat_template="chatml", report_to="tensorboard")
     result, summary = run_training(cfg, log=lambda *_: None)

@@ -22,10 +22,6 @@ ALIASES = {
 }
 
 
-def builtin_names() -> list[str]:
-    return list(BUILTIN)
-
-
 def read_template(name_or_file: str) -> str:
     """The Jinja source of a built-in template (by name or alias) or of a Jinja file."""
     key = ALIASES.get(name_or_file.lower(), name_or_file.lower())

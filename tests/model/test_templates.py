@@ -2,7 +2,7 @@
 import pytest
 
 from qforge.train.data import DataError, chat_segments, tokenize_example
-from qforge.train.templates import BUILTIN, apply_chat_template, read_template
+from qforge.model.templates import BUILTIN, apply_chat_template, read_template
 
 CONVERSATION = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
                 {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"},
