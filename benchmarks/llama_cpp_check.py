@@ -126,7 +126,7 @@ def main() -> None:
     from qforge.adapters import load_adapter
     from qforge.model.load import load_model
     from qforge.train.data import read_jsonl
-    from qforge.train.tasks import demo_task_paths, exact_match, prompt_messages
+    from qforge.eval.tasks import demo_task_paths, exact_match, prompt_messages
 
     sys.path.insert(0, str(build_llama_cpp(args.cache, args.version, args.jobs)))
     import llama_cpp
