@@ -103,14 +103,11 @@ def _evaluate_all(url, tokenizer, models, names, tasks, include, args) -> dict:
 
 
 def _with_own_server(args, models, tasks, include, out: Path) -> dict:
-    from . import serve
+    from ..serve.app import ServeConfig, build_server
+    from .serve import parse_adapters
 
-    parser = argparse.ArgumentParser()
-    serve.add_arguments(parser)
-    flags = ["--base", args.base, "--dtype", args.dtype, "--max-batch", "8"]
-    for spec in args.adapter:
-        flags += ["--adapter", spec]
-    app, engine = serve.build(parser.parse_args(flags), keys=[])
+    cfg = ServeConfig(base=args.base, dtype=args.dtype, max_batch=8, adapters=parse_adapters(args.adapter))
+    app, engine = build_server(cfg)
     base = engine.registry.base_name
     served = [base if m == "base" else m for m in models]
     unknown = [m for m in served if m != base and m not in engine.registry]
