@@ -49,4 +49,3 @@ def add_device_argument(parser) -> None:
 
 # The floating dtypes a command takes by name (--dtype, --compute-dtype): one table for every command.
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
