@@ -20,6 +20,8 @@ from .errors import APIError
 
 
 class AppState:
+    """The shared state of one app (app.state.qforge): engine, registry, keys, usage, adapter owners."""
+
     def __init__(self, engine: Engine, registry: AdapterRegistry, api_keys, metrics: Metrics, usage: UsageLedger):
         self.engine, self.registry, self.metrics, self.usage = engine, registry, metrics, usage
         self.keys = KeyRing(api_keys)
