@@ -1,7 +1,7 @@
 """Planner calibration: the peak memory that training settings actually take on this machine.
 
 `measure_training_peaks(settings, work_dir)` runs each setting in a fresh process and returns what
-it measured; tests/eval/test_plan_measured.py compares the planner (qforge.plan, CPU_BF16) with it.
+it measured; tests/plan/test_plan_measured.py compares the planner (qforge.plan, CPU_BF16) with it.
 Run one setting by hand:  python benchmarks/plan_calibration.py SPEC.json OUT.json
 (SPEC: measure_training_peak's keyword arguments as JSON).
 """

@@ -49,10 +49,3 @@ def add_device_argument(parser) -> None:
 
 # The floating dtypes a command takes by name (--dtype, --compute-dtype): one table for every command.
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def dtype_of(name: str) -> torch.dtype:
-    """torch dtype for a --dtype name; ValueError naming the choices."""
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r}: expected one of {sorted(DTYPES)}")
-    return DTYPES[name]

@@ -18,6 +18,7 @@ import argparse
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_TASKS = "qforge_mc,qforge_gen"
@@ -45,12 +46,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="runs/eval", help="where eval.md/json/png go (default runs/eval)")
 
 
+@dataclass
+class EvalOptions:
+    """What one evaluation runs on: the server it starts (base, adapters as (name, folder), dtype) or
+    the one at `url`, and where the report goes. `qforge eval` maps its flags to one; `qforge bench
+    --eval-tasks` builds one directly (evaluate_adapters)."""
+    base: str = "smollm2"
+    adapters: list[tuple[str, Path]] = field(default_factory=list)
+    dtype: str = "float32"
+    url: str | None = None
+    api_key: str | None = None
+    tokenizer: str | None = None
+    include_path: str | None = None
+    limit: int | None = None
+    output_dir: str = "runs/eval"
+
+
 def run(args: argparse.Namespace) -> int:
+    from .serve import parse_adapters
+
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not tasks or not models:
         raise ValueError("--tasks and --models must each name at least one")
-    evaluate_models(args, models, tasks)
+    options = EvalOptions(base=args.base, adapters=parse_adapters(args.adapter), dtype=args.dtype, url=args.url,
+                          api_key=args.api_key, tokenizer=args.tokenizer, include_path=args.include_path,
+                          limit=args.limit, output_dir=args.output_dir)
+    evaluate_models(options, models, tasks)
     return 0
 
 
@@ -58,71 +80,62 @@ def evaluate_adapters(base: str, adapters: dict[str, str], tasks: list[str], out
                       limit: int | None = None, dtype: str = "float32") -> dict:
     """The base and each adapter (name -> PEFT folder) on one started server: what `qforge bench
     --eval-tasks` calls. Returns {model: {task: {metric: value}}} and writes the report."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    flags = ["--base", base, "--dtype", dtype, "--output-dir", str(output_dir)]
-    for name, folder in adapters.items():
-        flags += ["--adapter", f"{name}={folder}"]
-    if limit is not None:
-        flags += ["--limit", str(limit)]
-    return evaluate_models(parser.parse_args(flags), ["base", *adapters], tasks)
+    options = EvalOptions(base=base, adapters=[(name, Path(folder)) for name, folder in adapters.items()],
+                          dtype=dtype, limit=limit, output_dir=str(output_dir))
+    return evaluate_models(options, ["base", *adapters], tasks)
 
 
-def evaluate_models(args: argparse.Namespace, models: list[str], tasks: list[str]) -> dict:
+def evaluate_models(options: EvalOptions, models: list[str], tasks: list[str]) -> dict:
     from ..eval import harness
 
-    out = Path(args.output_dir)
+    out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     include = harness.prepare_tasks(out / "work")
-    if args.include_path:
-        include = _merge_include(include, Path(args.include_path))
+    if options.include_path:
+        include = _merge_include(include, Path(options.include_path))
     harness.check_tasks(tasks, include)
-    if args.url:
-        if not args.tokenizer:
+    if options.url:
+        if not options.tokenizer:
             raise ValueError("--url needs --tokenizer (a folder with the served model's tokenizer files)")
-        results = _evaluate_all(args.url, args.tokenizer, models, models, tasks, include, args)
+        results = _evaluate_all(options.url, options.tokenizer, models, models, tasks, include, options)
     else:
-        results = _with_own_server(args, models, tasks, include, out)
+        results = _with_own_server(options, models, tasks, include, out)
     paths = harness.write_report(results, out, {"tasks": tasks, "models": list(results)})
     print("\n" + harness.markdown_table(results))
     print(f"table: {paths['markdown']}   figures: {paths['json']}   chart: {paths['chart']}")
     return results
 
 
-def _evaluate_all(url, tokenizer, models, names, tasks, include, args) -> dict:
+def _evaluate_all(url, tokenizer, models, names, tasks, include, options: EvalOptions) -> dict:
     from ..eval import harness
 
     results = {}
     for model, shown in zip(models, names):
         print(f"eval: {shown} on {', '.join(tasks)}", flush=True)
         margs = harness.server_model_args(url, model, str(tokenizer))
-        if args.api_key:
-            margs["auth_token"] = args.api_key
-        results[shown] = harness.evaluate("local-completions", margs, tasks, include, limit=args.limit)
+        if options.api_key:
+            margs["auth_token"] = options.api_key
+        results[shown] = harness.evaluate("local-completions", margs, tasks, include, limit=options.limit)
     return results
 
 
-def _with_own_server(args, models, tasks, include, out: Path) -> dict:
-    from . import serve
+def _with_own_server(options: EvalOptions, models, tasks, include, out: Path) -> dict:
+    from ..serve.app import ServeConfig, build_server
 
-    parser = argparse.ArgumentParser()
-    serve.add_arguments(parser)
-    flags = ["--base", args.base, "--dtype", args.dtype, "--max-batch", "8"]
-    for spec in args.adapter:
-        flags += ["--adapter", spec]
-    app, engine = serve.build(parser.parse_args(flags), keys=[])
+    app, engine = build_server(ServeConfig(base=options.base, dtype=options.dtype, max_batch=8,
+                                           adapters=options.adapters))
     base = engine.registry.base_name
     served = [base if m == "base" else m for m in models]
     unknown = [m for m in served if m != base and m not in engine.registry]
     if unknown:
         engine.stop()
         raise ValueError(f"--models names {unknown}, which the server does not serve (give them with --adapter)")
-    tokenizer = Path(args.tokenizer) if args.tokenizer else out / "work" / "tokenizer"
-    if not args.tokenizer:
+    tokenizer = Path(options.tokenizer) if options.tokenizer else out / "work" / "tokenizer"
+    if not options.tokenizer:
         engine.tokenizer.save_pretrained(str(tokenizer))
     with _Uvicorn(app) as url:
         try:
-            return _evaluate_all(url, tokenizer, served, models, tasks, include, args)
+            return _evaluate_all(url, tokenizer, served, models, tasks, include, options)
         finally:
             engine.stop()
 

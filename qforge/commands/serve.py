@@ -22,13 +22,14 @@ the base, state lives in SQLite under --data-dir, and each finished job's model
 
   qforge serve --base smollm2 --adapter demo=runs/demo/adapter --adapter-root runs
   qforge serve --jobs --data-dir ~/.qforge
+
+This module only maps the flags (and the QFORGE_* environment) to a qforge.serve.app.ServeConfig
+and runs it; `qforge eval` and the tests build a ServeConfig directly.
 """
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
-import sys
 from pathlib import Path
 
 from ..devices import DTYPES, add_device_argument
@@ -102,9 +103,9 @@ def all_keys(args: argparse.Namespace) -> list:
     from ..serve.auth import ApiKey, read_keys_file
 
     keys = [ApiKey(k, "user", f"user{i + 1}") for i, k in enumerate(api_keys(args))]
-    operators = [k for k in getattr(args, "operator_key", []) if k] + _env_keys("QFORGE_OPERATOR_KEY")
+    operators = [k for k in args.operator_key if k] + _env_keys("QFORGE_OPERATOR_KEY")
     keys += [ApiKey(k, "operator", f"operator{i + 1}") for i, k in enumerate(operators)]
-    if getattr(args, "api_keys_file", None):
+    if args.api_keys_file:
         keys += read_keys_file(args.api_keys_file)
     seen = set()
     for k in keys:
@@ -112,22 +113,6 @@ def all_keys(args: argparse.Namespace) -> list:
             raise ValueError("the same API key is given twice (flags, environment or --api-keys-file)")
         seen.add(k.key)
     return keys
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost may resolve anywhere
-
-
-def check_bind(host: str, keys: list[str], insecure: bool) -> None:
-    """ValueError when binding `host` would expose an open server: non-loopback, no key, no --insecure."""
-    if not keys and not is_loopback(host) and not insecure:
-        raise ValueError(f"refusing to serve on non-loopback address '{host}' without an API key: pass --api-key "
-                         "(or set QFORGE_API_KEY), or --insecure to accept the risk")
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
@@ -140,104 +125,32 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def base_name(args: argparse.Namespace) -> str:
-    return args.name or (args.base if args.base.lower() == "smollm2" else Path(args.base).name.removesuffix(".gguf"))
+def serve_config(args: argparse.Namespace):
+    """The qforge.serve.app.ServeConfig these flags (and the QFORGE_* environment) give."""
+    from ..plan import parse_gpu
+    from ..serve.app import ServeConfig
 
-
-def build(args: argparse.Namespace, keys: list[str]):
-    """(app, engine): load the base, register the adapters, build the engine and the app."""
-    import torch
-
-    from ..model.load import load_model
-    from ..serve import AdapterRegistry, Engine, Metrics
-    from ..serve.api import create_app
-
-    from ..devices import resolve_device
-    device = resolve_device(args.device)  # decided once: the engine runs where the model is
-    model, tokenizer = load_model(args.base, compute_dtype=getattr(torch, args.dtype), device=device,
-                                  revision=getattr(args, "revision", None))
-    if tokenizer is None:
-        raise ValueError(f"'{args.base}' has no tokenizer files; the server needs one")
-    metrics = Metrics()
-    registry = AdapterRegistry(model, base_name(args), args.max_loaded_adapters, args.adapter_root, metrics)
-    for name, folder in parse_adapters(args.adapter):
-        registry.add(name, folder, trusted=True)
-    engine = Engine(model, tokenizer, registry, max_batch=args.max_batch, max_queue=args.max_queue,
-                    context_len=args.max_model_len, metrics=metrics)
-    extensions, jobs = [], None
-    if getattr(args, "jobs", False):
-        from ..jobs.api import JobService, install
-        jobs = JobService(jobs_config(args), registry)
-        extensions.append(lambda app, state, caller: install(app, state, caller, jobs))
-    app = create_app(engine, registry, api_keys=keys, metrics=metrics, extensions=extensions)
-    if jobs is not None:
-        jobs.start()
-    return app, engine
+    return ServeConfig(
+        base=args.base, revision=args.revision, name=args.name, adapters=parse_adapters(args.adapter),
+        adapter_root=args.adapter_root, dtype=args.dtype, device=args.device,
+        max_loaded_adapters=args.max_loaded_adapters, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_model_len=args.max_model_len, api_keys=all_keys(args), host=args.host, port=args.port,
+        insecure=args.insecure, log_level=args.log_level, jobs=args.jobs, data_dir=Path(args.data_dir),
+        memory_budget=parse_gpu(args.memory_budget) if args.memory_budget else None,
+        database_url=args.database_url or os.environ.get("QFORGE_DATABASE_URL") or None,
+        start_worker=not args.no_worker, max_file_mb=args.max_file_mb, worker_threads=args.worker_threads,
+        worker_memory_fraction=args.worker_memory_fraction, disk_full_retries=args.disk_full_retries,
+        disk_full_backoff=args.disk_full_backoff, disk_full_wait=args.disk_full_wait)
 
 
 def jobs_config(args: argparse.Namespace):
-    from ..jobs.api import JobsConfig
-    from ..jobs.limits import default_worker_threads
-    from ..plan import parse_gpu
-
-    from ..model.hub import looks_like_hub_id
-    keep = args.base.lower() == "smollm2" or looks_like_hub_id(args.base)  # a Hub id stays an id for the jobs
-    base = args.base if keep else str(Path(args.base).expanduser().resolve())
-    budget = parse_gpu(args.memory_budget) if args.memory_budget else None
-    return JobsConfig(data_dir=Path(args.data_dir).expanduser(), base_model=base, memory_budget=budget,
-                      max_file_bytes=args.max_file_mb * 2 ** 20, database_url=database_url(args),
-                      start_worker=not getattr(args, "no_worker", False),
-                      worker_threads=getattr(args, "worker_threads", None) or default_worker_threads(),
-                      worker_memory_fraction=getattr(args, "worker_memory_fraction", None),
-                      worker_args=worker_args(args))
-
-
-def worker_args(args: argparse.Namespace) -> list[str]:
-    """The disk-full flags, passed on to the worker subprocess."""
-    out = []
-    for flag in ("disk_full_retries", "disk_full_backoff", "disk_full_wait"):
-        if getattr(args, flag, None) is not None:
-            out += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    return out
-
-
-def share_cores(args: argparse.Namespace) -> tuple[int, int]:
-    """The server and its job worker on one machine: the worker's trainers take --worker-threads
-    (default half the cores), the server's torch the cores left; (serving, training) threads."""
-    import torch
-
-    from ..jobs.limits import default_worker_threads, serving_threads
-    training = getattr(args, "worker_threads", None) or default_worker_threads()
-    serving = serving_threads(training)
-    torch.set_num_threads(serving)
-    print(f"qforge serve: {serving} CPU thread(s) for serving, {training} for the job worker's training",
-          file=sys.stderr, flush=True)
-    return serving, training
-
-
-def database_url(args: argparse.Namespace) -> str | None:
-    return getattr(args, "database_url", None) or os.environ.get("QFORGE_DATABASE_URL") or None
+    """The jobs service's config these flags give (qforge.serve.app.jobs_config of serve_config)."""
+    from ..serve.app import jobs_config as config_of
+    return config_of(serve_config(args))
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    from ..serve.app import run_server
 
-    keys = all_keys(args)
-    check_bind(args.host, keys, args.insecure)
-    if not keys and not is_loopback(args.host):
-        print(f"qforge serve: warning: serving on {args.host} with no API key (--insecure)", file=sys.stderr)
-    parse_adapters(args.adapter)  # fail on a malformed flag before the model loads
-    if getattr(args, "jobs", False):  # and on a bad job database: one line naming it, nothing swept
-        from ..jobs.pg import open_store
-        open_store(Path(args.data_dir).expanduser(), database_url(args))
-    if getattr(args, "jobs", False) and not getattr(args, "no_worker", False):
-        share_cores(args)
-    app, engine = build(args, keys)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    finally:
-        jobs = getattr(app.state, "jobs", None)
-        if jobs is not None:
-            jobs.stop()
-        engine.stop()
+    run_server(serve_config(args))
     return 0

@@ -95,12 +95,6 @@ def _metrics(values: dict) -> dict[str, float]:
 
 
 # ---- the report ----------------------------------------------------------------------------------
-def table_rows(results: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, str, str, float]]:
-    """(model, task, metric, value) rows, models in the given order, tasks and metrics sorted."""
-    return [(model, task, metric, value) for model, by_task in results.items()
-            for task in sorted(by_task) for metric, value in sorted(by_task[task].items())]
-
-
 def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """One row per model, one column per task/metric, values in percent."""
     columns = sorted({(t, m) for by_task in results.values() for t, ms in by_task.items() for m in ms})

@@ -5,8 +5,8 @@ SQLite store (qforge.jobs.store.JobStore); `postgresql://...` gives `PgStore`, t
 over PostgreSQL. Files and job folders live under `storage`, a path every worker and replica mounts.
 
 PgStore runs JobStore's own SQL through a thin translation (placeholders, INSERT OR IGNORE, JSON
-access), so both backends share one implementation of every query; the schema comes from Alembic
-migrations (qforge/jobs/migrations, SQLAlchemy Core), applied at start-up under an advisory lock.
+access), so both backends share one implementation of every query; the schema comes from the same
+Alembic migrations as SQLite's (qforge/jobs/migrations), applied at start-up under an advisory lock.
 
 Claims: `SELECT ... FOR UPDATE SKIP LOCKED` picks the oldest queued job, or a running one whose
 lease has expired (its worker stopped renewing: killed, partitioned, frozen), and the claimer takes
@@ -22,9 +22,8 @@ import re
 import socket
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-from .db import DatabaseError
+from .db import DatabaseError, migrate, redacted
 from .store import JobStore, now
 
 DEFAULT_LEASE_S = 30.0
@@ -36,15 +35,6 @@ _JSON_EXTRACT = re.compile(r"json_extract\((\w+), '\$\.(\w+)'\)")
 
 def is_postgres(url: str | None) -> bool:
     return bool(url) and url.split(":", 1)[0] in ("postgresql", "postgres", "postgresql+psycopg")
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def open_store(storage: str | Path, database_url: str | None = None) -> JobStore:
@@ -96,6 +86,7 @@ class PgStore(JobStore):
     """JobStore over PostgreSQL (see the module's notes)."""
 
     single_worker = False
+    orphan_grace_s = ORPHAN_GRACE_S
 
     def __init__(self, database_url: str, storage: str | Path, lease_s: float = DEFAULT_LEASE_S):
         import psycopg
@@ -128,20 +119,6 @@ class PgStore(JobStore):
         with self._connect() as db:
             with db.conn.transaction():
                 yield db
-
-    def sweep_orphan_files(self) -> list[str]:
-        """As JobStore's, but only files older than ORPHAN_GRACE_S: another replica may be between
-        storing an upload and recording it."""
-        with self._connect() as db:
-            known = {r[0] for r in db.execute("SELECT id FROM files")}
-        removed, cutoff = [], time.time() - ORPHAN_GRACE_S
-        for path in self.files_dir.iterdir():
-            ours = path.name.startswith(("file-", ".upload-file-"))
-            if ours and path.is_file() and path.stat().st_mtime < cutoff and (
-                    path.name.startswith(".") or path.name.split(".")[0] not in known):
-                path.unlink(missing_ok=True)
-                removed.append(path.name)
-        return removed
 
     # ---- claims and leases ------------------------------------------------------------------
     @staticmethod
@@ -178,24 +155,6 @@ class PgStore(JobStore):
         with self.transaction() as db:
             return db.execute("UPDATE jobs SET lease_expires = ? WHERE id = ? AND lease_owner = ?",
                               (time.time() + self.lease_s, job_id, self.lease_owner(worker_pid))).rowcount == 1
-
-
-def migrate(url: str) -> None:
-    """Bring the database to the newest schema (Alembic; concurrent callers wait on a lock)."""
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy.exc import SQLAlchemyError
-
-    config = Config()
-    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    config.set_main_option("sqlalchemy.url", url.replace("postgresql://", "postgresql+psycopg://", 1)
-                           .replace("%", "%%"))
-    try:
-        command.upgrade(config, "head")
-    except SQLAlchemyError as exc:
-        first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        raise DatabaseError(f"the job database '{redacted(url)}' cannot be brought to the current schema: "
-                            f"{first}") from None
 
 
 def worker_env(store: JobStore) -> dict:

@@ -1,6 +1,6 @@
 """The job service's state: one SQLite database (WAL mode) beside the uploaded files and job folders.
 
-  <data dir>/qforge.db          files, jobs, events, checkpoints (schema below)
+  <data dir>/qforge.db          files, jobs, events, checkpoints (schema: qforge/jobs/migrations)
   <data dir>/files/<file id>    uploaded training data, and result CSVs; names never come from clients
   <data dir>/jobs/<job id>/     config.yaml (the TrainConfig), train.jsonl / valid.jsonl (hard links to
                                 the uploads), run/ (checkpoints, metrics.jsonl, adapter), train.log
@@ -23,77 +23,12 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .db import SCHEMA_VERSION, check_sqlite
+from .db import check_sqlite, migrate_sqlite
 
 BUSY_TIMEOUT_S = 30.0
 OUR_FILE = re.compile(r"^file-[A-Za-z0-9]+\.(jsonl|csv)$")  # the only names the orphan sweep may remove
 ACTIVE = ("validating_files", "queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    owner TEXT NOT NULL,
-    filename TEXT NOT NULL,
-    purpose TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    rows INTEGER,
-    format TEXT
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    owner TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    started_at INTEGER,
-    finished_at INTEGER,
-    model TEXT NOT NULL,
-    training_file TEXT NOT NULL,
-    validation_file TEXT,
-    suffix TEXT,
-    seed INTEGER NOT NULL,
-    metadata TEXT,
-    hyperparameters TEXT NOT NULL,
-    method TEXT NOT NULL,
-    status TEXT NOT NULL,
-    error TEXT,
-    fine_tuned_model TEXT UNIQUE,
-    trained_tokens INTEGER,
-    result_files TEXT NOT NULL DEFAULT '[]',
-    total_steps INTEGER,
-    estimated_finish INTEGER,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    crashes INTEGER NOT NULL DEFAULT 0,
-    worker_pid INTEGER,
-    train_pid INTEGER
-);
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status, seq);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    job_id TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    level TEXT NOT NULL,
-    type TEXT NOT NULL,
-    message TEXT NOT NULL,
-    data TEXT,
-    key TEXT,
-    UNIQUE (job_id, key)
-);
-CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, seq);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    job_id TEXT NOT NULL,
-    step INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    metrics TEXT NOT NULL,
-    path TEXT NOT NULL,
-    UNIQUE (job_id, step)
-);
-"""
 
 _JSON_COLUMNS = {"metadata", "hyperparameters", "method", "error", "result_files", "data", "metrics"}
 
@@ -133,6 +68,7 @@ class JobStore:
     (each call opens its own connection). qforge.jobs.pg.PgStore is the same over PostgreSQL."""
 
     single_worker = True  # one worker per data dir (a file lock); PostgreSQL's store allows many
+    orphan_grace_s = 0.0  # the sweep runs before any upload is in flight (one server per SQLite store)
 
     def __init__(self, data_dir: str | Path):
         self.root = Path(data_dir).expanduser().resolve()
@@ -141,12 +77,10 @@ class JobStore:
         for folder in (self.root, self.files_dir, self.jobs_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "qforge.db"
-        new = check_sqlite(self.db_path, self.root)  # DatabaseError (one line) for a bad database
+        check_sqlite(self.db_path, self.root)  # DatabaseError (one line) for a bad database
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
-            if new:
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        migrate_sqlite(self.db_path)  # the tables come from the migrations, as on PostgreSQL
         # One idle connection held for the store's life: SQLite removes the -wal and -shm files when
         # its last connection closes and makes them again at the next open, which fails on a full
         # disk ("disk I/O error" on a mere read). Held open, they stay, and reads go on.
@@ -235,14 +169,16 @@ class JobStore:
         return True
 
     def sweep_orphan_files(self) -> list[str]:
-        """Remove files under files/ that no row names (an upload or delete cut short). Call before
-        any upload can be in flight."""
+        """Remove files under files/ that no row names (an upload or delete cut short), older than
+        `orphan_grace_s` (PostgreSQL: other replicas may be between storing an upload and recording
+        it). Call before this server's uploads can be in flight."""
         with self._connect() as db:
             known = {r[0] for r in db.execute("SELECT id FROM files")}
-        removed = []
+        removed, cutoff = [], time.time() - self.orphan_grace_s
         for path in self.files_dir.iterdir():
             ours = OUR_FILE.match(path.name) or path.name.startswith(".upload-file-")
-            if ours and path.is_file() and (path.name.startswith(".") or path.name.split(".")[0] not in known):
+            orphan = path.name.startswith(".") or path.name.split(".")[0] not in known
+            if ours and orphan and path.is_file() and (not self.orphan_grace_s or path.stat().st_mtime < cutoff):
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
         return removed

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .memory import CPU_BF16, CUDA_BF16, MemoryConstants, ModelArch, format_gb, plan_run
+from .memory import CPU_BF16, CUDA_BF16, MemoryConstants, ModelArch, Plan, format_gb, plan_run
 
 # ---------------------------------------------------------------- will a run fit? (qforge train)
 

@@ -1,8 +1,9 @@
 """Serving: one shared 4-bit base, many LoRA adapters per batch, behind an OpenAI-compatible API.
 
 engine.py (continuous batching, KV cache), lora_slots.py (preallocated adapter slots: several adapters
-in one batch), registry.py (named adapters, LRU of resident ones, adapter-root checks), api.py (FastAPI app), metrics.py (Prometheus text, usage).
-FastAPI is imported only by `qforge.serve.api`.
+in one batch), registry.py (named adapters, LRU of resident ones, adapter-root checks), api/ (the FastAPI
+app: schemas, streaming, routes), app.py (ServeConfig -> a built server), metrics.py (Prometheus text, usage).
+FastAPI is imported only by `qforge.serve.api` and `qforge.serve.app`.
 """
 from .engine import Engine, Event, QueueFull, Request, RequestError, SamplingParams
 from .metrics import Metrics, UsageLedger

@@ -104,7 +104,10 @@ def print_config(cfg: TrainConfig, recipe: Recipe, path) -> str:
     return "\n".join(head) + "\n" + cfg.to_yaml()
 
 
-# ---- the two mappers ----------------------------------------------------------------------------
+# ---- converters: a recipe value -> a TrainConfig value ----------------------------------------
+SKIP = object()  # a converter's answer for a value that sets nothing (false, zero, "disabled")
+
+
 def _number(value, key: str, kind=float):
     """YAML reads 2e-4 (no dot) as a string: accept numbers written either way."""
     try:
@@ -116,9 +119,96 @@ def _number(value, key: str, kind=float):
     return number
 
 
+def text(value, key: str) -> str:
+    return str(value)
+
+
+def flag(value, key: str) -> bool:
+    return bool(value)
+
+
+def negated(value, key: str) -> bool:
+    return not value
+
+
+def whole(value, key: str) -> int:
+    return _number(value, key, int)
+
+
+def real(value, key: str) -> float:
+    return _number(value, key)
+
+
+def train_on(value, key: str) -> str:
+    """train_on_inputs / train_on_prompt: the loss on every token, or on the answers only."""
+    return "all" if value else "assistant"
+
+
+def scheduler(value, key: str) -> str:
+    if value not in SCHEDULERS:
+        raise ValueError(f"qforge schedules are {sorted(SCHEDULERS)} (after linear warmup); got {value!r}")
+    return SCHEDULERS[value]
+
+
+def when_true(setting):
+    """A converter giving `setting` for a true value and setting nothing for a false one."""
+    return lambda value, key: setting if value else SKIP
+
+
+def precision(dtype: str):
+    """bf16 / fp16: true or auto computes in `dtype`; false sets nothing."""
+    def convert(value, key: str):
+        if value in (True, "auto", "true"):
+            return dtype
+        if value not in (False, "false"):
+            raise ValueError(f"expected true, false or auto, got {value!r}")
+        return SKIP
+    return convert
+
+
+def fraction(example: str):
+    """val_set_size / val_size: a fraction of the rows held out; 0 holds none out."""
+    def convert(value, key: str):
+        value = _number(value, key)
+        if value >= 1:
+            raise ValueError(f"give a fraction of the rows (such as {example}); qforge splits by fraction")
+        return value if value > 0 else SKIP
+    return convert
+
+
+# keys both tools name alike: key -> (TrainConfig field, converter)
+COMMON_FIELDS = {
+    "output_dir": ("output_dir", text), "lora_alpha": ("alpha", real), "lora_dropout": ("dropout", real),
+    "gradient_accumulation_steps": ("grad_accum", whole), "learning_rate": ("lr", real),
+    "warmup_steps": ("warmup_steps", whole), "warmup_ratio": ("warmup_ratio", real),
+    "weight_decay": ("weight_decay", real), "max_grad_norm": ("max_grad_norm", real),
+    "bf16": ("compute_dtype", precision("bfloat16")), "fp16": ("compute_dtype", precision("float16")),
+    "logging_steps": ("log_every", whole), "eval_steps": ("eval_every", whole), "save_steps": ("save_every", whole),
+    "seed": ("seed", whole),
+}
+
+
+def lora_target(value, key: str):
+    """LLaMA-Factory's comma-separated module names; "all" is every linear layer."""
+    names = [s.strip() for s in str(value).split(",") if s.strip()]
+    return "all-linear" if names == ["all"] else names
+
+
+def report_targets(value, key: str) -> str:
+    targets = [t.strip() for t in (value if isinstance(value, list) else str(value).split(",")) if t.strip()]
+    unknown = [t for t in targets if t not in ("tensorboard", "wandb", "none")]
+    if unknown:
+        raise ValueError(f"qforge reports to tensorboard and wandb; got {unknown}")
+    return ",".join(targets) or "none"
+
+
+# ---- the two mappers ----------------------------------------------------------------------------
 class _Mapper:
-    """Shared machinery: handlers per key fill `settings`, `notes` and `refused`."""
+    """Shared machinery: each key is read by its `key_<name>` method when it needs logic, else by
+    FIELDS ({key: (TrainConfig field, converter)}), else noted (IGNORED), refused when set
+    (OFF_ONLY) or refused by name; the results fill `settings`, `notes` and `refused`."""
     dialect = ""
+    FIELDS: dict[str, tuple] = {}  # key -> (TrainConfig field, converter(value, key))
     IGNORED: dict[str, str] = {}   # key -> why it changes nothing here
     OFF_ONLY: dict[str, str] = {}  # key -> what to do instead; fine while false/empty/zero
 
@@ -139,17 +229,8 @@ class _Mapper:
         for key, value in raw.items():
             if value is None or value == "" or value == []:  # "key:" with nothing after it: not set
                 continue
-            handler = getattr(self, f"key_{key}", None)
             try:
-                if handler is not None:
-                    handler(value)
-                elif key in self.IGNORED:
-                    self.note(key, self.IGNORED[key])
-                elif key in self.OFF_ONLY:
-                    if value:
-                        self.refuse(key, self.OFF_ONLY[key])
-                else:
-                    self.refuse(key, f"not a setting qforge knows from {self.dialect} recipes; remove it")
+                self.read(key, value)
             except (ValueError, TypeError) as exc:  # TypeError: a value of the wrong kind (a list for a number)
                 self.refuse(key, str(exc))
         self.finish()
@@ -158,18 +239,29 @@ class _Mapper:
                               f"{len(self.refused)} setting(s): " + "; ".join(self.refused))
         return Recipe(self.dialect, self.settings, self.notes)
 
+    def read(self, key: str, value) -> None:
+        handler = getattr(self, f"key_{key}", None)
+        if handler is not None:
+            handler(value)
+        elif key in self.FIELDS:
+            name, convert = self.FIELDS[key]
+            converted = convert(value, key)
+            if converted is not SKIP:
+                self.set(name, converted)
+        elif key in self.IGNORED:
+            self.note(key, self.IGNORED[key])
+        elif key in self.OFF_ONLY:
+            if value:
+                self.refuse(key, self.OFF_ONLY[key])
+        else:
+            self.refuse(key, f"not a setting qforge knows from {self.dialect} recipes; remove it")
+
     def finish(self) -> None:
         pass
 
     # shared by both dialects
     def set(self, name: str, value) -> None:
         self.settings[name] = value
-
-    def precision(self, key: str, value, dtype: str) -> None:
-        if value in (True, "auto", "true"):
-            self.set("compute_dtype", dtype)
-        elif value not in (False, "false"):
-            raise ValueError(f"expected true, false or auto, got {value!r}")
 
     def optimizer(self, value) -> None:
         if value not in OPTIMIZERS:
@@ -178,14 +270,6 @@ class _Mapper:
         if value == "paged_adamw_32bit":
             self.notes.append("optimizer: paged_adamw_32bit is AdamW with 32-bit state here (qforge pages only "
                               "its 8-bit AdamW)")
-
-    def scheduler(self, value) -> None:
-        if value not in SCHEDULERS:
-            raise ValueError(f"qforge schedules are {sorted(SCHEDULERS)} (after linear warmup); got {value!r}")
-        self.set("lr_scheduler", SCHEDULERS[value])
-
-    def epochs(self, value, key: str) -> None:
-        self.set("epochs", _number(value, key, int))
 
     def chat_template(self, value, key: str) -> None:
         from ..model.templates import ALIASES, BUILTIN
@@ -198,6 +282,20 @@ class _Mapper:
 
 class _Axolotl(_Mapper):
     dialect = "axolotl"
+    FIELDS = COMMON_FIELDS | {
+        "base_model": ("model", text), "revision_of_model": ("revision", text),
+        "load_in_4bit": ("method", when_true("qlora")), "val_set_size": ("eval_fraction", fraction("0.05")),
+        "sequence_len": ("max_seq_len", whole), "sample_packing": ("pack", flag), "lora_r": ("rank", whole),
+        "lora_target_linear": ("target_modules", when_true("all-linear")),
+        "peft_use_rslora": ("use_rslora", flag), "peft_use_dora": ("use_dora", flag),
+        "micro_batch_size": ("batch_size", whole), "num_epochs": ("epochs", whole), "max_steps": ("max_steps", whole),
+        "lr_scheduler": ("lr_scheduler", scheduler), "cosine_min_lr_ratio": ("min_lr_ratio", real),
+        "train_on_inputs": ("train_on", train_on), "activation_offloading": ("offload_activations", flag),
+        "evals_per_epoch": ("evals_per_epoch", whole), "saves_per_epoch": ("saves_per_epoch", whole),
+        "auto_resume_from_checkpoints": ("resume", flag), "wandb_entity": ("wandb_entity", text),
+        "wandb_name": ("wandb_name", text),
+        "wandb_mode": ("wandb_mode", lambda value, key: SKIP if value == "disabled" else str(value)),
+    }
     IGNORED = {
         "model_type": "qforge builds the causal LM named by the model's config.json",
         "tokenizer_type": "qforge loads the model's own tokenizer",
@@ -234,12 +332,6 @@ class _Axolotl(_Mapper):
         "group_by_length": "qforge batches in a seeded random order; remove it",
     }
 
-    def key_base_model(self, v):
-        self.set("model", str(v))
-
-    def key_revision_of_model(self, v):
-        self.set("revision", str(v))
-
     def key_base_model_config(self, v):
         if v != self.raw.get("base_model"):
             raise ValueError("qforge reads the config beside the weights; point base_model at that folder")
@@ -247,10 +339,6 @@ class _Axolotl(_Mapper):
     def key_tokenizer_config(self, v):
         if v != self.raw.get("base_model"):
             raise ValueError("qforge uses the base model's tokenizer; put the tokenizer files in its folder")
-
-    def key_load_in_4bit(self, v):
-        if v:
-            self.set("method", "qlora")
 
     def key_adapter(self, v):
         if v not in ("qlora", "lora"):
@@ -327,89 +415,12 @@ class _Axolotl(_Mapper):
             return True
         return False
 
-    def key_val_set_size(self, v):
-        v = _number(v, "val_set_size")
-        if v >= 1:
-            raise ValueError("give a fraction of the rows (such as 0.05); qforge splits by fraction")
-        if v > 0:
-            self.set("eval_fraction", v)
-
-    def key_output_dir(self, v):
-        self.set("output_dir", str(v))
-
-    def key_sequence_len(self, v):
-        self.set("max_seq_len", _number(v, "sequence_len", int))
-
-    def key_sample_packing(self, v):
-        self.set("pack", bool(v))
-
-    def key_lora_r(self, v):
-        self.set("rank", _number(v, "lora_r", int))
-
-    def key_lora_alpha(self, v):
-        self.set("alpha", _number(v, "lora_alpha"))
-
-    def key_lora_dropout(self, v):
-        self.set("dropout", _number(v, "lora_dropout"))
-
-    def key_lora_target_linear(self, v):
-        if v:
-            self.set("target_modules", "all-linear")
-
     def key_lora_target_modules(self, v):
         if not self.raw.get("lora_target_linear"):
             self.set("target_modules", [str(m) for m in (v if isinstance(v, list) else [v])])
 
-    def key_peft_use_rslora(self, v):
-        self.set("use_rslora", bool(v))
-
-    def key_peft_use_dora(self, v):
-        self.set("use_dora", bool(v))
-
-    def key_gradient_accumulation_steps(self, v):
-        self.set("grad_accum", _number(v, "gradient_accumulation_steps", int))
-
-    def key_micro_batch_size(self, v):
-        self.set("batch_size", _number(v, "micro_batch_size", int))
-
-    def key_num_epochs(self, v):
-        self.epochs(v, "num_epochs")
-
-    def key_max_steps(self, v):
-        self.set("max_steps", _number(v, "max_steps", int))
-
     def key_optimizer(self, v):
         self.optimizer(v)
-
-    def key_lr_scheduler(self, v):
-        self.scheduler(v)
-
-    def key_cosine_min_lr_ratio(self, v):
-        self.set("min_lr_ratio", _number(v, "cosine_min_lr_ratio"))
-
-    def key_learning_rate(self, v):
-        self.set("lr", _number(v, "learning_rate"))
-
-    def key_warmup_steps(self, v):
-        self.set("warmup_steps", _number(v, "warmup_steps", int))
-
-    def key_warmup_ratio(self, v):
-        self.set("warmup_ratio", _number(v, "warmup_ratio"))
-
-    def key_weight_decay(self, v):
-        self.set("weight_decay", _number(v, "weight_decay"))
-
-    def key_max_grad_norm(self, v):
-        self.set("max_grad_norm", _number(v, "max_grad_norm"))
-
-    def key_train_on_inputs(self, v):
-        self.set("train_on", "all" if v else "assistant")
-
-    def key_bf16(self, v):
-        self.precision("bf16", v, "bfloat16")
-
-    def key_fp16(self, v):
-        self.precision("fp16", v, "float16")
 
     def key_gradient_checkpointing(self, v):
         if v not in (True, False, "unsloth", "offload"):
@@ -417,30 +428,6 @@ class _Axolotl(_Mapper):
         self.set("gradient_checkpointing", bool(v))
         if v == "offload":  # Axolotl's checkpointing with the layer inputs offloaded to host memory
             self.set("offload_activations", True)
-
-    def key_activation_offloading(self, v):
-        self.set("offload_activations", bool(v))
-
-    def key_logging_steps(self, v):
-        self.set("log_every", _number(v, "logging_steps", int))
-
-    def key_eval_steps(self, v):
-        self.set("eval_every", _number(v, "eval_steps", int))
-
-    def key_save_steps(self, v):
-        self.set("save_every", _number(v, "save_steps", int))
-
-    def key_evals_per_epoch(self, v):
-        self.set("evals_per_epoch", _number(v, "evals_per_epoch", int))
-
-    def key_saves_per_epoch(self, v):
-        self.set("saves_per_epoch", _number(v, "saves_per_epoch", int))
-
-    def key_auto_resume_from_checkpoints(self, v):
-        self.set("resume", bool(v))
-
-    def key_seed(self, v):
-        self.set("seed", _number(v, "seed", int))
 
     def key_chat_template(self, v):
         if v == "jinja":
@@ -474,17 +461,6 @@ class _Axolotl(_Mapper):
         self.add_report("wandb")
         self.set("wandb_project", str(v))
 
-    def key_wandb_entity(self, v):
-        self.set("wandb_entity", str(v))
-
-    def key_wandb_name(self, v):
-        self.set("wandb_name", str(v))
-
-    def key_wandb_mode(self, v):
-        if v == "disabled":
-            return
-        self.set("wandb_mode", str(v))
-
     def add_report(self, target: str) -> None:
         current = [t for t in self.settings.get("report_to", "none").split(",") if t != "none"]
         self.set("report_to", ",".join(sorted(set(current + [target]))))
@@ -497,6 +473,19 @@ class _Axolotl(_Mapper):
 
 class _LlamaFactory(_Mapper):
     dialect = "llama-factory"
+    FIELDS = COMMON_FIELDS | {
+        "model_name_or_path": ("model", text), "model_revision": ("revision", text),
+        "quantization_type": ("quant_type", text), "double_quantization": ("double_quant", flag),
+        "lora_target": ("target_modules", lora_target), "lora_rank": ("rank", whole),
+        "use_rslora": ("use_rslora", flag), "use_dora": ("use_dora", flag), "cutoff_len": ("max_seq_len", whole),
+        "max_samples": ("max_samples", whole), "per_device_train_batch_size": ("batch_size", whole),
+        "num_train_epochs": ("epochs", whole),
+        "max_steps": ("max_steps", lambda value, key: whole(value, key) if int(value) > 0 else SKIP),
+        "lr_scheduler_type": ("lr_scheduler", scheduler), "pure_bf16": ("compute_dtype", precision("bfloat16")),
+        "disable_gradient_checkpointing": ("gradient_checkpointing", negated), "packing": ("pack", flag),
+        "train_on_prompt": ("train_on", train_on), "val_size": ("eval_fraction", fraction("0.1")),
+        "report_to": ("report_to", report_targets), "run_name": ("wandb_name", text),
+    }
     IGNORED = {
         "do_train": "qforge trains", "overwrite_cache": "qforge tokenises in memory; nothing is cached",
         "preprocessing_num_workers": "qforge tokenises in one process", "overwrite_output_dir":
@@ -521,24 +510,12 @@ class _LlamaFactory(_Mapper):
         "push_to_hub": "upload the adapter folder yourself", "enable_liger_kernel": "qforge picks its kernels itself",
     }
 
-    def key_model_name_or_path(self, v):
-        self.set("model", str(v))
-
-    def key_model_revision(self, v):
-        self.set("revision", str(v))
-
     def key_quantization_bit(self, v):
         if int(v) != 4:
             raise ValueError("qforge's quantised base is 4-bit (quantization_bit: 4)")
         method = self.raw.get("quantization_method", "bitsandbytes")
         if method not in ("bitsandbytes", "bnb", None):
             raise ValueError(f"qforge quantises as bitsandbytes does (NF4/FP4); quantization_method {method!r}")
-
-    def key_quantization_type(self, v):
-        self.set("quant_type", str(v))
-
-    def key_double_quantization(self, v):
-        self.set("double_quant", bool(v))
 
     def key_stage(self, v):
         if v != "sft":
@@ -551,25 +528,6 @@ class _LlamaFactory(_Mapper):
             self.set("method", "qlora" if self.raw.get("quantization_bit") else "lora")
         else:
             raise ValueError(f"qforge trains lora (4-bit with quantization_bit: 4) or full; got {v!r}")
-
-    def key_lora_target(self, v):
-        names = [s.strip() for s in str(v).split(",") if s.strip()]
-        self.set("target_modules", "all-linear" if names == ["all"] else names)
-
-    def key_lora_rank(self, v):
-        self.set("rank", _number(v, "lora_rank", int))
-
-    def key_lora_alpha(self, v):
-        self.set("alpha", _number(v, "lora_alpha"))
-
-    def key_lora_dropout(self, v):
-        self.set("dropout", _number(v, "lora_dropout"))
-
-    def key_use_rslora(self, v):
-        self.set("use_rslora", bool(v))
-
-    def key_use_dora(self, v):
-        self.set("use_dora", bool(v))
 
     def key_dataset(self, v):
         self.set("data", self.dataset(v, "dataset"))
@@ -619,95 +577,8 @@ class _LlamaFactory(_Mapper):
                              "(chatml, llama3, gemma, mistral, qwen, phi3); remove it to use the model's own")
         self.chat_template(v, "template")
 
-    def key_cutoff_len(self, v):
-        self.set("max_seq_len", _number(v, "cutoff_len", int))
-
-    def key_max_samples(self, v):
-        self.set("max_samples", _number(v, "max_samples", int))
-
-    def key_output_dir(self, v):
-        self.set("output_dir", str(v))
-
-    def key_logging_steps(self, v):
-        self.set("log_every", _number(v, "logging_steps", int))
-
-    def key_save_steps(self, v):
-        self.set("save_every", _number(v, "save_steps", int))
-
-    def key_per_device_train_batch_size(self, v):
-        self.set("batch_size", _number(v, "per_device_train_batch_size", int))
-
-    def key_gradient_accumulation_steps(self, v):
-        self.set("grad_accum", _number(v, "gradient_accumulation_steps", int))
-
-    def key_learning_rate(self, v):
-        self.set("lr", _number(v, "learning_rate"))
-
-    def key_num_train_epochs(self, v):
-        self.epochs(v, "num_train_epochs")
-
-    def key_max_steps(self, v):
-        if int(v) > 0:
-            self.set("max_steps", _number(v, "max_steps", int))
-
-    def key_lr_scheduler_type(self, v):
-        self.scheduler(v)
-
-    def key_warmup_ratio(self, v):
-        self.set("warmup_ratio", _number(v, "warmup_ratio"))
-
-    def key_warmup_steps(self, v):
-        self.set("warmup_steps", _number(v, "warmup_steps", int))
-
-    def key_weight_decay(self, v):
-        self.set("weight_decay", _number(v, "weight_decay"))
-
-    def key_max_grad_norm(self, v):
-        self.set("max_grad_norm", _number(v, "max_grad_norm"))
-
     def key_optim(self, v):
         self.optimizer(v)
-
-    def key_bf16(self, v):
-        self.precision("bf16", v, "bfloat16")
-
-    def key_pure_bf16(self, v):
-        self.precision("pure_bf16", v, "bfloat16")
-
-    def key_fp16(self, v):
-        self.precision("fp16", v, "float16")
-
-    def key_disable_gradient_checkpointing(self, v):
-        self.set("gradient_checkpointing", not v)
-
-    def key_packing(self, v):
-        self.set("pack", bool(v))
-
-    def key_train_on_prompt(self, v):
-        self.set("train_on", "all" if v else "assistant")
-
-    def key_val_size(self, v):
-        v = _number(v, "val_size")
-        if v >= 1:
-            raise ValueError("give a fraction of the rows (such as 0.1); qforge splits by fraction")
-        if v > 0:
-            self.set("eval_fraction", v)
-
-    def key_eval_steps(self, v):
-        self.set("eval_every", _number(v, "eval_steps", int))
-
-    def key_seed(self, v):
-        self.set("seed", _number(v, "seed", int))
-
-    def key_report_to(self, v):
-        targets = [t.strip() for t in (v if isinstance(v, list) else str(v).split(",")) if t.strip()]
-        unknown = [t for t in targets if t not in ("tensorboard", "wandb", "none")]
-        if unknown:
-            raise ValueError(f"qforge reports to tensorboard and wandb; got {unknown}")
-        self.set("report_to", ",".join(targets) or "none")
-
-    def key_run_name(self, v):
-        self.set("wandb_name", str(v))
 
     def finish(self) -> None:
         if "method" not in self.settings:

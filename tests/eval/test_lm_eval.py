@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qforge.adapters import save_merged
-from qforge.commands import serve
+from qforge.serve.app import ServeConfig, build_server
 from qforge.eval import harness
 
 from tests.serve.helpers import LiveServer, saved_random_adapter
@@ -31,9 +31,7 @@ def lm_eval_cli(url, model, tokenizer, include, out):
 
 
 def test_lm_eval_through_the_server_matches_the_hf_backend_on_the_merged_model(tmp_path):
-    parser = serve.argparse.ArgumentParser()
-    serve.add_arguments(parser)
-    app, engine = serve.build(parser.parse_args(["--dtype", "float32", "--max-batch", "4"]), keys=[])
+    app, engine = build_server(ServeConfig(dtype="float32", max_batch=4))
     model, tokenizer = engine.model, engine.tokenizer
     folder = saved_random_adapter(model, tmp_path, "tuned", seed=1, scale=0.02, keep=True,
                                   base_model_name_or_path="smollm2")

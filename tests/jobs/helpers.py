@@ -62,25 +62,16 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
         time.sleep(interval)
 
 
-def serve_args(base: Path | str, data_dir: Path, *extra: str):
-    import argparse
-
-    from qforge.commands import serve
-
-    parser = argparse.ArgumentParser()
-    serve.add_arguments(parser)
-    return parser.parse_args(["--base", str(base), "--jobs", "--data-dir", str(data_dir), "--dtype", "float32",
-                              *extra])
-
-
 class InProcessService:
     """`qforge serve --jobs`'s build path in this process, served by uvicorn in a thread; the worker
-    and trainers are real subprocesses."""
+    and trainers are real subprocesses. `settings`: more ServeConfig fields (start_worker=False, ...)."""
 
-    def __init__(self, base, data_dir: Path, keys=(), extra=()):
-        from qforge.commands import serve
+    def __init__(self, base, data_dir: Path, keys=(), **settings):
+        from qforge.serve.app import ServeConfig, build_server
 
-        self.app, self.engine = serve.build(serve_args(base, data_dir, *extra), keys=list(keys))
+        cfg = ServeConfig(base=str(base), jobs=True, data_dir=Path(data_dir), dtype="float32", api_keys=list(keys),
+                          **settings)
+        self.app, self.engine = build_server(cfg)
         self.jobs = self.app.state.jobs
         self.live = LiveServer(self.app)
 

@@ -1,10 +1,11 @@
-"""`qforge serve --jobs` flags, and a server without --jobs that has no jobs routes at all."""
+"""`qforge serve --jobs` flags become the server's config, and a server without jobs has no jobs routes at all."""
 import argparse
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from qforge.commands import serve
+from qforge.serve.app import ServeConfig, build_server, jobs_config
 
 
 def parse(*argv) -> argparse.Namespace:
@@ -15,17 +16,18 @@ def parse(*argv) -> argparse.Namespace:
 
 def test_jobs_flags_become_the_service_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = serve.jobs_config(parse("--jobs", "--data-dir", "state", "--memory-budget", "16GB", "--max-file-mb", "2"))
+    config = jobs_config(serve.serve_config(parse("--jobs", "--data-dir", "state", "--memory-budget", "16GB",
+                                                  "--max-file-mb", "2")))
     assert config.data_dir == Path("state") and config.memory_budget == 16 * 10 ** 9
     assert config.max_file_bytes == 2 * 2 ** 20 and config.base_model == "smollm2"
     (tmp_path / "models" / "tiny").mkdir(parents=True)  # a folder that exists is a path, not a Hub id
-    config = serve.jobs_config(parse("--base", "models/tiny"))
+    config = jobs_config(ServeConfig(base="models/tiny"))
     assert config.base_model == str(tmp_path / "models" / "tiny") and config.memory_budget is None
     assert config.data_dir == Path.home() / ".qforge"
 
 
 def test_without_jobs_the_server_has_no_jobs_routes(tiny_base):
-    app, engine = serve.build(parse("--base", str(tiny_base), "--dtype", "float32"), keys=[])
+    app, engine = build_server(ServeConfig(base=str(tiny_base), dtype="float32"))
     try:
         assert not hasattr(app.state, "jobs")
         with TestClient(app) as client:
@@ -34,3 +36,11 @@ def test_without_jobs_the_server_has_no_jobs_routes(tiny_base):
             assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
     finally:
         engine.stop()
+
+
+def test_the_flags_defaults_are_the_configs(monkeypatch):
+    for name in ("QFORGE_API_KEY", "QFORGE_OPERATOR_KEY", "QFORGE_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert serve.serve_config(parse()) == ServeConfig()
+    cfg = serve.serve_config(parse("--no-worker", "--worker-threads", "3", "--disk-full-retries", "2", "--jobs"))
+    assert (cfg.jobs, cfg.start_worker, cfg.worker_threads, cfg.disk_full_retries) == (True, False, 3, 2)

@@ -56,7 +56,7 @@ def service(tiny_base, tmp_path_factory):
     (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
     plan = inject / "plan.txt"
     plan.write_text("0 0 0")
-    with InProcessService(tiny_base, data, extra=["--no-worker"]) as svc:
+    with InProcessService(tiny_base, data, start_worker=False) as svc:
         env = {**os.environ, "QFORGE_TEST_ENOSPC": str(plan), "QFORGE_API_KEY": "",
                "PYTHONPATH": os.pathsep.join([str(inject), str(REPO), os.environ.get("PYTHONPATH", "")])}
         log = open(data / "worker-test.log", "ab")

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from qforge.cli import main
-from qforge.commands import serve
 from qforge.jobs.api import JobsConfig, JobService, install
 from qforge.jobs.db import SCHEMA_VERSION, DatabaseError
 from qforge.jobs.store import JobStore, fine_tuned_model_name, now
 from qforge.model.load import load_model
 from qforge.serve import AdapterRegistry, Engine
+from qforge.serve import app as serve_app
 from qforge.serve.api import create_app
 from qforge.serve.auth import ApiKey
 
@@ -80,7 +80,7 @@ def test_schema_version_is_recorded_and_an_old_database_is_migrated(tmp_path):
 def test_the_serve_command_says_so_in_one_line_before_loading_the_model(tmp_path, capsys, monkeypatch):
     store = data_dir_with_uploads(tmp_path)
     store.db_path.write_bytes(b"")
-    monkeypatch.setattr(serve, "build", lambda *a: pytest.fail("must not load the model"))
+    monkeypatch.setattr(serve_app, "build_server", lambda *a: pytest.fail("must not load the model"))
     assert main(["serve", "--jobs", "--data-dir", str(store.root)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(store.db_path) in err and "empty" in err

@@ -55,6 +55,23 @@ def test_the_store_interface_on_postgres(postgres, tmp_path):
     store.update_job("ftjob-pg-a", status="cancelled")
 
 
+def test_postgres_and_sqlite_have_the_same_tables(postgres, tmp_path):
+    import sqlite3
+
+    from qforge.jobs.store import JobStore
+    store = open_store(tmp_path / "pg", postgres.url)
+    with store._connect() as db:
+        rows = db.execute("SELECT table_name, column_name FROM information_schema.columns "
+                          "WHERE table_schema = 'public'").fetchall()
+    on_postgres = {(r[0], r[1]) for r in rows}
+    lite = JobStore(tmp_path / "lite")
+    with sqlite3.connect(lite.db_path) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                           "AND name != 'sqlite_sequence'")]
+        on_sqlite = {(t, r[1]) for t in tables for r in db.execute(f"PRAGMA table_info({t})")}
+    assert on_sqlite == on_postgres
+
+
 def test_a_bad_database_url_is_one_line(tmp_path):
     from qforge.jobs.db import DatabaseError
     with pytest.raises(DatabaseError, match=r"cannot be brought|cannot reach") as info:

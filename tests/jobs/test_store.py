@@ -96,3 +96,71 @@ def test_fine_tuned_model_names_are_valid_adapter_names():
     name = fine_tuned_model_name("Llama-3.1-8B.Instruct", "my_suffix", "ftjob-0123456789abcdef01234567")
     assert name == "ft:Llama-3-1-8B-Instruct:my_suffix:ftjob-0123456789abcdef01234567"
     assert NAME_PATTERN.match(name) and NAME_PATTERN.match(fine_tuned_model_name("smollm2", None, "ftjob-x"))
+
+
+def test_an_orphan_younger_than_the_grace_is_kept(tmp_path):
+    store = JobStore(tmp_path)
+    store.orphan_grace_s = 3600.0  # as PostgreSQL's store: another replica may be recording it
+    (store.files_dir / "file-fresh.jsonl").write_text("{}\n")
+    old = store.files_dir / "file-old.jsonl"
+    old.write_text("{}\n")
+    os.utime(old, (now() - 7200, now() - 7200))
+    assert store.sweep_orphan_files() == ["file-old.jsonl"]
+
+
+# ---- the schema: one source, the Alembic migrations ------------------------------------------------
+def test_the_head_revision_is_alembics():
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from qforge.jobs.db import HEAD_REVISION, MIGRATIONS_DIR
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    assert ScriptDirectory.from_config(config).get_current_head() == HEAD_REVISION
+
+
+def test_the_sqlite_tables_come_from_the_migrations(tmp_path):
+    import sqlite3
+    store = JobStore(tmp_path)
+    with sqlite3.connect(store.db_path) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        jobs = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+    assert {"seq", "id", "status", "lease_owner", "lease_expires", "attempts"} <= jobs
+    for job_id in ("ftjob-a", "ftjob-b"):  # seq is AUTOINCREMENT: the pages keep their order
+        add_job(store, job_id)
+    assert [j["id"] for j in store.list_jobs("me")[0]] == ["ftjob-b", "ftjob-a"]
+
+
+LEGACY_SCHEMA = """
+CREATE TABLE files (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL,
+    filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, rows INTEGER,
+    format TEXT);
+CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL,
+    created_at INTEGER NOT NULL, started_at INTEGER, finished_at INTEGER, model TEXT NOT NULL,
+    training_file TEXT NOT NULL, validation_file TEXT, suffix TEXT, seed INTEGER NOT NULL, metadata TEXT,
+    hyperparameters TEXT NOT NULL, method TEXT NOT NULL, status TEXT NOT NULL, error TEXT,
+    fine_tuned_model TEXT UNIQUE, trained_tokens INTEGER, result_files TEXT NOT NULL DEFAULT '[]', total_steps INTEGER,
+    estimated_finish INTEGER, attempts INTEGER NOT NULL DEFAULT 0, crashes INTEGER NOT NULL DEFAULT 0,
+    worker_pid INTEGER, train_pid INTEGER);
+CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL, level TEXT NOT NULL, type TEXT NOT NULL, message TEXT NOT NULL, data TEXT, key TEXT,
+    UNIQUE (job_id, key));
+CREATE TABLE checkpoints (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
+    step INTEGER NOT NULL, created_at INTEGER NOT NULL, metrics TEXT NOT NULL, path TEXT NOT NULL,
+    UNIQUE (job_id, step));
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_database_made_before_the_migrations_is_adopted(tmp_path):
+    import sqlite3
+    with sqlite3.connect(tmp_path / "qforge.db") as db:
+        db.executescript(LEGACY_SCHEMA)
+        db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at) "
+                   "VALUES ('file-a', 'me', 'a.jsonl', 'fine-tune', 3, 1)")
+    store = JobStore(tmp_path)
+    assert store.get_file("file-a", "me")["bytes"] == 3
+    add_job(store, "ftjob-a")
+    with sqlite3.connect(store.db_path) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        assert "lease_owner" in {r[1] for r in db.execute("PRAGMA table_info(jobs)")}

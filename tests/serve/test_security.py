@@ -1,11 +1,13 @@
 """The serve command's start-up checks: no open server on a non-loopback address, keys from the
 environment, well-formed --adapter flags. None of these load a model."""
 import argparse
+from pathlib import Path
 
 import pytest
 
 from qforge.cli import main
 from qforge.commands import serve
+from qforge.serve import app
 
 
 def parse(*argv) -> argparse.Namespace:
@@ -16,20 +18,20 @@ def parse(*argv) -> argparse.Namespace:
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.5", "localhost", "::1", "[::1]"])
 def test_loopback_needs_no_key(host):
-    serve.check_bind(host, [], insecure=False)
+    app.check_bind(host, [], insecure=False)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "example.com"])
 def test_non_loopback_without_a_key_is_refused_unless_insecure(host):
     with pytest.raises(ValueError, match="--api-key"):
-        serve.check_bind(host, [], insecure=False)
-    serve.check_bind(host, ["k"], insecure=False)
-    serve.check_bind(host, [], insecure=True)
+        app.check_bind(host, [], insecure=False)
+    app.check_bind(host, ["k"], insecure=False)
+    app.check_bind(host, [], insecure=True)
 
 
 def test_the_command_refuses_before_loading_anything(capsys, monkeypatch):
     monkeypatch.delenv("QFORGE_API_KEY", raising=False)
-    monkeypatch.setattr(serve, "build", lambda *a: pytest.fail("must not load the model"))
+    monkeypatch.setattr(app, "build_server", lambda *a: pytest.fail("must not load the model"))
     assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
     assert "refusing to serve on non-loopback address '0.0.0.0'" in capsys.readouterr().err
     assert main(["serve", "--adapter", "no-equals-sign"]) == 2
@@ -45,6 +47,7 @@ def test_keys_come_from_flags_and_the_environment(monkeypatch):
 
 def test_flags_and_names():
     args = parse("--base", "/models/llama-folder", "--adapter", "x=/a/b", "--adapter", "y=c")
-    assert serve.parse_adapters(args.adapter)[0][0] == "x" and serve.base_name(args) == "llama-folder"
-    assert serve.base_name(parse()) == "smollm2"
+    cfg = serve.serve_config(args)
+    assert cfg.adapters[0] == ("x", Path("/a/b")) and cfg.served_name() == "llama-folder"
+    assert serve.serve_config(parse()).served_name() == "smollm2"
     assert (args.max_batch, args.max_queue, args.max_loaded_adapters, args.port) == (32, 256, 16, 8000)

@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 
-from qforge.commands import serve
+from qforge.serve.app import ServeConfig, build_server
 from qforge.model.surgery import set_active_adapter
 
 from .helpers import LiveServer, alone_model, greedy_alone, saved_random_adapter
@@ -28,10 +28,7 @@ def chat_ids(tokenizer, question: str) -> list[int]:
 
 
 def test_smollm2_serves_mixed_adapters_like_alone(tmp_path):
-    parser = serve.argparse.ArgumentParser()
-    serve.add_arguments(parser)
-    args = parser.parse_args(["--adapter-root", str(tmp_path), "--max-batch", "8", "--dtype", "float32"])
-    app, engine = serve.build(args, keys=["k"])
+    app, engine = build_server(ServeConfig(adapter_root=str(tmp_path), max_batch=8, dtype="float32", api_keys=["k"]))
     model, tokenizer = engine.model, engine.tokenizer
     for i, name in enumerate(("formal", "pirate")):
         saved_random_adapter(model, tmp_path, name, seed=i, base_model_name_or_path="smollm2")

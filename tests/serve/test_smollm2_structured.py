@@ -8,7 +8,7 @@ import jsonschema
 import openai
 import pytest
 
-from qforge.commands import serve
+from qforge.serve.app import ServeConfig, build_server
 
 from .helpers import LiveServer, saved_random_adapter
 
@@ -29,10 +29,7 @@ OBJECT = [{"role": "user", "content": "Describe a cat as a JSON object with a fe
 
 
 def test_smollm2_structured_outputs_in_one_mixed_batch(tmp_path):
-    parser = serve.argparse.ArgumentParser()
-    serve.add_arguments(parser)
-    args = parser.parse_args(["--dtype", "float32", "--max-batch", "16", "--adapter-root", str(tmp_path)])
-    app, engine = serve.build(args, keys=[])
+    app, engine = build_server(ServeConfig(dtype="float32", max_batch=16, adapter_root=str(tmp_path)))
     for i, name in enumerate(("one", "two")):
         saved_random_adapter(engine.model, tmp_path, name, seed=i, scale=0.02, targets=("q_proj", "v_proj"))
         engine.registry.add(name, tmp_path / name)

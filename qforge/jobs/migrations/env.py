@@ -1,5 +1,6 @@
-"""Alembic's environment for the job database (PostgreSQL): online migrations only, one process at a
-time (an advisory lock, so workers and replicas starting together do not race)."""
+"""Alembic's environment for the job database (SQLite or PostgreSQL): online migrations only, one
+process at a time (on PostgreSQL an advisory lock, so workers and replicas starting together do not
+race; on SQLite the store holds a lock file beside the database, qforge.jobs.db.migrate_sqlite)."""
 from alembic import context
 from sqlalchemy import create_engine, text
 
@@ -11,7 +12,8 @@ def run() -> None:
     engine = create_engine(url)
     with engine.connect() as connection:
         with connection.begin():
-            connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+            if connection.dialect.name == "postgresql":
+                connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
             context.configure(connection=connection, target_metadata=None, transaction_per_migration=False)
             context.run_migrations()
     engine.dispose()

@@ -1,5 +1,6 @@
-"""The job database's first schema on PostgreSQL: files, jobs (with the lease a worker holds while
-it runs one), events, checkpoints. The same columns as the SQLite schema in qforge.jobs.store.
+"""The job database's first schema, for SQLite and PostgreSQL alike: files, jobs (with the lease a
+worker holds while it runs one on PostgreSQL), events, checkpoints. `seq` orders rows by insertion:
+an identity column on PostgreSQL, SQLite's AUTOINCREMENT rowid (never reused after a delete).
 
 Revision ID: 0001
 """
@@ -12,10 +13,14 @@ branch_labels = None
 depends_on = None
 
 
+def seq_column() -> sa.Column:
+    return sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), sa.Identity(), primary_key=True)
+
+
 def upgrade() -> None:
     op.create_table(
         "files",
-        sa.Column("seq", sa.BigInteger, sa.Identity(), primary_key=True),
+        seq_column(),
         sa.Column("id", sa.Text, unique=True, nullable=False),
         sa.Column("owner", sa.Text, nullable=False),
         sa.Column("filename", sa.Text, nullable=False),
@@ -24,10 +29,11 @@ def upgrade() -> None:
         sa.Column("created_at", sa.BigInteger, nullable=False),
         sa.Column("rows", sa.BigInteger),
         sa.Column("format", sa.Text),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "jobs",
-        sa.Column("seq", sa.BigInteger, sa.Identity(), primary_key=True),
+        seq_column(),
         sa.Column("id", sa.Text, unique=True, nullable=False),
         sa.Column("owner", sa.Text, nullable=False),
         sa.Column("created_at", sa.BigInteger, nullable=False),
@@ -54,11 +60,12 @@ def upgrade() -> None:
         sa.Column("train_pid", sa.BigInteger),
         sa.Column("lease_owner", sa.Text),
         sa.Column("lease_expires", sa.Float),
+        sqlite_autoincrement=True,
     )
     op.create_index("jobs_by_status", "jobs", ["status", "seq"])
     op.create_table(
         "events",
-        sa.Column("seq", sa.BigInteger, sa.Identity(), primary_key=True),
+        seq_column(),
         sa.Column("id", sa.Text, unique=True, nullable=False),
         sa.Column("job_id", sa.Text, nullable=False),
         sa.Column("created_at", sa.BigInteger, nullable=False),
@@ -68,11 +75,12 @@ def upgrade() -> None:
         sa.Column("data", sa.Text),
         sa.Column("key", sa.Text),
         sa.UniqueConstraint("job_id", "key"),
+        sqlite_autoincrement=True,
     )
     op.create_index("events_by_job", "events", ["job_id", "seq"])
     op.create_table(
         "checkpoints",
-        sa.Column("seq", sa.BigInteger, sa.Identity(), primary_key=True),
+        seq_column(),
         sa.Column("id", sa.Text, unique=True, nullable=False),
         sa.Column("job_id", sa.Text, nullable=False),
         sa.Column("step", sa.BigInteger, nullable=False),
@@ -80,6 +88,7 @@ def upgrade() -> None:
         sa.Column("metrics", sa.Text, nullable=False),
         sa.Column("path", sa.Text, nullable=False),
         sa.UniqueConstraint("job_id", "step"),
+        sqlite_autoincrement=True,
     )
 
 

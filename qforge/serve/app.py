@@ -1,0 +1,164 @@
+"""A server built from a plain config: `ServeConfig` holds every setting `qforge serve` has, and
+`build_server(cfg)` loads the base, registers the adapters and returns the app and its engine.
+
+    flags --(commands/serve.py)--> ServeConfig --build_server--> (FastAPI app, Engine) --run_server--> uvicorn
+                      qforge eval, tests, benchmarks --^
+
+The command only maps flags (and the QFORGE_* environment) to a ServeConfig; everything else that
+builds a server (`qforge eval`, the tests) builds the config directly. With `jobs` the same app also
+runs the files and fine-tuning jobs API (qforge.jobs.api), whose worker trains beside the server.
+"""
+from __future__ import annotations
+
+import ipaddress
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..jobs.limits import DISK_FULL_BACKOFF_S, DISK_FULL_RETRIES, DISK_FULL_WAIT_S
+
+
+@dataclass
+class ServeConfig:
+    """Every setting of a server. Sizes in bytes or MiB as named; `api_keys` holds plain strings
+    (keys of role user) or qforge.serve.auth.ApiKey (a role and a name each)."""
+
+    base: str = "smollm2"                 # 'smollm2', a model folder, a 4-bit folder, a .gguf file or a Hub id
+    revision: str | None = None           # branch, tag or commit of a Hub id base
+    name: str | None = None               # the base's model name in the API (None: from `base`)
+    adapters: list[tuple[str, Path]] = field(default_factory=list)  # (model name, PEFT folder): trusted
+    adapter_root: str | None = None       # run-time adapter loads must lie inside (None: no run-time loads)
+    dtype: str = "bfloat16"               # compute dtype, a name of qforge.devices.DTYPES
+    device: str = "auto"                  # resolved once by qforge.devices.resolve_device
+    max_loaded_adapters: int = 16
+    max_batch: int = 32
+    max_queue: int = 256
+    max_model_len: int | None = None      # context length (None: the model's)
+    api_keys: list = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    insecure: bool = False                # allow a non-loopback host without a key
+    log_level: str = "info"
+    # the fine-tuning jobs service (with jobs=True)
+    jobs: bool = False
+    data_dir: Path = Path("~/.qforge")
+    memory_budget: int | None = None      # bytes a job may use (None: the RAM available)
+    database_url: str | None = None       # postgresql://... (None: SQLite under data_dir)
+    start_worker: bool = True             # False: `qforge worker` processes train the jobs
+    max_file_mb: int = 64
+    worker_threads: int | None = None     # the trainers' CPU threads (None: half the cores)
+    worker_memory_fraction: float | None = None
+    disk_full_retries: int = DISK_FULL_RETRIES
+    disk_full_backoff: float = DISK_FULL_BACKOFF_S
+    disk_full_wait: float = DISK_FULL_WAIT_S
+
+    def served_name(self) -> str:
+        """The base model's name in the API: `name`, else 'smollm2' or the folder / file name."""
+        if self.name:
+            return self.name
+        return self.base if self.base.lower() == "smollm2" else Path(self.base).name.removesuffix(".gguf")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+def check_bind(host: str, keys: list, insecure: bool) -> None:
+    """ValueError when binding `host` would expose an open server: non-loopback, no key, not insecure."""
+    if not keys and not is_loopback(host) and not insecure:
+        raise ValueError(f"refusing to serve on non-loopback address '{host}' without an API key: pass --api-key "
+                         "(or set QFORGE_API_KEY), or --insecure to accept the risk")
+
+
+def jobs_config(cfg: ServeConfig):
+    """The jobs service's qforge.jobs.api.JobsConfig for this server."""
+    from ..jobs.api import JobsConfig
+    from ..jobs.limits import default_worker_threads
+    from ..model.hub import looks_like_hub_id
+
+    keep = cfg.base.lower() == "smollm2" or looks_like_hub_id(cfg.base)  # a Hub id stays an id for the jobs
+    base = cfg.base if keep else str(Path(cfg.base).expanduser().resolve())
+    return JobsConfig(data_dir=Path(cfg.data_dir).expanduser(), base_model=base, memory_budget=cfg.memory_budget,
+                      max_file_bytes=cfg.max_file_mb * 2 ** 20, database_url=cfg.database_url,
+                      start_worker=cfg.start_worker, worker_threads=cfg.worker_threads or default_worker_threads(),
+                      worker_memory_fraction=cfg.worker_memory_fraction, worker_args=worker_flags(cfg))
+
+
+def worker_flags(cfg: ServeConfig) -> tuple[str, ...]:
+    """The disk-full settings as the worker subprocess's flags (its interface is its command line)."""
+    return ("--disk-full-retries", str(cfg.disk_full_retries), "--disk-full-backoff", str(cfg.disk_full_backoff),
+            "--disk-full-wait", str(cfg.disk_full_wait))
+
+
+def build_server(cfg: ServeConfig):
+    """(app, engine): load the base, register the adapters, build the engine and the app (and start
+    the jobs service with `cfg.jobs`, reachable as app.state.jobs)."""
+    import torch
+
+    from ..devices import resolve_device
+    from ..model.load import load_model
+    from . import AdapterRegistry, Engine, Metrics
+    from .api import create_app
+
+    device = resolve_device(cfg.device)  # decided once: the engine runs where the model is
+    model, tokenizer = load_model(cfg.base, compute_dtype=getattr(torch, cfg.dtype), device=device,
+                                  revision=cfg.revision)
+    if tokenizer is None:
+        raise ValueError(f"'{cfg.base}' has no tokenizer files; the server needs one")
+    metrics = Metrics()
+    registry = AdapterRegistry(model, cfg.served_name(), cfg.max_loaded_adapters, cfg.adapter_root, metrics)
+    for name, folder in cfg.adapters:
+        registry.add(name, Path(folder), trusted=True)
+    engine = Engine(model, tokenizer, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                    context_len=cfg.max_model_len, metrics=metrics)
+    extensions, jobs = [], None
+    if cfg.jobs:
+        from ..jobs.api import JobService, install
+        jobs = JobService(jobs_config(cfg), registry)
+        extensions.append(lambda app, state, caller: install(app, state, caller, jobs))
+    app = create_app(engine, registry, api_keys=list(cfg.api_keys), metrics=metrics, extensions=extensions)
+    if jobs is not None:
+        jobs.start()
+    return app, engine
+
+
+def share_cores(cfg: ServeConfig) -> tuple[int, int]:
+    """The server and its job worker on one machine: the worker's trainers take `worker_threads`
+    (default half the cores), the server's torch the cores left; (serving, training) threads."""
+    import torch
+
+    from ..jobs.limits import default_worker_threads, serving_threads
+    training = cfg.worker_threads or default_worker_threads()
+    serving = serving_threads(training)
+    torch.set_num_threads(serving)
+    print(f"qforge serve: {serving} CPU thread(s) for serving, {training} for the job worker's training",
+          file=sys.stderr, flush=True)
+    return serving, training
+
+
+def run_server(cfg: ServeConfig) -> None:
+    """Check the bind and the job database (one line naming what is wrong, before the model loads),
+    build the server and run it under uvicorn until stopped."""
+    import uvicorn
+
+    check_bind(cfg.host, cfg.api_keys, cfg.insecure)
+    if not cfg.api_keys and not is_loopback(cfg.host):
+        print(f"qforge serve: warning: serving on {cfg.host} with no API key (--insecure)", file=sys.stderr)
+    if cfg.jobs:  # a bad job database fails here, nothing swept
+        from ..jobs.pg import open_store
+        open_store(Path(cfg.data_dir).expanduser(), cfg.database_url)
+        if cfg.start_worker:
+            share_cores(cfg)
+    app, engine = build_server(cfg)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    finally:
+        jobs = getattr(app.state, "jobs", None)
+        if jobs is not None:
+            jobs.stop()
+        engine.stop()
