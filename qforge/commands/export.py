@@ -72,12 +72,13 @@ def _export_merged(args: argparse.Namespace, out: Path, name: str) -> None:
     from ..adapters import load_adapter
     from ..adapters.export_gguf import export_merged_gguf
     from ..fileio import atomic_write_bytes
-    from .merge import _load_base, trained_quant
+    from ..model.load import load_quantised_base
+    from .merge import trained_quant
 
     # the base dequantised as the adapter was trained on it (nf4, or an HQQ base: the run's config.yaml)
     quant_type, group_size = trained_quant(args.adapter)
     hqq = {"quant_type": quant_type, "group_size": group_size} if quant_type != "nf4" else {}
-    model, tokenizer = _load_base(args.base, None, **hqq)
+    model, tokenizer = load_quantised_base(args.base, None, **hqq)
     adapter = load_adapter(model, args.adapter)
     tok_gguf = _base_gguf(args.base)
     if tokenizer is None and tok_gguf is None:

@@ -76,6 +76,8 @@ def method_config(method: str, recipe: dict, output_dir: str | Path, full_lr_sca
         settings["lr"] = recipe.get("lr", 2e-4) * full_lr_scale
     # The bench evaluates from on_step (timed apart from training) and writes no checkpoints.
     settings["eval_every"], settings["save_every"] = 0, 0
+    if not settings.get("eval_data") and not settings.get("eval_fraction"):
+        settings["eval_fraction"] = 0.1  # an eval curve needs held-out rows
     return TrainConfig(**settings)
 
 
@@ -117,11 +119,8 @@ def run_method(method: str, recipe: dict, output_dir: str | Path, test_data: str
 
     eval_every (from `recipe`; 0: none between) sets the eval-curve spacing; the eval loss is also
     taken at the last step and, with initial_eval, at step 0. Training seconds leave out evaluation."""
-    import torch
-
-    from ..train.data import build_dataset
-    from ..train.loop import evaluate, total_steps_for, train_loop
-    from ..train.run import count_parameters, load_for_method
+    from ..train.loop import evaluate, total_steps_for
+    from ..train.run import prepare
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,26 +128,19 @@ def run_method(method: str, recipe: dict, output_dir: str | Path, test_data: str
     every = int(recipe.get("eval_every") or 0)
     record = {"method": method, "status": "ok", "lr": cfg.lr}
     t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # the adapters' initialisation: the same A for every method
-    from ..devices import resolve_device
-    device = resolve_device(cfg.device)
-    model, tok = load_for_method(cfg, device)
+    run = prepare(cfg, log=lambda message: log(f"{method}: {message}"))
+    model, tok, cfg, device, eval_set = run.model, run.tokenizer, run.cfg, run.device, run.eval_set
     if cfg.loftq_iters and not loftq_initialised(model):
         return dict(record, status="unsupported", note=UNSUPPORTED_LOFTQ)
-    record["trainable_parameters"], record["total_parameters"] = count_parameters(model)
+    record["trainable_parameters"], record["total_parameters"] = run.trainable_parameters, run.total_parameters
     record["load_seconds"] = round(time.perf_counter() - t_start, 2)
-    train_set, eval_set, report = build_dataset(cfg.data, tok, fmt=cfg.data_format, max_seq_len=cfg.max_seq_len,
-                                                train_on=cfg.train_on, pack=cfg.pack, eval_path=cfg.eval_data,
-                                                eval_fraction=cfg.eval_fraction or (0.0 if cfg.eval_data else 0.1),
-                                                seed=cfg.seed)
-    log(f"{method}: data: {report}")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     curve, eval_seconds = [], [0.0]
     if initial_eval:
         curve.append((0, evaluate(model, eval_set, cfg, pad_id, device)))
         log(f"{method}: step 0 eval loss {curve[0][1]:.4f}")
 
-    last_step = total_steps_for(len(train_set), cfg)
+    last_step = total_steps_for(len(run.train_set), cfg)
 
     def on_step(rec: dict) -> None:
         step = rec["step"]
@@ -158,7 +150,7 @@ def run_method(method: str, recipe: dict, output_dir: str | Path, test_data: str
             eval_seconds[0] += time.perf_counter() - t0
             log(f"{method}: step {step} train loss {rec['loss']:.4f} eval loss {curve[-1][1]:.4f}")
 
-    result = train_loop(model, tok, train_set, eval_set, cfg, log=log, on_step=on_step)
+    result = run.train(on_step=on_step)
     train_seconds = result.seconds - eval_seconds[0]
     record.update(steps=len(result.losses), final_eval_loss=curve[-1][1], perplexity=math.exp(curve[-1][1]),
                   eval_curve=curve, train_losses=result.losses, tokens=result.tokens,

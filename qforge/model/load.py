@@ -27,15 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn import AdaptedLinear, LoraSpec, Quant4bitBase
+from ..nn import AdaptedLinear, Quant4bitBase
 from ..nn.hqq_base import HQQBase, base_from_state_dict as hqq_base_from_state_dict
 from ..quant.hqq import hqq_nbits, hqq_state_keys
 from ..quant import QuantState, quantize as quantize_tensor
 from .checkpoint import INDEX_NAME, WEIGHTS_NAME, read_bnb_config, save_tokenizer, write_new_folder
 from .conversion import (convert_checkpoint, expert_parameter_names, place_expert_parameter, router_linear_names,
                          stored_expert_bank)
-from .surgery import (DEFAULT_SKIP, add_adapter, linear_names, place_expert_bank, quantize_linears, select_targets,
-                      set_module, use_float32_residual)
+from .surgery import DEFAULT_SKIP, linear_names, place_expert_bank, quantize_linears, select_targets, set_module
 
 SMOLLM2 = "smollm2"
 SMOLLM2_CACHE = ("models", "smollm2-135m-instruct")
@@ -280,8 +279,8 @@ def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: li
 
 
 def float32_residual_names(model: nn.Module) -> set[str]:
-    """Parameter names a float32 residual stream keeps in float32 (surgery.use_float32_residual):
-    the input embeddings' (a tied LM head shares them) and every norm's."""
+    """Parameter names a float32 residual stream keeps in float32 (surgery.use_float32_residual,
+    switched on by the training run): the input embeddings' (a tied LM head shares them) and every norm's."""
     names: set[str] = set()
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for module_name, module in model.named_modules():
@@ -342,13 +341,13 @@ def _init_computed_buffers(model: nn.Module, device: torch.device = CPU) -> None
 
 def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.dtype,
                 target_modules="all-linear", skip_modules=DEFAULT_SKIP, progress: bool = False,
-                device: torch.device | str | None = None, residual_dtype: torch.dtype | None = None) -> nn.Module:
+                device: torch.device | str | None = None, keep_float32: bool = False) -> nn.Module:
     """Stream a Hugging Face folder into a model on `device` (default the CPU): target Linear layers
     become 4-bit AdaptedLinear (quantised from the stored weight on the device, or read as stored in
     a bitsandbytes folder and moved there); every other tensor goes there as it is read. Host memory
     holds about one tensor at a time; the device, the 4-bit model plus one layer in the compute dtype.
-    residual_dtype float32: the embeddings and norms are read in float32 (their stored values, not
-    rounded to the compute dtype first), for surgery.use_float32_residual."""
+    keep_float32: the embeddings and norms are read in float32 (their stored values, not rounded to
+    the compute dtype first), for a float32 residual stream (surgery.use_float32_residual)."""
     device = torch.device(device) if device is not None else CPU
     config = _read_config(folder)
     hqq_folder = read_hqq_config(config) is not None
@@ -385,7 +384,7 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
         else:
             place_expert_parameter(model, name, ckpt.read(name), compute_dtype, device, quant if quantize else None)
         release_free_memory()
-    wide = float32_residual_names(model) if residual_dtype == torch.float32 else frozenset()
+    wide = float32_residual_names(model) if keep_float32 else frozenset()
     _materialise(model, ckpt, compute_dtype, device, wide)
     _init_computed_buffers(model, device)
     release_free_memory()
@@ -493,8 +492,10 @@ def resolve_source(source, revision: str | None = None):
     return source
 
 
-def _resolve(source, quantize: bool, quant: dict, default_targets: bool) -> tuple[Path, bool]:
-    """(path, is_gguf) for a source: "smollm2", a .gguf file, or a model folder."""
+def resolve_path(source, quantize: bool, quant: dict, default_targets: bool) -> tuple[Path, bool]:
+    """(path, is_gguf) of a local source: "smollm2" (its cached float32 folder, or with quantize,
+    default targets and an nf4/fp4 `quant` its cached bitsandbytes folder), a .gguf file, or a model
+    folder (checked to exist). FileNotFoundError / ValueError name what is wrong."""
     if isinstance(source, str) and source.lower() == SMOLLM2:
         if quantize and default_targets and quant["quant_type"] in ("nf4", "fp4"):
             return smollm2_quantized_folder(quant), False
@@ -526,11 +527,12 @@ def _load_gguf_model(path: Path, quantize: bool, quant: dict, compute_dtype: tor
 
 
 def load_model(source, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
-               compute_dtype: torch.dtype = torch.bfloat16, target_modules="all-linear",
-               lora: LoraSpec | None = None, adapter_name: str = "default", skip_modules=DEFAULT_SKIP,
+               compute_dtype: torch.dtype = torch.bfloat16, target_modules="all-linear", skip_modules=DEFAULT_SKIP,
                quantize: bool = True, progress: bool = False, device: torch.device | str | None = None,
-               revision: str | None = None, residual_dtype: torch.dtype | None = None):
-    """Load `source` -> (model, tokenizer or None).
+               revision: str | None = None, keep_float32: bool = False):
+    """Load `source` -> (model, tokenizer or None): the skeleton, the checkpoint's keys converted,
+    each tensor placed (a target weight quantised) in one pass. No adapters and no training
+    switches: the training run (qforge.train.run) adds those.
 
     `source`: a Hugging Face folder (model.safetensors or sharded with an index), a folder in
     bitsandbytes' 4-bit format (its 4-bit tensors used as stored; quant_type, double_quant,
@@ -540,56 +542,31 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
     4-bit AdaptedLinear (quant_type, blocksize, double_quant) computing in `compute_dtype`, or with
     quant_type hqq4/hqq3/hqq2 HQQ layers (qforge.nn.HQQBase, blocksize the group size), and a
     folder in HQQ format (quant_method "hqq", see qforge.model.checkpoint) is read as stored; every other
-    float tensor is in `compute_dtype`. With `lora`, adapter `adapter_name` is attached and active.
-    quantize=False: the plain model in `compute_dtype`, no adapter (BF16 LoRA is built elsewhere).
+    float tensor is in `compute_dtype`. quantize=False: the plain model in `compute_dtype`.
     `progress` shows a progress bar over the layers being quantised. `device` (resolved by the
     caller, qforge.devices): where the model is built. A folder (and "smollm2") streams onto it:
     each tensor is read from its shard, moved there and, for a target layer, quantised there, so
-    neither the host nor the device ever holds the model in 16 bits. GGUF and LoftQ sources are
-    built on the CPU (their loaders need the dense model) and then moved.
-    `residual_dtype` torch.float32: a float32 residual stream (surgery.use_float32_residual), the
-    embeddings and norms read from a folder in float32 as stored (from GGUF and LoftQ: upcast).
+    neither the host nor the device ever holds the model in 16 bits. A GGUF source is built on
+    the CPU (its loader needs the dense model) and then moved.
+    `keep_float32`: a folder's embeddings and norms are read in float32 as stored (for a float32
+    residual stream; a GGUF source's are cast to `compute_dtype` like the rest).
     """
     quant = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
     source = resolve_source(source, revision)
     device = torch.device(device) if device is not None else CPU
-    if quantize and lora is not None and lora.loftq_iters > 0:
-        if quant_type.startswith("hqq"):
-            raise ValueError(f"LoftQ initialises adapters against an nf4/fp4 base, not quant type '{quant_type}'; "
-                             "set loftq_iters 0 for an HQQ base")
-        model, tokenizer = _load_loftq(source, quant, compute_dtype, target_modules, lora, adapter_name, skip_modules)
-        if residual_dtype == torch.float32:
-            use_float32_residual(model)
-        return (model.to(device) if device.type != "cpu" else model), tokenizer
     default_targets = target_modules == "all-linear" and tuple(skip_modules) == tuple(DEFAULT_SKIP)
-    path, is_gguf = _resolve(source, quantize, quant, default_targets)
+    path, is_gguf = resolve_path(source, quantize, quant, default_targets)
     if is_gguf:
         model, tokenizer = _load_gguf_model(path, quantize, quant, compute_dtype, target_modules, skip_modules)
-    else:
-        model = load_folder(path, quantize, quant, compute_dtype, target_modules, skip_modules, progress, device,
-                            residual_dtype)
-        tokenizer = load_tokenizer(path)
-    if is_gguf and device.type != "cpu":
-        model.to(device)
-    if lora is not None and quantize:
-        add_adapter(model, adapter_name, lora)  # on the device of the layer it adapts
-    if residual_dtype == torch.float32:
-        use_float32_residual(model)
-    return model, tokenizer
+        return (model.to(device) if device.type != "cpu" else model), tokenizer
+    model = load_folder(path, quantize, quant, compute_dtype, target_modules, skip_modules, progress, device,
+                        keep_float32)
+    return model, load_tokenizer(path)
 
 
-def _load_loftq(source, quant: dict, compute_dtype: torch.dtype, target_modules, lora: LoraSpec,
-                adapter_name: str, skip_modules):
-    """LoftQ needs each dense weight next to its quantisation: load the plain model in float32,
-    then quantise layer by layer with LoftQ-initialised adapters (qforge.adapters.loftq); every
-    other float tensor is then cast to `compute_dtype`. Unlike the plain 4-bit path this holds the
-    float32 model once, layer weights being freed as they are replaced."""
-    from ..adapters.loftq import quantize_linears_loftq
-
-    model, tokenizer = load_model(source, compute_dtype=torch.float32, quantize=False)
-    targets = select_targets(linear_names(model), target_modules, skip_modules)
-    quantize_linears_loftq(model, lora, adapter_name, quantize_targets=targets, compute_dtype=compute_dtype, **quant)
-    for name, param in model.named_parameters():  # tied parameters are one object: cast once
-        if param.is_floating_point() and ".adapters." not in name:
-            param.data = param.data.to(compute_dtype)
-    return model, tokenizer
+def load_quantised_base(source, device=None, quant_type: str = "nf4", group_size: int = 64):
+    """(model, tokenizer) of a trained adapter's base, quantised as training quantised it (nf4/fp4,
+    or hqq4/3/2 with `group_size`), on `device`; float32 compute, so that a merge (float32 anyway)
+    rounds the unquantised parameters only once, to its output dtype."""
+    return load_model(source, quant_type=quant_type, blocksize=group_size if quant_type.startswith("hqq") else 64,
+                      compute_dtype=torch.float32, device=device)
