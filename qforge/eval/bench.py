@@ -213,34 +213,45 @@ def prepare_model(model: str, methods: list[str]) -> None:
         smollm2_quantized_folder({"quant_type": quant_type, "blocksize": 64, "double_quant": True})
 
 
-def run_child(args: list[str], log_path: Path, timeout: float | None = None, extra_env: dict | None = None) -> int:
-    """`python -m qforge.eval.bench ARGS` in a fresh process, its output to log_path."""
+def bench_env(extra_env: dict | None = None) -> dict:
+    """What a bench child adds to its environment (qforge.train.child adds the rest)."""
     # OMP_WAIT_POLICY=PASSIVE: on a CPU shared with other processes, OpenMP threads that spin while
     # waiting made a 6 s training step take 50-65 s here (2 cores, load 4); passive waiting costs
     # little on a quiet machine. An explicit setting in the environment wins.
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.update(extra_env or {})
-    with open(log_path, "w") as log_file:
-        return subprocess.run([sys.executable, "-m", "qforge.eval.bench", *args], stdout=log_file,
-                              stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+    env = {key: os.environ.get(key, value) for key, value in (("HF_HUB_OFFLINE", "1"), ("OMP_WAIT_POLICY", "PASSIVE"))}
+    return {**env, **(extra_env or {})}
+
+
+def run_child(args: list[str], log_path: Path, timeout: float | None = None, extra_env: dict | None = None) -> int:
+    """`python -m qforge.eval.bench ARGS` in a fresh process, its output to log_path (a new log)."""
+    from ..train.child import start_child
+    Path(log_path).unlink(missing_ok=True)
+    proc = start_child("qforge.eval.bench", args, log_path, bench_env(extra_env))
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def run_method_in_child(method: str, recipe: dict, out: Path, test_data: str | None, test_rows: int,
                         full_lr_scale: float = FULL_LR_SCALE) -> dict:
-    """run_method in a fresh process; a failed child gives a record with status 'failed' and the
-    tail of its log."""
+    """run_method in a fresh process (qforge.train.child); a failed child gives a record with
+    status 'failed' and the tail of its log."""
+    from ..train.child import RESULT_NAME, train_in_child
+
     folder = out / method
     folder.mkdir(parents=True, exist_ok=True)
     spec = {"method": method, "recipe": recipe, "output_dir": str(folder), "test_data": test_data,
             "test_rows": test_rows, "full_lr_scale": full_lr_scale}
     (folder / "spec.json").write_text(json.dumps(spec, indent=2))
+    (folder / "log.txt").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    code = run_child(["child", str(folder / "spec.json")], folder / "log.txt")
-    result = folder / "result.json"
-    if code == 0 and result.is_file():
-        return json.loads(result.read_text())
+    code, result = train_in_child("qforge.eval.bench", ["child", str(folder / "spec.json")], folder / RESULT_NAME,
+                                  folder / "log.txt", bench_env())
+    if code == 0 and result is not None:
+        return result
     tail = (folder / "log.txt").read_text(errors="replace").strip().splitlines()[-5:]
     return {"method": method, "status": "failed", "wall_seconds": round(time.perf_counter() - t0, 2),
             "note": f"exit status {code}: " + " | ".join(tail)}
@@ -334,7 +345,8 @@ def _child_main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[1]).read_text())
     record = run_method(spec["method"], spec["recipe"], spec["output_dir"], spec.get("test_data"),
                         spec.get("test_rows", 100), spec.get("full_lr_scale", FULL_LR_SCALE))
-    (Path(spec["output_dir"]) / "result.json").write_text(json.dumps(record, indent=2))
+    from ..train.child import RESULT_NAME, write_result
+    write_result(Path(spec["output_dir"]) / RESULT_NAME, record)
     return 0
 
 
