@@ -67,8 +67,6 @@ def modelfile_text(gguf_name: str, chat_template: str | None, eos_token: str | N
 
 
 def _export_merged(args: argparse.Namespace, out: Path, name: str) -> None:
-    import torch
-
     from ..adapters import load_adapter
     from ..adapters.export_gguf import export_merged_gguf
     from ..fileio import atomic_write_bytes

@@ -179,7 +179,8 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _read_config(folder: Path):
+def read_config(folder: Path):
+    """The transformers config of model folder `folder` (its config.json); FileNotFoundError names what is missing."""
     from transformers import AutoConfig
 
     if not folder.is_dir():
@@ -200,13 +201,14 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _target_dtype(tensor: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+def target_dtype(tensor: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a stored tensor takes in the model: `compute_dtype` for floats, its own otherwise."""
     # Norms too: a float32 norm would hand float32 activations to the plain (bf16) lm_head and
     # break the forward. prepare_for_kbit_training decides what to upcast for training.
     return compute_dtype if tensor.is_floating_point() else tensor.dtype
 
 
-def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+def tied_names(model: nn.Module) -> dict[str, list[str]]:
     """Parameter name -> every name sharing that Parameter (tied embeddings), first name first."""
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -248,7 +250,7 @@ def _hqq_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, compute_dtype: to
     return AdaptedLinear(base, bias, compute_dtype)
 
 
-def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: list[str], prequantised: bool,
+def quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: list[str], prequantised: bool,
                      quant: dict, compute_dtype: torch.dtype, device: torch.device = CPU) -> AdaptedLinear:
     """A 4-bit AdaptedLinear for module `name` on `device`: read its stored 4-bit state as is (and
     move it there), or read its weight [out, in], move it there and quantise it there (dispatch:
@@ -295,7 +297,7 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype,
     """Replace every meta parameter and persistent buffer by its tensor from the checkpoint on
     `device`, floats cast to `compute_dtype` (there: the host holds one tensor at a time), those
     of `float32_names` (or sharing their Parameter) to float32. Tied names receive one shared Parameter."""
-    tied = _tied_names(model)
+    tied = tied_names(model)
     done: dict[str, nn.Parameter] = {}
     for name, param in list(model.named_parameters(remove_duplicate=False)):
         if not param.is_meta:  # an AdaptedLinear's bias, read with its weight
@@ -310,7 +312,7 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype,
                 raise ValueError(f"tensor '{name}' has shape {list(tensor.shape)}, "
                                  f"the model expects {list(param.shape)}")
             wide = tensor.is_floating_point() and any(n in float32_names for n in names)
-            tensor = tensor.to(device).to(torch.float32 if wide else _target_dtype(tensor, compute_dtype))
+            tensor = tensor.to(device).to(torch.float32 if wide else target_dtype(tensor, compute_dtype))
             shared = nn.Parameter(tensor, requires_grad=param.requires_grad and tensor.is_floating_point())
             shared._is_hf_initialized = True  # tells transformers' init functions to leave it alone
         module._parameters[leaf] = done[name] = shared
@@ -318,7 +320,7 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype,
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         if buf.is_meta and leaf not in module._non_persistent_buffers_set and name in ckpt:
-            module._buffers[leaf] = ckpt.read(name).to(device).to(_target_dtype(buf, compute_dtype))
+            module._buffers[leaf] = ckpt.read(name).to(device).to(target_dtype(buf, compute_dtype))
 
 
 def _init_computed_buffers(model: nn.Module, device: torch.device = CPU) -> None:
@@ -349,7 +351,7 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
     keep_float32: the embeddings and norms are read in float32 (their stored values, not rounded to
     the compute dtype first), for a float32 residual stream (surgery.use_float32_residual)."""
     device = torch.device(device) if device is not None else CPU
-    config = _read_config(folder)
+    config = read_config(folder)
     hqq_folder = read_hqq_config(config) is not None
     prequantised = hqq_folder or read_bnb_config(config) is not None
     model = build_skeleton(config, compute_dtype)
@@ -365,8 +367,8 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
         targets = [n for n in select_targets(linear_names(model), target_modules, skip_modules) if n not in routers]
     else:
         targets = []
-    tied = _tied_names(model)
-    for name in _progress(targets, progress, "quantising" if not prequantised else "reading 4-bit"):
+    tied = tied_names(model)
+    for name in progress_bar(targets, progress, "quantising" if not prequantised else "reading 4-bit"):
         linear = _submodule(model, name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"checkpoint stores '{name}' in 4 bits, but the model's '{name}' is not a Linear")
@@ -374,7 +376,7 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
         if hqq_folder:
             set_module(model, name, _hqq_layer(ckpt, name, linear, compute_dtype, device))
         else:
-            set_module(model, name, _quantised_layer(ckpt, name, linear, aliases, prequantised, quant,
+            set_module(model, name, quantised_layer(ckpt, name, linear, aliases, prequantised, quant,
                                                      compute_dtype, device))
         release_free_memory()
     for name in expert_parameter_names(model):  # one fused expert group at a time
@@ -402,7 +404,8 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
                          f"'{name}'") from None
 
 
-def _progress(items: list, enabled: bool, desc: str):
+def progress_bar(items: list, enabled: bool, desc: str):
+    """`items`, wrapped in a tqdm bar over layers when `enabled`."""
     if not enabled:
         return items
     from tqdm.auto import tqdm
