@@ -288,7 +288,8 @@ def build_model(rank: int, embedded: bool):
     if embedded:
         try:
             from qforge.model.load import load_model
-            model, _ = load_model("smollm2", lora=spec)
+            model, _ = load_model("smollm2")
+            add_adapter(model, "default", spec)
             return model.to(P.device), "SmolLM2-135M-Instruct (embedded)"
         except Exception as exc:
             print(f"(embedded model unavailable: {type(exc).__name__}: {str(exc)[:120]}; using a random Llama)")

@@ -156,12 +156,13 @@ def run_qforge(folder: str, args, device: str) -> dict:
 
     from qforge.devices import resolve_device
     from qforge.model.load import load_model
-    from qforge.model.surgery import prepare_for_kbit_training, use_qforge_attention
+    from qforge.model.surgery import add_adapter, prepare_for_kbit_training, use_qforge_attention
     from qforge.nn import LoraSpec
     from qforge.optim import AdamW8bit
 
     t0 = time.perf_counter()
-    model, _ = load_model(folder, lora=LoraSpec(r=RANK, alpha=ALPHA, dropout=0.0), device=resolve_device(device))
+    model, _ = load_model(folder, device=resolve_device(device))
+    add_adapter(model, "default", LoraSpec(r=RANK, alpha=ALPHA, dropout=0.0))
     load_s = time.perf_counter() - t0
     load_peak = _peak(device)
     prepare_for_kbit_training(model, gradient_checkpointing=True)

@@ -89,7 +89,7 @@ class Server:
         raise RuntimeError("the server did not come up")
 
     def worker_pids(self) -> list[int]:
-        """The job worker(s) this server started (its children running qforge.jobs.worker)."""
+        """The job worker(s) this server started (its children running `python -m qforge worker`)."""
         pids = []
         for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
             try:
@@ -102,7 +102,7 @@ class Server:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"qforge.jobs.worker" in cmd and b"--train" not in cmd:
+            if b"qforge" in cmd and b"worker" in cmd:  # `python -m qforge worker` (trainers run qforge.jobs.trainer_child)
                 out.append(pid)
         return out
 

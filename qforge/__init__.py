@@ -2,7 +2,7 @@
 
 The names a script needs, imported on first use (so `import qforge` stays cheap):
 
-    model, tok = qforge.load_model("smollm2", lora=qforge.LoraSpec(r=16))     # NF4 base + LoRA
+    model, tok = qforge.load_model("smollm2")                                 # NF4 base (no adapters)
     cfg = qforge.TrainConfig(data="train.jsonl", output_dir="runs/x")
     result, summary = qforge.train(cfg)                                       # load, train, save
     qforge.merge(model, tok, "runs/merged")                                   # dequantise, merge

@@ -110,3 +110,25 @@ def loftq_error(weight: torch.Tensor, state: QuantState, A: torch.Tensor | None 
     if A is not None:
         approx = approx + scaling * (B.float() @ A.float())
     return float(torch.linalg.matrix_norm(weight.float() - approx))
+
+
+def load_loftq_model(source, spec: LoraSpec, name: str = "default", quant_type: str = "nf4", blocksize: int = 64,
+                     double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                     target_modules="all-linear", revision: str | None = None):
+    """(model, tokenizer): `source` loaded dense in float32 (LoftQ needs each dense weight next to
+    its quantisation), its target linears quantised one at a time with LoftQ-initialised adapters
+    `name` (the others plainly), then every other float tensor cast to `compute_dtype`. Holds the
+    float32 model once, layer weights freed as they are replaced. Built on the CPU."""
+    from ..model.load import load_model
+
+    if quant_type.startswith("hqq"):
+        raise ValueError(f"LoftQ initialises adapters against an nf4/fp4 base, not quant type '{quant_type}'; "
+                         "set loftq_iters 0 for an HQQ base")
+    model, tokenizer = load_model(source, compute_dtype=torch.float32, quantize=False, revision=revision)
+    targets = select_targets(linear_names(model), target_modules)
+    quantize_linears_loftq(model, spec, name, quantize_targets=targets, quant_type=quant_type, blocksize=blocksize,
+                           double_quant=double_quant, compute_dtype=compute_dtype)
+    for pname, param in model.named_parameters():  # tied parameters are one object: cast once
+        if param.is_floating_point() and ".adapters." not in pname:
+            param.data = param.data.to(compute_dtype)
+    return model, tokenizer

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from ..devices import add_device_argument, resolve_device
+from ..devices import add_device_argument
 from ..eval.tasks import demo_recipe
 
 DEMO_RECIPE = demo_recipe()  # qforge/data/demo.yaml (= configs/demo.yaml): one home for the recipe
@@ -36,13 +36,21 @@ def accuracy(model, tok, rows, dtype) -> tuple[float, list[str]]:
     return sum(exact_match(p, r) for p, r in zip(replies, rows)) / len(rows), replies
 
 
+def demo_config(args: argparse.Namespace):
+    """The demo recipe (every setting of it: data format, train_on, packing, eval split ...) with
+    the command's output folder, step count and device."""
+    from ..train.config import TrainConfig
+    recipe = dict(DEMO_RECIPE, output_dir=str(args.output_dir), device=args.device)
+    if args.max_steps:
+        recipe["max_steps"] = args.max_steps
+    return TrainConfig(**recipe)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..train.config import TrainConfig
-    from ..train.data import build_dataset, read_jsonl
-    from ..train.loop import train_loop
-    from ..train.run import load_for_method
+    from ..train.data import read_jsonl
+    from ..train.run import prepare
     from ..eval.tasks import demo_task_paths, expected_object
 
     t_start = time.perf_counter()
@@ -53,41 +61,32 @@ def run(args: argparse.Namespace) -> int:
         print("== 1. 4-bit formats on SmolLM2-135M's weights (and on Gaussian / Student-t samples)\n")
         print(format_table(fidelity_table(standard_datasets(n=1 << 18, weights={"smollm2": smollm2_sample_weights()}))) + "\n")
 
-    paths = demo_task_paths()
-    recipe = dict(DEMO_RECIPE, output_dir=str(out), device=args.device)
-    if args.max_steps:
-        recipe["max_steps"] = args.max_steps
-    cfg = TrainConfig(**recipe)
+    cfg = demo_config(args)
     print("== 2. Loading SmolLM2-135M-Instruct with NF4 + double quant and LoRA r=16 on every linear layer")
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)  # decided once, passed to loading, training and generation
-    model, tok = load_for_method(cfg, device)
+    run = prepare(cfg, log=lambda message: print(f"   {message}"))  # the device decided once, in there
+    model, tok, cfg = run.model, run.tokenizer, run.cfg
     dtype = getattr(torch, cfg.compute_dtype)
-    test_rows = read_jsonl(paths["test"])[: args.eval_rows]
+    test_rows = read_jsonl(demo_task_paths()["test"])[: args.eval_rows]
     acc_before, replies_before = accuracy(model, tok, test_rows, dtype)
     print(f"   loaded in {time.perf_counter() - t0:.1f} s; exact match before training: {acc_before:.0%} "
           f"of {len(test_rows)} held-out rows\n")
 
     print(f"== 3. Training {cfg.max_steps} steps (batch {cfg.batch_size}, lr {cfg.lr}, paged 8-bit AdamW)")
-    train_set, eval_set, report = build_dataset(cfg.data, tok, max_seq_len=cfg.max_seq_len, eval_path=cfg.eval_data,
-                                                seed=cfg.seed)
-    print(f"   data: {report}")
-    result = train_loop(model, tok, train_set, eval_set, cfg, device=device)
+    result = run.train()
     acc_after, replies_after = accuracy(model, tok, test_rows, dtype)
+    summary = run.save()  # the adapter (PEFT format) and summary.json
 
-    from ..adapters import save_adapter
-    save_adapter(model, out / "adapter", name="default", base_model_name_or_path="smollm2")
     print("\n== 4. Before and after, on held-out sentences\n")
     for row, before, after in list(zip(test_rows, replies_before, replies_after))[:4]:
         print(f"   input:    {row['messages'][1]['content']}")
         print(f"   expected: {json.dumps(expected_object(row))}")
         print(f"   before:   {before.strip()[:110]!r}")
         print(f"   after:    {after.strip()[:110]!r}\n")
-    summary = {"exact_match_before": acc_before, "exact_match_after": acc_after, "test_rows": len(test_rows),
-               "steps": len(result.losses), "first_loss": result.losses[0], "final_loss": result.losses[-1],
-               "eval_losses": result.eval_losses, "train_seconds": round(result.seconds, 1),
-               "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
-               "total_seconds": round(time.perf_counter() - t_start, 1), "adapter": str(out / "adapter")}
+    summary.update({"exact_match_before": acc_before, "exact_match_after": acc_after, "test_rows": len(test_rows),
+                    "steps": len(result.losses), "eval_losses": result.eval_losses,
+                    "train_seconds": round(result.seconds, 1), "data": str(run.data_report),
+                    "total_seconds": round(time.perf_counter() - t_start, 1), "adapter": str(out / "adapter")})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"summary: exact match {acc_before:.0%} -> {acc_after:.0%} ({(acc_after - acc_before) * 100:+.0f} points); "
           f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; {summary['tokens_per_second']} tokens/s; "

@@ -67,17 +67,16 @@ def modelfile_text(gguf_name: str, chat_template: str | None, eos_token: str | N
 
 
 def _export_merged(args: argparse.Namespace, out: Path, name: str) -> None:
-    import torch
-
     from ..adapters import load_adapter
     from ..adapters.export_gguf import export_merged_gguf
     from ..fileio import atomic_write_bytes
-    from .merge import load_base, trained_quant
+    from ..model.load import load_quantised_base
+    from .merge import trained_quant
 
     # the base dequantised as the adapter was trained on it (nf4, or an HQQ base: the run's config.yaml)
     quant_type, group_size = trained_quant(args.adapter)
     hqq = {"quant_type": quant_type, "group_size": group_size} if quant_type != "nf4" else {}
-    model, tokenizer = load_base(args.base, None, **hqq)
+    model, tokenizer = load_quantised_base(args.base, None, **hqq)
     adapter = load_adapter(model, args.adapter)
     tok_gguf = _base_gguf(args.base)
     if tokenizer is None and tok_gguf is None:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from ..devices import DTYPES, add_device_argument, resolve_device
+from ..model.load import load_quantised_base
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,18 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "hqq_group_size, else 64)")
     parser.add_argument("--in-place", action="store_true",
                         help="merge into the 4-bit weights in place: refused, and the error says why")
-
-
-def load_base(source: str, device, quant_type: str = "nf4", group_size: int = 64):
-    """(model, tokenizer) with the base quantised (quant_type: nf4/fp4, or hqq4/3/2 with group_size)
-    on `device`; float32 compute, since the merge is float32 anyway and the unquantised parameters
-    should reach --dtype with a single rounding."""
-    import torch
-
-    from ..model.load import load_model
-
-    return load_model(source, quant_type=quant_type, blocksize=group_size if quant_type.startswith("hqq") else 64,
-                      compute_dtype=torch.float32, device=device)
 
 
 def trained_quant(adapter_dir, quant_type: str = "auto", group_size: int | None = None) -> tuple[str, int]:
@@ -105,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     quant_type, group_size = trained_quant(args.adapter, args.base_quant_type, args.hqq_group_size)
     hqq = {"quant_type": quant_type, "group_size": group_size} if quant_type != "nf4" else {}
-    model, tokenizer = load_base(args.base, device, **hqq)
+    model, tokenizer = load_quantised_base(args.base, device, **hqq)
     from ..model.templates import saved_template
     template = saved_template(args.adapter)  # the chat template the adapter was trained with, if saved
     if template and tokenizer is not None:

@@ -58,11 +58,11 @@ def _mb(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model.load import SMOLLM2, _resolve, resolve_source
+    from ..model.load import SMOLLM2, resolve_path, resolve_source
 
     source = resolve_source(args.source)
     path, is_gguf = (None, True) if str(source).lower() == SMOLLM2 else \
-        _resolve(source, True, {}, default_targets=False)
+        resolve_path(source, True, {}, default_targets=False)
     if is_gguf or args.quant_type not in ("nf4", "fp4"):  # GGUF, the embedded model, HQQ: built whole, then written
         return _run_whole(args)
     out = Path(args.out_dir)

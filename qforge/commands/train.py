@@ -119,10 +119,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return config_and_recipe(args)[0]
-
-
 def config_and_recipe(args: argparse.Namespace):
     """(TrainConfig, Recipe or None): the recipe file of any dialect, flags given on the command line winning."""
     from ..train.recipes import load_config

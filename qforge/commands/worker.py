@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 30)")
     parser.add_argument("--cancel-grace", type=positive_seconds, default=30.0,
                         help="seconds a cancelled job's trainer gets to checkpoint before SIGKILL (default: 30)")
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # `qforge serve --jobs`'
     add_limit_arguments(parser)
 
 
@@ -59,12 +60,21 @@ def add_limit_arguments(parser: argparse.ArgumentParser, default_threads: str = 
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..jobs.pg import open_store
-    from ..jobs.worker import worker_from_args
+    """The worker's loop (qforge.jobs.worker) over the store, until SIGTERM/SIGINT. Started by a
+    server's supervisor (hidden --parent-pid), it dies with that server."""
+    from ..jobs.limits import trainer_env
+    from ..jobs.pg import open_store, worker_env
+    from ..jobs.processes import die_with_parent
+    from ..jobs.worker import Worker
 
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)
     url = args.database_url or os.environ.get("QFORGE_DATABASE_URL") or None
     store = open_store(args.storage, url)
     if hasattr(store, "lease_s"):
         store.lease_s = args.lease_seconds
-    worker_from_args(store, args).run()
+    env = {**worker_env(store), **trainer_env(args.worker_threads, args.worker_memory_fraction)}
+    Worker(store, args.parent_pid, args.poll, args.cancel_grace, trainer_env=env,
+           disk_full_retries=args.disk_full_retries, disk_full_backoff_s=args.disk_full_backoff,
+           disk_full_wait_s=args.disk_full_wait).run()
     return 0

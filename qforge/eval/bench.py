@@ -76,6 +76,8 @@ def method_config(method: str, recipe: dict, output_dir: str | Path, full_lr_sca
         settings["lr"] = recipe.get("lr", 2e-4) * full_lr_scale
     # The bench evaluates from on_step (timed apart from training) and writes no checkpoints.
     settings["eval_every"], settings["save_every"] = 0, 0
+    if not settings.get("eval_data") and not settings.get("eval_fraction"):
+        settings["eval_fraction"] = 0.1  # an eval curve needs held-out rows
     return TrainConfig(**settings)
 
 
@@ -117,11 +119,8 @@ def run_method(method: str, recipe: dict, output_dir: str | Path, test_data: str
 
     eval_every (from `recipe`; 0: none between) sets the eval-curve spacing; the eval loss is also
     taken at the last step and, with initial_eval, at step 0. Training seconds leave out evaluation."""
-    import torch
-
-    from ..train.data import build_dataset
-    from ..train.loop import evaluate, total_steps_for, train_loop
-    from ..train.run import count_parameters, load_for_method
+    from ..train.loop import evaluate, total_steps_for
+    from ..train.run import prepare
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,26 +128,19 @@ def run_method(method: str, recipe: dict, output_dir: str | Path, test_data: str
     every = int(recipe.get("eval_every") or 0)
     record = {"method": method, "status": "ok", "lr": cfg.lr}
     t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # the adapters' initialisation: the same A for every method
-    from ..devices import resolve_device
-    device = resolve_device(cfg.device)
-    model, tok = load_for_method(cfg, device)
+    run = prepare(cfg, log=lambda message: log(f"{method}: {message}"))
+    model, tok, cfg, device, eval_set = run.model, run.tokenizer, run.cfg, run.device, run.eval_set
     if cfg.loftq_iters and not loftq_initialised(model):
         return dict(record, status="unsupported", note=UNSUPPORTED_LOFTQ)
-    record["trainable_parameters"], record["total_parameters"] = count_parameters(model)
+    record["trainable_parameters"], record["total_parameters"] = run.trainable_parameters, run.total_parameters
     record["load_seconds"] = round(time.perf_counter() - t_start, 2)
-    train_set, eval_set, report = build_dataset(cfg.data, tok, fmt=cfg.data_format, max_seq_len=cfg.max_seq_len,
-                                                train_on=cfg.train_on, pack=cfg.pack, eval_path=cfg.eval_data,
-                                                eval_fraction=cfg.eval_fraction or (0.0 if cfg.eval_data else 0.1),
-                                                seed=cfg.seed)
-    log(f"{method}: data: {report}")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     curve, eval_seconds = [], [0.0]
     if initial_eval:
         curve.append((0, evaluate(model, eval_set, cfg, pad_id, device)))
         log(f"{method}: step 0 eval loss {curve[0][1]:.4f}")
 
-    last_step = total_steps_for(len(train_set), cfg)
+    last_step = total_steps_for(len(run.train_set), cfg)
 
     def on_step(rec: dict) -> None:
         step = rec["step"]
@@ -158,7 +150,7 @@ def run_method(method: str, recipe: dict, output_dir: str | Path, test_data: str
             eval_seconds[0] += time.perf_counter() - t0
             log(f"{method}: step {step} train loss {rec['loss']:.4f} eval loss {curve[-1][1]:.4f}")
 
-    result = train_loop(model, tok, train_set, eval_set, cfg, log=log, on_step=on_step)
+    result = run.train(on_step=on_step)
     train_seconds = result.seconds - eval_seconds[0]
     record.update(steps=len(result.losses), final_eval_loss=curve[-1][1], perplexity=math.exp(curve[-1][1]),
                   eval_curve=curve, train_losses=result.losses, tokens=result.tokens,
@@ -221,34 +213,45 @@ def prepare_model(model: str, methods: list[str]) -> None:
         smollm2_quantized_folder({"quant_type": quant_type, "blocksize": 64, "double_quant": True})
 
 
-def run_child(args: list[str], log_path: Path, timeout: float | None = None, extra_env: dict | None = None) -> int:
-    """`python -m qforge.eval.bench ARGS` in a fresh process, its output to log_path."""
+def bench_env(extra_env: dict | None = None) -> dict:
+    """What a bench child adds to its environment (qforge.train.child adds the rest)."""
     # OMP_WAIT_POLICY=PASSIVE: on a CPU shared with other processes, OpenMP threads that spin while
     # waiting made a 6 s training step take 50-65 s here (2 cores, load 4); passive waiting costs
     # little on a quiet machine. An explicit setting in the environment wins.
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.update(extra_env or {})
-    with open(log_path, "w") as log_file:
-        return subprocess.run([sys.executable, "-m", "qforge.eval.bench", *args], stdout=log_file,
-                              stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+    env = {key: os.environ.get(key, value) for key, value in (("HF_HUB_OFFLINE", "1"), ("OMP_WAIT_POLICY", "PASSIVE"))}
+    return {**env, **(extra_env or {})}
+
+
+def run_child(args: list[str], log_path: Path, timeout: float | None = None, extra_env: dict | None = None) -> int:
+    """`python -m qforge.eval.bench ARGS` in a fresh process, its output to log_path (a new log)."""
+    from ..train.child import start_child
+    Path(log_path).unlink(missing_ok=True)
+    proc = start_child("qforge.eval.bench", args, log_path, bench_env(extra_env))
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def run_method_in_child(method: str, recipe: dict, out: Path, test_data: str | None, test_rows: int,
                         full_lr_scale: float = FULL_LR_SCALE) -> dict:
-    """run_method in a fresh process; a failed child gives a record with status 'failed' and the
-    tail of its log."""
+    """run_method in a fresh process (qforge.train.child); a failed child gives a record with
+    status 'failed' and the tail of its log."""
+    from ..train.child import RESULT_NAME, train_in_child
+
     folder = out / method
     folder.mkdir(parents=True, exist_ok=True)
     spec = {"method": method, "recipe": recipe, "output_dir": str(folder), "test_data": test_data,
             "test_rows": test_rows, "full_lr_scale": full_lr_scale}
     (folder / "spec.json").write_text(json.dumps(spec, indent=2))
+    (folder / "log.txt").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    code = run_child(["child", str(folder / "spec.json")], folder / "log.txt")
-    result = folder / "result.json"
-    if code == 0 and result.is_file():
-        return json.loads(result.read_text())
+    code, result = train_in_child("qforge.eval.bench", ["child", str(folder / "spec.json")], folder / RESULT_NAME,
+                                  folder / "log.txt", bench_env())
+    if code == 0 and result is not None:
+        return result
     tail = (folder / "log.txt").read_text(errors="replace").strip().splitlines()[-5:]
     return {"method": method, "status": "failed", "wall_seconds": round(time.perf_counter() - t0, 2),
             "note": f"exit status {code}: " + " | ".join(tail)}
@@ -342,7 +345,8 @@ def _child_main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[1]).read_text())
     record = run_method(spec["method"], spec["recipe"], spec["output_dir"], spec.get("test_data"),
                         spec.get("test_rows", 100), spec.get("full_lr_scale", FULL_LR_SCALE))
-    (Path(spec["output_dir"]) / "result.json").write_text(json.dumps(record, indent=2))
+    from ..train.child import RESULT_NAME, write_result
+    write_result(Path(spec["output_dir"]) / RESULT_NAME, record)
     return 0
 
 

@@ -96,7 +96,7 @@ class JobService:
         for job in self.store.list_jobs(status="validating_files", limit=10 ** 6)[0]:
             self.validator.submit(self.validate_job, job["id"])  # cut short by a crash: do it again
         if self.config.start_worker:
-            from .worker import WorkerSupervisor
+            from .supervisor import WorkerSupervisor
             from .pg import worker_env
             self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s,
                                                worker_threads=self.config.worker_threads,

@@ -1,13 +1,15 @@
-"""The worker: runs fine-tuning jobs one at a time, each in a training subprocess it can stop.
+"""The worker's loop: runs fine-tuning jobs one at a time, each in a training subprocess it can stop.
 
 Processes (`qforge serve --jobs`):
-  server   the API; `WorkerSupervisor` starts the worker and starts it again whenever it exits
-           unasked (kill -9 included).
-  worker   `python -m qforge.jobs.worker`: claims the oldest job atomically, starts a trainer for it,
-           turns the trainer's metrics.jsonl lines and checkpoint folders into events and checkpoint
-           rows while it runs, and records the outcome. Holds an exclusive lock on the data dir.
-  trainer  `python -m qforge.jobs.worker --train JOB_DIR`: `run_training` on the job's config.yaml
-           (resume "auto": from a checkpoint when there is one), in its own process group; writes result.json at the end.
+  server   the API; qforge.jobs.supervisor.WorkerSupervisor starts the worker and starts it again
+           whenever it exits unasked (kill -9 included).
+  worker   `qforge worker` (flags: qforge.commands.worker): this loop. Claims the oldest job
+           atomically, starts a trainer for it, turns the trainer's metrics.jsonl lines and
+           checkpoint folders into events and checkpoint rows while it runs, and records the
+           outcome. Holds an exclusive lock on the data dir (SQLite store).
+  trainer  qforge.jobs.trainer_child (started through qforge.train.child): the training run on the
+           job's config.yaml (resume "auto": from a checkpoint when there is one), in its own process
+           group; writes result.json at the end.
 Worker and trainer die with their parent (PR_SET_PDEATHSIG), so killing the server leaves no
 training running behind it.
 
@@ -37,7 +39,6 @@ trainer's process group: the loop saves a checkpoint after the current step and 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import fcntl
 import io
@@ -47,8 +48,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -56,17 +55,12 @@ from pathlib import Path
 from .db import DatabaseError
 from .limits import (DISK_FULL_BACKOFF_S, DISK_FULL_EXIT, DISK_FULL_RETRIES, DISK_FULL_WAIT_S, MAX_BACKOFF_S,
                      MIN_FREE_BYTES, trainer_env)
-from .pg import store_from_env, worker_env
+from .pg import worker_env
+from .processes import signal_group
 from .store import JobStore, derived_id, fine_tuned_model_name, now, pid_alive
-
-try:
-    from psycopg import Error as DB_ERRORS  # PostgreSQL's errors, when the store is there
-except ImportError:  # pragma: no cover - psycopg is a dependency
-    DB_ERRORS = sqlite3.Error
-DB_ERRORS_T = (DB_ERRORS,)
+from .trainer_child import DB_ERRORS, DB_ERRORS_T, TRAINER_MODULE, first_line
 
 MAX_CRASHES = 3
-TRAINER_MARK = "qforge.jobs.worker"
 
 
 def folder_bytes(path: Path) -> int:
@@ -87,24 +81,6 @@ def log(message: str) -> None:
         pass  # the log's disk is full: the work goes on
 
 
-def die_with_parent(parent_pid: int | None) -> None:
-    """Ask Linux to SIGKILL this process when its parent exits; exit now if it already has."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the worker also polls its parent
-    if parent_pid and os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def kill_stale_trainer(pid: int | None, job_id: str) -> None:
     """SIGKILL the trainer a dead worker left for `job_id`, if it still runs (checked by its command
     line, so a recycled pid is never hit), and wait for it to go."""
@@ -112,7 +88,7 @@ def kill_stale_trainer(pid: int | None, job_id: str) -> None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") if pid else ""
     except OSError:
         return
-    if TRAINER_MARK not in cmdline or job_id not in cmdline:
+    if TRAINER_MODULE not in cmdline or job_id not in cmdline:
         return
     signal_group(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -320,7 +296,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - anything but a full disk goes up to run()
                 if not is_disk_full(exc):
                     raise
-                why = f"no space left on the device while recording the job's outcome ({_first_line(exc)})"
+                why = f"no space left on the device while recording the job's outcome ({first_line(exc)})"
                 if _read_result(job_dir).get("status") != "succeeded":
                     returncode = None
             else:
@@ -334,15 +310,12 @@ class Worker:
     def attempt(self, job: dict, job_dir: Path) -> int | None:
         """One trainer run of the job: its exit status, or None when the lease was lost meanwhile."""
         job_id = job["id"]
-        (job_dir / "result.json").unlink(missing_ok=True)
+        from ..train.child import RESULT_NAME, start_child
+
+        (job_dir / RESULT_NAME).unlink(missing_ok=True)
         log(f"job {job_id}: training (attempt {job['attempts']})")
-        with open(job_dir / "train.log", "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", TRAINER_MARK, "--train", str(job_dir), "--job-id", job_id,
-                 "--data-dir", str(self.store.root), "--parent-pid", str(os.getpid())],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **worker_env(self.store),
-                     **self.trainer_env})
+        proc = start_child(TRAINER_MODULE, [str(job_dir), job_id, str(self.store.root), str(os.getpid())],
+                           job_dir / "train.log", {**worker_env(self.store), **self.trainer_env}, new_session=True)
         self.lease_lost = False
         try:
             self.store.update_job(job_id, train_pid=proc.pid)
@@ -537,222 +510,6 @@ class Worker:
 
 
 def _read_result(job_dir: Path) -> dict:
-    try:
-        return json.loads((job_dir / "result.json").read_text())
-    except (OSError, ValueError):
-        return {"status": "crashed"}
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
-# ---- the trainer (a subprocess per job attempt) -----------------------------------------------
-def _error(code: str, message: str, param: str | None = None) -> dict:
-    return {"code": code, "message": message, "param": param}
-
-
-def with_tensorboard(cfg):
-    """The job's recipe with TensorBoard events in the job's run folder (run/tensorboard) when the
-    tensorboard package is installed: the same events `qforge train --report-to tensorboard` writes."""
-    import dataclasses
-    import importlib.util
-    if "tensorboard" in cfg.report_targets() or importlib.util.find_spec("tensorboard") is None:
-        return cfg
-    return dataclasses.replace(cfg, report_to=",".join(cfg.report_targets() + ["tensorboard"]))
-
-
-def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
-    """Run the job's config.yaml; the outcome as result.json's contents."""
-    from ..fileio import DiskFull, is_disk_full
-    from ..train.config import TrainConfig
-    from ..train.data import DataError
-    from ..train.loop import TrainingDiverged
-    from ..train.run import run_training
-
-    cfg = with_tensorboard(TrainConfig.from_yaml(job_dir / "config.yaml"))
-    base_name = (store.get_job(job_id) or {}).get("model", "the base model")
-
-    def report(message) -> None:
-        """Progress messages become the job's events, without the server's paths."""
-        text = str(message).strip()
-        print(text, flush=True)
-        text = text.replace(f"{job_dir}/", "").replace(str(job_dir), ".")
-        text = text.replace(f"model {cfg.model} ", f"model {base_name} ")
-        if text:
-            try:
-                store.add_event(job_id, text)
-            except Exception as exc:  # noqa: BLE001 - a message not recorded (a full disk) never stops training
-                print(f"(event not recorded: {exc!r})", flush=True)
-
-    report(resources_message())
-    try:
-        result, summary = run_training(cfg, log=report)
-        return {"status": "interrupted" if result.interrupted else "succeeded", "summary": summary}
-    except KeyboardInterrupt:  # SIGINT before the loop took it over (while loading)
-        return {"status": "interrupted"}
-    except DataError as exc:
-        message = str(exc).replace(f"{job_dir}/", "")
-        param = "validation_file" if exc.path and Path(exc.path).name == "valid.jsonl" else "training_file"
-        return {"status": "failed", "error": _error(f"invalid_{param}", message, param)}
-    except TrainingDiverged as exc:
-        return {"status": "failed", "error": _error("training_diverged", str(exc).replace(f"{job_dir}/", ""))}
-    except DiskFull as exc:
-        traceback.print_exc()
-        return {"status": "disk_full", "error": _error("disk_full", exc.strerror.replace(f"{job_dir}/", "")
-                                                       .replace("; free some space and try again", ""))}
-    except (OSError, RuntimeError, sqlite3.Error, *DB_ERRORS_T) as exc:
-        traceback.print_exc()
-        if not is_disk_full(exc):
-            return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
-                                                        .replace(f"{job_dir}/", ""))}
-        return {"status": "disk_full", "error": _error("disk_full", "no space left on the device while training "
-                                                       f"({_first_line(exc)})".replace(f"{job_dir}/", ""))}
-    except MemoryError:
-        return {"status": "failed", "error": _error("out_of_memory", "training ran out of memory; lower "
-                                                    "batch_size or max_seq_len, or use method qlora")}
-    except Exception as exc:  # noqa: BLE001 - reported to the job's owner, the traceback to train.log
-        traceback.print_exc()
-        return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
-                                                    .replace(f"{job_dir}/", ""))}
-
-
-def apply_limits() -> None:
-    """--worker-threads and --worker-memory-fraction, from the environment the worker gave the trainer."""
-    import torch
-    if os.environ.get("QFORGE_TRAIN_THREADS"):  # training leaves cores to serving
-        torch.set_num_threads(int(os.environ["QFORGE_TRAIN_THREADS"]))
-    if os.environ.get("QFORGE_TRAIN_MEMORY_FRACTION") and torch.cuda.is_available():  # the GPU is shared
-        torch.cuda.set_per_process_memory_fraction(float(os.environ["QFORGE_TRAIN_MEMORY_FRACTION"]))
-
-
-def resources_message() -> str:
-    """What the trainer runs with, for the job's events: its torch threads and its GPU memory share."""
-    import torch
-    text = f"The training process uses {torch.get_num_threads()} CPU thread(s)"
-    fraction = os.environ.get("QFORGE_TRAIN_MEMORY_FRACTION")
-    if fraction and torch.cuda.is_available():
-        text += f" and at most {float(fraction):g} of the GPU's memory"
-    elif fraction:
-        text += f"; GPU memory fraction {float(fraction):g} recorded (no CUDA device: not applied)"
-    return text
-
-
-def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | None) -> int:
-    die_with_parent(parent_pid)
-    apply_limits()
-    from ..fileio import DiskFull, atomic_write_bytes
-    guard = open(job_dir / "trainer.lock", "a")
-    try:  # a second trainer on one job (leases make it impossible; this makes it certain) stops here
-        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"another trainer holds job {job_id}; this one exits without training", flush=True)
-        return 3
-    outcome = train(job_dir, job_id, store_from_env(data_dir))
-    try:
-        atomic_write_bytes(job_dir / "result.json", json.dumps(outcome).encode())
-    except DiskFull as exc:
-        print(f"{exc}; the worker waits for room and runs the job again", flush=True)
-        return DISK_FULL_EXIT
-    return 0
-
-
-# ---- the supervisor (in the server process) ---------------------------------------------------
-class WorkerSupervisor:
-    """Runs the worker subprocess and starts it again when it exits unasked (after `restart_delay_s`,
-    doubling while it keeps dying within a few seconds, up to a minute)."""
-
-    def __init__(self, data_dir: Path, poll_s: float = 0.5, cancel_grace_s: float = 30.0,
-                 restart_delay_s: float = 1.0, worker_threads: int | None = None,
-                 worker_memory_fraction: float | None = None, extra_args: list[str] = ()):
-        self.data_dir = Path(data_dir)
-        self.args = ["--poll", str(poll_s), "--cancel-grace", str(cancel_grace_s), *extra_args]
-        if worker_threads:
-            self.args += ["--worker-threads", str(worker_threads)]
-        if worker_memory_fraction:
-            self.args += ["--worker-memory-fraction", str(worker_memory_fraction)]
-        self.cancel_grace_s, self.restart_delay_s = cancel_grace_s, restart_delay_s
-        self.proc: subprocess.Popen | None = None
-        self.extra_env: dict = {}  # QFORGE_DATABASE_URL for a PostgreSQL store
-        self.starts = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._supervise, name="qforge-jobs-supervisor", daemon=True)
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def start(self) -> "WorkerSupervisor":
-        self._thread.start()
-        return self
-
-    def _spawn(self) -> subprocess.Popen:
-        logs = self.data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with open(logs / "worker.log", "ab") as out:
-            # this thread spawns every worker: PR_SET_PDEATHSIG follows the spawning thread
-            return subprocess.Popen([sys.executable, "-m", TRAINER_MARK, "--data-dir", str(self.data_dir),
-                                     "--parent-pid", str(os.getpid()), *self.args],
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env={**os.environ, **self.extra_env})
-
-    def _supervise(self) -> None:
-        delay = self.restart_delay_s
-        while not self._stop.is_set():
-            started = time.monotonic()
-            self.proc = self._spawn()
-            self.starts += 1
-            self.proc.wait()
-            if self._stop.is_set():
-                break
-            quick = time.monotonic() - started < 10
-            delay = min(60.0, delay * 2) if quick else self.restart_delay_s
-            print(f"qforge jobs: the worker exited ({self.proc.returncode}); restarting in {delay:.0f} s",
-                  file=sys.stderr, flush=True)
-            self._stop.wait(delay)
-
-    def stop(self) -> None:
-        """Stop the worker: it asks a running trainer to checkpoint and exit, then exits itself."""
-        self._stop.set()
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(self.cancel_grace_s + 15)
-            except subprocess.TimeoutExpired:
-                signal_group(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        if self._thread.is_alive():
-            self._thread.join(5)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qforge.jobs.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--parent-pid", type=int, default=None)
-    parser.add_argument("--poll", type=float, default=0.5)
-    parser.add_argument("--cancel-grace", type=float, default=30.0)
-    parser.add_argument("--train", default=None, metavar="JOB_DIR", help="run one job attempt (the trainer)")
-    parser.add_argument("--job-id", default=None)
-    parser.add_argument("--worker-threads", type=int, default=None)  # checked by the commands that start it
-    parser.add_argument("--worker-memory-fraction", type=float, default=None)
-    parser.add_argument("--disk-full-retries", type=int, default=DISK_FULL_RETRIES)
-    parser.add_argument("--disk-full-backoff", type=float, default=DISK_FULL_BACKOFF_S)
-    parser.add_argument("--disk-full-wait", type=float, default=DISK_FULL_WAIT_S)
-    args = parser.parse_args(argv)
-    if args.train:
-        return train_main(Path(args.train), args.job_id, Path(args.data_dir), args.parent_pid)
-    die_with_parent(args.parent_pid)
-    worker_from_args(store_from_env(args.data_dir), args, args.parent_pid).run()
-    return 0
-
-
-def worker_from_args(store: JobStore, args: argparse.Namespace, parent_pid: int | None = None) -> Worker:
-    env = {**worker_env(store), **trainer_env(args.worker_threads, args.worker_memory_fraction)}
-    return Worker(store, parent_pid, args.poll, args.cancel_grace, trainer_env=env,
-                  disk_full_retries=args.disk_full_retries, disk_full_backoff_s=args.disk_full_backoff,
-                  disk_full_wait_s=args.disk_full_wait)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    """The trainer's outcome; 'crashed' when it wrote none."""
+    from ..train.child import RESULT_NAME, read_result
+    return read_result(job_dir / RESULT_NAME) or {"status": "crashed"}

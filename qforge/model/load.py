@@ -27,15 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn import AdaptedLinear, LoraSpec, Quant4bitBase
+from ..nn import AdaptedLinear, Quant4bitBase
 from ..nn.hqq_base import HQQBase, base_from_state_dict as hqq_base_from_state_dict
 from ..quant.hqq import hqq_nbits, hqq_state_keys
 from ..quant import QuantState, quantize as quantize_tensor
 from .checkpoint import INDEX_NAME, WEIGHTS_NAME, read_bnb_config, save_tokenizer, write_new_folder
 from .conversion import (convert_checkpoint, expert_parameter_names, place_expert_parameter, router_linear_names,
                          stored_expert_bank)
-from .surgery import (DEFAULT_SKIP, add_adapter, linear_names, place_expert_bank, quantize_linears, select_targets,
-                      set_module, use_float32_residual)
+from .surgery import DEFAULT_SKIP, linear_names, place_expert_bank, quantize_linears, select_targets, set_module
 
 SMOLLM2 = "smollm2"
 SMOLLM2_CACHE = ("models", "smollm2-135m-instruct")
@@ -180,7 +179,8 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _read_config(folder: Path):
+def read_config(folder: Path):
+    """The transformers config of model folder `folder` (its config.json); FileNotFoundError names what is missing."""
     from transformers import AutoConfig
 
     if not folder.is_dir():
@@ -201,13 +201,14 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _target_dtype(tensor: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+def target_dtype(tensor: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a stored tensor takes in the model: `compute_dtype` for floats, its own otherwise."""
     # Norms too: a float32 norm would hand float32 activations to the plain (bf16) lm_head and
     # break the forward. prepare_for_kbit_training decides what to upcast for training.
     return compute_dtype if tensor.is_floating_point() else tensor.dtype
 
 
-def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+def tied_names(model: nn.Module) -> dict[str, list[str]]:
     """Parameter name -> every name sharing that Parameter (tied embeddings), first name first."""
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -249,7 +250,7 @@ def _hqq_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, compute_dtype: to
     return AdaptedLinear(base, bias, compute_dtype)
 
 
-def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: list[str], prequantised: bool,
+def quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: list[str], prequantised: bool,
                      quant: dict, compute_dtype: torch.dtype, device: torch.device = CPU) -> AdaptedLinear:
     """A 4-bit AdaptedLinear for module `name` on `device`: read its stored 4-bit state as is (and
     move it there), or read its weight [out, in], move it there and quantise it there (dispatch:
@@ -280,8 +281,8 @@ def _quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: li
 
 
 def float32_residual_names(model: nn.Module) -> set[str]:
-    """Parameter names a float32 residual stream keeps in float32 (surgery.use_float32_residual):
-    the input embeddings' (a tied LM head shares them) and every norm's."""
+    """Parameter names a float32 residual stream keeps in float32 (surgery.use_float32_residual,
+    switched on by the training run): the input embeddings' (a tied LM head shares them) and every norm's."""
     names: set[str] = set()
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for module_name, module in model.named_modules():
@@ -296,7 +297,7 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype,
     """Replace every meta parameter and persistent buffer by its tensor from the checkpoint on
     `device`, floats cast to `compute_dtype` (there: the host holds one tensor at a time), those
     of `float32_names` (or sharing their Parameter) to float32. Tied names receive one shared Parameter."""
-    tied = _tied_names(model)
+    tied = tied_names(model)
     done: dict[str, nn.Parameter] = {}
     for name, param in list(model.named_parameters(remove_duplicate=False)):
         if not param.is_meta:  # an AdaptedLinear's bias, read with its weight
@@ -311,7 +312,7 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype,
                 raise ValueError(f"tensor '{name}' has shape {list(tensor.shape)}, "
                                  f"the model expects {list(param.shape)}")
             wide = tensor.is_floating_point() and any(n in float32_names for n in names)
-            tensor = tensor.to(device).to(torch.float32 if wide else _target_dtype(tensor, compute_dtype))
+            tensor = tensor.to(device).to(torch.float32 if wide else target_dtype(tensor, compute_dtype))
             shared = nn.Parameter(tensor, requires_grad=param.requires_grad and tensor.is_floating_point())
             shared._is_hf_initialized = True  # tells transformers' init functions to leave it alone
         module._parameters[leaf] = done[name] = shared
@@ -319,7 +320,7 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype,
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         if buf.is_meta and leaf not in module._non_persistent_buffers_set and name in ckpt:
-            module._buffers[leaf] = ckpt.read(name).to(device).to(_target_dtype(buf, compute_dtype))
+            module._buffers[leaf] = ckpt.read(name).to(device).to(target_dtype(buf, compute_dtype))
 
 
 def _init_computed_buffers(model: nn.Module, device: torch.device = CPU) -> None:
@@ -342,15 +343,15 @@ def _init_computed_buffers(model: nn.Module, device: torch.device = CPU) -> None
 
 def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.dtype,
                 target_modules="all-linear", skip_modules=DEFAULT_SKIP, progress: bool = False,
-                device: torch.device | str | None = None, residual_dtype: torch.dtype | None = None) -> nn.Module:
+                device: torch.device | str | None = None, keep_float32: bool = False) -> nn.Module:
     """Stream a Hugging Face folder into a model on `device` (default the CPU): target Linear layers
     become 4-bit AdaptedLinear (quantised from the stored weight on the device, or read as stored in
     a bitsandbytes folder and moved there); every other tensor goes there as it is read. Host memory
     holds about one tensor at a time; the device, the 4-bit model plus one layer in the compute dtype.
-    residual_dtype float32: the embeddings and norms are read in float32 (their stored values, not
-    rounded to the compute dtype first), for surgery.use_float32_residual."""
+    keep_float32: the embeddings and norms are read in float32 (their stored values, not rounded to
+    the compute dtype first), for a float32 residual stream (surgery.use_float32_residual)."""
     device = torch.device(device) if device is not None else CPU
-    config = _read_config(folder)
+    config = read_config(folder)
     hqq_folder = read_hqq_config(config) is not None
     prequantised = hqq_folder or read_bnb_config(config) is not None
     model = build_skeleton(config, compute_dtype)
@@ -366,8 +367,8 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
         targets = [n for n in select_targets(linear_names(model), target_modules, skip_modules) if n not in routers]
     else:
         targets = []
-    tied = _tied_names(model)
-    for name in _progress(targets, progress, "quantising" if not prequantised else "reading 4-bit"):
+    tied = tied_names(model)
+    for name in progress_bar(targets, progress, "quantising" if not prequantised else "reading 4-bit"):
         linear = _submodule(model, name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"checkpoint stores '{name}' in 4 bits, but the model's '{name}' is not a Linear")
@@ -375,7 +376,7 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
         if hqq_folder:
             set_module(model, name, _hqq_layer(ckpt, name, linear, compute_dtype, device))
         else:
-            set_module(model, name, _quantised_layer(ckpt, name, linear, aliases, prequantised, quant,
+            set_module(model, name, quantised_layer(ckpt, name, linear, aliases, prequantised, quant,
                                                      compute_dtype, device))
         release_free_memory()
     for name in expert_parameter_names(model):  # one fused expert group at a time
@@ -385,7 +386,7 @@ def load_folder(folder: Path, quantize: bool, quant: dict, compute_dtype: torch.
         else:
             place_expert_parameter(model, name, ckpt.read(name), compute_dtype, device, quant if quantize else None)
         release_free_memory()
-    wide = float32_residual_names(model) if residual_dtype == torch.float32 else frozenset()
+    wide = float32_residual_names(model) if keep_float32 else frozenset()
     _materialise(model, ckpt, compute_dtype, device, wide)
     _init_computed_buffers(model, device)
     release_free_memory()
@@ -403,7 +404,8 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
                          f"'{name}'") from None
 
 
-def _progress(items: list, enabled: bool, desc: str):
+def progress_bar(items: list, enabled: bool, desc: str):
+    """`items`, wrapped in a tqdm bar over layers when `enabled`."""
     if not enabled:
         return items
     from tqdm.auto import tqdm
@@ -493,8 +495,10 @@ def resolve_source(source, revision: str | None = None):
     return source
 
 
-def _resolve(source, quantize: bool, quant: dict, default_targets: bool) -> tuple[Path, bool]:
-    """(path, is_gguf) for a source: "smollm2", a .gguf file, or a model folder."""
+def resolve_path(source, quantize: bool, quant: dict, default_targets: bool) -> tuple[Path, bool]:
+    """(path, is_gguf) of a local source: "smollm2" (its cached float32 folder, or with quantize,
+    default targets and an nf4/fp4 `quant` its cached bitsandbytes folder), a .gguf file, or a model
+    folder (checked to exist). FileNotFoundError / ValueError name what is wrong."""
     if isinstance(source, str) and source.lower() == SMOLLM2:
         if quantize and default_targets and quant["quant_type"] in ("nf4", "fp4"):
             return smollm2_quantized_folder(quant), False
@@ -526,11 +530,12 @@ def _load_gguf_model(path: Path, quantize: bool, quant: dict, compute_dtype: tor
 
 
 def load_model(source, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
-               compute_dtype: torch.dtype = torch.bfloat16, target_modules="all-linear",
-               lora: LoraSpec | None = None, adapter_name: str = "default", skip_modules=DEFAULT_SKIP,
+               compute_dtype: torch.dtype = torch.bfloat16, target_modules="all-linear", skip_modules=DEFAULT_SKIP,
                quantize: bool = True, progress: bool = False, device: torch.device | str | None = None,
-               revision: str | None = None, residual_dtype: torch.dtype | None = None):
-    """Load `source` -> (model, tokenizer or None).
+               revision: str | None = None, keep_float32: bool = False):
+    """Load `source` -> (model, tokenizer or None): the skeleton, the checkpoint's keys converted,
+    each tensor placed (a target weight quantised) in one pass. No adapters and no training
+    switches: the training run (qforge.train.run) adds those.
 
     `source`: a Hugging Face folder (model.safetensors or sharded with an index), a folder in
     bitsandbytes' 4-bit format (its 4-bit tensors used as stored; quant_type, double_quant,
@@ -540,56 +545,31 @@ def load_model(source, quant_type: str = "nf4", double_quant: bool = True, block
     4-bit AdaptedLinear (quant_type, blocksize, double_quant) computing in `compute_dtype`, or with
     quant_type hqq4/hqq3/hqq2 HQQ layers (qforge.nn.HQQBase, blocksize the group size), and a
     folder in HQQ format (quant_method "hqq", see qforge.model.checkpoint) is read as stored; every other
-    float tensor is in `compute_dtype`. With `lora`, adapter `adapter_name` is attached and active.
-    quantize=False: the plain model in `compute_dtype`, no adapter (BF16 LoRA is built elsewhere).
+    float tensor is in `compute_dtype`. quantize=False: the plain model in `compute_dtype`.
     `progress` shows a progress bar over the layers being quantised. `device` (resolved by the
     caller, qforge.devices): where the model is built. A folder (and "smollm2") streams onto it:
     each tensor is read from its shard, moved there and, for a target layer, quantised there, so
-    neither the host nor the device ever holds the model in 16 bits. GGUF and LoftQ sources are
-    built on the CPU (their loaders need the dense model) and then moved.
-    `residual_dtype` torch.float32: a float32 residual stream (surgery.use_float32_residual), the
-    embeddings and norms read from a folder in float32 as stored (from GGUF and LoftQ: upcast).
+    neither the host nor the device ever holds the model in 16 bits. A GGUF source is built on
+    the CPU (its loader needs the dense model) and then moved.
+    `keep_float32`: a folder's embeddings and norms are read in float32 as stored (for a float32
+    residual stream; a GGUF source's are cast to `compute_dtype` like the rest).
     """
     quant = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
     source = resolve_source(source, revision)
     device = torch.device(device) if device is not None else CPU
-    if quantize and lora is not None and lora.loftq_iters > 0:
-        if quant_type.startswith("hqq"):
-            raise ValueError(f"LoftQ initialises adapters against an nf4/fp4 base, not quant type '{quant_type}'; "
-                             "set loftq_iters 0 for an HQQ base")
-        model, tokenizer = _load_loftq(source, quant, compute_dtype, target_modules, lora, adapter_name, skip_modules)
-        if residual_dtype == torch.float32:
-            use_float32_residual(model)
-        return (model.to(device) if device.type != "cpu" else model), tokenizer
     default_targets = target_modules == "all-linear" and tuple(skip_modules) == tuple(DEFAULT_SKIP)
-    path, is_gguf = _resolve(source, quantize, quant, default_targets)
+    path, is_gguf = resolve_path(source, quantize, quant, default_targets)
     if is_gguf:
         model, tokenizer = _load_gguf_model(path, quantize, quant, compute_dtype, target_modules, skip_modules)
-    else:
-        model = load_folder(path, quantize, quant, compute_dtype, target_modules, skip_modules, progress, device,
-                            residual_dtype)
-        tokenizer = load_tokenizer(path)
-    if is_gguf and device.type != "cpu":
-        model.to(device)
-    if lora is not None and quantize:
-        add_adapter(model, adapter_name, lora)  # on the device of the layer it adapts
-    if residual_dtype == torch.float32:
-        use_float32_residual(model)
-    return model, tokenizer
+        return (model.to(device) if device.type != "cpu" else model), tokenizer
+    model = load_folder(path, quantize, quant, compute_dtype, target_modules, skip_modules, progress, device,
+                        keep_float32)
+    return model, load_tokenizer(path)
 
 
-def _load_loftq(source, quant: dict, compute_dtype: torch.dtype, target_modules, lora: LoraSpec,
-                adapter_name: str, skip_modules):
-    """LoftQ needs each dense weight next to its quantisation: load the plain model in float32,
-    then quantise layer by layer with LoftQ-initialised adapters (qforge.adapters.loftq); every
-    other float tensor is then cast to `compute_dtype`. Unlike the plain 4-bit path this holds the
-    float32 model once, layer weights being freed as they are replaced."""
-    from ..adapters.loftq import quantize_linears_loftq
-
-    model, tokenizer = load_model(source, compute_dtype=torch.float32, quantize=False)
-    targets = select_targets(linear_names(model), target_modules, skip_modules)
-    quantize_linears_loftq(model, lora, adapter_name, quantize_targets=targets, compute_dtype=compute_dtype, **quant)
-    for name, param in model.named_parameters():  # tied parameters are one object: cast once
-        if param.is_floating_point() and ".adapters." not in name:
-            param.data = param.data.to(compute_dtype)
-    return model, tokenizer
+def load_quantised_base(source, device=None, quant_type: str = "nf4", group_size: int = 64):
+    """(model, tokenizer) of a trained adapter's base, quantised as training quantised it (nf4/fp4,
+    or hqq4/3/2 with `group_size`), on `device`; float32 compute, so that a merge (float32 anyway)
+    rounds the unquantised parameters only once, to its output dtype."""
+    return load_model(source, quant_type=quant_type, blocksize=group_size if quant_type.startswith("hqq") else 64,
+                      compute_dtype=torch.float32, device=device)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import INDEX_NAME, WEIGHTS_NAME, build_bnb_config, save_tokenizer, skip_patterns, write_new_folder
-from .load import (CPU, Checkpoint, _progress, _quantised_layer, _read_config, _target_dtype, _tied_names,
+from .load import (CPU, Checkpoint, progress_bar, quantised_layer, read_config, target_dtype, tied_names,
                    build_skeleton, load_tokenizer, release_free_memory)
 from .conversion import convert_checkpoint, expert_parameter_names, router_linear_names, takes_4bit_experts
 from .surgery import DEFAULT_SKIP, linear_names, select_targets
@@ -73,7 +73,7 @@ def quantize_folder(source: Path, out_dir, quant: dict, compute_dtype: torch.dty
     (`quant`: quant_type, blocksize, double_quant), the rest in `compute_dtype`, config.json with
     its quantization_config, the generation config and the tokenizer. Returns what was quantised:
     {"layers": count, "dense_bytes": their weights in the compute dtype, "packed_bytes": in 4 bits}."""
-    config = _read_config(source)
+    config = read_config(source)
     if getattr(config, "quantization_config", None) is not None:
         raise ValueError(f"'{source}' is already quantised (its config.json has a quantization_config)")
     if quant["quant_type"] not in ("nf4", "fp4"):
@@ -84,7 +84,7 @@ def quantize_folder(source: Path, out_dir, quant: dict, compute_dtype: torch.dty
     routers = set(router_linear_names(model))  # MoE routers stay dense, as load_folder keeps them
     targets = [n for n in select_targets(names, "all-linear", DEFAULT_SKIP) if n not in routers]
     experts = {n for n in expert_parameter_names(model) if takes_4bit_experts(model, n)}
-    tied = _tied_names(model)
+    tied = tied_names(model)
     qconfig = build_bnb_config(quant["quant_type"], quant["double_quant"], compute_dtype,
                                skip_patterns([n for n in names if n not in targets], targets))
     out_config = model.config.to_dict()
@@ -101,10 +101,10 @@ def quantize_folder(source: Path, out_dir, quant: dict, compute_dtype: torch.dty
     def write(tmp: Path) -> None:
         shards = _ShardWriter(tmp, shard_bytes)
         in_target = set()
-        for name in _progress(targets, progress, "quantising"):
+        for name in progress_bar(targets, progress, "quantising"):
             linear = model.get_submodule(name)
             aliases = tied.get(name + ".weight", [name + ".weight"])
-            layer = _quantised_layer(ckpt, name, linear, aliases, False, quant, compute_dtype, device)
+            layer = quantised_layer(ckpt, name, linear, aliases, False, quant, compute_dtype, device)
             for key, tensor in layer.state_dict().items():
                 shards.add(f"{name}.{key}", tensor)
             in_target.update(f"{name}.{leaf}" for leaf, _ in linear.named_parameters())
@@ -130,7 +130,7 @@ def quantize_folder(source: Path, out_dir, quant: dict, compute_dtype: torch.dty
                 summary["packed_bytes"] += bank.nbytes()
                 del bank
             else:
-                shards.add(key, tensor.to(_target_dtype(tensor, compute_dtype)))
+                shards.add(key, tensor.to(target_dtype(tensor, compute_dtype)))
             written.add(key)
         shards.finish()
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")

@@ -1,13 +1,24 @@
-"""A whole run from a TrainConfig: load the model for the method, read the data, train, save the
-adapter (PEFT format) and a summary. Under torchrun every rank runs this; the 4-bit base is
-sharded across them (qforge.dist) and rank 0 alone writes files."""
+"""The one way to train: `prepare(cfg) -> Run`, then `Run.train()` and `Run.save()`.
+
+    cfg --preflight--> cfg (checked; per-epoch settings) --plan--> keep_base_outputs, fit
+        --_setup_model--> base (qforge.model.load) + adapters | LoftQ | dense LoRA | full,
+                          float32 residual, checkpointing, attention, chat template
+        --_setup_data---> train / eval sets
+    Run.train(on_step)  -> TrainResult (qforge.train.loop, trackers)
+    Run.save()          -> adapter (PEFT files) + summary.json, rank 0
+
+`qforge train`, `qforge demo`, `qforge bench` and the jobs' trainer all go through here. Under
+torchrun every rank prepares and trains; the 4-bit base is sharded across them (qforge.dist) and
+rank 0 alone writes files."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,6 +27,168 @@ from .config import TrainConfig
 from .loop import TrainResult, train_loop
 
 
+@dataclass
+class Plan:
+    """What the planner decided before loading: whether gradient checkpointing keeps the base
+    products (and why), and whether the plan fits the memory this process can see."""
+    keep_base_outputs: bool
+    why: str = ""
+    fits: bool = True
+
+
+@dataclass
+class Run:
+    """A prepared training: `cfg` is final (after preflight and the plan's decisions)."""
+    cfg: TrainConfig
+    model: torch.nn.Module
+    tokenizer: object
+    train_set: list
+    eval_set: list | None
+    data_report: object
+    device: torch.device
+    plan: Plan
+    group: Group
+    output_dir: Path
+    trainable_parameters: int
+    total_parameters: int
+    sharding: dict = field(default_factory=dict)  # processes and the 4-bit bytes each rank holds
+    log: Callable = print
+    result: TrainResult | None = None
+
+    def train(self, on_step=None) -> TrainResult:
+        """Run the loop (checkpoints, metrics.jsonl, loss.png under output_dir; resume per cfg);
+        `on_step(record)` is called after every optimiser step, beside the trackers."""
+        from .tracking import Trackers
+
+        trackers = Trackers(self.cfg, self.output_dir, self.cfg.report_targets() if self.group.is_main else [])
+        hooks = [h for h in (trackers.log if trackers.targets else None, on_step) if h is not None]
+        try:
+            self.result = train_loop(self.model, self.tokenizer, self.train_set, self.eval_set, self.cfg,
+                                     log=self.log, group=self.group, device=self.device,
+                                     on_step=_chain(hooks))
+        finally:
+            trackers.close()
+        return self.result
+
+    def summary(self) -> dict:
+        """The figures of the finished run (summary.json's contents)."""
+        cfg, result = self.cfg, self.result
+        summary = {
+            "method": cfg.method, "model": cfg.model, "steps_done": len(result.losses), "steps": result.steps,
+            "first_loss": result.losses[0] if result.losses else None,
+            "final_loss": result.losses[-1] if result.losses else None,
+            "final_eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
+            "tokens": result.tokens, "train_seconds": round(result.seconds, 2),
+            "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
+            "trainable_parameters": self.trainable_parameters, "interrupted": result.interrupted, **self.sharding,
+        }
+        if cfg.method != "full" and not result.interrupted:
+            summary["adapter"] = str(self.output_dir / "adapter")
+        return summary
+
+    def save(self) -> dict:
+        """Write the adapter (PEFT files, with the tokenizer) unless the run was interrupted or
+        trained every weight, and summary.json; rank 0 writes, every rank waits. Returns the summary.
+        (config.yaml is written by prepare, so that an interrupted run has it too.)"""
+        if self.result is None:
+            raise ValueError("Run.save() before Run.train(): nothing trained yet")
+        summary = self.summary()
+        if self.group.is_main:
+            if "adapter" in summary:
+                from ..adapters import save_adapter
+                save_adapter(self.model, self.output_dir / "adapter", name="default",
+                             base_model_name_or_path=self.cfg.model, tokenizer=self.tokenizer)
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.group.barrier()  # the others wait while rank 0 writes
+        return summary
+
+
+def _chain(hooks: list):
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def call_all(record: dict) -> None:
+        for hook in hooks:
+            hook(record)
+    return call_all
+
+
+# ---- prepare: set-up in named parts ----------------------------------------------------------
+def prepare(cfg: TrainConfig, log=print, group: Group | None = None) -> Run:
+    """Check, plan, load and read everything a training needs; nothing is trained yet.
+    With a `group` of several processes every rank calls this; rank 0 logs and writes."""
+    from ..devices import resolve_device
+
+    group = group or Group()
+    if not group.is_main:
+        log = lambda *_: None  # noqa: E731
+    device = group.device if group.distributed else resolve_device(cfg.device)  # decided once, passed down
+    cfg, splits, arch = _setup_checks(cfg, group)
+    cfg, plan = _setup_plan(cfg, arch, device, group, log)
+    t0 = time.perf_counter()
+    model, tok = load_for_method(cfg, device)
+    trainable, total = count_parameters(model)  # before sharding turns the 4-bit codes into Parameters
+    sharding = shard_for_group(model, cfg, group, log) if group.distributed else {}
+    log(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%), loaded in {time.perf_counter() - t0:.1f} s")
+    train_set, eval_set, report = _setup_data(cfg, tok, splits)
+    log(f"data: {report}")
+    out = _setup_output(cfg, group)
+    return Run(cfg, model, tok, train_set, eval_set, report, device, plan, group, out, trainable, total,
+               sharding, log)
+
+
+def _setup_checks(cfg: TrainConfig, group: Group):
+    """Preflight (data, output folder, template, trackers, model source): (cfg, splits, the
+    architecture the planner reads: a Hub model's local folder, else None)."""
+    from .preflight import check_before_loading
+    cfg, splits, hub_folder = check_before_loading(cfg, check_dir=group.is_main)
+    return cfg, splits, (str(hub_folder) if hub_folder is not None else None)
+
+
+def _setup_plan(cfg: TrainConfig, arch, device: torch.device, group: Group, log) -> tuple[TrainConfig, Plan]:
+    """Warn when the plan does not fit; decide keep_base_outputs once (auto: from the plan), the
+    same on every rank, and write it into cfg."""
+    from ..plan import keep_base_outputs_for, warn_if_unfit
+    fits = warn_if_unfit(cfg, arch, log=log, device=device.type)  # before loading: says which settings would fit
+    if cfg.keep_base_outputs is not None:
+        return cfg, Plan(bool(cfg.keep_base_outputs), "given", fits)
+    keep, why = keep_base_outputs_for(cfg, arch, device=device.type)
+    if group.distributed and group.any(not keep) and keep:  # every rank the same: all keep or none
+        keep, why = False, ("gradient checkpointing recomputes everything: another rank lacks the memory "
+                            "to keep the base products")
+    if why:
+        log(why)
+    return dataclasses.replace(cfg, keep_base_outputs=keep), Plan(keep, why, fits)
+
+
+def _setup_data(cfg: TrainConfig, tok, splits=None):
+    """(train_set, eval_set, report) per every data setting of cfg (format, train_on, packing,
+    eval split), from the rows preflight already read."""
+    from .data import build_dataset
+    return build_dataset(cfg.data, tok, fmt=cfg.data_format, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on,
+                         pack=cfg.pack, eval_path=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+                         splits=splits)
+
+
+def _setup_output(cfg: TrainConfig, group: Group) -> Path:
+    out = Path(cfg.output_dir)
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    return out
+
+
+def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tuple[TrainResult, dict]:
+    """prepare + train + save: (result, the summary written to output_dir/summary.json)."""
+    run = prepare(cfg, log=log, group=group)
+    result = run.train()
+    return result, run.save()
+
+
+# ---- the model: base, then what training adds ------------------------------------------------
 def lora_spec(cfg: TrainConfig):
     from ..nn import LoraSpec
     return LoraSpec(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
@@ -25,39 +198,79 @@ def lora_spec(cfg: TrainConfig):
 
 def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
     """(model, tokenizer) ready to train on `device` (default: cfg.device resolved): a 4-bit base
-    with adapters (qlora), a dense frozen base with the same adapters (lora), or every weight
-    trainable (full). Gradient checkpointing keeps
-    the base products per cfg.keep_base_outputs (auto: qforge.plan.keep_base_outputs_for);
-    attention is qforge's (qforge.nn.attention: SDPA except for short training rows on the CPU)."""
-    from ..model import surgery
-    from ..model.conversion import router_linear_names
-    from ..model.load import load_model
+    with adapters (qlora; LoftQ-initialised with cfg.loftq_iters), a dense frozen base with the same
+    adapters (lora), or every weight trainable (full); then the float32 residual (cfg.residual_dtype),
+    gradient checkpointing (keeping the base products per cfg.keep_base_outputs; auto: the plan),
+    qforge's attention (SDPA except for short training rows on the CPU) and the chat template."""
     from ..devices import resolve_device
-    from ..plan import keep_base_outputs_for
+    from ..model import surgery
 
     device = device if device is not None else resolve_device(cfg.device)
-    dtype = getattr(torch, cfg.compute_dtype)
-    residual = getattr(torch, cfg.residual_dtype)  # float32: embeddings and norms read in float32 (qforge.model.load)
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process of the run
-    if cfg.method == "qlora":
-        hqq = cfg.quant_type.startswith("hqq")  # an HQQ base: its group size is the loader's blocksize
-        model, tok = load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                                blocksize=cfg.hqq_group_size if hqq else 64, compute_dtype=dtype,
-                                target_modules=cfg.target_modules, lora=lora_spec(cfg), revision=cfg.revision,
-                                device=device, residual_dtype=residual)
+    if cfg.method == "qlora" and cfg.loftq_iters > 0:
+        model, tok = _loftq_base_and_adapters(cfg)
+    elif cfg.method == "qlora":
+        model, tok = _quantised_base(cfg, device)
+        surgery.add_adapter(model, "default", lora_spec(cfg))  # on the device of the layer it adapts
     else:
-        model, tok = load_model(cfg.model, compute_dtype=dtype, quantize=False, revision=cfg.revision, device=device,
-                                residual_dtype=residual)
+        model, tok = _dense_base(cfg, device)
         if cfg.method == "lora":
-            spec = lora_spec(cfg)
-            routers = set(router_linear_names(model))  # MoE routers stay frozen and adapter-free, as in qlora
-            targets = [n for n in surgery.select_targets(surgery.linear_names(model), spec.target_modules,
-                                                         spec.modules_to_skip) if n not in routers]
-            surgery.dense_lora_linears(model, targets, dtype)
-            surgery.dense_lora_experts(model, dtype)  # MoE: LoRA on the experts, as for qlora
-            surgery.add_adapter(model, "default", spec)
-    if device.type != "cpu":  # streamed there already; this only moves what surgery added on the CPU
+            _dense_adapters(model, cfg)
+    if device.type != "cpu":  # streamed there already; this only moves what was built on the CPU
         model.to(device)
+    _setup_training_switches(model, cfg, device)
+    from ..model.templates import apply_chat_template
+    apply_chat_template(tok, cfg.chat_template)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _keep_float32(cfg: TrainConfig) -> bool:
+    return cfg.residual_dtype == "float32"  # the embeddings and norms read as stored, not rounded
+
+
+def _quantised_base(cfg: TrainConfig, device: torch.device):
+    from ..model.load import load_model
+    hqq = cfg.quant_type.startswith("hqq")  # an HQQ base: its group size is the loader's blocksize
+    return load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                      blocksize=cfg.hqq_group_size if hqq else 64, compute_dtype=getattr(torch, cfg.compute_dtype),
+                      target_modules=cfg.target_modules, revision=cfg.revision, device=device,
+                      keep_float32=_keep_float32(cfg))
+
+
+def _loftq_base_and_adapters(cfg: TrainConfig):
+    """LoftQ: the dense float32 model quantised layer by layer with adapters initialised against
+    each quantisation error (qforge.adapters.loftq); on the CPU, moved by the caller."""
+    from ..adapters.loftq import load_loftq_model
+    return load_loftq_model(cfg.model, lora_spec(cfg), "default", cfg.quant_type, 64, cfg.double_quant,
+                            getattr(torch, cfg.compute_dtype), cfg.target_modules, cfg.revision)
+
+
+def _dense_base(cfg: TrainConfig, device: torch.device):
+    from ..model.load import load_model
+    return load_model(cfg.model, compute_dtype=getattr(torch, cfg.compute_dtype), quantize=False,
+                      revision=cfg.revision, device=device, keep_float32=_keep_float32(cfg))
+
+
+def _dense_adapters(model, cfg: TrainConfig) -> None:
+    """BF16 LoRA: the targets become AdaptedLinear over their dense frozen weight, with adapters."""
+    from ..model import surgery
+    from ..model.conversion import router_linear_names
+    spec, dtype = lora_spec(cfg), getattr(torch, cfg.compute_dtype)
+    routers = set(router_linear_names(model))  # MoE routers stay frozen and adapter-free, as in qlora
+    targets = [n for n in surgery.select_targets(surgery.linear_names(model), spec.target_modules,
+                                                 spec.modules_to_skip) if n not in routers]
+    surgery.dense_lora_linears(model, targets, dtype)
+    surgery.dense_lora_experts(model, dtype)  # MoE: LoRA on the experts, as for qlora
+    surgery.add_adapter(model, "default", spec)
+
+
+def _setup_training_switches(model, cfg: TrainConfig, device: torch.device) -> None:
+    """What is trainable, gradient checkpointing, the float32 residual and qforge's attention."""
+    from ..model import surgery
+    from ..plan import keep_base_outputs_for
+
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad = True
@@ -69,14 +282,9 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
         if keep is None:
             keep = keep_base_outputs_for(cfg, model.config, device.type)[0]
         surgery.prepare_for_kbit_training(model, cfg.gradient_checkpointing, keep_base_outputs=keep)
-        if cfg.residual_dtype == "float32":
-            surgery.use_float32_residual(model)
+    if cfg.residual_dtype == "float32":  # the one place the switch is read
+        surgery.use_float32_residual(model)
     surgery.use_qforge_attention(model)
-    from ..model.templates import apply_chat_template
-    apply_chat_template(tok, cfg.chat_template)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -84,12 +292,11 @@ def count_parameters(model) -> tuple[int, int]:
     its elements (out x in), not the bytes of its packed codes, and tied weights count once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    from ..model.surgery import hqq_layers, quantized_layers
+    from ..model.surgery import expert_layers, hqq_layers, quantized_layers
     for _, layer in [*quantized_layers(model), *hqq_layers(model)]:  # codes are a buffer, not a Parameter
         stored = sum(p.numel() for p in layer.parameters(recurse=False)  # FSDP's float storage of the codes
                      if p is not layer.bias)
         total += math.prod(layer.base.shape) - stored
-    from ..model.surgery import expert_layers
     for _, experts in expert_layers(model):  # 4-bit MoE experts: buffers too, counted as [E, out, in]
         total += sum(math.prod(bank.shape) for bank in experts.banks.values())
     return trainable, total
@@ -111,68 +318,3 @@ def shard_for_group(model, cfg: TrainConfig, group: Group, log=print) -> dict:
         log(f"{group.world} processes: 4-bit base of {whole / 2**20:.1f} MiB sharded, "
             f"{', '.join(f'rank {r} holds {b / 2**20:.1f} MiB' for r, b in enumerate(by_rank))}")
     return {"processes": group.world, "quantised_bytes": whole, "quantised_bytes_by_rank": by_rank}
-
-
-def run_training(cfg: TrainConfig, log=print, group: Group | None = None) -> tuple[TrainResult, dict]:
-    """Train per `cfg`; returns the result and the summary written to output_dir/summary.json.
-    With a `group` of several processes every rank calls this; rank 0 writes and logs."""
-    from .data import build_dataset
-
-    from .preflight import check_before_loading
-    from .tracking import Trackers
-
-    group = group or Group()
-    if not group.is_main:
-        log = lambda *_: None  # noqa: E731
-    from ..devices import resolve_device
-    from ..plan import keep_base_outputs_for, warn_if_unfit
-    device = group.device if group.distributed else resolve_device(cfg.device)  # decided once, passed down
-    cfg, splits, hub_folder = check_before_loading(cfg, check_dir=group.is_main)  # data, output, template, ...
-    arch = str(hub_folder) if hub_folder is not None else None  # the planner reads a Hub model's config.json
-    warn_if_unfit(cfg, arch, log=log, device=device.type)  # before loading: says which settings would fit
-    if cfg.keep_base_outputs is None:  # auto: decided once, from the plan, and logged
-        keep, why = keep_base_outputs_for(cfg, arch, device=device.type)
-        if group.distributed and group.any(not keep) and keep:  # every rank the same: all keep or none
-            keep, why = False, ("gradient checkpointing recomputes everything: another rank lacks the memory "
-                                "to keep the base products")
-        if why:
-            log(why)
-        cfg = dataclasses.replace(cfg, keep_base_outputs=keep)
-    t0 = time.perf_counter()
-    model, tok = load_for_method(cfg, device)
-    trainable, total = count_parameters(model)  # before sharding turns the 4-bit codes into Parameters
-    sharding = shard_for_group(model, cfg, group, log) if group.distributed else {}
-    log(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters "
-        f"({100 * trainable / total:.2f}%), loaded in {time.perf_counter() - t0:.1f} s")
-    train_set, eval_set, report = build_dataset(cfg.data, tok, fmt=cfg.data_format, max_seq_len=cfg.max_seq_len,
-                                                train_on=cfg.train_on, pack=cfg.pack, eval_path=cfg.eval_data,
-                                                eval_fraction=cfg.eval_fraction, seed=cfg.seed, splits=splits)
-    log(f"data: {report}")
-    out = Path(cfg.output_dir)
-    if group.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
-    trackers = Trackers(cfg, out, cfg.report_targets() if group.is_main else [])
-    try:
-        result = train_loop(model, tok, train_set, eval_set, cfg, log=log, group=group, device=device,
-                            on_step=trackers.log if trackers.targets else None)
-    finally:
-        trackers.close()
-    summary = {
-        "method": cfg.method, "model": cfg.model, "steps_done": len(result.losses), "steps": result.steps,
-        "first_loss": result.losses[0] if result.losses else None,
-        "final_loss": result.losses[-1] if result.losses else None,
-        "final_eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
-        "tokens": result.tokens, "train_seconds": round(result.seconds, 2),
-        "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
-        "trainable_parameters": trainable, "interrupted": result.interrupted, **sharding,
-    }
-    if cfg.method != "full" and not result.interrupted:
-        summary["adapter"] = str(out / "adapter")
-    if group.is_main:
-        if "adapter" in summary:
-            from ..adapters import save_adapter
-            save_adapter(model, out / "adapter", name="default", base_model_name_or_path=cfg.model, tokenizer=tok)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    group.barrier()  # the others wait while rank 0 writes
-    return result, summary

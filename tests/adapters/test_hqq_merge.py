@@ -94,7 +94,8 @@ def test_the_trained_quant_type_comes_from_the_run_or_the_flags(tmp_path, hqq_tr
     def stub(source, device=None, **kw):  # export loads the base as the run trained it
         seen.update(kw)
         raise RuntimeError("stop here")
-    monkeypatch.setattr(merge_command, "load_base", stub)
+    from qforge.model import load as load_module
+    monkeypatch.setattr(load_module, "load_quantised_base", stub)
     with pytest.raises(RuntimeError, match="stop here"):
         export_command._export_merged(type("A", (), {"base": "b", "adapter": str(adapter)})(), tmp_path / "m.gguf", "m")
     assert seen == {"quant_type": "hqq3", "group_size": 32}

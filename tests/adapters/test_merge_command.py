@@ -24,7 +24,7 @@ def test_merge_command_with_a_stub_loader(tmp_path, ids, monkeypatch, capsys):
     dense = tiny_dense()
     trained = qforge_with_adapter(dense, use_dora=True)
     save_adapter(trained, tmp_path / "ad")
-    monkeypatch.setattr(merge_command, "load_base", lambda source, device=None: (quantized_twin(dense), None))
+    monkeypatch.setattr(merge_command, "load_quantised_base", lambda source, device=None: (quantized_twin(dense), None))
     argv = ["merge", "--base", "tiny", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "out")]
     assert cli.main(argv + ["--dtype", "float32"]) == 0
     assert "merged into tiny" in capsys.readouterr().out
@@ -40,7 +40,7 @@ def test_merge_command_with_a_stub_loader(tmp_path, ids, monkeypatch, capsys):
         quantize_linears(model, select_targets(linear_names(model), "all-linear"), compute_dtype=torch.float32)
         return model, None
 
-    monkeypatch.setattr(merge_command, "load_base", merged_base)
+    monkeypatch.setattr(merge_command, "load_quantised_base", merged_base)
     assert cli.main(argv[:-1] + [str(tmp_path / "again")]) == 2
     assert "already merged" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()
@@ -50,7 +50,7 @@ def test_merge_command_refuses_a_bad_adapter_before_loading_the_base(tmp_path, m
     def fail(source, device=None):
         raise AssertionError("the base should not be loaded")
 
-    monkeypatch.setattr(merge_command, "load_base", fail)
+    monkeypatch.setattr(merge_command, "load_quantised_base", fail)
     (tmp_path / "ad").mkdir()
     (tmp_path / "ad" / "adapter_config.json").write_text("{not json")
     argv = ["merge", "--base", "x", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "o")]
@@ -98,7 +98,7 @@ def test_merge_exports_the_chat_template_saved_with_the_adapter(tmp_path, monkey
     save_adapter(trained, tmp_path / "ad", tokenizer=templated)
     bare = tiny_tokenizer()
     bare.chat_template = None
-    monkeypatch.setattr(merge_command, "load_base", lambda source, device=None: (quantized_twin(dense), bare))
+    monkeypatch.setattr(merge_command, "load_quantised_base", lambda source, device=None: (quantized_twin(dense), bare))
     argv = ["merge", "--base", "tiny", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "out")]
     assert cli.main(argv + ["--dtype", "float32"]) == 0
     from qforge.model.templates import saved_template

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from qforge.cli import main
 from qforge.model.checkpoint import save_quantized
 from qforge.model.load import load_model
+from qforge.model.surgery import add_adapter
 from qforge.nn import AdaptedLinear, LoraSpec, Quant4bitBase
 
 from .conftest import write_tiny
@@ -80,8 +81,8 @@ def test_qforge_loads_bitsandbytes_save_pretrained_as_stored(tmp_path, token_ids
 
 
 def test_save_quantized_round_trip_without_adapters(tiny_dir, tmp_path, token_ids):
-    model, tokenizer = load_model(tiny_dir, compute_dtype=torch.float32,
-                                  lora=LoraSpec(r=4, dropout=0.0, dtype=torch.float32))
+    model, tokenizer = load_model(tiny_dir, compute_dtype=torch.float32)
+    add_adapter(model, "default", LoraSpec(r=4, dropout=0.0, dtype=torch.float32))
     for m in model.modules():
         if isinstance(m, AdaptedLinear):
             nn.init.normal_(m.adapters["default"].lora_B.weight)  # an adapter that changes the output

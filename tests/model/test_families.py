@@ -156,11 +156,11 @@ def test_qforge_loads_transformers_bitsandbytes_save_pretrained(family_dir, fami
 def test_expert_merge_reads_one_layer_group_at_a_time(family_dir, monkeypatch):
     """Building one fused expert tensor reads exactly that layer's per-expert tensors, no others."""
     from qforge.model.conversion import convert_checkpoint
-    from qforge.model.load import build_skeleton, _read_config
+    from qforge.model.load import build_skeleton, read_config
 
     folder = family_dir("mixtral")
     raw = Checkpoint(folder)
-    ckpt = convert_checkpoint(raw, build_skeleton(_read_config(folder), torch.float32))
+    ckpt = convert_checkpoint(raw, build_skeleton(read_config(folder), torch.float32))
     reads = []
     monkeypatch.setattr(raw, "read", lambda key, read=raw.read: reads.append(key) or read(key))
     fused = ckpt.read("model.layers.1.mlp.experts.gate_up_proj")

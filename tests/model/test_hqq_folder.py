@@ -64,6 +64,7 @@ def test_a_broken_hqq_folder_names_the_key(tiny_dir, tmp_path):
 
 
 def test_loftq_on_an_hqq_base_is_refused(tiny_dir):
+    from qforge.adapters.loftq import load_loftq_model
     from qforge.nn import LoraSpec
     with pytest.raises(ValueError, match="LoftQ initialises adapters against an nf4/fp4 base"):
-        load_model(str(tiny_dir), quant_type="hqq4", lora=LoraSpec(r=4, loftq_iters=1))
+        load_loftq_model(str(tiny_dir), LoraSpec(r=4, loftq_iters=1), quant_type="hqq4")

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qforge.model.load import load_model
+from qforge.model.surgery import add_adapter
 from qforge.nn import AdaptedLinear, LoraSpec, Quant4bitBase
 from qforge.quant import dequantize, quantize
 
@@ -56,9 +57,9 @@ def test_streaming_load_equals_transformers_on_dequantised_weights(tmp_path, tok
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_plain_load_equals_transformers(tmp_path, token_ids, dtype):
     folder = write_tiny(tmp_path, shard="60KB", dtype=dtype)
-    model, _ = load_model(folder, quantize=False, compute_dtype=dtype, lora=LoraSpec(r=4))
+    model, _ = load_model(folder, quantize=False, compute_dtype=dtype)
     ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
-    assert not any(isinstance(m, AdaptedLinear) for m in model.modules())  # no adapters either
+    assert not any(isinstance(m, AdaptedLinear) for m in model.modules())
     assert all(p.dtype == dtype for p in model.parameters())
     torch.testing.assert_close(logits(model, token_ids), logits(ref, token_ids), rtol=0, atol=0)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -89,8 +90,9 @@ def test_quant_settings_and_target_subset(tmp_path, token_ids, quant):
 
 def test_lora_adapter_is_attached_and_starts_as_the_base(tiny_dir, token_ids):
     base, _ = load_model(tiny_dir, compute_dtype=torch.float32)
-    model, tokenizer = load_model(tiny_dir, compute_dtype=torch.float32, adapter_name="mine",
-                                  lora=LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
+    model, tokenizer = load_model(tiny_dir, compute_dtype=torch.float32)
+    assert not any(m.adapters for m in model.modules() if isinstance(m, AdaptedLinear))  # the loader adds none
+    add_adapter(model, "mine", LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
     layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
     assert layers and all(m.active_adapter == "mine" and list(m.adapters) == ["mine"] for m in layers)
     torch.testing.assert_close(logits(model, token_ids), logits(base, token_ids))  # B starts at zero
@@ -161,12 +163,12 @@ def write_tiny_gguf(tmp_path):
 
 
 def test_loftq_load_initialises_base_and_adapter_from_the_dense_weight(tmp_path):
-    """load_model with LoraSpec(loftq_iters>0) quantises with LoftQ: base + s*B@A is closer to the
+    """LoftQ loading (the training run's, qforge.adapters.loftq): base + s*B@A is closer to the
     dense weight than the plain NF4 base alone."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qforge.model.load import load_model
+    from qforge.adapters.loftq import load_loftq_model
     from qforge.nn import LoraSpec
 
     torch.manual_seed(0)
@@ -174,8 +176,8 @@ def test_loftq_load_initialises_base_and_adapter_from_the_dense_weight(tmp_path)
                       num_key_value_heads=2, vocab_size=50)
     dense = LlamaForCausalLM(cfg)
     dense.save_pretrained(tmp_path)
-    model, _ = load_model(str(tmp_path), compute_dtype=torch.float32,
-                          lora=LoraSpec(r=8, alpha=8, loftq_iters=2, dtype=torch.float32))
+    model, _ = load_loftq_model(str(tmp_path), LoraSpec(r=8, alpha=8, loftq_iters=2, dtype=torch.float32),
+                                compute_dtype=torch.float32)
     w = dense.model.layers[0].mlp.up_proj.weight.float()
     layer = model.model.layers[0].mlp.up_proj
     a = layer.adapters["default"]
@@ -229,7 +231,8 @@ def test_load_streams_onto_the_device(tmp_path, token_ids, device, monkeypatch):
 
     bnb_folder = save_quantized(ref, None, tmp_path / "bnb")
     seen.clear()
-    stored, _ = load_model(bnb_folder, compute_dtype=torch.float32, device=device, lora=LoraSpec(r=4))
+    stored, _ = load_model(bnb_folder, compute_dtype=torch.float32, device=device)
+    add_adapter(stored, "default", LoraSpec(r=4))  # on the device of each layer
     assert seen == []  # read as stored, never requantised
     assert all(t.device.type == torch.device(device).type for t in list(stored.parameters()) + list(stored.buffers()))
     assert all(_same_state(s, ref_states[k]) for k, s in _quant_states(stored).items())

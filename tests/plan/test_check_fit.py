@@ -131,12 +131,12 @@ def test_an_explicit_keep_that_does_not_fit_is_told_to_turn_it_off():
 def test_cli_flag_is_auto_unless_given():
     import argparse
 
-    from qforge.commands.train import add_arguments, config_from_args
+    from qforge.commands.train import add_arguments, config_and_recipe
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert config_from_args(parser.parse_args([])).keep_base_outputs is None
-    assert config_from_args(parser.parse_args(["--keep-base-outputs"])).keep_base_outputs is True
-    assert config_from_args(parser.parse_args(["--no-keep-base-outputs"])).keep_base_outputs is False
+    assert config_and_recipe(parser.parse_args([]))[0].keep_base_outputs is None
+    assert config_and_recipe(parser.parse_args(["--keep-base-outputs"]))[0].keep_base_outputs is True
+    assert config_and_recipe(parser.parse_args(["--no-keep-base-outputs"]))[0].keep_base_outputs is False
     assert "80%" in parser.format_help()
 
 

@@ -57,8 +57,11 @@ def adapter_weights(name: str, out_f: int, in_f: int):
 
 def qforge_logits(folder, residual: torch.dtype | None):
     from qforge.model.load import load_model
-    model, _ = load_model(str(folder), compute_dtype=torch.bfloat16, residual_dtype=residual,
-                          lora=LoraSpec(r=R, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
+    from qforge.model.surgery import add_adapter, use_float32_residual
+    model, _ = load_model(str(folder), compute_dtype=torch.bfloat16, keep_float32=residual == torch.float32)
+    add_adapter(model, "default", LoraSpec(r=R, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
+    if residual == torch.float32:
+        use_float32_residual(model)
     prepare_for_kbit_training(model, False)
     with torch.no_grad():
         for n, layer in adapted_layers(model):
@@ -150,8 +153,10 @@ def test_float32_residual_training_step_gradients_match_peft(folder):
     rows = batch()
     rows["labels"] = rows["input_ids"].masked_fill(rows["attention_mask"] == 0, -100)
     rows["labels"][:, :6] = -100
-    model, _ = load_model(str(folder), compute_dtype=torch.bfloat16, residual_dtype=torch.float32,
-                          lora=LoraSpec(r=R, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
+    from qforge.model.surgery import add_adapter, use_float32_residual
+    model, _ = load_model(str(folder), compute_dtype=torch.bfloat16, keep_float32=True)
+    add_adapter(model, "default", LoraSpec(r=R, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
+    use_float32_residual(model)
     prepare_for_kbit_training(model, True)
     use_qforge_attention(model)
     ours = {}

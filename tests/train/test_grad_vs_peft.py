@@ -66,9 +66,10 @@ def start_weights(layers: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tens
 
 def qforge_grads(folder, keep_base_outputs: bool):
     from qforge.model.load import load_model
+    from qforge.model.surgery import add_adapter
     from qforge.train.loss import causal_lm_loss
-    model, _ = load_model(str(folder), compute_dtype=torch.bfloat16,
-                          lora=LoraSpec(r=R, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
+    model, _ = load_model(str(folder), compute_dtype=torch.bfloat16)
+    add_adapter(model, "default", LoraSpec(r=R, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
     prepare_for_kbit_training(model, True, keep_base_outputs=keep_base_outputs)
     use_qforge_attention(model)
     layers = dict(adapted_layers(model))

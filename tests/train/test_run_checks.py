@@ -179,3 +179,26 @@ def test_training_on_a_hub_id_from_the_cache(tmp_path, bare_model, monkeypatch):
     assert summary["steps_done"] == 1
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tinyorg/bare"
+
+
+def test_prepare_decides_once_and_train_calls_back_beside_the_trackers(tmp_path, bare_model):
+    """prepare(cfg) -> Run: cfg final (keep_base_outputs decided by the plan, per-epoch settings
+    resolved), the model, data and device set up and config.yaml written, nothing trained; Run.train
+    calls on_step after every step; Run.save writes the adapter and summary.json."""
+    from qforge.train.run import Plan, prepare
+
+    cfg = recipe(tmp_path, bare_model, chat_template="chatml", evals_per_epoch=1, eval_every=0)
+    run = prepare(cfg, log=lambda *_: None)
+    assert run.cfg.keep_base_outputs is not None and isinstance(run.plan, Plan)
+    assert run.plan.keep_base_outputs == run.cfg.keep_base_outputs
+    assert run.cfg.eval_every == 2  # evals_per_epoch 1 over 4 training rows in batches of 2
+    assert run.device.type == "cpu" and run.sharding == {}
+    assert len(run.train_set) == 4 and len(run.eval_set) == 2
+    assert 0 < run.trainable_parameters < run.total_parameters
+    assert (run.output_dir / "config.yaml").is_file() and not (run.output_dir / "summary.json").exists()
+    steps = []
+    result = run.train(on_step=lambda record: steps.append(record["step"]))
+    assert steps == [1, 2] and len(result.losses) == 2
+    summary = run.save()
+    assert json.loads((run.output_dir / "summary.json").read_text()) == summary
+    assert (run.output_dir / "adapter" / "adapter_model.safetensors").is_file()

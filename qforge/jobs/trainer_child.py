@@ -1,0 +1,160 @@
+"""The trainer: one attempt at a fine-tuning job, in a process of its own that the worker
+(qforge.jobs.worker) starts, follows and may stop.
+
+    python -m qforge.jobs.trainer_child JOB_DIR JOB_ID DATA_DIR PARENT_PID
+
+It trains the job's config.yaml through the one training-run API (qforge.train.run.prepare; resume
+"auto": from a checkpoint when there is one), reports progress messages as the job's events, and
+writes result.json (qforge.train.child) with the outcome: succeeded, interrupted, failed (with an
+OpenAI-style error), or disk_full. It dies with the worker (PR_SET_PDEATHSIG) and holds a lock on
+the job's folder, so two trainers never run one job. Its command line names this module and the
+job id: a new worker finds a stale trainer by them (qforge.jobs.worker.kill_stale_trainer).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import sys
+import traceback
+from pathlib import Path
+
+from .limits import DISK_FULL_EXIT
+from .pg import store_from_env
+from .processes import die_with_parent
+from .store import JobStore
+
+try:
+    from psycopg import Error as DB_ERRORS  # PostgreSQL's errors, when the store is there
+except ImportError:  # pragma: no cover - psycopg is a dependency
+    DB_ERRORS = sqlite3.Error
+DB_ERRORS_T = (DB_ERRORS,)
+TRAINER_MODULE = "qforge.jobs.trainer_child"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, at most 200 characters (for a job's events)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _error(code: str, message: str, param: str | None = None) -> dict:
+    return {"code": code, "message": message, "param": param}
+
+
+def with_tensorboard(cfg):
+    """The job's recipe with TensorBoard events in the job's run folder (run/tensorboard) when the
+    tensorboard package is installed: the same events `qforge train --report-to tensorboard` writes."""
+    import dataclasses
+    import importlib.util
+    if "tensorboard" in cfg.report_targets() or importlib.util.find_spec("tensorboard") is None:
+        return cfg
+    return dataclasses.replace(cfg, report_to=",".join(cfg.report_targets() + ["tensorboard"]))
+
+
+def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
+    """Run the job's config.yaml; the outcome as result.json's contents."""
+    from ..fileio import DiskFull, is_disk_full
+    from ..train.config import TrainConfig
+    from ..train.data import DataError
+    from ..train.loop import TrainingDiverged
+    from ..train.run import prepare
+
+    cfg = with_tensorboard(TrainConfig.from_yaml(job_dir / "config.yaml"))
+    base_name = (store.get_job(job_id) or {}).get("model", "the base model")
+
+    def report(message) -> None:
+        """Progress messages become the job's events, without the server's paths."""
+        text = str(message).strip()
+        print(text, flush=True)
+        text = text.replace(f"{job_dir}/", "").replace(str(job_dir), ".")
+        text = text.replace(f"model {cfg.model} ", f"model {base_name} ")
+        if text:
+            try:
+                store.add_event(job_id, text)
+            except Exception as exc:  # noqa: BLE001 - a message not recorded (a full disk) never stops training
+                print(f"(event not recorded: {exc!r})", flush=True)
+
+    report(resources_message())
+    try:
+        run = prepare(cfg, log=report)
+        result = run.train()
+        return {"status": "interrupted" if result.interrupted else "succeeded", "summary": run.save()}
+    except KeyboardInterrupt:  # SIGINT before the loop took it over (while loading)
+        return {"status": "interrupted"}
+    except DataError as exc:
+        message = str(exc).replace(f"{job_dir}/", "")
+        param = "validation_file" if exc.path and Path(exc.path).name == "valid.jsonl" else "training_file"
+        return {"status": "failed", "error": _error(f"invalid_{param}", message, param)}
+    except TrainingDiverged as exc:
+        return {"status": "failed", "error": _error("training_diverged", str(exc).replace(f"{job_dir}/", ""))}
+    except DiskFull as exc:
+        traceback.print_exc()
+        return {"status": "disk_full", "error": _error("disk_full", exc.strerror.replace(f"{job_dir}/", "")
+                                                       .replace("; free some space and try again", ""))}
+    except (OSError, RuntimeError, sqlite3.Error, *DB_ERRORS_T) as exc:
+        traceback.print_exc()
+        if not is_disk_full(exc):
+            return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
+                                                        .replace(f"{job_dir}/", ""))}
+        return {"status": "disk_full", "error": _error("disk_full", "no space left on the device while training "
+                                                       f"({first_line(exc)})".replace(f"{job_dir}/", ""))}
+    except MemoryError:
+        return {"status": "failed", "error": _error("out_of_memory", "training ran out of memory; lower "
+                                                    "batch_size or max_seq_len, or use method qlora")}
+    except Exception as exc:  # noqa: BLE001 - reported to the job's owner, the traceback to train.log
+        traceback.print_exc()
+        return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
+                                                    .replace(f"{job_dir}/", ""))}
+
+
+def apply_limits() -> None:
+    """--worker-threads and --worker-memory-fraction, from the environment the worker gave the trainer."""
+    import torch
+    if os.environ.get("QFORGE_TRAIN_THREADS"):  # training leaves cores to serving
+        torch.set_num_threads(int(os.environ["QFORGE_TRAIN_THREADS"]))
+    if os.environ.get("QFORGE_TRAIN_MEMORY_FRACTION") and torch.cuda.is_available():  # the GPU is shared
+        torch.cuda.set_per_process_memory_fraction(float(os.environ["QFORGE_TRAIN_MEMORY_FRACTION"]))
+
+
+def resources_message() -> str:
+    """What the trainer runs with, for the job's events: its torch threads and its GPU memory share."""
+    import torch
+    text = f"The training process uses {torch.get_num_threads()} CPU thread(s)"
+    fraction = os.environ.get("QFORGE_TRAIN_MEMORY_FRACTION")
+    if fraction and torch.cuda.is_available():
+        text += f" and at most {float(fraction):g} of the GPU's memory"
+    elif fraction:
+        text += f"; GPU memory fraction {float(fraction):g} recorded (no CUDA device: not applied)"
+    return text
+
+
+def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | None) -> int:
+    """One attempt at a job, in the process the worker started: train, then write result.json."""
+    die_with_parent(parent_pid)
+    apply_limits()
+    from ..fileio import DiskFull
+    from ..train.child import RESULT_NAME, write_result
+    guard = open(job_dir / "trainer.lock", "a")
+    try:  # a second trainer on one job (leases make it impossible; this makes it certain) stops here
+        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"another trainer holds job {job_id}; this one exits without training", flush=True)
+        return 3
+    outcome = train(job_dir, job_id, store_from_env(data_dir))
+    try:
+        write_result(job_dir / RESULT_NAME, outcome)
+    except DiskFull as exc:
+        print(f"{exc}; the worker waits for room and runs the job again", flush=True)
+        return DISK_FULL_EXIT
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """The worker's command line for a trainer: JOB_DIR JOB_ID DATA_DIR PARENT_PID (positional:
+    only the worker starts it)."""
+    job_dir, job_id, data_dir, parent_pid = argv
+    return train_main(Path(job_dir), job_id, Path(data_dir), int(parent_pid) or None)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
