@@ -83,31 +83,34 @@ class AdaptedLinear(nn.Module):
     # ---- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_c = x.to(self.compute_dtype)                                               # (..., in)
+        residual = self.residual_dtype(x)  # the float32-residual switch, read here only
         adapter = self.active()
         if adapter is None:
-            return self.finish(self.base_output(x_c, x), x)
-        wide = self.returns_input_dtype(x)
-        fused = None if wide else adapter.variant.fused(self, adapter, x_c)
+            return self.finish(self.base_output(x_c, residual), x)
+        fused = None if residual is not None else adapter.variant.fused(self, adapter, x_c)
         if fused is not None:  # the base product and the low-rank term in one kernel
             return self.finish(fused if self.bias is None else fused + self.bias, x)
         # The low-rank term apart, before the base product: under full recomputation, as the frozen
         # product saves no tensor, torch's early stop then ends a block's recomputation before its
         # last base product (down_proj's), which backward does not need; with the float32 residual
         # the term is added in float32, not folded into a compute-dtype addmm.
-        low = adapter.low_rank(x_c) if wide or recompute.full_recomputation() else None
-        return self.finish(adapter.variant.apply(self, adapter, x_c, self.base_output(x_c, x), low), x)
+        low = adapter.low_rank(x_c) if residual is not None or recompute.full_recomputation() else None
+        out = adapter.variant.apply(self, adapter, x_c, self.base_output(x_c, residual), low)  # (..., out)
+        return self.finish(out, x)
 
-    def base_output(self, x_c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """W x + b [..., out] for x_c (x in the compute dtype), in the residual dtype: x's under
-        autocast with keep_input_dtype (the float32 residual), else as computed."""
+    def base_output(self, x_c: torch.Tensor, residual: torch.dtype | None = None) -> torch.Tensor:
+        """W x + b [..., out] for x_c [..., in] (in the compute dtype), cast to `residual` when given."""
         out = self.base.product(x_c)
         if self.bias is not None:
             out = out + self.bias
-        return out.to(x.dtype) if self.returns_input_dtype(x) else out
+        return out if residual is None else out.to(residual)
 
-    def returns_input_dtype(self, x: torch.Tensor) -> bool:
-        """Whether this forward under autocast sums in and returns x's dtype (keep_input_dtype)."""
-        return self.keep_input_dtype and x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type)
+    def residual_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """x's dtype when this forward sums in it and returns it: under autocast with
+        keep_input_dtype (the float32 residual); None: the sum runs in the products' dtype."""
+        if self.keep_input_dtype and x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type):
+            return x.dtype
+        return None
 
     @staticmethod
     def finish(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
