@@ -49,8 +49,8 @@ EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # in the order transformers r
 
 
 class FrozenBank:
-    """The frozen base of a fused expert parameter [E, out, in]: a FrozenBase that takes an expert
-    index. `product(x, e)` is expert e's x @ W[e]^T through the one frozen-product Function
+    """The frozen base of a fused expert parameter [E, out, in]: a linear base's product protocol
+    with an expert index. `product(x, e)` is expert e's x @ W[e]^T through the one frozen-product Function
     (qforge.nn.functions), whose operand is the index: `matmul(e, x, transposed)` makes W[e] again
     in backward. Its tensors are registered by the host (AdaptedExperts) under the parameter's
     name plus the suffixes of `tensors()`, and handed back after a move or load (`replace_tensors`)."""
