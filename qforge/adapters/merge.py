@@ -78,7 +78,7 @@ def merged_experts(model: nn.Module, name: str = "default") -> Iterator[tuple[st
             yield f"{module}.{p}", w
 
 
-def _other_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def other_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every state-dict tensor outside the adapted layers, floating ones cast to dtype. A
     tensor that shares memory with an earlier one (tied lm_head / embeddings) is written once, as
     save_pretrained does; transformers ties it again on load from config.tie_word_embeddings."""
@@ -102,7 +102,7 @@ def merged_state_dict(model: nn.Module, name: str = "default", dtype: torch.dtyp
     adapter `name` merged in float32 and cast once to `dtype`. Tied weights appear once. On the
     CPU, whatever the model's device: each layer is merged where the model is and then moved out,
     so the device holds one merged layer at a time."""
-    out = _other_tensors(model, dtype)
+    out = other_tensors(model, dtype)
     for module, layer, w in merged_linears(model, name):
         out[f"{module}.weight"] = w.to(dtype).contiguous().cpu()
         if layer.bias is not None:
@@ -166,7 +166,7 @@ def requantized_state_dict(model: nn.Module, name: str = "default", dtype: torch
     if any(True for _ in expert_layers(model)):
         raise ValueError("requantising a merged model with 4-bit MoE experts is not supported: bitsandbytes' "
                          "format has no 4-bit fused expert parameters; write the dense merged model instead")
-    out = _other_tensors(model, dtype)
+    out = other_tensors(model, dtype)
     err2 = upd2 = 0.0
     for module, layer, w in merged_linears(model, name):
         tensors, back = requantize_weight(layer, w.to(dtype), quant_type, module, group_size)
