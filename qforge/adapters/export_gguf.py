@@ -280,9 +280,9 @@ def write_gguf(out: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], con
 def merged_tensors(model: torch.nn.Module, name: str = "default") -> Iterator[tuple[str, torch.Tensor]]:
     """(transformers key, float32 tensor) of `model` with adapter `name` merged, one layer at a time
     (merge.py's streaming merge); tied weights once."""
-    from .merge import _other_tensors, merged_linears
+    from .merge import other_tensors, merged_linears
 
-    yield from _other_tensors(model, torch.float32).items()
+    yield from other_tensors(model, torch.float32).items()
     for module, layer, w in merged_linears(model, name):
         yield f"{module}.weight", w
         if layer.bias is not None:

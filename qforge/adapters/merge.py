@@ -32,7 +32,7 @@ from ..model.surgery import adapted_layers, quantized_layers
 from ..nn import AdaptedLinear, LoraAdapter
 from ..quant import dequantize, quantize
 from ..quant.state import dtype_name
-from .peft_format import _adapted_layers, _expert_adapters, write_folder_atomically
+from .peft_format import layer_adapters, expert_adapters, write_folder_atomically
 
 RECORD_KEY = "qforge_merged_adapters"  # in config.json, and on a model object that was merged
 PROVENANCE_NAME = "qforge_merge.json"
@@ -55,7 +55,7 @@ def merged_linears(model: nn.Module, name: str = "default") -> Iterator[tuple[st
     """(module path, layer, merged float32 weight) for every adapted layer, one at a time. A NaN or
     Inf in a merged weight is a ValueError naming the layer (as PEFT's safe_merge checks)."""
     # a ValueError listing the adapters present when `name` is absent
-    _adapted_layers(model, name, allow_none=bool(_expert_adapters(model, name)))
+    layer_adapters(model, name, allow_none=bool(expert_adapters(model, name)))
     for module, layer in adapted_layers(model):
         w = merged_weight(layer, layer.adapters[name] if name in layer.adapters else None)
         if not torch.isfinite(w).all():
@@ -78,7 +78,7 @@ def merged_experts(model: nn.Module, name: str = "default") -> Iterator[tuple[st
             yield f"{module}.{p}", w
 
 
-def _other_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def other_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every state-dict tensor outside the adapted layers, floating ones cast to dtype. A
     tensor that shares memory with an earlier one (tied lm_head / embeddings) is written once, as
     save_pretrained does; transformers ties it again on load from config.tie_word_embeddings."""
@@ -102,7 +102,7 @@ def merged_state_dict(model: nn.Module, name: str = "default", dtype: torch.dtyp
     adapter `name` merged in float32 and cast once to `dtype`. Tied weights appear once. On the
     CPU, whatever the model's device: each layer is merged where the model is and then moved out,
     so the device holds one merged layer at a time."""
-    out = _other_tensors(model, dtype)
+    out = other_tensors(model, dtype)
     for module, layer, w in merged_linears(model, name):
         out[f"{module}.weight"] = w.to(dtype).contiguous().cpu()
         if layer.bias is not None:
@@ -166,7 +166,7 @@ def requantized_state_dict(model: nn.Module, name: str = "default", dtype: torch
     if any(True for _ in expert_layers(model)):
         raise ValueError("requantising a merged model with 4-bit MoE experts is not supported: bitsandbytes' "
                          "format has no 4-bit fused expert parameters; write the dense merged model instead")
-    out = _other_tensors(model, dtype)
+    out = other_tensors(model, dtype)
     err2 = upd2 = 0.0
     for module, layer, w in merged_linears(model, name):
         tensors, back = requantize_weight(layer, w.to(dtype), quant_type, module, group_size)
@@ -184,11 +184,11 @@ def adapter_fingerprint(model: nn.Module, name: str = "default") -> str:
     """sha256 of adapter `name`'s weights (float32 bytes, layers in order): the same adapter gives
     the same fingerprint wherever it was loaded from."""
     h = hashlib.sha256()
-    for module, a in _adapted_layers(model, name, allow_none=bool(_expert_adapters(model, name))).items():
+    for module, a in layer_adapters(model, name, allow_none=bool(expert_adapters(model, name))).items():
         h.update(module.encode())
         for t in a.peft_weights().values():  # A, B, then the variant's own (DoRA's magnitude)
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    for module, loras in _expert_adapters(model, name).items():  # LoRA on MoE experts
+    for module, loras in expert_adapters(model, name).items():  # LoRA on MoE experts
         for p, lora in loras.items():
             h.update(f"{module}.{p}".encode())
             for t in (lora.lora_A, lora.lora_B):
@@ -280,7 +280,7 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, name: str = "d
 @torch.no_grad()
 def _rounding_demo(model: nn.Module, name: str) -> str:
     """One layer's numbers: how much of the update survives requantising dequant(W) + update."""
-    layers = _adapted_layers(model, name, allow_none=bool(_expert_adapters(model, name)))
+    layers = layer_adapters(model, name, allow_none=bool(expert_adapters(model, name)))
     if not layers:  # an adapter on MoE experts only
         return ""
     module, adapter = next(iter(layers.items()))

@@ -71,7 +71,9 @@ def write_folder_atomically(out_dir: str | Path, write: Callable[[Path], None],
 
 
 # ---- save -----------------------------------------------------------------------------------
-def _adapted_layers(model: nn.Module, name: str, allow_none: bool = False) -> dict[str, LoraAdapter]:
+def layer_adapters(model: nn.Module, name: str, allow_none: bool = False) -> dict[str, LoraAdapter]:
+    """Module path -> adapter `name` of every adapted linear layer carrying it; ValueError when none
+    does (unless allow_none: an adapter on experts only)."""
     found = {n: layer.adapters[name] for n, layer in adapted_layers(model) if name in layer.adapters}
     if not found and not allow_none:
         have = sorted({a for _, layer in adapted_layers(model) for a in layer.adapters})
@@ -114,8 +116,8 @@ def _target_modules(model: nn.Module, adapted: list[str], spec_targets) -> list[
 def adapter_config(model: nn.Module, name: str = "default", base_model_name_or_path: str | None = None) -> dict:
     """The adapter_config.json dict PEFT 0.21 would write for adapter `name` of `model`. Layers whose
     rank or alpha differ from the most common one go to rank_pattern / alpha_pattern (full paths)."""
-    experts = _expert_adapters(model, name)
-    adapters = _adapted_layers(model, name, allow_none=bool(experts))
+    experts = expert_adapters(model, name)
+    adapters = layer_adapters(model, name, allow_none=bool(experts))
     expert_hyper = {f"{m}.{p}": _hyper(a) for m, loras in experts.items() for p, a in loras.items()}
     hyper = {n: _hyper(a) for n, a in adapters.items()}
     r, alpha, dropout, rslora, dora = Counter((hyper or expert_hyper).values()).most_common(1)[0][0]
@@ -148,8 +150,8 @@ def adapter_config(model: nn.Module, name: str = "default", base_model_name_or_p
 def adapter_tensors(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """PEFT's tensor keys -> contiguous copies of adapter `name`'s weights (in the adapter's dtype)."""
     out = {}
-    experts = _expert_adapters(model, name)
-    for module, a in _adapted_layers(model, name, allow_none=bool(experts)).items():
+    experts = expert_adapters(model, name)
+    for module, a in layer_adapters(model, name, allow_none=bool(experts)).items():
         for suffix, t in a.peft_weights().items():  # lora_A [r, in], lora_B [out, r], DoRA's magnitude [out]
             out[f"{PREFIX}{module}.{suffix}"] = t.detach().contiguous().clone()
     for module, loras in experts.items():
@@ -159,7 +161,7 @@ def adapter_tensors(model: nn.Module, name: str = "default") -> dict[str, torch.
     return out
 
 
-def _expert_adapters(model: nn.Module, name: str) -> dict[str, nn.ModuleDict]:
+def expert_adapters(model: nn.Module, name: str) -> dict[str, nn.ModuleDict]:
     """experts module path -> {parameter name: ExpertLora} of adapter `name`."""
     return {n: layer.adapters[name] for n, layer in expert_layers(model) if name in layer.adapters}
 
@@ -444,5 +446,5 @@ def _load_with_experts(model: nn.Module, adapter_dir: Path, name: str | None, dt
     return name
 
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter", "adapter_config", "adapter_tensors", "read_adapter_config",
+__all__ = ["layer_adapters", "expert_adapters", "save_adapter", "load_adapter", "read_adapter", "adapter_config", "adapter_tensors", "read_adapter_config",
            "read_adapter_tensors", "write_folder_atomically", "model_layout", "ModelLayout", "default_adapter_name", "PEFT_LORA_DEFAULTS"]

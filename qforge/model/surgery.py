@@ -137,8 +137,9 @@ def use_float32_residual(model: nn.Module) -> int:
     """A float32 residual stream under bf16 autocast, as PEFT's prepare_model_for_kbit_training
     gives a k-bit model: the input embeddings (and with them a tied LM head) and the norms in
     float32, so the hidden states start in float32 and the norms keep them so; every adapted layer
-    returns its float32 input's dtype (AdaptedLinear.keep_input_dtype), its base product and
-    low-rank term added in float32. The products themselves stay in the compute dtype (autocast),
+    gets the one float32-residual switch (AdaptedLinear.keep_input_dtype, read in its forward
+    only): it returns its float32 input's dtype, its base output (product + bias) and its
+    variant's term (LoRA's low-rank term, DoRA's) added in float32. The products themselves stay in the compute dtype (autocast),
     and with float32 hidden states the rotary cos/sin reach attention in float32 as in PEFT's run.
     An untied LM head is left as it is: autocast computes it in BF16 from either dtype, so
     upcasting it (as PEFT's recipe does) would cost memory and change no value. Returns the bytes

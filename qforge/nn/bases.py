@@ -14,8 +14,11 @@ Bases here:
     ShardedQuant4bitBase  the same codes held in float Parameters FSDP can shard (qforge.dist)
 A new base (HQQ, a GPU format) is one new class with these methods.
 
-The products go through autograd Functions that save nothing for backward but a reference to the
-frozen weight: backward dequantises again rather than keep a dense copy alive between the two.
+Every product goes through the one autograd Function of qforge.nn.functions (FrozenProduct): a
+base names the operand it multiplies by and answers `matmul(operand, x, transposed)` both ways;
+nothing is saved for backward but a reference, so backward dequantises again rather than keep a
+dense copy alive between the two. The quantised bases (4-bit here, HQQ in hqq_base.py) share their
+state handling (QuantizedBase: registration, state-dict keys, device moves).
 Which kernel computes a product (a fused Triton dequant-matmul on CUDA, dequantise + GEMM
 elsewhere) is decided in qforge.kernels.dispatch, nowhere here.
 """
@@ -30,6 +33,7 @@ from torch import nn
 from ..kernels import dispatch
 from ..quant import QuantState, dequantize, quantize
 from . import recompute
+from .functions import frozen_product
 
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 
@@ -48,45 +52,12 @@ def dequantize_cached(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     return dequantize(state, dtype, out=buf)
 
 
-class Linear4bitFunction(torch.autograd.Function):
-    """y = x @ dequant(W)^T. Saves nothing but a reference to the packed state; the chain rule
-    dL/dx = dL/dy @ dequant(W) dequantises again. W is frozen, so there is no dL/dW."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, state: QuantState, key: object) -> torch.Tensor:
-        ctx.state = state
-        # inside a selectively checkpointed layer's recomputation: the output kept from forward
-        return recompute.base_product(key, x, state.shape[0], lambda: dispatch.matmul_4bit(
-            x, state, lambda dtype: dequantize_cached(state, dtype), transposed=True))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        state = ctx.state
-        return dispatch.matmul_4bit(grad_out, state, lambda dtype: dequantize_cached(state, dtype),
-                                    transposed=False), None, None
-
-
-class DenseFunction(torch.autograd.Function):
-    """y = x @ W^T for a frozen dense W: what F.linear computes, with the same selective-checkpointing
-    tape as the 4-bit product so BF16 LoRA and QLoRA runs compare fairly."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, key: object) -> torch.Tensor:
-        ctx.weight = weight  # frozen: held, not saved, so checkpointing's early stop works as for 4 bits
-        return recompute.base_product(key, x, weight.shape[0], lambda: F.linear(x, weight))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        return grad_out @ ctx.weight.to(grad_out.dtype), None, None
-
-
 class FrozenBase:
     """What an AdaptedLinear asks of its frozen weight. `attach` registers the base's tensors on the
-    layer (`host`); the hooks below are called from the layer's own state-dict and device methods."""
+    layer (`host`); the hooks below are called from the layer's own state-dict and device methods.
+
+    A subclass names what its product multiplies by (`operand`: taken once per forward and held by
+    the autograd Function for backward) and how (`matmul`); `product` is then the one Function."""
 
     kind = "base"
     shardable = False  # True: qforge.dist can swap it for a sharded form (to_sharded)
@@ -96,15 +67,27 @@ class FrozenBase:
         self.host: nn.Module | None = None
 
     def attach(self, host: nn.Module) -> None:
-        self.host = host
+        """Register this base's tensors on `host`. Again on another host (a serving wrapper of the
+        layer, qforge.serve.lora_slots) registers the same tensors there: both hosts share them."""
         self.register(host)
+        self.host = host
 
     # ---- what each base provides --------------------------------------------------------------
     def register(self, host: nn.Module) -> None:
+        """Put the base's tensors on `host`; `self.host` is still the previous host (or None)."""
+        raise NotImplementedError
+
+    def operand(self):
+        """What the product multiplies by (a QuantState, a tensor): held for backward, never copied."""
+        raise NotImplementedError
+
+    def matmul(self, operand, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """x @ W^T (transposed: [..., in] -> [..., out]) or x @ W ([..., out] -> [..., in]), W from operand."""
         raise NotImplementedError
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x [..., in] @ W^T -> [..., out], without bias, differentiable in x only."""
+        return frozen_product(x, self, self.operand(), self.host, self.shape[0])
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
@@ -140,8 +123,17 @@ class DenseBase(FrozenBase):
         self._initial = weight.detach().to(dtype or weight.dtype)
 
     def register(self, host: nn.Module) -> None:
+        if self.host is not None:  # a second host: the same Parameter
+            host.weight = self.host.weight
+            return
         host.weight = nn.Parameter(self._initial, requires_grad=False)
         self._initial = None
+
+    def operand(self) -> torch.Tensor:
+        return self.host.weight
+
+    def matmul(self, weight: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+        return F.linear(x, weight) if transposed else x @ weight.to(x.dtype)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.host.weight
@@ -149,7 +141,9 @@ class DenseBase(FrozenBase):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             if weight.requires_grad:  # a trainable base (not qforge's LoRA): plain autograd
                 return F.linear(x, weight)
-            return DenseFunction.apply(x, weight, self.host)
+            # through the frozen product, with the same selective-checkpointing tape as the 4-bit
+            # product, so BF16 LoRA and QLoRA runs compare fairly
+            return frozen_product(x, self, weight, self.host, self.shape[0])
         return F.linear(x, weight)
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -159,16 +153,84 @@ class DenseBase(FrozenBase):
         return self.host.weight.detach().to(dtype).clone()
 
 
-class Quant4bitBase(FrozenBase):
+class QuantizedBase(FrozenBase):
+    """A base whose W is a quantised state object (`state`: codes and scales, with `packed`,
+    `shape`, `to(device)`): the packed codes are the host's non-persistent buffer `weight` (so
+    `layer.weight.device` is where the base lives); the state dict carries the format's own keys,
+    which a subclass reads and writes (`own_keys`, `read_state`, `state_dict_of`, `codes_key`)."""
+
+    def __init__(self, state):
+        super().__init__(state.shape)
+        self.state = state
+
+    def register(self, host: nn.Module) -> None:
+        host.register_buffer("weight", self.state.packed, persistent=False)
+
+    def operand(self):
+        return self.state
+
+    # ---- the format's keys ----------------------------------------------------------------------
+    def own_keys(self, state_dict: dict, prefix: str) -> list[str]:
+        raise NotImplementedError
+
+    def read_state(self, tensors: dict, prefix: str):
+        """The state from its keys at `prefix`; ValueError when they do not make one."""
+        raise NotImplementedError
+
+    def state_dict_of(self, prefix: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def codes_key(self, prefix: str) -> str:
+        """The key that names the codes in messages (missing, wrong shape)."""
+        raise NotImplementedError
+
+    def on_device(self, device: torch.device) -> bool:
+        return self.state.packed.device == device
+
+    # ---- the host's hooks -----------------------------------------------------------------------
+    def save_state(self, destination: dict, prefix: str) -> None:
+        destination.update(self.state_dict_of(prefix))
+
+    def load_state(self, state_dict, prefix, strict, missing_keys, error_msgs) -> None:
+        own = self.own_keys(state_dict, prefix)
+        if not own:
+            if strict:
+                missing_keys.append(self.codes_key(prefix))
+            return
+        try:
+            state = self.read_state({k: state_dict[k] for k in own}, prefix)
+        except ValueError as exc:
+            error_msgs.append(str(exc))
+        else:
+            if tuple(state.shape) != self.shape:
+                error_msgs.append(f"{self.codes_key(prefix)}: shape {list(state.shape)} does not fit {list(self.shape)}")
+            else:
+                self.state = state.to(self.host.weight.device)
+                self.host.weight = self.state.packed
+        for k in own:
+            state_dict.pop(k)
+
+    def moved(self) -> None:
+        device = self.host.weight.device
+        if not self.on_device(device):
+            self.state = self.state.to(device)
+            self.host.weight = self.state.packed
+
+
+class Quant4bitBase(QuantizedBase):
     """NF4 / FP4 codes in bitsandbytes' layout: the host's non-persistent uint8 buffer `weight`
     [(out*in+1)//2, 1] is the packed codes (as in bitsandbytes' Linear4bit); the state dict carries
     bitsandbytes' keys (`weight`, `weight.absmax`, `weight.quant_map`, ...)."""
 
     shardable = True
 
-    def __init__(self, state: QuantState):
-        super().__init__(state.shape)
-        self.quant_state = state
+    @property
+    def quant_state(self) -> QuantState:
+        return self.state
+
+    @quant_state.setter
+    def quant_state(self, state: QuantState) -> None:
+        self.state = state
 
     @property
     def kind(self) -> str:
@@ -183,11 +245,11 @@ class Quant4bitBase(FrozenBase):
         st = self.quant_state
         return f"quant_type={st.quant_type}, blocksize={st.blocksize}, double_quant={st.nested}"
 
-    def register(self, host: nn.Module) -> None:
-        host.register_buffer("weight", self.quant_state.packed, persistent=False)
+    def operand(self) -> QuantState:
+        return self.quant_state
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        return Linear4bitFunction.apply(x, self.quant_state, self.host)
+    def matmul(self, state: QuantState, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+        return dispatch.matmul_4bit(x, state, lambda dtype: dequantize_cached(state, dtype), transposed)
 
     def fused_lora(self, x, A, B, scaling):
         if recompute.keeping():  # a selective-checkpointing tape replays the base product on its own
@@ -201,33 +263,17 @@ class Quant4bitBase(FrozenBase):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.quant_state, dtype)
 
-    def save_state(self, destination: dict, prefix: str) -> None:
-        destination.update(self.quant_state.to_state_dict(prefix + "weight"))
+    def own_keys(self, state_dict, prefix):
+        return [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
 
-    def load_state(self, state_dict, prefix, strict, missing_keys, error_msgs) -> None:
-        own = [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
-        if not own:
-            if strict:
-                missing_keys.append(prefix + "weight")
-            return
-        try:
-            state = QuantState.from_state_dict({k: state_dict[k] for k in own}, prefix + "weight")
-        except ValueError as exc:
-            error_msgs.append(str(exc))
-        else:
-            if tuple(state.shape) != self.shape:
-                error_msgs.append(f"{prefix}weight: shape {list(state.shape)} does not fit {list(self.shape)}")
-            else:
-                self.quant_state = state.to(self.host.weight.device)
-                self.host.weight = self.quant_state.packed
-        for k in own:
-            state_dict.pop(k)
+    def read_state(self, tensors, prefix):
+        return QuantState.from_state_dict(tensors, prefix + "weight")
 
-    def moved(self) -> None:
-        device = self.host.weight.device
-        if self.quant_state.packed.device != device:
-            self.quant_state = self.quant_state.to(device)
-            self.host.weight = self.quant_state.packed
+    def state_dict_of(self, prefix):
+        return self.quant_state.to_state_dict(prefix + "weight")
+
+    def codes_key(self, prefix):
+        return prefix + "weight"
 
     def to_sharded(self, dtype: torch.dtype) -> "ShardedQuant4bitBase":
         return ShardedQuant4bitBase(self.quant_state, dtype)
@@ -255,6 +301,9 @@ class ShardedQuant4bitBase(Quant4bitBase):
     def register(self, host: nn.Module) -> None:
         if "weight" in host._buffers:
             del host._buffers["weight"]
+        if self.host is not None:  # a second host: the same Parameters (sharded or whole)
+            host.weight, host.weight_absmax = self.host.weight, self.host.weight_absmax
+            return
         state, self._full = self._full, None
         host.weight = nn.Parameter(bytes_as(state.packed, self.storage_dtype), requires_grad=False)
         host.weight_absmax = nn.Parameter(bytes_as(state.absmax, self.storage_dtype), requires_grad=False)

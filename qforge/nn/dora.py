@@ -31,13 +31,20 @@ class DoraVariant(LoraVariant):
     def init(self, layer, adapter: LoraAdapter) -> None:
         adapter.magnitude.copy_(self._row_norms(layer, adapter))
 
-    def forward(self, layer, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        base = layer.base.product(x)
-        lora = adapter.low_rank(x).to(base.dtype)
+    def fused(self, layer, adapter: LoraAdapter, x: torch.Tensor) -> None:
+        return None  # the fused kernel knows no magnitude
+
+    def apply(self, layer, adapter: LoraAdapter, x: torch.Tensor, base_out: torch.Tensor,
+              low: torch.Tensor | None = None) -> torch.Tensor:
+        """base_out + (m/||W + sBA|| - 1) W x + m/||W + sBA|| s B A x, in base_out's dtype (float32
+        with the float32 residual, as LoRA's sum). base_out = W x + b: the bias, as in PEFT, takes
+        no scale (subtracted from base_out for the scaled part)."""
+        low = adapter.low_rank(x) if low is None else low
         with torch.no_grad():  # the norm is a constant for backward
             norm = self._row_norms(layer, adapter)
-        scale = (adapter.magnitude.float() / norm).to(base.dtype)
-        return base + ((scale - 1) * base + scale * lora)
+        scale = (adapter.magnitude.float() / norm).to(base_out.dtype)                 # (out,)
+        base = base_out if layer.bias is None else base_out - layer.bias
+        return base_out + ((scale - 1) * base + scale * low.to(base_out.dtype))
 
     @torch.no_grad()
     def merged_weight(self, w: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:

@@ -18,18 +18,7 @@ import torch
 from torch import nn
 
 from ..kernels import dispatch
-
-
-class _HashDropout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, threshold: int, scale: float, seed: int):
-        ctx.args = (threshold, scale, seed)
-        return dispatch.dropout(x, threshold, scale, seed)
-
-    @staticmethod
-    def backward(ctx, grad):
-        threshold, scale, seed = ctx.args
-        return dispatch.dropout(grad.contiguous(), threshold, scale, seed), None, None, None
+from .functions import HashDropoutFunction
 
 
 def hash_dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.Generator | None = None):
@@ -41,7 +30,7 @@ def hash_dropout(x: torch.Tensor, p: float, training: bool = True, generator: to
     if not dispatch.counter_dropout(x):  # accelerators: torch's fused dropout is already one cheap pass
         return torch.nn.functional.dropout(x, p, True)
     seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
-    return _HashDropout.apply(x.contiguous(), math.ceil(p * 2**24), 1.0 / (1.0 - p), seed)
+    return HashDropoutFunction.apply(x.contiguous(), math.ceil(p * 2**24), 1.0 / (1.0 - p), seed)
 
 
 class HashDropout(nn.Module):

@@ -20,10 +20,11 @@ Each expert slice W[e] is quantised on its own exactly as bitsandbytes' quantize
 2-D weight (blockwise NF4/FP4 over the flattened slice, optional double quantisation with the
 slice's own offset), and the slices are stacked: packed codes [E, (d1*d2+1)//2] uint8, absmax
 [E, blocks], nested absmax [E, nested blocks], offsets [E]. A slice is dequantised into a
-shared workspace for one product and dropped; the products go through an autograd Function that
-saves nothing for backward (backward dequantises again) and keeps the selective-checkpointing
-tape of qforge.nn.recompute, as the Linear bases in bases.py do. A bank is the experts' frozen
-base (ExpertBank: 4 bits; DenseExpertBank: a plain tensor), as a FrozenBase is a linear layer's.
+shared workspace for one product and dropped; the products go through the one frozen-product
+Function (qforge.nn.functions: nothing saved for backward, which dequantises again; the
+selective-checkpointing tape of qforge.nn.recompute), as the Linear bases' do. A bank is the
+experts' frozen base taking an expert index (FrozenBank: ExpertBank 4 bits, DenseExpertBank a
+plain tensor), as a FrozenBase is a linear layer's.
 
 PEFT 0.21 (ParamWrapper) keeps an expert adapter as lora_A [E*r, in] (expert-major rows) and
 lora_B [out, r*E] (column j*E + e is rank j of expert e); here they are held as A [E, r, in] and
@@ -40,14 +41,37 @@ from torch import nn
 
 from ..kernels import dispatch
 from ..quant import QuantState, quantize
-from . import recompute
 from .bases import dequantize_cached
-from .lora import LoraSpec
+from .functions import frozen_product
+from .lora import LoraSpec, low_rank
 
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # in the order transformers registers them
 
 
-class ExpertBank:
+class FrozenBank:
+    """The frozen base of a fused expert parameter [E, out, in]: a linear base's product protocol
+    with an expert index. `product(x, e)` is expert e's x @ W[e]^T through the one frozen-product Function
+    (qforge.nn.functions), whose operand is the index: `matmul(e, x, transposed)` makes W[e] again
+    in backward. Its tensors are registered by the host (AdaptedExperts) under the parameter's
+    name plus the suffixes of `tensors()`, and handed back after a move or load (`replace_tensors`)."""
+
+    num_experts: int
+    keys: list  # the recompute tape's identity per expert
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def product(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """x [n, in] @ W[e]^T -> [n, out], differentiable in x only."""
+        return frozen_product(x, self, e, self.keys[e], self.shape[1])
+
+    def matmul(self, e: int, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """x @ W[e]^T (x [n, in] -> [n, out]) or, transposed=False, x @ W[e] ([n, out] -> [n, in])."""
+        raise NotImplementedError
+
+
+class ExpertBank(FrozenBank):
     """One fused expert parameter [E, out, in] held as E per-expert 4-bit QuantStates whose
     tensors are views into stacked storage (`tensors()`): what a host module registers."""
 
@@ -132,8 +156,7 @@ class ExpertBank:
         """Expert e's weight [out, in] in a transient workspace (use at once)."""
         return dequantize_cached(self.expert(e), dtype)
 
-    def product(self, x: torch.Tensor, e: int, transposed: bool = True) -> torch.Tensor:
-        """x @ W[e]^T (x [n, in] -> [n, out]) or, transposed=False, x @ W[e] ([n, out] -> [n, in])."""
+    def matmul(self, e: int, x: torch.Tensor, transposed: bool) -> torch.Tensor:
         return dispatch.matmul_4bit(x, self.expert(e), lambda dtype: self.dequantize_expert(e, dtype), transposed)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -148,7 +171,7 @@ class ExpertBank:
         return True
 
 
-class DenseExpertBank:
+class DenseExpertBank(FrozenBank):
     """One fused expert parameter [E, out, in] kept dense and frozen (BF16 LoRA on experts): the
     same questions as ExpertBank, answered from a plain tensor."""
 
@@ -173,7 +196,7 @@ class DenseExpertBank:
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype).clone()
 
-    def product(self, x: torch.Tensor, e: int, transposed: bool = True) -> torch.Tensor:
+    def matmul(self, e: int, x: torch.Tensor, transposed: bool) -> torch.Tensor:
         w = self.dequantize_expert(e, x.dtype)
         return F.linear(x, w) if transposed else x @ w
 
@@ -182,22 +205,6 @@ class DenseExpertBank:
 
     def keeps_dtype(self) -> bool:
         return False
-
-
-class ExpertProductFunction(torch.autograd.Function):
-    """y = x @ dequant(W[e])^T for one frozen expert slice of a bank (4-bit or dense). Saves nothing
-    but references; the chain rule dL/dx = dL/dy @ dequant(W[e]) dequantises the slice again."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, bank, e: int) -> torch.Tensor:
-        ctx.bank, ctx.e = bank, e
-        return recompute.base_product(bank.keys[e], x, bank.shape[1], lambda: bank.product(x, e, transposed=True))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        return ctx.bank.product(grad_out, ctx.e, transposed=False), None, None
 
 
 class ExpertLora(nn.Module):
@@ -213,9 +220,8 @@ class ExpertLora(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def low_rank(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """s (x A[e]^T) B[e]^T in the adapter's dtype: [n, in] -> [n, out]."""
-        x = x.to(self.lora_A.dtype)
-        return (x @ self.lora_A[e].t()) @ self.lora_B[e].t() * self.scaling
+        """s (x A[e]^T) B[e]^T in the adapter's dtype: [n, in] -> [n, out] (the layers' low-rank helper)."""
+        return low_rank(x.to(self.lora_A.dtype), self.lora_A[e], self.lora_B[e], self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """s B[e] @ A[e] for every expert, float32 [E, out, in]."""
@@ -344,10 +350,10 @@ class AdaptedExperts(nn.Module):
     def project(self, name: str, e: int, x: torch.Tensor, loras) -> torch.Tensor:
         """Expert e's product with parameter `name` (+ its low-rank term): x [n, in] -> [n, out]."""
         lora = loras[name] if loras is not None and name in loras else None
-        # the low-rank term first and the frozen product last (see LoraVariant.forward: under full
+        # the low-rank term first and the frozen product last (see AdaptedLinear.forward: under full
         # checkpointing, torch's early stop skips recomputing the final base product)
         low = None if lora is None else lora.low_rank(e, x)
-        y = ExpertProductFunction.apply(x, self.bank(name), e)
+        y = self.bank(name).product(x, e)
         return y if low is None else y + low.to(y.dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -426,5 +432,5 @@ def is_fused_experts(module: nn.Module) -> bool:
             and isinstance(down, nn.Parameter) and gate_up.dim() == 3 and down.dim() == 3)
 
 
-__all__ = ["ExpertBank", "DenseExpertBank", "ExpertLora", "AdaptedExperts", "ExpertProductFunction", "EXPERT_PARAMETERS",
+__all__ = ["FrozenBank", "ExpertBank", "DenseExpertBank", "ExpertLora", "AdaptedExperts", "EXPERT_PARAMETERS",
            "check_supported", "is_fused_experts"]

@@ -18,38 +18,27 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..quant.hqq import (HQQ_META_DTYPE, HQQState, check_hqq_group_size, hqq_dequantize, hqq_from_state_dict,
                          hqq_nbits, hqq_quantize, hqq_state_dict, hqq_state_keys)
-from . import recompute
-from .bases import FrozenBase, Quant4bitBase
+from .bases import FrozenBase, QuantizedBase, Quant4bitBase
 
 
-class HQQLinearFunction(torch.autograd.Function):
-    """y = x @ W^T with W = hqq_dequantize(state). Saves nothing but a reference to the base; the
-    chain rule dL/dx = dL/dy @ W dequantises again. W is frozen, so there is no dL/dW."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, base: "HQQBase", key: object) -> torch.Tensor:
-        ctx.base = base
-        return recompute.base_product(key, x, base.shape[0], lambda: F.linear(x, base.weight(x.dtype)))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        return grad_out @ ctx.base.weight(grad_out.dtype), None, None
-
-
-class HQQBase(FrozenBase):
+class HQQBase(QuantizedBase):
     """HQQ codes of W [out, in] in the `hqq` package's layout (see qforge.quant.hqq)."""
 
     def __init__(self, state: HQQState):
         if len(state.shape) != 2:
             raise ValueError(f"an HQQ base holds a 2-D weight, got shape {list(state.shape)}")
-        super().__init__(state.shape)
-        self.hqq_state = state
+        super().__init__(state)
+
+    @property
+    def hqq_state(self) -> HQQState:
+        return self.state
+
+    @hqq_state.setter
+    def hqq_state(self, state: HQQState) -> None:
+        self.state = state
 
     @property
     def kind(self) -> str:
@@ -72,11 +61,9 @@ class HQQBase(FrozenBase):
         st = self.hqq_state
         return f"quant_type=hqq{st.nbits}, group_size={st.group_size}, axis={st.axis}"
 
-    def register(self, host: nn.Module) -> None:
-        host.register_buffer("weight", self.hqq_state.packed, persistent=False)
-
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        return HQQLinearFunction.apply(x, self, self.host)
+    def matmul(self, state: HQQState, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+        w = hqq_dequantize(state, x.dtype)  # [out, in], transient: made again for backward
+        return F.linear(x, w) if transposed else x @ w
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         return hqq_dequantize(self.hqq_state, dtype)
@@ -87,33 +74,20 @@ class HQQBase(FrozenBase):
     def nbytes(self) -> int:
         return self.hqq_state.nbytes()
 
-    def save_state(self, destination: dict, prefix: str) -> None:
-        destination.update(hqq_state_dict(self.hqq_state, prefix, compute_dtype=HQQ_META_DTYPE))
+    def own_keys(self, state_dict, prefix):
+        return hqq_state_keys(state_dict, prefix)
 
-    def load_state(self, state_dict, prefix, strict, missing_keys, error_msgs) -> None:
-        own = hqq_state_keys(state_dict, prefix)
-        if not own:
-            if strict:
-                missing_keys.append(prefix + "W_q")
-            return
-        try:
-            state = hqq_from_state_dict({k: state_dict[k] for k in own}, prefix)
-        except ValueError as exc:
-            error_msgs.append(str(exc))
-        else:
-            if tuple(state.shape) != self.shape:
-                error_msgs.append(f"{prefix}W_q: shape {list(state.shape)} does not fit {list(self.shape)}")
-            else:
-                self.hqq_state = state.to(self.host.weight.device)
-                self.host.weight = self.hqq_state.packed
-        for k in own:
-            state_dict.pop(k)
+    def read_state(self, tensors, prefix):
+        return hqq_from_state_dict(tensors, prefix)
 
-    def moved(self) -> None:
-        device = self.host.weight.device
-        if self.hqq_state.packed.device != device or self.hqq_state.meta_tensors()[0].device != device:
-            self.hqq_state = self.hqq_state.to(device)
-            self.host.weight = self.hqq_state.packed
+    def state_dict_of(self, prefix):
+        return hqq_state_dict(self.hqq_state, prefix, compute_dtype=HQQ_META_DTYPE)
+
+    def codes_key(self, prefix):
+        return prefix + "W_q"
+
+    def on_device(self, device: torch.device) -> bool:
+        return self.hqq_state.packed.device == device and self.hqq_state.meta_tensors()[0].device == device
 
 
 def quantized_base(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,

@@ -1,7 +1,13 @@
 """AdaptedLinear: a frozen base weight plus named trainable adapters, in place of an nn.Linear.
 
-    y = base.product(x) + bias                     (no active adapter)
-    y = variant.forward(layer, adapter, x) + bias  (LoRA: W x + s B A dropout(x); DoRA: see dora.py)
+    x --to compute dtype--> x_c --base.product--> W x_c --+ bias, to the residual dtype--> base_out
+                             |                                                          |
+                             +------------------> variant.apply(layer, adapter, x_c, base_out) --> y
+
+    base_out = W x + b                in the residual dtype: the compute dtype, or with the float32
+                                      residual (keep_input_dtype) x's float32 under autocast
+    y = variant.apply(layer, adapter, x, base_out)
+                                      LoRA: base_out + s B A dropout(x); DoRA: see dora.py
 
 The layer holds the adapters and the bias and asks its base (qforge.nn.bases: 4-bit NF4/FP4, dense,
 sharded 4-bit, ...) for everything about the frozen weight; the state dict carries the base's own
@@ -13,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import recompute
 from .bases import DenseBase, FrozenBase
-from .hqq_base import HQQBase, quantized_base
+from .hqq_base import quantized_base
 from .lora import LoraAdapter, LoraSpec
 
 
@@ -29,8 +36,9 @@ class AdaptedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
-        # under autocast, return a float32 input's dtype (bitsandbytes' Linear4bit with PEFT's
-        # adapters do): a float32 residual stream stays float32 (qforge.model.surgery.use_float32_residual)
+        # the float32-residual switch (qforge.model.surgery.use_float32_residual), read in forward
+        # only: under autocast, sum and return in a float32 input's dtype, as bitsandbytes'
+        # Linear4bit with PEFT's adapters do, so a float32 residual stream stays float32
         self.keep_input_dtype = False
         self.set_base(base)
 
@@ -40,12 +48,6 @@ class AdaptedLinear(nn.Module):
         """linear's weight quantised to 4 bits (QLoRA), or with quant_type hqq4/hqq3/hqq2 to HQQ codes
         (blocksize: the group size; qforge.nn.hqq_base.quantized_base)."""
         return cls(quantized_base(linear.weight, quant_type, blocksize, double_quant), linear.bias, compute_dtype)
-
-    @classmethod
-    def hqq(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64,
-            compute_dtype: torch.dtype = torch.bfloat16) -> "AdaptedLinear":
-        """linear's weight quantised with HQQ at `bits` (4, 3 or 2), a scale and zero per `group_size`."""
-        return cls(HQQBase.from_weight(linear.weight, bits, group_size), linear.bias, compute_dtype)
 
     @classmethod
     def dense(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "AdaptedLinear":
@@ -75,40 +77,51 @@ class AdaptedLinear(nn.Module):
         """A fresh copy of the base weight [out, in] in `dtype` (default: the compute dtype)."""
         return self.base.dequantized(dtype or self.compute_dtype)
 
+    def active(self) -> LoraAdapter | None:
+        return self.adapters[self.active_adapter] if self.active_adapter in self.adapters else None
+
     # ---- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_c = x.to(self.compute_dtype)
-        adapter = self.adapters[self.active_adapter] if self.active_adapter in self.adapters else None
-        if adapter is not None and self.returns_input_dtype(x) and adapter.fusable(self.compute_dtype):
-            # PEFT over Linear4bit: the base product (+ bias) and the low-rank term s*B(A x) each
-            # in the compute dtype, added in the input's dtype (float32 for a float32 residual:
-            # not rounded to the compute dtype first); the low-rank branch first, as the unfused
-            # path orders it for full recomputation
-            lora = adapter.low_rank(x_c)
-            out = self.base.product(x_c)
-            if self.bias is not None:
-                out = out + self.bias
-            return out.to(x.dtype) + lora.to(x.dtype)
-        out = self.base.product(x_c) if adapter is None else adapter.variant.forward(self, adapter, x_c)
+        x_c = x.to(self.compute_dtype)                                               # (..., in)
+        residual = self.residual_dtype(x)  # the float32-residual switch, read here only
+        adapter = self.active()
+        if adapter is None:
+            return self.finish(self.base_output(x_c, residual), x)
+        fused = None if residual is not None else adapter.variant.fused(self, adapter, x_c)
+        if fused is not None:  # the base product and the low-rank term in one kernel
+            return self.finish(fused if self.bias is None else fused + self.bias, x)
+        # The low-rank term apart, before the base product: under full recomputation, as the frozen
+        # product saves no tensor, torch's early stop then ends a block's recomputation before its
+        # last base product (down_proj's), which backward does not need; with the float32 residual
+        # the term is added in float32, not folded into a compute-dtype addmm.
+        low = adapter.low_rank(x_c) if residual is not None or recompute.full_recomputation() else None
+        out = adapter.variant.apply(self, adapter, x_c, self.base_output(x_c, residual), low)  # (..., out)
         return self.finish(out, x)
 
-    def returns_input_dtype(self, x: torch.Tensor) -> bool:
-        """Whether this forward under autocast returns x's dtype (keep_input_dtype), not the compute dtype."""
-        return self.keep_input_dtype and x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type)
-
-    def finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Add the bias. Under autocast the result stays in the compute dtype, as nn.Linear's does
-        (unless keep_input_dtype); otherwise it goes back to the input's dtype. (Returning the
-        input's dtype under autocast, as bitsandbytes' Linear4bit does, lets the float32 norms of a
-        k-bit model turn the whole residual stream into float32: on SmolLM2 that cost ~150-300 MB
-        of activations and a slower step than BF16 LoRA; it is what --residual-dtype float32 asks
-        for, and what PEFT's recipe computes.)"""
+    def base_output(self, x_c: torch.Tensor, residual: torch.dtype | None = None) -> torch.Tensor:
+        """W x + b [..., out] for x_c [..., in] (in the compute dtype), cast to `residual` when given."""
+        out = self.base.product(x_c)
         if self.bias is not None:
             out = out + self.bias
-        if not x.dtype.is_floating_point:
+        return out if residual is None else out.to(residual)
+
+    def residual_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """x's dtype when this forward sums in it and returns it: under autocast with
+        keep_input_dtype (the float32 residual); None: the sum runs in the products' dtype."""
+        if self.keep_input_dtype and x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type):
+            return x.dtype
+        return None
+
+    @staticmethod
+    def finish(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The output's dtype. Under autocast the result stays as computed: the compute dtype, as
+        nn.Linear's does, or the float32 residual's (returning the input's dtype, as bitsandbytes'
+        Linear4bit does, lets the float32 norms of a k-bit model turn the whole residual stream
+        into float32: on SmolLM2 ~150-300 MB more activations and a slower step than BF16 LoRA;
+        it is what --residual-dtype float32 asks for, and what PEFT's recipe computes).
+        Otherwise it goes back to the input's dtype."""
+        if not x.dtype.is_floating_point or torch.is_autocast_enabled(x.device.type):
             return out
-        if torch.is_autocast_enabled(x.device.type):
-            return out.to(x.dtype) if self.returns_input_dtype(x) else out
         return out.to(x.dtype)
 
     # ---- state dict and device moves: the base's tensors, under the base's keys ---------------

@@ -3,7 +3,8 @@
 An adapter holds A [r, in] and B [out, r] (PEFT's shapes and names) and the scaling s (alpha / r,
 or alpha / sqrt(r) with rsLoRA). What an adapter does with them is its variant's business: the
 variant object (LORA here, DORA in dora.py) owns the variant's extra weights, its initialisation,
-its forward, its merged weight and its per-output scale for serving, as PEFT's LoraVariant does.
+its term (added onto a base output the layer computed), its merged weight and its per-output scale
+for serving, as PEFT's LoraVariant does.
 A new variant is one new object; the layer, merge, PEFT files and the server ask it.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import recompute
 from .dropout import HashDropout
 
 
@@ -56,18 +56,29 @@ class LoraSpec:
         return DORA if self.use_dora else LORA
 
 
-class LoraVariant:
-    """Plain LoRA (and rsLoRA, which is only another scaling): y = W x + s B A x.
+def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling) -> torch.Tensor:
+    """s (x A^T) B^T: x [..., in], A [r, in], B [out, r] -> [..., out], in x's dtype.
+    The one low-rank product of LoRA, DoRA, expert adapters and the serving slots."""
+    return F.linear(F.linear(x, A), B) * scaling
 
-    Each method receives the layer (an AdaptedLinear: its `base` and dimensions) and the adapter."""
+
+def add_low_rank(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling) -> torch.Tensor:
+    """out + s (x A^T) B^T by one addmm onto out [..., out_features], the scaling applied to the rank-r
+    factor: no (rows, out) pass for the scaling or the sum. x [..., in], A [r, in], B [out, r]."""
+    h = F.linear(x, A) * scaling                                                      # (..., r)
+    y = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.to(h.dtype).t())
+    return y.view(out.shape)
+
+
+class LoraVariant:
+    """Plain LoRA (and rsLoRA, which is only another scaling): y = W x + b + s B A x.
+
+    PEFT's LoraVariant contract: the layer computes the base output (product, bias, residual dtype)
+    and `apply` adds the variant's term onto it. Each method receives the layer (an AdaptedLinear:
+    its `base`, `bias` and dimensions) and the adapter."""
 
     name = "lora"
     extra_weights: dict[str, str] = {}  # adapter attribute -> PEFT key suffix, beyond lora_A / lora_B
-
-    def __deepcopy__(self, memo):
-        # one stateless object per variant: a deep-copied adapter must still be `variant is LORA`
-        # (else it left the fused path for the unfused one, with other roundings)
-        return self
 
     def create(self, adapter: "LoraAdapter", out_features: int, dtype: torch.dtype) -> None:
         """Make the variant's own parameters on a new adapter."""
@@ -76,27 +87,22 @@ class LoraVariant:
     def init(self, layer, adapter: "LoraAdapter") -> None:
         """Set the variant's parameters once A, B and the layer's base are final."""
 
-    def forward(self, layer, adapter: "LoraAdapter", x: torch.Tensor) -> torch.Tensor:
-        """The layer's bias-free output with this adapter for x [..., in] in the compute dtype."""
-        if not adapter.dropout_active() and adapter.fusable(layer.compute_dtype):
-            fused = layer.base.fused_lora(x, *adapter.weights(x.dtype), adapter.scaling)
-            if fused is not None:
-                return fused
-        if recompute.full_recomputation() or not adapter.fusable(layer.compute_dtype):
-            # The low-rank branch first, the frozen base product last: the base product saves no
-            # tensor for backward, so when full checkpointing recomputes a block, its
-            # recomputation stops (torch's early stop) after the last saved tensor and skips the
-            # block's final base product (down_proj's), which backward does not need.
-            lora = adapter.low_rank(x)
-            return layer.base.product(x) + lora.to(layer.compute_dtype)
-        # Otherwise (no checkpointing, selective checkpointing whose recomputation replays the base
-        # product, inference) the base product first and B's product added onto it by one addmm,
-        # the scaling applied to the rank-r factor: no (rows, out) passes for the scaling and the sum.
-        base = layer.base.product(x)
-        h = adapter.scaled_down(x)                                                    # (..., r)
-        B = adapter.weights(h.dtype)[1]
-        out = torch.addmm(base.reshape(-1, layer.out_features), h.reshape(-1, adapter.r), B.t())
-        return out.view(base.shape)
+    def fused(self, layer, adapter: "LoraAdapter", x: torch.Tensor) -> torch.Tensor | None:
+        """x W^T + s B A x (no bias) by one fused kernel of the base where one runs (CUDA), else None.
+        x [..., in] in the compute dtype. Not with dropout: the kernel takes x as A's input."""
+        if adapter.dropout_active():
+            return None
+        return layer.base.fused_lora(x, *adapter.weights(x.dtype), adapter.scaling)
+
+    def apply(self, layer, adapter: "LoraAdapter", x: torch.Tensor, base_out: torch.Tensor,
+              low: torch.Tensor | None = None) -> torch.Tensor:
+        """base_out + s B A dropout(x), in base_out's dtype. x [..., in] in the compute dtype;
+        base_out [..., out] (W x + b); `low`: the low-rank term when the layer computed it already
+        (AdaptedLinear.forward decides when), else B's product goes onto base_out by one addmm."""
+        if low is not None:
+            return base_out + low.to(base_out.dtype)
+        A, B = adapter.weights(x.dtype)
+        return add_low_rank(base_out, adapter.dropout(x), A, B, adapter.scaling)
 
     @torch.no_grad()
     def merged_weight(self, w: torch.Tensor, adapter: "LoraAdapter") -> torch.Tensor:
@@ -127,10 +133,6 @@ class LoraAdapter(nn.Module):
         self.variant.create(self, out_features, spec.dtype)
         self.reset_parameters()
 
-    @property
-    def use_dora(self) -> bool:
-        return self.variant.name == "dora"
-
     def reset_parameters(self) -> None:
         # PEFT's default: A ~ kaiming-uniform(a=sqrt(5)), B = 0.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -139,11 +141,6 @@ class LoraAdapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A in float32, [out, in]."""
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-
-    def fusable(self, dtype: torch.dtype) -> bool:
-        """Whether B's product may be added onto the base output in `dtype` directly: plain LoRA
-        (its products run in the compute dtype whatever dtype its weights are kept in)."""
-        return self.variant is LORA
 
     def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, in], B [out, r]) for products in `dtype`: the weights themselves when kept in it,
@@ -154,14 +151,9 @@ class LoraAdapter(nn.Module):
     def dropout_active(self) -> bool:
         return isinstance(self.dropout, HashDropout) and self.dropout.training and self.dropout.p > 0
 
-    def scaled_down(self, x: torch.Tensor) -> torch.Tensor:
-        """s * A(dropout(x)) in x's dtype: the rank-r factor of low_rank, the scaling applied here. [..., r]"""
-        return F.linear(self.dropout(x), self.weights(x.dtype)[0]) * self.scaling
-
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
         """s * B(A(dropout(x))), computed in x's dtype (the layer's compute dtype): [..., in] -> [..., out]."""
-        A, B = self.weights(x.dtype)
-        return F.linear(F.linear(self.dropout(x), A), B) * self.scaling
+        return low_rank(self.dropout(x), *self.weights(x.dtype), self.scaling)
 
     def peft_weights(self) -> dict[str, torch.Tensor]:
         """PEFT key suffix -> tensor, for every weight of this adapter."""
@@ -170,4 +162,4 @@ class LoraAdapter(nn.Module):
         return out
 
 
-__all__ = ["LoraSpec", "LoraAdapter", "LoraVariant", "LORA"]
+__all__ = ["LoraSpec", "LoraAdapter", "LoraVariant", "LORA", "low_rank", "add_low_rank"]

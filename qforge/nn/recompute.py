@@ -81,7 +81,7 @@ def keeping() -> bool:
 def full_recomputation() -> bool:
     """True inside a layer checkpointed with recompute_everything: its base products will be
     computed again in backward, so the layer should compute them last (torch's early stop then
-    skips the last one; see LoraVariant.forward)."""
+    skips the last one; see AdaptedLinear.forward)."""
     tape = _current()
     return tape is not None and not tape.keeps
 

@@ -9,8 +9,8 @@ in preallocated stacked tensors per layer, one slot per adapter:
     factor [S, out]          DoRA's m / ||W + s B A|| (ones for plain LoRA), only once a DoRA adapter is loaded
 A batch names one slot per row (or none); the layer computes the shared base product once and adds
 each row's low-rank delta from its slot: one batched product through qforge.kernels.dispatch
-(the Triton `gathered_lora` kernel on CUDA), or, when every row uses the same slot, two plain
-matrix products on that slot's views. No per-request weight swaps, no per-forward concatenation.
+(the Triton `gathered_lora` kernel on CUDA), or, when every row uses the same slot, the adapter
+layer's own low-rank helper (qforge.nn.add_low_rank) on that slot's views. No per-request weight swaps, no per-forward concatenation.
 
 Slots are allocated when the first adapter is loaded and grow (doubling, up to the capacity) as more
 are; the registry decides which adapters occupy them (LRU) and holds its lock around every forward.
@@ -25,7 +25,7 @@ from torch import nn
 
 from ..kernels import dispatch
 from ..model.surgery import adapted_layers, set_module
-from ..nn import AdaptedLinear, LoraAdapter
+from ..nn import AdaptedLinear, LoraAdapter, add_low_rank
 
 
 BASE_ONLY = -1  # LoraSlots.single when no row of the batch uses an adapter
@@ -44,6 +44,7 @@ class SlotLinear(AdaptedLinear):
     def replacing(cls, layer: AdaptedLinear, bank: "LoraSlots") -> "SlotLinear":
         new = cls(layer.base, None, layer.compute_dtype)
         new.bias, new.adapters, new.active_adapter = layer.bias, layer.adapters, layer.active_adapter
+        new.keep_input_dtype = layer.keep_input_dtype
         new.__dict__["bank"] = bank  # not a child module
         new.A = new.B = new.scalings = new.factor = None
         return new
@@ -52,6 +53,7 @@ class SlotLinear(AdaptedLinear):
         """A plain AdaptedLinear holding the same base, bias and in-process adapters."""
         layer = AdaptedLinear(self.base, None, self.compute_dtype)
         layer.bias, layer.adapters, layer.active_adapter = self.bias, self.adapters, self.active_adapter
+        layer.keep_input_dtype = self.keep_input_dtype
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,22 +62,25 @@ class SlotLinear(AdaptedLinear):
             return super().forward(x)
         x_c = x.to(self.compute_dtype)
         out = self.base.product(x_c)
-        k = bank.single
-        if k == BASE_ONLY or self.A is None:
-            return self.finish(out, x)
-        if k is not None:  # one slot for every row: that slot's views, no gather
-            h = (x_c @ self.A[k].to(x_c.dtype).t()) * self.scalings[k].to(x_c.dtype)
-            out = torch.addmm(out.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]),
-                              self.B[k].to(x_c.dtype).t()).view(out.shape)
-            if self.factor is not None:
-                out = out * self.factor[k].to(out.dtype)
-        else:
-            out = out + dispatch.gathered_lora(x_c, self.A, self.B, bank.rows, self.scalings)
-            if self.factor is not None:
-                valid = (bank.rows >= 0)[:, None]
-                factor = torch.where(valid, self.factor[bank.rows.clamp(min=0)], 1.0).to(out.dtype)  # [B, out]
-                out = out * (factor[:, None, :] if out.dim() == 3 else factor)
+        if bank.single != BASE_ONLY and self.A is not None:
+            out = self.add_slots(out, x_c, bank.single, bank.rows)
+        if self.bias is not None:  # after DoRA's factor, which scales W x + s B A x only
+            out = out + self.bias
         return self.finish(out, x)
+
+    def add_slots(self, out: torch.Tensor, x: torch.Tensor, k: int | None, rows: torch.Tensor) -> torch.Tensor:
+        """out [..., out] plus each row's slot term, times DoRA's factor where a slot has one.
+        k: the one slot of every row (its views, the layers' low-rank helper: no gather), else None
+        and `rows` [B] names each row's slot (-1: none) for one batched product."""
+        dtype = x.dtype
+        if k is not None:
+            out = add_low_rank(out, x, self.A[k].to(dtype), self.B[k].to(dtype), self.scalings[k].to(dtype))
+            return out if self.factor is None else out * self.factor[k].to(out.dtype)
+        out = out + dispatch.gathered_lora(x, self.A, self.B, rows, self.scalings)
+        if self.factor is None:
+            return out
+        factor = torch.where((rows >= 0)[:, None], self.factor[rows.clamp(min=0)], 1.0).to(out.dtype)  # [B, out]
+        return out * (factor[:, None, :] if out.dim() == 3 else factor)
 
     # ---- slot tensors -------------------------------------------------------------------------
     def _resize(self, slots: int, rank: int, device, dtype) -> None:
@@ -148,9 +153,6 @@ class LoraSlots:
 
     def slot_of(self, name: str) -> int:
         return self.names.index(name)
-
-    def free(self) -> int:
-        return self.capacity - len(self.loaded())
 
     def load(self, name: str, adapters: dict[str, LoraAdapter]) -> int:
         """Put adapter `name` (layer path -> its LoraAdapter; layers not named get a zero delta)

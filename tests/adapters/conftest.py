@@ -45,7 +45,7 @@ def randomise_adapter(model: nn.Module, name: str = "default", seed: int = 1, st
             if name in layer.adapters:
                 a = layer.adapters[name]
                 a.lora_B.weight.copy_(torch.randn(a.lora_B.weight.shape, generator=gen) * std)
-                if a.use_dora:
+                if a.spec.use_dora:
                     a.magnitude.mul_(1 + 0.1 * torch.randn(a.magnitude.shape, generator=gen))
 
 

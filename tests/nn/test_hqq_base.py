@@ -23,7 +23,7 @@ def linear(seed=0, bias=True, out=64, inp=128):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_and_input_gradient_equal_the_dequantised_dense_product(bits, dtype):
     lin = linear()
-    layer = AdaptedLinear.hqq(lin, bits, 64, compute_dtype=dtype)
+    layer = AdaptedLinear.quantized(lin, f"hqq{bits}", 64, compute_dtype=dtype)
     w = hqq_dequantize(layer.base.hqq_state, dtype)                     # [out, in]
     x = torch.randn(2, 5, 128, dtype=dtype, requires_grad=True)
     y = layer(x)
@@ -50,11 +50,11 @@ def test_codes_are_the_quantisers_and_the_scales_are_float16():
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
 def test_state_dict_is_the_hqq_layout_and_round_trips_bit_identically(bits):
-    layer = AdaptedLinear.hqq(linear(1), bits, 64, compute_dtype=torch.float32)
+    layer = AdaptedLinear.quantized(linear(1), f"hqq{bits}", 64, compute_dtype=torch.float32)
     sd = layer.state_dict()
     assert {"W_q", "scale", "zero", "nbits", "group_size", "shape", "axis", "bias"} <= set(sd)
     assert "weight" not in sd and int(sd["nbits"]) == bits
-    fresh = AdaptedLinear.hqq(linear(2), bits, 64, compute_dtype=torch.float32)
+    fresh = AdaptedLinear.quantized(linear(2), f"hqq{bits}", 64, compute_dtype=torch.float32)
     fresh.load_state_dict(sd)
     for a, b in ((fresh.base.hqq_state.packed, layer.base.hqq_state.packed), (fresh.weight, layer.weight),
                  (fresh.base.hqq_state.scale, layer.base.hqq_state.scale), (fresh.bias, layer.bias)):
@@ -64,20 +64,20 @@ def test_state_dict_is_the_hqq_layout_and_round_trips_bit_identically(bits):
 
 
 def test_a_bad_state_dict_is_an_error_naming_the_key():
-    layer = AdaptedLinear.hqq(linear(), 4, 64, compute_dtype=torch.float32)
+    layer = AdaptedLinear.quantized(linear(), "hqq4", 64, compute_dtype=torch.float32)
     sd = layer.state_dict()
-    small = AdaptedLinear.hqq(linear(out=32), 4, 64, compute_dtype=torch.float32)
+    small = AdaptedLinear.quantized(linear(out=32), "hqq4", 64, compute_dtype=torch.float32)
     with pytest.raises(RuntimeError, match=r"W_q: shape \[64, 128\] does not fit \[32, 128\]"):
         small.load_state_dict(sd)
     del sd["zero"]
     with pytest.raises(RuntimeError, match="missing key 'zero'"):
-        AdaptedLinear.hqq(linear(), 4, 64).load_state_dict(sd)
+        AdaptedLinear.quantized(linear(), "hqq4", 64).load_state_dict(sd)
 
 
 def test_lora_on_hqq_equals_lora_on_the_dequantised_weight_held_dense():
     lin = linear(3)
     spec = LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32)
-    hqq = AdaptedLinear.hqq(lin, 3, 64, compute_dtype=torch.float32)
+    hqq = AdaptedLinear.quantized(lin, "hqq3", 64, compute_dtype=torch.float32)
     dense = AdaptedLinear(DenseBase(hqq.dequantized(torch.float32)), lin.bias, torch.float32)
     for layer in (hqq, dense):
         torch.manual_seed(5)
@@ -95,7 +95,7 @@ def test_lora_on_hqq_equals_lora_on_the_dequantised_weight_held_dense():
 
 
 def test_moving_the_layer_moves_codes_scales_and_zeros(device):
-    layer = AdaptedLinear.hqq(linear(), 4, 64, compute_dtype=torch.float32).to(device)
+    layer = AdaptedLinear.quantized(linear(), "hqq4", 64, compute_dtype=torch.float32).to(device)
     st = layer.base.hqq_state
     assert st.packed.device.type == st.scale.device.type == st.zero.device.type == torch.device(device).type
     x = torch.randn(2, 128, device=device)
@@ -103,10 +103,10 @@ def test_moving_the_layer_moves_codes_scales_and_zeros(device):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: AdaptedLinear.hqq(linear(), 5, 64), "bits must be 4, 3 or 2, got 5"),
-    (lambda: AdaptedLinear.hqq(linear(inp=96, out=5), 4, 64), r"group size 64 does not divide the 480 values"),
+    (lambda: HQQBase.from_weight(linear().weight, 5, 64), "bits must be 4, 3 or 2, got 5"),
+    (lambda: AdaptedLinear.quantized(linear(inp=96, out=5), "hqq4", 64), r"group size 64 does not divide the 480 values"),
     (lambda: AdaptedLinear.quantized(linear(), "hqq8"), "HQQ is offered at hqq4, hqq3, hqq2"),
-    (lambda: AdaptedLinear.hqq(linear(), 4, 0), "group size 0 does not divide"),
+    (lambda: AdaptedLinear.quantized(linear(), "hqq4", 0), "group size 0 does not divide"),
 ])
 def test_clear_errors(make, message):
     with pytest.raises(ValueError, match=message):

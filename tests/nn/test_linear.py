@@ -166,3 +166,16 @@ def test_float32_adapters_compute_in_bf16_and_keep_small_updates():
         w32.add_(1e-4)
         w16.add_(1e-4)
     assert bool((w32 != torch.tensor(0.1)).all()) and bool((w16 == torch.tensor(0.1, dtype=torch.bfloat16)).all())
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_deep_copied_layer_computes_the_same_bits(use_dora):
+    """Variants are asked, never identified: a deep copy (its variant object a copy too) takes the
+    same path and gives the same bits under BF16 autocast (a copied LoRA variant that failed an
+    identity test would leave the addmm path for another rounding)."""
+    layer = make_layer(dtype=torch.bfloat16, use_dora=use_dora)
+    twin = copy.deepcopy(layer)
+    assert twin.adapters["a"].variant is not layer.adapters["a"].variant
+    x = torch.randn(2, 7, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(twin(x), layer(x))

@@ -5,12 +5,18 @@ import torch
 from torch import nn
 
 from qforge.nn import AdaptedLinear, LoraSpec
-from qforge.serve.lora_slots import LoraSlots, SlotsFull
+from qforge.serve.lora_slots import LoraSlots, SlotLinear, SlotsFull, unwrap
 
 
-def make_model(seed=0):
+def make_model(seed=0, base="nf4"):
+    """One adapted layer (96 -> 80, float32 compute) with adapters p (LoRA), q (rsLoRA), d (DoRA),
+    over a 4-bit base, a dense one, or the 4-bit codes in the sharded storage (qforge.dist)."""
     torch.manual_seed(seed)
-    layer = AdaptedLinear.quantized(nn.Linear(96, 80), compute_dtype=torch.float32)
+    linear = nn.Linear(96, 80)
+    layer = AdaptedLinear.dense(linear, torch.float32) if base == "dense" else \
+        AdaptedLinear.quantized(linear, compute_dtype=torch.float32)
+    if base == "sharded":
+        layer.set_base(layer.base.to_sharded(torch.float32))
     specs = {"p": LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32),
              "q": LoraSpec(r=8, alpha=4, dropout=0.0, dtype=torch.float32, use_rslora=True),
              "d": LoraSpec(r=6, alpha=12, dropout=0.0, dtype=torch.float32, use_dora=True)}
@@ -76,3 +82,34 @@ def test_slots_grow_fill_and_free():
     with torch.no_grad():
         served.active_adapter = "q"
         torch.testing.assert_close(model(x), alone(layer, x, "q"))
+
+
+@pytest.mark.parametrize("base", ["dense", "sharded"])
+def test_slots_wrap_a_layer_twice_and_unwrap_it_with_its_base_shared(base):
+    """The serving wrapper registers the layer's base on itself (FrozenBase.attach on a second
+    host): the same tensors, so a second bank over the same model, serving, and unwrapping leave
+    the base, its state dict and the layer's output as they were (DenseBase and
+    ShardedQuant4bitBase could register only once before)."""
+    model = make_model(base=base)
+    layer = model[0]
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        before = {name: alone(layer, x, name) for name in ("p", "d")}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    LoraSlots(model, capacity=2, dtype=torch.float32)
+    slots = LoraSlots(model, capacity=2, dtype=torch.float32)  # re-wraps: the base attached a third time
+    served = model[0]
+    assert isinstance(served, SlotLinear) and served.base is layer.base and served.weight is layer.weight
+    for name in ("p", "d"):
+        slots.load(name, {"0": layer.adapters[name]})
+    with torch.no_grad(), slots.select(["p", "d", None], x.device):
+        mixed = model(x)
+    torch.testing.assert_close(mixed[:2], torch.stack([before["p"][0], before["d"][1]]), rtol=1e-5, atol=1e-5)
+    unwrap(model)
+    plain = model[0]
+    assert type(plain) is AdaptedLinear and plain.base is layer.base
+    with torch.no_grad():
+        for name in ("p", "d"):
+            assert torch.equal(alone(plain, x, name), before[name])
+    after = model.state_dict()
+    assert sorted(after) == sorted(state) and all(torch.equal(after[k], state[k]) for k in state)

@@ -13,11 +13,12 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qforge.model.surgery import adapted_layers, linear_names, prepare_for_kbit_training, quantize_linears, \
     select_targets
-from qforge.nn import LoraSpec
+from qforge.nn import AdaptedLinear, LoraSpec
 
 R, ALPHA = 8, 16
 
@@ -190,3 +191,74 @@ def test_float32_residual_training_step_gradients_match_peft(folder):
     print(f"\nfloat32 residual vs PEFT: gradient cosine {cosine:.8f}, worst per-tensor relative error {worst:.2e}")
     assert cosine >= 0.99995
     assert worst <= 0.015
+
+
+
+def peft_dora_over_linear4bit(layer):
+    """PEFT's DoRA over bitsandbytes' Linear4bit holding `layer`'s codes (its state dict is
+    bitsandbytes' keys), with layer's adapter 'default' (A, B, magnitude) copied in. Train mode:
+    Linear4bit repacks its weight after an eval-mode forward."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    sd, a = layer.state_dict(), layer.adapters["default"]
+    linear4bit = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                   quant_type="nf4")
+    linear4bit.weight = bnb.nn.Params4bit.from_prequantized(
+        sd["weight"], {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")},
+        requires_grad=False, device="cpu")
+    host = torch.nn.Sequential()
+    host.add_module("proj", linear4bit)
+    peft = get_peft_model(host, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"],
+                                           use_dora=True))
+    m = peft.base_model.model.proj
+    with torch.no_grad():
+        m.lora_A["default"].weight.copy_(a.lora_A.weight)
+        m.lora_B["default"].weight.copy_(a.lora_B.weight)
+        m.lora_magnitude_vector["default"].weight.copy_(a.magnitude)
+    return peft.train(), [m.lora_A["default"].weight, m.lora_B["default"].weight,
+                          m.lora_magnitude_vector["default"].weight]
+
+
+def test_dora_under_the_float32_residual_equals_peft_over_linear4bit():
+    """DoRA under the float32 residual does LoRA's arithmetic: the base output (BF16 product)
+    upcast to float32 and the variant's term (m/||W + sBA|| - 1) W x + m/||W + sBA|| s B A x
+    added in float32, as PEFT's DoRA over bitsandbytes' Linear4bit computes it for a float32
+    input under BF16 autocast (the hidden states of prepare_model_for_kbit_training's recipe).
+
+    What is left is DoRA's norm: PEFT takes ||W + sBA|| of W dequantised to BF16 (the state's
+    dtype) plus s B A made in BF16 under autocast, qforge of float32 values, so each row's scale
+    differs by a mean of 128 element roundings of relative size 2^-9 (measured: 4e-4 of the largest
+    output). Bound: 2^-10 of the largest output. A BF16 sum (the BF16 residual, and DoRA before
+    it summed in the residual's dtype) rounds each output by up to 2^-9 relative: measurably
+    further, so the comparison can fail (measured 1.1e-2 against 1.0e-3). Gradients run BF16
+    products on both sides (two per adapter weight, each rounding by 2^-9): bound 2^-7 relative."""
+    torch.manual_seed(0)
+    layer = AdaptedLinear.quantized(nn.Linear(128, 96, bias=False).to(torch.bfloat16), compute_dtype=torch.bfloat16)
+    a = layer.add_adapter("default", LoraSpec(r=R, alpha=ALPHA, dropout=0.0, use_dora=True))
+    with torch.no_grad():
+        a.lora_B.weight.normal_(0, 0.05)
+        a.magnitude.mul_(1 + 0.2 * torch.rand(96))  # away from its start: DoRA's scale matters
+    peft, peft_params = peft_dora_over_linear4bit(layer)
+    layer.train()
+    x, g = torch.randn(4, 7, 128), torch.randn(4, 7, 96)  # a float32 residual stream
+
+    def run(module, params, wide=None):
+        if wide is not None:
+            layer.keep_input_dtype = wide
+        x_ = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x_)
+        y.float().backward(g)
+        return y.detach().float(), [x_.grad] + [p.grad.clone() for p in params]
+
+    theirs, their_grads = run(peft, peft_params)
+    wide, wide_grads = run(layer, [a.lora_A.weight, a.lora_B.weight, a.magnitude], wide=True)
+    layer.zero_grad()
+    narrow, _ = run(layer, [a.lora_A.weight, a.lora_B.weight, a.magnitude], wide=False)
+    scale = float(theirs.abs().max())
+    err32, err16 = float((wide - theirs).abs().max()), float((narrow - theirs).abs().max())
+    print(f"\nDoRA vs PEFT over Linear4bit: float32 residual {err32:.2e}, bf16 {err16:.2e} (outputs up to {scale:.2f})")
+    assert err32 <= 2 ** -10 * scale
+    assert err16 > 4 * err32
+    for ours, peft_grad in zip(wide_grads, their_grads):
+        assert float((ours - peft_grad).norm() / peft_grad.norm()) <= 2 ** -7
