@@ -14,7 +14,7 @@ from qforge.nn.experts import ExpertBank, AdaptedExperts
 from qforge.train.config import TrainConfig
 from qforge.train.loop import train_loop
 
-from .moe_models import dequantized_moe, quantized_moe, randomise_adapters, tiny_moe
+from tests.fixtures import dequantized_moe, quantized_moe, randomise_adapters, tiny_moe
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 torch._dynamo.config.disable = True  # bitsandbytes' oracle kernels run eagerly (see tests/quant)

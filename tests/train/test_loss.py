@@ -1,18 +1,14 @@
 """causal_lm_loss: logits only where a target is, the same loss and gradients as transformers'."""
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from qforge.model.surgery import add_adapter, linear_names, quantize_linears, select_targets
+from qforge.model.surgery import add_adapter
 from qforge.nn import LoraSpec
 from qforge.train.loss import causal_lm_loss
+from tests.fixtures import quantize_all, tiny_llama
 
 
 def tiny(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    quantize_linears(model, select_targets(linear_names(model), "all-linear"), compute_dtype=torch.float32)
+    model = quantize_all(tiny_llama(vocab=300, tied=False, seed=seed))
     add_adapter(model, "default", LoraSpec(r=4, dropout=0.0, dtype=torch.float32))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
