@@ -13,7 +13,9 @@ from qforge.commands import merge as merge_command
 from qforge.model.surgery import add_adapter, linear_names, quantize_linears, select_targets
 from qforge.nn import LoraSpec
 
-from .conftest import VOCAB, logits, qforge_with_adapter, quantized_twin, randomise_adapter, rel_err, tiny_dense
+from tests.adapters.conftest import ids  # noqa: F401 (a fixture)
+from tests.adapters.conftest import (VOCAB, logits, qforge_with_adapter, quantized_twin, randomise_adapter, rel_err,
+                                     tiny_dense)
 
 
 def load_plain(folder):
