@@ -8,6 +8,7 @@ tests import them; tests/conftest.py exposes the few that read better as pytest 
     tiny_llama(...)            a random LlamaForCausalLM (hidden 64, 2 layers, 4 heads / 2 KV heads)
     vocab_of(tok, ...)         the config keys that put a model over a tokenizer's vocabulary
     quantize_all(model, ...)   every linear but lm_head as a 4-bit AdaptedLinear
+    tiny_family(model_type)    a random model of each family in FAMILIES (llama ... deepseek_v3)
     tiny_moe(arch)             a random Mixtral / Qwen2-MoE / Qwen3-MoE (fused 3-D experts), its
                                4-bit twin (quantized_moe) and dequantised twin (dequantized_moe)
     word_tokenizer()           a word-level tokenizer with a ChatML template (no files needed)
@@ -126,6 +127,39 @@ def randomise_adapters(model: nn.Module, seed: int = 1, std: float = 0.05) -> No
     with torch.no_grad():
         for _, p in surgery.adapter_parameters(model):
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# Every causal-LM family a user would QLoRA-tune, tiny (sizes multiples of 64 wherever a Linear's
+# input is: bitsandbytes' CPU Linear4bit, an oracle, crashes in eval mode otherwise).
+FAMILY_VOCAB = 128
+FAMILY_CONFIG = dict(vocab_size=FAMILY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2)
+_MOE = dict(num_experts_per_tok=2)
+FAMILIES = {  # model_type -> config beyond FAMILY_CONFIG
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16}, "gemma3_text": {"head_dim": 16}, "phi3": {}, "olmo2": {}, "granite": {},
+    "gpt_neox": {}, "phi": {},
+    "mixtral": {"num_local_experts": 4, **_MOE},
+    "qwen2_moe": {"num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, **_MOE},
+    "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16, **_MOE},
+    "deepseek_v3": {"n_routed_experts": 4, "moe_intermediate_size": 64, "n_shared_experts": 1,
+                    "first_k_dense_replace": 1, "kv_lora_rank": 64, "q_lora_rank": 64, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 16, "n_group": 1, "topk_group": 1, **_MOE},
+    "olmoe": {"num_experts": 4, **_MOE},
+    "granitemoe": {"num_local_experts": 4, **_MOE},
+    "phimoe": {"num_local_experts": 4, **_MOE},
+}
+MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "granitemoe", "phimoe"}
+
+
+def tiny_family(family: str, seed: int = 0) -> nn.Module:
+    """A random model of `family` (a transformers model_type in FAMILIES), float32, train mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, **FAMILY_CONFIG, **FAMILIES[family])
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
 
 
 def word_tokenizer(vocab: int = WORD_VOCAB):
