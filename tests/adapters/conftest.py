@@ -20,6 +20,18 @@ def tiny_dense(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
     return tiny_llama(vocab=VOCAB, tied=tie, seed=seed, initializer_range=0.1).eval()
 
 
+def tiny_dense_folder(folder):
+    """A dense tiny Llama folder with a word-level tokenizer, as load_model would meet one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_dense().save_pretrained(str(folder))
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(folder))
+
+
 def quantized_twin(dense: nn.Module) -> nn.Module:
     """A deep copy of `dense` with every linear but lm_head a float32-compute 4-bit AdaptedLinear."""
     return quantize_all(copy.deepcopy(dense)).eval()
