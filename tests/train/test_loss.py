@@ -5,6 +5,7 @@ from qforge.model.surgery import add_adapter
 from qforge.nn import LoraSpec
 from qforge.train.loss import causal_lm_loss
 from tests.fixtures import quantize_all, tiny_llama
+from tests.numerics import grad_atol
 
 
 def tiny(seed=0):
@@ -47,8 +48,9 @@ def test_loss_and_gradients_equal_transformers():
     g_theirs = grads(model)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     assert g_ours.keys() == g_theirs.keys() and len(g_ours) > 0
+    tokens = b["input_ids"].numel()  # each LoRA gradient sums over every position's contribution
     for name in g_ours:
-        torch.testing.assert_close(g_ours[name], g_theirs[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g_ours[name], g_theirs[name], rtol=1e-5, atol=grad_atol(g_theirs[name], tokens))
     assert not model.lm_head._forward_pre_hooks  # the hook is gone
 
 
