@@ -7,13 +7,17 @@ tests import them; tests/conftest.py exposes the few that read better as pytest 
 
     tiny_llama(...)            a random LlamaForCausalLM (hidden 64, 2 layers, 4 heads / 2 KV heads)
     vocab_of(tok, ...)         the config keys that put a model over a tokenizer's vocabulary
+    perturb_norms(model)       norms (and biases) moved off their initial values
     quantize_all(model, ...)   every linear but lm_head as a 4-bit AdaptedLinear
+    tiny_served_llama(tok)     the serving tests' NF4 Llama over a tokenizer
     tiny_family(model_type)    a random model of each family in FAMILIES (llama ... deepseek_v3)
     tiny_moe(arch)             a random Mixtral / Qwen2-MoE / Qwen3-MoE (fused 3-D experts), its
                                4-bit twin (quantized_moe) and dequantised twin (dequantized_moe)
     word_tokenizer()           a word-level tokenizer with a ChatML template (no files needed)
     smollm2_tokenizer()        the embedded model's tokenizer (read from its GGUF once per process)
-    write_tiny_folder(...)     a random Llama saved as a Hugging Face folder (+ tokenizer)
+    write_tiny_folder(...)     a model saved as a Hugging Face folder (+ tokenizer)
+    write_tiny(folder, ...)    the loader tests' checkpoint (checkpoint_config), sharded or not
+    tiny_model_folder(folder)  a Llama folder over SmolLM2's tokenizer (jobs, serve, commands)
     random_lora(model, ...)    an attached LoRA adapter with random non-zero A and B
     randomise_adapters(model)  every adapter parameter of a model drawn at random
 """
