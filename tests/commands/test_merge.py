@@ -14,8 +14,8 @@ from qforge.model.surgery import add_adapter, linear_names, quantize_linears, se
 from qforge.nn import LoraSpec
 
 from tests.adapters.conftest import ids  # noqa: F401 (a fixture)
-from tests.adapters.conftest import (logits, qforge_with_adapter, quantized_twin, randomise_adapter, rel_err, tiny_dense,
-                                     tiny_dense_folder)
+from tests.adapters.conftest import (logits, qforge_with_adapter, quantized_twin, randomise_adapter, rel_err,
+                                     tiny_dense, tiny_dense_folder)
 
 
 def load_plain(folder):
