@@ -27,3 +27,12 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny random Llama folder named 'tiny' (so its model name is 'tiny') with SmolLM2's tokenizer
+    (the jobs and command tests serve and train it)."""
+    from tests.fixtures import tiny_model_folder
+
+    return tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny")

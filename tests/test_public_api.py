@@ -32,14 +32,9 @@ def test_qforge_train_runs_a_training(tmp_path):
     rows = [{"text": f"count {i} {i + 1} {i + 2}"} for i in range(8)]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from tests.train.test_loop import tiny_model  # noqa: F401 (a tiny model folder is written below)
-    from transformers import LlamaConfig, LlamaForCausalLM
-    import torch
-    torch.manual_seed(0)
+    from tests.fixtures import smollm2_tokenizer, tiny_llama
     folder = tmp_path / "tiny"
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=49152)).save_pretrained(folder)
-    from tests.serve.helpers import smollm2_tokenizer
+    tiny_llama(layers=1, vocab=49152).save_pretrained(folder)
     smollm2_tokenizer().save_pretrained(folder)
     cfg = qforge.TrainConfig(model=str(folder), data=str(data), output_dir=str(tmp_path / "run"), max_steps=2,
                              batch_size=2, compute_dtype="float32", device="cpu")

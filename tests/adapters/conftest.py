@@ -1,31 +1,40 @@
-"""Tiny random Llama models for the adapter tests: a dense one, its qforge 4-bit twin, and the
-plain transformers model holding the twin's dequantised weights (the base PEFT sees)."""
+"""Tiny random Llama models for the adapter tests (built by tests/fixtures.py): a dense one, its
+qforge 4-bit twin, and the plain transformers model holding the twin's dequantised weights (the base PEFT sees)."""
 import copy
 
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from qforge.model.surgery import add_adapter, linear_names, adapted_layers, quantize_linears, select_targets
+from qforge.model.surgery import adapted_layers, add_adapter
 from qforge.nn import LoraSpec
 from qforge.quant import dequantize
+from tests.fixtures import quantize_all, tiny_llama
 
 VOCAB = 160
 
 
 def tiny_dense(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=tie, initializer_range=0.1)
-    return LlamaForCausalLM(cfg).eval()
+    """A random Llama (hidden 64, 2 layers) over VOCAB tokens, eval mode, initializer_range 0.1."""
+    return tiny_llama(vocab=VOCAB, tied=tie, seed=seed, initializer_range=0.1).eval()
+
+
+def tiny_dense_folder(folder):
+    """A dense tiny Llama folder with a word-level tokenizer, as load_model would meet one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_dense().save_pretrained(str(folder))
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(folder))
 
 
 def quantized_twin(dense: nn.Module) -> nn.Module:
     """A deep copy of `dense` with every linear but lm_head a float32-compute 4-bit AdaptedLinear."""
-    model = copy.deepcopy(dense)
-    quantize_linears(model, select_targets(linear_names(model), "all-linear"), compute_dtype=torch.float32)
-    return model.eval()
+    return quantize_all(copy.deepcopy(dense)).eval()
 
 
 def dequantized_base(qmodel: nn.Module, dense: nn.Module) -> nn.Module:

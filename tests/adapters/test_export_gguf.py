@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import dequantize, quantize
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qforge import cli
 from qforge.adapters import read_adapter_config, save_adapter
@@ -16,7 +16,7 @@ from qforge.adapters.export_gguf import export_merged_gguf, gguf_name, tensor_ty
 from qforge.adapters.peft_format import read_adapter_tensors
 from qforge.model.surgery import adapted_layers
 from qforge.quant.kquants import quantize_q4_k, quantize_q6_k
-from tests.serve.helpers import smollm2_tokenizer
+from tests.fixtures import smollm2_tokenizer, tiny_llama, vocab_of
 
 from .conftest import logits, qforge_with_adapter, quantized_twin, rel_err
 
@@ -66,11 +66,7 @@ def test_names_and_q4_k_m_types_follow_llama_cpp():
 def tiny_model():
     """A random Llama (hidden 256: K-quant rows) over SmolLM2's tokenizer, with an all-linear adapter."""
     tok = smollm2_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True, initializer_range=0.05,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    dense = LlamaForCausalLM(cfg).eval()
+    dense = tiny_llama(256, tied=True, initializer_range=0.05, **vocab_of(tok, "bos", "eos")).eval()
     return dense, qforge_with_adapter(dense, target_modules="all-linear", use_rslora=True), tok
 
 

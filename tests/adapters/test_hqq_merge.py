@@ -15,14 +15,13 @@ from qforge.model.surgery import add_adapter, adapted_layers, hqq_layers, quanti
 from qforge.nn import LoraSpec
 from qforge.nn.hqq_base import HQQBase
 
-from .conftest import logits, randomise_adapter, rel_err
-from .test_merge_command import _tiny_folder
+from .conftest import logits, randomise_adapter, rel_err, tiny_dense_folder
 
 
 @pytest.fixture
 def hqq_trained(tmp_path):
     """(base folder, the HQQ-3 model with a random adapter, its adapter folder beside a run config.yaml)."""
-    _tiny_folder(tmp_path / "base")
+    tiny_dense_folder(tmp_path / "base")
     model, _ = load_model(str(tmp_path / "base"), quant_type="hqq3", blocksize=32, compute_dtype=torch.float32)
     add_adapter(model, "default", LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
     randomise_adapter(model)

@@ -12,7 +12,8 @@ from qforge.adapters.peft_format import load_adapter, save_adapter
 from qforge.model import surgery
 from qforge.nn import LoraSpec
 
-from ..nn.moe_models import VOCAB, dequantized_moe, quantized_moe, randomise_adapters, tiny_moe
+from tests.fixtures import MOE_VOCAB as VOCAB
+from tests.fixtures import dequantized_moe, quantized_moe, randomise_adapters, tiny_moe
 
 ARCHS = ["mixtral", "qwen3_moe"]
 EXPERT_TARGETS = ["experts.down_proj", "experts.gate_up_proj"]

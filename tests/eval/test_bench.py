@@ -141,23 +141,17 @@ def pretrain_tiny_llama(folder, steps: int = 60, hidden: int = 128, layers: int 
     """A small Llama trained from random in BF16 autocast on chat text, saved with its tokenizer
     as a Hugging Face folder (safetensors) that the bench's loader reads like any model."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from qforge.model.embedded import smollm2_gguf_path
     from qforge.eval.tasks import make_task_rows
+    from tests.fixtures import smollm2_tokenizer, tiny_llama, vocab_of
 
-    gguf = smollm2_gguf_path()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = smollm2_tokenizer()
     rows = make_task_rows(n_train=2000, n_val=0, n_test=0, seed=7)["train"]
     stream = torch.tensor([i for r in rows
                            for i in tok(tok.apply_chat_template(r["messages"], tokenize=False),
                                         add_special_tokens=False).input_ids])
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 64,
-                         tie_word_embeddings=True, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(hidden, layers, tied=True, heads=hidden // 32, kv_heads=hidden // 64,
+                       intermediate=hidden * 8 // 3 // 8 * 8, max_position_embeddings=512, **vocab_of(tok, "bos", "eos"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):

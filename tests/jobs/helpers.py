@@ -1,6 +1,6 @@
-"""Builders for the job service tests: a tiny random Llama folder that uses the SmolLM2 tokenizer (a
-job on it trains in seconds), small chat files, the service in-process (uvicorn in a thread, the
-worker a real subprocess) or the whole `qforge serve --jobs` as a subprocess, and polling."""
+"""Helpers for the job service tests (the tiny model folder comes from tests/fixtures.py): small
+chat files, the service in-process (uvicorn in a thread, the worker a real subprocess) or the
+whole `qforge serve --jobs` as a subprocess, and polling."""
 from __future__ import annotations
 
 import json
@@ -13,30 +13,12 @@ from pathlib import Path
 
 import httpx
 
-from tests.serve.helpers import LiveServer, free_port, smollm2_tokenizer
+from tests.fixtures import tiny_model_folder  # noqa: F401 (the jobs tests import it from here)
+from tests.serve.helpers import LiveServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_HP = {"method": "qlora", "rank": 4, "batch_size": 2, "max_seq_len": 64, "save_every": 1,
            "compute_dtype": "float32"}
-
-
-def tiny_model_folder(folder: Path) -> Path:
-    """A random Llama (hidden 64, 2 layers) over SmolLM2's vocabulary and chat template, saved as a
-    Hugging Face folder with its tokenizer: `qforge serve --base FOLDER` and the trainer load it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from qforge.model.checkpoint import save_tokenizer
-
-    tok = smollm2_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    save_tokenizer(tok, folder)
-    return folder
 
 
 def chat_rows(n: int = 8) -> list[dict]:

@@ -32,25 +32,10 @@ from qforge.model.surgery import quantized_layers
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
 
-VOCAB = 128
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-MOE = dict(num_experts_per_tok=2)
-FAMILIES = {  # model_type -> config beyond COMMON
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {"head_dim": 16},
-    "gemma2": {"head_dim": 16}, "gemma3_text": {"head_dim": 16}, "phi3": {}, "olmo2": {}, "granite": {},
-    "gpt_neox": {}, "phi": {},
-    "mixtral": {"num_local_experts": 4, **MOE},
-    "qwen2_moe": {"num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, **MOE},
-    "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16, **MOE},
-    "deepseek_v3": {"n_routed_experts": 4, "moe_intermediate_size": 64, "n_shared_experts": 1,
-                    "first_k_dense_replace": 1, "kv_lora_rank": 64, "q_lora_rank": 64, "qk_rope_head_dim": 8,
-                    "qk_nope_head_dim": 8, "v_head_dim": 16, "n_group": 1, "topk_group": 1, **MOE},
-    "olmoe": {"num_experts": 4, **MOE},
-    "granitemoe": {"num_local_experts": 4, **MOE},
-    "phimoe": {"num_local_experts": 4, **MOE},
-}
-MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "granitemoe", "phimoe"}
+from tests.fixtures import FAMILIES, MOE_FAMILIES, tiny_family  # noqa: E402
+from tests.fixtures import FAMILY_CONFIG as COMMON  # noqa: E402
+from tests.fixtures import FAMILY_VOCAB as VOCAB  # noqa: E402
+
 ROUTER_LINEARS = {"qwen2_moe": "shared_expert_gate", "phimoe": "router"}  # nn.Linear gates kept dense
 
 
@@ -61,9 +46,7 @@ def family_dir(tmp_path_factory):
 
     def get(family: str):
         if family not in made:
-            config = AutoConfig.for_model(family, **COMMON, **FAMILIES[family])
-            torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(config).save_pretrained(str(root / family))
+            tiny_family(family).save_pretrained(str(root / family))
             made[family] = root / family
         return made[family]
     return get

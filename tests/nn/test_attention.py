@@ -3,16 +3,13 @@ against transformers' SDPA attention on a small Llama: the same logits and gradi
 on either side and grouped-query heads, and generation with a KV cache unchanged."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from qforge.nn import attention
+from tests.fixtures import tiny_llama
 
 
 def tiny(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=120, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).float()
+    return tiny_llama(vocab=120, seed=seed, heads=8, max_position_embeddings=64)
 
 
 def run(model, impl, ids, mask):

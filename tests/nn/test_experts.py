@@ -14,7 +14,8 @@ from qforge.nn.experts import ExpertBank, AdaptedExperts
 from qforge.train.config import TrainConfig
 from qforge.train.loop import train_loop
 
-from .moe_models import dequantized_moe, quantized_moe, randomise_adapters, tiny_moe
+from tests.fixtures import dequantized_moe, quantized_moe, randomise_adapters, tiny_moe
+from tests.numerics import grad_atol
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 torch._dynamo.config.disable = True  # bitsandbytes' oracle kernels run eagerly (see tests/quant)
@@ -202,9 +203,9 @@ def test_selective_checkpointing_replays_the_expert_products(arch, monkeypatch):
         counts[mode] = len(calls)
         grads[mode] = [p.grad.clone() for _, p in surgery.adapter_parameters(qmodel)]
     assert counts["keep"] == counts["none"] < counts["full"]
-    for mode in ("keep", "full"):
+    for mode in ("keep", "full"):  # recomputation may order the sums over the 24 tokens differently
         for a, b in zip(grads[mode], grads["none"]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=grad_atol(b, ids.numel()))
 
 
 FAMILIES = {  # more MoE families transformers 5.24 ships with fused experts (tiny configs)

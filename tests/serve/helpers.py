@@ -1,5 +1,6 @@
-"""Shared builders for the serving tests: the SmolLM2 tokenizer, a tiny random 4-bit Llama that uses
-it, random non-zero adapters saved in PEFT format, and a live uvicorn server on loopback."""
+"""Shared helpers for the serving tests: random non-zero adapters saved in PEFT format, requests run
+alone (the oracle of a mixed batch) and a live uvicorn server on loopback. The tiny models and the
+SmolLM2 tokenizer come from tests/fixtures.py."""
 from __future__ import annotations
 
 import socket
@@ -9,55 +10,12 @@ from pathlib import Path
 
 import torch
 
-from qforge.model.surgery import (adapted_layers, add_adapter, detach_adapter, linear_names, quantize_linears,
-                                  select_targets, set_active_adapter)
+from qforge.model.surgery import adapted_layers, add_adapter, detach_adapter, set_active_adapter
 from qforge.nn import LoraSpec
-
-_TOKENIZER = None
-
-
-def smollm2_tokenizer():
-    """The embedded model's tokenizer (ChatML template), read from its GGUF file once per process."""
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        from transformers import AutoTokenizer
-
-        from qforge.model.embedded import smollm2_gguf_path
-
-        path = smollm2_gguf_path()
-        _TOKENIZER = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return _TOKENIZER
-
-
-def tiny_llama(tokenizer, dtype=torch.float32, seed: int = 0, context: int = 256, layers: int = 2):
-    """A random Llama (hidden 64) over the tokenizer's vocabulary, every linear but lm_head in NF4.
-    A wide initialisation keeps its logits peaked, so greedy choices are not near-ties."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                         tie_word_embeddings=True, initializer_range=0.1, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype)
-    quantize_linears(model, select_targets(linear_names(model), "all-linear"), compute_dtype=dtype)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval()
-
-
-def random_adapter(model, name: str, seed: int, r: int = 4, dtype=torch.float32, scale: float = 0.3) -> None:
-    """Attach adapter `name` with random A and random non-zero B (so it changes the output)."""
-    add_adapter(model, name, LoraSpec(r=r, alpha=2 * r, dropout=0.0, dtype=dtype))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, module in model.named_modules():
-            adapters = getattr(module, "adapters", None)
-            if adapters is not None and name in adapters:
-                a = adapters[name]
-                a.lora_A.weight.copy_(torch.randn(a.lora_A.weight.shape, generator=gen) * scale)
-                a.lora_B.weight.copy_(torch.randn(a.lora_B.weight.shape, generator=gen) * scale)
-    set_active_adapter(model, None)
-
+# The builders live in tests/fixtures.py; the serving tests know them by these names.
+from tests.fixtures import random_lora as random_adapter  # noqa: F401
+from tests.fixtures import smollm2_tokenizer  # noqa: F401
+from tests.fixtures import tiny_served_llama as tiny_llama  # noqa: F401
 
 SAVED: dict[tuple[int, str], Path] = {}  # (id(model), adapter name) -> its folder, for the oracle
 

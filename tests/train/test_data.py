@@ -275,11 +275,8 @@ def test_packing_keeps_examples_whole(tmp_path, tok, train_on):
 def test_packed_batch_keeps_examples_apart_in_attention():
     """A packed row's logits equal those of its examples run alone (tiny random Llama), with
     padding; this is the contract `collate` documents (position_ids, no attention_mask, no cache)."""
-    import transformers
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    from tests.fixtures import tiny_llama
+    model = tiny_llama(32, vocab=64, max_position_embeddings=64).eval()
     a, b, c = [5, 6, 7, 8], [9, 10, 11], [12, 13]
     examples = [{"input_ids": x, "labels": x} for x in (a, b, c)]
     rows = pack_examples(examples, max_seq_len=7)

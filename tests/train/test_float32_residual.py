@@ -14,25 +14,19 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from qforge.model.surgery import adapted_layers, linear_names, prepare_for_kbit_training, quantize_linears, \
     select_targets
 from qforge.nn import AdaptedLinear, LoraSpec
+from tests import fixtures
 
 R, ALPHA = 8, 16
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True, initializer_range=0.05)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # norms away from 1, so their dtype matters
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    model = fixtures.tiny_llama(128, vocab=256, tied=True, initializer_range=0.05).eval()
+    return fixtures.perturb_norms(model, 0.1)  # norms away from 1, so their dtype matters
 
 
 @pytest.fixture(scope="module")

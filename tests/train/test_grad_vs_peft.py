@@ -16,11 +16,12 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from qforge.model.surgery import adapted_layers, prepare_for_kbit_training, quantize_linears, select_targets, \
     linear_names, use_qforge_attention
 from qforge.nn import LoraSpec
+from tests import fixtures
 
 REL_ERR_BOUND = 0.05
 COSINE_BOUND = 0.99
@@ -28,10 +29,7 @@ R, ALPHA = 8, 16
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True, initializer_range=0.05)
-    return LlamaForCausalLM(cfg).eval()
+    return fixtures.tiny_llama(128, vocab=256, tied=True, initializer_range=0.05).eval()
 
 
 @pytest.fixture(scope="module")

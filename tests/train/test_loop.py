@@ -6,23 +6,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from qforge.model import surgery
 from qforge.nn import LoraSpec
 from qforge.train.config import TrainConfig
 from qforge.train.loop import TrainingDiverged, train_loop
+from tests.fixtures import quantize_all, tiny_llama
 
 TOKENIZER = SimpleNamespace(pad_token_id=0, eos_token_id=1)
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg)
-    surgery.quantize_linears(model, surgery.select_targets(surgery.linear_names(model), "all-linear"),
-                             compute_dtype=torch.float32)
+    model = quantize_all(tiny_llama(vocab=64, seed=seed, max_position_embeddings=64))
     surgery.add_adapter(model, "default", LoraSpec(r=4, alpha=8, dropout=0.1, dtype=torch.float32))
     return surgery.prepare_for_kbit_training(model)
 

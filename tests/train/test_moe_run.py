@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig
 
 from qforge.train.config import TrainConfig
 from tests.model.conftest import tiny_tokenizer
-from tests.nn.moe_models import dequantized_moe
+from tests.fixtures import dequantized_moe
 
 ROWS = [{"conversations": [{"from": "human", "value": f"w{i} w{i + 1} w{i + 2}"},
                            {"from": "gpt", "value": f"w{i + 3} w9 w9"}]} for i in range(24)]

@@ -6,21 +6,16 @@ restarting position_ids (with no attention_mask and no cache) as packed sequence
 block-diagonal causal mask."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from qforge.model import surgery
 from qforge.nn import LoraSpec
 from qforge.train.data import collate, pack_examples
 from qforge.train.loss import causal_lm_loss
+from tests.fixtures import quantize_all, tiny_llama
 
 
 def trainer_model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = LlamaForCausalLM(cfg)
-    surgery.quantize_linears(model, surgery.select_targets(surgery.linear_names(model), "all-linear"),
-                             compute_dtype=torch.float32)
+    model = quantize_all(tiny_llama(vocab=96, max_position_embeddings=128))
     surgery.add_adapter(model, "default", LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
     surgery.prepare_for_kbit_training(model, gradient_checkpointing=True)
     assert surgery.use_qforge_attention(model)

@@ -13,7 +13,9 @@ from qforge.commands import merge as merge_command
 from qforge.model.surgery import add_adapter, linear_names, quantize_linears, select_targets
 from qforge.nn import LoraSpec
 
-from .conftest import VOCAB, logits, qforge_with_adapter, quantized_twin, randomise_adapter, rel_err, tiny_dense
+from tests.adapters.conftest import ids  # noqa: F401 (a fixture)
+from tests.adapters.conftest import (logits, qforge_with_adapter, quantized_twin, randomise_adapter, rel_err,
+                                     tiny_dense, tiny_dense_folder)
 
 
 def load_plain(folder):
@@ -58,24 +60,12 @@ def test_merge_command_refuses_a_bad_adapter_before_loading_the_base(tmp_path, m
     assert "adapter_config.json' is not valid JSON" in capsys.readouterr().err
 
 
-def _tiny_folder(folder):
-    """A dense tiny Llama folder with a word-level tokenizer, as load_model would meet one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tiny_dense().save_pretrained(str(folder))
-    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(folder))
-
-
 def test_merge_command_end_to_end_with_load_model(tmp_path, ids):
     try:
         load = importlib.import_module("qforge.model.load")
     except ImportError as exc:
         pytest.skip(f"qforge.model.load is not importable yet: {exc}")
-    _tiny_folder(tmp_path / "base")
+    tiny_dense_folder(tmp_path / "base")
     model, tokenizer = load.load_model(str(tmp_path / "base"), compute_dtype=torch.float32)
     add_adapter(model, "default", LoraSpec(r=4, alpha=8, dropout=0.0, dtype=torch.float32))
     randomise_adapter(model)

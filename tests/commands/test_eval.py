@@ -9,7 +9,7 @@ from qforge.cli import main
 from qforge.eval import harness
 from qforge.model.load import load_model
 
-from tests.jobs.helpers import tiny_model_folder
+from tests.fixtures import tiny_model_folder
 from tests.serve.helpers import save_random_adapters
 
 

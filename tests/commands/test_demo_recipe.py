@@ -6,7 +6,7 @@ from qforge.commands.demo import DEMO_RECIPE
 from qforge.eval.bench import BENCH_RECIPE
 from qforge.train.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_configs_demo_yaml_is_the_recipe_the_demo_and_the_bench_run():
