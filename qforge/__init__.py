@@ -5,6 +5,7 @@ The names a script needs, imported on first use (so `import qforge` stays cheap)
     model, tok = qforge.load_model("smollm2")                                 # NF4 base (no adapters)
     cfg = qforge.TrainConfig(data="train.jsonl", output_dir="runs/x")
     result, summary = qforge.train(cfg)                                       # load, train, save
+    run = qforge.prepare(cfg); run.train(on_step=print); run.save()           # the same, in parts
     qforge.merge(model, tok, "runs/merged")                                   # dequantise, merge
     state = qforge.quantize(weight); w = qforge.dequantize(state)             # NF4 / FP4 tensors
 """
@@ -21,6 +22,7 @@ _EXPORTS = {
     "quantize": ("qforge.quant.blockwise", "quantize"),
     "dequantize": ("qforge.quant.blockwise", "dequantize"),
     "TrainConfig": ("qforge.train.config", "TrainConfig"),
+    "prepare": ("qforge.train.run", "prepare"),
     "train": ("qforge.train", None),  # the package itself, callable: qforge.train(cfg) runs run_training
     "merge": ("qforge.adapters.merge", "save_merged"),
     "load_adapter": ("qforge.adapters.peft_format", "load_adapter"),

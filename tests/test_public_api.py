@@ -16,12 +16,13 @@ def test_lazy_names_resolve_to_their_modules():
     from qforge.nn import LoraSpec
     from qforge.quant import dequantize, quantize
     from qforge.train.config import TrainConfig
-    from qforge.train.run import run_training
+    from qforge.train.run import prepare, run_training
 
     assert qforge.load_model is load_model and qforge.LoraSpec is LoraSpec and qforge.TrainConfig is TrainConfig
     assert qforge.quantize is quantize and qforge.dequantize is dequantize
     assert callable(qforge.train) and qforge.merge is save_merged
     assert qforge.train.run.run_training is run_training  # and it is still the package
+    assert qforge.prepare is prepare
     assert sorted(set(dir(qforge)) - {"__version__"}) == sorted(qforge._EXPORTS)
 
 

@@ -203,11 +203,6 @@ def merge_records(model: nn.Module) -> list[dict]:
     return records + list(getattr(config, RECORD_KEY, None) or [])
 
 
-def mark_merged(model: nn.Module, record: dict) -> None:
-    """Mark a model object as carrying a merge (for code that merges weights in memory)."""
-    setattr(model, RECORD_KEY, list(getattr(model, RECORD_KEY, None) or []) + [record])
-
-
 def check_not_merged(model: nn.Module, record: dict) -> None:
     """ValueError when `record`'s adapter (same weights, or same source folder) is already merged."""
     for old in merge_records(model):

@@ -10,7 +10,10 @@ State of a parameter with n elements (`step` is a Python int, the number of upda
                       sensitive to quantise).
 The update is the one of torch.optim.AdamW (decoupled weight decay, bias correction) in float32,
 with the operations in bitsandbytes' order, so with 8-bit state it is bit-identical to
-bitsandbytes 0.50's AdamW8bit on CPU.
+bitsandbytes 0.50's AdamW8bit on CPU where torch's vectorised CPU kernels run (AVX2 or better):
+they fuse `add_(alpha=)` and `addcmul_` into one rounding, as the native kernel does. Under
+torch's scalar kernels (ATEN_CPU_CAPABILITY=default) those round twice, so the paths agree
+within the update's rounding rather than bit for bit (tests/optim/test_adamw8bit.py).
 """
 from __future__ import annotations
 
@@ -73,7 +76,8 @@ def adamw_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta
     in place; `state` (see the module docstring, on p's device) is updated in place. `step` is the
     1-based number of this update, for bias correction. All arithmetic is float32.
     On the CPU with 8-bit state the native kernel does it (dispatch.adamw_8bit: two passes
-    around torch's sqrt), with the same roundings as the torch path below: the same bits."""
+    around torch's sqrt), with the same roundings as the torch path below on vectorised CPU
+    kernels (fused multiply-adds): the same bits there."""
     if _native_step(p, grad, state, lr, beta1, beta2, eps, weight_decay, step, block_size):
         return
     g = grad.float()

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from qforge import cli
 from qforge.adapters import (InPlaceMergeError, load_adapter, merge_in_place_4bit, merged_state_dict, save_adapter,
                              save_merged)
-from qforge.adapters.merge import PROVENANCE_NAME, RECORD_KEY, mark_merged
+from qforge.adapters.merge import PROVENANCE_NAME, RECORD_KEY
 from qforge.model.surgery import linear_names, adapted_layers, quantize_linears, select_targets
 
 from .conftest import logits, qforge_with_adapter, quantized_twin, randomise_adapter, rel_err, tiny_dense
@@ -70,6 +70,9 @@ def test_merging_the_same_adapter_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match="already merged"):
         save_merged(again, None, tmp_path / "m2")
     fresh = qforge_with_adapter(tiny_dense())
+    def mark_merged(model, record):  # code that merged weights in memory records it on the model object
+        setattr(model, RECORD_KEY, list(getattr(model, RECORD_KEY, None) or []) + [record])
+
     mark_merged(fresh, {"adapter": "default", "source": None, "sha256": "x", "note": "merged in memory"})
     save_merged(fresh, None, tmp_path / "m3")  # a different adapter: allowed
     mark_merged(fresh, json.loads((tmp_path / "m3" / PROVENANCE_NAME).read_text())[RECORD_KEY][-1])
