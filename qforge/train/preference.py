@@ -116,6 +116,8 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (logit_transform); the head then runs over the N rows in chunks of chunk_rows."""
     targets = labels[:, 1:]
     keep = targets != IGNORE                                                # (R, T-1)
+    if not bool(keep.any()):
+        raise ValueError("no completion token in the batch (every label is -100 after the first position)")
     rows = F.pad(keep, (0, 1), value=False)                                 # (R, T): last predicts nothing
     head = model.get_output_embeddings()
     captured = {}

@@ -139,7 +139,8 @@ def _sharegpt_turns(value, key: str) -> tuple[list[dict] | None, str | None]:
         role_key, text_key = ("from", "value") if "from" in turn else ("role", "content")
         role = SHAREGPT_ROLES.get(turn.get(role_key)) if isinstance(turn.get(role_key), str) else None
         if role is None:
-            return None, f"{where}: unknown {role_key} {turn.get(role_key)!r} (expected one of {', '.join(SHAREGPT_ROLES)})"
+            return None, (f"{where}: unknown {role_key} {turn.get(role_key)!r} "
+                          f"(expected one of {', '.join(SHAREGPT_ROLES)})")
         messages.append({"role": role, "content": turn.get(text_key)})
     return messages, None
 

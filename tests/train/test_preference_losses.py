@@ -15,8 +15,6 @@ sequence's sum by n_tokens of those; rewards are beta times differences of such 
 moves by at most the same (|d/dz log sigmoid(z)| <= 1), and a gradient by sum_atol over the
 tokens and hidden units that feed it.
 """
-import copy
-
 import pytest
 import torch
 
@@ -167,8 +165,8 @@ def trl_orpo(model, tmp_path, beta):
 def trl_orpo_loss(trainer, b):
     """TRL's ORPOTrainer.get_batch_loss_metrics on our batch, split into its chosen/rejected form."""
     half = b["input_ids"].shape[0] // 2
-    inputs = {f"{side}_{key}": b[key][rows] for side, rows in (("chosen", slice(0, half)), ("rejected", slice(half, None)))
-              for key in ("input_ids", "attention_mask", "labels")}
+    halves = (("chosen", slice(0, half)), ("rejected", slice(half, None)))
+    inputs = {f"{side}_{key}": b[key][rows] for side, rows in halves for key in ("input_ids", "attention_mask", "labels")}
     trainer.model.train()
     return trainer.get_batch_loss_metrics(trainer.model, inputs)
 
@@ -280,3 +278,206 @@ def test_orpo_matches_trl(folder, tmp_path, base):
     assert metrics["rewards/accuracies"] == t_metrics["rewards/accuracies"]
     assert float(loss) == pytest.approx(float(t_loss), abs=4 * tol)
     assert_grads_close(grads_of(layers), grads_of(layers, modules), batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts, against plain full-logits arithmetic
+
+
+def full_logits_logps(model, batch, labels=None):
+    """The reference arithmetic: the whole [R, T, vocab] float32 log-softmax, gathered and masked."""
+    labels = batch["labels"] if labels is None else labels
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    targets = labels[:, 1:]
+    logp = logits[:, :-1].log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return logp * (targets != -100)                                          # [R, T-1]
+
+
+def adapted_dense(model=None):
+    model = model or base_model()
+    dense_lora_linears(model, select_targets(linear_names(model), "all-linear"), compute_dtype=torch.float32)
+    fixtures.random_lora(model, "default", seed=3, r=R)
+    set_active_adapter(model, "default")
+    for name, p in model.named_parameters():
+        p.requires_grad_(".adapters." in name)
+    return model.train()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, None])
+def test_sequence_logps_equal_the_full_log_softmax_without_holding_it(chunk_rows):
+    model, batch = adapted_dense(), pair_batch()
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    sums, counts = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_rows)
+    assert sums.dtype == torch.float32 and counts.tolist() == [4, 6, 3, 2]  # the completion tokens
+    widest = max(s[0] for s in seen[1:])
+    assert len(seen[0]) == 2 and seen[0][0] == 1  # the model's own head call: one position (the transform probe)
+    assert widest <= (chunk_rows or 10 ** 9) and all(len(s) == 2 for s in seen)  # (rows, vocab), never [R, T, V]
+    params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
+    ours = torch.autograd.grad(sums.sum() * 0.5 + sums[0], params)
+    full = full_logits_logps(model, batch).sum(1)
+    theirs = torch.autograd.grad(full.sum() * 0.5 + full[0], params)
+    n = int(batch["attention_mask"].sum()) * (HIDDEN + VOCAB)
+    torch.testing.assert_close(sums, full, rtol=0, atol=sum_atol(n, full.abs().max()))
+    for g, t in zip(ours, theirs):
+        torch.testing.assert_close(g, t, rtol=0, atol=sum_atol(n, t.abs().max()))
+
+
+def test_soft_capped_logits_are_read_from_the_config():
+    """Gemma 2 soft-caps its logits (final_logit_softcapping): the log-probs are of the capped logits."""
+    model = fixtures.tiny_family("gemma2")
+    assert model.config.final_logit_softcapping
+    batch = pair_batch()
+    sums, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_rows=2)
+    full = full_logits_logps(model, batch).sum(1)
+    n = int(batch["attention_mask"].sum()) * (HIDDEN + fixtures.FAMILY_VOCAB)
+    torch.testing.assert_close(sums, full, rtol=0, atol=sum_atol(n, full.abs().max()))
+
+
+def test_reference_is_the_base_or_the_named_adapter_and_keeps_no_graph():
+    model, batch = adapted_dense(), pair_batch()
+    fixtures.random_lora(model, "ref", seed=9, r=R)
+    set_active_adapter(model, "default")
+    expected = {}
+    for name in (None, "ref", "default"):
+        set_active_adapter(model, name)
+        with torch.no_grad():
+            expected[name] = full_logits_logps(model, batch).sum(1)
+    set_active_adapter(model, "default")
+    n = int(batch["attention_mask"].sum()) * (HIDDEN + VOCAB)
+    for name in (None, "ref"):
+        chosen, rejected = reference_logps(model, batch, name)
+        assert not chosen.requires_grad and chosen.grad_fn is None
+        torch.testing.assert_close(torch.cat([chosen, rejected]), expected[name], rtol=0,
+                                   atol=sum_atol(n, expected[name].abs().max()))
+        assert not torch.allclose(expected[name], expected["default"])
+    assert all(layer.active_adapter == "default" for _, layer in adapted_layers(model))  # restored
+    with pytest.raises(ValueError, match="reference adapter 'nope' is not attached"):
+        with adapter_active(model, "nope"):
+            pass
+
+
+def test_adapter_active_restores_each_layer_after_an_error():
+    model = adapted_dense()
+    layers = [layer for _, layer in adapted_layers(model)]
+    layers[0].active_adapter = None  # one layer off: restored as it was, not to the majority
+    with pytest.raises(RuntimeError):
+        with adapter_active(model, None):
+            assert all(layer.active_adapter is None for layer in layers)
+            raise RuntimeError
+    assert layers[0].active_adapter is None and all(layer.active_adapter == "default" for layer in layers[1:])
+
+
+def test_dpo_and_orpo_formulas():
+    c, r = torch.tensor([-3.0, -5.0, -2.0]), torch.tensor([-4.0, -4.5, -2.5])
+    rc, rr = torch.tensor([-3.5, -4.0, -2.2]), torch.tensor([-3.0, -4.6, -2.4])
+    beta, eps = 0.3, 0.1
+    loss, m = dpo_loss(c, r, rc, rr, beta, eps)
+    z = beta * ((c - rc) - (r - rr))
+    manual = (-(1 - eps) * torch.log(torch.sigmoid(z)) - eps * torch.log(torch.sigmoid(-z))).mean()
+    assert float(loss) == pytest.approx(float(manual), rel=1e-6)
+    assert float(m["rewards/accuracies"]) == pytest.approx(2 / 3)
+    assert float(m["rewards/margins"]) == pytest.approx(float((z).mean()), rel=1e-6)
+    # ORPO on mean log-probs, in float64 by hand
+    mc, mr, nll = torch.tensor([-0.5, -1.2]), torch.tensor([-0.7, -0.9]), torch.tensor(1.3)
+    loss, m = orpo_loss(mc, mr, nll, beta)
+    d = lambda x: x.double()
+    odds = (d(mc) - d(mr)) - (torch.log(1 - torch.exp(d(mc))) - torch.log(1 - torch.exp(d(mr))))
+    assert float(loss) == pytest.approx(float(1.3 - beta * torch.log(torch.sigmoid(odds)).mean()), rel=1e-6)
+    assert float(m["log_odds_chosen"]) == pytest.approx(float(odds.mean()), rel=1e-5)
+    assert float(m["rewards/chosen"]) == pytest.approx(beta * float(mc.mean()), rel=1e-6)
+
+
+def test_log1mexp_has_no_cancellation():
+    """Near 0 (a likely reply) log(1 - exp x) computed naively loses every digit; here a few ulps.
+    (Per-token means below -20 nats are outside what a model gives; float32 exp loses digits there.)"""
+    x = torch.tensor([-1e-7, -1e-3, -0.5, -0.7, -2.0, -20.0])
+    exact = torch.log(-torch.expm1(x.double()))
+    torch.testing.assert_close(log1mexp(x).double(), exact, rtol=4 * EPS32, atol=0)
+
+
+def test_orpo_completion_nll_is_the_mean_over_completion_tokens():
+    model, batch = adapted_dense(), pair_batch()
+    loss, m = preference_step(model, batch, PreferenceConfig("orpo", beta=0.2, orpo_nll="completion"))
+    with torch.no_grad():
+        logp = full_logits_logps(model, batch)
+    mask = batch["labels"][:, 1:] != -100
+    nll = -logp[:2].sum() / mask[:2].sum()
+    n = int(mask.sum()) * (HIDDEN + VOCAB)
+    assert m["nll_loss"] == pytest.approx(float(nll), abs=sum_atol(n, logp.abs().max()))
+    means = logp.sum(1) / mask.sum(1)
+    assert m["logps/chosen"] == pytest.approx(float(means[:2].mean()), abs=sum_atol(n, logp.abs().max()))
+
+
+@pytest.mark.parametrize("quant", ["hqq4", "moe"])
+def test_other_bases_train_against_their_own_base(quant):
+    """HQQ and MoE experts (4-bit expert banks with their adapters): the reference is the base (every
+    adapter, the experts' too, off), gradients reach every trainable adapter parameter."""
+    from qforge.model import surgery
+    if quant == "moe":
+        model = fixtures.quantized_moe(fixtures.tiny_moe("qwen3_moe"))
+    else:
+        model = fixtures.quantize_all(base_model(), quant_type=quant, blocksize=64)
+    add_adapter(model, "default", LoraSpec(r=R, alpha=2 * R, dropout=0.0))
+    fixtures.randomise_adapters(model, seed=4, std=0.2)
+    if quant == "moe":
+        assert any(True for _ in surgery.expert_layers(model)) and any(
+            ".experts." in n for n, _ in surgery.adapter_parameters(model))
+    model.train()
+    batch = pair_batch()
+    with torch.no_grad():
+        set_active_adapter(model, None)
+        base = full_logits_logps(model, batch).sum(1)
+        set_active_adapter(model, "default")
+    ref_c, ref_r = reference_logps(model, batch)
+    n = int(batch["attention_mask"].sum()) * (HIDDEN + VOCAB)
+    torch.testing.assert_close(torch.cat([ref_c, ref_r]), base, rtol=0, atol=sum_atol(n, base.abs().max()))
+    loss, m = preference_step(model, batch, PreferenceConfig("dpo", beta=0.1))
+    loss.backward()
+    assert m["rewards/margins"] != 0.0
+    for name, p in surgery.adapter_parameters(model):
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="method must be one of dpo, orpo"):
+        PreferenceConfig("kto")
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
+        PreferenceConfig(label_smoothing=0.5)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        PreferenceConfig(beta=0.0)
+    with pytest.raises(ValueError, match="even number of rows"):
+        preference_step(adapted_dense(), {k: v[:3] for k, v in pair_batch().items()}, PreferenceConfig())
+
+
+@pytest.mark.parametrize("keep_base_outputs", [False, True], ids=["full-recompute", "keep-base-outputs"])
+def test_gradient_checkpointing_changes_nothing(keep_base_outputs):
+    """The trainer's set-up (prepare_for_kbit_training: non-reentrant checkpointing, optionally the
+    base-output tape) gives the same DPO loss and gradients as no checkpointing: the no-grad
+    reference pass between does not disturb the policy's recomputation."""
+    from qforge.model.surgery import adapter_parameters, prepare_for_kbit_training
+
+    def run(prepare):
+        model = fixtures.quantize_all(base_model(), compute_dtype=torch.float32)
+        add_adapter(model, "default", LoraSpec(r=R, alpha=2 * R, dropout=0.0))
+        fixtures.randomise_adapters(model, seed=4, std=0.2)
+        if prepare:
+            prepare_for_kbit_training(model, True, keep_base_outputs=keep_base_outputs)
+        model.train()
+        loss, _ = preference_step(model, pair_batch(), PreferenceConfig("dpo", beta=0.5))
+        loss.backward()
+        return loss, [p.grad for _, p in adapter_parameters(model)]
+
+    (loss, grads), (c_loss, c_grads) = run(False), run(True)
+    n = int(pair_batch()["attention_mask"].sum()) * (HIDDEN + VOCAB)
+    assert float(c_loss) == pytest.approx(float(loss), abs=sum_atol(n, 1.0))
+    for g, c in zip(grads, c_grads):
+        torch.testing.assert_close(c, g, rtol=0, atol=sum_atol(n, g.abs().max()))
+
+
+def test_a_batch_without_completion_tokens_is_refused():
+    batch = pair_batch()
+    batch["labels"][:] = -100
+    with pytest.raises(ValueError, match="no completion token in the batch"):
+        preference_step(adapted_dense(), batch, PreferenceConfig())
