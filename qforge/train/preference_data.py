@@ -174,7 +174,15 @@ def load_preference_rows(path: str | Path, shape: str = "auto", split: str = "tr
     """Read and check a preference file -> (canonical rows, shape). No tokenizer or model needed.
 
     shape "auto": the first row's keys decide and every later row must have the same shape.
-    Raises DataError naming the file and line (or row) of the first bad row."""
+    Raises DataError naming the file and line (or row) of the first bad row; its `path` is the file."""
+    try:
+        return _load_rows(path, shape, split)
+    except DataError as exc:
+        exc.path = exc.path or str(path)
+        raise
+
+
+def _load_rows(path, shape: str, split: str) -> tuple[list[dict], str]:
     if shape != "auto" and shape not in SHAPES:
         raise ValueError(f"unknown preference shape {shape!r}: expected auto, {', '.join(SHAPES)}")
     try:

@@ -222,3 +222,37 @@ def test_rows_through_the_loss(tmp_path, tok):
     assert metrics["rewards/chosen"] == 0.0 and metrics["rewards/margins"] == 0.0
     assert float(loss) == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-6)
     assert calls == [batch["input_ids"].shape] * 2  # the reference pass and the policy pass, each one forward
+
+
+def test_a_json_array_names_the_row_and_the_error_carries_the_file(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([SAME_PAIR["llama-factory"], {**SAME_PAIR["llama-factory"], "chosen": 3}]))
+    with pytest.raises(DataError, match=f"^{path}: row 2: 'chosen' must be a turn") as err:
+        load_preference_rows(path)
+    assert err.value.path == str(path)
+
+
+def test_tokens_are_trls_but_for_the_separator_after_the_end_of_turn(tmp_path):
+    """TRL's DPOTrainer tokenises a conversational row into the same ids; its completion mask also
+    covers the newline the ChatML template writes after <|im_end|>, which qforge does not train (as
+    in its SFT: generation stops at <|im_end|>, so that newline is never predicted)."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    tok = fixtures.smollm2_tokenizer()
+    row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Which colour?"}],
+           "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "No, red"}]}
+    trainer = DPOTrainer(model=fixtures.tiny_llama(vocab=len(tok), tied=True),
+                         args=DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                         train_dataset=Dataset.from_list([row]), processing_class=tok,
+                         peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    theirs = trainer.train_dataset[0]
+    ours = tokenize_pair(row, tok, 512)
+    assert ours["prompt_ids"] == theirs["prompt_ids"]
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    for side in ("chosen", "rejected"):
+        completion = ours[side]["input_ids"][len(ours["prompt_ids"]):]
+        assert completion == theirs[f"{side}_ids"] and completion[-1:] == newline
+        assert ours[side]["labels"][len(ours["prompt_ids"]):] == completion[:-1] + [-100]
