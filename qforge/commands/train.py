@@ -82,6 +82,15 @@ HELP = {
     "report_to": "experiment tracking, comma-separated: tensorboard (events in OUTPUT_DIR/tensorboard), wandb "
                  "(offline unless logged in), none; metrics.jsonl and loss.png are always written",
     "method": "qlora (4-bit base), lora (BF16 base) or full (every weight)",
+    "objective": "what the run learns from: sft (demonstrations), dpo (preference pairs, against a reference: "
+                 "the base with the adapters off, or --ref-adapter) or orpo (preference pairs, no reference)",
+    "beta": "dpo: strength of the reference (TRL's beta); orpo: weight of the odds-ratio term (TRL's beta, "
+            "the paper's lambda)",
+    "label_smoothing": "dpo: share of the pairs assumed mislabelled (conservative DPO), in [0, 0.5)",
+    "ref_adapter": "dpo: an adapter folder on the same base as the reference model (default: none, the base "
+                   "itself with the adapters off)",
+    "adapter": "an adapter folder to continue training from, e.g. an SFT adapter before dpo (default: none, "
+               "fresh adapters)",
     "target_modules": "all-linear, or comma-separated layer names such as q_proj,v_proj",
     "max_steps": "stop after this many optimiser steps (default: --epochs over the data)",
     "eval_every": "evaluate every N steps (0: only at the end when there is eval data)",

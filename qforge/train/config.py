@@ -17,7 +17,10 @@ ADAPTER_DTYPES = ("float32", "bfloat16")
 # bfloat16: the residual stream between layers in the compute dtype; float32: embeddings (and a tied
 # lm_head), norms and the adapted layers' outputs in float32, as PEFT's prepare_model_for_kbit_training
 RESIDUAL_DTYPES = ("bfloat16", "float32")
-QUANT_TYPES = ("nf4", "fp4", "hqq4", "hqq3", "hqq2")  # qlora's base: bitsandbytes 4-bit, or HQQ at 4/3/2 bits
+QUANT_TYPES = ("nf4", "fp4", "hqq4", "hqq3", "hqq2")
+# what the run learns from: demonstrations (sft), or preference pairs with DPO's sigmoid loss against a
+# reference (the base with adapters off, or ref_adapter) or ORPO's reference-free odds-ratio loss
+OBJECTIVES = ("sft", "dpo", "orpo")  # qlora's base: bitsandbytes 4-bit, or HQQ at 4/3/2 bits
 
 
 @dataclass
@@ -32,6 +35,11 @@ class TrainConfig:
     max_samples: int | None = None
     chat_template: str | None = None  # a built-in name (qforge.model.templates) or a Jinja file
     method: str = "qlora"
+    objective: str = "sft"  # see OBJECTIVES; dpo/orpo read preference pairs (qforge.train.preference_data)
+    beta: float = 0.1  # DPO's beta (strength of the reference), ORPO's lambda (weight of the odds-ratio term)
+    label_smoothing: float = 0.0  # DPO: the share of pairs assumed mislabelled, in [0, 0.5)
+    ref_adapter: str | None = None  # DPO's reference: a PEFT adapter folder on the same base (None: the base)
+    adapter: str | None = None  # an adapter folder to continue training (e.g. SFT's, before DPO)
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
@@ -80,6 +88,17 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        if not self.beta > 0:
+            raise ValueError(f"beta: must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.objective != "dpo" and self.ref_adapter is not None:
+            raise ValueError(f"ref_adapter: a reference adapter is for objective dpo, not {self.objective}")
+        if self.objective != "sft" and self.method == "full":
+            raise ValueError(f"objective {self.objective}: preference tuning trains adapters (method qlora or "
+                             "lora): the reference is the same base with the adapters off")
         for name in ("rank", "batch_size", "grad_accum", "max_seq_len", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")

@@ -144,6 +144,9 @@ def _setup_checks(cfg: TrainConfig, group: Group):
     """Preflight (data, output folder, template, trackers, model source): (cfg, splits, the
     architecture the planner reads: a Hub model's local folder, else None)."""
     from .preflight import check_before_loading
+    if cfg.objective != "sft" or cfg.adapter is not None:  # the losses exist (train/preference.py), the run not yet
+        raise ValueError(f"objective {cfg.objective}{' with adapter' if cfg.adapter else ''}: training on "
+                         "preference pairs and continuing an adapter are not in `qforge train` yet")
     cfg, splits, hub_folder = check_before_loading(cfg, check_dir=group.is_main)
     return cfg, splits, (str(hub_folder) if hub_folder is not None else None)
 
