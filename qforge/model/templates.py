@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "data" / "templates"
-BUILTIN = ("chatml", "llama3", "gemma", "mistral", "qwen", "phi3")
+FAMILIES = ("chatml", "llama3", "gemma", "mistral", "qwen", "phi3")  # each family's own chat format
+# plus the formats LLaMA-Factory's template names render (see LLAMAFACTORY)
+BUILTIN = FAMILIES + ("mistral_v3", "alpaca", "vicuna", "human_assistant", "empty")
 # other spellings: Axolotl's chat_template names and LLaMA-Factory's template names
 ALIASES = {
     "llama-3": "llama3", "llama3_1": "llama3", "llama31": "llama3", "llama-3.1": "llama3",
@@ -20,6 +22,24 @@ ALIASES = {
     "qwen2": "qwen", "qwen_25": "qwen", "qwen2.5": "qwen", "qwen25": "qwen",
     "phi_3": "phi3", "phi-3": "phi3", "phi": "phi3",
 }
+# LLaMA-Factory's `template:` names -> the built-in that renders what its data/template.py renders
+# (llamafactory 0.9.5; tests/model/test_templates.py holds its renderings as golden strings). Its
+# `mistral` puts no space before [/INST] and one before the answer (Mistral v3's spacing), unlike the
+# v1 spacing Axolotl's `mistral` names; its `default` is a Human:/Assistant: format.
+LLAMAFACTORY = {
+    "default": "human_assistant", "empty": "empty", "alpaca": "alpaca", "vicuna": "vicuna",
+    "chatml": "chatml", "llama3": "llama3", "qwen": "qwen", "gemma": "gemma", "gemma2": "gemma",
+    "mistral": "mistral_v3", "phi": "phi3",
+}
+
+
+def llamafactory_template(name: str) -> str:
+    """The built-in for a LLaMA-Factory `template:` name; ValueError for one qforge does not have."""
+    key = str(name).lower()
+    if key not in LLAMAFACTORY:
+        raise ValueError(f"LLaMA-Factory template {name!r}: qforge renders {', '.join(sorted(LLAMAFACTORY))} "
+                         "as LLaMA-Factory does (or give a Jinja file with chat_template: FILE)")
+    return LLAMAFACTORY[key]
 
 
 def read_template(name_or_file: str) -> str:

@@ -9,6 +9,9 @@ the file and the row (`data.jsonl:7`, `data.csv:3`, `data.parquet: row 12`) for 
   a folder           a Hugging Face `datasets` dataset written by `save_to_disk` (a Dataset, or a
                      DatasetDict whose `train` split is trained on and whose validation/test/eval
                      split, when present, is evaluated on)
+  DIR/dataset_info.json#NAME
+                     the entry NAME of LLaMA-Factory's dataset registry, its rows converted by its
+                     columns and tags (qforge.train.dataset_info)
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ def is_saved_dataset(path: Path) -> bool:
 
 def read_records(path: str | Path, split: str = "train") -> list[tuple[str, object]]:
     """(where, row) for every row of `path`; `split` picks the split of a saved DatasetDict."""
+    from .dataset_info import read_reference, split_reference
+    reference = split_reference(path)
+    if reference is not None:
+        return read_reference(*reference, split)
     path = Path(path)
     if not path.exists():
         raise DataFileError(f"{path}: no such file or folder")

@@ -194,12 +194,12 @@ def test_unsupported_keys_are_refused_by_name_with_what_to_do(tmp_path, alpaca):
 
 
 def test_llamafactory_refusals(tmp_path):
-    text = LLAMAFACTORY_QLORA.format(dataset_dir=tmp_path).replace("stage: sft", "stage: dpo")
+    text = LLAMAFACTORY_QLORA.format(dataset_dir=tmp_path).replace("stage: sft", "stage: ppo")
     text = text.replace("quantization_bit: 4", "quantization_bit: 8")
     with pytest.raises(RecipeError) as err:
         load_config(write(tmp_path, text))
     message = str(err.value)
-    assert "stage (qforge trains supervised fine-tuning (stage: sft); got 'dpo')" in message
+    assert "stage (qforge trains stage sft or stage dpo (pref_loss sigmoid or orpo); got 'ppo')" in message
     assert "quantization_bit (qforge's quantised base is 4-bit" in message
     assert "dataset ('my_chats' is neither a dataset in" in message
 
@@ -226,6 +226,24 @@ def test_print_config_shows_the_qforge_recipe(tmp_path, alpaca, capsys):
     printed = yaml.safe_load(out)
     assert printed["method"] == "qlora" and printed["rank"] == 32 and printed["max_steps"] == 3
     assert TrainConfig(**printed).lr == 2e-4  # the printed recipe is a valid qforge recipe
+
+
+@pytest.mark.parametrize("name, builtin", [("default", "human_assistant"), ("empty", "empty"), ("alpaca", "alpaca"),
+                                           ("vicuna", "vicuna"), ("mistral", "mistral_v3"), ("phi", "phi3")])
+def test_llamafactory_template_names_map_to_what_llamafactory_renders(tmp_path, name, builtin):
+    text = LLAMAFACTORY_QLORA.format(dataset_dir=tmp_path).replace("dataset: my_chats", f"dataset: {tmp_path}")
+    cfg, _ = load_config(write(tmp_path, text.replace("template: llama3", f"template: {name}")))
+    assert cfg.chat_template == builtin  # a plain LLaMA-Factory SFT recipe with template: default runs
+    with pytest.raises(RecipeError, match=r"template \(LLaMA-Factory template 'zephyr': qforge renders"):
+        load_config(write(tmp_path, text.replace("template: llama3", "template: zephyr")))
+
+
+def test_the_shipped_llamafactory_registry_reads_the_demo_task_through_openai_tags(tmp_path):
+    from qforge.train.data import load_rows
+    text = LLAMAFACTORY_QLORA.format(dataset_dir="configs").replace("dataset: my_chats", "dataset: demo_task")
+    cfg, _ = load_config(write(tmp_path, text))
+    rows, fmt = load_rows(cfg.data, cfg.data_format)
+    assert fmt == "chat" and rows == load_rows("qforge/data/demo_task/train.jsonl")[0]
 
 
 def test_the_shipped_axolotl_config_reads_as_qlora_on_sharegpt():

@@ -45,7 +45,7 @@ def no_model_load(monkeypatch):
     ({"data": "missing.jsonl"}, DataError, r"missing\.jsonl: no such file"),
     ({"bad_row": True}, DataError, r"chats\.jsonl:7: conversations\[0\]: unknown from 'bot'"),
     ({"output_dir": "a_file"}, ValueError, r"output_dir '.*a_file' is a file"),
-    ({"chat_template": "vicuna"}, ValueError, r"chat template 'vicuna': not a built-in"),
+    ({"chat_template": "zephyr"}, ValueError, r"chat template 'zephyr': not a built-in"),
     ({"model": "no/such-model"}, FileNotFoundError, r"model 'no/such-model' is not in the Hugging Face cache"),
     ({"model": "./nowhere"}, FileNotFoundError, r"model './nowhere' not found"),
 ])
