@@ -122,7 +122,7 @@ def test_a_dpo_jobs_reward_accuracy_and_margins_are_drawn(browser, tiny_base, tm
             "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "method": "qlora", "rank": 4}}})
         wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "queued", 30, what="queued")
         steps = [{"step": s, "loss": 0.69 - 0.05 * s, "lr": 1e-4, "tokens": 50 * s, "rewards/chosen": 0.01 * s,
-                  "rewards/rejected": -0.01 * s, "rewards/accuracies": 0.5 + 0.25 * (s - 1) / 2,
+                  "rewards/rejected": -0.01 * s, "rewards/accuracies": 0.5 + 0.25 * (s - 1),
                   "rewards/margins": 0.02 * s} for s in (1, 2, 3)]
         service.jobs.store.add_events(job.id, [metric_event(r, 3) for r in steps])
 
@@ -144,6 +144,8 @@ def test_a_dpo_jobs_reward_accuracy_and_margins_are_drawn(browser, tiny_base, tm
         table = browser.find_elements(By.CSS_SELECTOR, "#reward-table tbody tr")
         assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in table] == ["3", "2", "1"]
         assert table[0].find_elements(By.TAG_NAME, "td")[2].text == "1.0000"
+        browser.find_element(By.ID, "rewards").location_once_scrolled_into_view
+        browser.save_screenshot(str(tmp_path / "dpo.png"))
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"
                   and "status of 401" not in e["message"]]
         assert not errors, json.dumps(errors, indent=1)
