@@ -98,8 +98,9 @@ def test_openais_dpo_hyperparameters_and_qforges_own_settings(client, pairs_file
     assert (cfg.objective, cfg.beta, cfg.label_smoothing, cfg.epochs, cfg.batch_size) == ("dpo", 0.5, 0.1, 2, 2)
     assert cfg.lr == pytest.approx(2 * TrainConfig().lr)
     assert (cfg.method, cfg.rank, cfg.max_seq_len) == ("qlora", TINY_HP["rank"], TINY_HP["max_seq_len"])
+    auto_hp = {"beta": "auto", "n_epochs": "auto"}
     auto = client.fine_tuning.jobs.create(model="tiny", training_file=pairs_file.id,
-                                          method={"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto", "n_epochs": "auto"}}})
+                                          method={"type": "dpo", "dpo": {"hyperparameters": auto_hp}})
     hp = queued(client, auto.id).method.dpo.hyperparameters.model_dump()
     assert hp["beta"] == TrainConfig().beta and hp["n_epochs"] == TrainConfig().epochs
 
