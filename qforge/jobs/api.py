@@ -12,6 +12,10 @@ Routes (every one but the dashboard's needs the bearer key when keys are configu
 Ownership: each file, job and fine-tuned model belongs to the key that made it; another key gets 404
 for its ids (and cannot chat with its models), exactly as for ids that do not exist.
 
+Methods (qforge.jobs.methods): 'supervised' (SFT), OpenAI's 'dpo' and qforge's 'orpo' in the same shape
+({"type": "orpo", "orpo": {"hyperparameters": ...}}); an upload is stored as SFT data or preference
+pairs, and a job whose method trains on the other kind is refused at creation, naming the file.
+
 A new job is 'validating_files' while a background thread links its files into the job folder, lets
 the memory planner choose QLoRA or BF16 LoRA when the request names no method, and writes the job's
 TrainConfig; then it is 'queued' for the worker (qforge.jobs.worker). When a job has succeeded its
@@ -43,8 +47,9 @@ from ..serve.api import APIError
 from ..serve.registry import AdapterError, AdapterRegistry, AdapterSlotsBusy
 from . import models as ft_models
 from .pg import open_store
-from .schemas import (Hyperparameters, JobBody, MethodBody, Supervised, checkpoint_object, event_object, file_object,
-                      job_object, not_found, page)
+from .methods import (check_file_for, check_method, choose_method, describe, method_settings, read_upload,
+                      resolve_settings, train_config)
+from .schemas import JobBody, MethodBody, checkpoint_object, event_object, file_object, job_object, not_found, page
 from .store import ACTIVE, FINISHED, new_id, now
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -115,10 +120,11 @@ class JobService:
 
     # ---- files --------------------------------------------------------------------------------
     def create_file(self, owner: str, source, filename: str) -> dict:
-        """Copy the upload beside the store under a fresh id, validate it as training data, then
-        record it. The bytes are in place (fsynced) before the row exists."""
+        """Copy the upload beside the store under a fresh id, validate it as training data (SFT rows
+        or preference pairs: qforge.jobs.methods.read_upload), then record it. The bytes are in place
+        (fsynced) before the row exists."""
         from ..fileio import fsync_dir
-        from ..train.data import DataError, load_rows
+        from ..train.data import DataError
 
         file_id = new_id("file")
         final = self.store.file_path(file_id)
@@ -135,7 +141,7 @@ class JobService:
                 out.flush()
                 os.fsync(out.fileno())
             try:
-                rows, fmt = load_rows(tmp)
+                rows, fmt = read_upload(tmp)
             except DataError as exc:
                 raise APIError(400, f"invalid training data: {str(exc).replace(str(tmp), filename)}",
                                param="file", code="invalid_file") from None
@@ -150,7 +156,7 @@ class JobService:
         finally:
             tmp.unlink(missing_ok=True)
         try:
-            return self.store.add_file(file_id, owner, filename, "fine-tune", size, len(rows), fmt)
+            return self.store.add_file(file_id, owner, filename, "fine-tune", size, rows, fmt)
         except BaseException:  # not recorded (a full disk under the database): the bytes go too
             final.unlink(missing_ok=True)
             raise
@@ -174,22 +180,22 @@ class JobService:
                                                              for k, v in body.metadata.items())):
             raise APIError(400, "metadata: at most 16 keys of 64 characters, values of 512", param="metadata")
         method = body.method or MethodBody()
-        if method.type != "supervised":
-            raise APIError(400, f"method '{method.type}' is not supported; use 'supervised'", param="method.type",
-                           code="unsupported")
-        self._training_file(owner, body.training_file, "training_file")
-        self._training_file(owner, body.validation_file, "validation_file")
-        settings = resolve_settings(body.hyperparameters, method.supervised)
+        kind = check_method(method)
+        for param in ("training_file", "validation_file"):
+            row = self._training_file(owner, getattr(body, param), param)
+            if row is not None:
+                check_file_for(kind, param, row, self.store.file_path(row["id"]))
+        settings = resolve_settings(body.hyperparameters, method.settings(), kind)
         if settings["method"] == "full":
             raise APIError(400, "method 'full' makes a whole new model, which this server cannot serve; use qlora "
-                           "or lora", param="method.supervised.hyperparameters.method", code="unsupported")
+                           "or lora", param=f"method.{kind}.hyperparameters.method", code="unsupported")
         openai_hp = {k: settings[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
         job_id = new_id("ftjob")
         job = {"id": job_id, "owner": owner, "created_at": now(), "model": body.model,
                "training_file": body.training_file, "validation_file": body.validation_file, "suffix": body.suffix,
                "seed": body.seed if body.seed is not None else random.randrange(2 ** 31), "metadata": body.metadata,
                "hyperparameters": openai_hp, "status": "validating_files",
-               "method": {"type": "supervised", "supervised": {"hyperparameters": settings}}}
+               "method": {"type": kind, kind: {"hyperparameters": settings}}}
         row = self.store.add_job(job, [(f"Created fine-tuning job: {job_id}", "created"),
                                        (f"Validating training file: {body.training_file}", "validating")])
         self.validator.submit(self.validate_job, job_id)
@@ -231,8 +237,11 @@ class JobService:
             return
         from ..fileio import atomic_write_bytes
         atomic_write_bytes(self.store.job_dir(job_id) / "config.yaml", config.to_yaml().encode())
-        method = {"type": "supervised", "supervised": {"hyperparameters": settings}}
+        kind = job["method"]["type"]
+        method = {"type": kind, kind: {"hyperparameters": settings}}
+        objective = describe(kind, settings)
         events = [(f"Training method: {settings['method']} ({reason})", "method"),
+                  *([(objective, "objective")] if objective else []),
                   ("Files validated, moving job to queued state", "queued")]
         self.store.update_job(job_id, only_if_status=("validating_files",), status="queued", method=method,
                               total_steps=steps, events=events)
@@ -250,10 +259,11 @@ class JobService:
                 raise FileNotFoundError(f"{param} '{job[param]}' was deleted before the job started")
             link_or_copy(source, job_dir / name)
             rows = rows or row["rows"]
-        settings = dict(job["method"]["supervised"]["hyperparameters"])
+        kind, asked = method_settings(job)
+        settings = dict(asked)
         reason = "asked for"
         if settings["method"] == "auto":
-            settings["method"], reason = choose_method(self.config.base_model, settings, self.memory_budget())
+            settings["method"], reason = choose_method(self.config.base_model, settings, self.memory_budget(), kind)
         from ..train.loop import total_steps_for
         steps = total_steps_for(rows, train_config(job, dict(settings, save_every=0), self.config.base_model, job_dir))
         if settings["save_every"] is None:
@@ -380,58 +390,6 @@ def link_or_copy(source: Path, target: Path) -> None:
     except OSError:
         shutil.copyfile(source, tmp)
     os.replace(tmp, target)
-
-
-def resolve_settings(top: Hyperparameters | None, supervised: Supervised | None) -> dict:
-    """Every training setting of a job: the request's (method's over the top-level ones), then defaults."""
-    given = {}
-    if top is not None:
-        given |= top.model_dump(exclude_none=True)
-    if supervised is not None and supervised.hyperparameters is not None:
-        given |= supervised.hyperparameters.model_dump(exclude_none=True)
-    from ..train.config import TrainConfig
-
-    base = TrainConfig()  # the one home of the defaults
-    auto = {"n_epochs": base.epochs, "batch_size": base.batch_size, "learning_rate_multiplier": 1.0, "method": "auto"}
-    settings = {k: (auto[k] if given.get(k, "auto") == "auto" else given[k]) for k in auto}
-    defaults = {k: getattr(base, k) for k in ("rank", "dropout", "target_modules", "quant_type", "double_quant",
-                                              "max_seq_len", "max_steps", "grad_accum", "compute_dtype")}
-    defaults |= {"alpha": None, "save_every": None}  # the service's own: alpha 2 x rank, ~10 checkpoints a job
-    settings |= {k: given.get(k, v) for k, v in defaults.items()}
-    if settings["alpha"] is None:
-        settings["alpha"] = 2.0 * settings["rank"]
-    return settings
-
-
-def choose_method(base_model: str, settings: dict, budget: int) -> tuple[str, str]:
-    """(qlora | lora, reason) from the memory planner: BF16 LoRA when it fits `budget` with room to
-    spare, else QLoRA (also when the planner cannot read the model)."""
-    from ..plan import format_gb, load_arch, recommend
-
-    try:
-        arch = load_arch(base_model)
-        method, reason = recommend(arch, budget, seq_len=settings["max_seq_len"], batch_size=settings["batch_size"],
-                                   rank=settings["rank"], quant_type=settings["quant_type"],
-                                   double_quant=settings["double_quant"])
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        return "qlora", f"the memory planner cannot read '{base_model}' ({exc}); QLoRA is the safe choice"
-    reason = f"memory budget {format_gb(budget)}: {reason}"
-    if method not in ("qlora", "lora"):
-        return "qlora", reason + "; this server trains on one device, so QLoRA anyway"
-    return method, reason
-
-
-def train_config(job: dict, settings: dict, base_model: str, job_dir: Path):
-    from ..train.config import TrainConfig
-
-    keys = ("method", "rank", "alpha", "dropout", "target_modules", "quant_type", "double_quant", "max_seq_len",
-            "max_steps", "save_every", "grad_accum", "compute_dtype", "batch_size")
-    has_eval = job["validation_file"] is not None
-    return TrainConfig(model=base_model, data=str(job_dir / "train.jsonl"),
-                       eval_data=str(job_dir / "valid.jsonl") if has_eval else None,
-                       lr=TrainConfig().lr * settings["learning_rate_multiplier"], epochs=settings["n_epochs"],
-                       eval_every=settings["save_every"] if has_eval else 0, seed=job["seed"],
-                       output_dir=str(job_dir / "run"), resume="auto", **{k: settings[k] for k in keys})
 
 
 def safe_filename(raw: str | None) -> str:

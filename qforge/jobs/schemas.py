@@ -2,7 +2,7 @@
 OpenAI objects answered (file, fine_tuning.job, its events and checkpoints, list pages)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,13 +15,18 @@ class Hyperparameters(BaseModel):
     """OpenAI's three; 'auto' resolves to TrainConfig's epochs and batch size and multiplier 1 (its lr)."""
     model_config = ConfigDict(extra="forbid", strict=True)  # "n_epochs": "2" is a 400, not 2
 
-    n_epochs: Literal["auto"] | int | None = Field(None, ge=1, le=100)
-    batch_size: Literal["auto"] | int | None = Field(None, ge=1, le=256)
-    learning_rate_multiplier: Literal["auto"] | float | None = Field(None, gt=0, le=100)
+    # the bounds on the number, not the union ("auto" has no bound); the number first, so that its
+    # bound is the error a client reads
+    n_epochs: Annotated[int, Field(ge=1, le=100)] | Literal["auto"] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] | None = None
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] | None = None
 
 
 class QForgeHyperparameters(Hyperparameters):
-    """method.supervised.hyperparameters: OpenAI's three and qforge's own settings (TrainConfig names)."""
+    """method.supervised.hyperparameters: OpenAI's three and qforge's own settings (TrainConfig names).
+    Unknown keys are kept (extra="allow") only so that the service can refuse them with the list of
+    the accepted ones (qforge.jobs.methods.check_known_keys), which pydantic's message does not give."""
+    model_config = ConfigDict(extra="allow", strict=True)
 
     method: Literal["qlora", "lora", "full", "auto"] | None = None
     rank: int | None = Field(None, ge=1, le=1024)
@@ -37,15 +42,45 @@ class QForgeHyperparameters(Hyperparameters):
     compute_dtype: Literal["bfloat16", "float32"] | None = None
 
 
+class OrpoHyperparameters(QForgeHyperparameters):
+    """method.orpo.hyperparameters (qforge's own method, in OpenAI's shape): the supervised settings
+    and beta, ORPO's lambda (the weight of the odds-ratio term; TRL calls it beta too)."""
+    beta: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] | None = None
+
+
+class DpoHyperparameters(OrpoHyperparameters):
+    """method.dpo.hyperparameters: OpenAI's (beta, batch_size, learning_rate_multiplier, n_epochs),
+    qforge's supervised settings, and label_smoothing (conservative DPO's share of flipped pairs)."""
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5)
+
+
 class Supervised(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hyperparameters: QForgeHyperparameters | None = None
 
 
+class Dpo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class Orpo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: OrpoHyperparameters | None = None
+
+
 class MethodBody(BaseModel):
+    """OpenAI's `method`: its type and that type's settings under the key of the same name."""
     model_config = ConfigDict(extra="ignore")
-    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
+    type: Literal["supervised", "dpo", "orpo", "reinforcement"] = "supervised"
     supervised: Supervised | None = None
+    dpo: Dpo | None = None
+    orpo: Orpo | None = None
+
+    def settings(self) -> QForgeHyperparameters | None:
+        """The hyperparameters given under this method's own key (None when none)."""
+        part = getattr(self, self.type, None)
+        return part.hyperparameters if part is not None else None
 
 
 class JobBody(BaseModel):

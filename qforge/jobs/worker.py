@@ -109,14 +109,33 @@ def _parse_metric_line(line: str) -> dict | None:
             return None
 
 
+# A preference step's metrics (qforge.train.preference, TRL's names): copied into its event's data as
+# they are, and its evaluation's (eval_<name> in metrics.jsonl) as valid_<name>, as eval_loss is valid_loss
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                      "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen")
+
+
 def metric_event(record: dict, total_steps: int | None) -> dict:
+    """One metrics.jsonl record -> the keyword arguments of its 'metrics' event (OpenAI's data keys:
+    step, train_loss, valid_loss, ...; a DPO/ORPO step adds its rewards and log-probs)."""
     step = int(record["step"])
     data = {"step": step, "train_loss": record.get("loss"), "total_steps": total_steps,
             "learning_rate": record.get("lr"), "tokens": record.get("tokens"), "grad_norm": record.get("grad_norm")}
     message = f"Step {step}/{total_steps or '?'}: training loss={record.get('loss', float('nan')):.4f}"
+    if record.get("rewards/accuracies") is not None:
+        message += f", reward accuracy={record['rewards/accuracies']:.2f}"
+    if record.get("rewards/margins") is not None:
+        message += f", reward margin={record['rewards/margins']:.4f}"
     if record.get("eval_loss") is not None:
         data["valid_loss"] = record["eval_loss"]
         message += f", validation loss={record['eval_loss']:.4f}"
+    for name in PREFERENCE_METRICS:
+        if record.get(name) is not None:
+            data[name] = record[name]
+        if record.get(f"eval_{name}") is not None:
+            data[f"valid_{name}"] = record[f"eval_{name}"]
+    if data.get("valid_rewards/accuracies") is not None:
+        message += f", validation reward accuracy={data['valid_rewards/accuracies']:.2f}"
     return {"message": message, "key": f"step:{step}", "type": "metrics", "data": data}
 
 
@@ -193,7 +212,8 @@ class Progress:
 
 
 def results_csv(run_dir: Path) -> bytes:
-    """step,train_loss,valid_loss,learning_rate,tokens: one row per step (a replayed step once)."""
+    """step,train_loss,valid_loss,learning_rate,tokens: one row per step (a replayed step once); a
+    preference run adds a column for each of its metrics (qforge.jobs.worker.PREFERENCE_METRICS)."""
     rows: dict[int, dict] = {}
     path = run_dir / "metrics.jsonl"
     if path.is_file():
@@ -201,12 +221,14 @@ def results_csv(run_dir: Path) -> bytes:
             record = _parse_metric_line(line) if line.strip() else None
             if record and "step" in record:
                 rows.setdefault(int(record["step"]), record)
+    extra = [n for n in PREFERENCE_METRICS if any(r.get(n) is not None for r in rows.values())]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "train_loss", "valid_loss", "learning_rate", "tokens"])
+    writer.writerow(["step", "train_loss", "valid_loss", "learning_rate", "tokens", *extra])
     for step in sorted(rows):
         r = rows[step]
-        writer.writerow([step, r.get("loss"), r.get("eval_loss", ""), r.get("lr"), r.get("tokens")])
+        writer.writerow([step, r.get("loss"), r.get("eval_loss", ""), r.get("lr"), r.get("tokens"),
+                         *(r.get(n, "") for n in extra)])
     return out.getvalue().encode()
 
 

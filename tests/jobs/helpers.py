@@ -28,6 +28,15 @@ def chat_rows(n: int = 8) -> list[dict]:
             for i in range(n)]
 
 
+def pair_rows(n: int = 8) -> list[dict]:
+    """OpenAI's preference rows: the right answer preferred over a wrong one."""
+    names = ["Ada", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo"]
+    return [{"input": {"messages": [{"role": "user", "content": f"How old is {names[i % 10]}?"}]},
+             "preferred_output": [{"role": "assistant", "content": f"{names[i % 10]} is {20 + i}."}],
+             "non_preferred_output": [{"role": "assistant", "content": f"{names[i % 10]} is {90 - i}."}]}
+            for i in range(n)]
+
+
 def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 

@@ -148,7 +148,8 @@ def test_the_planner_chooses_qlora_only_when_bf16_lora_does_not_fit(client, trai
     ({"training_file": "file-doesnotexist"}, "training_file"),
     ({"validation_file": "file-doesnotexist"}, "validation_file"),
     ({"suffix": "no spaces allowed"}, "suffix"),
-    ({"method": {"type": "dpo"}}, "method.type"),
+    ({"method": {"type": "reinforcement"}}, "method.type"),
+    ({"method": {"type": "dpo"}}, "training_file"),  # a supervised file for a DPO job
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"method": "full"}}}},
      "method.supervised.hyperparameters.method"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate": 1}}}},

@@ -1,7 +1,7 @@
 """The dashboard in a real browser: Debian's headless chromium driven by Selenium through
 /usr/bin/chromedriver (nothing downloaded). Enter the API key, upload a file, start a short job from
 the form, watch it succeed with its loss curve, events and checkpoints, and chat with the result;
-a screenshot of the end state goes to tmp_path."""
+a screenshot of the end state goes to tmp_path. A DPO job's rewards are drawn as curves and a table."""
 import json
 import shutil
 import tempfile
@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import InProcessService, chat_rows, jsonl
+from .helpers import InProcessService, chat_rows, jsonl, pair_rows, wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -104,4 +105,47 @@ def test_upload_train_watch_and_chat_in_the_browser(browser, tiny_base, tmp_path
         assert (tmp_path / "dashboard.png").stat().st_size > 10_000
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"
                   and "status of 401" not in e["message"]]  # the polls before the key was entered
+        assert not errors, json.dumps(errors, indent=1)
+
+
+def test_a_dpo_jobs_reward_accuracy_and_margins_are_drawn(browser, tiny_base, tmp_path):
+    """A DPO job's metric events (put in the store as the worker would: no training here) show as the
+    reward accuracy and margin curves and the rewards table; the method line names DPO and beta."""
+    import openai
+
+    from qforge.jobs.worker import metric_event
+
+    with InProcessService(tiny_base, tmp_path / "data", keys=[KEY], start_worker=False) as service:
+        client = openai.OpenAI(base_url=service.url, api_key=KEY, max_retries=0, timeout=60)
+        pairs = client.files.create(file=("pairs.jsonl", jsonl(pair_rows(4))), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=pairs.id, method={
+            "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "method": "qlora", "rank": 4}}})
+        wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "queued", 30, what="queued")
+        steps = [{"step": s, "loss": 0.69 - 0.05 * s, "lr": 1e-4, "tokens": 50 * s, "rewards/chosen": 0.01 * s,
+                  "rewards/rejected": -0.01 * s, "rewards/accuracies": 0.5 + 0.25 * (s - 1),
+                  "rewards/margins": 0.02 * s} for s in (1, 2, 3)]
+        service.jobs.store.add_events(job.id, [metric_event(r, 3) for r in steps])
+
+        wait = WebDriverWait(browser, 30, poll_frequency=0.2)
+        browser.get(service.root + "/")
+        fill(browser, "api-key", KEY)
+        browser.find_element(By.ID, "save-key").click()
+        def select_job(d):  # the list is redrawn every poll: a row found may be stale by the click
+            try:
+                d.find_element(By.CSS_SELECTOR, f'#jobs tr[data-job-id="{job.id}"]').click()
+            except (NoSuchElementException, StaleElementReferenceException):
+                return False
+            return True
+        wait.until(select_job)
+        wait.until(lambda d: d.find_element(By.ID, "rewards").is_displayed())
+        assert text_of(browser, "#detail-method").startswith("dpo (beta 0.2), qlora, rank 4")
+        for line in ("accuracy-line", "margin-line"):
+            wait.until(lambda d: len(d.find_element(By.ID, line).get_attribute("points").split()) == 3)
+        table = browser.find_elements(By.CSS_SELECTOR, "#reward-table tbody tr")
+        assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in table] == ["3", "2", "1"]
+        assert table[0].find_elements(By.TAG_NAME, "td")[2].text == "1.0000"
+        browser.find_element(By.ID, "rewards").location_once_scrolled_into_view
+        browser.save_screenshot(str(tmp_path / "dpo.png"))
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"
+                  and "status of 401" not in e["message"]]
         assert not errors, json.dumps(errors, indent=1)

@@ -88,9 +88,11 @@ async function refreshDetail() {
   $("detail-status").className = "status " + job.status;
   const active = ["validating_files", "queued", "running"].includes(job.status);
   $("detail-model").textContent = job.fine_tuned_model || (active ? "(when it succeeds)" : "none");
-  const hp = (job.method && job.method.supervised && job.method.supervised.hyperparameters) || {};
-  const batch = job.hyperparameters.batch_size;
-  $("detail-method").textContent = `${hp.method || "?"}, rank ${hp.rank ?? "?"}, batch ${batch}`;
+  const type = (job.method && job.method.type) || "supervised";
+  const hp = (job.method && job.method[type] && job.method[type].hyperparameters) || {};
+  const batch = hp.batch_size ?? job.hyperparameters.batch_size;
+  const objective = type === "supervised" ? "" : `${type}${hp.beta != null ? " (beta " + hp.beta + ")" : ""}, `;
+  $("detail-method").textContent = `${objective}${hp.method || "?"}, rank ${hp.rank ?? "?"}, batch ${batch}`;
   $("detail-tokens").textContent = job.trained_tokens ?? "";
   $("detail-error").hidden = !job.error;
   $("detail-error").textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
@@ -101,44 +103,88 @@ async function refreshDetail() {
     el("tr", {}, el("td", {}, c.step_number),
        el("td", {}, c.metrics.train_loss != null ? c.metrics.train_loss.toFixed(4) : ""),
        el("td", { class: "mono" }, c.fine_tuned_model_checkpoint))));
-  drawLoss(events.filter((e) => e.type === "metrics" && e.data));
+  const metrics = events.filter((e) => e.type === "metrics" && e.data);
+  drawLoss(metrics);
+  drawRewards(metrics);
+}
+
+// ---- charts (SVG in viewBox units; scales from the data) ----------------------------------------
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function svgNode(tag, attrs, text) {
+  const node = document.createElementNS(SVG_NS, tag);
+  Object.entries(attrs).forEach(([k, v]) => node.setAttribute(k, v));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// box: {W, H, pad}; steps [x0, x1]; values [y0, y1] (widened when flat): {x(step), y(value), y0, y1}
+function scales(box, x0, x1, y0, y1) {
+  if (y1 - y0 < 1e-6) { y0 -= 0.5; y1 += 0.5; }
+  const { W, H, pad } = box;
+  return { y0, y1, x: (s) => pad.l + (s - x0) / (x1 - x0) * (W - pad.l - pad.r),
+           y: (v) => pad.t + (1 - (v - y0) / (y1 - y0)) * (H - pad.t - pad.b) };
+}
+
+function pointsOf(series, sc) { return series.map(([s, v]) => `${sc.x(s).toFixed(1)},${sc.y(v).toFixed(1)}`).join(" "); }
+
+// grid lines with the left scale's labels (and the right scale's, when given), and the step range
+function drawAxes(axes, box, x0, x1, left, right) {
+  axes.replaceChildren();
+  for (const f of [1, 0.5, 0]) {
+    const y = left.y(left.y0 + f * (left.y1 - left.y0));
+    axes.append(svgNode("line", { x1: box.pad.l, x2: box.W - box.pad.r, y1: y, y2: y }),
+                svgNode("text", { x: 2, y: y + 4 }, (left.y0 + f * (left.y1 - left.y0)).toFixed(3)));
+    if (right) axes.append(svgNode("text", { x: box.W - 2, y: y + 4, "text-anchor": "end" },
+                                   (right.y0 + f * (right.y1 - right.y0)).toFixed(3)));
+  }
+  for (const [s, anchor] of [[x0, "start"], [x1, "end"]]) {
+    axes.append(svgNode("text", { x: left.x(s), y: box.H - 6, "text-anchor": anchor }, "step " + s));
+  }
+}
+
+function seriesOf(metrics, key) {
+  return metrics.filter((m) => m.data[key] != null).map((m) => [m.data.step, m.data[key]]);
 }
 
 function drawLoss(metrics) {
-  const W = 600, H = 220, pad = { l: 44, r: 10, t: 10, b: 22 };
-  const train = metrics.filter((m) => m.data.train_loss != null).map((m) => [m.data.step, m.data.train_loss]);
-  const valid = metrics.filter((m) => m.data.valid_loss != null).map((m) => [m.data.step, m.data.valid_loss]);
+  const box = { W: 600, H: 220, pad: { l: 44, r: 10, t: 10, b: 22 } };
+  const train = seriesOf(metrics, "train_loss"), valid = seriesOf(metrics, "valid_loss");
   const all = train.concat(valid);
-  const axes = $("loss-axes");
-  axes.replaceChildren();
   if (!all.length) {
+    $("loss-axes").replaceChildren();
     $("loss-line").setAttribute("points", "");
     $("valid-line").setAttribute("points", "");
     return;
   }
   const steps = all.map((p) => p[0]), losses = all.map((p) => p[1]);
   const x0 = Math.min(...steps), x1 = Math.max(x0 + 1, ...steps);
-  let y0 = Math.min(...losses), y1 = Math.max(...losses);
-  if (y1 - y0 < 1e-6) { y0 -= 0.5; y1 += 0.5; }
-  const sx = (s) => pad.l + (s - x0) / (x1 - x0) * (W - pad.l - pad.r);
-  const sy = (v) => pad.t + (1 - (v - y0) / (y1 - y0)) * (H - pad.t - pad.b);
-  const points = (series) => series.map(([s, v]) => `${sx(s).toFixed(1)},${sy(v).toFixed(1)}`).join(" ");
-  $("loss-line").setAttribute("points", points(train));
-  $("valid-line").setAttribute("points", points(valid));
-  const svg = "http://www.w3.org/2000/svg";
-  for (const [value, y] of [[y1, sy(y1)], [(y0 + y1) / 2, sy((y0 + y1) / 2)], [y0, sy(y0)]]) {
-    const line = document.createElementNS(svg, "line");
-    Object.entries({ x1: pad.l, x2: W - pad.r, y1: y, y2: y }).forEach(([k, v]) => line.setAttribute(k, v));
-    const label = document.createElementNS(svg, "text");
-    label.setAttribute("x", 2); label.setAttribute("y", y + 4); label.textContent = value.toFixed(3);
-    axes.append(line, label);
-  }
-  for (const [s, anchor] of [[x0, "start"], [x1, "end"]]) {
-    const label = document.createElementNS(svg, "text");
-    label.setAttribute("x", sx(s)); label.setAttribute("y", H - 6); label.setAttribute("text-anchor", anchor);
-    label.textContent = "step " + s;
-    axes.append(label);
-  }
+  const sc = scales(box, x0, x1, Math.min(...losses), Math.max(...losses));
+  $("loss-line").setAttribute("points", pointsOf(train, sc));
+  $("valid-line").setAttribute("points", pointsOf(valid, sc));
+  drawAxes($("loss-axes"), box, x0, x1, sc);
+}
+
+// A DPO/ORPO job's steps: reward accuracy (left axis, 0..1) and margin (right axis) curves, and a
+// table of the last steps' rewards. Hidden for a job whose events carry none.
+function drawRewards(metrics) {
+  const rows = metrics.filter((m) => m.data["rewards/accuracies"] != null);
+  $("rewards").hidden = !rows.length;
+  if (!rows.length) return;
+  const box = { W: 600, H: 180, pad: { l: 44, r: 52, t: 10, b: 22 } };
+  const accuracy = seriesOf(rows, "rewards/accuracies"), margin = seriesOf(rows, "rewards/margins");
+  const steps = rows.map((m) => m.data.step), x0 = Math.min(...steps), x1 = Math.max(x0 + 1, ...steps);
+  const left = scales(box, x0, x1, 0, 1);
+  const margins = margin.map((p) => p[1]);
+  const right = scales(box, x0, x1, Math.min(0, ...margins), Math.max(0, ...margins));
+  $("accuracy-line").setAttribute("points", pointsOf(accuracy, left));
+  $("margin-line").setAttribute("points", pointsOf(margin, right));
+  drawAxes($("reward-axes"), box, x0, x1, left, right);
+  const fixed = (v) => (v != null ? v.toFixed(4) : "");
+  $("reward-table").querySelector("tbody").replaceChildren(...rows.slice(-10).reverse().map((m) =>
+    el("tr", {}, el("td", {}, m.data.step), el("td", {}, fixed(m.data.train_loss)),
+       el("td", {}, fixed(m.data["rewards/accuracies"])), el("td", {}, fixed(m.data["rewards/margins"])),
+       el("td", {}, fixed(m.data["rewards/chosen"])), el("td", {}, fixed(m.data["rewards/rejected"])))));
 }
 
 async function cancelJob() {
@@ -190,8 +236,11 @@ async function createJob(event) {
     if (value !== undefined) hp[key] = value;
   }
   if ($("job-method").value !== "auto") hp.method = $("job-method").value;
+  const type = $("job-type").value;
+  const beta = numberField("job-beta");
+  if (beta !== undefined && type !== "supervised") hp.beta = beta;
   const body = { model: state.models[0] || "", training_file: $("files-select").value,
-                 method: { type: "supervised", supervised: { hyperparameters: hp } } };
+                 method: { type, [type]: { hyperparameters: hp } } };
   const suffix = $("job-suffix").value.trim();
   if (suffix) body.suffix = suffix;
   try {
@@ -276,6 +325,9 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("upload-button").addEventListener("click", upload);
   $("job-form").addEventListener("submit", createJob);
+  const betaFor = () => { $("job-beta").disabled = $("job-type").value === "supervised"; };  // DPO's and ORPO's
+  $("job-type").addEventListener("change", betaFor);
+  betaFor();
   $("cancel-job").addEventListener("click", cancelJob);
   $("chat-send").addEventListener("click", sendChat);
   $("chat-clear").addEventListener("click", () => { state.chat = []; renderChat(); });

@@ -37,7 +37,7 @@ def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=exc.headers)
 
 
-_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|dict|list|tuple|literal|[a-z-]+\[.*\])$")
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|dict|list|tuple|literal|constrained-[a-z]+|[a-z-]+\[.*\])$")
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
