@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="values per HQQ scale and zero-point (default 64)")
     parser.add_argument("--objective", choices=["sft", "dpo", "orpo"], default="sft",
                         help="sft (demonstrations) or dpo/orpo (preference pairs: --batch-size counts pairs, "
-                             "two sequences each; DPO's reference pass keeps no activations) (default sft)")
+                             "two sequences each; DPO's reference pass keeps no activations) (default: sft)")
 
 
 def run(args: argparse.Namespace) -> int:
