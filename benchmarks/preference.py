@@ -1,7 +1,7 @@
 """Preference tuning on the demo task: SFT 20 steps, then DPO 20 steps from that adapter, against SFT alone.
 
     .venv/bin/python benchmarks/preference.py [--steps 20] [--train-rows 160] [--test-rows 100]
-        [--batch-size 8] [--beta 0.1] [--dpo-lr 5e-4] [--max-seq-len 128] [--out runs/preference]
+        [--batch-size 8] [--beta 0.1] [--dpo-lr 5e-5] [--max-seq-len 128] [--out runs/preference]
     (the same as `qforge bench --preference`)
 
 The task, the phases and the measures are qforge/eval/preference_bench.py's (read its docstring):

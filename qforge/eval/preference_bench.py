@@ -112,7 +112,7 @@ def preference_figures(policy: tuple[list, list], reference: tuple[list, list], 
 
 
 # ---- the two phases, each in its own process ------------------------------------------------------
-DEFAULTS = {"steps": 20, "train_rows": 160, "test_rows": 100, "batch_size": 8, "beta": 0.1, "dpo_lr": 5e-4,
+DEFAULTS = {"steps": 20, "train_rows": 160, "test_rows": 100, "batch_size": 8, "beta": 0.1, "dpo_lr": 5e-5,
             "max_seq_len": 128, "model": "smollm2", "device": "auto"}
 
 
