@@ -194,3 +194,32 @@ def test_method_shorthand():
     assert (cfg.method, cfg.objective) == ("qlora", "orpo")
     with pytest.raises(ValueError, match="--method dpo is --method qlora --objective dpo, but --objective is orpo"):
         config_and_recipe(namespace(method="dpo", objective="orpo"))
+
+
+@pytest.mark.parametrize("change", [{"method": "lora"}, {"quant_type": "fp4"}, {"quant_type": "hqq4"},
+                                    {"objective": "orpo"}])
+def test_preference_runs_on_every_base(tmp_path, tiny_dir, change):  # noqa: F811
+    """DPO (and ORPO) on a dense base with LoRA, FP4 and HQQ bases: the step-0 loss is preference_step's."""
+    from qforge.train.preference import preference_step
+    from qforge.train.loop import preference_settings
+    from qforge.train.run import prepare
+
+    run = prepare(settings(tmp_path, tiny_dir, "run", **{"objective": "dpo", "max_steps": 1, **change}), **QUIET)
+    batch = first_batch(run)
+    run.model.train()
+    loss, _ = preference_step(run.model, batch, preference_settings(run.cfg))
+    run.model.zero_grad(set_to_none=True)
+    assert run.train().losses[0] == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert "rewards/accuracies" in records(tmp_path / "run")[0]
+
+
+def test_trackers_log_preference_metrics(tmp_path):
+    from qforge.train.tracking import Trackers
+
+    trackers = Trackers(TrainConfig(), tmp_path, targets=[])
+    values = trackers.scalars({"step": 1, "loss": 0.6, "lr": 1e-4, "tokens": 10, "elapsed_s": 1.0,
+                               "rewards/accuracies": 0.75, "rewards/margins": 0.2, "logps/chosen": -3.0,
+                               "nll_loss": 1.5, "eval_loss": 0.7, "eval_rewards/accuracies": 0.5})
+    assert values["train/rewards/accuracies"] == 0.75 and values["train/rewards/margins"] == 0.2
+    assert values["train/logps/chosen"] == -3.0 and values["train/nll_loss"] == 1.5
+    assert values["eval/rewards/accuracies"] == 0.5 and values["eval/loss"] == 0.7
