@@ -223,3 +223,34 @@ def test_trackers_log_preference_metrics(tmp_path):
     assert values["train/rewards/accuracies"] == 0.75 and values["train/rewards/margins"] == 0.2
     assert values["train/logps/chosen"] == -3.0 and values["train/nll_loss"] == 1.5
     assert values["eval/rewards/accuracies"] == 0.5 and values["eval/loss"] == 0.7
+
+
+def test_dpo_on_4bit_moe_experts_from_an_sft_adapter(tmp_path):
+    """A Mixtral base (4-bit experts with LoRA on them): SFT, then DPO continuing its adapter with it
+    as the reference: both adapters reach the experts, rewards start at 0 and the reference's expert
+    weights stay frozen."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from qforge.train.run import prepare
+    from tests.model.conftest import tiny_tokenizer
+
+    folder = tmp_path / "mixtral"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(MixtralConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        tie_word_embeddings=False)).save_pretrained(str(folder))
+    tiny_tokenizer().save_pretrained(str(folder))
+    sft = prepare(settings(tmp_path, folder, "sft"), **QUIET)
+    sft.train()
+    sft.save()
+    adapter = str(tmp_path / "sft" / "adapter")
+    assert json.loads((tmp_path / "sft" / "adapter" / "adapter_config.json").read_text())["target_parameters"]
+    run = prepare(settings(tmp_path, folder, "dpo", objective="dpo", adapter=adapter, ref_adapter=adapter), **QUIET)
+    frozen = {n: p.detach().clone() for n, p in run.model.named_parameters() if "adapters.reference." in n}
+    assert any("experts" in n for n in frozen)
+    run.train()
+    first = records(tmp_path / "dpo")[0]
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    params = dict(run.model.named_parameters())
+    assert all(torch.equal(params[n], t) and not params[n].requires_grad for n, t in frozen.items())
