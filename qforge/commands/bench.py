@@ -12,6 +12,13 @@ adapter; for full fine-tuning the model in BF16). A --config YAML holds TrainCon
 recipe shared by every method) and the bench's own keys: methods, test_data, test_rows,
 full_lr_scale. Flags win over the YAML. Writes bench.md, bench.json and bench_eval_loss.png
 under --output-dir. Method definitions and the full fine-tuning learning rate: qforge/eval/bench.py.
+
+  qforge bench --preference [--max-steps 20] [--output-dir runs/preference]
+
+runs the preference task instead (qforge/eval/preference_bench.py): the demo task as pairs (the right
+JSON preferred over the same JSON with one field wrong), SFT --max-steps steps, then DPO as many
+steps from that adapter with it as the reference; held-out reward accuracy, mean margin, plain
+preference and exact match for SFT alone and SFT+DPO, and each phase's training peak memory.
 """
 from __future__ import annotations
 
@@ -45,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --eval-tasks: documents per task (default: all)")
     parser.add_argument("--output-dir", default=None,
                         help="where bench.md, bench.json and the PNG go (default runs/bench)")
+    parser.add_argument("--preference", action="store_true",
+                        help="run the preference task (SFT then DPO from its adapter, against SFT alone) instead of "
+                             "the methods; takes --model, --max-steps, --test-rows, --device, --output-dir "
+                             "(default: off)")
     parser.add_argument("--device", default=None,
                         help="where every method runs: auto (CUDA when torch sees a GPU, else cpu), cpu, cuda or "
                              "cuda:N (default: auto)")
@@ -87,8 +98,21 @@ def bench_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     return recipe, bench
 
 
+def run_preference(args: argparse.Namespace) -> int:
+    from ..eval.preference_bench import run_preference_bench
+    out = args.output_dir or "runs/preference"
+    report = run_preference_bench(out, model=args.model, steps=args.max_steps, test_rows=args.test_rows,
+                                  device=args.device)
+    print("\n" + report["table"] + "\n\n" + report["line"])
+    print(f"table: {Path(out) / 'preference.md'}   figures: {Path(out) / 'preference.json'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..eval.bench import format_table, run_bench
+
+    if getattr(args, "preference", False):
+        return run_preference(args)
 
     recipe, bench = bench_settings(args)
     out = Path(recipe.pop("output_dir"))

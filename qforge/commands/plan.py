@@ -2,7 +2,7 @@
 
   qforge plan --model llama-3.1-8b [--seq-len 4096] [--batch-size 1] [--rank 32]
               [--method qlora|lora|full|all] [--gpu 24GB] [--num-gpus 1]
-              [--gradient-checkpointing | --no-gradient-checkpointing]
+              [--gradient-checkpointing | --no-gradient-checkpointing] [--objective sft|dpo|orpo]
 
 --model is a shipped architecture (llama-3.1-8b, llama-2-13b, yi-34b, llama-3.1-70b,
 mixtral-8x22b, qwen3-30b-a3b, llama-3.1-405b, smollm2; any case), a Hugging Face config.json or a
@@ -17,6 +17,8 @@ each GPU holds, and whether that fits the card. Then the recommendation:
   BF16 LoRA when it fits one card with 10% of the card to spare; else QLoRA when it fits;
   full fine-tuning only when asked for (--method full) and it fits; else QLoRA sharded with
   FSDP over the fewest cards that hold it.
+--objective dpo|orpo sizes a preference run: --batch-size counts pairs, each two sequences (chosen
+and rejected) through the model in one batch; DPO's reference pass keeps no activations.
 The formulas and the calibrated constants are in the docstrings of qforge/plan/memory.py.
 """
 from __future__ import annotations
@@ -78,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or 2 bits; float16 scale and zero per --hqq-group-size values) (default nf4)")
     parser.add_argument("--hqq-group-size", type=int, default=64,
                         help="values per HQQ scale and zero-point (default 64)")
+    parser.add_argument("--objective", choices=["sft", "dpo", "orpo"], default="sft",
+                        help="sft (demonstrations) or dpo/orpo (preference pairs: --batch-size counts pairs, "
+                             "two sequences each; DPO's reference pass keeps no activations) (default: sft)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     methods = METHODS if args.method == "all" else (args.method,)
     kwargs = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                   num_gpus=args.num_gpus, optimizer=args.optimizer, quant_type=args.quant_type,
-                  hqq_group_size=args.hqq_group_size)
+                  hqq_group_size=args.hqq_group_size, objective=getattr(args, "objective", "sft"))
     if args.hqq_group_size < 1:
         raise ValueError(f"--hqq-group-size must be a positive integer, got {args.hqq_group_size}")
     gc = args.gradient_checkpointing
@@ -99,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
           + (f", {arch.num_experts} experts ({arch.experts_per_token} per token)" if arch.num_experts else ""))
     if arch.num_experts:
         print(moe_summary(arch))
-    print(f"seq_len {args.seq_len}, batch {args.batch_size}, rank {args.rank}, {args.optimizer}, "
+    objective = getattr(args, "objective", "sft")
+    batch = (f"batch {args.batch_size} pair(s) = {2 * args.batch_size} sequences ({objective})" if objective != "sft"
+             else f"batch {args.batch_size}")
+    print(f"seq_len {args.seq_len}, {batch}, rank {args.rank}, {args.optimizer}, "
           f"gradient checkpointing {'on' if gc else 'off'}, {args.num_gpus} GPU(s) of {card_label(gpu)}")
     print(f"qlora base: {args.quant_type}, {bits_per_param(args.quant_type, True, args.hqq_group_size):.3f} bits "
           f"per parameter (codes and constants)\n")

@@ -13,8 +13,18 @@ Several processes (QLoRA with the 4-bit base sharded across them, FSDP2): --npro
 this machine through torchrun; on several machines run torchrun yourself on each, with
 `-m qforge.train` and the same flags. Only rank 0 writes files.
 
+Preference tuning (--objective dpo|orpo, or --method dpo|orpo for QLoRA): --data holds preference
+pairs (OpenAI's preference JSONL, TRL's prompt/chosen/rejected, ShareGPT chosen/rejected pairs);
+--batch-size counts pairs; --adapter DIR continues an adapter (an SFT run's, its shape from its
+adapter_config.json); DPO's reference is the base with the adapters off, or --ref-adapter DIR.
+Every step's metrics.jsonl record carries TRL's rewards/chosen, rewards/rejected,
+rewards/accuracies, rewards/margins, logps/* (and eval_ ones when evaluated).
+
 Examples:
   qforge train --data train.jsonl --max-steps 100
+  qforge train --data chats.jsonl --max-steps 20 --output-dir runs/sft
+  qforge train --method dpo --data pairs.jsonl --adapter runs/sft/adapter --ref-adapter runs/sft/adapter \
+      --beta 0.1 --max-steps 20 --output-dir runs/dpo       # DPO from the SFT adapter, SFT as the reference
   qforge train --config configs/demo.yaml --method lora --lr 1e-4
   qforge train --config configs/axolotl-qlora.yaml --print-config   # an Axolotl config as a qforge recipe
   qforge train --model HuggingFaceTB/SmolLM2-135M-Instruct --data chats.parquet --report-to tensorboard
@@ -81,7 +91,8 @@ HELP = {
     "resume": "continue from the last checkpoint in --output-dir",
     "report_to": "experiment tracking, comma-separated: tensorboard (events in OUTPUT_DIR/tensorboard), wandb "
                  "(offline unless logged in), none; metrics.jsonl and loss.png are always written",
-    "method": "qlora (4-bit base), lora (BF16 base) or full (every weight)",
+    "method": "qlora (4-bit base), lora (BF16 base) or full (every weight); dpo and orpo are shorthands for "
+              "--method qlora --objective dpo|orpo",
     "objective": "what the run learns from: sft (demonstrations), dpo (preference pairs, against a reference: "
                  "the base with the adapters off, or --ref-adapter) or orpo (preference pairs, no reference)",
     "beta": "dpo: strength of the reference (TRL's beta); orpo: weight of the odds-ratio term (TRL's beta, "
@@ -128,10 +139,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 
+PREFERENCE_METHODS = ("dpo", "orpo")  # --method dpo|orpo: --method qlora --objective dpo|orpo
+
+
+def method_shorthand(given: dict) -> dict:
+    """--method dpo|orpo -> method qlora with objective dpo|orpo (TrainConfig keeps the two apart);
+    a ValueError when --objective says otherwise."""
+    method = given.get("method")
+    if method not in PREFERENCE_METHODS:
+        return given
+    if given.get("objective", method) != method:
+        raise ValueError(f"--method {method} is --method qlora --objective {method}, but --objective is "
+                         f"{given['objective']}")
+    return {**given, "method": "qlora", "objective": method}
+
+
 def config_and_recipe(args: argparse.Namespace):
     """(TrainConfig, Recipe or None): the recipe file of any dialect, flags given on the command line winning."""
     from ..train.recipes import load_config
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and v is not None}
+    given = method_shorthand(given)
     if isinstance(given.get("target_modules"), str) and given["target_modules"] != "all-linear":
         given["target_modules"] = [s.strip() for s in given["target_modules"].split(",") if s.strip()]
     if args.config:

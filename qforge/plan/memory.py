@@ -15,6 +15,7 @@ from .arch import ModelArch, as_arch, model_weights, parameter_count
 
 GB = 10**9  # every figure printed or tested is in GB = 1e9 bytes
 METHODS = ("qlora", "lora", "full")
+OBJECTIVES = ("sft", "dpo", "orpo")  # TrainConfig.objective: what a row of batch_size is (a sequence or a pair)
 QUANT_TYPES = ("nf4", "fp4", "int4", "hqq4", "hqq3", "hqq2")  # 4 bits per weight; HQQ 4, 3.2 (10 in 32), 2
 HQQ_GROUP = 64  # values per HQQ scale and zero-point (TrainConfig.hqq_group_size's default)
 OPTIMIZER_BITS = {"paged_adamw_8bit": 8, "adamw_8bit": 8, "paged_adamw_32bit": 32, "adamw_torch": 32, "adamw": 32}
@@ -357,8 +358,11 @@ class Plan:
         return self.per_gpu_total <= gpu_bytes * (1.0 - headroom)
 
 
-def _check_run(method: str, seq_len: int, batch_size: int, rank: int, num_gpus: int, quant_type: str) -> None:
+def _check_run(method: str, seq_len: int, batch_size: int, rank: int, num_gpus: int, quant_type: str,
+               objective: str = "sft") -> None:
     """ValueError for arguments that cannot describe a run."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
     if quant_type not in QUANT_TYPES:
@@ -373,7 +377,7 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
              double_quant: bool = True, optimizer: str = "paged_adamw_8bit",
              constants: MemoryConstants = CUDA_BF16, keep_base_outputs: bool = False,
              adapter_bytes: int = 4, hqq_group_size: int = HQQ_GROUP, chunked_loss: bool = False,
-             residual_bytes: int = 2) -> Plan:
+             residual_bytes: int = 2, objective: str = "sft") -> Plan:
     """Memory of fine-tuning `config` with `method` ("qlora", "lora" or "full"), in bytes.
 
     qlora: 4-bit base (quant_type, with or without double quantisation) + BF16 LoRA adapters of
@@ -388,9 +392,19 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     with a float32 residual stream, qforge.model.surgery.use_float32_residual): the input embeddings
     in float32 (+2 bytes per element; a tied head shares them, an untied one stays as it is) and
     the hidden state checkpointed at each layer's input in float32 (+2 bytes per element).
+
+    objective "dpo" or "orpo" (qforge.train.preference): batch_size counts preference PAIRS, and a
+    pair is two sequences (chosen and rejected) in one batch, so the training pass is sized for
+    2 * batch_size sequences. DPO's reference pass (the same base with the adapters off, or a
+    reference adapter) runs under no_grad before it: it keeps no activations and its transient
+    peak (one layer's outputs, a chunk of the head's logits) is below the training pass's, so it
+    adds nothing here, and no second model is held. ORPO has no reference pass. (full with dpo,
+    which qforge does not train, would hold a frozen reference copy: counted in base_weights.)
     """
-    _check_run(method, seq_len, batch_size, rank, num_gpus, quant_type)
+    _check_run(method, seq_len, batch_size, rank, num_gpus, quant_type, objective)
     arch = as_arch(config)
+    if objective != "sft":
+        batch_size = 2 * batch_size  # sequences per pass: chosen and rejected together
     tokens = seq_len * batch_size
     base = weight_bytes(arch, method, quant_type if method == "qlora" else "nf4")
     constants_bytes = 0
@@ -415,6 +429,8 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     if method != "full" and residual_bytes > 2:  # embeddings are counted in BF16 above; checkpoints in compute_bytes
         base += (residual_bytes - 2) * arch.vocab_size * arch.hidden_size
         acts += max(0, residual_bytes - constants.compute_bytes) * tokens * arch.num_layers * arch.hidden_size
+    if objective == "dpo" and method == "full":
+        base += weight_bytes(arch, "full")  # TRL-style full DPO: a frozen reference copy of the model
     sharded = base + constants_bytes + adapters + grads + optim
     return Plan(method=method, num_gpus=num_gpus, base_weights=base, quant_constants=constants_bytes,
                 adapter_weights=adapters, gradients=grads, optimizer_state=optim, activations=acts,

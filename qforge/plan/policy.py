@@ -19,7 +19,8 @@ def constants_for(device: str) -> MemoryConstants:
 def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, device: str = "cpu",
                     **changes: object) -> Plan:
     """The plan of a TrainConfig-like `cfg` (attributes method, batch_size, max_seq_len, rank,
-    gradient_checkpointing, quant_type, double_quant, optimizer, model), sized at max_seq_len
+    gradient_checkpointing, quant_type, double_quant, optimizer, model; objective when it has one:
+    a dpo/orpo batch of batch_size pairs is 2 * batch_size sequences), sized at max_seq_len
     (the longest a row can be), with `changes` (the same attribute names) applied on top.
     model_config: a config dict, ModelArch, transformers config (anything with to_dict()), a
     name or path for load_arch; None reads cfg.model with load_arch."""
@@ -38,7 +39,8 @@ def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, dev
                     double_quant=settings["double_quant"], optimizer=optimizer, constants=constants_for(device),
                     keep_base_outputs=settings["keep_base_outputs"], chunked_loss=True,  # the trainer's loss
                     adapter_bytes=2 if getattr(cfg, "adapter_dtype", "float32") == "bfloat16" else 4,
-                    residual_bytes=4 if getattr(cfg, "residual_dtype", "bfloat16") == "float32" else 2)
+                    residual_bytes=4 if getattr(cfg, "residual_dtype", "bfloat16") == "float32" else 2,
+                    objective=settings.get("objective", getattr(cfg, "objective", "sft")))
 
 
 def _describe(changes: dict) -> str:

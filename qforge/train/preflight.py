@@ -1,5 +1,6 @@
 """Checks that run before the model is loaded, so a bad path, a bad row or a bad setting fails in
-seconds rather than after minutes of loading: the data (every row read and validated), the
+seconds rather than after minutes of loading: the data (every row read and validated: SFT rows, or
+preference pairs for objective dpo/orpo), the adapters to continue or to use as the reference, the
 output directory, the chat template, the trackers and the model source."""
 from __future__ import annotations
 
@@ -52,16 +53,82 @@ def per_epoch_settings(cfg: TrainConfig, train_rows: int) -> TrainConfig:
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def check_before_loading(cfg: TrainConfig, check_dir: bool = True):
-    """Run every check that needs no model; returns (cfg with per-epoch settings resolved, the
-    data as qforge.train.data.read_splits returns it, a Hub id's local folder or None)."""
+def read_preference_splits(cfg: TrainConfig) -> tuple[list[dict], list[dict], str, int]:
+    """read_splits for preference pairs (qforge.train.preference_data): (train, eval, shape, pairs read).
+    The eval pairs come from cfg.eval_data, the eval split of a saved DatasetDict, or cfg.eval_fraction
+    of the training pairs by a seeded shuffle; a bad row is a DataError naming its file and line."""
+    from .data import split_rows
+    from .datafiles import eval_split_name
+    from .preference_data import load_preference_rows
+
+    if cfg.eval_data is not None and cfg.eval_fraction > 0:
+        raise ValueError("give eval_data or eval_fraction, not both")
+    rows, shape = load_preference_rows(cfg.data)
+    rows = rows[:cfg.max_samples] if cfg.max_samples is not None else rows
+    split = eval_split_name(cfg.data) if cfg.eval_data is None and cfg.eval_fraction == 0 else None
+    if cfg.eval_data is not None:
+        eval_rows = load_preference_rows(cfg.eval_data)[0]
+    elif split is not None:
+        eval_rows = load_preference_rows(cfg.data, split=split)[0]
+    else:
+        rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
+    return rows, eval_rows, shape, len(rows) + len(eval_rows)
+
+
+# adapter_config.json's keys -> TrainConfig's: a continued adapter keeps its own shape
+ADAPTER_SETTINGS = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+                    "use_rslora": "use_rslora", "use_dora": "use_dora"}
+
+
+def adapter_settings(cfg: TrainConfig) -> tuple[TrainConfig, str]:
+    """Check --adapter and --ref-adapter folders (PEFT LoRA adapters) before loading; with --adapter,
+    its rank, alpha, dropout, targets, rsLoRA and DoRA win over cfg's (the adapter continues as it
+    was made). Returns (cfg, a line saying what changed, or "")."""
+    from ..adapters.peft_format import read_adapter_config
+
+    if cfg.ref_adapter is not None:
+        read_adapter_config(cfg.ref_adapter, experts=True)
+    if cfg.adapter is None:
+        return cfg, ""
+    if cfg.loftq_iters > 0:
+        raise ValueError("adapter: continuing an adapter and LoftQ (loftq_iters > 0) both set the adapter's "
+                         "starting weights; give one")
+    config = read_adapter_config(cfg.adapter, experts=True)
+    found = {ours: config[theirs] for theirs, ours in ADAPTER_SETTINGS.items() if config.get(theirs) is not None}
+    found["target_modules"] = _adapter_targets(config.get("target_modules"))
+    changes = {k: v for k, v in found.items() if getattr(cfg, k) != v}
+    if not changes:
+        return cfg, f"adapter: continuing {cfg.adapter}"
+    said = ", ".join(f"{k} {getattr(cfg, k)!r} -> {v!r}" for k, v in changes.items())
+    return dataclasses.replace(cfg, **changes), f"adapter: continuing {cfg.adapter}; its adapter_config.json wins: {said}"
+
+
+def _adapter_targets(targets) -> str | list[str]:
+    """cfg.target_modules for an adapter's target_modules: its leaf names (["q_proj", "v_proj"]) as
+    they are; full module paths (what PEFT writes for "all-linear") or a pattern: "all-linear", so
+    that every linear is an adapter layer and the file's weights say which carry an adapter."""
+    if isinstance(targets, list) and targets and all(isinstance(t, str) and "." not in t for t in targets):
+        return sorted(targets)
+    return "all-linear"
+
+
+def check_before_loading(cfg: TrainConfig, check_dir: bool = True, log=print):
+    """Run every check that needs no model; returns (cfg with per-epoch settings resolved and a
+    continued adapter's shape, the data as qforge.train.data.read_splits returns it (preference
+    pairs for dpo/orpo), a Hub id's local folder or None)."""
     from .data import read_splits
     from ..model.templates import check_template, read_template
     from .tracking import check_trackers
 
     if not cfg.data:
         raise ValueError("no training data: give --data FILE (or `data:` in the recipe)")
-    splits = read_splits(cfg.data, cfg.data_format, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.max_samples)
+    if cfg.objective == "sft":
+        splits = read_splits(cfg.data, cfg.data_format, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.max_samples)
+    else:
+        splits = read_preference_splits(cfg)
+    cfg, note = adapter_settings(cfg)
+    if note:
+        log(note)
     if check_dir:
         check_output_dir(cfg.output_dir)
     if cfg.chat_template:

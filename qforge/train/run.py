@@ -1,9 +1,11 @@
 """The one way to train: `prepare(cfg) -> Run`, then `Run.train()` and `Run.save()`.
 
-    cfg --preflight--> cfg (checked; per-epoch settings) --plan--> keep_base_outputs, fit
-        --_setup_model--> base (qforge.model.load) + adapters | LoftQ | dense LoRA | full,
-                          float32 residual, checkpointing, attention, chat template
-        --_setup_data---> train / eval sets
+    cfg --preflight--> cfg (checked; per-epoch settings; a continued adapter's shape) --plan-->
+                       keep_base_outputs, fit
+        --_setup_model--> base (qforge.model.load) + adapters (fresh, or --adapter's weights as the
+                          trainable "default"; --ref-adapter frozen as "reference") | LoftQ |
+                          dense LoRA | full, float32 residual, checkpointing, attention, chat template
+        --_setup_data---> train / eval sets: SFT rows, or preference pairs (objective dpo, orpo)
     Run.train(on_step)  -> TrainResult (qforge.train.loop, trackers)
     Run.save()          -> adapter (PEFT files) + summary.json, rank 0
 
@@ -24,7 +26,7 @@ import torch
 
 from ..dist import Group
 from .config import TrainConfig
-from .loop import TrainResult, train_loop
+from .loop import REFERENCE_ADAPTER, TrainResult, train_loop
 
 
 @dataclass
@@ -74,7 +76,8 @@ class Run:
         """The figures of the finished run (summary.json's contents)."""
         cfg, result = self.cfg, self.result
         summary = {
-            "method": cfg.method, "model": cfg.model, "steps_done": len(result.losses), "steps": result.steps,
+            "method": cfg.method, "objective": cfg.objective, "model": cfg.model, "steps_done": len(result.losses),
+            "steps": result.steps,
             "first_loss": result.losses[0] if result.losses else None,
             "final_loss": result.losses[-1] if result.losses else None,
             "final_eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
@@ -82,6 +85,10 @@ class Run:
             "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
             "trainable_parameters": self.trainable_parameters, "interrupted": result.interrupted, **self.sharding,
         }
+        if result.metrics:  # preference runs: the last step's metrics and the last evaluation's (TRL's names)
+            summary["final_metrics"] = {k: v for k, v in result.metrics[-1].items() if k != "step"}
+        if result.eval_metrics:
+            summary["final_eval_metrics"] = {k: v for k, v in result.eval_metrics[-1].items() if k != "step"}
         if cfg.method != "full" and not result.interrupted:
             summary["adapter"] = str(self.output_dir / "adapter")
         return summary
@@ -125,7 +132,7 @@ def prepare(cfg: TrainConfig, log=print, group: Group | None = None) -> Run:
     if not group.is_main:
         log = lambda *_: None  # noqa: E731
     device = group.device if group.distributed else resolve_device(cfg.device)  # decided once, passed down
-    cfg, splits, arch = _setup_checks(cfg, group)
+    cfg, splits, arch = _setup_checks(cfg, group, log)
     cfg, plan = _setup_plan(cfg, arch, device, group, log)
     t0 = time.perf_counter()
     model, tok = load_for_method(cfg, device)
@@ -140,14 +147,11 @@ def prepare(cfg: TrainConfig, log=print, group: Group | None = None) -> Run:
                sharding, log)
 
 
-def _setup_checks(cfg: TrainConfig, group: Group):
-    """Preflight (data, output folder, template, trackers, model source): (cfg, splits, the
-    architecture the planner reads: a Hub model's local folder, else None)."""
+def _setup_checks(cfg: TrainConfig, group: Group, log=print):
+    """Preflight (data, adapters, output folder, template, trackers, model source): (cfg, splits,
+    the architecture the planner reads: a Hub model's local folder, else None)."""
     from .preflight import check_before_loading
-    if cfg.objective != "sft" or cfg.adapter is not None:  # the losses exist (train/preference.py), the run not yet
-        raise ValueError(f"objective {cfg.objective}{' with adapter' if cfg.adapter else ''}: training on "
-                         "preference pairs and continuing an adapter are not in `qforge train` yet")
-    cfg, splits, hub_folder = check_before_loading(cfg, check_dir=group.is_main)
+    cfg, splits, hub_folder = check_before_loading(cfg, check_dir=group.is_main, log=log)
     return cfg, splits, (str(hub_folder) if hub_folder is not None else None)
 
 
@@ -169,11 +173,41 @@ def _setup_plan(cfg: TrainConfig, arch, device: torch.device, group: Group, log)
 
 def _setup_data(cfg: TrainConfig, tok, splits=None):
     """(train_set, eval_set, report) per every data setting of cfg (format, train_on, packing,
-    eval split), from the rows preflight already read."""
+    eval split), from the rows preflight already read; preference pairs for dpo/orpo."""
+    if cfg.objective != "sft":
+        return _preference_data(cfg, tok, splits)
     from .data import build_dataset
     return build_dataset(cfg.data, tok, fmt=cfg.data_format, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on,
                          pack=cfg.pack, eval_path=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
                          splits=splits)
+
+
+def _preference_data(cfg: TrainConfig, tok, splits=None):
+    """Preference pairs tokenised with the chat template (qforge.train.preference_data): (train
+    pairs, eval pairs or None, report). Pairs are never packed; a pair is one row of batch_size."""
+    from .data import DataError
+    from .preflight import read_preference_splits
+    from .preference_data import tokenize_pairs
+    if cfg.pack:
+        raise ValueError(f"pack: objective {cfg.objective} trains on pairs, which are not packed")
+    rows, eval_rows, shape, _ = splits or read_preference_splits(cfg)
+    train, report = tokenize_pairs(rows, tok, cfg.max_seq_len, where=str(cfg.data))
+    if not train:
+        raise DataError(f"{cfg.data}: no pair keeps a completion token on both sides at max_seq_len="
+                        f"{cfg.max_seq_len}: raise max_seq_len or shorten the prompts")
+    held = tokenize_pairs(eval_rows, tok, cfg.max_seq_len, where=str(cfg.eval_data or cfg.data))[0] if eval_rows else []
+    return train, (held or None), PreferenceReport(report, shape, len(held))
+
+
+@dataclass
+class PreferenceReport:
+    """The data line of a preference run: the training pairs' PairReport, their shape, eval pairs."""
+    pairs: object
+    shape: str
+    eval_pairs: int
+
+    def __str__(self) -> str:
+        return f"{self.shape} preference pairs: {self.pairs}; {self.eval_pairs} eval pairs"
 
 
 def _setup_output(cfg: TrainConfig, group: Group) -> Path:
@@ -214,7 +248,7 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
         model, tok = _loftq_base_and_adapters(cfg)
     elif cfg.method == "qlora":
         model, tok = _quantised_base(cfg, device)
-        surgery.add_adapter(model, "default", lora_spec(cfg))  # on the device of the layer it adapts
+        attach_adapters(model, cfg)  # on the device of the layer it adapts
     else:
         model, tok = _dense_base(cfg, device)
         if cfg.method == "lora":
@@ -222,6 +256,7 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
     if device.type != "cpu":  # streamed there already; this only moves what was built on the CPU
         model.to(device)
     _setup_training_switches(model, cfg, device)
+    freeze_reference(model)
     from ..model.templates import apply_chat_template
     apply_chat_template(tok, cfg.chat_template)
     if tok.pad_token_id is None:
@@ -266,7 +301,39 @@ def _dense_adapters(model, cfg: TrainConfig) -> None:
                                                  spec.modules_to_skip) if n not in routers]
     surgery.dense_lora_linears(model, targets, dtype)
     surgery.dense_lora_experts(model, dtype)  # MoE: LoRA on the experts, as for qlora
-    surgery.add_adapter(model, "default", spec)
+    attach_adapters(model, cfg)
+
+
+REFERENCE = REFERENCE_ADAPTER  # DPO's --ref-adapter, frozen (the loop's preference_settings names it)
+
+
+def attach_adapters(model, cfg: TrainConfig) -> None:
+    """The trainable adapter "default": fresh (lora_spec), or cfg.adapter's weights (its own shape:
+    preflight put it into cfg) in cfg.adapter_dtype; and cfg.ref_adapter as "reference", frozen
+    later by freeze_reference. "default" is left active."""
+    from ..adapters import load_adapter
+    from ..model import surgery
+    dtype = getattr(torch, cfg.adapter_dtype)
+    if cfg.adapter is not None:
+        load_adapter(model, cfg.adapter, name="default", dtype=dtype)
+    else:
+        surgery.add_adapter(model, "default", lora_spec(cfg))
+    if cfg.ref_adapter is not None:
+        load_adapter(model, cfg.ref_adapter, name=REFERENCE, dtype=dtype)
+        surgery.set_active_adapter(model, "default")
+
+
+def freeze_reference(model) -> None:
+    """The reference adapter is never trained (prepare_for_kbit_training made every adapter
+    trainable) and, like TRL's reference model, runs without dropout."""
+    for name, param in model.named_parameters():
+        if f"adapters.{REFERENCE}." in name:
+            param.requires_grad = False
+    for module in model.modules():
+        adapters = getattr(module, "adapters", None)
+        if isinstance(adapters, torch.nn.ModuleDict) and REFERENCE in adapters \
+                and hasattr(adapters[REFERENCE], "dropout"):
+            adapters[REFERENCE].dropout = torch.nn.Identity()
 
 
 def _setup_training_switches(model, cfg: TrainConfig, device: torch.device) -> None:

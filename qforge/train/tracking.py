@@ -3,7 +3,9 @@
 `--report-to tensorboard,wandb` (default none). Each optimiser step's record (the one the loop
 writes to metrics.jsonl) becomes scalars: train/loss, train/learning_rate, train/tokens_per_second
 (of that step), train/memory_mib (the process' peak: accelerator memory on a GPU, resident memory
-on the CPU) and eval/loss where measured; the recipe is the run's config (TensorBoard: a text
+on the CPU) and eval/loss where measured; preference runs add train/rewards/chosen, .../rejected,
+.../accuracies, .../margins, train/logps/* (ORPO: train/nll_loss, train/log_odds_*) and the same under
+eval/ where measured; the recipe is the run's config (TensorBoard: a text
 summary `recipe` holding its YAML; W&B: the run config).
 
 TensorBoard events go to OUTPUT_DIR/tensorboard. W&B runs through its own client, online when
@@ -58,6 +60,9 @@ def wandb_mode() -> str:
         return "offline"
 
 
+PREFERENCE_METRICS = ("rewards/", "logps/", "nll_loss", "log_odds_")  # qforge.train.preference's metric names
+
+
 class Trackers:
     """The trackers of one run; `log(record)` per step, `close()` at the end. Rank 0 only."""
 
@@ -90,6 +95,10 @@ class Trackers:
             values["train/grad_norm"] = record["grad_norm"]
         if record.get("eval_loss") is not None:
             values["eval/loss"] = record["eval_loss"]
+        for key, value in record.items():  # preference runs: rewards/*, logps/*, ORPO's terms (TRL's names)
+            name = key[len("eval_"):] if key.startswith("eval_") else key
+            if value is not None and name.startswith(PREFERENCE_METRICS):
+                values[("eval/" if name != key else "train/") + name] = value
         self._last = (tokens, elapsed)
         return values
 
