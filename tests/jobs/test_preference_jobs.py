@@ -230,9 +230,6 @@ def test_a_dpo_job_runs_to_success_with_reward_events(tiny_base, tmp_path):
                                              method=dpo(beta=0.2, max_steps=3))
         job = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in (
             "succeeded", "failed", "cancelled") and j, 300, 0.5, "the DPO job to finish")
-        if job.status == "failed" and "not in `qforge train` yet" in (job.error.message if job.error else ""):
-            pytest.xfail("needs the training run's objective dpo (the preference-run branch): " + job.error.message)
-        # from here on: needs qforge.train.run.prepare to run objective dpo (the preference-run branch)
         assert job.status == "succeeded", job.error
         assert job.fine_tuned_model == f"ft:tiny:dpo:{job.id}"
         events = list(client.fine_tuning.jobs.list_events(job.id, limit=1000))[::-1]
