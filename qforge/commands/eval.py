@@ -120,7 +120,7 @@ def _evaluate_all(url, tokenizer, models, names, tasks, include, options: EvalOp
 
 
 def _with_own_server(options: EvalOptions, models, tasks, include, out: Path) -> dict:
-    from ..serve.app import ServeConfig, build_server
+    from ..app import ServeConfig, build_server
 
     app, engine = build_server(ServeConfig(base=options.base, dtype=options.dtype, max_batch=8,
                                            adapters=options.adapters))

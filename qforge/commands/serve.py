@@ -23,7 +23,7 @@ the base, state lives in SQLite under --data-dir, and each finished job's model
   qforge serve --base smollm2 --adapter demo=runs/demo/adapter --adapter-root runs
   qforge serve --jobs --data-dir ~/.qforge
 
-This module only maps the flags (and the QFORGE_* environment) to a qforge.serve.app.ServeConfig
+This module only maps the flags (and the QFORGE_* environment) to a qforge.app.ServeConfig
 and runs it; `qforge eval` and the tests build a ServeConfig directly.
 """
 from __future__ import annotations
@@ -126,9 +126,9 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def serve_config(args: argparse.Namespace):
-    """The qforge.serve.app.ServeConfig these flags (and the QFORGE_* environment) give."""
+    """The qforge.app.ServeConfig these flags (and the QFORGE_* environment) give."""
     from ..plan import parse_gpu
-    from ..serve.app import ServeConfig
+    from ..app import ServeConfig
 
     return ServeConfig(
         base=args.base, revision=args.revision, name=args.name, adapters=parse_adapters(args.adapter),
@@ -144,13 +144,13 @@ def serve_config(args: argparse.Namespace):
 
 
 def jobs_config(args: argparse.Namespace):
-    """The jobs service's config these flags give (qforge.serve.app.jobs_config of serve_config)."""
-    from ..serve.app import jobs_config as config_of
+    """The jobs service's config these flags give (qforge.app.jobs_config of serve_config)."""
+    from ..app import jobs_config as config_of
     return config_of(serve_config(args))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..serve.app import run_server
+    from ..app import run_server
 
     run_server(serve_config(args))
     return 0

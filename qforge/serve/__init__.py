@@ -2,8 +2,8 @@
 
 engine.py (continuous batching, KV cache), lora_slots.py (preallocated adapter slots: several adapters
 in one batch), registry.py (named adapters, LRU of resident ones, adapter-root checks), api/ (the FastAPI
-app: schemas, streaming, routes), app.py (ServeConfig -> a built server), metrics.py (Prometheus text, usage).
-FastAPI is imported only by `qforge.serve.api` and `qforge.serve.app`.
+app: schemas, streaming, routes), metrics.py (Prometheus text, usage).
+FastAPI is imported only by `qforge.serve.api` (and qforge.app, which builds a server with its jobs service).
 """
 from .engine import Engine, Event, QueueFull, Request, RequestError, SamplingParams
 from .metrics import Metrics, UsageLedger

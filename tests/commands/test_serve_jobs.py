@@ -5,7 +5,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from qforge.commands import serve
-from qforge.serve.app import ServeConfig, build_server, jobs_config
+from qforge.app import ServeConfig, build_server, jobs_config
 
 
 def parse(*argv) -> argparse.Namespace:

@@ -7,7 +7,7 @@ import pytest
 
 from qforge.cli import main
 from qforge.commands import serve
-from qforge.serve import app
+from qforge import app
 
 
 def parse(*argv) -> argparse.Namespace:

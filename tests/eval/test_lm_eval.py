@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qforge.adapters import save_merged
-from qforge.serve.app import ServeConfig, build_server
+from qforge.app import ServeConfig, build_server
 from qforge.eval import harness
 
 from tests.serve.helpers import LiveServer, saved_random_adapter

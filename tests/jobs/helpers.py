@@ -58,7 +58,7 @@ class InProcessService:
     and trainers are real subprocesses. `settings`: more ServeConfig fields (start_worker=False, ...)."""
 
     def __init__(self, base, data_dir: Path, keys=(), **settings):
-        from qforge.serve.app import ServeConfig, build_server
+        from qforge.app import ServeConfig, build_server
 
         cfg = ServeConfig(base=str(base), jobs=True, data_dir=Path(data_dir), dtype="float32", api_keys=list(keys),
                           **settings)

@@ -16,7 +16,7 @@ from qforge.jobs.db import SCHEMA_VERSION, DatabaseError
 from qforge.jobs.store import JobStore, fine_tuned_model_name, now
 from qforge.model.load import load_model
 from qforge.serve import AdapterRegistry, Engine
-from qforge.serve import app as serve_app
+from qforge import app as serve_app
 from qforge.serve.api import create_app
 from qforge.serve.auth import ApiKey
 

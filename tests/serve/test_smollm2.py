@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 
-from qforge.serve.app import ServeConfig, build_server
+from qforge.app import ServeConfig, build_server
 from qforge.model.surgery import set_active_adapter
 
 from .helpers import LiveServer, alone_model, greedy_alone, saved_random_adapter

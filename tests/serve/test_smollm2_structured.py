@@ -8,7 +8,7 @@ import jsonschema
 import openai
 import pytest
 
-from qforge.serve.app import ServeConfig, build_server
+from qforge.app import ServeConfig, build_server
 
 from .helpers import LiveServer, saved_random_adapter
 

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..jobs.limits import DISK_FULL_BACKOFF_S, DISK_FULL_RETRIES, DISK_FULL_WAIT_S
+from .jobs.limits import DISK_FULL_BACKOFF_S, DISK_FULL_RETRIES, DISK_FULL_WAIT_S
 
 
 @dataclass
@@ -77,9 +77,9 @@ def check_bind(host: str, keys: list, insecure: bool) -> None:
 
 def jobs_config(cfg: ServeConfig):
     """The jobs service's qforge.jobs.api.JobsConfig for this server."""
-    from ..jobs.api import JobsConfig
-    from ..jobs.limits import default_worker_threads
-    from ..model.hub import looks_like_hub_id
+    from .jobs.api import JobsConfig
+    from .jobs.limits import default_worker_threads
+    from .model.hub import looks_like_hub_id
 
     keep = cfg.base.lower() == "smollm2" or looks_like_hub_id(cfg.base)  # a Hub id stays an id for the jobs
     base = cfg.base if keep else str(Path(cfg.base).expanduser().resolve())
@@ -100,10 +100,10 @@ def build_server(cfg: ServeConfig):
     the jobs service with `cfg.jobs`, reachable as app.state.jobs)."""
     import torch
 
-    from ..devices import resolve_device
-    from ..model.load import load_model
-    from . import AdapterRegistry, Engine, Metrics
-    from .api import create_app
+    from .devices import resolve_device
+    from .model.load import load_model
+    from .serve import AdapterRegistry, Engine, Metrics
+    from .serve.api import create_app
 
     device = resolve_device(cfg.device)  # decided once: the engine runs where the model is
     model, tokenizer = load_model(cfg.base, compute_dtype=getattr(torch, cfg.dtype), device=device,
@@ -118,7 +118,7 @@ def build_server(cfg: ServeConfig):
                     context_len=cfg.max_model_len, metrics=metrics)
     extensions, jobs = [], None
     if cfg.jobs:
-        from ..jobs.api import JobService, install
+        from .jobs.api import JobService, install
         jobs = JobService(jobs_config(cfg), registry)
         extensions.append(lambda app, state, caller: install(app, state, caller, jobs))
     app = create_app(engine, registry, api_keys=list(cfg.api_keys), metrics=metrics, extensions=extensions)
@@ -132,7 +132,7 @@ def share_cores(cfg: ServeConfig) -> tuple[int, int]:
     (default half the cores), the server's torch the cores left; (serving, training) threads."""
     import torch
 
-    from ..jobs.limits import default_worker_threads, serving_threads
+    from .jobs.limits import default_worker_threads, serving_threads
     training = cfg.worker_threads or default_worker_threads()
     serving = serving_threads(training)
     torch.set_num_threads(serving)
@@ -150,7 +150,7 @@ def run_server(cfg: ServeConfig) -> None:
     if not cfg.api_keys and not is_loopback(cfg.host):
         print(f"qforge serve: warning: serving on {cfg.host} with no API key (--insecure)", file=sys.stderr)
     if cfg.jobs:  # a bad job database fails here, nothing swept
-        from ..jobs.pg import open_store
+        from .jobs.pg import open_store
         open_store(Path(cfg.data_dir).expanduser(), cfg.database_url)
         if cfg.start_worker:
             share_cores(cfg)
