@@ -49,10 +49,25 @@ def check_method(method: MethodBody) -> str:
     return kind
 
 
+def check_top_level(top: Hyperparameters | None, kind: str) -> None:
+    """400 for a top-level hyperparameter method `kind` does not take (the message lists the accepted
+    ones; the same names as under method.<kind>.hyperparameters)."""
+    if top is None:
+        return
+    accepted = HYPERPARAMETERS[kind].model_fields
+    unknown = sorted(set(top.model_extra or {}) | {k for k in top.model_fields_set if k not in accepted})
+    if unknown:
+        raise APIError(400, f"unknown hyperparameter{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
+                       f"for method '{kind}'; accepted: {', '.join(accepted)}",
+                       param=f"hyperparameters.{unknown[0]}", code="unknown_parameter")
+
+
 def resolve_settings(top: Hyperparameters | None, given_hp: QForgeHyperparameters | None,
                      kind: str = "supervised") -> dict:
-    """Every training setting of a job: the request's (the method's over the top-level ones), then
-    defaults; a preference method's beta (and DPO's label_smoothing) too."""
+    """Every training setting of a job: the request's (the method's over the top-level ones, which
+    take the same names), then defaults; a preference method's beta (and DPO's label_smoothing) too.
+    APIError 400 for a top-level key the method does not take."""
+    check_top_level(top, kind)
     given = {}
     for part in (top, given_hp):
         if part is not None:
@@ -76,23 +91,24 @@ def resolve_settings(top: Hyperparameters | None, given_hp: QForgeHyperparameter
 
 
 def choose_method(base_model: str, settings: dict, budget: int, kind: str = "supervised") -> tuple[str, str]:
-    """(qlora | lora, reason) from the memory planner: BF16 LoRA when it fits `budget` with room to
-    spare, else QLoRA (also when the planner cannot read the model). A preference step runs the
-    chosen and the rejected reply of each pair, so it is planned as twice the batch."""
-    from ..plan import format_gb, load_arch, recommend
+    """(qlora, reason): QLoRA, `qforge train`'s default, with the memory planner's verdict on whether it
+    fits `budget` (bytes); BF16 LoRA only when asked for by name. A preference step runs the chosen and
+    the rejected reply of each pair, so it is planned as twice the batch."""
+    from ..plan import format_gb, load_arch, plan_run
 
     rows = settings["batch_size"] * (2 if kind in ("dpo", "orpo") else 1)
     try:
-        arch = load_arch(base_model)
-        method, reason = recommend(arch, budget, seq_len=settings["max_seq_len"], batch_size=rows,
-                                   rank=settings["rank"], quant_type=settings["quant_type"],
-                                   double_quant=settings["double_quant"])
+        plan = plan_run(load_arch(base_model), "qlora", seq_len=settings["max_seq_len"], batch_size=rows,
+                        rank=settings["rank"], quant_type=settings["quant_type"],
+                        double_quant=settings["double_quant"])
     except (ValueError, FileNotFoundError, OSError) as exc:
-        return "qlora", f"the memory planner cannot read '{base_model}' ({exc}); QLoRA is the safe choice"
-    reason = f"memory budget {format_gb(budget)}: {reason}"
-    if method not in ("qlora", "lora"):
-        return "qlora", reason + "; this server trains on one device, so QLoRA anyway"
-    return method, reason
+        return "qlora", f"qforge train's default; the memory planner cannot read '{base_model}' ({exc})"
+    run = f"batch {rows} x {settings['max_seq_len']} tokens, rank {settings['rank']}"
+    need, room = format_gb(plan.per_gpu_total), format_gb(budget)
+    if plan.per_gpu_total <= budget:
+        return "qlora", f"qforge train's default; the plan ({run}) needs {need} of the {room} memory budget"
+    return "qlora", (f"qforge train's default, the smallest method; the plan ({run}) needs {need}, over the {room} "
+                     "memory budget: lower max_seq_len or batch_size if the run runs out of memory")
 
 
 def method_settings(job: dict) -> tuple[str, dict]:

@@ -54,6 +54,12 @@ class DpoHyperparameters(OrpoHyperparameters):
     label_smoothing: float | None = Field(None, ge=0, lt=0.5)
 
 
+class TopHyperparameters(DpoHyperparameters):
+    """The request's top-level `hyperparameters`: the same settings as the method's own (one schema;
+    where OpenAI's clients and users put them). The method's type decides which are accepted
+    (qforge.jobs.methods.resolve_settings refuses the others, listing the accepted ones)."""
+
+
 class Supervised(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hyperparameters: QForgeHyperparameters | None = None
@@ -92,7 +98,7 @@ class JobBody(BaseModel):
     suffix: str | None = None
     seed: int | None = Field(None, ge=0, le=2 ** 31 - 1)
     metadata: dict[str, str] | None = None
-    hyperparameters: Hyperparameters | None = None
+    hyperparameters: TopHyperparameters | None = None
     method: MethodBody | None = None
     integrations: list | None = None
 

@@ -126,12 +126,12 @@ def test_a_new_job_is_validated_then_queued(client, training_file, live):
     assert "Training method: lora (asked for)" in messages
 
 
-def test_the_planner_chooses_qlora_only_when_bf16_lora_does_not_fit(client, training_file, live):
+def test_auto_is_qlora_and_its_event_says_whether_the_plan_fits(client, training_file, live):
     hp = {"rank": 4, "batch_size": 2, "max_seq_len": 64}
     qlora_bytes = plan_run(load_arch(live.jobs.config.base_model), "qlora", seq_len=64, batch_size=2,
                            rank=4).per_gpu_total
     chosen = {}
-    for budget in (qlora_bytes, 10 ** 12):
+    for budget in (qlora_bytes - 1, qlora_bytes, 10 ** 12):
         live.jobs.config.memory_budget = budget
         job = client.fine_tuning.jobs.create(model="tiny", training_file=training_file.id, method={
             "type": "supervised", "supervised": {"hyperparameters": hp}})
@@ -139,8 +139,10 @@ def test_the_planner_chooses_qlora_only_when_bf16_lora_does_not_fit(client, trai
         reason = next(e.message for e in client.fine_tuning.jobs.list_events(job.id) if "Training method" in e.message)
         chosen[budget] = (job.method.supervised.hyperparameters.model_dump()["method"], reason)
     live.jobs.config.memory_budget = None
-    assert chosen[qlora_bytes][0] == "qlora" and "BF16 LoRA needs" in chosen[qlora_bytes][1]
-    assert chosen[10 ** 12][0] == "lora" and "memory budget 1000" in chosen[10 ** 12][1]
+    assert {method for method, _ in chosen.values()} == {"qlora"}  # qforge train's default, whatever the budget
+    assert "over the" in chosen[qlora_bytes - 1][1] and "lower max_seq_len" in chosen[qlora_bytes - 1][1]
+    assert "over the" not in chosen[qlora_bytes][1] and "memory budget" in chosen[qlora_bytes][1]
+    assert "of the 1000.0 GB memory budget" in chosen[10 ** 12][1]
 
 
 @pytest.mark.parametrize("change, param", [
