@@ -1,14 +1,22 @@
 """Estimate the memory of a fine-tuning run and recommend qlora, lora, full or FSDP.
 
-  qforge plan --model llama-3.1-8b [--seq-len 4096] [--batch-size 1] [--rank 32]
+  qforge plan [--model llama-3.1-8b] [--seq-len 512] [--batch-size 4] [--rank 16]
               [--method qlora|lora|full|all] [--gpu 24GB] [--num-gpus 1]
               [--gradient-checkpointing | --no-gradient-checkpointing] [--objective sft|dpo|orpo]
 
---model is a shipped architecture (llama-3.1-8b, llama-2-13b, yi-34b, llama-3.1-70b,
-mixtral-8x22b, qwen3-30b-a3b, llama-3.1-405b, smollm2; any case), a Hugging Face config.json or a
-folder holding one, a .gguf file (its metadata), or a Hub id ORG/NAME already in the local Hugging
-Face cache (its config.json; nothing is downloaded). For a mixture-of-experts model the header
-adds the parameters a token runs through and the routed experts' 4-bit size. --gpu is the memory of one card: 24GB (1e9 bytes), 24GiB (2**30), 80G or plain bytes.
+With no flags it sizes what a plain `qforge train` runs on this machine: the same model, rank,
+sequence length, batch, optimiser and quantisation (TrainConfig's defaults, read from
+qforge/train/config.py) against the memory a run can use here now (the GPU's free memory, or the
+available RAM without one; --device picks as train's does). --gpu plans a card instead.
+
+--model is a shipped family (llama-3.1-8b/70b/405b, llama-3.2-1b/3b, mistral-7b, mistral-nemo-12b,
+mixtral-8x7b/8x22b, qwen2.5-0.5b ... 72b, qwen3-8b, qwen3-30b-a3b, gemma-2-2b/9b/27b, yi-34b,
+llama-2-13b, smollm2; any case, Hub spellings too: Meta-Llama-3.1-8B-Instruct, gemma-2-9b-it), a
+Hugging Face config.json or a model folder holding one, a .gguf file (its metadata), or a Hub id
+ORG/NAME in the local Hugging Face cache (its config.json; nothing is downloaded; a Hub id not
+cached whose NAME is a shipped family is read as that family). For a mixture-of-experts model the
+header adds the parameters a token runs through and the routed experts' 4-bit size. --gpu is the
+memory of one card: 24GB (1e9 bytes), 24GiB (2**30), 80G or plain bytes.
 
 The table gives GB (1e9 bytes) per component: base weights, quantisation constants, adapter
 weights, gradients, optimiser state, activations with and without gradient checkpointing (the
@@ -25,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..plan import (AUTO_KEEP_SHARE, METHODS, OPTIMIZER_BITS, QUANT_TYPES, ModelArch, Plan, active_parameter_count,
-                    bits_per_param, card_label, expert_bytes, expert_parameter_count, format_gb, known_archs,
-                    load_arch, parameter_count, parse_gpu, plan_run, recommend)
+from ..plan import (AUTO_KEEP_SHARE, CUDA_BF16, METHODS, ModelArch, Plan, active_parameter_count,
+                    available_memory, bits_per_param, card_label, constants_for, expert_bytes,
+                    expert_parameter_count, format_gb, known_archs, load_arch, parameter_count, parse_gpu, plan_run,
+                    recommend)
+from ..train.config import OBJECTIVES, OPTIMIZERS, QUANT_TYPES, TrainConfig
 
 ROWS = [("base weights", "base_weights"), ("quant constants", "quant_constants"),
         ("adapter weights", "adapter_weights"), ("gradients", "gradients"), ("optimizer state", "optimizer_state")]
@@ -60,39 +70,62 @@ def format_table(plans: list[Plan], other_activations: list[int], gradient_check
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `qforge plan`."""
-    parser.add_argument("--model", required=True, metavar="NAME_OR_CONFIG",
-                        help=f"one of {', '.join(known_archs())}; a config.json (or its folder); a .gguf "
-                             "file; or a Hub id ORG/NAME in the local Hugging Face cache (required)")
-    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences per GPU per step (default 1)")
-    parser.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
+    """Flags of `qforge plan`; each default is `qforge train`'s (TrainConfig), so that a plain
+    `qforge plan` sizes a plain `qforge train`."""
+    from ..devices import CHOICES_HELP
+
+    train = TrainConfig()
+    parser.add_argument("--model", default=train.model, metavar="NAME_OR_CONFIG",
+                        help=f"one of {', '.join(known_archs())} (any case, Hub spellings too); a config.json or "
+                             "model folder; a .gguf file; or a Hub id ORG/NAME in the local Hugging Face cache "
+                             "(default: qforge train's, " + train.model + ")")
+    parser.add_argument("--seq-len", type=int, default=train.max_seq_len,
+                        help="tokens per sequence (qforge train's --max-seq-len)")
+    parser.add_argument("--batch-size", type=int, default=train.batch_size, help="sequences per GPU per step")
+    parser.add_argument("--rank", type=int, default=train.rank, help="LoRA rank")
     parser.add_argument("--method", choices=[*METHODS, "all"], default="all",
                         help="recipe to size; 'all' shows each; 'full' also lets full fine-tuning be recommended")
-    parser.add_argument("--gpu", default="24GB", help="memory of one card: 24GB, 40GB, 80GB, 141GB, 80GiB or bytes")
-    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs sharing the model with FSDP (default 1)")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="recompute each layer in backward (default on)")
-    parser.add_argument("--optimizer", choices=list(OPTIMIZER_BITS), default="paged_adamw_8bit",
-                        help="AdamW variant (default paged_adamw_8bit)")
-    parser.add_argument("--quant-type", choices=[q for q in QUANT_TYPES if q != "int4"], default="nf4",
+    parser.add_argument("--gpu", default=None,
+                        help="memory of one card: 24GB, 40GB, 80GB, 141GB, 80GiB or bytes (default: what a run can "
+                             "use on this machine now: free GPU memory, or available RAM without a GPU)")
+    parser.add_argument("--device", default=train.device,
+                        help=f"the device whose free memory is planned when --gpu is not given: {CHOICES_HELP}")
+    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs sharing the model with FSDP")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        default=train.gradient_checkpointing, help="recompute each layer in backward")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=train.optimizer,
+                        help="AdamW variant, as qforge train takes it (adamw: torch's, 32-bit state)")
+    parser.add_argument("--quant-type", choices=QUANT_TYPES, default=train.quant_type,
                         help="qlora's base: nf4/fp4 (4-bit, double quantisation) or hqq4/hqq3/hqq2 (HQQ at 4, 3 "
-                             "or 2 bits; float16 scale and zero per --hqq-group-size values) (default nf4)")
-    parser.add_argument("--hqq-group-size", type=int, default=64,
-                        help="values per HQQ scale and zero-point (default 64)")
-    parser.add_argument("--objective", choices=["sft", "dpo", "orpo"], default="sft",
+                             "or 2 bits; float16 scale and zero per --hqq-group-size values)")
+    parser.add_argument("--hqq-group-size", type=int, default=train.hqq_group_size,
+                        help="values per HQQ scale and zero-point")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=train.objective,
                         help="sft (demonstrations) or dpo/orpo (preference pairs: --batch-size counts pairs, "
-                             "two sequences each; DPO's reference pass keeps no activations) (default: sft)")
+                             "two sequences each; DPO's reference pass keeps no activations)")
+
+
+def memory_to_plan(args: argparse.Namespace) -> tuple[int, str, object]:
+    """(bytes, where, constants): --gpu's card (CUDA constants), or what a run can use on this machine now
+    (the device's free memory, its constants), as qforge train checks before it starts."""
+    if args.gpu is not None:
+        return parse_gpu(args.gpu), "card", CUDA_BF16
+    from ..devices import resolve_device
+
+    device = str(resolve_device(args.device))
+    where = "free on " + device if device.startswith("cuda") else "of RAM available"
+    return available_memory(device), f"{where} (this machine; --gpu to plan a card)", constants_for(device)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan table and the recommendation; ValueError / FileNotFoundError for bad input."""
-    gpu = parse_gpu(args.gpu)
+    gpu, where, constants = memory_to_plan(args)
     arch = ModelArch.from_config(load_arch(args.model), name=str(args.model))
     methods = METHODS if args.method == "all" else (args.method,)
     kwargs = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                   num_gpus=args.num_gpus, optimizer=args.optimizer, quant_type=args.quant_type,
-                  hqq_group_size=args.hqq_group_size, objective=getattr(args, "objective", "sft"))
+                  hqq_group_size=args.hqq_group_size, objective=getattr(args, "objective", "sft"),
+                  constants=constants, chunked_loss=True)  # qforge train's loss
     if args.hqq_group_size < 1:
         raise ValueError(f"--hqq-group-size must be a positive integer, got {args.hqq_group_size}")
     gc = args.gradient_checkpointing
@@ -108,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     batch = (f"batch {args.batch_size} pair(s) = {2 * args.batch_size} sequences ({objective})" if objective != "sft"
              else f"batch {args.batch_size}")
     print(f"seq_len {args.seq_len}, {batch}, rank {args.rank}, {args.optimizer}, "
-          f"gradient checkpointing {'on' if gc else 'off'}, {args.num_gpus} GPU(s) of {card_label(gpu)}")
+          f"gradient checkpointing {'on' if gc else 'off'}, "
+          + (f"{args.num_gpus} GPU(s) of {card_label(gpu)}" if args.gpu is not None else f"{format_gb(gpu)} {where}"))
     print(f"qlora base: {args.quant_type}, {bits_per_param(args.quant_type, True, args.hqq_group_size):.3f} bits "
           f"per parameter (codes and constants)\n")
     print(format_table(plans, other, gc, gpu))

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ARCH_DIR = Path(__file__).resolve().parent.parent / "data" / "archs"
-ALIASES = {"smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2"}
+ALIASES = {"smollm2-135m": "smollm2", "mistral-7b-v0.1": "mistral-7b", "mistral-7b-v0.3": "mistral-7b",
+           "mistral-nemo": "mistral-nemo-12b", "mistral-nemo-base-2407": "mistral-nemo-12b"}
+# the words a Hub name adds to a family's name (and a release's -vN.N): Meta-Llama-3.1-8B-Instruct is
+# llama-3.1-8b
+NAME_PREFIXES, NAME_SUFFIXES = ("meta-",), ("-instruct", "-it", "-chat", "-hf", "-base")
 
 
 @dataclass(frozen=True)
@@ -168,10 +172,35 @@ def known_archs() -> list[str]:
     return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
 
 
+def family_name(text: str) -> str:
+    """The shipped name `text` stands for: any case, an alias, a Hub name's prefix and suffixes off
+    ('Meta-Llama-3.1-8B-Instruct' -> 'llama-3.1-8b'); `text` lowercased when none matches."""
+    key = text.lower()
+    while True:
+        key = ALIASES.get(key, key)
+        if (ARCH_DIR / f"{key}.json").is_file():
+            return key
+        trimmed = next((key[len(p):] for p in NAME_PREFIXES if key.startswith(p)), None)
+        trimmed = trimmed or next((key[:-len(s)] for s in NAME_SUFFIXES if key.endswith(s)), None)
+        trimmed = trimmed or re.sub(r"-v\d+(\.\d+)*$", "", key)  # a release: Mistral's -v0.3
+        if trimmed == key:
+            trimmed = None
+        if not trimmed:
+            return text.lower()
+        key = trimmed
+
+
+def shipped_arch(text: str) -> dict | None:
+    """The config dict of the shipped family `text` names (see family_name), or None."""
+    file = ARCH_DIR / f"{family_name(text)}.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
 def load_arch(name_or_path: str | Path) -> dict:
     """The config dict of a shipped architecture name (any case), of a config.json / its folder, of
     a .gguf file (its metadata: qforge.plan.sources) or of a Hub model id ORG/NAME (its config.json
-    in the local Hugging Face cache, offline).
+    in the local Hugging Face cache, offline; when not cached, the shipped family NAME names, as
+    'meta-llama/Llama-3.1-8B-Instruct' -> llama-3.1-8b).
 
     FileNotFoundError for a path that does not exist, a folder without config.json or a Hub id
     not in the cache; ValueError, listing the known names, for an unknown name.
@@ -187,16 +216,22 @@ def load_arch(name_or_path: str | Path) -> dict:
             return json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{file} is not valid JSON: {exc}") from None
-    key = ALIASES.get(text.lower(), text.lower())
-    if (ARCH_DIR / f"{key}.json").is_file():
-        return json.loads((ARCH_DIR / f"{key}.json").read_text())
+    shipped = shipped_arch(text)
+    if shipped is not None:
+        return shipped
     if path.is_dir():
         raise FileNotFoundError(f"no config.json in folder {name_or_path}")
     if text.endswith((".json", ".gguf")) or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"no such {'GGUF' if text.endswith('.gguf') else 'config'} file: {text}")
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", text):
         from .sources import hub_config_path
-        return load_arch(hub_config_path(text))
+        try:
+            return load_arch(hub_config_path(text))
+        except FileNotFoundError:
+            shipped = shipped_arch(text.split("/", 1)[1])  # not cached: a family's shape is the same
+            if shipped is None:
+                raise
+            return shipped
     raise ValueError(f"unknown model '{text}': known names are {', '.join(known_archs())}, "
                      "or give a config.json, a model folder, a .gguf file or a Hub id ORG/NAME")
 

@@ -18,6 +18,7 @@ ADAPTER_DTYPES = ("float32", "bfloat16")
 # lm_head), norms and the adapted layers' outputs in float32, as PEFT's prepare_model_for_kbit_training
 RESIDUAL_DTYPES = ("bfloat16", "float32")
 QUANT_TYPES = ("nf4", "fp4", "hqq4", "hqq3", "hqq2")
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")  # adamw: torch's, 32-bit state
 # what the run learns from: demonstrations (sft), or preference pairs with DPO's sigmoid loss against a
 # reference (the base with adapters off, or ref_adapter) or ORPO's reference-free odds-ratio loss
 OBJECTIVES = ("sft", "dpo", "orpo")  # qlora's base: bitsandbytes 4-bit, or HQQ at 4/3/2 bits
@@ -131,7 +132,7 @@ class TrainConfig:
             raise ValueError(f"quant_type: expected one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
         if not isinstance(self.hqq_group_size, int) or self.hqq_group_size < 1:
             raise ValueError(f"hqq_group_size: must be a positive integer, got {self.hqq_group_size!r}")
-        if self.optimizer not in ("paged_adamw_8bit", "adamw_8bit", "adamw"):
+        if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: expected paged_adamw_8bit, adamw_8bit or adamw, got {self.optimizer!r}")
 
     def report_targets(self) -> list[str]:

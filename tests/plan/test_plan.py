@@ -12,8 +12,10 @@ from qforge import cli
 from qforge.plan import (CUDA_BF16, GB, HEADROOM, METHODS, ModelArch, adapter_tensors, as_arch, gpus_needed,
                          known_archs, load_arch, parameter_count, parse_gpu, plan_run, recommend)
 
-SHIPPED = ["llama-2-13b", "llama-3.1-405b", "llama-3.1-70b", "llama-3.1-8b", "mixtral-8x22b", "qwen3-30b-a3b", "smollm2",
-           "yi-34b"]
+SHIPPED = ["gemma-2-27b", "gemma-2-2b", "gemma-2-9b", "llama-2-13b", "llama-3.1-405b", "llama-3.1-70b", "llama-3.1-8b",
+           "llama-3.2-1b", "llama-3.2-3b", "mistral-7b", "mistral-nemo-12b", "mixtral-8x22b", "mixtral-8x7b",
+           "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-3b", "qwen2.5-72b", "qwen2.5-7b",
+           "qwen3-30b-a3b", "qwen3-8b", "smollm2", "yi-34b"]
 
 # The public QLoRA sizing table: r=32, seq 4096, gradient checkpointing, paged 8-bit AdamW,
 # batch 1; working set in GB. 405B is the total across the GPUs FSDP shards it over.
@@ -215,7 +217,8 @@ def test_bad_run_arguments():
 
 
 def test_cli_prints_the_table(capsys):
-    assert cli.main(["plan", "--model", "llama-3.1-8b", "--gpu", "24GB"]) == 0
+    assert cli.main(["plan", "--model", "llama-3.1-8b", "--gpu", "24GB", "--seq-len", "4096", "--rank", "32",
+                     "--batch-size", "1"]) == 0
     out = capsys.readouterr().out
     for row in ["base weights", "quant constants", "adapter weights", "gradients", "optimizer state",
                 "activations, checkpointing", "activations, no checkpointing", "temporary buffers",
