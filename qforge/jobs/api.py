@@ -518,6 +518,12 @@ def _add_job_routes(app: FastAPI, service: JobService, caller) -> None:
         rows, more = store.list_checkpoints(job_id, after, limit)
         return page([checkpoint_object(r, job) for r in rows], more)
 
+    @app.get("/v1/fine_tuning/jobs/{job_id}/adapter")
+    async def download_adapter(job_id: str, owner: str = Depends(caller)):
+        """The succeeded job's adapter folder as a zip, to the job's owner only (qforge.jobs.download)."""
+        from .download import adapter_download
+        return await run_in_threadpool(adapter_download, store, owned(job_id, owner))
+
 
 def _add_dashboard(app: FastAPI) -> None:
     index = (WEB_DIR / "index.html").read_text()

@@ -3,9 +3,54 @@
 "use strict";
 
 const POLL_MS = 1500;
-const state = { key: localStorage.getItem("qforge.apiKey") || "", selected: null, jobs: [], models: [],
-                chat: [], busy: false };
+const KEY_NAME = "qforge.apiKey";
+const state = { key: "", selected: null, jobs: [], models: [], chat: [], busy: false, chatPicked: false };
 const $ = (id) => document.getElementById(id);
+
+// The API key: from ?key= (then taken out of the address bar, so it is not left in the history or a
+// bookmark), else from this tab's sessionStorage, else from localStorage ("remember" ticked).
+function loadKey() {
+  const url = new URL(window.location.href);
+  const given = url.searchParams.get("key");
+  if (given !== null) {
+    url.searchParams.delete("key");
+    window.history.replaceState(null, "", url.pathname + url.search + url.hash);
+    sessionStorage.setItem(KEY_NAME, given.trim());
+    return given.trim();
+  }
+  return sessionStorage.getItem(KEY_NAME) || localStorage.getItem(KEY_NAME) || "";
+}
+
+function saveKey(key, remember) {
+  sessionStorage.setItem(KEY_NAME, key);
+  if (remember) localStorage.setItem(KEY_NAME, key); else localStorage.removeItem(KEY_NAME);
+  showKeyWhere();
+}
+
+function showKeyWhere() {
+  const remembered = !!localStorage.getItem(KEY_NAME);
+  $("remember-key").checked = remembered;
+  $("key-where").textContent = !state.key ? "No key entered. Paste one above or open this page as /?key=YOUR_KEY."
+    : remembered ? "The key is kept in this browser's localStorage (untick 'remember' and press Use to forget it)."
+    : "The key is kept in this tab's sessionStorage only: it is gone when the tab closes.";
+}
+
+// the key state shown above the page: ok (hidden), missing, rejected (401/403) or error (no server)
+function setKeyState(kind, message) {
+  const banner = $("key-state");
+  banner.dataset.state = kind;
+  banner.hidden = kind === "ok";
+  banner.textContent = message || "";
+  const locked = kind !== "ok";
+  $("jobs-locked").hidden = !locked;
+  if (locked) {
+    $("jobs").querySelector("tbody").replaceChildren();
+    $("jobs-empty").hidden = true;
+    state.jobs = [];
+  }
+  $("server-status").textContent = kind === "ok" ? "connected" : kind === "rejected" ? "key not accepted"
+    : kind === "missing" ? "enter the API key" : "no connection";
+}
 
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -37,7 +82,13 @@ async function api(path, options = {}) {
 }
 
 function when(ts) { return ts ? new Date(ts * 1000).toLocaleTimeString() : ""; }
-function shortId(id) { return id.length > 18 ? id.slice(0, 12) + "…" + id.slice(-4) : id; }
+function duration(seconds) {
+  seconds = Math.max(0, Math.round(seconds));
+  const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
+  return h ? `${h}h ${m}m ${s}s` : m ? `${m}m ${s}s` : `${s}s`;
+}
+const ACTIVE = ["validating_files", "queued", "running"];
+const CHECKPOINT = /:ckpt-step-[0-9]+$/;
 function setStatus(id, text, isError) {
   const node = $(id);
   node.textContent = text;
@@ -47,19 +98,28 @@ function setStatus(id, text, isError) {
 // ---- jobs list ------------------------------------------------------------------------------
 async function refreshJobs() {
   const page = await api("/fine_tuning/jobs?limit=100");
+  setKeyState("ok");
   state.jobs = page.data;
   const body = $("jobs").querySelector("tbody");
   body.replaceChildren(...state.jobs.map((job) => {
     const row = el("tr", { dataset: { jobId: job.id }, class: job.id === state.selected ? "selected" : "" },
-      el("td", { class: "mono", title: job.id }, shortId(job.id)),
+      el("td", { class: "mono", title: job.id }, job.id),
       el("td", {}, el("span", { class: "badge status " + job.status }, job.status)),
-      el("td", { class: "mono" }, job.fine_tuned_model || job.model),
+      modelCell(job),
       el("td", {}, when(job.created_at)));
-    row.addEventListener("click", () => { state.selected = job.id; refreshJobs(); refreshDetail(); });
+    row.addEventListener("click", () => {
+      state.selected = job.id; state.chatPicked = false; refreshJobs(); refreshDetail();
+    });
     return row;
   }));
   $("jobs-empty").hidden = state.jobs.length > 0;
-  $("server-status").textContent = "connected";
+}
+
+// one rule for every job: the fine-tuned model's name once it exists, else the base it trains, labelled
+function modelCell(job) {
+  const tuned = !!job.fine_tuned_model;
+  return el("td", { class: "mono model", title: tuned ? "the fine-tuned model" : "the base model this job trains" },
+    el("span", { class: "model-label" }, tuned ? "fine-tuned" : "base"), tuned ? job.fine_tuned_model : job.model);
 }
 
 // ---- one job --------------------------------------------------------------------------------
@@ -80,14 +140,18 @@ async function refreshDetail() {
   $("detail-none").hidden = !!jobId;
   $("detail-body").hidden = !jobId;
   $("detail-id").textContent = jobId || "";
+  $("copy-id").hidden = !jobId;
   if (!jobId) return;
   const [job, events, checkpoints] = await Promise.all([
     api(`/fine_tuning/jobs/${jobId}`), allEvents(jobId), api(`/fine_tuning/jobs/${jobId}/checkpoints?limit=100`)]);
   if (state.selected !== jobId) return;
+  state.job = job;
+  const metrics = events.filter((e) => e.type === "metrics" && e.data);
   $("detail-status").textContent = job.status;
   $("detail-status").className = "status " + job.status;
-  const active = ["validating_files", "queued", "running"].includes(job.status);
-  $("detail-model").textContent = job.fine_tuned_model || (active ? "(when it succeeds)" : "none");
+  const active = ACTIVE.includes(job.status);
+  $("detail-model").textContent = job.fine_tuned_model || (active ? `(when it succeeds; base ${job.model})`
+                                                                   : `none (base ${job.model})`);
   const type = (job.method && job.method.type) || "supervised";
   const hp = (job.method && job.method[type] && job.method[type].hyperparameters) || {};
   const batch = hp.batch_size ?? job.hyperparameters.batch_size;
@@ -96,16 +160,89 @@ async function refreshDetail() {
   $("detail-tokens").textContent = job.trained_tokens ?? "";
   $("detail-error").hidden = !job.error;
   $("detail-error").textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
-  $("cancel-job").disabled = !active;
+  $("cancel-job").hidden = !active;  // a finished job has nothing to cancel
+  $("download-adapter").hidden = job.status !== "succeeded" || !job.fine_tuned_model;
+  drawLoss(metrics);
+  drawLr(metrics);  // before the settings, which show the latest learning rate
+  showProgress(job, metrics);
+  showSettings(job, type, hp);
   $("events").replaceChildren(...events.slice(-200).reverse().map((e) =>
     el("li", { class: e.level }, el("span", { class: "when" }, when(e.created_at)), e.message)));
   $("checkpoints").querySelector("tbody").replaceChildren(...checkpoints.data.map((c) =>
     el("tr", {}, el("td", {}, c.step_number),
        el("td", {}, c.metrics.train_loss != null ? c.metrics.train_loss.toFixed(4) : ""),
-       el("td", { class: "mono" }, c.fine_tuned_model_checkpoint))));
-  const metrics = events.filter((e) => e.type === "metrics" && e.data);
-  drawLoss(metrics);
+       el("td", { class: "mono", title: c.fine_tuned_model_checkpoint }, c.fine_tuned_model_checkpoint))));
   drawRewards(metrics);
+}
+
+// Progress from the metric events (step of total_steps), the time since the job was created (to its
+// end once finished), and the server's estimate of the finish. A running job whose last step is
+// logged is still saving its adapter and results: it turns "succeeded" when the trainer exits.
+function showProgress(job, metrics) {
+  const last = metrics.length ? metrics[metrics.length - 1].data : null;
+  const total = last && last.total_steps ? last.total_steps : null;
+  const step = last ? last.step : 0;
+  const done = job.status === "succeeded" ? 1 : total ? Math.min(1, step / total) : 0;
+  $("detail-progress").textContent = total ? `step ${step}/${total} (${Math.round(100 * done)}%)`
+    : job.status === "succeeded" ? "done (100%)" : "not started (0%)";
+  $("progress-bar").style.width = `${(100 * done).toFixed(1)}%`;
+  const end = job.finished_at || Date.now() / 1000;
+  $("detail-elapsed").textContent = duration(end - job.created_at) + (job.finished_at ? "" : " so far");
+  $("detail-eta").textContent = !ACTIVE.includes(job.status) ? "—"
+    : job.estimated_finish ? `${duration(job.estimated_finish - Date.now() / 1000)} (about ${when(job.estimated_finish)})`
+    : "estimated after two steps";
+  const phases = { validating_files: "checking the files", queued: "waiting for the worker",
+                   running: total && step >= total ? `all ${total} steps done: saving the adapter and results`
+                     : "training" };
+  $("detail-phase").textContent = phases[job.status] ? `(${phases[job.status]})` : "";
+}
+
+const SETTING_LABELS = {
+  method: "method", n_epochs: "epochs", batch_size: "batch size", learning_rate_multiplier: "learning-rate multiplier",
+  max_steps: "max steps", max_seq_len: "sequence length (tokens)", rank: "LoRA rank", alpha: "LoRA alpha",
+  dropout: "LoRA dropout", target_modules: "target modules", quant_type: "4-bit type", double_quant: "double quantisation",
+  save_every: "checkpoint every (steps)", grad_accum: "gradient accumulation", compute_dtype: "compute dtype",
+  beta: "beta", label_smoothing: "label smoothing",
+};
+
+// every setting the job resolved to (its method's hyperparameters), then its files and seed
+function showSettings(job, type, hp) {
+  const value = (v) => v === null || v === undefined ? "(default)" : Array.isArray(v) ? v.join(", ") : String(v);
+  const lr = state.lastLr != null ? ` (now ${state.lastLr.toExponential(2)})` : "";
+  const rows = Object.entries(hp).map(([k, v]) => [SETTING_LABELS[k] || k, value(v) + (k === "learning_rate_multiplier" ? lr : "")]);
+  rows.unshift(["type", type]);
+  rows.push(["training file", job.training_file], ["validation file", job.validation_file || "none"],
+            ["seed", value(job.seed)], ["suffix", job.user_provided_suffix || "none"]);
+  $("detail-settings").querySelector("tbody").replaceChildren(...rows.map(([k, v]) =>
+    el("tr", { dataset: { setting: k } }, el("td", {}, k), el("td", { class: "mono" }, v))));
+}
+
+async function downloadAdapter() {
+  const job = state.job;
+  if (!job || !job.fine_tuned_model) return;
+  $("download-status").textContent = "preparing…";
+  try {
+    const headers = state.key ? { Authorization: "Bearer " + state.key } : {};
+    const response = await fetch(`/v1/fine_tuning/jobs/${job.id}/adapter`, { headers });
+    if (!response.ok) throw new Error(`${response.status}: ${(await response.json()).error.message}`);
+    const blob = await response.blob();
+    const link = el("a", { href: URL.createObjectURL(blob), download: job.fine_tuned_model.replaceAll(":", "_") +
+                                                                      "-adapter.zip" });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    const size = blob.size >= 1e6 ? `${(blob.size / 1e6).toFixed(1)} MB` : `${(blob.size / 1e3).toFixed(1)} kB`;
+    $("download-status").textContent = `downloaded ${size}`;
+  } catch (e) {
+    $("download-status").textContent = "download failed: " + e.message;
+  }
+}
+
+async function copyId() {
+  const id = $("detail-id").textContent;
+  try { await navigator.clipboard.writeText(id); $("copy-id").textContent = "copied"; }
+  catch (e) { window.getSelection().selectAllChildren($("detail-id")); $("copy-id").textContent = "selected: press Ctrl+C"; }
+  setTimeout(() => { $("copy-id").textContent = "copy id"; }, 1500);
 }
 
 // ---- charts (SVG in viewBox units; scales from the data) ----------------------------------------
@@ -129,12 +266,12 @@ function scales(box, x0, x1, y0, y1) {
 function pointsOf(series, sc) { return series.map(([s, v]) => `${sc.x(s).toFixed(1)},${sc.y(v).toFixed(1)}`).join(" "); }
 
 // grid lines with the left scale's labels (and the right scale's, when given), and the step range
-function drawAxes(axes, box, x0, x1, left, right) {
+function drawAxes(axes, box, x0, x1, left, right, format = (v) => v.toFixed(3)) {
   axes.replaceChildren();
   for (const f of [1, 0.5, 0]) {
     const y = left.y(left.y0 + f * (left.y1 - left.y0));
     axes.append(svgNode("line", { x1: box.pad.l, x2: box.W - box.pad.r, y1: y, y2: y }),
-                svgNode("text", { x: 2, y: y + 4 }, (left.y0 + f * (left.y1 - left.y0)).toFixed(3)));
+                svgNode("text", { x: 2, y: y + 4 }, format(left.y0 + f * (left.y1 - left.y0))));
     if (right) axes.append(svgNode("text", { x: box.W - 2, y: y + 4, "text-anchor": "end" },
                                    (right.y0 + f * (right.y1 - right.y0)).toFixed(3)));
   }
@@ -163,6 +300,25 @@ function drawLoss(metrics) {
   $("loss-line").setAttribute("points", pointsOf(train, sc));
   $("valid-line").setAttribute("points", pointsOf(valid, sc));
   drawAxes($("loss-axes"), box, x0, x1, sc);
+  // a dot per evaluation: one evaluation draws no line
+  $("loss-axes").append(...valid.map(([s, v]) => svgNode("circle", { cx: sc.x(s), cy: sc.y(v), r: 3, class: "valid-dot" })));
+}
+
+// the learning rate of each step (warm-up, then the schedule's decay)
+function drawLr(metrics) {
+  const box = { W: 600, H: 140, pad: { l: 60, r: 10, t: 10, b: 22 } };
+  const lr = seriesOf(metrics, "learning_rate");
+  state.lastLr = lr.length ? lr[lr.length - 1][1] : null;
+  if (!lr.length) {
+    $("lr-axes").replaceChildren();
+    $("lr-line").setAttribute("points", "");
+    return;
+  }
+  const steps = lr.map((p) => p[0]), values = lr.map((p) => p[1]);
+  const x0 = Math.min(...steps), x1 = Math.max(x0 + 1, ...steps);
+  const sc = scales(box, x0, x1, Math.min(0, ...values), Math.max(...values));
+  $("lr-line").setAttribute("points", pointsOf(lr, sc));
+  drawAxes($("lr-axes"), box, x0, x1, sc, null, (v) => v.toExponential(1));
 }
 
 // A DPO/ORPO job's steps: reward accuracy (left axis, 0..1) and margin (right axis) curves, and a
@@ -188,7 +344,7 @@ function drawRewards(metrics) {
 }
 
 async function cancelJob() {
-  if (!state.selected) return;
+  if (!state.selected || $("cancel-job").hidden) return;
   try { await api(`/fine_tuning/jobs/${state.selected}/cancel`, { method: "POST" }); }
   catch (e) { alert(e.message); }
   refreshDetail();
@@ -263,8 +419,17 @@ async function refreshModels() {
     el("li", { class: "mono" }, a.id + (a.in_use ? ` (in use: ${a.in_use})` : ""))));
   const select = $("chat-model");
   const current = select.value;
-  const wanted = state.models.includes(current) ? current : state.models[state.models.length - 1];
+  const wanted = state.chatPicked && state.models.includes(current) ? current : defaultChatModel();
   select.replaceChildren(...state.models.map((id) => el("option", { value: id, selected: id === wanted }, id)));
+}
+
+// The Playground's model until one is picked: the selected job's final model, else the newest job's
+// final model, else the base; never a checkpoint alias (those are picked by hand).
+function defaultChatModel() {
+  const finals = state.jobs.filter((j) => j.fine_tuned_model && state.models.includes(j.fine_tuned_model));
+  const chosen = finals.find((j) => j.id === state.selected) || finals[0];
+  if (chosen) return chosen.fine_tuned_model;
+  return state.models.find((id) => !id.startsWith("ft:")) || state.models.find((id) => !CHECKPOINT.test(id)) || "";
 }
 
 function renderChat() {
@@ -306,7 +471,15 @@ async function tick() {
     await refreshJobs();
     await refreshDetail();
   } catch (e) {
-    $("server-status").textContent = e.status === 401 ? "enter the API key" : "error: " + e.message;
+    if (e.status === 401 || e.status === 403) {
+      setKeyState(state.key ? "rejected" : "missing", state.key
+        ? `Key not accepted (HTTP ${e.status}): ${e.message}. Paste a key this server was started with (--api-key or QFORGE_API_KEY).`
+        : `This server needs an API key (HTTP ${e.status}). Paste it above or open this page as /?key=YOUR_KEY.`);
+    } else if (e.status === undefined) {
+      setKeyState("error", "The server cannot be reached: " + e.message);
+    } else {
+      $("server-status").textContent = "error: " + e.message;
+    }
   } finally {
     ticking = false;
   }
@@ -317,12 +490,17 @@ async function slowTick() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  state.key = loadKey();
   $("api-key").value = state.key;
+  showKeyWhere();
   $("save-key").addEventListener("click", () => {
     state.key = $("api-key").value.trim();
-    localStorage.setItem("qforge.apiKey", state.key);
+    saveKey(state.key, $("remember-key").checked);
     tick(); slowTick();
   });
+  $("copy-id").addEventListener("click", copyId);
+  $("download-adapter").addEventListener("click", downloadAdapter);
+  $("chat-model").addEventListener("change", () => { state.chatPicked = true; });
   $("upload-button").addEventListener("click", upload);
   $("job-form").addEventListener("submit", createJob);
   const betaFor = () => { $("job-beta").disabled = $("job-type").value === "supervised"; };  // DPO's and ORPO's
