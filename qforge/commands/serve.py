@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --jobs: where the job database, uploads and job folders live")
     parser.add_argument("--memory-budget", default=None, metavar="SIZE",
                         help="with --jobs: memory a job may use, e.g. 16GB (default: the RAM available); a job "
-                             "that names no method gets BF16 LoRA when it fits, else QLoRA")
+                             "that names no method gets QLoRA, its first event saying whether the plan fits this budget")
     parser.add_argument("--database-url", default=None, metavar="URL",
                         help="with --jobs: postgresql://... job database shared by several replicas and workers "
                              "(also QFORGE_DATABASE_URL; default: SQLite under --data-dir)")

@@ -16,8 +16,8 @@ Methods (qforge.jobs.methods): 'supervised' (SFT), OpenAI's 'dpo' and qforge's '
 ({"type": "orpo", "orpo": {"hyperparameters": ...}}); an upload is stored as SFT data or preference
 pairs, and a job whose method trains on the other kind is refused at creation, naming the file.
 
-A new job is 'validating_files' while a background thread links its files into the job folder, lets
-the memory planner choose QLoRA or BF16 LoRA when the request names no method, and writes the job's
+A new job is 'validating_files' while a background thread links its files into the job folder, takes
+QLoRA (train's default; the plan says whether it fits) when the request names no method, writes the job's
 TrainConfig; then it is 'queued' for the worker (qforge.jobs.worker). When a job has succeeded its
 adapter is registered with the inference registry as `ft:<base>:<suffix>:<job id>`: at once when a
 request names it or reads the job, and within a second by a watcher thread in any case; at start-up
