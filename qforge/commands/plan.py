@@ -152,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"selective checkpointing (--keep-base-outputs; qforge train turns it on when the plan with it "
               f"fits in {AUTO_KEEP_SHARE:.0%} of memory) adds " + ", ".join(f"{format_gb(b)} ({m})" for m, b in kept))
     print(f"recommended: {method} ({reason})")
+    default = TrainConfig().method
+    ours = plan_run(arch, default, gradient_checkpointing=gc, **kwargs)
+    print(f"qforge train with these settings runs {default} (its default; --method to change it): "
+          f"{format_gb(ours.per_gpu_total)}, {'fits' if ours.fits(gpu) else 'does not fit'} in {card_label(gpu)}")
     return 0
 
 

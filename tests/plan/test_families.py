@@ -93,6 +93,7 @@ def test_plain_plan_sizes_a_plain_train_on_this_machine(capsys, monkeypatch):
     assert out.startswith("smollm2: 0.13 B parameters")
     assert (f"seq_len {train.max_seq_len}, batch {train.batch_size}, rank {train.rank}, {train.optimizer}, "
             "gradient checkpointing on, 7.00 GB of RAM available (this machine; --gpu to plan a card)") in out
+    assert f"qforge train with these settings runs {train.method} (its default" in out and "fits in 7 GB" in out
 
 
 def test_plan_help_says_each_default_once(capsys):

@@ -208,7 +208,7 @@ const SETTING_LABELS = {
 // every setting the job resolved to (its method's hyperparameters), then its files and seed
 function showSettings(job, type, hp) {
   const value = (v) => v === null || v === undefined ? "(default)" : Array.isArray(v) ? v.join(", ") : String(v);
-  const lr = state.lastLr != null ? ` (now ${state.lastLr.toExponential(2)})` : "";
+  const lr = state.lastLr != null ? ` (learning rate ${state.lastLr.toExponential(2)} at the last step)` : "";
   const rows = Object.entries(hp).map(([k, v]) => [SETTING_LABELS[k] || k, value(v) + (k === "learning_rate_multiplier" ? lr : "")]);
   rows.unshift(["type", type]);
   rows.push(["training file", job.training_file], ["validation file", job.validation_file || "none"],
