@@ -21,7 +21,7 @@ from .test_dashboard import CHROMEDRIVER, CHROMIUM, browser, fill, text_of  # no
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
@@ -154,9 +154,9 @@ def test_the_dashboard_states(browser, tiny_base, tmp_path):  # noqa: F811 - bro
         assert text_of(browser, "#detail-eta") == "—"
         assert len(browser.find_elements(By.CSS_SELECTOR, "#checkpoints tbody tr")) == 1
         service.jobs.register(store.get_job(finished), model + ":ckpt-step-1")  # a checkpoint alias is served too
-        chat = lambda d: Select(d.find_element(By.ID, "chat-model"))  # noqa: E731
-        wait.until(lambda d: model + ":ckpt-step-1" in [o.get_attribute("value") for o in chat(d).options])
-        wait.until(lambda d: chat(d).first_selected_option.get_attribute("value") == model)
+        options = "return [...document.getElementById('chat-model').options].map((o) => o.value)"
+        wait.until(lambda d: model + ":ckpt-step-1" in d.execute_script(options))
+        wait.until(lambda d: d.execute_script("return document.getElementById('chat-model').value") == model)
         browser.find_element(By.ID, "download-adapter").click()
         wait.until(lambda d: text_of(d, "#download-status").startswith("downloaded "))
         screenshot(browser, tmp_path, "finished-job")
