@@ -146,7 +146,7 @@ def keep_base_outputs_for(cfg, model_config: dict | ModelArch | str | None = Non
     extra = format_gb(with_kept - without)
     if with_kept <= AUTO_KEEP_SHARE * available:
         return True, (f"gradient checkpointing keeps the base products (selective, +{extra}; plan "
-                      f"{format_gb(with_kept)} of {format_gb(available)} available; --no-keep-base-outputs to save it)")
+                      f"{format_gb(with_kept)} of {format_gb(available)} available{_how_to_save()})")
     return False, (f"gradient checkpointing recomputes everything: keeping the base products (+{extra}) "
                    f"would need {format_gb(with_kept)}, more than {AUTO_KEEP_SHARE:.0%} of {format_gb(available)} available")
 
@@ -167,3 +167,9 @@ def warn_if_unfit(cfg, model_config: dict | ModelArch | str | None = None, log=p
     return fits
 
 
+def _how_to_save() -> str:
+    """'; --no-keep-base-outputs to save it', as the interface in use spells the setting (the jobs
+    API has none: the service keeps the products only when they fit, as here)."""
+    from ..train.config import setting
+    flag = setting("keep_base_outputs", False)
+    return f"; {flag} to save it" if flag else ""
