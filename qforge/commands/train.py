@@ -186,8 +186,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="show every set-up line (what was loaded, the data report, the checkpointing choice) "
                              "and other libraries' deprecation warnings (default: off)")
     groups["output"].add_argument("--overwrite", action="store_true",
-                                  help="replace an adapter already in --output-dir (without it, or --resume, an "
-                                       "existing adapter is kept and the run stops) (default: off)")
+                                  help="replace the adapter and checkpoints an earlier run left in --output-dir "
+                                       "(without it, or --resume, they are kept and the run stops) (default: off)")
     groups["hardware"].add_argument("--nproc", type=int, default=1,
                                     help="processes on this machine, started with torchrun; the 4-bit base is "
                                          "sharded across them (default: 1; ignored when already under torchrun)")
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if group.is_main:
             check_existing_adapter(cfg, getattr(args, "overwrite", False))
-        result, summary = train_and_save(cfg, group, verbose)
+        result, summary = train_and_save(cfg, group, verbose, getattr(args, "overwrite", False))
     except TrainingDiverged as exc:
         if group.is_main:
             print(f"qforge train: stopped: {exc}")
@@ -310,11 +310,15 @@ def _millions(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else (f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}")
 
 
-def train_and_save(cfg: TrainConfig, group, verbose: bool):
-    """prepare (set-up lines only with --verbose), the plain first line, train, save: (result, summary)."""
+def train_and_save(cfg: TrainConfig, group, verbose: bool, overwrite: bool = False):
+    """prepare (set-up lines only with --verbose), the plain first line, train, save: (result, summary).
+    With `overwrite` (and no resume) the earlier run's checkpoints go once this one has loaded."""
+    from ..train.preflight import clear_earlier_run
     from ..train.run import prepare
     run = prepare(cfg, group=group, detail=print if verbose else (lambda *_: None))
     if group.is_main:
+        if overwrite and not cfg.resume:
+            clear_earlier_run(cfg.output_dir)
         print(first_line(run), flush=True)
     result = run.train()
     return result, run.save()

@@ -44,15 +44,11 @@ def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, dev
 
 
 def _describe(changes: dict) -> str:
-    """The flags that make `changes` to cfg, e.g. '--method qlora --batch-size 2 --grad-accum 2'."""
-    parts = []
-    for key, value in changes.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + flag[2:])
-        else:
-            parts.append(f"{flag} {value}")
-    return " ".join(parts)
+    """The settings that make `changes` to cfg as the interface in use spells them, e.g. '--method
+    qlora --batch-size 2 --grad-accum 2' (a job: 'hyperparameters.method = "qlora", ...')."""
+    from ..train.config import INTERFACE, setting
+    parts = [setting(key, value) or f"{key} {value}" for key, value in changes.items()]
+    return (", " if INTERFACE.get() == "api" else " ").join(parts)
 
 
 def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = "cpu") -> list[tuple[str, int]]:

@@ -278,8 +278,11 @@ def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     (a template that rewrites earlier turns), since the spans would then be wrong.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat template; set one with --chat-template "
-                        "(chatml, llama3, gemma, mistral, qwen, phi3 or a Jinja file) or use text rows")
+        from .config import setting
+        given = setting("chat_template")
+        raise DataError("the tokenizer has no chat template; " + (
+            f"set one with {given} (chatml, llama3, gemma, mistral, qwen, phi3 or a Jinja file) or use text rows"
+            if given else "use text rows ({\"text\": ...}) or a base model whose tokenizer has one"))
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i, msg in enumerate(messages):

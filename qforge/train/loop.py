@@ -317,7 +317,7 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
                 run.checkpoint(step + 1)
             if group.any(interrupted["flag"]):
                 run.checkpoint(step + 1)
-                log(f"\ninterrupted: checkpoint saved at step {step + 1}; continue with --resume")
+                log(f"\ninterrupted: checkpoint saved at step {step + 1}{_continue_with()}")
                 result.interrupted = True
                 break
     finally:
@@ -332,6 +332,13 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
     if group.is_main:
         plot_losses(result, run.out / "loss.png")
     return result
+
+
+def _continue_with() -> str:
+    """'; continue with --resume' where the interface has the setting (a job resumes by itself)."""
+    from .config import setting
+    resume = setting("resume", True)
+    return f"; continue with {resume}" if resume else ""
 
 
 def _lower_lr(cfg: TrainConfig) -> str:

@@ -30,15 +30,28 @@ def check_output_dir(path: str | Path) -> None:
 
 
 def check_existing_adapter(cfg: TrainConfig, overwrite: bool = False) -> None:
-    """An adapter a previous run left in output_dir is kept: a ValueError naming the flags that
-    replace it (overwrite) or continue it (resume), unless one of them is given."""
+    """An adapter (or the checkpoints of an interrupted run) a previous run left in output_dir is
+    kept: a ValueError naming the flags that replace it (overwrite) or continue it (resume), unless
+    one of them is given."""
     from .config import setting
-    adapter = Path(cfg.output_dir).expanduser() / "adapter"
-    if overwrite or cfg.resume or not (adapter / "adapter_config.json").exists():
+    out = Path(cfg.output_dir).expanduser()
+    if overwrite or cfg.resume:
         return
-    raise ValueError(f"output_dir '{cfg.output_dir}' already holds an adapter ({adapter}); give "
-                     f"{setting('overwrite', True)} to replace it, {setting('resume', True)} to continue that run, "
-                     f"or another {setting('output_dir')}")
+    if (out / "adapter" / "adapter_config.json").exists():
+        held = f"an adapter ({out / 'adapter'})"
+    elif any((out / "checkpoints").glob("step-*")):
+        held = f"the checkpoints of an earlier run ({out / 'checkpoints'})"
+    else:
+        return
+    raise ValueError(f"output_dir '{cfg.output_dir}' already holds {held}; give {setting('overwrite', True)} to "
+                     f"replace it, {setting('resume', True)} to continue that run, or another {setting('output_dir')}")
+
+
+def clear_earlier_run(output_dir: str | Path) -> None:
+    """With --overwrite: the earlier run's checkpoints go (once this run has passed its checks and
+    loaded), so that a later --resume cannot continue from a step of the run that was replaced."""
+    import shutil
+    shutil.rmtree(Path(output_dir).expanduser() / "checkpoints", ignore_errors=True)
 
 
 def check_model_source(cfg: TrainConfig) -> Path | None:

@@ -96,6 +96,15 @@ def test_an_existing_adapter_is_kept_unless_overwrite_or_resume(tmp_path, monkey
     assert (out / "adapter" / "adapter_config.json").read_text() == "{}"
 
 
+def test_an_interrupted_runs_checkpoints_are_kept_too(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "qa.jsonl", QA)
+    (tmp_path / "out" / "checkpoints" / "step-000003").mkdir(parents=True)
+    assert main(["train", "--data", str(data), "--field-map", "question=user,answer=assistant",
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds the checkpoints of an earlier run" in err and "--overwrite" in err
+
+
 def test_a_failed_check_leaves_no_output_folder(tmp_path, capsys):
     data = write_jsonl(tmp_path / "qa.jsonl", QA)
     out = tmp_path / "runs" / "new"
@@ -122,9 +131,11 @@ def tiny_run(tiny_dir, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("run")
     data = write_jsonl(tmp / "qa.jsonl", QA)
     out = tmp / "out"
+    (out / "checkpoints" / "step-000099").mkdir(parents=True)  # an earlier run's, which --overwrite replaces
+    (out / "checkpoints" / "step-000099" / "state.json").write_text('{"step": 99}')
     proc = subprocess.run([sys.executable, "-m", "qforge", "train", "--model", str(tiny_dir), "--data", str(data),
                            "--field-map", "question=user,answer=assistant", "--rank", "4", "--batch-size", "2",
-                           "--max-seq-len", "64", "--compute-dtype", "float32", "--output-dir", str(out)],
+                           "--max-seq-len", "64", "--compute-dtype", "float32", "--output-dir", str(out), "--overwrite"],
                           capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr
     return proc, out
@@ -145,8 +156,9 @@ def test_quiet_run_says_what_it_trains_in_one_plain_line(tiny_run):
 
 
 def test_default_checkpoints_and_one_count_of_trained_tokens(tiny_run):
-    """4 steps: a checkpoint every step (10% rounded up); one epoch, so the tokens the loss was
-    taken over are the data's trained tokens, and the summary, metrics and data report agree."""
+    """4 steps: a checkpoint every step (10% rounded up), the earlier run's gone (--overwrite); one
+    epoch, so the tokens the loss was taken over are the data's trained tokens, and the summary,
+    metrics and data report agree."""
     _, out = tiny_run
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-00000{i}" for i in range(1, 5)]
     summary = json.loads((out / "summary.json").read_text())
@@ -186,3 +198,34 @@ def test_a_job_is_not_told_about_flags(tmp_path):
     finally:
         INTERFACE.reset(token)
     assert _how_to_save() == "; --no-keep-base-outputs to save it"
+
+
+def test_fit_advice_and_interrupt_line_follow_the_interface():
+    from qforge.plan.policy import _describe
+    from qforge.train.loop import _continue_with
+    assert _describe({"method": "qlora", "batch_size": 2, "gradient_checkpointing": True}) == \
+        "--method qlora --batch-size 2 --gradient-checkpointing"
+    assert _continue_with() == "; continue with --resume"
+    token = INTERFACE.set("api")
+    try:
+        assert _describe({"method": "qlora", "batch_size": 2}) == \
+            'hyperparameters.method = "qlora", hyperparameters.batch_size = 2'
+        assert _continue_with() == ""  # a job resumes by itself
+    finally:
+        INTERFACE.reset(token)
+
+
+def test_job_messages_name_the_uploaded_files():
+    """The trainer names train.jsonl / valid.jsonl (the job folder's links) as their owner uploaded them."""
+    from qforge.jobs.trainer_child import uploaded_names
+
+    class Store:
+        files = {"file-a": {"filename": "chat.jsonl"}, "file-b": {"filename": "held-out.jsonl"}}
+
+        def get_file(self, file_id):
+            return self.files.get(file_id)
+
+    rename = uploaded_names(Store(), {"training_file": "file-a", "validation_file": "file-b"})
+    assert rename("train.jsonl:3: messages[1]: missing key 'role'") == "chat.jsonl:3: messages[1]: missing key 'role'"
+    assert rename("valid.jsonl: empty dataset") == "held-out.jsonl: empty dataset"
+    assert uploaded_names(Store(), {"training_file": "file-a", "validation_file": None})("valid.jsonl") == "valid.jsonl"
