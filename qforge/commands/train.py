@@ -302,6 +302,8 @@ def first_line(run) -> str:
     rows = getattr(report, "train_rows", None) or len(run.train_set)
     unit = "rows" if cfg.objective == "sft" else "pairs"
     extra = f", {report.truncated} truncated at {cfg.max_seq_len} tokens" if getattr(report, "truncated", 0) else ""
+    if getattr(report, "dropped_no_trainable", 0):
+        extra += f", {report.dropped_no_trainable} dropped (no trained token)"
     return (f"training {what} on {cfg.model}: {_millions(run.trainable_parameters)} trainable parameters, "
             f"{rows} {unit}, {total_steps_for(len(run.train_set), cfg)} steps{extra}")
 

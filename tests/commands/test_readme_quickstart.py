@@ -101,3 +101,19 @@ def test_the_readme_quickstart_runs_as_written(tmp_path):
     assert done.returncode == 0, done.stderr
     gguf = Path(tmp_path, re.search(r"--out (\S+)", export).group(1))
     assert gguf.read_bytes()[:4] == b"GGUF"
+
+
+def test_readme_first_screen_and_links():
+    """`make demo` and `make test` in the first screen; every relative link of README.md and docs/
+    names a file that exists; the sections other pages and developers point at are there."""
+    text = (REPO / "README.md").read_text()
+    first_screen = "\n".join(text.splitlines()[:25])
+    assert "make demo" in first_screen and "make test" in first_screen
+    for heading in ("## Quickstart", "## Limitations", "## qforge beside Unsloth, Axolotl, LLaMA-Factory and TRL"):
+        assert f"\n{heading}\n" in text, heading
+    broken = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not broken, broken
