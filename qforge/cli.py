@@ -27,21 +27,34 @@ COMMANDS = {
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The command's docstring as written, and every option's default after its help (unless the
-    help already says it)."""
+    help already says it, as "default:" or "(default ...")."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if not action.option_strings or action.default is argparse.SUPPRESS or "default:" in text.lower():
+        if not action.option_strings or action.default is argparse.SUPPRESS or _says_default(text):
             return text
         default = action.default
         shown = "none" if default in (None, []) else ("off" if default is False else default)
         return f"{text} (default: {str(shown).replace('%', '%%')})".strip()
 
 
+def _says_default(text: str) -> bool:
+    lowered = text.lower()
+    return "default:" in lowered or "(default " in lowered
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: a bad value names the flag, what was expected and where the
+    flags are listed, instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="qforge", description="QLoRA fine-tuning end to end on one machine.")
+    parser = Parser(prog="qforge", description="QLoRA fine-tuning end to end on one machine.")
     parser.add_argument("--version", action="version", version=f"qforge {__version__}",
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help=f"training steps (default {DEMO_RECIPE['max_steps']})")
     parser.add_argument("--eval-rows", type=int, default=100, help="held-out rows scored before and after (default 100)")
     parser.add_argument("--skip-fidelity", action="store_true", help="skip the 4-bit fidelity table")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show other libraries' deprecation warnings too (default: off)")
     add_device_argument(parser)
 
 
@@ -53,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from ..train.run import prepare
     from ..eval.tasks import demo_task_paths, expected_object
 
+    from .train import quiet_warnings
+    quiet_warnings(getattr(args, "verbose", False))
     t_start = time.perf_counter()
     out = Path(args.output_dir)
     if not args.skip_fidelity:

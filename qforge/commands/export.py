@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output .gguf file (replaced atomically)")
     parser.add_argument("--format", choices=FORMATS, default="gguf",
                         help="gguf: the merged model; gguf-lora: the adapter alone (default: gguf)")
-    parser.add_argument("--quant", default="f16", help=f"tensor type (default: f16): {QUANT_HELP}")
+    parser.add_argument("--quant", default="f16", choices=("f32", "f16", "q8_0", "q4_k_m"),  # export_gguf.QUANTS
+                        help=f"tensor type (default: f16): {QUANT_HELP}")
     parser.add_argument("--name", default=None, help="model name stored in the file (default: the output's stem)")
 
 

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                         help="keep the block scales in float32 instead of quantising them to 8 bits (nf4/fp4 only; "
                              "default: double quantisation on)")
-    parser.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64, metavar="N",
+    parser.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64,
                         help="values per quantisation block, a power of two from 32 to 4096 (default 64)")
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default="bfloat16",
                         help="dtype of the unquantised tensors and of the 4-bit layers' matmuls (default bfloat16)")

@@ -1,4 +1,4 @@
-"""Fine-tune a model on a JSONL dataset: QLoRA (4-bit base + LoRA), BF16 LoRA, or full fine-tuning.
+r"""Fine-tune a model on a JSONL dataset: QLoRA (4-bit base + LoRA), BF16 LoRA, or full fine-tuning.
 
 Every setting can come from a YAML recipe (--config): qforge's own (its keys are the flag names,
 with _ or -), an Axolotl config or a LLaMA-Factory config (told apart by their keys; see
@@ -111,32 +111,103 @@ HELP = {
                          "the planner's estimate counts it). Default: auto, on when the run's plan with it "
                          "fits in 80%% of the available memory (qforge.plan.AUTO_KEEP_SHARE)",
 }
+HELP.update({
+    "field_map": "your keys -> qforge's, comma-separated KEY=TARGET: a role (question=user,answer=assistant makes a "
+                 "chat), a row key (instruction, input, output, prompt, completion, text, messages, conversations) "
+                 "or a turn key (speaker=role,text=content)",
+    "evals_per_epoch": "evaluate this many times per epoch (Axolotl's evals_per_epoch; --eval-every wins)",
+    "saves_per_epoch": "write this many checkpoints per epoch (Axolotl's saves_per_epoch; --save-every wins)",
+    "wandb_project": "Weights & Biases project (with --report-to wandb; default: none, the project 'qforge')",
+    "wandb_entity": "Weights & Biases team or user the run is logged under (default: none, your default entity)",
+    "wandb_name": "Weights & Biases run name (default: none, W&B picks one)",
+    "wandb_mode": "Weights & Biases mode (default: none, online when logged in, else offline)",
+    "save_every": "write a checkpoint every N steps; 0: none until the end or Ctrl-C (default: none, every 10%% of "
+                  "the run's steps)",
+    "resume": "continue from the last checkpoint in --output-dir (its adapter is replaced at the end)",
+})
 AUTO_BOOLS = {"keep_base_outputs"}  # bool settings whose default (None) means "decide at run time"
+
+# --help in groups, each setting under one heading
+GROUPS = {
+    "data": ("data", "eval_data", "eval_fraction", "data_format", "field_map", "train_on", "max_samples",
+             "chat_template", "max_seq_len", "pack"),
+    "model": ("model", "revision", "quant_type", "double_quant", "hqq_group_size", "compute_dtype", "adapter_dtype",
+              "residual_dtype"),
+    "method": ("method", "objective", "beta", "label_smoothing", "ref_adapter", "adapter", "rank", "alpha", "dropout",
+               "target_modules", "use_rslora", "use_dora", "loftq_iters"),
+    "training": ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio",
+                 "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm", "optimizer", "seed", "eval_every",
+                 "evals_per_epoch"),
+    "output": ("output_dir", "save_every", "saves_per_epoch", "resume", "log_every"),
+    "tracking": ("report_to", "wandb_project", "wandb_entity", "wandb_name", "wandb_mode"),
+    "hardware": ("device", "gradient_checkpointing", "keep_base_outputs", "offload_activations"),
+}
+
+
+# open-ended settings whose usual values are shown in the usage line
+METAVARS = {"report_to": "{tensorboard,wandb,none}[,...]", "device": "{auto,cpu,cuda,cuda:N}",
+            "chat_template": "{chatml,llama3,gemma,mistral,qwen,phi3}|FILE.jinja",
+            "target_modules": "{all-linear}|NAME[,NAME...]", "field_map": "KEY=TARGET[,...]"}
+
+
+def _choices() -> dict:
+    """Settings with a fixed set of values: argparse shows them as {a,b,c} and refuses others."""
+    from ..train import config as c
+    from ..train.data import FORMATS
+    return {"method": (*c.METHODS, *PREFERENCE_METHODS), "objective": c.OBJECTIVES, "quant_type": c.QUANT_TYPES,
+            "compute_dtype": c.COMPUTE_DTYPES, "adapter_dtype": c.ADAPTER_DTYPES, "residual_dtype": c.RESIDUAL_DTYPES,
+            "optimizer": c.OPTIMIZERS, "lr_scheduler": c.LR_SCHEDULERS, "data_format": ("auto", *FORMATS),
+            "train_on": c.TRAIN_ON, "wandb_mode": c.WANDB_MODES}
+
+
+# what a flag's value must be, said in argparse's one-line error ("expected a number > 0, got 'fast'")
+def _types() -> dict:
+    from .argtypes import checked, fraction_0_1, non_negative_int, positive_int
+    number = checked(float, lambda v: True, "a number")
+    positive = checked(float, lambda v: v > 0, "a number > 0, such as 2e-4")
+    return {"lr": positive, "alpha": positive, "beta": positive, "rank": positive_int, "batch_size": positive_int,
+            "grad_accum": positive_int, "epochs": positive_int, "max_seq_len": positive_int, "max_steps": positive_int,
+            "max_samples": positive_int, "hqq_group_size": positive_int, "log_every": positive_int,
+            "evals_per_epoch": positive_int, "saves_per_epoch": positive_int, "warmup_steps": non_negative_int,
+            "loftq_iters": non_negative_int, "eval_every": non_negative_int, "save_every": non_negative_int,
+            "seed": non_negative_int, "eval_fraction": fraction_0_1, "warmup_ratio": fraction_0_1,
+            "min_lr_ratio": checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"), "dropout": fraction_0_1, "label_smoothing": fraction_0_1,
+            "weight_decay": number, "max_grad_norm": number}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
     parser.add_argument("--config", help="YAML recipe: qforge's own, Axolotl's or LLaMA-Factory's (see configs/; "
                                          "default: none)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the qforge recipe the settings make (from --config and the flags) and exit "
                              "(default: off)")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="processes on this machine, started with torchrun; the 4-bit base is sharded "
-                             "across them (default: 1; ignored when already under torchrun)")
-    defaults = TrainConfig()
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every set-up line (what was loaded, the data report, the checkpointing choice) "
+                             "and other libraries' deprecation warnings (default: off)")
+    groups["output"].add_argument("--overwrite", action="store_true",
+                                  help="replace the adapter and checkpoints an earlier run left in --output-dir "
+                                       "(without it, or --resume, they are kept and the run stops) (default: off)")
+    groups["hardware"].add_argument("--nproc", type=int, default=1,
+                                    help="processes on this machine, started with torchrun; the 4-bit base is "
+                                         "sharded across them (default: 1; ignored when already under torchrun)")
+    defaults, choices, types = TrainConfig(), _choices(), _types()
+    group_of = {name: group for group, names in GROUPS.items() for name in names}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         help_text = HELP.get(f.name, "")
         if f.name not in AUTO_BOOLS and "default:" not in help_text.lower():  # else the help says it
-            help_text = f"{help_text} (default: {'none' if default is None else default})".strip()
+            shown = "none" if default is None else {False: "off", True: "on"}.get(default, default) \
+                if isinstance(default, bool) or default is None else default
+            help_text = f"{help_text} (default: {shown})".strip()
+        target = groups[group_of[f.name]] if f.name in group_of else parser
         if isinstance(default, bool) or f.name in AUTO_BOOLS:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = {int: int, float: float}.get(type(default), str)
-            if f.name in ("max_steps", "max_samples", "warmup_steps"):
-                kind = int
-            parser.add_argument(flag, type=kind, default=None, help=help_text)
+            kind = types.get(f.name, {int: int, float: float}.get(type(default), str))
+            target.add_argument(flag, type=kind, default=None, help=help_text, choices=choices.get(f.name),
+                                metavar=METAVARS.get(f.name))
 
 
 PREFERENCE_METHODS = ("dpo", "orpo")  # --method dpo|orpo: --method qlora --objective dpo|orpo
@@ -169,8 +240,10 @@ def config_and_recipe(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from ..dist import RankLost, close_group, init_group, launched_by_torchrun
     from ..train.loop import TrainingDiverged
-    from ..train.run import run_training
+    from ..train.preflight import check_existing_adapter
 
+    verbose = getattr(args, "verbose", False)
+    quiet_warnings(verbose)
     cfg, recipe = config_and_recipe(args)
     if getattr(args, "print_config", False):
         from ..train.recipes import Recipe, print_config
@@ -179,10 +252,13 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
         from ..devices import resolve_device
         resolve_device(cfg.device)  # --device cuda without a GPU: one line here, not one per rank
+        check_existing_adapter(cfg, getattr(args, "overwrite", False))
         return launch(cfg, args.nproc)
     group = init_group(device_kind=cfg.device)  # cuda: NCCL, one GPU per rank (LOCAL_RANK); cpu: gloo
     try:
-        result, summary = run_training(cfg, group=group)
+        if group.is_main:
+            check_existing_adapter(cfg, getattr(args, "overwrite", False))
+        result, summary = train_and_save(cfg, group, verbose, getattr(args, "overwrite", False))
     except TrainingDiverged as exc:
         if group.is_main:
             print(f"qforge train: stopped: {exc}")
@@ -204,6 +280,52 @@ def run(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def quiet_warnings(verbose: bool) -> None:
+    """Other libraries' deprecation and future warnings (transformers' gradient_checkpointing_enable
+    ...) say nothing a qforge user can act on: hidden unless --verbose."""
+    import warnings
+    if not verbose:
+        for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+        try:
+            from transformers.utils import logging as hf_logging
+            hf_logging.set_verbosity_error()
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            pass
+
+
+def first_line(run) -> str:
+    """The run in one plain line: 'training qlora on smollm2: 4.9M trainable parameters, 20 rows, 3 steps'."""
+    from ..train.loop import total_steps_for
+    cfg, report = run.cfg, run.data_report
+    what = cfg.method if cfg.objective == "sft" else f"{cfg.method} {cfg.objective}"
+    rows = getattr(report, "train_rows", None) or len(run.train_set)
+    unit = "rows" if cfg.objective == "sft" else "pairs"
+    extra = f", {report.truncated} truncated at {cfg.max_seq_len} tokens" if getattr(report, "truncated", 0) else ""
+    if getattr(report, "dropped_no_trainable", 0):
+        extra += f", {report.dropped_no_trainable} dropped (no trained token)"
+    return (f"training {what} on {cfg.model}: {_millions(run.trainable_parameters)} trainable parameters, "
+            f"{rows} {unit}, {total_steps_for(len(run.train_set), cfg)} steps{extra}")
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else (f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}")
+
+
+def train_and_save(cfg: TrainConfig, group, verbose: bool, overwrite: bool = False):
+    """prepare (set-up lines only with --verbose), the plain first line, train, save: (result, summary).
+    With `overwrite` (and no resume) the earlier run's checkpoints go once this one has loaded."""
+    from ..train.preflight import clear_earlier_run
+    from ..train.run import prepare
+    run = prepare(cfg, group=group, detail=print if verbose else (lambda *_: None))
+    if group.is_main:
+        if overwrite and not cfg.resume:
+            clear_earlier_run(cfg.output_dir)
+        print(first_line(run), flush=True)
+    result = run.train()
+    return result, run.save()
+
+
 def _dist_error() -> type:
     import torch.distributed
     return torch.distributed.DistError
@@ -218,7 +340,7 @@ def launch(cfg: TrainConfig, nproc: int) -> int:
     recipe = out / "config.yaml"
     recipe.write_text(cfg.to_yaml())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "qforge.train", "--config", str(recipe)]
+           "-m", "qforge.train", "--config", str(recipe), "--overwrite"]  # the launcher checked the folder
     print(f"qforge train: {nproc} processes: {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.Popen(cmd)
     while True:

@@ -59,14 +59,18 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
     from ..train.loop import TrainingDiverged
     from ..train.run import prepare
 
+    from ..train.config import INTERFACE
+    INTERFACE.set("api")  # messages that advise a setting name the jobs API's hyperparameters
     cfg = with_tensorboard(TrainConfig.from_yaml(job_dir / "config.yaml"))
-    base_name = (store.get_job(job_id) or {}).get("model", "the base model")
+    job = store.get_job(job_id) or {}
+    base_name = job.get("model", "the base model")
+    uploads = uploaded_names(store, job)
 
     def report(message) -> None:
         """Progress messages become the job's events, without the server's paths."""
         text = str(message).strip()
         print(text, flush=True)
-        text = text.replace(f"{job_dir}/", "").replace(str(job_dir), ".")
+        text = uploads(text.replace(f"{job_dir}/", "").replace(str(job_dir), "."))
         text = text.replace(f"model {cfg.model} ", f"model {base_name} ")
         if text:
             try:
@@ -82,7 +86,7 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
     except KeyboardInterrupt:  # SIGINT before the loop took it over (while loading)
         return {"status": "interrupted"}
     except DataError as exc:
-        message = str(exc).replace(f"{job_dir}/", "")
+        message = uploads(str(exc).replace(f"{job_dir}/", ""))
         param = "validation_file" if exc.path and Path(exc.path).name == "valid.jsonl" else "training_file"
         return {"status": "failed", "error": _error(f"invalid_{param}", message, param)}
     except TrainingDiverged as exc:
@@ -105,6 +109,21 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
         traceback.print_exc()
         return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
                                                     .replace(f"{job_dir}/", ""))}
+
+
+def uploaded_names(store: JobStore, job: dict):
+    """A function that names the job's files as their owner uploaded them ('chat.jsonl' for the
+    job folder's train.jsonl), so an error points at the file the user has."""
+    names = {}
+    for key, local in (("training_file", "train.jsonl"), ("validation_file", "valid.jsonl")):
+        row = store.get_file(job[key]) if job.get(key) else None
+        if row and row.get("filename"):
+            names[local] = f"{row['filename']}"
+    def rename(text: str) -> str:
+        for local, name in names.items():
+            text = text.replace(local, name)
+        return text
+    return rename
 
 
 def apply_limits() -> None:

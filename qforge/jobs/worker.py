@@ -527,7 +527,8 @@ class Worker:
         results = {"file_id": file_id, "filename": "step_metrics.csv", "purpose": "fine-tune-results",
                    "size": len(data), "rows": None, "fmt": "csv"}
         model = fine_tuned_model_name(job["model"], job["suffix"], job_id)
-        tokens = (result.get("summary") or {}).get("tokens")
+        summary = result.get("summary") or {}
+        tokens = summary.get("trained_tokens", summary.get("tokens"))  # the loss's tokens (qforge.train.loop)
         self.store.complete_job(job_id, model, tokens, results)
 
 

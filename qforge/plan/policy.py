@@ -44,15 +44,11 @@ def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, dev
 
 
 def _describe(changes: dict) -> str:
-    """The flags that make `changes` to cfg, e.g. '--method qlora --batch-size 2 --grad-accum 2'."""
-    parts = []
-    for key, value in changes.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + flag[2:])
-        else:
-            parts.append(f"{flag} {value}")
-    return " ".join(parts)
+    """The settings that make `changes` to cfg as the interface in use spells them, e.g. '--method
+    qlora --batch-size 2 --grad-accum 2' (a job: 'hyperparameters.method = "qlora", ...')."""
+    from ..train.config import INTERFACE, setting
+    parts = [setting(key, value) or f"{key} {value}" for key, value in changes.items()]
+    return (", " if INTERFACE.get() == "api" else " ").join(parts)
 
 
 def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = "cpu") -> list[tuple[str, int]]:
@@ -146,7 +142,7 @@ def keep_base_outputs_for(cfg, model_config: dict | ModelArch | str | None = Non
     extra = format_gb(with_kept - without)
     if with_kept <= AUTO_KEEP_SHARE * available:
         return True, (f"gradient checkpointing keeps the base products (selective, +{extra}; plan "
-                      f"{format_gb(with_kept)} of {format_gb(available)} available; --no-keep-base-outputs to save it)")
+                      f"{format_gb(with_kept)} of {format_gb(available)} available{_how_to_save()})")
     return False, (f"gradient checkpointing recomputes everything: keeping the base products (+{extra}) "
                    f"would need {format_gb(with_kept)}, more than {AUTO_KEEP_SHARE:.0%} of {format_gb(available)} available")
 
@@ -167,3 +163,9 @@ def warn_if_unfit(cfg, model_config: dict | ModelArch | str | None = None, log=p
     return fits
 
 
+def _how_to_save() -> str:
+    """'; --no-keep-base-outputs to save it', as the interface in use spells the setting (the jobs
+    API has none: the service keeps the products only when they fit, as here)."""
+    from ..train.config import setting
+    flag = setting("keep_base_outputs", False)
+    return f"; {flag} to save it" if flag else ""

@@ -2,7 +2,10 @@
 name of its command-line flag (with '_' for '-'), and flags given on the command line win."""
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,39 @@ OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")  # adamw: torch's, 32-b
 # what the run learns from: demonstrations (sft), or preference pairs with DPO's sigmoid loss against a
 # reference (the base with adapters off, or ref_adapter) or ORPO's reference-free odds-ratio loss
 OBJECTIVES = ("sft", "dpo", "orpo")  # qlora's base: bitsandbytes 4-bit, or HQQ at 4/3/2 bits
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+DATA_FORMATS = ("auto", "chat", "sharegpt", "instruction", "completion", "text")
+TRAIN_ON = ("assistant", "all")
+WANDB_MODES = ("online", "offline", "disabled")
+
+# How the interface in use spells a setting in the messages that advise it: "cli" (a flag), "recipe"
+# (a YAML key) or "api" (a jobs API hyperparameter; None where the API has no such setting). The jobs
+# trainer sets "api" (qforge.jobs.trainer_child); the rest default to the command line.
+INTERFACE = contextvars.ContextVar("qforge_interface", default="cli")
+# settings a job's hyperparameters take under another name (learning_rate_multiplier scales lr)
+API_NAMES = {"epochs": "n_epochs", "lr": "learning_rate_multiplier"}
+API_SETTINGS = {"method", "rank", "alpha", "dropout", "target_modules", "quant_type", "double_quant", "max_seq_len",
+                "max_steps", "save_every", "grad_accum", "compute_dtype", "batch_size", "beta", "label_smoothing",
+                "epochs", "lr"}
+
+
+def setting(name: str, value=None, interface: str | None = None) -> str | None:
+    """A TrainConfig setting (and an optional value) as the current interface spells it:
+    setting("max_seq_len", 1024) -> "--max-seq-len 1024" (cli), "max_seq_len: 1024" (recipe),
+    "hyperparameters.max_seq_len = 1024" (api); None when the jobs API has no such setting, so the
+    caller can say what the API user can do instead. A False boolean is its --no- flag."""
+    interface = interface or INTERFACE.get()
+    if interface == "api":
+        if name not in API_SETTINGS:
+            return None
+        key = API_NAMES.get(name, name)
+        return f"hyperparameters.{key}" + ("" if value is None else f" = {json.dumps(value)}")
+    if interface == "recipe":
+        return name + ("" if value is None else f": {json.dumps(value) if isinstance(value, str) else value}")
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return flag + ("" if value is None else f" {value}")
 
 
 @dataclass
@@ -34,6 +70,10 @@ class TrainConfig:
     data_format: str = "auto"
     train_on: str = "assistant"
     max_samples: int | None = None
+    # your keys -> qforge's: a role (system/user/assistant: the row becomes a chat), a row key
+    # (instruction, input, output, prompt, completion, text, messages, conversations) or a turn key
+    # (role, content); e.g. {"question": "user", "answer": "assistant"} (qforge.train.fieldmap)
+    field_map: dict | None = None
     chat_template: str | None = None  # a built-in name (qforge.model.templates) or a Jinja file
     method: str = "qlora"
     objective: str = "sft"  # see OBJECTIVES; dpo/orpo read preference pairs (qforge.train.preference_data)
@@ -72,7 +112,7 @@ class TrainConfig:
     offload_activations: bool = False  # saved activations wait in host memory (qforge.train.offload)
     keep_base_outputs: bool | None = None  # None: auto (qforge.plan.keep_base_outputs_for)
     eval_every: int = 0
-    save_every: int = 0
+    save_every: int | None = None  # None: every 10% of the run (auto_save_every); 0: only at the end
     log_every: int = 1
     seed: int = 0
     output_dir: str = "runs/qforge"
@@ -132,8 +172,24 @@ class TrainConfig:
             raise ValueError(f"quant_type: expected one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
         if not isinstance(self.hqq_group_size, int) or self.hqq_group_size < 1:
             raise ValueError(f"hqq_group_size: must be a positive integer, got {self.hqq_group_size!r}")
+        if self.save_every is not None and (isinstance(self.save_every, bool) or self.save_every < 0):
+            raise ValueError(f"save_every: expected a whole number >= 0 (0: no checkpoint until the end), "
+                             f"got {self.save_every!r}")
+        if self.field_map is not None:
+            from .fieldmap import check_field_map
+            self.field_map = check_field_map(self.field_map)
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: expected paged_adamw_8bit, adamw_8bit or adamw, got {self.optimizer!r}")
+            raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name, allowed in (("data_format", DATA_FORMATS), ("train_on", TRAIN_ON), ("compute_dtype", COMPUTE_DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def checkpoint_every(self, total_steps: int) -> int:
+        """Steps between checkpoints: save_every when given (0: none until the end), else every 10%
+        of a run of `total_steps` (at least 1)."""
+        if self.save_every is not None:
+            return self.save_every
+        return max(1, math.ceil(total_steps / 10))
 
     def report_targets(self) -> list[str]:
         """The trackers asked for by report_to, 'none' left out."""

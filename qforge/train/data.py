@@ -160,12 +160,14 @@ def _row_problem(row: dict, fmt: str) -> str | None:
 
 
 @_names_its_file
-def load_rows(path: str | Path, fmt: str = "auto", split: str = "train") -> tuple[list[dict], str]:
+def load_rows(path: str | Path, fmt: str = "auto", split: str = "train",
+              field_map: dict | None = None) -> tuple[list[dict], str]:
     """Read and validate a training file (any kind qforge.train.datafiles reads); returns (rows,
     format). ShareGPT rows come back as chat rows ({"messages": [...]}) under format "sharegpt".
 
     With fmt="auto" the first row's shape decides and every later row must have the same shape.
-    Raises DataError naming the file and row for the first bad row, or the file when it is empty.
+    `field_map` renames your keys to qforge's first (qforge.train.fieldmap). Raises DataError
+    naming the file and row for the first bad row, or the file when it is empty.
     """
     from .datafiles import DataFileError, read_records
 
@@ -181,11 +183,17 @@ def load_rows(path: str | Path, fmt: str = "auto", split: str = "train") -> tupl
     for where, row in records:
         if not isinstance(row, dict):
             raise DataError(f"{where}: not a JSON object (got {type(row).__name__})")
+        if field_map:
+            from .fieldmap import apply_field_map
+            row, problem = apply_field_map(row, field_map)
+            if problem:
+                raise DataError(f"{where}: {problem}")
         shape = _shape_of(row)
         if fmt == "auto":
             if shape is None:
                 raise DataError(f"{where}: unknown row shape: expected a 'messages', 'conversations', "
-                                f"'instruction', 'prompt' or 'text' key, got keys {sorted(row)}")
+                                f"'instruction', 'prompt' or 'text' key, got keys {sorted(row)}; map your keys "
+                                f"with {_field_map_hint(row)}")
             fmt, first = shape, where
         elif shape is not None and shape != fmt and first:
             # a row that clearly has another shape: say so rather than 'missing key'
@@ -204,6 +212,14 @@ def load_rows(path: str | Path, fmt: str = "auto", split: str = "train") -> tupl
         raise DataError(f"{path}: empty dataset (no rows)" if path.suffix.lower() != ".jsonl"
                         else f"{path}: empty dataset (no non-blank lines)")
     return rows, fmt
+
+
+def _field_map_hint(row: dict) -> str:
+    """How to map a row of unknown keys, spelled for the interface in use (flag or recipe key)."""
+    from .config import setting
+    keys = sorted(row)[:2] or ["question", "answer"]
+    example = ",".join(f"{k}={r}" for k, r in zip(keys, ("user", "assistant")))
+    return setting("field_map", example) or "a chat file ({\"messages\": [...]})"
 
 
 def _row_name(where: str) -> str:
@@ -262,8 +278,11 @@ def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     (a template that rewrites earlier turns), since the spans would then be wrong.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat template; set one with --chat-template "
-                        "(chatml, llama3, gemma, mistral, qwen, phi3 or a Jinja file) or use text rows")
+        from .config import setting
+        given = setting("chat_template")
+        raise DataError("the tokenizer has no chat template; " + (
+            f"set one with {given} (chatml, llama3, gemma, mistral, qwen, phi3 or a Jinja file) or use text rows"
+            if given else "use text rows ({\"text\": ...}) or a base model whose tokenizer has one"))
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i, msg in enumerate(messages):
@@ -362,6 +381,18 @@ class DataReport:
                 f"{self.dropped_no_trainable} dropped with no trainable token")
 
 
+def no_trained_token(path, max_seq_len: int, truncated: int) -> str:
+    """The error for a file with no trained token, advising settings as the interface spells them."""
+    from .config import setting
+    raise_len = setting("max_seq_len", max_seq_len * 2)
+    cut = (f"; {truncated} row(s) were truncated at max_seq_len={max_seq_len}, which cut off their trained "
+           f"tokens: {'set ' + raise_len if raise_len else 'raise max_seq_len'} or shorten the rows") if truncated else ""
+    train_all = setting("train_on", "all")
+    check = (f"give the rows assistant replies with weight 1, or {train_all} to train every token" if train_all
+             else "give the rows assistant messages without \"weight\": 0")
+    return f"{path}: no row has a trainable token ({check}){cut}"
+
+
 def _tokenize_rows(rows, tokenizer, fmt, max_seq_len, train_on, report: DataReport) -> list[dict]:
     """Tokenise rows, counting truncations and dropping rows left with no trained token."""
     kept = []
@@ -411,7 +442,7 @@ def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]
 
 
 def read_splits(path, fmt: str = "auto", eval_path=None, eval_fraction: float = 0.0, seed: int = 0,
-                max_samples: int | None = None) -> tuple[list[dict], list[dict], str, int]:
+                max_samples: int | None = None, field_map: dict | None = None) -> tuple[list[dict], list[dict], str, int]:
     """Read and validate the training rows and the eval rows -> (train, eval, format, rows read).
 
     The eval rows come from eval_path (same format rules), from the eval split of a saved
@@ -423,15 +454,15 @@ def read_splits(path, fmt: str = "auto", eval_path=None, eval_fraction: float = 
 
     if eval_path is not None and eval_fraction > 0:
         raise ValueError("give eval_path or eval_fraction, not both")
-    rows, fmt = load_rows(path, fmt)
+    rows, fmt = load_rows(path, fmt, field_map=field_map)
     if max_samples is not None:
         rows = rows[:max_samples]
     read = len(rows)
     split = eval_split_name(path) if eval_path is None and eval_fraction == 0 else None
     if eval_path is not None:
-        eval_rows = load_rows(eval_path, fmt)[0]
+        eval_rows = load_rows(eval_path, fmt, field_map=field_map)[0]
     elif split is not None:
-        eval_rows = load_rows(path, fmt, split=split)[0]
+        eval_rows = load_rows(path, fmt, split=split, field_map=field_map)[0]
     else:
         rows, eval_rows = split_rows(rows, eval_fraction, seed)
         read = len(rows) + len(eval_rows)
@@ -453,9 +484,7 @@ def build_dataset(path, tokenizer, fmt: str = "auto", max_seq_len: int = 512, tr
     report = DataReport(format=fmt, rows=read)
     train = _tokenize_rows(rows, tokenizer, fmt, max_seq_len, train_on, report)
     if not train:
-        cut = (f"; {report.truncated} row(s) were truncated at max_seq_len={max_seq_len}, which cut off their "
-               "trained tokens: raise max_seq_len or shorten the rows") if report.truncated else ""
-        raise DataError(f"{path}: no row has a trainable token (check train_on and the assistant weights){cut}")
+        raise DataError(no_trained_token(path, max_seq_len, report.truncated))
     held = _tokenize_rows(eval_rows, tokenizer, fmt, max_seq_len, train_on, report) if eval_rows else []
     report.train_rows, report.eval_rows = len(train), len(held)
     report.tokens = sum(len(e["input_ids"]) for e in train)

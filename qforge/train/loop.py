@@ -40,7 +40,8 @@ class TrainResult:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)          # preference runs: {"step", rewards/..} per step
     eval_metrics: list[dict] = field(default_factory=list)     # preference runs: {"step", rewards/..} per eval
-    tokens: int = 0
+    tokens: int = 0          # every token the steps read (padding not counted): what tokens/s divides
+    trained_tokens: int = 0  # the tokens the loss was taken over (a label, after the first position)
     seconds: float = 0.0
     interrupted: bool = False
     output_dir: Path | None = None
@@ -169,6 +170,7 @@ class _Run:
         self.optimizer = make_optimizer(self.trainable, cfg, log)
         self.total_steps = total_steps_for(len(train_set), cfg)
         self.warmup = cfg.warmup_for(self.total_steps)
+        self.save_every = cfg.checkpoint_every(self.total_steps)  # default: every 10% of the run
         self.schedule = micro_batches(len(train_set), cfg, self.total_steps)
         self.result = TrainResult(steps=self.total_steps, output_dir=self.out)
         self.preference = preference_settings(cfg) if is_preference(cfg) else None
@@ -191,6 +193,7 @@ class _Run:
                                        self.model, self.optimizer, group.rank)
             self.start_step = state["step"]
             result.losses, result.tokens = state["losses"], state["tokens"]
+            result.trained_tokens = state.get("trained_tokens", 0)
             result.eval_losses = [tuple(e) for e in state["eval_losses"]]
             result.metrics, result.eval_metrics = state.get("metrics", []), state.get("eval_metrics", [])
             self.log(f"resumed from {last} (step {self.start_step} of {self.total_steps})")
@@ -206,7 +209,7 @@ class _Run:
             param_group["lr"] = lr
         micro = self.schedule[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
         n_units = sum(batch_units((self.train_set[i] for i in idx), cfg) for idx in micro)  # the global batch's
-        loss_sum, step_tokens, metric_sums = 0.0, 0, {}
+        loss_sum, step_tokens, step_trained, metric_sums = 0.0, 0, 0, {}
         for idx in micro:
             rows, weight = group.rows(idx)
             examples = [self.train_set[i] for i in rows]
@@ -221,12 +224,15 @@ class _Run:
                 metric_sums[key] = metric_sums.get(key, 0.0) + value * share
             mask = batch.get("attention_mask")
             step_tokens += int(weight) * (int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+            step_trained += int(weight) * int((batch["labels"][:, 1:] != -100).sum())
         names = sorted(metric_sums)
-        loss_sum, step_tokens, *values = group.sum([loss_sum, step_tokens, *(metric_sums[k] for k in names)])
+        loss_sum, step_tokens, step_trained, *values = group.sum([loss_sum, step_tokens, step_trained,
+                                                                  *(metric_sums[k] for k in names)])
         if not math.isfinite(loss_sum):
             raise TrainingDiverged(f"step {step + 1}: loss is {loss_sum}; the last good checkpoint "
-                                   f"under {self.ckpt_dir} is intact. Lower --lr or check the data.")
+                                   f"under {self.ckpt_dir} is intact. {_lower_lr(cfg)} or check the data.")
         result.tokens += int(step_tokens)
+        result.trained_tokens += int(step_trained)
         group.sum_gradients(self.trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
         self.optimizer.step()
@@ -236,6 +242,7 @@ class _Run:
         if metrics:
             result.metrics.append({"step": step + 1, **metrics})
         return {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": result.tokens,
+                "trained_tokens": result.trained_tokens,
                 "grad_norm": None if grad_norm is None else float(grad_norm), "elapsed_s": time.perf_counter() - t0,
                 **metrics}
 
@@ -257,7 +264,8 @@ class _Run:
         rngs = group.gather(torch.get_rng_state())
         if group.is_main:
             save_checkpoint(self.ckpt_dir, self.model, self.optimizer, step,
-                            {"losses": result.losses, "tokens": result.tokens, "eval_losses": result.eval_losses,
+                            {"losses": result.losses, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
+                             "eval_losses": result.eval_losses,
                              "metrics": result.metrics, "eval_metrics": result.eval_metrics},
                             rngs)
         group.barrier()
@@ -305,11 +313,11 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
             if on_step is not None:
                 on_step(record)
             fault_point(group, step + 1)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            if run.save_every and (step + 1) % run.save_every == 0:
                 run.checkpoint(step + 1)
             if group.any(interrupted["flag"]):
                 run.checkpoint(step + 1)
-                log(f"\ninterrupted: checkpoint saved at step {step + 1}; continue with --resume")
+                log(f"\ninterrupted: checkpoint saved at step {step + 1}{_continue_with()}")
                 result.interrupted = True
                 break
     finally:
@@ -324,6 +332,19 @@ def train_loop(model, tokenizer, train_set, eval_set, cfg: TrainConfig, log=prin
     if group.is_main:
         plot_losses(result, run.out / "loss.png")
     return result
+
+
+def _continue_with() -> str:
+    """'; continue with --resume' where the interface has the setting (a job resumes by itself)."""
+    from .config import setting
+    resume = setting("resume", True)
+    return f"; continue with {resume}" if resume else ""
+
+
+def _lower_lr(cfg: TrainConfig) -> str:
+    """'Lower --lr' as the interface in use spells the learning rate."""
+    from .config import setting
+    return f"Lower {setting('lr') or 'the learning rate'}"
 
 
 def label_tokens(rows) -> int:

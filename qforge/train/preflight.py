@@ -13,16 +13,45 @@ from .config import TrainConfig
 
 
 def check_output_dir(path: str | Path) -> None:
-    """The output directory exists or can be made, and a file can be written in it."""
+    """The output directory is a folder that exists or can be made, and a file can be written there.
+    Nothing is created: a run that fails a later check leaves no empty folder behind (the folder is
+    made once the model has loaded)."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir '{out}' is a file; expected a folder")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output_dir '{out}': '{existing}' is a file, so the folder cannot be made")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".qforge-write-check-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".qforge-write-check-"):
             pass
     except OSError as exc:
         raise ValueError(f"output_dir '{out}' is not writable: {exc.strerror or exc}") from None
+
+
+def check_existing_adapter(cfg: TrainConfig, overwrite: bool = False) -> None:
+    """An adapter (or the checkpoints of an interrupted run) a previous run left in output_dir is
+    kept: a ValueError naming the flags that replace it (overwrite) or continue it (resume), unless
+    one of them is given."""
+    from .config import setting
+    out = Path(cfg.output_dir).expanduser()
+    if overwrite or cfg.resume:
+        return
+    if (out / "adapter" / "adapter_config.json").exists():
+        held = f"an adapter ({out / 'adapter'})"
+    elif any((out / "checkpoints").glob("step-*")):
+        held = f"the checkpoints of an earlier run ({out / 'checkpoints'})"
+    else:
+        return
+    raise ValueError(f"output_dir '{cfg.output_dir}' already holds {held}; give {setting('overwrite', True)} to "
+                     f"replace it, {setting('resume', True)} to continue that run, or another {setting('output_dir')}")
+
+
+def clear_earlier_run(output_dir: str | Path) -> None:
+    """With --overwrite: the earlier run's checkpoints go (once this run has passed its checks and
+    loaded), so that a later --resume cannot continue from a step of the run that was replaced."""
+    import shutil
+    shutil.rmtree(Path(output_dir).expanduser() / "checkpoints", ignore_errors=True)
 
 
 def check_model_source(cfg: TrainConfig) -> Path | None:
@@ -123,7 +152,8 @@ def check_before_loading(cfg: TrainConfig, check_dir: bool = True, log=print):
     if not cfg.data:
         raise ValueError("no training data: give --data FILE (or `data:` in the recipe)")
     if cfg.objective == "sft":
-        splits = read_splits(cfg.data, cfg.data_format, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.max_samples)
+        splits = read_splits(cfg.data, cfg.data_format, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.max_samples,
+                             cfg.field_map)
     else:
         splits = read_preference_splits(cfg)
     cfg, note = adapter_settings(cfg)

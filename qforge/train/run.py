@@ -81,7 +81,7 @@ class Run:
             "first_loss": result.losses[0] if result.losses else None,
             "final_loss": result.losses[-1] if result.losses else None,
             "final_eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
-            "tokens": result.tokens, "train_seconds": round(result.seconds, 2),
+            "tokens": result.tokens, "trained_tokens": result.trained_tokens, "train_seconds": round(result.seconds, 2),
             "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
             "trainable_parameters": self.trainable_parameters, "interrupted": result.interrupted, **self.sharding,
         }
@@ -123,25 +123,28 @@ def _chain(hooks: list):
 
 
 # ---- prepare: set-up in named parts ----------------------------------------------------------
-def prepare(cfg: TrainConfig, log=print, group: Group | None = None) -> Run:
+def prepare(cfg: TrainConfig, log=print, group: Group | None = None, detail=None) -> Run:
     """Check, plan, load and read everything a training needs; nothing is trained yet.
-    With a `group` of several processes every rank calls this; rank 0 logs and writes."""
+    With a `group` of several processes every rank calls this; rank 0 logs and writes.
+    `detail` takes the routine lines (what was loaded, the data report, the checkpointing choice;
+    default: `log`): `qforge train` shows them with --verbose only."""
     from ..devices import resolve_device
 
     group = group or Group()
     if not group.is_main:
         log = lambda *_: None  # noqa: E731
+    detail = log if detail is None or not group.is_main else detail
     device = group.device if group.distributed else resolve_device(cfg.device)  # decided once, passed down
     cfg, splits, arch = _setup_checks(cfg, group, log)
-    cfg, plan = _setup_plan(cfg, arch, device, group, log)
+    cfg, plan = _setup_plan(cfg, arch, device, group, log, detail)
     t0 = time.perf_counter()
     model, tok = load_for_method(cfg, device)
     trainable, total = count_parameters(model)  # before sharding turns the 4-bit codes into Parameters
     sharding = shard_for_group(model, cfg, group, log) if group.distributed else {}
-    log(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters "
+    detail(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), loaded in {time.perf_counter() - t0:.1f} s")
     train_set, eval_set, report = _setup_data(cfg, tok, splits)
-    log(f"data: {report}")
+    detail(f"data: {report}")
     out = _setup_output(cfg, group)
     return Run(cfg, model, tok, train_set, eval_set, report, device, plan, group, out, trainable, total,
                sharding, log)
@@ -155,7 +158,8 @@ def _setup_checks(cfg: TrainConfig, group: Group, log=print):
     return cfg, splits, (str(hub_folder) if hub_folder is not None else None)
 
 
-def _setup_plan(cfg: TrainConfig, arch, device: torch.device, group: Group, log) -> tuple[TrainConfig, Plan]:
+def _setup_plan(cfg: TrainConfig, arch, device: torch.device, group: Group, log,
+                detail=None) -> tuple[TrainConfig, Plan]:
     """Warn when the plan does not fit; decide keep_base_outputs once (auto: from the plan), the
     same on every rank, and write it into cfg."""
     from ..plan import keep_base_outputs_for, warn_if_unfit
@@ -167,7 +171,7 @@ def _setup_plan(cfg: TrainConfig, arch, device: torch.device, group: Group, log)
         keep, why = False, ("gradient checkpointing recomputes everything: another rank lacks the memory "
                             "to keep the base products")
     if why:
-        log(why)
+        (detail or log)(why)
     return dataclasses.replace(cfg, keep_base_outputs=keep), Plan(keep, why, fits)
 
 

@@ -20,6 +20,11 @@ AXOLOTL_DATA_TYPES = {"alpaca": "instruction", "chat_template": "auto", "sharegp
 AXOLOTL_PREFERENCE_TYPES = ("chat_template.default", "chat_template.argilla_chat")
 RL_METHODS = ("dpo", "orpo")
 PREFERENCE_FIELDS = {"field_messages": "messages", "field_chosen": "chosen", "field_rejected": "rejected"}
+# a custom instruction format (`type: {field_instruction: ..., ...}`): Axolotl's key -> qforge's row key
+CUSTOM_TYPE_FIELDS = {"field_instruction": "instruction", "field_input": "input", "field_output": "output",
+                      "field_system": "system"}
+# a chat dataset's own keys: Axolotl's option -> what the named key becomes (qforge.train.fieldmap)
+CHAT_FIELD_OPTIONS = {"field_messages": "messages", "message_field_role": "role", "message_field_content": "content"}
 
 
 class _Axolotl(_Mapper):
@@ -123,15 +128,50 @@ class _Axolotl(_Mapper):
             if len(files) != 1:
                 raise ValueError("qforge trains on one file: give one data_files entry")
             path = str(Path(path) / files[0]) if Path(path).is_dir() else files[0]
-        self.data_type(ds.pop("type", None), key)
+        kind = ds.pop("type", None)
+        fields = {}
+        if isinstance(kind, dict):  # a custom instruction format: its field_* keys are a column mapping
+            fields, kind = self.custom_type(kind, key), None
+        self.data_type(kind, key)
         for k, value in ds.items():
+            if not self.raw.get("rl") and self.column_option(k, value, fields):
+                continue
             if not self.standard_dataset_option(k, value, key):
                 raise ValueError(f"{key}[0].{k}={value!r}: qforge reads rows with their standard keys "
                                  "(messages/conversations, instruction/input/output, prompt/completion, text)")
+        if fields and key == "datasets":
+            self.set("field_map", fields)
         if not Path(path).exists() and "/" in str(path):
             raise ValueError(f"{path!r} is not a local file or folder; qforge reads local data (download the "
                              "dataset and save it with save_to_disk, or as JSONL/Parquet)")
         return str(path)
+
+    def custom_type(self, kind: dict, key: str) -> dict:
+        """`type: {field_instruction: q, field_output: a, ...}` -> {q: instruction, a: output}; the
+        prompt-format strings (format, no_input_format, system_format) are the chat template's job."""
+        fields = {}
+        for k, value in kind.items():
+            if k in CUSTOM_TYPE_FIELDS:
+                if value != CUSTOM_TYPE_FIELDS[k]:
+                    fields[str(value)] = CUSTOM_TYPE_FIELDS[k]
+            elif k in ("format", "no_input_format", "system_format", "system_prompt"):
+                self.note(f"{key}[0].type.{k}", "the chat template formats the rows")
+            else:
+                raise ValueError(f"{key}[0].type.{k}: qforge maps field_instruction, field_input, field_output "
+                                 "and field_system")
+        return fields
+
+    def column_option(self, k: str, value, fields: dict) -> bool:
+        """field_messages / message_field_* / message_property_mappings naming keys of the rows' own
+        into `fields` (a column mapping); False for other options."""
+        if k in CHAT_FIELD_OPTIONS and isinstance(value, str) and value not in (CHAT_FIELD_OPTIONS[k], "conversations",
+                                                                                "from", "value"):
+            fields[value] = CHAT_FIELD_OPTIONS[k]
+            return True
+        if k == "message_property_mappings" and isinstance(value, dict) and set(value) <= {"role", "content"}:
+            fields.update({str(v): prop for prop, v in value.items() if v not in ("role", "content", "from", "value")})
+            return True
+        return False
 
     def data_type(self, kind, key: str) -> None:
         """A dataset's `type`: an SFT row format, or (with `rl:`) a preference format qforge reads."""
