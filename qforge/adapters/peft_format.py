@@ -185,7 +185,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             from ..model.checkpoint import save_tokenizer
-            save_tokenizer(tokenizer, tmp)
+            save_tokenizer(tokenizer, tmp, getattr(model, "generation_config", None))
         (tmp / "README.md").write_text(model_card(config["base_model_name_or_path"], config))
 
     return write_folder_atomically(out_dir, write)

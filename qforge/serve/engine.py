@@ -71,6 +71,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None      # record each sampled token's log-prob and this many alternatives
     prompt_logprobs: bool = False    # also score the prompt's own tokens (`echo`); then max_tokens may be 0
+    stop_token_ids: frozenset = frozenset()  # more end ids for this request (its adapter's template's end of turn)
 
     def __post_init__(self):
         self.stop = tuple(s for s in self.stop if s)
@@ -480,7 +481,7 @@ class Engine:
             req.first_token = now
             self._observe("ttft", now - req.arrived)
         req.output_ids.append(token)
-        eos = token in self.stop_token_ids and not req.params.ignore_eos
+        eos = (token in self.stop_token_ids or token in req.params.stop_token_ids) and not req.params.ignore_eos
         text = self.tokenizer.decode(req.output_ids[:-1] if eos else req.output_ids, skip_special_tokens=True)
         hit = min((i for i in (text.find(s) for s in req.params.stop) if i >= 0), default=-1)
         if hit >= 0:
@@ -553,9 +554,6 @@ def _new_cache(model):
 
 
 def _stop_token_ids(model, tokenizer) -> set[int]:
-    """EOS ids from the tokenizer and the model's generation config."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    ids |= set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    return ids
+    """EOS ids from the tokenizer and the model's generation config, and the chat template's end of turn."""
+    from ..model.templates import end_ids
+    return set(end_ids(tokenizer, None, getattr(model, "generation_config", None)))
