@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, model_layout, read_adapter
+from ..adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, model_layout, read_served_adapter
 from ..model.surgery import adapted_layers, detach_adapter
 from ..nn import LoraAdapter
 from .lora_slots import LoraSlots, unwrap
@@ -165,8 +165,7 @@ class AdapterRegistry:
         """Register an adapter already attached to the model in-process (never evicted)."""
         with self.lock:
             self._check_new_name(name)
-            adapters = {path: slot.adapters[name] for path, slot in self.slots.layers.items()
-                        if name in slot.adapters}
+            adapters = self.slots.in_process(name)
             if not adapters:
                 raise AdapterNotFound(f"the model carries no adapter named '{name}'")
             entry = AdapterEntry(name, None)
@@ -241,7 +240,7 @@ class AdapterRegistry:
         """Adapter `entry` from its PEFT folder: layer path -> LoraAdapter (not attached to the model)."""
         folder = entry.path if entry.trusted else self.resolve_path(entry.source)
         try:
-            _, plan = read_adapter(self.layout, folder, name=entry.name, dtype=self.dtype)
+            plan, experts = read_served_adapter(self.model, self.layout, folder, entry.name, self.dtype)
         except (FileNotFoundError, ValueError) as exc:
             message = str(exc).replace(str(folder), entry.source)
             if self.adapter_root is not None:
@@ -256,7 +255,7 @@ class AdapterRegistry:
                 for attr in spec.variant.extra_weights:
                     getattr(adapter, attr).copy_(tensors[attr])
                 adapters[path] = adapter
-        return adapters
+        return {**adapters, **experts}  # and the experts modules' LoRAs (MoE)
 
     def select(self, adapters: list[str | None], device: torch.device):
         """A context in which row b of the model's forward uses adapters[b] (loaded: see acquire)."""
