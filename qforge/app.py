@@ -33,6 +33,7 @@ class ServeConfig:
                                           # stored, in `dtype`); quantised folders are served as stored
     device: str = "auto"                  # resolved once by qforge.devices.resolve_device
     max_loaded_adapters: int = 16
+    strict_bases: bool = False            # refuse (400) an adapter trained on another base than the served one
     max_batch: int = 32
     max_queue: int = 256
     max_model_len: int | None = None      # context length (None: the model's)
@@ -113,7 +114,8 @@ def build_server(cfg: ServeConfig):
     if tokenizer is None:
         raise ValueError(f"'{cfg.base}' has no tokenizer files; the server needs one")
     metrics = Metrics()
-    registry = AdapterRegistry(model, cfg.served_name(), cfg.max_loaded_adapters, cfg.adapter_root, metrics)
+    registry = AdapterRegistry(model, cfg.served_name(), cfg.max_loaded_adapters, cfg.adapter_root, metrics,
+                               strict_bases=cfg.strict_bases)
     for name, folder in cfg.adapters:
         registry.add(name, Path(folder), trusted=True)
     engine = Engine(model, tokenizer, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue,

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve the PEFT adapter in DIR as model NAME (repeatable)")
     parser.add_argument("--adapter-root", default=None, metavar="DIR",
                         help="folder that run-time adapter loads (POST /v1/adapters) must lie inside")
+    parser.add_argument("--strict-bases", action="store_true",
+                        help="refuse an adapter whose qforge_base.json records another base quantisation than "
+                             "the served base's (default: register it with a warning, shown in /v1/adapters)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on (default: 8000)")
     parser.add_argument("--max-loaded-adapters", type=positive_int, default=16,
@@ -142,7 +145,7 @@ def serve_config(args: argparse.Namespace):
     return ServeConfig(
         base=args.base, revision=args.revision, name=args.name, adapters=parse_adapters(args.adapter),
         adapter_root=args.adapter_root, dtype=args.dtype, quant_type=args.quant_type, device=args.device,
-        max_loaded_adapters=args.max_loaded_adapters, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_loaded_adapters=args.max_loaded_adapters, strict_bases=args.strict_bases, max_batch=args.max_batch, max_queue=args.max_queue,
         max_model_len=args.max_model_len, api_keys=all_keys(args), host=args.host, port=args.port,
         insecure=args.insecure, log_level=args.log_level, jobs=args.jobs, data_dir=Path(args.data_dir),
         memory_budget=parse_gpu(args.memory_budget) if args.memory_budget else None,
