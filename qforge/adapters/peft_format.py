@@ -176,14 +176,20 @@ def _expert_key_paths(module: str, params: list[str]) -> dict[str, str]:
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
                  base_model_name_or_path: str | None = None, tokenizer=None) -> Path:
     """Write adapter `name` of `model` as a PEFT folder (adapter_config.json + adapter_model.safetensors)
-    that `PeftModel.from_pretrained(base, out_dir)` loads without warnings. Returns the folder.
+    that `PeftModel.from_pretrained(base, out_dir)` loads without warnings, and beside them the base
+    it sits on (qforge_base.json, qforge.adapters.base_record). Returns the folder.
     With `tokenizer`, its files (chat template included) are written beside the adapter."""
+    from .base_record import describe_base, write_base_record
+
     config = adapter_config(model, name, base_model_name_or_path)
     tensors = {k: v.cpu() for k, v in adapter_tensors(model, name).items()}
+    base = describe_base(model)  # the base it was trained on, for servers to compare (qforge_base.json)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if base is not None:
+            write_base_record(tmp, base)
         if tokenizer is not None:
             from ..model.checkpoint import save_tokenizer
             save_tokenizer(tokenizer, tmp, getattr(model, "generation_config", None))
