@@ -88,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
     bad = {n: q for n, q in bases.items() if q not in SERVE_QUANTS}
     if bad:
         raise ValueError(f"--adapter-base {bad}: expected NAME=one of {', '.join(SERVE_QUANTS)}")
-    options = EvalOptions(base=args.base, adapters=parse_adapters(args.adapter), adapter_bases=bases,
+    adapters = parse_adapters(args.adapter)
+    unknown = sorted(set(bases) - {name for name, _ in adapters})
+    if unknown:
+        raise ValueError(f"--adapter-base names {unknown}, which no --adapter gives")
+    options = EvalOptions(base=args.base, adapters=adapters, adapter_bases=bases,
                           full=[(n, Path(d)) for n, d in _pairs(args.full, "--full")], base_quant=args.base_quant,
                           dtype=args.dtype, url=args.url, api_key=args.api_key, tokenizer=args.tokenizer,
                           include_path=args.include_path, limit=args.limit, output_dir=args.output_dir)

@@ -153,3 +153,13 @@ def test_two_bases_make_two_servers_and_one_table(tmp_path, monkeypatch):
     assert report["served_on"] == {"d": "tiny (dense)", "base": "tiny (nf4)", "q": "tiny (nf4)"}
     table = (tmp_path / "out" / "eval.md").read_text()
     assert "| d | 75.0 |" in table and "| q | 50.0 |" in table
+
+
+def test_bad_adapter_base_flags_are_one_line_errors(tmp_path, capsys):
+    out = ["--output-dir", str(tmp_path / "o")]
+    assert main(["eval", "--adapter", f"a={tmp_path}", "--adapter-base", "a=int8"] + out) == 2
+    assert "--adapter-base" in capsys.readouterr().err
+    assert main(["eval", "--adapter", f"a={tmp_path}", "--adapter-base", "b=none"] + out) == 2
+    assert "which no --adapter gives" in capsys.readouterr().err
+    assert main(["eval", "--full", "nodir"] + out) == 2
+    assert "--full 'nodir': expected NAME=VALUE" in capsys.readouterr().err
