@@ -13,7 +13,8 @@ each row's low-rank delta from its slot: one batched product through qforge.kern
 layer's own low-rank helper (qforge.nn.add_low_rank) on that slot's views. No per-request weight swaps, no per-forward concatenation.
 
 MoE experts (qforge.nn.experts.AdaptedExperts, LoRA on the routed experts' fused parameters) are
-served the same way (SlotExperts): per expert parameter, A [S, E, r_max, in] and B [S, E, out, r_max];
+served the same way (SlotExperts): per expert parameter, A [E, S, r_max, in] and B [E, S, out, r_max]
+(expert-major, so that one expert's slots are a contiguous [S, r, in] for the kernels);
 each token takes its row's slot, and the tokens routed to expert e get their low-rank terms in one
 gathered product over that expert's slots. The router and any shared expert are plain layers.
 
@@ -127,7 +128,7 @@ class SlotLinear(AdaptedLinear):
 class SlotExperts(AdaptedExperts):
     """An experts module as the server runs it: the AdaptedExperts itself with its class swapped (its
     banks, buffers and in-process adapters untouched, so the state dict and module path are the same),
-    plus per expert parameter the slots A [S, E, r, in], B [S, E, out, r] and scalings [S]. Outside a
+    plus per expert parameter the slots A [E, S, r, in], B [E, S, out, r] and scalings [S]. Outside a
     batch selection it is the module it was."""
 
     @classmethod
@@ -175,14 +176,14 @@ class SlotExperts(AdaptedExperts):
         y = self.bank(name).product(x, e)                                            # (n, out)
         if slots is None or name not in self.slot_A:
             return y
-        A, B = self.slot_A[name][:, e], self.slot_B[name][:, e]                      # [S, r, in], [S, out, r]
+        A, B = self.slot_A[name][e], self.slot_B[name][e]                            # [S, r, in], [S, out, r]
         return y + dispatch.gathered_lora(x, A, B, slots, self.slot_s[name]).to(y.dtype)
 
     # ---- slot tensors -------------------------------------------------------------------------
     def _resize(self, slots: int, rank: int, device, dtype) -> None:
         for name in self.banks:
             E, n_out, n_in = self.expected_shape(name)
-            shapes = {"A": (slots, E, rank, n_in), "B": (slots, E, n_out, rank)}
+            shapes = {"A": (E, slots, rank, n_in), "B": (E, slots, n_out, rank)}
             for key, store in (("A", self.slot_A), ("B", self.slot_B)):
                 old, new = store.get(name), torch.zeros(shapes[key], dtype=dtype, device=device)
                 if old is not None:
@@ -197,13 +198,13 @@ class SlotExperts(AdaptedExperts):
     def write(self, slot: int, loras: dict | None) -> None:
         """Put an adapter's expert LoRAs (parameter name -> ExpertLora; None: nothing) in `slot`."""
         for name in self.slot_A:
-            self.slot_A[name][slot].zero_()
-            self.slot_B[name][slot].zero_()
+            self.slot_A[name][:, slot].zero_()
+            self.slot_B[name][:, slot].zero_()
             self.slot_s[name][slot] = 0.0
             lora = loras[name] if loras is not None and name in loras else None
             if lora is not None:
-                self.slot_A[name][slot, :, :lora.r].copy_(lora.lora_A)
-                self.slot_B[name][slot, :, :, :lora.r].copy_(lora.lora_B)
+                self.slot_A[name][:, slot, :lora.r].copy_(lora.lora_A)
+                self.slot_B[name][:, slot, :, :lora.r].copy_(lora.lora_B)
                 self.slot_s[name][slot] = lora.scaling
 
 
