@@ -14,7 +14,9 @@ with save_adapter into a temporary adapter root, and serves them over HTTP on lo
           peer's best case against qforge's served one.
 
 Each request generates exactly --max-tokens tokens (ignore_eos / min_new_tokens). Every mode runs
---repeat times (at least 3), interleaved, and each mode's best run counts (the CPUs are shared and noisy).
+--repeat times (at least 3), interleaved; the best run of each mode, and the median with its spread
+(min-max) and the per-round multi/single ratios, are printed (the CPUs are shared and noisy).
+--adapters 64: 64 adapters registered (rank --rank), the 32 requests on 32 distinct ones.
 
   training  `qforge serve --jobs` as a subprocess (default --worker-threads: half the cores; the
           server keeps the rest); --latency-requests short chat requests (8 new tokens, one at a time)
@@ -22,7 +24,7 @@ Each request generates exactly --max-tokens tokens (ignore_eos / min_new_tokens)
           step), --repeat rounds each; the best round's p50 and p95 count.
 
 Prints a table and, last, `multi_vs_naive=X multi_vs_single=Y multi_vs_peft=Z p50_latency_s=L
-serve_p50_with_training_vs_idle=T`: X, Y and Z are ratios of generated tokens per second, L the
+serve_p50_with_training_vs_idle=T median_multi_vs_single=M`: X, Y and Z are ratios of generated tokens per second, L the
 median request latency of the best multi run, T the training-time p50 over the idle p50 (target <= 1.5).
 
   python benchmarks/serve_throughput.py [--requests 32] [--max-tokens 32] [--repeat 3] [--dtype bfloat16]
@@ -280,6 +282,15 @@ def print_table(rows: list[dict]) -> None:
               f"{r['wall_s']:>9.2f}{r['tok_per_s']:>9.2f}{r['p50_s']:>8.2f}{r['p90_s']:>8.2f}")
 
 
+def median_rate(rows: list[dict], mode: str) -> float:
+    return statistics.median(r["tok_per_s"] for r in rows if r["mode"] == mode)
+
+
+def spread(rows: list[dict], mode: str) -> str:
+    rates = [r["tok_per_s"] for r in rows if r["mode"] == mode]
+    return f"{min(rates):.1f}-{max(rates):.1f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32, help="concurrent requests per run (default: 32)")
@@ -339,6 +350,13 @@ def main() -> int:
     best = {m: max((r for r in rows if r["mode"] == m), key=lambda r: r["tok_per_s"]) for m in throughput}
     if best:
         print(f"best of {args.repeat} runs: " + ", ".join(f"{m} {best[m]['tok_per_s']:.1f} tok/s" for m in best))
+        print(f"median of {args.repeat} interleaved runs (min-max): " + ", ".join(
+            f"{m} {median_rate(rows, m):.1f} tok/s ({spread(rows, m)})" for m in best))
+        if "multi" in best and "single" in best:
+            ratios = [a["tok_per_s"] / b["tok_per_s"] for a, b in zip(
+                [r for r in rows if r["mode"] == "multi"], [r for r in rows if r["mode"] == "single"])]
+            print(f"multi/single per run (same round): {', '.join(f'{q:.2f}' for q in ratios)}; median "
+                  f"{statistics.median(ratios):.2f}")
     if latency:
         print(f"serving latency (best of {args.repeat} rounds of {args.latency_requests} requests): idle p50 "
               f"{latency['idle']['p50_s']:.3f} s p95 {latency['idle']['p95_s']:.3f} s; with a job training p50 "
@@ -348,6 +366,8 @@ def main() -> int:
         for other in ("naive", "single", "peft"):
             if other in best:
                 figures.append(f"multi_vs_{other}={best['multi']['tok_per_s'] / best[other]['tok_per_s']:.2f}")
+        if "single" in best:
+            figures.append(f"median_multi_vs_single={median_rate(rows, 'multi') / median_rate(rows, 'single'):.2f}")
         figures.append(f"p50_latency_s={best['multi']['p50_s']:.2f}")
     if latency:
         figures.append(f"serve_p50_with_training_vs_idle={latency['training']['p50_s'] / latency['idle']['p50_s']:.2f}")

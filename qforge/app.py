@@ -29,8 +29,11 @@ class ServeConfig:
     adapters: list[tuple[str, Path]] = field(default_factory=list)  # (model name, PEFT folder): trusted
     adapter_root: str | None = None       # run-time adapter loads must lie inside (None: no run-time loads)
     dtype: str = "bfloat16"               # compute dtype, a name of qforge.devices.DTYPES
+    quant_type: str = "nf4"               # a plain folder's base at load: nf4|fp4|hqq4|hqq3|hqq2, or "none" (as
+                                          # stored, in `dtype`); quantised folders are served as stored
     device: str = "auto"                  # resolved once by qforge.devices.resolve_device
     max_loaded_adapters: int = 16
+    strict_bases: bool = False            # refuse (400) an adapter trained on another base than the served one
     max_batch: int = 32
     max_queue: int = 256
     max_model_len: int | None = None      # context length (None: the model's)
@@ -101,17 +104,18 @@ def build_server(cfg: ServeConfig):
     import torch
 
     from .devices import resolve_device
-    from .model.load import load_model
+    from .model.serving import load_serving_model
     from .serve import AdapterRegistry, Engine, Metrics
     from .serve.api import create_app
 
     device = resolve_device(cfg.device)  # decided once: the engine runs where the model is
-    model, tokenizer = load_model(cfg.base, compute_dtype=getattr(torch, cfg.dtype), device=device,
-                                  revision=cfg.revision)
+    model, tokenizer = load_serving_model(cfg.base, cfg.quant_type, compute_dtype=getattr(torch, cfg.dtype),
+                                          device=device, revision=cfg.revision)
     if tokenizer is None:
         raise ValueError(f"'{cfg.base}' has no tokenizer files; the server needs one")
     metrics = Metrics()
-    registry = AdapterRegistry(model, cfg.served_name(), cfg.max_loaded_adapters, cfg.adapter_root, metrics)
+    registry = AdapterRegistry(model, cfg.served_name(), cfg.max_loaded_adapters, cfg.adapter_root, metrics,
+                               strict_bases=cfg.strict_bases)
     for name, folder in cfg.adapters:
         registry.add(name, Path(folder), trusted=True)
     engine = Engine(model, tokenizer, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..fileio import fsync_dir
+from ..model.templates import end_of_turn_id, with_end_of_turn
 from ..quant.kquants import quantize_q4_k, quantize_q6_k
 
 QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
@@ -157,12 +158,19 @@ def _add_tokenizer_from_gguf(writer, fields) -> None:
         writer.add_key_value(key, value, types[0], sub_type=sub)
 
 
-def _add_tokenizer_from_hf(writer, tokenizer, n_vocab: int, pre: str) -> None:
+def _add_tokenizer_from_hf(writer, tokenizer, n_vocab: int, pre: str, chat_template: str | None = None) -> None:
     """A byte-level BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" model, with its merges,
-    special tokens and chat template; padded with unused tokens up to the model's vocabulary."""
+    special tokens and chat template (`chat_template` when given; its end of turn as eos for the
+    families that do that); padded with unused tokens up to the model's vocabulary."""
+    import copy
+
     import gguf
     from gguf.vocab import BpeVocab, SpecialVocab
 
+    if chat_template:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = chat_template
+    tokenizer, _ = with_end_of_turn(tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         try:
@@ -249,10 +257,12 @@ def _gguf_tensor(hf_key: str, t: torch.Tensor, dims: LlamaDims) -> tuple[str, np
 
 def write_gguf(out: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], config, tokenizer=None,
                quant: str = "f16", name: str = "model", tokenizer_gguf: str | Path | None = None,
-               tokenizer_pre: str = "default") -> Path:
+               tokenizer_pre: str = "default", chat_template: str | None = None) -> Path:
     """Write a llama.cpp GGUF of a Llama model from (transformers key, tensor) pairs, consumed one at a
     time and held only in their encoded form. The tokenizer comes from `tokenizer_gguf` (copy an
-    existing GGUF's tokenizer.* keys: exact for a model that came from GGUF) or from `tokenizer`."""
+    existing GGUF's tokenizer.* keys: exact for a model that came from GGUF) or from `tokenizer`.
+    `chat_template` (the one the adapter was trained with) replaces the tokenizer's; its end of turn
+    becomes `tokenizer.ggml.eot_token_id`, which llama.cpp stops on (needs `tokenizer` for the id)."""
     if quant not in QUANTS:
         raise ValueError(f"GGUF export: quant must be one of {QUANTS}, got {quant!r}")
     dims = LlamaDims.from_config(config)
@@ -264,13 +274,23 @@ def write_gguf(out: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], con
             qtype = tensor_type(gname, array.shape, quant, dims.n_layer)
             encoded.append((gname, encode(array, qtype), qtype))
     tok_fields = tokenizer_fields_from_gguf(tokenizer_gguf) if tokenizer_gguf else None
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    eot = end_of_turn_id(tokenizer, template) if tokenizer is not None else None
+    if tok_fields is not None and chat_template:
+        tok_fields = [f for f in tok_fields if f[0] != "tokenizer.chat_template"]
+    if eot is not None and tok_fields is not None:
+        tok_fields = [f for f in tok_fields if f[0] != "tokenizer.ggml.eot_token_id"]
 
     def fill(writer) -> None:
         _add_header(writer, dims, name, quant)
         if tok_fields is not None:
             _add_tokenizer_from_gguf(writer, tok_fields)
+            if chat_template:
+                writer.add_chat_template(chat_template)
         elif tokenizer is not None:
-            _add_tokenizer_from_hf(writer, tokenizer, dims.vocab, tokenizer_pre)
+            _add_tokenizer_from_hf(writer, tokenizer, dims.vocab, tokenizer_pre, chat_template)
+        if eot is not None:
+            writer.add_eot_token_id(eot)
         for gname, data, qtype in encoded:
             writer.add_tensor(gname, data, raw_dtype=qtype)
 
@@ -291,10 +311,11 @@ def merged_tensors(model: torch.nn.Module, name: str = "default") -> Iterator[tu
 
 def export_merged_gguf(model: torch.nn.Module, tokenizer, out: str | Path, name: str = "default",
                        quant: str = "f16", model_name: str | None = None, tokenizer_gguf: str | Path | None = None,
-                       tokenizer_pre: str = "default") -> Path:
-    """Merge adapter `name` into `model` (a QLoRA model from qforge.model.load) and write it as GGUF."""
+                       tokenizer_pre: str = "default", chat_template: str | None = None) -> Path:
+    """Merge adapter `name` into `model` (a QLoRA model from qforge.model.load) and write it as GGUF
+    (`chat_template`: the adapter's, with its end of turn; see write_gguf)."""
     return write_gguf(out, merged_tensors(model, name), model.config, tokenizer, quant,
-                      model_name or name, tokenizer_gguf, tokenizer_pre)
+                      model_name or name, tokenizer_gguf, tokenizer_pre, chat_template)
 
 
 # ---- the adapter alone ----------------------------------------------------------------------

@@ -261,10 +261,8 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, name: str = "d
 
     def write(tmp: Path) -> None:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        from ..model.checkpoint import save_tokenizer  # the template's end of turn as an end token
+        save_tokenizer(tokenizer, tmp, getattr(model, "generation_config", None))
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

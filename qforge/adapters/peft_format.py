@@ -34,6 +34,7 @@ from torch import nn
 from ..fileio import CorruptFile, atomic_folder, read_json
 from ..model.surgery import adapted_layers, expert_layers, names_experts, set_active_adapter
 from ..nn import AdaptedLinear, LoraAdapter, LoraSpec
+from ..nn.experts import ExpertLora
 from .model_card import model_card, portable_base_id
 
 CONFIG_NAME = "adapter_config.json"
@@ -175,17 +176,23 @@ def _expert_key_paths(module: str, params: list[str]) -> dict[str, str]:
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
                  base_model_name_or_path: str | None = None, tokenizer=None) -> Path:
     """Write adapter `name` of `model` as a PEFT folder (adapter_config.json + adapter_model.safetensors)
-    that `PeftModel.from_pretrained(base, out_dir)` loads without warnings. Returns the folder.
+    that `PeftModel.from_pretrained(base, out_dir)` loads without warnings, and beside them the base
+    it sits on (qforge_base.json, qforge.adapters.base_record). Returns the folder.
     With `tokenizer`, its files (chat template included) are written beside the adapter."""
+    from .base_record import describe_base, write_base_record
+
     config = adapter_config(model, name, base_model_name_or_path)
     tensors = {k: v.cpu() for k, v in adapter_tensors(model, name).items()}
+    base = describe_base(model)  # the base it was trained on, for servers to compare (qforge_base.json)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if base is not None:
+            write_base_record(tmp, base)
         if tokenizer is not None:
             from ..model.checkpoint import save_tokenizer
-            save_tokenizer(tokenizer, tmp)
+            save_tokenizer(tokenizer, tmp, getattr(model, "generation_config", None))
         (tmp / "README.md").write_text(model_card(config["base_model_name_or_path"], config))
 
     return write_folder_atomically(out_dir, write)
@@ -220,8 +227,8 @@ def read_adapter_config(adapter_dir: str | Path, experts: bool = False) -> dict:
             continue
         if key == "target_parameters" and config.get(key):
             raise ValueError(f"'{path}': target_parameters = {config[key]!r} (LoRA on MoE expert parameters) is "
-                             "not supported here: qforge attaches such adapters with load_adapter (training, "
-                             "merge), not in the multi-adapter server or the GGUF LoRA export")
+                             "not supported here: qforge reads such adapters with load_adapter (training, merge) "
+                             "and read_served_adapter (the multi-adapter server), not in the GGUF LoRA export")
         if config.get(key) not in (None, False, [], {}):
             raise ValueError(f"'{path}': {key} = {config[key]!r} is not supported by qforge")
     if config.get("bias", "none") != "none":
@@ -428,6 +435,29 @@ def _plan_experts(model: nn.Module, adapter_dir: Path, config: dict, tensors: di
     return plan
 
 
+def read_served_adapter(model: nn.Module, layout: ModelLayout, adapter_dir: str | Path, name: str,
+                        dtype: torch.dtype | None = None) -> tuple[list, dict[str, nn.ModuleDict]]:
+    """read_adapter for the multi-adapter server, expert adapters (target_parameters) included, without
+    changing the model: (read_adapter's plan of linear layers, {experts module path: ModuleDict(parameter
+    name -> ExpertLora)}), the expert LoRAs built apart from the model (the server copies them into slots)."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir, experts=True)
+    if not config.get("target_parameters"):
+        return read_adapter(layout, adapter_dir, name, dtype)[1], {}
+    tensors = read_adapter_tensors(adapter_dir)
+    experts = {}
+    for module, path, params, specs, found in _plan_experts(model, adapter_dir, config, tensors, name, dtype):
+        loras = nn.ModuleDict()
+        for p in params:
+            E, out_f, in_f = module.expected_shape(p)
+            loras[p] = ExpertLora(E, in_f, out_f, specs[p]).to(next(iter(module.buffers())).device)
+            with torch.no_grad():
+                loras[p].from_peft_factors(found[p]["lora_A"], found[p]["lora_B"])
+        experts[path] = loras
+    plan = _plan(layout, adapter_dir, config, tensors, name, dtype) if config["target_modules"] or tensors else []
+    return plan, experts
+
+
 def _load_with_experts(model: nn.Module, adapter_dir: Path, name: str | None, dtype: torch.dtype | None) -> str:
     """load_adapter for a file with target_parameters: the expert part, then the linear part."""
     config = read_adapter_config(adapter_dir, experts=True)
@@ -446,5 +476,5 @@ def _load_with_experts(model: nn.Module, adapter_dir: Path, name: str | None, dt
     return name
 
 
-__all__ = ["layer_adapters", "expert_adapters", "save_adapter", "load_adapter", "read_adapter", "adapter_config", "adapter_tensors", "read_adapter_config",
+__all__ = ["layer_adapters", "expert_adapters", "save_adapter", "load_adapter", "read_adapter", "read_served_adapter", "adapter_config", "adapter_tensors", "read_adapter_config",
            "read_adapter_tensors", "write_folder_atomically", "model_layout", "ModelLayout", "default_adapter_name", "PEFT_LORA_DEFAULTS"]

@@ -133,19 +133,20 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] in ("ok", "unsupported") for r in records) else 1
 
 
-OTHER_BASE_METHODS = ("loftq", "qlora-fp4", "qlora-hqq4", "qlora-hqq3", "qlora-hqq2")
+OWN_BASE_METHODS = ("loftq",)  # its adapter starts from its own requantised base, which no server rebuilds
 
 
 def bench_eval(records: list[dict], base: str, tasks: str, out: Path, limit: int | None) -> dict:
-    """lm-eval over the base and the adapters the bench trained, on one server with the NF4 base.
-    Every adapter is served on that NF4 base (BF16 LoRA's too: the comparison the bench is for);
-    adapters that belong to another base (LoftQ's, initialised with its own quantised base; FP4's; HQQ's)
-    and full fine-tuning (no adapter) are left out."""
+    """lm-eval over the base and what every method trained, each on the base it was trained on (one
+    server per base: QLoRA's adapters on NF4/FP4/HQQ, BF16 LoRA's on the dense base, full
+    fine-tuning's model served densely); one table. LoftQ (its own requantised base) is left out."""
     from .eval import evaluate_adapters
 
-    adapters = {r["method"]: r["adapter_dir"] for r in records
-                if r["status"] == "ok" and r.get("adapter_dir") and r["method"] not in OTHER_BASE_METHODS}
-    if not adapters:
-        print("bench: --eval-tasks: no adapter to evaluate")
+    ok = [r for r in records if r["status"] == "ok" and r["method"] not in OWN_BASE_METHODS]
+    adapters = {r["method"]: r["adapter_dir"] for r in ok if r.get("adapter_dir")}
+    full = {r["method"]: r["model_dir"] for r in ok if r.get("model_dir")}
+    if not adapters and not full:
+        print("bench: --eval-tasks: nothing to evaluate")
         return {}
-    return evaluate_adapters(base, adapters, [t.strip() for t in tasks.split(",") if t.strip()], out, limit)
+    return evaluate_adapters(base, adapters, [t.strip() for t in tasks.split(",") if t.strip()], out, limit,
+                             full=full)

@@ -56,14 +56,17 @@ def _base_config(source: str):
 
 
 def modelfile_text(gguf_name: str, chat_template: str | None, eos_token: str | None) -> str:
-    """An Ollama Modelfile: FROM the file, and for a ChatML template Ollama's own TEMPLATE and stop."""
+    """An Ollama Modelfile: FROM the file, for a ChatML template Ollama's own TEMPLATE, and a stop on
+    the template's end of turn (end_of_turn_token) and on eos."""
+    from ..model.templates import end_of_turn_token
+
     lines = [f"FROM ./{gguf_name}"]
     if chat_template and "<|im_start|>" in chat_template:
         lines += ['TEMPLATE """{{- if .System }}<|im_start|>system', "{{ .System }}<|im_end|>", "{{ end }}",
                   "{{- range .Messages }}<|im_start|>{{ .Role }}", "{{ .Content }}<|im_end|>", "{{ end }}",
-                  '<|im_start|>assistant', '"""', 'PARAMETER stop "<|im_end|>"']
-    if eos_token and eos_token != "<|im_end|>":
-        lines.append(f'PARAMETER stop "{eos_token}"')
+                  '<|im_start|>assistant', '"""']
+    for stop in dict.fromkeys(t for t in (end_of_turn_token(chat_template), eos_token) if t):
+        lines.append(f'PARAMETER stop "{stop}"')
     return "\n".join(lines) + "\n"
 
 
@@ -72,6 +75,7 @@ def _export_merged(args: argparse.Namespace, out: Path, name: str) -> None:
     from ..adapters.export_gguf import export_merged_gguf
     from ..fileio import atomic_write_bytes
     from ..model.load import load_quantised_base
+    from ..model.templates import saved_template
     from .merge import trained_quant
 
     # the base dequantised as the adapter was trained on it (nf4, or an HQQ base: the run's config.yaml)
@@ -82,10 +86,12 @@ def _export_merged(args: argparse.Namespace, out: Path, name: str) -> None:
     tok_gguf = _base_gguf(args.base)
     if tokenizer is None and tok_gguf is None:
         raise ValueError(f"base '{args.base}' has no tokenizer files; llama.cpp needs the tokenizer inside the GGUF")
-    export_merged_gguf(model, tokenizer, out, adapter, args.quant, name, tokenizer_gguf=tok_gguf)
+    trained = saved_template(args.adapter)  # the template the adapter was trained with, and its stop
+    export_merged_gguf(model, tokenizer, out, adapter, args.quant, name, tokenizer_gguf=tok_gguf,
+                       chat_template=trained)
     modelfile = out.parent / "Modelfile"
     if not modelfile.exists() or modelfile.read_text(errors="replace").startswith(f"FROM ./{out.name}"):
-        template = getattr(tokenizer, "chat_template", None)
+        template = trained or getattr(tokenizer, "chat_template", None)
         eos = getattr(tokenizer, "eos_token", None)
         atomic_write_bytes(modelfile, modelfile_text(out.name, template, eos).encode())
         print(f"wrote {modelfile} (ollama create NAME -f {modelfile})")

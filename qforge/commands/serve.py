@@ -1,6 +1,8 @@
 """Serve the base model and many LoRA adapters behind an OpenAI-compatible API.
 
-One 4-bit base is shared by every adapter; concurrent requests for different adapters run in the
+One base is shared by every adapter: quantised at load (--quant-type, default nf4), as stored
+(--quant-type none: a merged model, a full fine-tune, the base of BF16-LoRA adapters), or a folder
+already stored 4-bit / HQQ / compressed-tensors, served as stored. Concurrent requests for different adapters run in the
 same continuously batched forward passes (each row its own adapter). Routes: /v1/models,
 /v1/completions, /v1/chat/completions (stream: true for server-sent events), /v1/adapters
 (POST {name, path} loads, DELETE unloads), /v1/usage, /metrics (Prometheus), /health.
@@ -33,6 +35,7 @@ import os
 from pathlib import Path
 
 from ..devices import DTYPES, add_device_argument
+from ..model.serving import SERVE_QUANT_TYPES
 from .argtypes import port_number, positive_int
 
 
@@ -46,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve the PEFT adapter in DIR as model NAME (repeatable)")
     parser.add_argument("--adapter-root", default=None, metavar="DIR",
                         help="folder that run-time adapter loads (POST /v1/adapters) must lie inside")
+    parser.add_argument("--strict-bases", action="store_true",
+                        help="refuse an adapter whose qforge_base.json records another base quantisation than "
+                             "the served base's (default: register it with a warning, shown in /v1/adapters)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on (default: 8000)")
     parser.add_argument("--max-loaded-adapters", type=positive_int, default=16,
@@ -57,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="context length (default: the model's)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="compute dtype (default: bfloat16)")
+    parser.add_argument("--quant-type", choices=SERVE_QUANT_TYPES, default="nf4",
+                        help="how a plain (unquantised) model folder's base is served: quantised at load to "
+                             "nf4/fp4/hqq4/hqq3/hqq2, or 'none': its weights as stored, in --dtype (a merged "
+                             "model, a full fine-tune, the base of BF16-LoRA adapters). A folder already stored "
+                             "4-bit, HQQ or compressed-tensors is served as stored whatever this says "
+                             "(default: nf4)")
     add_device_argument(parser)
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
                         help="accepted bearer key of role user (repeatable; also QFORGE_API_KEY, comma-separated; "
@@ -132,8 +144,8 @@ def serve_config(args: argparse.Namespace):
 
     return ServeConfig(
         base=args.base, revision=args.revision, name=args.name, adapters=parse_adapters(args.adapter),
-        adapter_root=args.adapter_root, dtype=args.dtype, device=args.device,
-        max_loaded_adapters=args.max_loaded_adapters, max_batch=args.max_batch, max_queue=args.max_queue,
+        adapter_root=args.adapter_root, dtype=args.dtype, quant_type=args.quant_type, device=args.device,
+        max_loaded_adapters=args.max_loaded_adapters, strict_bases=args.strict_bases, max_batch=args.max_batch, max_queue=args.max_queue,
         max_model_len=args.max_model_len, api_keys=all_keys(args), host=args.host, port=args.port,
         insecure=args.insecure, log_level=args.log_level, jobs=args.jobs, data_dir=Path(args.data_dir),
         memory_budget=parse_gpu(args.memory_budget) if args.memory_budget else None,

@@ -157,7 +157,7 @@ def run_method(method: str, recipe: dict, output_dir: str | Path, test_data: str
                   train_seconds=round(train_seconds, 2),
                   tokens_per_second=round(result.tokens / max(train_seconds, 1e-9), 1))
     record.update(held_out_exact_match(model, tok, cfg, device, test_data, test_rows))
-    record.update(artifact_size(model, cfg, out))
+    record.update(artifact_size(model, cfg, out, tok))
     record["peak_memory_bytes"], record["peak_memory_kind"] = peak_memory_bytes(device)
     record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     return record
@@ -182,11 +182,17 @@ def held_out_exact_match(model, tok, cfg, device, test_data: str | None, test_ro
     return {"exact_match": sum(exact_match(p, r) for p, r in zip(replies, rows)) / len(rows), "test_rows": len(rows)}
 
 
-def artifact_size(model, cfg, out: Path) -> dict:
-    """What a method leaves to ship: the PEFT adapter folder, or the whole model in BF16 (full)."""
+def artifact_size(model, cfg, out: Path, tokenizer=None) -> dict:
+    """What a method leaves to ship: the PEFT adapter folder, or the whole model in BF16 (full; its
+    folder is written too, with the tokenizer, so that `qforge bench --eval-tasks` can serve it densely)."""
     if cfg.method == "full":
         distinct = {id(p): p.numel() for p in model.parameters()}  # tied embeddings counted once
-        return {"artifact": "model (bf16)", "artifact_bytes": 2 * sum(distinct.values())}
+        folder = out / "model"
+        model.save_pretrained(str(folder))
+        if tokenizer is not None:
+            from ..model.checkpoint import save_tokenizer
+            save_tokenizer(tokenizer, folder, getattr(model, "generation_config", None))
+        return {"artifact": "model (bf16)", "artifact_bytes": 2 * sum(distinct.values()), "model_dir": str(folder)}
     from ..adapters import save_adapter
     folder = save_adapter(model, out / "adapter", name="default", base_model_name_or_path=cfg.model)
     return {"artifact": "adapter", "artifact_bytes": directory_bytes(folder), "adapter_dir": str(folder)}

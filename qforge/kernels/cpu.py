@@ -65,7 +65,25 @@ def load():
                                           ptr, ptr]
     lib.qf_adamw_8bit_apply.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                                         f32, f32, f32, f32]
+    lib.qf_gathered_lora.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
     return lib
+
+
+def gathered_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
+                  scalings: torch.Tensor) -> torch.Tensor:
+    """reference.gathered_lora read in place (qf_gathered_lora): x [B, T, in] or [B, in] float32 or
+    bfloat16; A [K, r, in], B [K, out, r] (cast to x's dtype when they are not in it); -> [B, T, out]
+    or [B, out] in x's dtype."""
+    lib = load()
+    x3 = (x if x.dim() == 3 else x.unsqueeze(1)).contiguous()
+    A, B = A.to(x.dtype).contiguous(), B.to(x.dtype).contiguous()
+    (K, r, n_in), n_out = A.shape, B.shape[1]
+    slots = slots.reshape(-1).to(torch.int64).contiguous()
+    scalings = scalings.float().contiguous()
+    out = torch.empty(x3.shape[0], x3.shape[1], n_out, dtype=x.dtype)
+    lib.qf_gathered_lora(x3.data_ptr(), DTYPE_CODES[x.dtype], x3.shape[0], x3.shape[1], n_in, A.data_ptr(),
+                         B.data_ptr(), K, r, n_out, slots.data_ptr(), scalings.data_ptr(), out.data_ptr())
+    return out if x.dim() == 3 else out.squeeze(1)
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: torch.Tensor):

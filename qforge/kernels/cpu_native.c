@@ -283,3 +283,56 @@ void qf_adamw_8bit_apply(void *param, int param_dtype, int64_t n, int64_t blocks
         else { float inv = 1.0f / vmax; for (int64_t i = start; i < end; i++) v_codes[i] = encode_8bit(v[i], inv, v_table); }
     }
 }
+
+/* Gathered (BGMV-style) per-row LoRA of a mixed serving batch, reading each row's own slot in
+ * place: no gathered copies of A and B, no work on other slots' factors. For row b (of `rows`,
+ * each `tokens` positions of x [rows, tokens, n_in]) with slot k = slots[b] in 0..K-1:
+ *     h = round(x A[k]^T) ; h = round(h * s[k]) ; delta = round(h B[k]^T)     (round: to x's dtype)
+ * as reference.gathered_lora rounds (h in x's dtype before B); the sums are float32 in another
+ * order than torch's GEMMs, so equal to the reference up to float accumulation order, not bit-exact.
+ * A [K, r, n_in], B [K, n_out, r] contiguous, in x's dtype; scalings float32 [K]; slots int64.
+ * Rows whose slot is outside 0..K-1 get a zero delta. Parallel over rows x tokens. */
+static inline float dot_f32(const float *x, const void *w, int dtype, int64_t off, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};   /* eight partial sums: the loop vectorises */
+    int64_t i = 0;
+    if (dtype == 1) {
+        const uint16_t *p = (const uint16_t *)w + off;
+        for (; i + 8 <= n; i += 8)
+            for (int l = 0; l < 8; l++) {
+                uint32_t u = (uint32_t)p[i + l] << 16; float f; memcpy(&f, &u, 4);
+                acc[l] += x[i + l] * f;
+            }
+    } else if (dtype == 0) {
+        const float *p = (const float *)w + off;
+        for (; i + 8 <= n; i += 8)
+            for (int l = 0; l < 8; l++) acc[l] += x[i + l] * p[i + l];
+    }
+    float tail = 0.0f;
+    for (; i < n; i++) tail += x[i] * load_value(w, dtype, off + i);
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+static inline float round_to(float f, int dtype) {
+    if (dtype == 1) { uint32_t u = (uint32_t)to_bf16(f) << 16; memcpy(&f, &u, 4); return f; }
+    if (dtype == 2) return (float)(_Float16)f;
+    return f;
+}
+
+void qf_gathered_lora(const void *x, int dtype, int64_t rows, int64_t tokens, int64_t n_in,
+                      const void *A, const void *B, int64_t K, int64_t r, int64_t n_out,
+                      const int64_t *slots, const float *scalings, void *out) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < rows * tokens; bt++) {
+        int64_t k = slots[bt / tokens];
+        if (k < 0 || k >= K) {
+            for (int64_t o = 0; o < n_out; o++) store_value(out, dtype, bt * n_out + o, 0.0f);
+            continue;
+        }
+        float xf[n_in], h[r];
+        for (int64_t i = 0; i < n_in; i++) xf[i] = load_value(x, dtype, bt * n_in + i);
+        for (int64_t j = 0; j < r; j++)
+            h[j] = round_to(round_to(dot_f32(xf, A, dtype, (k * r + j) * n_in, n_in), dtype) * scalings[k], dtype);
+        for (int64_t o = 0; o < n_out; o++)
+            store_value(out, dtype, bt * n_out + o, dot_f32(h, B, dtype, (k * n_out + o) * r, r));
+    }
+}

@@ -134,19 +134,23 @@ def gathered_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torc
                   scalings: torch.Tensor) -> torch.Tensor:
     """Per-row adapters of a mixed serving batch: delta[b] = s[k] (x[b] A[k]^T) B[k]^T, k = slots[b]
     (no adapter where k is outside 0..K-1). x [B, T, in] or [B, in]; A [K, r, in]; B [K, out, r].
-    CUDA: one Triton kernel; elsewhere, up to CONCATENATED_RANK slot columns (slots x rank), two
-    products over every slot's factors concatenated along the rank, masked per row
-    (reference.concatenated_lora), else the gather + batched products of the reference."""
+    CUDA: one Triton kernel; CPU float32/bfloat16 with the native library: its BGMV-style kernel,
+    each row reading its own slot's factors in place (cpu.gathered_lora); otherwise, up to
+    CONCATENATED_RANK slot columns (slots x rank), two products over every slot's factors
+    concatenated along the rank, masked per row (reference.concatenated_lora), else the gather +
+    batched products of the reference."""
     if x.dtype in _NATIVE_DTYPES and use_triton(x, A, B) and _triton("triton_lora") is not None:
         return _triton("triton_lora").gathered_lora(x, A, B, slots, scalings)
+    if x.dtype in (torch.float32, torch.bfloat16) and A.dtype == B.dtype == x.dtype and _native_ok(x, A, B):
+        return cpu.gathered_lora(x, A, B, slots, scalings)
     if A.shape[0] * A.shape[1] <= CONCATENATED_RANK:
         return reference.concatenated_lora(x, A, B, slots, scalings)
     return reference.gathered_lora(x, A, B, slots, scalings)
 
 
-# slot columns (slots x rank) up to which a mixed batch multiplies by every slot's factors rather than
-# gathering each row's: 8 adapters of rank 32. benchmarks/serve_throughput.py (8 of rank 16, 32
-# rows): multi_vs_single 0.69 with the gather at 94c054e.
+# without the native library: slot columns (slots x rank) up to which a mixed batch multiplies by every
+# slot's factors rather than gathering each row's: 8 adapters of rank 32. benchmarks/serve_throughput.py
+# (8 of rank 16, 32 rows): multi_vs_single 0.69 with the gather at 94c054e.
 CONCATENATED_RANK = 256
 
 

@@ -186,17 +186,25 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> P
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, tmp)
+        save_tokenizer(tokenizer, tmp, getattr(model, "generation_config", None))
 
     return write_new_folder(out_dir, write)
 
 
-def save_tokenizer(tokenizer, folder: Path) -> None:
+def save_tokenizer(tokenizer, folder: Path, generation_config=None) -> None:
     """tokenizer.json + tokenizer_config.json, the chat template kept inside tokenizer_config.json
-    (read by every transformers version) rather than only in a separate chat_template.jinja."""
+    (read by every transformers version) rather than only in a separate chat_template.jinja; and
+    generation_config.json. The chat template's end of turn is written as an end token in both
+    (templates.with_end_of_turn). `tokenizer` None: only the generation config, as it is."""
+    from .templates import with_end_of_turn
+
+    if tokenizer is None:
+        if generation_config is not None:
+            generation_config.save_pretrained(str(folder))
+        return
+    tokenizer, generation_config = with_end_of_turn(tokenizer, generation_config)
+    if generation_config is not None:
+        generation_config.save_pretrained(str(folder))
     try:
         tokenizer.save_pretrained(str(folder), save_jinja_files=False)
     except TypeError:  # transformers without the keyword: the template is in tokenizer_config.json already

@@ -92,3 +92,66 @@ def saved_template(folder: str | Path) -> str | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+# ---- the end of a turn as an end token ------------------------------------------------------
+# The token each family's template closes a turn with (ChatML/Qwen, Llama 3, Gemma, Phi-3); the other
+# built-ins close the answer with the tokenizer's own eos_token. A model trained on a template stops
+# by emitting that token, so the files saved beside it must name it as an end token.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+# families whose tokenizer names the end of turn as its eos (Qwen2.5 and SmolLM2's ChatML, Llama 3.1
+# Instruct); Gemma and Phi-3 keep <eos> / <|endoftext|> and list the turn's end in generation_config
+EOS_IS_END_OF_TURN = ("<|im_end|>", "<|eot_id|>")
+
+
+def end_of_turn_token(source: str | None) -> str | None:
+    """The end-of-turn token a chat template (Jinja source) writes after each turn, or None (the
+    template ends answers with eos_token, or with nothing)."""
+    if not source:
+        return None
+    return next((t for t in END_OF_TURN_TOKENS if t in source), None)
+
+
+def end_of_turn_id(tokenizer, source: str | None = None) -> int | None:
+    """The id of the template's end-of-turn token when the tokenizer holds it as one token (a token
+    the tokenizer splits into pieces cannot be an end id). `source` defaults to the tokenizer's template."""
+    token = end_of_turn_token(source if source is not None else getattr(tokenizer, "chat_template", None))
+    if token is None:
+        return None
+    ids = tokenizer.convert_tokens_to_ids([token])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return ids[0] if ids and ids[0] is not None and ids[0] != unk else None
+
+
+def end_ids(tokenizer, source: str | None = None, generation_config=None) -> list[int]:
+    """Every id generation should stop on: the generation config's eos ids, the tokenizer's eos and
+    the template's end of turn, in that order, without repeats."""
+    out: list[int] = []
+    eos = getattr(generation_config, "eos_token_id", None)
+    for i in [*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id,
+              end_of_turn_id(tokenizer, source)]:
+        if i is not None and int(i) not in out:
+            out.append(int(i))
+    return out
+
+
+def with_end_of_turn(tokenizer, generation_config=None):
+    """(tokenizer, generation_config) to save beside a model trained on the tokenizer's chat template:
+    copies whose end ids include the template's end of turn (generation_config.eos_token_id a list;
+    the tokenizer's eos_token the end of turn for the families that do that). The inputs are not changed
+    (training keeps its own eos). Unchanged objects when the template has no separate end of turn."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    eot = end_of_turn_id(tokenizer)
+    if eot is None or eot == tokenizer.eos_token_id and generation_config is None:
+        return tokenizer, generation_config
+    gen = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    ids = end_ids(tokenizer, None, gen)
+    gen.eos_token_id = ids if len(ids) > 1 else ids[0]
+    token = end_of_turn_token(tokenizer.chat_template)
+    if token in EOS_IS_END_OF_TURN and tokenizer.eos_token != token:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.eos_token = token
+    return tokenizer, gen

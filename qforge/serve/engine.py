@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .logprobs import prompt_logprobs, step_logprobs
+from .logprobs import PROMPT_CHUNK, chunked_prompt_logprobs, step_logprobs
 
 log = logging.getLogger("qforge.serve")
 
@@ -71,6 +71,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None      # record each sampled token's log-prob and this many alternatives
     prompt_logprobs: bool = False    # also score the prompt's own tokens (`echo`); then max_tokens may be 0
+    stop_token_ids: frozenset = frozenset()  # more end ids for this request (its adapter's template's end of turn)
 
     def __post_init__(self):
         self.stop = tuple(s for s in self.stop if s)
@@ -220,6 +221,8 @@ class Engine:
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.stop_token_ids, default=0)  # masked out anyway
+        self.logprob_chunk = PROMPT_CHUNK  # prompt positions whose logits exist at once (echo log-probs)
+        self._decoder = model.get_decoder()  # its output: the final (normed) hidden states
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         if any(getattr(layer, "is_sliding", False) for layer in _new_cache(model).layers):
             raise ValueError("the serving engine supports full-attention models only (this one has sliding-window "
@@ -406,22 +409,24 @@ class Engine:
         mask = kv.attention_mask()                                  # (N, P)
         positions = (mask.cumsum(1) - 1).clamp(min=0)               # (N, P), per row from 0
         scored = [r for r in new if r.params.prompt_logprobs]
-        keep = max((len(r.prompt_ids) for r in scored), default=1)  # logits of the prompts that want them
+        keep = max((len(r.prompt_ids) for r in scored), default=0)  # hidden states of the prompts that want them
         start = time.perf_counter()
-        logits = self._forward(ids, mask, positions, kv.cache, [r.adapter for r in new], keep=keep)  # (N, K, V)
+        logits, hidden = self._forward(ids, mask, positions, kv.cache, [r.adapter for r in new], keep=keep)  # (N, V)
         self._observe("step_seconds", time.perf_counter() - start, phase="prefill")
         self._kv.append(kv)
         self._rows.extend(new)
-        for req, row in zip(new, logits):
+        for b, (req, row) in enumerate(zip(new, logits)):
             if req.params.prompt_logprobs:
                 n = len(req.prompt_ids)
-                req.prompt_logprobs = prompt_logprobs(row[keep - n:], req.prompt_ids, req.params.logprobs or 0)
+                req.prompt_logprobs = chunked_prompt_logprobs(
+                    hidden[b, keep - n:], req.prompt_ids, req.params.logprobs or 0,
+                    lambda h, adapter=req.adapter: self._head(h, adapter), self.logprob_chunk)
             if req.cancelled:
                 continue
             if req.params.max_tokens == 0:  # echo only: the prompt's log-probs are the answer
                 self._finish(req, "length")
             else:
-                self._sample_into(req, row[-1])
+                self._sample_into(req, row)
 
     def _decode_step(self, rows: list[Request]) -> None:
         """One token for every running row: input (B, 1), mask (B, T + 1), positions (B, 1)."""
@@ -429,7 +434,7 @@ class Engine:
         mask = self._kv.attention_mask(extra=1)                     # (B, T + 1)
         positions = self._kv.lengths[:, None]                      # (B, 1)
         start = time.perf_counter()
-        logits = self._forward(ids, mask, positions, self._kv.cache, [r.adapter for r in rows])  # (B, V)
+        logits, _ = self._forward(ids, mask, positions, self._kv.cache, [r.adapter for r in rows])  # (B, V)
         self._observe("step_seconds", time.perf_counter() - start, phase="decode")
         self._observe("batch_size", len(rows))
         self._kv.grow(1)
@@ -459,18 +464,32 @@ class Engine:
         return token
 
     def _forward(self, ids: list[list[int]], mask, positions, cache, adapters: list[str | None],
-                 keep: int | None = None) -> torch.Tensor:
-        """Last-position logits (B, V) -- or, with `keep`, the last `keep` positions' (B, keep, V) --
-        float32 on the CPU (where the samplers' generators live); the registry's lock keeps the
+                 keep: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(last-position logits (B, V) float32 on the CPU, where the samplers' generators live;
+        with `keep`, the final hidden states of the last `keep` positions (B, keep, H) on the
+        device, else None). Only the last position's logits are ever made here: prompt log-probs
+        come from the hidden states a chunk at a time (_head). The registry's lock keeps the
         adapters in place meanwhile."""
         ids = torch.tensor(ids, device=self.device)
         mask, positions = mask.to(self.device), positions.to(self.device)
-        with self.registry.lock, self.registry.select(adapters, self.device):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=keep or 1, **{self._cache_kw: cache})
-        if keep is None:
-            return out.logits[:, -1, :].float().cpu()
-        return out.logits[:, -keep:, :].float().cpu()
+        captured = []
+        hook = self._decoder.register_forward_hook(lambda _m, _i, out: captured.append(out[0])) if keep else None
+        try:
+            with self.registry.lock, self.registry.select(adapters, self.device):
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 logits_to_keep=1, **{self._cache_kw: cache})
+        finally:
+            if hook is not None:
+                hook.remove()
+        hidden = captured[-1][:, -keep:] if keep else None
+        return out.logits[:, -1, :].float().cpu(), hidden
+
+    def _head(self, hidden: torch.Tensor, adapter: str | None) -> torch.Tensor:
+        """(C, V) logits of one request's final hidden states (C, H), as the model's forward makes
+        them (the output layer, then the family's logit scaling / soft-capping if it has one)."""
+        with self.registry.lock, self.registry.select([adapter], self.device):
+            logits = self.model.get_output_embeddings()(hidden[None])[0]   # (C, V)
+        return output_logit_transform(self.model.config, logits)
 
     # ---- per-request bookkeeping ----------------------------------------------------------------
     def _accept(self, req: Request, token: int) -> None:
@@ -480,7 +499,7 @@ class Engine:
             req.first_token = now
             self._observe("ttft", now - req.arrived)
         req.output_ids.append(token)
-        eos = token in self.stop_token_ids and not req.params.ignore_eos
+        eos = (token in self.stop_token_ids or token in req.params.stop_token_ids) and not req.params.ignore_eos
         text = self.tokenizer.decode(req.output_ids[:-1] if eos else req.output_ids, skip_special_tokens=True)
         hit = min((i for i in (text.find(s) for s in req.params.stop) if i >= 0), default=-1)
         if hit >= 0:
@@ -546,6 +565,20 @@ class Engine:
             self.metrics.running.set(len(self._rows))
 
 
+def output_logit_transform(config, logits: torch.Tensor) -> torch.Tensor:
+    """What a family's forward does to lm_head's output: Cohere multiplies by `logit_scale`,
+    Granite divides by `logits_scaling`, Gemma 2/3 soft-cap with `final_logit_softcapping`."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    if getattr(text, "logit_scale", None) is not None:
+        logits = logits * text.logit_scale
+    if getattr(text, "logits_scaling", None) is not None:
+        logits = logits / text.logits_scaling
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def _new_cache(model):
     from transformers import DynamicCache
 
@@ -553,9 +586,6 @@ def _new_cache(model):
 
 
 def _stop_token_ids(model, tokenizer) -> set[int]:
-    """EOS ids from the tokenizer and the model's generation config."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    ids |= set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    return ids
+    """EOS ids from the tokenizer and the model's generation config, and the chat template's end of turn."""
+    from ..model.templates import end_ids
+    return set(end_ids(tokenizer, None, getattr(model, "generation_config", None)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -37,16 +38,40 @@ def step_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, float(logp[token]), top)
 
 
+PROMPT_CHUNK = 256  # prompt positions scored at once: memory ~ PROMPT_CHUNK x vocab float32, whatever the prompt
+
+
 def prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob | None]:
     """Log-probs of a prompt's tokens from its logits (P, V) at the same P positions: token i is
-    scored by position i - 1; the first token has none."""
-    logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # (P - 1, V)
-    target = torch.tensor(ids[1:], dtype=torch.long)
-    chosen = logp.gather(1, target[:, None])[:, 0].tolist()
+    scored by position i - 1; the first token has none. Holds all P x V at once (the reference
+    for chunked_prompt_logprobs)."""
+    return [None] + _score(logits[:-1], ids[1:], k)
+
+
+def chunked_prompt_logprobs(hidden: torch.Tensor, ids: list[int], k: int,
+                            head: Callable[[torch.Tensor], torch.Tensor],
+                            chunk: int = PROMPT_CHUNK) -> list[TokenLogprob | None]:
+    """prompt_logprobs of a prompt from its final hidden states (P, H) instead of its logits:
+    `head` maps (C, H) hidden states to (C, V) logits, called on `chunk` positions at a time, so
+    at most chunk x V logits (and their log-softmax) exist at once, not P x V."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     out: list[TokenLogprob | None] = [None]
-    for i, (tok, lp) in enumerate(zip(ids[1:], chosen)):
-        out.append(TokenLogprob(tok, lp, _top(logp[i], k)))
+    for start in range(0, len(ids) - 1, chunk):
+        stop = min(start + chunk, len(ids) - 1)       # positions start..stop-1 score ids[start+1..stop]
+        out += _score(head(hidden[start:stop]), ids[start + 1:stop + 1], k)
     return out
+
+
+def _score(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+    """One TokenLogprob per row of logits (C, V): row i scores targets[i]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (C, V)
+    chosen = logp.gather(1, torch.tensor(targets, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
+    if k <= 0:
+        return [TokenLogprob(tok, lp, []) for tok, lp in zip(targets, chosen)]
+    values, index = logp.topk(k, dim=-1)  # (C, k): one call (and one device sync) per chunk, not per row
+    tops = [list(zip(i, v)) for i, v in zip(index.tolist(), values.tolist())]
+    return [TokenLogprob(tok, lp, top) for tok, lp, top in zip(targets, chosen, tops)]
 
 
 def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:

@@ -12,6 +12,12 @@ each row's low-rank delta from its slot: one batched product through qforge.kern
 (the Triton `gathered_lora` kernel on CUDA), or, when every row uses the same slot, the adapter
 layer's own low-rank helper (qforge.nn.add_low_rank) on that slot's views. No per-request weight swaps, no per-forward concatenation.
 
+MoE experts (qforge.nn.experts.AdaptedExperts, LoRA on the routed experts' fused parameters) are
+served the same way (SlotExperts): per expert parameter, A [E, S, r_max, in] and B [E, S, out, r_max]
+(expert-major, so that one expert's slots are a contiguous [S, r, in] for the kernels);
+each token takes its row's slot, and the tokens routed to expert e get their low-rank terms in one
+gathered product over that expert's slots. The router and any shared expert are plain layers.
+
 Slots are allocated when the first adapter is loaded and grow (doubling, up to the capacity) as more
 are; the registry decides which adapters occupy them (LRU) and holds its lock around every forward.
 Outside a batch selection a SlotLinear is the layer it replaced (in-process adapters, active adapter).
@@ -24,8 +30,9 @@ import torch
 from torch import nn
 
 from ..kernels import dispatch
-from ..model.surgery import adapted_layers, set_module
+from ..model.surgery import adapted_layers, expert_layers, set_module
 from ..nn import AdaptedLinear, LoraAdapter, add_low_rank
+from ..nn.experts import AdaptedExperts
 
 
 BASE_ONLY = -1  # LoraSlots.single when no row of the batch uses an adapter
@@ -118,11 +125,97 @@ class SlotLinear(AdaptedLinear):
             self.factor[slot].copy_(factor)
 
 
+class SlotExperts(AdaptedExperts):
+    """An experts module as the server runs it: the AdaptedExperts itself with its class swapped (its
+    banks, buffers and in-process adapters untouched, so the state dict and module path are the same),
+    plus per expert parameter the slots A [E, S, r, in], B [E, S, out, r] and scalings [S]. Outside a
+    batch selection it is the module it was."""
+
+    @classmethod
+    def wrapping(cls, module: AdaptedExperts, bank: "LoraSlots") -> "SlotExperts":
+        module.__class__ = cls  # in place: a copy would have to re-register every bank's buffers
+        module.__dict__["slot_bank"] = bank  # not a child module (`bank` is the frozen banks' getter)
+        module.slot_A, module.slot_B, module.slot_s = {}, {}, {}
+        return module
+
+    def unwrapped(self) -> AdaptedExperts:
+        for attr in ("slot_bank", "slot_A", "slot_B", "slot_s"):
+            self.__dict__.pop(attr, None)
+        self.__class__ = AdaptedExperts
+        return self
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        bank = self.slot_bank
+        if bank.rows is None:  # not serving a batch: the module as it is
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        token_slots = None  # no row of the batch has an adapter
+        if bank.single != BASE_ONLY and self.slot_A:
+            # the sparse block flattened (B, L, H) to (B*L, H): token t belongs to row t // L
+            token_slots = bank.rows.repeat_interleave(hidden_states.shape[0] // bank.rows.numel())  # (T,)
+        return self._routed(hidden_states, top_k_index, top_k_weights, token_slots)
+
+    def _routed(self, hidden_states, top_k_index, top_k_weights, token_slots) -> torch.Tensor:
+        """AdaptedExperts.forward with each token's low-rank terms from its slot (None: the base alone)."""
+        x = hidden_states.to(self.compute_dtype)                                     # (T, H)
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            routed = torch.unique(top_k_index).tolist()
+        for e in routed:
+            if not 0 <= e < self.num_experts:
+                continue
+            token_idx, k_pos = torch.where(top_k_index == e)
+            slots = None if token_slots is None else token_slots[token_idx]           # (n_e,)
+            h = self._slot_project("gate_up_proj", e, x[token_idx], slots)          # (n_e, 2I)
+            gate, up = h.chunk(2, dim=-1)
+            y = self._slot_project("down_proj", e, self.act_fn(gate) * up, slots)   # (n_e, H)
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
+        return out
+
+    def _slot_project(self, name: str, e: int, x: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        y = self.bank(name).product(x, e)                                            # (n, out)
+        if slots is None or name not in self.slot_A:
+            return y
+        A, B = self.slot_A[name][e], self.slot_B[name][e]                            # [S, r, in], [S, out, r]
+        return y + dispatch.gathered_lora(x, A, B, slots, self.slot_s[name]).to(y.dtype)
+
+    # ---- slot tensors -------------------------------------------------------------------------
+    def _resize(self, slots: int, rank: int, device, dtype) -> None:
+        for name in self.banks:
+            E, n_out, n_in = self.expected_shape(name)
+            shapes = {"A": (E, slots, rank, n_in), "B": (E, slots, n_out, rank)}
+            for key, store in (("A", self.slot_A), ("B", self.slot_B)):
+                old, new = store.get(name), torch.zeros(shapes[key], dtype=dtype, device=device)
+                if old is not None:
+                    new[tuple(slice(0, n) for n in old.shape)] = old
+                store[name] = new
+            old_s, new_s = self.slot_s.get(name), torch.zeros(slots, dtype=torch.float32, device=device)
+            if old_s is not None:
+                new_s[:old_s.numel()] = old_s
+            self.slot_s[name] = new_s
+
+    @torch.no_grad()
+    def write(self, slot: int, loras: dict | None) -> None:
+        """Put an adapter's expert LoRAs (parameter name -> ExpertLora; None: nothing) in `slot`."""
+        for name in self.slot_A:
+            self.slot_A[name][:, slot].zero_()
+            self.slot_B[name][:, slot].zero_()
+            self.slot_s[name][slot] = 0.0
+            lora = loras[name] if loras is not None and name in loras else None
+            if lora is not None:
+                self.slot_A[name][:, slot, :lora.r].copy_(lora.lora_A)
+                self.slot_B[name][:, slot, :, :lora.r].copy_(lora.lora_B)
+                self.slot_s[name][slot] = lora.scaling
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """Put a plain AdaptedLinear back for every serving layer of `model` (the model as before serving)."""
+    """Put a plain AdaptedLinear (AdaptedExperts) back for every serving layer of `model` (the model as
+    before serving)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, SlotLinear):
             set_module(model, name, module.unwrapped())
+        elif isinstance(module, SlotExperts):
+            module.unwrapped()
     return model
 
 
@@ -140,6 +233,8 @@ class LoraSlots:
             serving = SlotLinear.replacing(layer, self)
             set_module(model, name, serving)
             self.layers[name] = serving
+        self.experts: dict[str, SlotExperts] = {name: SlotExperts.wrapping(module, self)
+                                                for name, module in list(expert_layers(model))}
         self.names: list[str | None] = []  # slot -> adapter name
         self.rank = 0
         self.rows: torch.Tensor | None = None
@@ -154,12 +249,23 @@ class LoraSlots:
     def slot_of(self, name: str) -> int:
         return self.names.index(name)
 
-    def load(self, name: str, adapters: dict[str, LoraAdapter]) -> int:
-        """Put adapter `name` (layer path -> its LoraAdapter; layers not named get a zero delta)
-        in a free slot; SlotsFull when none is free. Returns the slot."""
+    def in_process(self, name: str) -> dict:
+        """Adapter `name` as attached to the model (layer path -> LoraAdapter, experts path -> its
+        expert LoRAs), in the form `load` takes."""
+        out = {path: layer.adapters[name] for path, layer in self.layers.items() if name in layer.adapters}
+        out.update({path: m.adapters[name] for path, m in self.experts.items() if name in m.adapters})
+        return out
+
+    def _modules(self) -> list:
+        return [*self.layers.values(), *self.experts.values()]
+
+    def load(self, name: str, adapters: dict) -> int:
+        """Put adapter `name` (layer path -> its LoraAdapter, experts module path -> {parameter name:
+        ExpertLora}; layers not named get a zero delta) in a free slot; SlotsFull when none is free.
+        Returns the slot."""
         if name in self.names:
             raise ValueError(f"adapter '{name}' is loaded already")
-        unknown = sorted(set(adapters) - set(self.layers))
+        unknown = sorted(set(adapters) - set(self.layers) - set(self.experts))
         if unknown:
             raise ValueError(f"adapter '{name}' names layers the served model does not adapt: {unknown[:5]}")
         slot = next((i for i, n in enumerate(self.names) if n is None), None)
@@ -167,23 +273,27 @@ class LoraSlots:
             if len(self.names) >= self.capacity:
                 raise SlotsFull(f"all {self.capacity} adapter slots are in use")
             slot = len(self.names)
-        rank = max([a.r for a in adapters.values()] + [self.rank, 1])
+        ranks = [a.r for path, a in adapters.items() if path in self.layers]
+        ranks += [lora.r for path, loras in adapters.items() if path in self.experts for lora in loras.values()]
+        rank = max(ranks + [self.rank, 1])
         if slot >= len(self.names) or rank > self.rank:
             size = len(self.names) if slot < len(self.names) else \
                 max(slot + 1, min(self.capacity, max(2, 2 * len(self.names))))
             for layer in self.layers.values():
                 layer._resize(size, rank, layer.weight.device, self.dtype)
+            for module in self.experts.values():
+                module._resize(size, rank, next(iter(module.buffers())).device, self.dtype)
             self.names += [None] * (size - len(self.names))
             self.rank = rank
-        for path, layer in self.layers.items():
-            layer.write(slot, adapters.get(path))
+        for path, module in [*self.layers.items(), *self.experts.items()]:
+            module.write(slot, adapters.get(path))
         self.names[slot] = name
         return slot
 
     def unload(self, name: str) -> None:
         slot = self.slot_of(name)
-        for layer in self.layers.values():
-            layer.write(slot, None)
+        for module in self._modules():
+            module.write(slot, None)
         self.names[slot] = None
 
     @contextlib.contextmanager

@@ -15,6 +15,7 @@ and unload.
 """
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -25,11 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, model_layout, read_adapter
+from ..adapters.base_record import BASE_RECORD_NAME, base_mismatch, describe_base, read_base_record
+from ..adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, model_layout, read_served_adapter
 from ..model.surgery import adapted_layers, detach_adapter
 from ..nn import LoraAdapter
 from .lora_slots import LoraSlots, unwrap
 
+log = logging.getLogger("qforge.serve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-:+@]{0,127}$")
 
 
@@ -70,6 +73,7 @@ class AdapterEntry:
     loaded: bool = False
     pins: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
+    base_warning: str | None = None  # trained on another base than the served one (qforge_base.json)
 
 
 def model_compute_dtype(model: nn.Module) -> torch.dtype:
@@ -80,7 +84,7 @@ class AdapterRegistry:
     """Named adapters over one base model, with an LRU of at most `max_loaded` in memory."""
 
     def __init__(self, model: nn.Module, base_name: str, max_loaded: int = 16,
-                 adapter_root: str | Path | None = None, metrics=None):
+                 adapter_root: str | Path | None = None, metrics=None, strict_bases: bool = False):
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
         self.model, self.base_name, self.max_loaded = model, base_name, max_loaded
@@ -88,6 +92,7 @@ class AdapterRegistry:
         if self.adapter_root is not None and not self.adapter_root.is_dir():
             raise FileNotFoundError(f"adapter root '{adapter_root}' is not a folder")
         self.dtype = model_compute_dtype(model)  # adapters compute in the model's dtype
+        self.base_record, self.strict_bases = describe_base(model), strict_bases  # what adapters are checked against
         self.layout = model_layout(unwrap(model))  # the model's own layout, without serving wrappers
         self.slots = LoraSlots(model, max_loaded, self.dtype)
         self.metrics = metrics
@@ -151,6 +156,7 @@ class AdapterRegistry:
             self._check_new_name(name)
             folder = Path(path).expanduser().resolve() if trusted else self.resolve_path(str(path))
             entry = AdapterEntry(name, folder, trusted=trusted, source=str(path))
+            entry.base_warning = self._check_base(entry)
             self._entries[name] = entry
             try:
                 if not self._make_resident(entry):
@@ -161,12 +167,29 @@ class AdapterRegistry:
                 raise
             return entry
 
+    def _check_base(self, entry: AdapterEntry) -> str | None:
+        """The adapter's recorded base against the served one: a logged warning (returned, shown in
+        /v1/adapters) on a mismatch, an AdapterError naming both with strict_bases."""
+        record_path = entry.path / BASE_RECORD_NAME
+        if not entry.trusted and not record_path.resolve().is_relative_to(self.adapter_root):
+            raise AdapterForbidden(f"'{entry.source}/{BASE_RECORD_NAME}' leads outside the adapter root", "path")
+        try:
+            mismatch = base_mismatch(read_base_record(entry.path), self.base_record)
+        except ValueError as exc:
+            raise AdapterError(f"cannot load adapter '{entry.name}': {exc}", "path") from exc
+        if mismatch is None:
+            return None
+        if self.strict_bases:
+            raise AdapterError(f"adapter '{entry.name}' was {mismatch} (refused: the server runs with "
+                               "--strict-bases)", "path")
+        log.warning("adapter '%s' was %s", entry.name, mismatch)
+        return f"adapter was {mismatch}"
+
     def attach(self, name: str) -> AdapterEntry:
         """Register an adapter already attached to the model in-process (never evicted)."""
         with self.lock:
             self._check_new_name(name)
-            adapters = {path: slot.adapters[name] for path, slot in self.slots.layers.items()
-                        if name in slot.adapters}
+            adapters = self.slots.in_process(name)
             if not adapters:
                 raise AdapterNotFound(f"the model carries no adapter named '{name}'")
             entry = AdapterEntry(name, None)
@@ -241,7 +264,7 @@ class AdapterRegistry:
         """Adapter `entry` from its PEFT folder: layer path -> LoraAdapter (not attached to the model)."""
         folder = entry.path if entry.trusted else self.resolve_path(entry.source)
         try:
-            _, plan = read_adapter(self.layout, folder, name=entry.name, dtype=self.dtype)
+            plan, experts = read_served_adapter(self.model, self.layout, folder, entry.name, self.dtype)
         except (FileNotFoundError, ValueError) as exc:
             message = str(exc).replace(str(folder), entry.source)
             if self.adapter_root is not None:
@@ -256,7 +279,7 @@ class AdapterRegistry:
                 for attr in spec.variant.extra_weights:
                     getattr(adapter, attr).copy_(tensors[attr])
                 adapters[path] = adapter
-        return adapters
+        return {**adapters, **experts}  # and the experts modules' LoRAs (MoE)
 
     def select(self, adapters: list[str | None], device: torch.device):
         """A context in which row b of the model's forward uses adapters[b] (loaded: see acquire)."""

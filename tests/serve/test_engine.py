@@ -218,3 +218,27 @@ def test_kv_batch_left_padding_bookkeeping():
     kv.keep([0, 1])  # the 5-long row leaves: two columns are padding everywhere now
     assert kv.cache.layers[0].keys[:, 0, :, 0].tolist() == [[0, 1, 2], [3, 4, 5]]
     assert kv.attention_mask(extra=1).tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+
+
+def test_a_request_stops_on_its_own_end_ids(tiny, prompts):
+    """SamplingParams.stop_token_ids (its adapter's template's end of turn) ends that row only."""
+    free = run_all(tiny, [(prompts[1], "a", SamplingParams(max_tokens=6, temperature=0))])[0]
+    end = free.output_ids[2]
+    k = free.output_ids.index(end)  # the first time the row emits it
+    jobs = [(prompts[1], "a", SamplingParams(max_tokens=6, temperature=0, stop_token_ids=frozenset([end]))),
+            (prompts[1], "a", SamplingParams(max_tokens=6, temperature=0))]
+    stopped, other = run_all(tiny, jobs)
+    assert stopped.output_ids == free.output_ids[:k + 1] and stopped.finish_reason == "stop"
+    assert other.output_ids == free.output_ids
+
+
+def test_adapter_end_ids_come_from_the_template_saved_with_it(tmp_path, tokenizer):
+    from types import SimpleNamespace
+
+    from qforge.serve.api.streaming import adapter_end_ids
+
+    (tmp_path / "chat_template.jinja").write_text("{{ '<|im_start|>' + m + '<|im_end|>' }}")
+    entries = [SimpleNamespace(name="ad", path=tmp_path), SimpleNamespace(name="bare", path=tmp_path / "none")]
+    state = SimpleNamespace(registry=SimpleNamespace(entries=lambda: entries), tokenizer=tokenizer)
+    assert adapter_end_ids(state, "ad") == {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert adapter_end_ids(state, "bare") == frozenset() and adapter_end_ids(state, None) == frozenset()

@@ -187,7 +187,8 @@ def _chat_prompt(state: AppState, messages: list[ChatMessage], plan: OutputPlan 
 def _add_adapter_routes(app: FastAPI, state: AppState, caller) -> None:
     @app.get("/v1/adapters")
     async def list_adapters(key_id: str = Depends(caller)):
-        data = [{"id": e.name, "object": "adapter", "loaded": e.loaded, "in_use": e.pins, "created": e.created}
+        data = [{"id": e.name, "object": "adapter", "loaded": e.loaded, "in_use": e.pins, "created": e.created,
+                 **({"warning": e.base_warning} if e.base_warning else {})}
                 for e in state.registry.entries() if state.visible(e.name, key_id)]
         return {"object": "list", "data": data, "max_loaded": state.registry.max_loaded}
 
@@ -205,7 +206,8 @@ def _add_adapter_routes(app: FastAPI, state: AppState, caller) -> None:
         except AdapterError as exc:
             raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
         state.adapter_owners.set(entry.name, None if who.is_operator else who.id)
-        return JSONResponse(state.model_card(entry.name, entry.created, state.registry.base_name), 201)
+        card = state.model_card(entry.name, entry.created, state.registry.base_name)
+        return JSONResponse(card | ({"warning": entry.base_warning} if entry.base_warning else {}), 201)
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, who: Caller = Depends(state.who)):

@@ -68,11 +68,12 @@ class Generation:
         self.echo = kind == "completion" and body.echo
         self.offsets: dict[int, int] = {}  # streaming: characters sent so far per choice (text_offset)
         self.requests = []
+        ends = adapter_end_ids(app_state, self.adapter)
         for p, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
             for k in range(body.n):
                 seed = None if body.seed is None else body.seed + k
                 params = sampling_params(limit, body.temperature, body.top_p, stops, seed, body.ignore_eos,
-                                 logprobs=self.top_k, prompt_logprobs=score_prompt)
+                                 logprobs=self.top_k, prompt_logprobs=score_prompt, stop_token_ids=ends)
                 index = p * body.n + k
                 processor = self.grammar() if self.grammar is not None else None
                 self.requests.append(GenRequest(prompt, self.adapter, params, sink=self.events.sink(index),
@@ -269,3 +270,13 @@ def sampling_params(max_tokens, temperature, top_p, stops, seed, ignore_eos, **e
         raise APIError(400, str(exc), param=exc.param) from exc
 
 
+
+
+def adapter_end_ids(app_state: AppState, adapter: str | None) -> frozenset:
+    """The end-of-turn id of the chat template saved with `adapter` (its rows stop there), or none."""
+    from ...model.templates import end_of_turn_id
+    from .routes import adapter_chat_template
+
+    template = adapter_chat_template(app_state, adapter)
+    eot = end_of_turn_id(app_state.tokenizer, template) if template else None
+    return frozenset() if eot is None else frozenset([eot])
