@@ -84,6 +84,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --jobs: run no worker here (`qforge worker` processes train the jobs)")
     parser.add_argument("--max-file-mb", type=positive_int, default=64,
                         help="with --jobs: the largest upload, in MiB (default: 64)")
+    parser.add_argument("--max-request-tokens", type=positive_int, default=32768,
+                        help="work one request may ask: embeddings' input tokens summed; completions' and chats' "
+                             "(prompt + max_tokens) x n (default: 32768; more: 400)")
+    parser.add_argument("--max-scored-tokens", type=positive_int, default=4096,
+                        help="echo with logprobs: the most tokens of one scored prompt (default: 4096)")
+    parser.add_argument("--max-connections", type=positive_int, default=1000,
+                        help="open connections in all; one more is answered 503 and closed (default: 1000, kept "
+                             "below the file-descriptor limit)")
+    parser.add_argument("--max-connections-per-client", type=positive_int, default=128,
+                        help="open connections from one client address (default: 128)")
+    parser.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="a request's headers must arrive within this, trickled or not (default: 10)")
+    parser.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="a request's body must arrive within this of its start (default: 60)")
     from .worker import add_limit_arguments
     add_limit_arguments(parser, default_threads="half the cores, at least 1; the server keeps the others",
                         prefix="with --jobs: ")
@@ -140,7 +154,10 @@ def serve_config(args: argparse.Namespace):
         database_url=args.database_url or os.environ.get("QFORGE_DATABASE_URL") or None,
         start_worker=not args.no_worker, max_file_mb=args.max_file_mb, worker_threads=args.worker_threads,
         worker_memory_fraction=args.worker_memory_fraction, disk_full_retries=args.disk_full_retries,
-        disk_full_backoff=args.disk_full_backoff, disk_full_wait=args.disk_full_wait)
+        disk_full_backoff=args.disk_full_backoff, disk_full_wait=args.disk_full_wait,
+        max_request_tokens=args.max_request_tokens, max_scored_tokens=args.max_scored_tokens,
+        max_connections=args.max_connections, max_connections_per_client=args.max_connections_per_client,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout)
 
 
 def jobs_config(args: argparse.Namespace):
