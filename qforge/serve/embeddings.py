@@ -90,7 +90,7 @@ def add_embedding_routes(app: FastAPI, state, caller, api_error) -> None:
             if lone_surrogate(getattr(body, field)):
                 raise api_error(400, f"{field}: the text holds a lone surrogate (not valid Unicode)", param=field,
                                 code="invalid_value")
-        adapter = state.resolve_model(body.model, key_id)
+        adapter = await run_in_threadpool(state.resolve_model, body.model, key_id)  # the jobs' guard reads a database
         prompts = await state.off_loop.run(_inputs, state, body.input, api_error)
         try:
             hidden = await run_in_threadpool(_embed_chunks, state, prompts, adapter)   # (N, H)

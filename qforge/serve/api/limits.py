@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import BaseModel
+
 from .errors import APIError
 
 DEFAULT_MAX_REQUEST_TOKENS = 32768
@@ -69,13 +71,14 @@ def embedding_chunks(prompts: list[list[int]], chunk_tokens: int) -> list[list[l
 
 
 def json_depth_over(value, limit: int) -> bool:
-    """Whether `value` (dicts and lists) nests deeper than `limit`, walked without recursion."""
+    """Whether `value` (dicts, lists and pydantic models: a message's tool calls) nests deeper than
+    `limit`, walked without recursion."""
+    nested = (dict, list, tuple, BaseModel)
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, (dict, list, tuple)):
-            if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list, tuple)))
+        if depth > limit:
+            return True
+        children = dict(item).values() if isinstance(item, (dict, BaseModel)) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, nested))
     return False

@@ -90,14 +90,15 @@ def _add_info_routes(app: FastAPI, state: AppState, caller) -> None:
 
     @app.get("/v1/models")
     async def models(key_id: str = Depends(caller)):
-        base = state.registry.base_name
-        cards = [state.model_card(base)] + [state.model_card(e.name, e.created, base) for e in state.registry.entries()
-                                            if state.visible(e.name, key_id)]
-        return {"object": "list", "data": cards}
+        def cards():  # off the event loop: the jobs' model guard reads its database
+            base = state.registry.base_name
+            return [state.model_card(base)] + [state.model_card(e.name, e.created, base)
+                                               for e in state.registry.entries() if state.visible(e.name, key_id)]
+        return {"object": "list", "data": await run_in_threadpool(cards)}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, key_id: str = Depends(caller)):
-        adapter = state.resolve_model(model_id, key_id)
+        adapter = await run_in_threadpool(state.resolve_model, model_id, key_id)
         return state.model_card(model_id, parent=None if adapter is None else state.registry.base_name)
 
 
@@ -126,24 +127,27 @@ def _add_generation_routes(app: FastAPI, state: AppState, caller) -> None:
         _check_request(state, body, len(body.prompt) if isinstance(body.prompt, list) and body.prompt
                        and not isinstance(body.prompt[0], int) else 1)
         plan = body.output_plan()
+        adapter = await run_in_threadpool(state.resolve_model, body.model, key_id)
         prompts = await state.off_loop.run(_completion_prompts, state, body.prompt)
         limit = 16 if body.max_tokens is None else body.max_tokens
         state.limits.check_generation([len(p) for p in prompts], [limit] * len(prompts), body.n)
         if body.echo and body.logprobs is not None:
             state.limits.check_scored([len(p) for p in prompts])
-        return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request, plan)
+        return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request, plan,
+                              adapter)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
         _check_request(state, body, 1)
         plan = body.output_plan()
-        template = adapter_chat_template(state, state.resolve_model(body.model, key_id))
+        adapter = await run_in_threadpool(state.resolve_model, body.model, key_id)
+        template = await run_in_threadpool(adapter_chat_template, state, adapter)
         prompt = await state.off_loop.run(_chat_prompt, state, body.messages, plan, template)
         asked = body.max_completion_tokens or body.max_tokens
         limit = asked or max(1, min(DEFAULT_CHAT_MAX_TOKENS, state.engine.context_len - len(prompt)))
         state.limits.check_generation([len(prompt)], [limit], body.n)
-        return await _respond(state, "chat", body, [prompt], [limit], key_id, request, plan)
+        return await _respond(state, "chat", body, [prompt], [limit], key_id, request, plan, adapter)
 
 
 def _check_request(state: AppState, body: GenerationBody, prompts: int) -> None:
@@ -169,14 +173,15 @@ def check_text(state: AppState, body: BaseModel) -> None:
                        code="invalid_value")
 
 
-async def _respond(state, kind, body, prompts, limits, key_id, request: Request, plan: OutputPlan | None = None):
+async def _respond(state, kind, body, prompts, limits, key_id, request: Request, plan: OutputPlan | None = None,
+                   adapter: str | None = None):
     grammar = None
     if plan is not None and plan.schema is not None:
         try:  # the first use builds llguidance's view of the tokenizer (about a second): off the event loop
             grammar = await run_in_threadpool(compile_plan, state.engine, plan.schema, plan.schema_param)
         except GrammarError as exc:
             raise APIError(400, str(exc), param=exc.param) from exc
-    generation = Generation(state, kind, body, prompts, limits, key_id, plan, grammar)
+    generation = Generation(state, kind, body, prompts, limits, key_id, plan, grammar, adapter)
     if body.stream:
         generation.submit()  # errors (400, 429) before the stream starts are plain JSON answers
         return EventStream(generation, request)
@@ -230,9 +235,10 @@ def _chat_prompt(state: AppState, messages: list[ChatMessage], plan: OutputPlan 
 def _add_adapter_routes(app: FastAPI, state: AppState, caller) -> None:
     @app.get("/v1/adapters")
     async def list_adapters(key_id: str = Depends(caller)):
-        data = [{"id": e.name, "object": "adapter", "loaded": e.loaded, "in_use": e.pins, "created": e.created}
-                for e in state.registry.entries() if state.visible(e.name, key_id)]
-        return {"object": "list", "data": data, "max_loaded": state.registry.max_loaded}
+        def rows():  # off the event loop: the jobs' model guard reads its database
+            return [{"id": e.name, "object": "adapter", "loaded": e.loaded, "in_use": e.pins, "created": e.created}
+                    for e in state.registry.entries() if state.visible(e.name, key_id)]
+        return {"object": "list", "data": await run_in_threadpool(rows), "max_loaded": state.registry.max_loaded}
 
     @app.post("/v1/adapters", status_code=201)
     async def add_adapter(body: AdapterBody, who: Caller = Depends(state.who)):
@@ -241,7 +247,7 @@ def _add_adapter_routes(app: FastAPI, state: AppState, caller) -> None:
         if reason is not None:
             raise APIError(403, f"cannot register '{body.name}': {reason}", "permission_error", "name",
                            "adapter_name_reserved")
-        if body.name in state.registry and not state.visible(body.name, who.id):
+        if body.name in state.registry and not await run_in_threadpool(state.visible, body.name, who.id):
             raise APIError(409, f"cannot register '{body.name}': the name is taken", param="name",
                            code="adapter_exists")
         try:
@@ -277,7 +283,7 @@ async def _delete_adapter(state: AppState, name: str, who: Caller, param: str) -
     """Unload a served adapter for its owner: 404 when this caller cannot see it (as for an unknown
     name), 403 when it may use it but not delete it (an operator's adapter). One rule for
     DELETE /v1/adapters/{name} and DELETE /v1/models/{id}."""
-    if name not in state.registry or not state.visible(name, who.id):
+    if name not in state.registry or not await run_in_threadpool(state.visible, name, who.id):
         raise APIError(404, f"The model '{name}' does not exist", param=param, code="model_not_found")
     if not state.adapter_owners.may_delete(name, who):
         raise APIError(403, f"adapter '{name}' is not yours to delete (it is the operator's)", "permission_error",
