@@ -304,3 +304,38 @@ def test_registry_reads_do_not_wait_on_the_slot_lock(live):
         assert done.wait(60)
     reader.join()
 
+
+
+# ---- the server as `qforge serve --jobs` builds it ------------------------------------------------
+@pytest.mark.slow  # builds the whole jobs service
+def test_built_server_keeps_the_adapter_root_out_of_the_data_folder_and_reports_its_store(tiny_base, tmp_path):
+    """build_server forbids the jobs' data folder to run-time adapters even when --adapter-root is
+    that folder, and /health reports the jobs store degraded when its database cannot be read."""
+    from tests.jobs.helpers import InProcessService
+
+    data = tmp_path / "data"
+    with InProcessService(tiny_base, data, keys=[ALICE], start_worker=False, adapter_root=str(tmp_path)) as live:
+        with live.engine.registry.lock:  # the served model's adapters are copied, not touched, meanwhile
+            save_random_adapters(live.engine.model, data / "jobs" / "job-x" / "run", ["adapter"])
+        r = httpx.post(live.url + "/adapters", json={"name": "stolen", "path": "data/jobs/job-x/run/adapter"},
+                       headers=auth(ALICE), timeout=60)
+        assert r.status_code == 403, r.text
+        assert httpx.get(live.root + "/health").json()["status"] == "ok"
+        store = live.jobs.store
+        broken = _break(store)
+        try:
+            body = httpx.get(live.root + "/health").json()
+            assert body["status"] == "degraded" and "jobs_store" in body["degraded"]
+        finally:
+            broken()
+
+
+def _break(store):
+    """Make the store's reads fail as an unreachable database does; returns the undo."""
+    original = store.get_job
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("cannot reach the job database")
+
+    store.get_job = unreachable
+    return lambda: setattr(store, "get_job", original)
