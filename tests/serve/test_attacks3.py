@@ -202,6 +202,25 @@ def test_health_reports_a_degraded_jobs_store(live):
     assert httpx.get(live.root + "/health").json()["status"] == "ok"
 
 
+def test_a_hanging_store_check_holds_one_thread_however_often_health_is_asked(live):
+    release, calls = threading.Event(), []
+
+    def hangs():
+        calls.append(1)
+        release.wait(120)
+        return None
+
+    live.state.health_checks["jobs_store"] = hangs
+    try:
+        for _ in range(3):
+            body = httpx.get(live.root + "/health", timeout=60).json()
+            assert body["status"] == "degraded" and body["degraded"]["jobs_store"].startswith("no answer")
+        assert len(calls) == 1
+    finally:
+        release.set()
+        del live.state.health_checks["jobs_store"]
+
+
 # ---- 7. bad input: a 4xx, never a 5xx -----------------------------------------------------------
 @pytest.mark.parametrize("path, body", [
     ("/chat/completions", {"model": "tiny", "messages": [

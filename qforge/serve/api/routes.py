@@ -10,8 +10,6 @@ engine's thread beyond starting it.
 """
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
@@ -70,7 +68,7 @@ def _add_info_routes(app: FastAPI, state: AppState, caller) -> None:
         ok = state.engine.alive
         body = {"status": "ok" if ok else "error", "queue_depth": state.engine.queue_depth(),
                 "running": state.engine.running(), "loaded_adapters": len(state.registry.loaded_names())}
-        degraded = await _health_problems(state)
+        degraded = await state.health.problems(state.health_checks)
         if degraded:
             body["degraded"] = degraded
             body["status"] = body["status"] if not ok else "degraded"
@@ -100,24 +98,6 @@ def _add_info_routes(app: FastAPI, state: AppState, caller) -> None:
     async def model(model_id: str, key_id: str = Depends(caller)):
         adapter = await run_in_threadpool(state.resolve_model, model_id, key_id)
         return state.model_card(model_id, parent=None if adapter is None else state.registry.base_name)
-
-
-HEALTH_CHECK_S = 2.0  # a part that has not answered by then is reported degraded
-
-
-async def _health_problems(state: AppState) -> dict[str, str]:
-    """name -> why that part of the service is degraded, for each health check that finds a problem."""
-    problems = {}
-    for name, check in list(state.health_checks.items()):
-        try:
-            problem = await asyncio.wait_for(run_in_threadpool(check), HEALTH_CHECK_S)
-        except asyncio.TimeoutError:
-            problem = f"no answer within {HEALTH_CHECK_S:g} s"
-        except Exception as exc:  # noqa: BLE001 - a failing check is the degradation it reports
-            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-        if problem:
-            problems[name] = problem
-    return problems
 
 
 def _add_generation_routes(app: FastAPI, state: AppState, caller) -> None:

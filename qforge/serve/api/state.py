@@ -17,6 +17,7 @@ from ..guards import OffLoop
 from ..metrics import Metrics, UsageLedger
 from ..registry import AdapterRegistry
 from .errors import APIError
+from .health import HealthProbes
 from .limits import RequestLimits
 
 
@@ -36,6 +37,7 @@ class AppState:
         self.body_limits: dict[str, int] = {}  # path prefix -> larger body limit (uploads)
         # name -> check() giving why a part of the service is degraded, or None (the jobs store)
         self.health_checks: dict[str, object] = {}
+        self.health = HealthProbes()
         self.limits = RequestLimits()
         self.off_loop = OffLoop()  # templating and tokenising: off the event loop, bounded
 
