@@ -13,6 +13,13 @@ gives keys with roles off the command line: one 'KEY ROLE NAME' per line (ROLE o
 unless --insecure. Adapters loaded at run time must lie inside --adapter-root (without it, run-time
 loading is off); --adapter NAME=DIR folders are trusted.
 
+Bounded work: a request asking more than --max-request-tokens (embeddings' input tokens summed;
+completions' and chats' (prompt + max_tokens) x n) or scoring a prompt longer than
+--max-scored-tokens (echo with logprobs) is a 400 before any forward; embeddings run in chunks.
+Connections: headers must arrive within --header-timeout and bodies within --body-timeout, and at
+most --max-connections are open (--max-connections-per-client from one address); one more is
+answered 503 and closed.
+
 With --jobs the same server also runs OpenAI's files and fine-tuning jobs API (/v1/files,
 /v1/fine_tuning/jobs) and a dashboard at /: a worker subprocess trains queued jobs one at a time on
 the base, state lives in SQLite under --data-dir, and each finished job's model
@@ -33,7 +40,7 @@ import os
 from pathlib import Path
 
 from ..devices import DTYPES, add_device_argument
-from .argtypes import port_number, positive_int
+from .argtypes import port_number, positive_int, positive_seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,9 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "below the file-descriptor limit)")
     parser.add_argument("--max-connections-per-client", type=positive_int, default=128,
                         help="open connections from one client address (default: 128)")
-    parser.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+    parser.add_argument("--header-timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
                         help="a request's headers must arrive within this, trickled or not (default: 10)")
-    parser.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+    parser.add_argument("--body-timeout", type=positive_seconds, default=60.0, metavar="SECONDS",
                         help="a request's body must arrive within this of its start (default: 60)")
     from .worker import add_limit_arguments
     add_limit_arguments(parser, default_threads="half the cores, at least 1; the server keeps the others",

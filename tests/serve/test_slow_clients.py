@@ -86,3 +86,23 @@ def test_trickled_headers_are_cut_and_a_normal_client_still_gets_health(server):
     again.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert again.recv(4096).startswith(b"HTTP/1.1 200")
     again.close()
+
+
+def test_serve_flags_reach_the_connection_guard_and_the_request_limits():
+    import argparse
+
+    from qforge.app import ServeConfig, connection_guard
+    from qforge.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    cfg = serve.serve_config(parser.parse_args(
+        ["--max-connections", "40", "--max-connections-per-client", "3", "--header-timeout", "2.5",
+         "--body-timeout", "7", "--max-request-tokens", "999", "--max-scored-tokens", "77"]))
+    assert (cfg.max_request_tokens, cfg.max_scored_tokens) == (999, 77)
+    limits = connection_guard(cfg).connection_limits
+    assert limits == ConnectionLimits(40, 3, 2.5, 7.0)
+    defaults = ServeConfig()
+    assert connection_guard(defaults).connection_limits.max_per_client == defaults.max_connections_per_client
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--header-timeout", "0"])
