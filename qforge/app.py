@@ -54,6 +54,13 @@ class ServeConfig:
     disk_full_retries: int = DISK_FULL_RETRIES
     disk_full_backoff: float = DISK_FULL_BACKOFF_S
     disk_full_wait: float = DISK_FULL_WAIT_S
+    # bounded work per request and per connection (qforge.serve.api.limits, qforge.serve.connections)
+    max_request_tokens: int = 32768       # embeddings: inputs' tokens; completions/chat: (prompt + max_tokens) x n
+    max_scored_tokens: int = 4096         # echo with logprobs: tokens of each scored prompt
+    max_connections: int = 1000           # open connections in all (one more: 503, closed)
+    max_connections_per_client: int = 128  # open connections from one client address
+    header_timeout: float = 10.0          # seconds for a request's headers, from connection / last response
+    body_timeout: float = 60.0            # seconds for its body, from the same start
 
     def served_name(self) -> str:
         """The base model's name in the API: `name`, else 'smollm2' or the folder / file name."""
@@ -126,9 +133,22 @@ def build_server(cfg: ServeConfig):
         jobs = JobService(jobs_config(cfg), registry)
         extensions.append(lambda app, state, caller: install(app, state, caller, jobs))
     app = create_app(engine, registry, api_keys=list(cfg.api_keys), metrics=metrics, extensions=extensions)
+    limits = app.state.qforge.limits
+    limits.max_request_tokens, limits.max_scored_tokens = cfg.max_request_tokens, cfg.max_scored_tokens
     if jobs is not None:
+        registry.forbid(jobs.config.data_dir)  # --adapter-root never reaches another key's job folder
+        app.state.qforge.health_checks["jobs_store"] = lambda: jobs_store_problem(jobs)
         jobs.start()
     return app, engine
+
+
+def jobs_store_problem(jobs) -> str | None:
+    """Why the jobs store cannot answer a read now (its database unreachable or corrupt), or None."""
+    try:
+        jobs.store.get_job("health-check")
+    except Exception as exc:  # noqa: BLE001 - whatever the driver raises is the degradation
+        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    return None
 
 
 def share_cores(cfg: ServeConfig) -> tuple[int, int]:
@@ -143,6 +163,18 @@ def share_cores(cfg: ServeConfig) -> tuple[int, int]:
     print(f"qforge serve: {serving} CPU thread(s) for serving, {training} for the job worker's training",
           file=sys.stderr, flush=True)
     return serving, training
+
+
+def connection_guard(cfg: ServeConfig) -> type:
+    """uvicorn's h11 protocol with header/body deadlines and connection caps (qforge.serve.connections);
+    the total cap stays below the process's file-descriptor limit."""
+    import resource
+
+    from .serve.connections import ConnectionLimits, guarded_protocol
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    total = cfg.max_connections if soft == resource.RLIM_INFINITY else min(cfg.max_connections, max(16, soft - 128))
+    return guarded_protocol(ConnectionLimits(total, cfg.max_connections_per_client, cfg.header_timeout,
+                                             cfg.body_timeout))
 
 
 def run_server(cfg: ServeConfig) -> None:
@@ -160,7 +192,7 @@ def run_server(cfg: ServeConfig) -> None:
             share_cores(cfg)
     app, engine = build_server(cfg)
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, http=connection_guard(cfg))
     finally:
         jobs = getattr(app.state, "jobs", None)
         if jobs is not None:

@@ -15,6 +15,13 @@ gives keys with roles off the command line: one 'KEY ROLE NAME' per line (ROLE o
 unless --insecure. Adapters loaded at run time must lie inside --adapter-root (without it, run-time
 loading is off); --adapter NAME=DIR folders are trusted.
 
+Bounded work: a request asking more than --max-request-tokens (embeddings' input tokens summed;
+completions' and chats' (prompt + max_tokens) x n) or scoring a prompt longer than
+--max-scored-tokens (echo with logprobs) is a 400 before any forward; embeddings run in chunks.
+Connections: headers must arrive within --header-timeout and bodies within --body-timeout, and at
+most --max-connections are open (--max-connections-per-client from one address); one more is
+answered 503 and closed.
+
 With --jobs the same server also runs OpenAI's files and fine-tuning jobs API (/v1/files,
 /v1/fine_tuning/jobs) and a dashboard at /: a worker subprocess trains queued jobs one at a time on
 the base, state lives in SQLite under --data-dir, and each finished job's model
@@ -36,7 +43,7 @@ from pathlib import Path
 
 from ..devices import DTYPES, add_device_argument
 from ..model.serving import SERVE_QUANT_TYPES
-from .argtypes import port_number, positive_int
+from .argtypes import port_number, positive_int, positive_seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +103,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --jobs: run no worker here (`qforge worker` processes train the jobs)")
     parser.add_argument("--max-file-mb", type=positive_int, default=64,
                         help="with --jobs: the largest upload, in MiB (default: 64)")
+    parser.add_argument("--max-request-tokens", type=positive_int, default=32768,
+                        help="work one request may ask: embeddings' input tokens summed; completions' and chats' "
+                             "(prompt + max_tokens) x n (default: 32768; more: 400)")
+    parser.add_argument("--max-scored-tokens", type=positive_int, default=4096,
+                        help="echo with logprobs: the most tokens of one scored prompt (default: 4096)")
+    parser.add_argument("--max-connections", type=positive_int, default=1000,
+                        help="open connections in all; one more is answered 503 and closed (default: 1000, kept "
+                             "below the file-descriptor limit)")
+    parser.add_argument("--max-connections-per-client", type=positive_int, default=128,
+                        help="open connections from one client address (default: 128)")
+    parser.add_argument("--header-timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
+                        help="a request's headers must arrive within this, trickled or not (default: 10)")
+    parser.add_argument("--body-timeout", type=positive_seconds, default=60.0, metavar="SECONDS",
+                        help="a request's body must arrive within this of its start (default: 60)")
     from .worker import add_limit_arguments
     add_limit_arguments(parser, default_threads="half the cores, at least 1; the server keeps the others",
                         prefix="with --jobs: ")
@@ -152,7 +173,10 @@ def serve_config(args: argparse.Namespace):
         database_url=args.database_url or os.environ.get("QFORGE_DATABASE_URL") or None,
         start_worker=not args.no_worker, max_file_mb=args.max_file_mb, worker_threads=args.worker_threads,
         worker_memory_fraction=args.worker_memory_fraction, disk_full_retries=args.disk_full_retries,
-        disk_full_backoff=args.disk_full_backoff, disk_full_wait=args.disk_full_wait)
+        disk_full_backoff=args.disk_full_backoff, disk_full_wait=args.disk_full_wait,
+        max_request_tokens=args.max_request_tokens, max_scored_tokens=args.max_scored_tokens,
+        max_connections=args.max_connections, max_connections_per_client=args.max_connections_per_client,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout)
 
 
 def jobs_config(args: argparse.Namespace):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .store import JobStore, fine_tuned_model_name
 
-CHECKPOINT_SUFFIX = re.compile(r"^(?P<model>ft:.+):ckpt-step-(?P<step>[0-9]{1,9})$")
+# one canonical name per checkpoint: no leading zeros (ckpt-step-000004 is no alias of ckpt-step-4)
+CHECKPOINT_SUFFIX = re.compile(r"^(?P<model>ft:.+):ckpt-step-(?P<step>0|[1-9][0-9]{0,8})$")
 METADATA_PARAM = re.compile(r"^metadata\[(?P<key>[^\]]{1,64})\]$")
 
 

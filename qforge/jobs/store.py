@@ -151,8 +151,9 @@ class JobStore:
             where.append("purpose = ?")
             args.append(purpose)
         if after:
-            where.append(f"seq {'>' if ascending else '<'} (SELECT seq FROM files WHERE id = ?)")
-            args.append(after)
+            # the cursor must be the caller's own: another key's id pages like an unknown one
+            where.append(f"seq {'>' if ascending else '<'} (SELECT seq FROM files WHERE id = ? AND owner = ?)")
+            args += [after, owner]
         sql = f"SELECT * FROM files WHERE {' AND '.join(where)} ORDER BY seq {'ASC' if ascending else 'DESC'} LIMIT ?"
         rows = self._all(sql, (*args, limit + 1))
         return rows[:limit], len(rows) > limit
@@ -221,9 +222,9 @@ class JobStore:
         if status is not None:
             where.append("status = ?")
             args.append(status)
-        if after:
-            where.append("seq < (SELECT seq FROM jobs WHERE id = ?)")
-            args.append(after)
+        if after:  # with an owner, the cursor must be its own: another key's id pages like an unknown one
+            where.append("seq < (SELECT seq FROM jobs WHERE id = ?" + (" AND owner = ?)" if owner is not None else ")"))
+            args += [after] + ([owner] if owner is not None else [])
         rows = self._all(f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
                          (*args, limit + 1))
         return rows[:limit], len(rows) > limit
@@ -344,8 +345,8 @@ class JobStore:
         args: list = [job_id]
         sql = f"SELECT * FROM {table} WHERE job_id = ?"
         if after:
-            sql += f" AND {order} < (SELECT {order} FROM {table} WHERE id = ?)"
-            args.append(after)
+            sql += f" AND {order} < (SELECT {order} FROM {table} WHERE id = ? AND job_id = ?)"  # this job's only
+            args += [after, job_id]
         rows = self._all(sql + f" ORDER BY {order} DESC LIMIT ?", (*args, limit + 1))
         return rows[:limit], len(rows) > limit
 

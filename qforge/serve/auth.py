@@ -10,7 +10,9 @@ Without any key the server is open on loopback and its one caller is an operator
 
 Keys come from `--api-key` / QFORGE_API_KEY (users), `--operator-key` / QFORGE_OPERATOR_KEY
 (operators) or `--api-keys-file FILE`: one `KEY ROLE NAME` per line, `#` comments and blank lines
-ignored. A caller is known by `key_id`, a fingerprint of its key (what the job service stores as an
+ignored; a UTF-8 byte-order mark at the start of the file is skipped. A key is printable ASCII
+(an HTTP header carries nothing else reliably: a non-ASCII key could never authenticate), so
+any other key is refused at start, naming its line. A caller is known by `key_id`, a fingerprint of its key (what the job service stores as an
 owner), never by the key itself.
 """
 from __future__ import annotations
@@ -39,6 +41,9 @@ class ApiKey:
     def __post_init__(self):
         if self.role not in ("operator", "user"):
             raise ValueError(f"unknown role {self.role!r}: use operator (admin) or user")
+        problem = key_problem(self.key)
+        if problem:
+            raise ValueError(f"API key of '{self.name or self.role}': {problem}")
 
     @property
     def id(self) -> str:
@@ -64,11 +69,18 @@ class Caller:
 ANONYMOUS = Caller("anonymous", "operator", "anonymous")
 
 
+def key_problem(key: str) -> str | None:
+    """Why `key` cannot be an API key (None: it can): it must be printable ASCII without spaces."""
+    if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        return "the key must be printable ASCII without spaces (an HTTP header carries no other text)"
+    return None
+
+
 def read_keys_file(path: str | Path) -> list[ApiKey]:
     """The keys of an --api-keys-file; ValueError naming the file and line for a malformed one."""
     path = Path(path).expanduser()
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is skipped
     except FileNotFoundError:
         raise FileNotFoundError(f"--api-keys-file '{path}' does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -87,6 +99,8 @@ def read_keys_file(path: str | Path) -> list[ApiKey]:
             raise ValueError(f"{where}: role must be operator, admin or user, got {role!r}")
         if not KEY_NAME.match(name):
             raise ValueError(f"{where}: name {name!r} must be 1-64 letters, digits, '_' or '-'")
+        if key_problem(key):
+            raise ValueError(f"{where}: {key_problem(key)}")
         if len(key) < 8:
             raise ValueError(f"{where}: the key is shorter than 8 characters")
         if name in names:

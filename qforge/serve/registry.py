@@ -10,12 +10,21 @@ Security: folders added at run time (`POST /v1/adapters`) must lie inside `adapt
 resolving symlinks and `..`, and so must the two files read from them; without a root, run-time
 loading is refused. Folders given on the command line are the operator's and are trusted.
 
-`lock` guards the slots: the engine holds it for every forward pass, the registry for every load
-and unload.
+Two locks, so that the API never waits on the model:
+  `lock`   guards the slots: the engine holds it for every forward pass, the registry for every
+           load and unload (reading a folder included).
+  `_book`  guards the table of names only, and is held for a few dictionary operations, never
+           across a forward or a read from disk. Listings (`names`, `entries`, `loaded_names`,
+           `in`) take only `_book` and return a snapshot, so /health, /v1/models and /v1/adapters
+           answer while a long forward runs.
+
+Run-time folders may also be kept out of whole subtrees (`forbid`): the jobs service's data
+folder, which holds every key's job folders, is never reachable through --adapter-root.
 """
 from __future__ import annotations
 
 import logging
+import dataclasses
 import re
 import threading
 import time
@@ -59,6 +68,12 @@ class AdapterConflict(AdapterError):
     status, code = 409, "adapter_exists"
 
 
+class AdapterUnavailable(AdapterError):
+    """A registered adapter that cannot be loaded again (its files were deleted or broken after
+    registration): the server's state, not the request's fault; the message names the model only."""
+    status, code = 503, "model_unavailable"
+
+
 class AdapterSlotsBusy(AdapterError):
     """Every adapter slot is held by running requests: a passing state, retry shortly."""
     status, code = 400, "adapter_slots_busy"
@@ -96,25 +111,43 @@ class AdapterRegistry:
         self.layout = model_layout(unwrap(model))  # the model's own layout, without serving wrappers
         self.slots = LoraSlots(model, max_loaded, self.dtype)
         self.metrics = metrics
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()   # the slots: held across forwards and loads
+        self._book = threading.Lock()   # the name table only: never held across a forward or a load
+        self._forbidden: list[Path] = []  # subtrees no run-time folder may lie in (the jobs' data folder)
         self._entries: OrderedDict[str, AdapterEntry] = OrderedDict()  # least recently used first
         self._leaving: dict[str, AdapterEntry] = {}  # removed while pinned: detached on last release
 
     # ---- names ------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        with self.lock:
+        with self._book:
             return sorted(self._entries)
 
     def entries(self) -> list[AdapterEntry]:
-        with self.lock:
-            return [self._entries[n] for n in sorted(self._entries)]
+        """A snapshot (copies) of the entries, by name; never waits on a forward."""
+        with self._book:
+            return [dataclasses.replace(self._entries[n]) for n in sorted(self._entries)]
+
+    def entry(self, name: str) -> AdapterEntry | None:
+        """A copy of adapter `name`'s entry, or None; never waits on a forward."""
+        with self._book:
+            found = self._entries.get(name)
+            return None if found is None else dataclasses.replace(found)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        with self._book:
+            return name in self._entries
 
     def loaded_names(self) -> list[str]:
-        with self.lock:
+        with self._book:
             return [n for n, e in self._entries.items() if e.loaded]
+
+    def _put(self, entry: AdapterEntry) -> None:
+        with self._book:
+            self._entries[entry.name] = entry
+
+    def _pop(self, name: str) -> AdapterEntry | None:
+        with self._book:
+            return self._entries.pop(name, None)
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
@@ -128,6 +161,20 @@ class AdapterRegistry:
             raise AdapterConflict(f"adapter '{name}' is still being unloaded (requests use it); retry shortly", "name")
 
     # ---- paths ------------------------------------------------------------------------------
+    def forbid(self, folder: str | Path) -> None:
+        """Keep run-time adapter folders out of `folder` and everything under it (symlinks resolved),
+        even when it lies inside the adapter root: the jobs service's data folder holds every key's
+        job folders, which only their owners may serve (as fine-tuned models)."""
+        with self._book:
+            self._forbidden.append(Path(folder).expanduser().resolve())
+
+    def _refuse_forbidden(self, raw: str, folder: Path) -> None:
+        for place in (folder, folder / CONFIG_NAME, folder / WEIGHTS_NAME):
+            real = place.resolve()
+            if any(real.is_relative_to(f) for f in self._forbidden):
+                raise AdapterForbidden(f"adapter path '{raw}' lies in the server's data folder, which holds "
+                                       "other keys' jobs; fine-tuned models are served by their names", "path")
+
     def resolve_path(self, raw: str) -> Path:
         """The folder a run-time request names, resolved inside the adapter root. The error messages
         echo only what the client sent, never where a path really leads."""
@@ -136,6 +183,8 @@ class AdapterRegistry:
                                    "path")
         if not isinstance(raw, str) or not raw or "\x00" in raw:
             raise AdapterError("path must be a non-empty string", "path")
+        if not _is_text(raw):
+            raise AdapterError("path holds a lone surrogate (not valid Unicode)", "path")
         candidate = Path(raw) if Path(raw).is_absolute() else self.adapter_root / raw
         folder = candidate.resolve()
         if not folder.is_relative_to(self.adapter_root):
@@ -143,6 +192,7 @@ class AdapterRegistry:
         for file_name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / file_name).resolve().is_relative_to(self.adapter_root):
                 raise AdapterForbidden(f"'{raw}/{file_name}' leads outside the adapter root", "path")
+        self._refuse_forbidden(raw, folder)
         if not folder.is_dir():
             raise AdapterError(f"no adapter folder at '{raw}'", "path")
         return folder
@@ -157,13 +207,13 @@ class AdapterRegistry:
             folder = Path(path).expanduser().resolve() if trusted else self.resolve_path(str(path))
             entry = AdapterEntry(name, folder, trusted=trusted, source=str(path))
             entry.base_warning = self._check_base(entry)
-            self._entries[name] = entry
+            self._put(entry)
             try:
-                if not self._make_resident(entry):
+                if not self._make_resident(entry, first=True):
                     raise AdapterSlotsBusy(f"all {self.max_loaded} adapter slots are held by running requests; "
                                            "retry shortly", "name")
             except Exception:
-                del self._entries[name]
+                self._pop(name)
                 raise
             return entry
 
@@ -193,20 +243,20 @@ class AdapterRegistry:
             if not adapters:
                 raise AdapterNotFound(f"the model carries no adapter named '{name}'")
             entry = AdapterEntry(name, None)
-            self._entries[name] = entry
+            self._put(entry)
             try:
                 if not self._make_resident(entry, adapters):
                     raise AdapterSlotsBusy(f"all {self.max_loaded} adapter slots are held by running requests; "
                                            "retry shortly", "name")
             except Exception:
-                del self._entries[name]
+                self._pop(name)
                 raise
             return entry
 
     def remove(self, name: str) -> None:
         """Forget adapter `name`; its weights leave memory now, or when the last request using it ends."""
         with self.lock:
-            entry = self._entries.pop(name, None)
+            entry = self._pop(name)
             if entry is None:
                 raise AdapterNotFound(f"no adapter named '{name}'", "name")
             if entry.pins:
@@ -227,7 +277,9 @@ class AdapterRegistry:
             if not self._make_resident(entry):
                 return False
             entry.pins += 1
-            self._entries.move_to_end(name)
+            with self._book:
+                if name in self._entries:
+                    self._entries.move_to_end(name)
             return True
 
     def release(self, name: str | None) -> None:
@@ -242,7 +294,11 @@ class AdapterRegistry:
                 del self._leaving[name]
                 self._detach(entry)
 
-    def _make_resident(self, entry: AdapterEntry, in_process: dict[str, LoraAdapter] | None = None) -> bool:
+    def _make_resident(self, entry: AdapterEntry, in_process: dict[str, LoraAdapter] | None = None,
+                       first: bool = False) -> bool:
+        """Load `entry` into a slot (evicting the least recently used unpinned one); False when every
+        slot is pinned. `first`: at registration, where a bad folder is the client's 400; later (a
+        reload after eviction) it is the server's 503, naming the model and no path."""
         if entry.loaded:
             return True
         resident = [e for e in self._entries.values() if e.loaded] + list(self._leaving.values())
@@ -253,12 +309,21 @@ class AdapterRegistry:
             self._detach(victim)
             resident.remove(victim)
             self._count("adapter_evictions")
-        adapters = in_process if in_process is not None else self._read(entry)
+        adapters = in_process if in_process is not None else self._read_or_unavailable(entry, first)
         self.slots.load(entry.name, adapters)
         entry.loaded = True
         self._count("adapter_loads")
         self._update_gauge()
         return True
+
+    def _read_or_unavailable(self, entry: AdapterEntry, first: bool) -> dict[str, LoraAdapter]:
+        try:
+            return self._read(entry)
+        except (AdapterError, OSError) as exc:
+            if first:
+                raise
+            raise AdapterUnavailable(f"The model '{entry.name}' cannot be served now: its adapter files are "
+                                     "missing or unreadable (ask the operator)", "model") from exc
 
     def _read(self, entry: AdapterEntry) -> dict[str, LoraAdapter]:
         """Adapter `entry` from its PEFT folder: layer path -> LoraAdapter (not attached to the model)."""
@@ -301,3 +366,12 @@ class AdapterRegistry:
         if self.metrics is not None:
             n = sum(e.loaded for e in self._entries.values()) + len(self._leaving)
             self.metrics.loaded_adapters.set(n)
+
+
+def _is_text(value: str) -> bool:
+    """Whether `value` is valid Unicode text (no lone surrogate), as a file name must be."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

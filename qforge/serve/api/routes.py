@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from ..auth import Caller, check_adapter_name
@@ -23,6 +24,7 @@ from ..registry import AdapterError, AdapterRegistry
 from ..structured import GrammarError, compile_plan
 from ..tools import OutputPlan, render_messages, template_supports_tools
 from .errors import APIError, install_error_handlers
+from .limits import json_depth_over
 from .schemas import AdapterBody, ChatBody, ChatMessage, CompletionBody, GenerationBody
 from .state import AppState, CountRequests
 from .streaming import EventStream, Generation
@@ -61,9 +63,15 @@ def create_app(engine: Engine, registry: AdapterRegistry, api_keys=(), metrics: 
 def _add_info_routes(app: FastAPI, state: AppState, caller) -> None:
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
+        """Never waits on a forward: counters and the registry's name table only (its own small lock);
+        each health check (the jobs store) runs off the event loop."""
         ok = state.engine.alive
         body = {"status": "ok" if ok else "error", "queue_depth": state.engine.queue_depth(),
                 "running": state.engine.running(), "loaded_adapters": len(state.registry.loaded_names())}
+        degraded = await state.health.problems(state.health_checks)
+        if degraded:
+            body["degraded"] = degraded
+            body["status"] = body["status"] if not ok else "degraded"
         if not ok:
             body["error"] = f"engine stopped: {state.engine.error!r}"
         return JSONResponse(body, 200 if ok else 503)
@@ -80,14 +88,15 @@ def _add_info_routes(app: FastAPI, state: AppState, caller) -> None:
 
     @app.get("/v1/models")
     async def models(key_id: str = Depends(caller)):
-        base = state.registry.base_name
-        cards = [state.model_card(base)] + [state.model_card(e.name, e.created, base) for e in state.registry.entries()
-                                            if state.visible(e.name, key_id)]
-        return {"object": "list", "data": cards}
+        def cards():  # off the event loop: the jobs' model guard reads its database
+            base = state.registry.base_name
+            return [state.model_card(base)] + [state.model_card(e.name, e.created, base)
+                                               for e in state.registry.entries() if state.visible(e.name, key_id)]
+        return {"object": "list", "data": await run_in_threadpool(cards)}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, key_id: str = Depends(caller)):
-        adapter = state.resolve_model(model_id, key_id)
+        adapter = await run_in_threadpool(state.resolve_model, model_id, key_id)
         return state.model_card(model_id, parent=None if adapter is None else state.registry.base_name)
 
 
@@ -98,42 +107,61 @@ def _add_generation_routes(app: FastAPI, state: AppState, caller) -> None:
         _check_request(state, body, len(body.prompt) if isinstance(body.prompt, list) and body.prompt
                        and not isinstance(body.prompt[0], int) else 1)
         plan = body.output_plan()
+        adapter = await run_in_threadpool(state.resolve_model, body.model, key_id)
         prompts = await state.off_loop.run(_completion_prompts, state, body.prompt)
         limit = 16 if body.max_tokens is None else body.max_tokens
-        return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request, plan)
+        state.limits.check_generation([len(p) for p in prompts], [limit] * len(prompts), body.n)
+        if body.echo and body.logprobs is not None:
+            state.limits.check_scored([len(p) for p in prompts])
+        return await _respond(state, "completion", body, prompts, [limit] * len(prompts), key_id, request, plan,
+                              adapter)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request, key_id: str = Depends(caller)):
         body.unsupported()
         _check_request(state, body, 1)
         plan = body.output_plan()
-        template = adapter_chat_template(state, state.resolve_model(body.model, key_id))
+        adapter = await run_in_threadpool(state.resolve_model, body.model, key_id)
+        template = await run_in_threadpool(adapter_chat_template, state, adapter)
         prompt = await state.off_loop.run(_chat_prompt, state, body.messages, plan, template)
         asked = body.max_completion_tokens or body.max_tokens
         limit = asked or max(1, min(DEFAULT_CHAT_MAX_TOKENS, state.engine.context_len - len(prompt)))
-        return await _respond(state, "chat", body, [prompt], [limit], key_id, request, plan)
+        state.limits.check_generation([len(prompt)], [limit], body.n)
+        return await _respond(state, "chat", body, [prompt], [limit], key_id, request, plan, adapter)
 
 
 def _check_request(state: AppState, body: GenerationBody, prompts: int) -> None:
-    """What no retry can fix, before any work: text that is not UTF-8, more choices than the queue holds."""
-    bad = lone_surrogate(body.model_dump(exclude_none=True))
-    if bad:
-        raise APIError(400, f"{bad}: the text holds a lone surrogate (not valid Unicode)", param=bad,
-                       code="invalid_value")
+    """What no retry can fix, before any work: nesting too deep, text that is not UTF-8, more
+    choices than the queue holds."""
+    check_text(state, body)
     choices = prompts * body.n
     if choices > state.engine.max_queue:
         raise APIError(400, f"this request asks for {choices} generations (prompts x n) but the server queues at "
                        f"most {state.engine.max_queue}; send fewer at a time", param="n", code="request_too_large")
 
 
-async def _respond(state, kind, body, prompts, limits, key_id, request: Request, plan: OutputPlan | None = None):
+def check_text(state: AppState, body: BaseModel) -> None:
+    """400 for a body whose values nest deeper than the limit (checked without recursion, before
+    anything walks them recursively) or hold a lone surrogate (text that cannot be UTF-8)."""
+    values = dict(body)
+    if json_depth_over(values, state.limits.max_json_depth):
+        raise APIError(400, f"the request nests JSON values deeper than {state.limits.max_json_depth} levels",
+                       code="invalid_value")
+    bad = lone_surrogate(body.model_dump(exclude_none=True))
+    if bad:
+        raise APIError(400, f"{bad}: the text holds a lone surrogate (not valid Unicode)", param=bad,
+                       code="invalid_value")
+
+
+async def _respond(state, kind, body, prompts, limits, key_id, request: Request, plan: OutputPlan | None = None,
+                   adapter: str | None = None):
     grammar = None
     if plan is not None and plan.schema is not None:
         try:  # the first use builds llguidance's view of the tokenizer (about a second): off the event loop
             grammar = await run_in_threadpool(compile_plan, state.engine, plan.schema, plan.schema_param)
         except GrammarError as exc:
             raise APIError(400, str(exc), param=exc.param) from exc
-    generation = Generation(state, kind, body, prompts, limits, key_id, plan, grammar)
+    generation = Generation(state, kind, body, prompts, limits, key_id, plan, grammar, adapter)
     if body.stream:
         generation.submit()  # errors (400, 429) before the stream starts are plain JSON answers
         return EventStream(generation, request)
@@ -161,7 +189,7 @@ def _completion_prompts(state: AppState, prompt) -> list[list[int]]:
 def adapter_chat_template(state: AppState, adapter: str | None) -> str | None:
     """The chat template saved with an adapter's tokenizer files (`qforge train` writes the one it
     trained with beside the adapter), or None: the base tokenizer's template is used."""
-    entry = next((e for e in state.registry.entries() if e.name == adapter), None) if adapter else None
+    entry = state.registry.entry(adapter) if adapter else None
     if entry is None or entry.path is None:
         return None
     from ...model.templates import saved_template
@@ -187,18 +215,20 @@ def _chat_prompt(state: AppState, messages: list[ChatMessage], plan: OutputPlan 
 def _add_adapter_routes(app: FastAPI, state: AppState, caller) -> None:
     @app.get("/v1/adapters")
     async def list_adapters(key_id: str = Depends(caller)):
-        data = [{"id": e.name, "object": "adapter", "loaded": e.loaded, "in_use": e.pins, "created": e.created,
-                 **({"warning": e.base_warning} if e.base_warning else {})}
-                for e in state.registry.entries() if state.visible(e.name, key_id)]
-        return {"object": "list", "data": data, "max_loaded": state.registry.max_loaded}
+        def rows():  # off the event loop: the jobs' model guard reads its database
+            return [{"id": e.name, "object": "adapter", "loaded": e.loaded, "in_use": e.pins, "created": e.created,
+                     **({"warning": e.base_warning} if e.base_warning else {})}
+                    for e in state.registry.entries() if state.visible(e.name, key_id)]
+        return {"object": "list", "data": await run_in_threadpool(rows), "max_loaded": state.registry.max_loaded}
 
     @app.post("/v1/adapters", status_code=201)
     async def add_adapter(body: AdapterBody, who: Caller = Depends(state.who)):
+        check_text(state, body)
         reason = check_adapter_name(body.name, who, state.keys)
         if reason is not None:
             raise APIError(403, f"cannot register '{body.name}': {reason}", "permission_error", "name",
                            "adapter_name_reserved")
-        if body.name in state.registry and not state.visible(body.name, who.id):
+        if body.name in state.registry and not await run_in_threadpool(state.visible, body.name, who.id):
             raise APIError(409, f"cannot register '{body.name}': the name is taken", param="name",
                            code="adapter_exists")
         try:
@@ -211,16 +241,7 @@ def _add_adapter_routes(app: FastAPI, state: AppState, caller) -> None:
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, who: Caller = Depends(state.who)):
-        if name not in state.registry or not state.visible(name, who.id):
-            raise APIError(404, f"no adapter named '{name}'", param="name", code="model_not_found")
-        if not state.adapter_owners.may_delete(name, who):
-            raise APIError(403, f"adapter '{name}' is not yours to delete (it is the operator's)", "permission_error",
-                           "name", "not_owner")
-        try:
-            await run_in_threadpool(state.registry.remove, name)
-        except AdapterError as exc:
-            raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
-        state.adapter_owners.forget(name)
+        await _delete_adapter(state, name, who, "name")
         return {"id": name, "object": "model", "deleted": True}
 
 
@@ -228,18 +249,29 @@ def _add_model_delete_route(app: FastAPI, state: AppState, caller) -> None:
     """DELETE /v1/models/{id}: a fine-tuned model by its owner (the jobs service removes its files),
     or a served adapter (unloaded, as DELETE /v1/adapters/{name}); never the base model (403)."""
     @app.delete("/v1/models/{model_id:path}")
-    async def delete_model(model_id: str, key_id: str = Depends(caller)):
+    async def delete_model(model_id: str, who: Caller = Depends(state.who)):
         if model_id == state.registry.base_name:
             raise APIError(403, f"the base model '{model_id}' cannot be deleted", "permission_error", param="model",
                            code="model_not_deletable")
         if state.model_deleter is not None:
-            done = await run_in_threadpool(state.model_deleter, model_id, key_id)
+            done = await run_in_threadpool(state.model_deleter, model_id, who.id)
             if done is not None:
                 return done
-        if not state.visible(model_id, key_id) or model_id not in state.registry:
-            raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
-        try:
-            await run_in_threadpool(state.registry.remove, model_id)
-        except AdapterError as exc:
-            raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
+        await _delete_adapter(state, model_id, who, "model")
         return {"id": model_id, "object": "model", "deleted": True}
+
+
+async def _delete_adapter(state: AppState, name: str, who: Caller, param: str) -> None:
+    """Unload a served adapter for its owner: 404 when this caller cannot see it (as for an unknown
+    name), 403 when it may use it but not delete it (an operator's adapter). One rule for
+    DELETE /v1/adapters/{name} and DELETE /v1/models/{id}."""
+    if name not in state.registry or not await run_in_threadpool(state.visible, name, who.id):
+        raise APIError(404, f"The model '{name}' does not exist", param=param, code="model_not_found")
+    if not state.adapter_owners.may_delete(name, who):
+        raise APIError(403, f"adapter '{name}' is not yours to delete (it is the operator's)", "permission_error",
+                       param, "not_owner")
+    try:
+        await run_in_threadpool(state.registry.remove, name)
+    except AdapterError as exc:
+        raise APIError(exc.status, str(exc), "invalid_request_error", exc.param, exc.code) from exc
+    state.adapter_owners.forget(name)

@@ -17,6 +17,8 @@ from ..guards import OffLoop
 from ..metrics import Metrics, UsageLedger
 from ..registry import AdapterRegistry
 from .errors import APIError
+from .health import HealthProbes
+from .limits import RequestLimits
 
 
 class AppState:
@@ -33,6 +35,10 @@ class AppState:
         self.model_deleter = None  # (model name, key id) -> deleted card, or None when not its model (jobs)
         self.model_error = None  # model name -> why it cannot be served now, or None (set by the jobs service)
         self.body_limits: dict[str, int] = {}  # path prefix -> larger body limit (uploads)
+        # name -> check() giving why a part of the service is degraded, or None (the jobs store)
+        self.health_checks: dict[str, object] = {}
+        self.health = HealthProbes()
+        self.limits = RequestLimits()
         self.off_loop = OffLoop()  # templating and tokenising: off the event loop, bounded
 
     def caller_of(self, key_id: str | None) -> Caller:

@@ -49,14 +49,20 @@ def raise_for_event(event: Event) -> None:
     raise APIError(event.status, event.error or "generation failed", "server_error")
 
 
+UNRESOLVED = object()
+
+
 class Generation:
     """One HTTP generation request: n choices over one or more prompts, run by the engine."""
 
     def __init__(self, app_state: AppState, kind: str, body: GenerationBody, prompts: list[list[int]],
-                 max_tokens: list[int], key_id: str, plan: OutputPlan | None = None, grammar=None):
+                 max_tokens: list[int], key_id: str, plan: OutputPlan | None = None, grammar=None,
+                 adapter: str | None | object = UNRESOLVED):
+        """`adapter`: the model already resolved for this caller (routes resolve it off the event
+        loop: the jobs' model guard reads the database); UNRESOLVED: resolve it here."""
         self.s, self.kind, self.body, self.key_id = app_state, kind, body, key_id
         self.plan, self.grammar = plan or OutputPlan(), grammar  # grammar: makes a GrammarProcessor per choice
-        self.adapter = app_state.resolve_model(body.model, key_id)
+        self.adapter = app_state.resolve_model(body.model, key_id) if adapter is UNRESOLVED else adapter
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.prompts = prompts
