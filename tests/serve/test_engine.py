@@ -239,6 +239,7 @@ def test_adapter_end_ids_come_from_the_template_saved_with_it(tmp_path, tokenize
 
     (tmp_path / "chat_template.jinja").write_text("{{ '<|im_start|>' + m + '<|im_end|>' }}")
     entries = [SimpleNamespace(name="ad", path=tmp_path), SimpleNamespace(name="bare", path=tmp_path / "none")]
-    state = SimpleNamespace(registry=SimpleNamespace(entries=lambda: entries), tokenizer=tokenizer)
+    by_name = {e.name: e for e in entries}
+    state = SimpleNamespace(registry=SimpleNamespace(entries=lambda: entries, entry=by_name.get), tokenizer=tokenizer)
     assert adapter_end_ids(state, "ad") == {tokenizer.convert_tokens_to_ids("<|im_end|>")}
     assert adapter_end_ids(state, "bare") == frozenset() and adapter_end_ids(state, None) == frozenset()
