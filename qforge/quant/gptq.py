@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .int4_groups import dequantize_int4, int4_scales, quantize_int4
+from .int4_groups import QMAX, QMIN, int4_scales
 
 BLOCK = 128
 
@@ -80,11 +80,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group: int, dtype: tor
             col = a + i
             if dynamic and col % group == 0:
                 scales.append(int4_scales(block[:, i:i + group], group, dtype))
-            s = scales[-1][:, :1] if dynamic else scales[0][:, col // group:col // group + 1]
-            qi = quantize_int4(block[:, i:i + 1], s, 1)
-            q[:, col:col + 1] = qi
-            e = (block[:, i] - dequantize_int4(qi, s, 1)[:, 0]) / u[col, col]
-            block[:, i:] -= e[:, None] * u[col, col:b][None, :]
+            s = (scales[-1][:, 0] if dynamic else scales[0][:, col // group]).float()       # [out]
+            qi = torch.round(block[:, i] / s).clamp_(QMIN, QMAX)  # quantize_int4 / dequantize_int4, inlined
+            q[:, col] = qi.to(torch.int8)
+            e = (block[:, i] - qi * s) / u[col, col]
+            block[:, i:].addr_(e, u[col, col:b], alpha=-1)
             err[:, i] = e
         w[:, b:] -= err @ u[a:b, b:]
     return q, torch.cat(scales, dim=1) if dynamic else scales[0]

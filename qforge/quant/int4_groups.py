@@ -6,7 +6,7 @@ For a weight W [out, in] and a group size g dividing `in` (g = in: one group per
 
     scale = absmax(group) / 7.5          (1 where the group is all zeros)
     q     = clamp(round(W / scale), -8, 7)                  int8 holding int4 values
-    W    ~= q * scale                                       computed in the scale's dtype
+    W    ~= q * scale                                       computed in float32
 
 7.5 = (q_max - q_min) / 2 is compressed-tensors' symmetric min-max convention (the same as
 GPTQ's `sym=True`). Symmetric, no zero point: what the common vLLM W4A16 checkpoints use, and
@@ -53,9 +53,11 @@ def quantize_int4(w: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Ten
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
-    """q int8 [out, in], scale [out, in // group] -> float32 [out, in]: q * scale, the product
-    rounded to the scale's dtype first, as compressed-tensors' decompression computes it."""
-    return (q.to(scale.dtype) * _per_column(scale, group)).float()
+    """q int8 [out, in], scale [out, in // group] -> float32 [out, in]: q * scale in float32.
+    With a BF16 (or FP16) scale the product is exact there (4 bits times 8 or 11), so a model in
+    the scale's dtype gets it rounded once, as a product in that dtype would be; a float32 model
+    gets what compressed-tensors computes after transformers loads the scales in float32."""
+    return q.float() * _per_column(scale, group).float()
 
 
 def rtn_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

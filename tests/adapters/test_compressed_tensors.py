@@ -68,10 +68,12 @@ def written(merged_model, tmp_path_factory):
     for scheme in SCHEMES:
         out[scheme] = save_merged(merged_model, None, root / scheme, dtype=torch.float32, requantize=scheme,
                                   calibration=calibration)
+    # as shipped: bf16 scales and dense tensors (the dequantised weight exact in float32, then one rounding)
+    out["gptq-bf16"] = save_merged(merged_model, None, root / "gptq-bf16", requantize="gptq", calibration=calibration)
     return out
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", [*SCHEMES, "gptq-bf16"])
 def test_transformers_and_compressed_tensors_read_our_folder_as_qforge_does(written, scheme):
     folder = written[scheme]
     assert is_compressed_tensors(folder) and not is_compressed_tensors(written["dense"])
