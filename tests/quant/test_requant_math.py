@@ -6,8 +6,7 @@ import torch
 from qforge.quant.awq import awq_scales, fake_int4
 from qforge.quant.fp8 import FP8_MAX, fp8_dequantize, fp8_quantize
 from qforge.quant.gptq import HessianAccumulator, gptq_quantize
-from qforge.quant.int4_groups import (dequantize_int4, group_size_for, int4_scales, pack_int4, quantize_int4,
-                                      rtn_int4, unpack_int4)
+from qforge.quant.int4_groups import dequantize_int4, group_size_for, pack_int4, rtn_int4, unpack_int4
 
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
