@@ -34,6 +34,15 @@ from ..quant import dequantize, quantize
 from ..quant.state import dtype_name
 from .peft_format import layer_adapters, expert_adapters, write_folder_atomically
 
+
+def compressed_state_dict(*args, **kwargs):
+    """qforge.adapters.compressed_tensors.compressed_state_dict (imported when used: it imports this module)."""
+    from .compressed_tensors import compressed_state_dict as build
+    return build(*args, **kwargs)
+
+
+COMPRESSED_TYPES = ("gptq", "awq", "fp8")
+
 RECORD_KEY = "qforge_merged_adapters"  # in config.json, and on a model object that was merged
 PROVENANCE_NAME = "qforge_merge.json"
 SUPPORTED_COMMAND = "qforge merge --base SOURCE --adapter ADAPTER_DIR --out OUT_DIR"
@@ -112,7 +121,7 @@ def merged_state_dict(model: nn.Module, name: str = "default", dtype: torch.dtyp
     return out
 
 
-REQUANTIZE_TYPES = ("nf4", "fp4", "hqq4", "hqq3", "hqq2")
+REQUANTIZE_TYPES = ("nf4", "fp4", "hqq4", "hqq3", "hqq2", "gptq", "awq", "fp8")  # the last three: compressed-tensors
 
 
 def requantize_weight(layer: AdaptedLinear, w: torch.Tensor, quant_type: str, prefix: str,
@@ -235,20 +244,26 @@ def _config_dict(model: nn.Module, dtype: torch.dtype, records: list[dict], quan
 
 def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, name: str = "default",
                 dtype: torch.dtype = torch.bfloat16, requantize: str | None = None,
-                adapter_source: str | Path | None = None, group_size: int | None = None) -> Path:
+                adapter_source: str | Path | None = None, group_size: int | None = None,
+                calibration: list[list[int]] | None = None, progress: bool = False) -> Path:
     """Write `model` with adapter `name` merged as a plain transformers folder (config.json without
     quantization_config, model.safetensors in `dtype`, tokenizer files when `tokenizer` is given,
     qforge_merge.json), or with requantize="nf4"/"fp4" as a bitsandbytes 4-bit folder, "hqq4"/"hqq3"/
-    "hqq2" as an HQQ folder (group_size: default the base's HQQ group size, else 64). Atomic.
+    "hqq2" as an HQQ folder (group_size: default the base's HQQ group size, else 64), "gptq"/"awq"/
+    "fp8" as a compressed-tensors folder (qforge.adapters.compressed_tensors; gptq/awq calibrate on
+    `calibration`, rows of token ids; `progress`: a bar over blocks). Atomic.
     Refused (ValueError) when this adapter is already merged into the model's base."""
     if requantize not in (None, *REQUANTIZE_TYPES):
         raise ValueError(f"requantize must be None or one of {', '.join(REQUANTIZE_TYPES)}, got {requantize!r}")
     source = str(Path(adapter_source).absolute()) if adapter_source is not None else None
     record = {"adapter": name, "source": source, "sha256": adapter_fingerprint(model, name)}
     check_not_merged(model, record)
-    rounding = None
+    rounding, extra = None, {}
     if requantize is None:
         tensors, quant_config = merged_state_dict(model, name, dtype), None
+    elif requantize in COMPRESSED_TYPES:
+        tensors, quant_config, extra = compressed_state_dict(model, name, dtype, requantize, calibration, progress)
+        rounding = extra.pop("requantize_error_over_update")
     else:
         tensors, rounding = requantized_state_dict(model, name, dtype, requantize, group_size)
         quant_config = requantized_config(model, requantize, dtype, group_size)
@@ -257,7 +272,7 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, name: str = "d
     provenance = {"adapter": name, "adapter_source": source, "adapter_sha256": record["sha256"],
                   "base_model": getattr(model, "name_or_path", None) or None, "dtype": dtype_name(dtype),
                   "requantize": requantize, "requantize_error_over_update": rounding,
-                  RECORD_KEY: records, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  RECORD_KEY: records, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
 
     def write(tmp: Path) -> None:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
