@@ -186,9 +186,9 @@ class JobService:
             if row is not None:
                 check_file_for(kind, param, row, self.store.file_path(row["id"]))
         settings = resolve_settings(body.hyperparameters, method.settings(), kind)
-        if settings["method"] == "full":
-            raise APIError(400, "method 'full' makes a whole new model, which this server cannot serve; use qlora "
-                           "or lora", param=f"method.{kind}.hyperparameters.method", code="unsupported")
+        if settings["method"] == "full" and kind != "supervised":  # a full fine-tune is served as its own model
+            raise APIError(400, f"method 'full' trains supervised jobs only; a {kind} job trains an adapter (qlora or "
+                           "lora)", param=f"method.{kind}.hyperparameters.method", code="unsupported")
         openai_hp = {k: settings[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
         job_id = new_id("ftjob")
         job = {"id": job_id, "owner": owner, "created_at": now(), "model": body.model,
@@ -317,7 +317,9 @@ class JobService:
         name = name or job["fine_tuned_model"]
         if name in self.registry or name in self._unloadable or job["model"] != self.registry.base_name:
             return
-        folder = ft_models.adapter_dir(self.store, job, name)
+        full = name == job["fine_tuned_model"] and trained_full(job)
+        folder = (self.store.job_dir(job["id"]) / "run" / "model" if full  # Run.save's full model folder
+                  else ft_models.adapter_dir(self.store, job, name))
         if folder is None or name in self._deleted:  # no such checkpoint, or its owner deleted the model
             return
         if not folder.is_dir():
@@ -328,7 +330,10 @@ class JobService:
             if name in self.registry:
                 return
             try:
-                self.registry.add(name, folder, trusted=True)
+                if full:  # a whole model: its own dense engine beside the base (qforge.serve.dedicated)
+                    self.registry.dedicated.add(name, folder)
+                else:
+                    self.registry.add(name, folder, trusted=True)
             except Exception as exc:  # noqa: BLE001 - one bad adapter never stops the others
                 if not isinstance(exc, AdapterSlotsBusy):  # all slots busy: try again later
                     message = str(exc) if isinstance(exc, (AdapterError, ValueError, OSError)) else \
@@ -400,6 +405,13 @@ def safe_filename(raw: str | None) -> str:
 
 
 # ---- routes --------------------------------------------------------------------------------------
+def trained_full(job: dict) -> bool:
+    """Whether a stored job is a full fine-tune (its model is a whole folder, served on its own)."""
+    method = job.get("method") or {}
+    settings = (method.get(method.get("type")) or {}).get("hyperparameters") or {}
+    return settings.get("method") == "full"
+
+
 def install(app: FastAPI, state, caller, service: JobService) -> None:
     """Add the files and jobs routes and the dashboard to the inference app; fine-tuned models are
     then visible only to their owners."""

@@ -150,8 +150,6 @@ def test_the_planner_chooses_qlora_only_when_bf16_lora_does_not_fit(client, trai
     ({"suffix": "no spaces allowed"}, "suffix"),
     ({"method": {"type": "reinforcement"}}, "method.type"),
     ({"method": {"type": "dpo"}}, "training_file"),  # a supervised file for a DPO job
-    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"method": "full"}}}},
-     "method.supervised.hyperparameters.method"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate": 1}}}},
      "method.supervised.hyperparameters.learning_rate"),
     ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),

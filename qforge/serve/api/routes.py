@@ -83,6 +83,8 @@ def _add_info_routes(app: FastAPI, state: AppState, caller) -> None:
         base = state.registry.base_name
         cards = [state.model_card(base)] + [state.model_card(e.name, e.created, base) for e in state.registry.entries()
                                             if state.visible(e.name, key_id)]
+        dedicated = state.registry.dedicated.names() if state.registry.dedicated is not None else []
+        cards += [state.model_card(n) for n in dedicated if state.visible(n, key_id)]  # full fine-tunes
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id:path}")
