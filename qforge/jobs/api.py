@@ -317,14 +317,13 @@ class JobService:
         name = name or job["fine_tuned_model"]
         if name in self.registry or name in self._unloadable or job["model"] != self.registry.base_name:
             return
-        full = name == job["fine_tuned_model"] and trained_full(job)
-        folder = (self.store.job_dir(job["id"]) / "run" / "model" if full  # Run.save's full model folder
-                  else ft_models.adapter_dir(self.store, job, name))
+        folder, full = self._model_folder(job, name)
         if folder is None or name in self._deleted:  # no such checkpoint, or its owner deleted the model
             return
         if not folder.is_dir():
             if name == job["fine_tuned_model"]:  # a succeeded job's adapter is gone: say so for this model
-                self._unloadable[name] = f"the adapter folder of {name} does not exist (run/adapter)"
+                kind = "model" if full else "adapter"
+                self._unloadable[name] = f"the {kind} folder of {name} does not exist (run/{kind})"
             return
         with self._register_lock:
             if name in self.registry:
@@ -340,6 +339,13 @@ class JobService:
                         f"internal error {type(exc).__name__}"
                     self._unloadable[name] = message.replace(f"{self.store.root}/", "")
                 print(f"qforge jobs: cannot serve {name}: {exc}", flush=True)
+
+    def _model_folder(self, job: dict, name: str) -> tuple[Path | None, bool]:
+        """(the folder that serves model `name` of `job`, whether it is a whole model): a full
+        fine-tune's run/model (Run.save), else the adapter of the job or of its checkpoint."""
+        if name == job["fine_tuned_model"] and trained_full(job):
+            return self.store.job_dir(job["id"]) / "run" / "model", True
+        return ft_models.adapter_dir(self.store, job, name), False
 
     def delete_model(self, name: str, key_id: str) -> dict | None:
         """DELETE /v1/models/{name} for a fine-tuned or checkpoint model: unload it and remove its
@@ -357,7 +363,10 @@ class JobService:
                     self.registry.remove(name)
                 except AdapterError:
                     pass
-            removed = ft_models.delete_adapter_files(ft_models.adapter_dir(self.store, job, name))
+            folder, full = self._model_folder(job, name)
+            if full:  # a whole model served on its own engine: stop it
+                self.registry.dedicated.remove(name)
+            removed = ft_models.delete_adapter_files(folder)
             self._deleted.add(name)
             self._unloadable.pop(name, None)
         if not removed:

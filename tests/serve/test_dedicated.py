@@ -1,6 +1,7 @@
 """A full fine-tuning job through the jobs API, served as a dedicated dense model in the same
 server: its completions equal transformers' greedy output on the job's saved folder, its echo
-log-probs transformers' log-softmax there (not the base's); a DPO job cannot be `full`."""
+log-probs transformers' log-softmax there (not the base's); deleting the model stops serving it;
+a DPO job cannot be `full`."""
 import json
 
 import httpx
@@ -35,7 +36,9 @@ def test_a_full_job_is_served_as_its_own_model(tmp_path, tiny_base):
                        ("succeeded", "failed", "cancelled") and j, 600, 1.0, "the full job to finish")
         assert job["status"] == "succeeded", job.get("error")
         name, folder = job["fine_tuned_model"], service.jobs.store.job_dir(job["id"]) / "run" / "model"
-        assert (folder / "config.json").is_file() and name in [m["id"] for m in http.get("/models").json()["data"]]
+        assert (folder / "config.json").is_file()
+        wait_for(lambda: name in [m["id"] for m in http.get("/models").json()["data"]], 60, 0.5,
+                 "the watcher to register the model")
 
         ids = AutoTokenizer.from_pretrained(str(folder))(PROMPT, add_special_tokens=False).input_ids
         r = http.post("/completions", json={"model": name, "prompt": ids, "max_tokens": 8, "temperature": 0})
@@ -43,10 +46,14 @@ def test_a_full_job_is_served_as_its_own_model(tmp_path, tiny_base):
                                                "logprobs": 1})
         base_echo = http.post("/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True,
                                                     "logprobs": 1})
+        greedy, theirs = hf_greedy_and_logprobs(folder, ids, 8)  # before the model is deleted
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        deleted = http.delete(f"/models/{name}")
+        after = http.post("/completions", json={"model": name, "prompt": ids, "max_tokens": 1})
+        assert deleted.status_code == 200 and deleted.json()["deleted"] and not folder.exists()
+        assert after.status_code == 404 and name not in service.jobs.registry.dedicated
     assert r.status_code == echo.status_code == base_echo.status_code == 200, (r.text, echo.text)
-    greedy, theirs = hf_greedy_and_logprobs(folder, ids, 8)
     _, base = hf_greedy_and_logprobs(tiny_base, ids, 8)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
     assert r.json()["choices"][0]["text"] == tokenizer.decode(greedy, skip_special_tokens=True)
     ours = torch.tensor(echo.json()["choices"][0]["logprobs"]["token_logprobs"][1:])
     assert (ours - theirs).abs().max() < 1e-4
