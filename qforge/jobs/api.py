@@ -342,9 +342,11 @@ class JobService:
 
     def _model_folder(self, job: dict, name: str) -> tuple[Path | None, bool]:
         """(the folder that serves model `name` of `job`, whether it is a whole model): a full
-        fine-tune's run/model (Run.save), else the adapter of the job or of its checkpoint."""
-        if name == job["fine_tuned_model"] and trained_full(job):
-            return self.store.job_dir(job["id"]) / "run" / "model", True
+        fine-tune's run/model (Run.save writes it for method full only), else the adapter of the
+        job or of its checkpoint. Read off the files: the watcher's job rows carry no method."""
+        whole = self.store.job_dir(job["id"]) / "run" / "model"
+        if name == job["fine_tuned_model"] and (whole / "config.json").is_file():
+            return whole, True
         return ft_models.adapter_dir(self.store, job, name), False
 
     def delete_model(self, name: str, key_id: str) -> dict | None:
@@ -414,13 +416,6 @@ def safe_filename(raw: str | None) -> str:
 
 
 # ---- routes --------------------------------------------------------------------------------------
-def trained_full(job: dict) -> bool:
-    """Whether a stored job is a full fine-tune (its model is a whole folder, served on its own)."""
-    method = job.get("method") or {}
-    settings = (method.get(method.get("type")) or {}).get("hyperparameters") or {}
-    return settings.get("method") == "full"
-
-
 def install(app: FastAPI, state, caller, service: JobService) -> None:
     """Add the files and jobs routes and the dashboard to the inference app; fine-tuned models are
     then visible only to their owners."""

@@ -41,7 +41,9 @@ def test_a_full_job_is_served_as_its_own_model(tmp_path, tiny_base):
                  "the watcher to register the model")
 
         ids = AutoTokenizer.from_pretrained(str(folder))(PROMPT, add_special_tokens=False).input_ids
-        r = http.post("/completions", json={"model": name, "prompt": ids, "max_tokens": 8, "temperature": 0})
+        r = wait_for(lambda: (got := http.post("/completions", json={"model": name, "prompt": ids, "max_tokens": 8,
+                                                                     "temperature": 0})).status_code != 429 and got,
+                     120, 0.5, "the full model to load")  # 429 while it loads in the background
         echo = http.post("/completions", json={"model": name, "prompt": ids, "max_tokens": 0, "echo": True,
                                                "logprobs": 1})
         base_echo = http.post("/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True,
