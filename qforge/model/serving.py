@@ -44,6 +44,10 @@ def load_serving_model(source, quant_type: str = "nf4", compute_dtype: torch.dty
     stored = stored_format(Path(source).expanduser()) if is_folder else None
     if stored == "compressed-tensors":
         return _load_compressed(Path(source).expanduser(), compute_dtype, device)
+    if stored not in (None, "bitsandbytes", "hqq"):
+        raise ValueError(f"'{source}' stores '{stored}' weights (config.json quantization_config), which qforge "
+                         "does not serve; serve the dense model, or a bitsandbytes 4-bit, HQQ or compressed-tensors "
+                         "folder")
     if quant_type != "none" or stored is not None:  # a quantised folder is read as stored by load_model
         quant = quant_type if quant_type != "none" else "nf4"
         return load_model(source, quant_type=quant, compute_dtype=compute_dtype, device=device)

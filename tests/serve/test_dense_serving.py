@@ -96,3 +96,13 @@ def test_a_compressed_tensors_folder_is_dispatched_to_its_reader(dense_folder, t
     except ImportError:
         with pytest.raises(ValueError, match="compressed-tensors folders are not served yet"):
             load_serving_model(str(folder), "none")
+
+
+def test_a_folder_in_a_format_qforge_does_not_read_is_refused_by_name(dense_folder, tmp_path):
+    folder = tmp_path / "gptq"
+    folder.mkdir()
+    config = json.loads((dense_folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="stores 'gptq' weights .* which qforge does not serve"):
+        load_serving_model(str(folder), "none")
