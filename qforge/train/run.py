@@ -92,7 +92,7 @@ class Run:
         if cfg.method != "full" and not result.interrupted:
             summary["adapter"] = str(self.output_dir / "adapter")
         if cfg.method == "full" and not result.interrupted:
-            summary["model"] = str(self.output_dir / "model")
+            summary["model_dir"] = str(self.output_dir / "model")  # ("model" names the base)
         return summary
 
     def save(self) -> dict:
@@ -107,7 +107,7 @@ class Run:
                 from ..adapters import save_adapter
                 save_adapter(self.model, self.output_dir / "adapter", name="default",
                              base_model_name_or_path=self.cfg.model, tokenizer=self.tokenizer)
-            if "model" in summary:  # a full fine-tune: the whole model, a Hugging Face folder
+            if "model_dir" in summary:  # a full fine-tune: the whole model, a Hugging Face folder
                 save_full_model(self.model, self.tokenizer, self.output_dir / "model")
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.group.barrier()  # the others wait while rank 0 writes

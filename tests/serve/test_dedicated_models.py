@@ -47,3 +47,36 @@ def test_a_folder_that_cannot_load_is_a_clear_error(folders, tmp_path):
         models.wait_loaded("broken", timeout=60)
     assert err.value.param == "model"
     models.stop()
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_only_a_full_run_writes_a_whole_model(method, tiny_base, tmp_path):
+    """Run.save: an adapter for qlora (no model folder, so the jobs service serves it as an adapter),
+    the whole model (transformers loads it, with the trained weights) for full."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from qforge.train.config import TrainConfig
+    from qforge.train.run import prepare
+    from tests.jobs.helpers import chat_rows, jsonl
+
+    (tmp_path / "train.jsonl").write_bytes(jsonl(chat_rows(4)))
+    cfg = TrainConfig(model=str(tiny_base), data=str(tmp_path / "train.jsonl"), output_dir=str(tmp_path / "run"),
+                      method=method, max_steps=1, batch_size=2, max_seq_len=64, compute_dtype="float32",
+                      save_every=0, lr=1e-2)
+    run = prepare(cfg, log=lambda *_: None)
+    run.train()
+    summary = run.save()
+    out = tmp_path / "run"
+    assert summary["model"] == str(tiny_base)  # the base, as before
+    assert (out / "model").exists() == (method == "full") == ("model_dir" in summary)
+    assert (out / "adapter").exists() == (method != "full")
+    if method == "full":
+        saved = AutoModelForCausalLM.from_pretrained(summary["model_dir"], dtype=torch.float32).state_dict()
+        trained = run.model.state_dict()
+        common = [k for k in saved if k in trained]
+        assert len(common) == len(saved) and all(torch.equal(saved[k], trained[k].float()) for k in common)
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).state_dict()
+        assert not torch.equal(saved["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"])
+        assert json.loads((out / "summary.json").read_text()) == summary
