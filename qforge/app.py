@@ -34,6 +34,7 @@ class ServeConfig:
     device: str = "auto"                  # resolved once by qforge.devices.resolve_device
     max_loaded_adapters: int = 16
     strict_bases: bool = False            # refuse (400) an adapter trained on another base than the served one
+    max_dedicated_models: int = 2         # whole models (full fine-tunes) loaded beside the base at once (LRU)
     max_batch: int = 32
     max_queue: int = 256
     max_model_len: int | None = None      # context length (None: the model's)
@@ -113,6 +114,7 @@ def build_server(cfg: ServeConfig):
     from .devices import resolve_device
     from .model.serving import load_serving_model
     from .serve import AdapterRegistry, Engine, Metrics
+    from .serve.dedicated import DedicatedModels, RoutingEngine
     from .serve.api import create_app
 
     device = resolve_device(cfg.device)  # decided once: the engine runs where the model is
@@ -127,6 +129,9 @@ def build_server(cfg: ServeConfig):
         registry.add(name, Path(folder), trusted=True)
     engine = Engine(model, tokenizer, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     context_len=cfg.max_model_len, metrics=metrics)
+    registry.dedicated = DedicatedModels(getattr(torch, cfg.dtype), device, cfg.max_dedicated_models, cfg.max_batch,
+                                         cfg.max_queue)  # full fine-tunes, each its own engine (no gauges)
+    engine = RoutingEngine(engine, registry.dedicated)
     extensions, jobs = [], None
     if cfg.jobs:
         from .jobs.api import JobService, install

@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on (default: 8000)")
     parser.add_argument("--max-loaded-adapters", type=positive_int, default=16,
                         help="adapters kept in memory (LRU; default: 16)")
+    parser.add_argument("--max-dedicated-models", type=positive_int, default=2,
+                        help="whole models (full fine-tuning jobs' results) loaded beside the base at once, each "
+                             "with its own engine (LRU; default: 2)")
     parser.add_argument("--max-batch", type=positive_int, default=32,
                         help="requests decoded together (1: one at a time; default: 32)")
     parser.add_argument("--max-queue", type=positive_int, default=256,
@@ -166,7 +169,8 @@ def serve_config(args: argparse.Namespace):
     return ServeConfig(
         base=args.base, revision=args.revision, name=args.name, adapters=parse_adapters(args.adapter),
         adapter_root=args.adapter_root, dtype=args.dtype, quant_type=args.quant_type, device=args.device,
-        max_loaded_adapters=args.max_loaded_adapters, strict_bases=args.strict_bases, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_loaded_adapters=args.max_loaded_adapters, strict_bases=args.strict_bases,
+        max_dedicated_models=args.max_dedicated_models, max_batch=args.max_batch, max_queue=args.max_queue,
         max_model_len=args.max_model_len, api_keys=all_keys(args), host=args.host, port=args.port,
         insecure=args.insecure, log_level=args.log_level, jobs=args.jobs, data_dir=Path(args.data_dir),
         memory_budget=parse_gpu(args.memory_budget) if args.memory_budget else None,

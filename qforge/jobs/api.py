@@ -186,9 +186,9 @@ class JobService:
             if row is not None:
                 check_file_for(kind, param, row, self.store.file_path(row["id"]))
         settings = resolve_settings(body.hyperparameters, method.settings(), kind)
-        if settings["method"] == "full":
-            raise APIError(400, "method 'full' makes a whole new model, which this server cannot serve; use qlora "
-                           "or lora", param=f"method.{kind}.hyperparameters.method", code="unsupported")
+        if settings["method"] == "full" and kind != "supervised":  # a full fine-tune is served as its own model
+            raise APIError(400, f"method 'full' trains supervised jobs only; a {kind} job trains an adapter (qlora or "
+                           "lora)", param=f"method.{kind}.hyperparameters.method", code="unsupported")
         openai_hp = {k: settings[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
         job_id = new_id("ftjob")
         job = {"id": job_id, "owner": owner, "created_at": now(), "model": body.model,
@@ -317,24 +317,37 @@ class JobService:
         name = name or job["fine_tuned_model"]
         if name in self.registry or name in self._unloadable or job["model"] != self.registry.base_name:
             return
-        folder = ft_models.adapter_dir(self.store, job, name)
+        folder, full = self._model_folder(job, name)
         if folder is None or name in self._deleted:  # no such checkpoint, or its owner deleted the model
             return
         if not folder.is_dir():
             if name == job["fine_tuned_model"]:  # a succeeded job's adapter is gone: say so for this model
-                self._unloadable[name] = f"the adapter folder of {name} does not exist (run/adapter)"
+                kind = "model" if full else "adapter"
+                self._unloadable[name] = f"the {kind} folder of {name} does not exist (run/{kind})"
             return
         with self._register_lock:
             if name in self.registry:
                 return
             try:
-                self.registry.add(name, folder, trusted=True)
+                if full:  # a whole model: its own dense engine beside the base (qforge.serve.dedicated)
+                    self.registry.dedicated.add(name, folder)
+                else:
+                    self.registry.add(name, folder, trusted=True)
             except Exception as exc:  # noqa: BLE001 - one bad adapter never stops the others
                 if not isinstance(exc, AdapterSlotsBusy):  # all slots busy: try again later
                     message = str(exc) if isinstance(exc, (AdapterError, ValueError, OSError)) else \
                         f"internal error {type(exc).__name__}"
                     self._unloadable[name] = message.replace(f"{self.store.root}/", "")
                 print(f"qforge jobs: cannot serve {name}: {exc}", flush=True)
+
+    def _model_folder(self, job: dict, name: str) -> tuple[Path | None, bool]:
+        """(the folder that serves model `name` of `job`, whether it is a whole model): a full
+        fine-tune's run/model (Run.save writes it for method full only), else the adapter of the
+        job or of its checkpoint. Read off the files: the watcher's job rows carry no method."""
+        whole = self.store.job_dir(job["id"]) / "run" / "model"
+        if name == job["fine_tuned_model"] and (whole / "config.json").is_file():
+            return whole, True
+        return ft_models.adapter_dir(self.store, job, name), False
 
     def delete_model(self, name: str, key_id: str) -> dict | None:
         """DELETE /v1/models/{name} for a fine-tuned or checkpoint model: unload it and remove its
@@ -352,7 +365,10 @@ class JobService:
                     self.registry.remove(name)
                 except AdapterError:
                     pass
-            removed = ft_models.delete_adapter_files(ft_models.adapter_dir(self.store, job, name))
+            folder, full = self._model_folder(job, name)
+            if full:  # a whole model served on its own engine: stop it
+                self.registry.dedicated.remove(name)
+            removed = ft_models.delete_adapter_files(folder)
             self._deleted.add(name)
             self._unloadable.pop(name, None)
         if not removed:

@@ -44,6 +44,10 @@ def load_serving_model(source, quant_type: str = "nf4", compute_dtype: torch.dty
     stored = stored_format(Path(source).expanduser()) if is_folder else None
     if stored == "compressed-tensors":
         return _load_compressed(Path(source).expanduser(), compute_dtype, device)
+    if stored not in (None, "bitsandbytes", "hqq"):
+        raise ValueError(f"'{source}' stores '{stored}' weights (config.json quantization_config), which qforge "
+                         "does not serve; serve the dense model, or a bitsandbytes 4-bit, HQQ or compressed-tensors "
+                         "folder")
     if quant_type != "none" or stored is not None:  # a quantised folder is read as stored by load_model
         quant = quant_type if quant_type != "none" else "nf4"
         return load_model(source, quant_type=quant, compute_dtype=compute_dtype, device=device)
@@ -65,11 +69,16 @@ def dense_targets(model: torch.nn.Module, compute_dtype: torch.dtype) -> list[st
 
 
 def _load_compressed(folder: Path, compute_dtype: torch.dtype, device):
-    """A compressed-tensors folder (GPTQ/AWQ W4A16, FP8), served as stored. The reader lives in
-    qforge.model.compressed (the requantisation work); where it is missing, a clear refusal."""
+    """A compressed-tensors folder (GPTQ/AWQ W4A16, FP8), served as stored: qforge.model.compressed
+    (the requantisation work) dequantises each layer as stored, the targets become dense
+    AdaptedLinear for adapters. Where that module is missing, a clear refusal."""
     try:
-        from .compressed import load_compressed_model  # noqa: F401 - the requantisation module's loader
+        from .compressed import load_compressed_tensors
     except ImportError:
         raise ValueError(f"'{folder}' is a compressed-tensors folder: compressed-tensors folders are not "
                          "served yet") from None
-    return load_compressed_model(folder, compute_dtype=compute_dtype, device=device)
+    from .load import load_tokenizer
+
+    model = load_compressed_tensors(folder, dtype=compute_dtype, device=device if device is not None else "cpu")
+    dense_targets(model, compute_dtype)
+    return model, load_tokenizer(folder)

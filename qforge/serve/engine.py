@@ -1,4 +1,4 @@
-"""Continuous batching over one 4-bit base and many adapters, in a background thread.
+"""Continuous batching over one base (4-bit, HQQ or dense) and many adapters, in a background thread.
 
 Each iteration of the engine thread:
   1. admits waiting requests, oldest first, while the batch has room and the registry can pin the
@@ -21,6 +21,10 @@ per row, and every adapted layer adds each row's low-rank delta from its slot by
 product (no weight swapping). A batch whose rows all use one adapter (or none) multiplies by that
 slot's views instead (no gather needed).
 
+Prompt log-probs (`echo`): the prefill makes only the last position's logits; the final hidden
+states of the prompts that want log-probs are kept (B, P, H) and turned into logits PROMPT_CHUNK
+positions at a time (qforge.serve.logprobs), so no P x vocab tensor ever exists.
+
 Greedy output of a request in a mixed batch equals its output alone: padding is masked out exactly
 (zero attention weight) and positions are per row; in float32 what remains are last-bit differences
 in reduction order, in bfloat16 such differences can, rarely, flip a near-tie.
@@ -41,7 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .logprobs import PROMPT_CHUNK, chunked_prompt_logprobs, step_logprobs
+from .logprobs import PROMPT_CHUNK, chunked_prompt_logprobs, output_logit_transform, step_logprobs
 
 log = logging.getLogger("qforge.serve")
 
@@ -563,20 +567,6 @@ class Engine:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self._waiting))
             self.metrics.running.set(len(self._rows))
-
-
-def output_logit_transform(config, logits: torch.Tensor) -> torch.Tensor:
-    """What a family's forward does to lm_head's output: Cohere multiplies by `logit_scale`,
-    Granite divides by `logits_scaling`, Gemma 2/3 soft-cap with `final_logit_softcapping`."""
-    text = getattr(config, "get_text_config", lambda: config)()
-    if getattr(text, "logit_scale", None) is not None:
-        logits = logits * text.logit_scale
-    if getattr(text, "logits_scaling", None) is not None:
-        logits = logits / text.logits_scaling
-    cap = getattr(text, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 def _new_cache(model):

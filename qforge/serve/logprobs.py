@@ -63,6 +63,20 @@ def chunked_prompt_logprobs(hidden: torch.Tensor, ids: list[int], k: int,
     return out
 
 
+def output_logit_transform(config, logits: torch.Tensor) -> torch.Tensor:
+    """What a family's forward does to lm_head's output: Cohere multiplies by `logit_scale`,
+    Granite divides by `logits_scaling`, Gemma 2/3 soft-cap with `final_logit_softcapping`."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    if getattr(text, "logit_scale", None) is not None:
+        logits = logits * text.logit_scale
+    if getattr(text, "logits_scaling", None) is not None:
+        logits = logits / text.logits_scaling
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def _score(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
     """One TokenLogprob per row of logits (C, V): row i scores targets[i]."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (C, V)

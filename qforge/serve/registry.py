@@ -108,6 +108,7 @@ class AdapterRegistry:
             raise FileNotFoundError(f"adapter root '{adapter_root}' is not a folder")
         self.dtype = model_compute_dtype(model)  # adapters compute in the model's dtype
         self.base_record, self.strict_bases = describe_base(model), strict_bases  # what adapters are checked against
+        self.dedicated = None  # whole models served beside the base (qforge.serve.dedicated), set by the app
         self.layout = model_layout(unwrap(model))  # the model's own layout, without serving wrappers
         self.slots = LoraSlots(model, max_loaded, self.dtype)
         self.metrics = metrics
@@ -135,7 +136,9 @@ class AdapterRegistry:
 
     def __contains__(self, name: str) -> bool:
         with self._book:
-            return name in self._entries
+            if name in self._entries:
+                return True
+        return self.dedicated is not None and name in self.dedicated
 
     def loaded_names(self) -> list[str]:
         with self._book:

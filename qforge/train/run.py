@@ -91,6 +91,8 @@ class Run:
             summary["final_eval_metrics"] = {k: v for k, v in result.eval_metrics[-1].items() if k != "step"}
         if cfg.method != "full" and not result.interrupted:
             summary["adapter"] = str(self.output_dir / "adapter")
+        if cfg.method == "full" and not result.interrupted:
+            summary["model_dir"] = str(self.output_dir / "model")  # ("model" names the base)
         return summary
 
     def save(self) -> dict:
@@ -105,9 +107,26 @@ class Run:
                 from ..adapters import save_adapter
                 save_adapter(self.model, self.output_dir / "adapter", name="default",
                              base_model_name_or_path=self.cfg.model, tokenizer=self.tokenizer)
+            if "model_dir" in summary:  # a full fine-tune: the whole model, a Hugging Face folder
+                save_full_model(self.model, self.tokenizer, self.output_dir / "model")
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.group.barrier()  # the others wait while rank 0 writes
         return summary
+
+
+def save_full_model(model, tokenizer, out_dir: Path) -> Path:
+    """A fully fine-tuned model as a Hugging Face folder (save_pretrained, in its training dtype)
+    with its tokenizer, written atomically: what `qforge serve --quant-type none` and the jobs
+    service serve as a dedicated model."""
+    from ..adapters.peft_format import write_folder_atomically
+    from ..model.checkpoint import save_tokenizer
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
+
+    return write_folder_atomically(out_dir, write)
 
 
 def _chain(hooks: list):

@@ -152,8 +152,6 @@ def test_auto_is_qlora_and_its_event_says_whether_the_plan_fits(client, training
     ({"suffix": "no spaces allowed"}, "suffix"),
     ({"method": {"type": "reinforcement"}}, "method.type"),
     ({"method": {"type": "dpo"}}, "training_file"),  # a supervised file for a DPO job
-    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"method": "full"}}}},
-     "method.supervised.hyperparameters.method"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate": 1}}}},
      "method.supervised.hyperparameters.learning_rate"),
     ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),

@@ -84,7 +84,7 @@ def test_unknown_quant_type_is_a_clear_error(dense_folder):
         load_serving_model(str(dense_folder), "int8")
 
 
-def test_a_compressed_tensors_folder_is_dispatched_to_its_reader(dense_folder, tmp_path):
+def test_a_compressed_tensors_folder_is_dispatched_to_its_reader(dense_folder, tmp_path, monkeypatch):
     folder = tmp_path / "ct"
     folder.mkdir()
     config = json.loads((dense_folder / "config.json").read_text())
@@ -92,7 +92,27 @@ def test_a_compressed_tensors_folder_is_dispatched_to_its_reader(dense_folder, t
     (folder / "config.json").write_text(json.dumps(config))
     assert stored_format(folder) == "compressed-tensors"
     try:
-        import qforge.model.compressed  # noqa: F401 - the requantisation module, when merged
+        import qforge.model.compressed as compressed  # the requantisation module, when merged
     except ImportError:
         with pytest.raises(ValueError, match="compressed-tensors folders are not served yet"):
             load_serving_model(str(folder), "none")
+        return
+    calls = []
+
+    def reader(path, dtype, device):  # stands for the real reader: the dispatch is what is tested here
+        calls.append((path, dtype))
+        return AutoModelForCausalLM.from_pretrained(str(dense_folder), dtype=dtype)
+    monkeypatch.setattr(compressed, "load_compressed_tensors", reader)
+    model, _ = load_serving_model(str(folder), "nf4", compute_dtype=torch.float32)  # as stored, whatever the flag
+    assert calls == [(folder, torch.float32)]
+    assert all(isinstance(layer.base, DenseBase) for _, layer in adapted_layers(model))
+
+
+def test_a_folder_in_a_format_qforge_does_not_read_is_refused_by_name(dense_folder, tmp_path):
+    folder = tmp_path / "gptq"
+    folder.mkdir()
+    config = json.loads((dense_folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="stores 'gptq' weights .* which qforge does not serve"):
+        load_serving_model(str(folder), "none")

@@ -59,3 +59,29 @@ def test_engine_chunks_equal_one_chunk(tiny, prompts):
             assert_same(small, echo(tiny, long, adapter))
     finally:
         tiny.logprob_chunk = 256
+
+
+@torch.no_grad()
+def test_a_family_that_scales_its_logits_is_scored_as_its_forward_scores(tokenizer):
+    """Granite divides lm_head's output by logits_scaling: echo log-probs from the hidden states
+    must do the same (against the model's own log-softmax)."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from qforge.model.serving import dense_targets
+    from qforge.serve import AdapterRegistry, Engine
+
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, logits_scaling=4.0,
+                           max_position_embeddings=128, initializer_range=0.2)
+    model = GraniteForCausalLM(config).eval()
+    ids = tokenizer("The capital of France is Paris").input_ids
+    logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+    dense_targets(model, torch.float32)
+    engine = Engine(model, tokenizer, AdapterRegistry(model, "granite"), max_batch=2).start()
+    try:
+        got = echo(engine, ids, None)
+    finally:
+        engine.stop()
+    for i in range(1, len(ids)):
+        assert abs(got[i].logprob - float(logp[i - 1, ids[i]])) < 1e-4

@@ -90,8 +90,10 @@ def _add_info_routes(app: FastAPI, state: AppState, caller) -> None:
     async def models(key_id: str = Depends(caller)):
         def cards():  # off the event loop: the jobs' model guard reads its database
             base = state.registry.base_name
-            return [state.model_card(base)] + [state.model_card(e.name, e.created, base)
-                                               for e in state.registry.entries() if state.visible(e.name, key_id)]
+            found = [state.model_card(base)] + [state.model_card(e.name, e.created, base)
+                                                for e in state.registry.entries() if state.visible(e.name, key_id)]
+            dedicated = state.registry.dedicated.names() if state.registry.dedicated is not None else []
+            return found + [state.model_card(n) for n in dedicated if state.visible(n, key_id)]  # full fine-tunes
         return {"object": "list", "data": await run_in_threadpool(cards)}
 
     @app.get("/v1/models/{model_id:path}")
