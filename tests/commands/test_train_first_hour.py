@@ -155,7 +155,7 @@ def test_quiet_run_says_what_it_trains_in_one_plain_line(tiny_run):
     assert "FutureWarning" not in proc.stderr and "DeprecationWarning" not in proc.stderr
 
 
-def test_default_checkpoints_and_one_count_of_trained_tokens(tiny_run):
+def test_default_checkpoints_and_one_count_of_trained_tokens(tiny_run, tiny_dir):  # noqa: F811
     """4 steps: a checkpoint every step (10% rounded up), the earlier run's gone (--overwrite); one
     epoch, so the tokens the loss was taken over are the data's trained tokens, and the summary,
     metrics and data report agree."""
@@ -166,7 +166,9 @@ def test_default_checkpoints_and_one_count_of_trained_tokens(tiny_run):
     from transformers import AutoTokenizer
 
     from qforge.train.data import build_dataset, read_splits
-    tok = AutoTokenizer.from_pretrained(str(out / "adapter"))
+    # the tokenizer training used: the base's (the copy saved with the adapter ends ChatML turns at
+    # <|im_end|> for generation, which changes how a row's answer end is counted)
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
     cfg = TrainConfig.from_yaml(out / "config.yaml")
     splits = read_splits(cfg.data, field_map=cfg.field_map)
     _, _, report = build_dataset(cfg.data, tok, max_seq_len=64, splits=splits)
