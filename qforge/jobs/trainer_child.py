@@ -52,15 +52,23 @@ def with_tensorboard(cfg):
 
 
 def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
-    """Run the job's config.yaml; the outcome as result.json's contents."""
+    """Run the job's config.yaml; the outcome as result.json's contents. Messages that advise a
+    setting name the jobs API's hyperparameters while it runs (and only then: tests run it in-process)."""
+    from ..train.config import INTERFACE
+    token = INTERFACE.set("api")
+    try:
+        return _train(job_dir, job_id, store)
+    finally:
+        INTERFACE.reset(token)
+
+
+def _train(job_dir: Path, job_id: str, store: JobStore) -> dict:
     from ..fileio import DiskFull, is_disk_full
     from ..train.config import TrainConfig
     from ..train.data import DataError
     from ..train.loop import TrainingDiverged
     from ..train.run import prepare
 
-    from ..train.config import INTERFACE
-    INTERFACE.set("api")  # messages that advise a setting name the jobs API's hyperparameters
     cfg = with_tensorboard(TrainConfig.from_yaml(job_dir / "config.yaml"))
     job = store.get_job(job_id) or {}
     base_name = job.get("model", "the base model")
