@@ -91,18 +91,15 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
         traceback.print_exc()
         return {"status": "disk_full", "error": _error("disk_full", exc.strerror.replace(f"{job_dir}/", "")
                                                        .replace("; free some space and try again", ""))}
-    except (OSError, RuntimeError, sqlite3.Error, *DB_ERRORS_T) as exc:
-        traceback.print_exc()
-        if not is_disk_full(exc):
-            return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
-                                                        .replace(f"{job_dir}/", ""))}
-        return {"status": "disk_full", "error": _error("disk_full", "no space left on the device while training "
-                                                       f"({first_line(exc)})".replace(f"{job_dir}/", ""))}
     except MemoryError:
         return {"status": "failed", "error": _error("out_of_memory", "training ran out of memory; lower "
                                                     "batch_size or max_seq_len, or use method qlora")}
     except Exception as exc:  # noqa: BLE001 - reported to the job's owner, the traceback to train.log
         traceback.print_exc()
+        # whatever library wrapped it (safetensors, torch.save, json, the log): ENOSPC waits for room
+        if is_disk_full(exc, job_dir):
+            return {"status": "disk_full", "error": _error("disk_full", "no space left on the device while "
+                                                           f"training ({first_line(exc)})".replace(f"{job_dir}/", ""))}
         return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
                                                     .replace(f"{job_dir}/", ""))}
 
