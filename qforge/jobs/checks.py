@@ -53,8 +53,10 @@ def check_jsonl_lines(path: Path) -> None:
             except RecursionError:  # the parser recursing per level: refused here, never a 500
                 raise DataError(f"{path}:{number}: nested too deeply (JSON rows may nest a few hundred "
                                 "levels at most)") from None
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not UTF-8 text") from None
+            except json.JSONDecodeError as exc:  # the same words as the trainer's reader (train.datafiles)
+                raise DataError(f"{path}:{number}: bad JSON: {exc.msg} (column {exc.colno})") from None
             try:
                 json.dumps(row, allow_nan=False, ensure_ascii=False).encode("utf-8")
             except (ValueError, UnicodeEncodeError):

@@ -7,6 +7,8 @@ import json
 import httpx
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qforge.jobs.api import JobsConfig, JobService, install
 from qforge.jobs.db import DatabaseError
@@ -20,8 +22,9 @@ from tests.serve.helpers import LiveServer, save_random_adapters
 
 from .helpers import TINY_HP, chat_rows, jsonl, wait_for
 
-ALICE, BOB, CAROL = "alice-key-000", "bob-key-00000", "carol-key-000"
-KEYS = [ApiKey(ALICE, "user", "alice"), ApiKey(BOB, "user", "bob"), ApiKey(CAROL, "user", "carol")]
+ALICE, BOB, CAROL, FUZZ = "alice-key-000", "bob-key-00000", "carol-key-000", "fuzz-key-0000"
+KEYS = [ApiKey(ALICE, "user", "alice"), ApiKey(BOB, "user", "bob"), ApiKey(CAROL, "user", "carol"),
+        ApiKey(FUZZ, "user", "fuzz")]
 LIMIT = 3
 
 
@@ -41,7 +44,8 @@ def service(tiny_base, tmp_path_factory):
     jobs.start()
     with LiveServer(app) as server:
         server.jobs, server.store, server.model = jobs, jobs.store, model
-        server.files = {key: upload(server, key, jsonl(chat_rows(4))).json()["id"] for key in (ALICE, BOB, CAROL)}
+        server.files = {key: upload(server, key, jsonl(chat_rows(4))).json()["id"]
+                        for key in (ALICE, BOB, CAROL, FUZZ)}
         yield server
     jobs.stop()
     engine.stop()
@@ -219,3 +223,101 @@ def test_a_job_database_that_is_down_answers_503_not_500(service, monkeypatch, e
     assert httpx.get(service.url + "/files", headers=auth(ALICE)).status_code == 503
     assert upload(service, ALICE, jsonl(chat_rows(1))).status_code == 503
     assert not [p for p in service.store.files_dir.iterdir() if p.name.startswith(".upload")]
+
+
+# ---- a property-based fuzz over the jobs and files endpoints' bodies ----------------------------------
+# Text with lone surrogates and every plane; numbers huge, NaN and infinite; nesting deep; the real
+# file id and model name often enough that some bodies get past the first checks.
+TEXT = st.text(alphabet=st.characters(codec=None, categories=None), max_size=12) | st.sampled_from(
+    ["\ud800", "\udfff", "a\ud800b", "\u2028", "\x00", "tiny", "", "ftjob-" + "0" * 24])
+NUMBER = st.integers(-2 ** 70, 2 ** 70) | st.floats(allow_nan=True, allow_infinity=True)
+JSON = st.recursive(st.none() | st.booleans() | NUMBER | TEXT,
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+                    max_leaves=12)
+HP_KEYS = ["n_epochs", "batch_size", "learning_rate_multiplier", "alpha", "rank", "method", "max_seq_len",
+           "save_every", "learning_rate", "beta"]
+
+
+def deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@st.composite
+def job_bodies(draw) -> str:
+    body = {}
+    for key, value in (("model", st.sampled_from(["tiny"]) | JSON), ("training_file", st.just("FILE") | JSON),
+                       ("validation_file", JSON), ("suffix", JSON), ("seed", JSON), ("metadata", JSON),
+                       ("hyperparameters", st.dictionaries(st.sampled_from(HP_KEYS), JSON, max_size=3) | JSON)):
+        if draw(st.booleans()):
+            body[key] = draw(value)
+    if draw(st.booleans()):
+        kind = draw(st.sampled_from(["supervised", "dpo", "orpo", "full"]) | TEXT)
+        body["method"] = {"type": kind, kind: {"hyperparameters": draw(
+            st.dictionaries(st.sampled_from(HP_KEYS), JSON, max_size=3))}}
+    raw = json.dumps(body)  # ensure_ascii: lone surrogates travel as \\ud800 escapes; NaN/Infinity as literals
+    if draw(st.integers(0, 9)) == 0:
+        raw = raw[:-1] + (", " if body else "") + f'"deep": {deep(draw(st.integers(100, 6000)))}' + "}"
+    return raw
+
+
+@pytest.fixture(scope="module")
+def fuzz_file(service):
+    return service.files[FUZZ]
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(raw=job_bodies())
+def test_fuzzed_job_bodies_never_answer_5xx_and_listings_still_answer(service, fuzz_file, raw):
+    r = create(service, FUZZ, raw=raw.replace('"FILE"', json.dumps(fuzz_file)))
+    assert r.status_code < 500, (raw[:300], r.text[:300])
+    if r.status_code == 200:
+        job_id = r.json()["id"]
+        httpx.post(service.url + f"/fine_tuning/jobs/{job_id}/cancel", headers=auth(FUZZ))
+        assert httpx.get(service.url + f"/fine_tuning/jobs/{job_id}/events", headers=auth(FUZZ)).status_code == 200
+    listing(service, FUZZ)
+
+
+@st.composite
+def uploads(draw) -> bytes:
+    lines = []
+    for _ in range(draw(st.integers(1, 4))):
+        choice = draw(st.integers(0, 4))
+        if choice == 0:
+            lines.append(json.dumps({"messages": [{"role": "user", "content": draw(TEXT)},
+                                                  {"role": "assistant", "content": draw(TEXT)}]},
+                                    ensure_ascii=draw(st.booleans())))
+        elif choice == 1:
+            lines.append(json.dumps(draw(JSON)))
+        elif choice == 2:
+            lines.append('{"messages": ' + deep(draw(st.integers(1, 6000))) + "}")
+        elif choice == 3:
+            lines.append(json.dumps(draw(st.dictionaries(st.sampled_from(["input", "preferred_output", "prompt",
+                                                                          "text", "messages", "chosen"]), JSON))))
+        else:
+            lines.append(draw(TEXT))
+    data = "\n".join(lines).encode("utf-8", "surrogatepass")
+    return data if draw(st.booleans()) else data + b"\n"
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=uploads(), name=TEXT, query=st.dictionaries(st.sampled_from(["after", "limit", "order", "purpose"]),
+                                                         TEXT, max_size=3))
+def test_fuzzed_uploads_and_queries_never_answer_5xx_and_listings_still_answer(service, data, name, query):
+    r = httpx.post(service.url + "/files", headers=auth(FUZZ), timeout=60,
+                   files={"file": (name.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), data)},
+                   data={"purpose": "fine-tune"})
+    assert r.status_code < 500, (data[:200], r.text[:300])
+    if r.status_code == 200:
+        file_id = r.json()["id"]
+        assert httpx.get(service.url + f"/files/{file_id}/content", headers=auth(FUZZ)).content == data
+        assert httpx.delete(service.url + f"/files/{file_id}", headers=auth(FUZZ)).status_code == 200
+    params = {k: v.encode("utf-8", "surrogatepass").decode("utf-8", "replace") for k, v in query.items()}
+    for path in ("/files", "/fine_tuning/jobs"):
+        answer = httpx.get(service.url + path, headers=auth(FUZZ), params=params)
+        assert answer.status_code < 500, answer.text[:300]
+    listing(service, FUZZ)
+    assert httpx.get(service.url + "/files", headers=auth(FUZZ)).status_code == 200
