@@ -60,7 +60,10 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
     from ..train.run import prepare
 
     cfg = with_tensorboard(TrainConfig.from_yaml(job_dir / "config.yaml"))
-    base_name = (store.get_job(job_id) or {}).get("model", "the base model")
+    try:
+        base_name = (store.get_job(job_id) or {}).get("model", "the base model")
+    except Exception:  # noqa: BLE001 - the database is down: only a name in messages is at stake
+        base_name = "the base model"
 
     def report(message) -> None:
         """Progress messages become the job's events, without the server's paths."""
@@ -125,6 +128,21 @@ def resources_message() -> str:
     return text
 
 
+def open_store_waiting(data_dir: Path) -> JobStore:
+    """The job store; while its database is down, wait (doubling to 30 s) rather than crash: the
+    worker counts a trainer that dies as a crash, and three fail the job."""
+    import time
+    from .db import DatabaseError
+    delay = 1.0
+    while True:
+        try:
+            return store_from_env(data_dir)
+        except (DatabaseError, sqlite3.OperationalError, *DB_ERRORS_T) as exc:
+            print(f"the job database is unavailable ({first_line(exc)}); trying again in {delay:.0f} s", flush=True)
+            time.sleep(delay)
+            delay = min(30.0, delay * 2)
+
+
 def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | None) -> int:
     """One attempt at a job, in the process the worker started: train, then write result.json."""
     die_with_parent(parent_pid)
@@ -137,7 +155,7 @@ def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | Non
     except BlockingIOError:
         print(f"another trainer holds job {job_id}; this one exits without training", flush=True)
         return 3
-    outcome = train(job_dir, job_id, store_from_env(data_dir))
+    outcome = train(job_dir, job_id, open_store_waiting(data_dir))
     try:
         write_result(job_dir / RESULT_NAME, outcome)
     except DiskFull as exc:

@@ -155,7 +155,10 @@ class Progress:
         self.store, self.job = store, job
         self.run_dir = store.job_dir(job["id"]) / "run"
         self.offset = 0
-        self.steps_seen = store.metric_steps(job["id"])
+        try:
+            self.steps_seen = store.metric_steps(job["id"])
+        except (sqlite3.Error, DatabaseError, *DB_ERRORS_T):  # the database is down: the keys keep events single
+            self.steps_seen = set()
         self.checkpoints_seen: set[int] = set()
         self.timing: list[tuple[float, int]] = []  # (monotonic, step) of this attempt's records
 
