@@ -30,6 +30,7 @@ OUR_FILE = re.compile(r"^file-[A-Za-z0-9]+\.(jsonl|csv)$")  # the only names the
 ACTIVE = ("validating_files", "queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_COLUMNS = {"metadata", "hyperparameters", "method", "error", "result_files", "data", "metrics"}
 
 
@@ -64,8 +65,25 @@ def _row(row: sqlite3.Row | None) -> dict | None:
     out = dict(row)
     for key in _JSON_COLUMNS & out.keys():
         if out[key] is not None:
-            out[key] = json.loads(out[key])
+            out[key] = _load(out[key])
     return out
+
+
+def _load(text: str):
+    """A JSON column, as JSON can give it back: NaN/Infinity (which older versions stored) become
+    null and lone surrogates U+FFFD, so no stored row can make a listing fail."""
+    value = json.loads(text, parse_constant=lambda name: None)
+    return _valid_text(value) if "\\ud" in text.lower() else value
+
+
+def _valid_text(value):
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_valid_text(v) for v in value]
+    if isinstance(value, dict):
+        return {_valid_text(k): _valid_text(v) for k, v in value.items()}
+    return value
 
 
 def _dump(value) -> str | None:

@@ -111,6 +111,20 @@ def test_a_training_file_id_with_a_lone_surrogate_is_400(service):
     listing(service, ALICE)
 
 
+def test_rows_an_older_version_stored_with_infinity_or_a_lone_surrogate_do_not_break_the_listing(service):
+    with service.store.transaction() as db:  # as issue 28 found them: stored by the 500 that answered
+        db.execute("INSERT INTO jobs (id, owner, created_at, model, training_file, seed, metadata, hyperparameters, "
+                   "method, status) VALUES (?, ?, 1, 'tiny', 'file-x', 0, ?, ?, ?, 'failed')",
+                   ("ftjob-" + "cd" * 12, KEYS[1].id, '{"k": "\\ud800"}', '{"n_epochs": 1}',
+                    '{"type": "supervised", "supervised": {"hyperparameters": {"alpha": Infinity}}}'))
+    jobs = {j["id"]: j for j in listing(service, BOB)}
+    old = jobs["ftjob-" + "cd" * 12]
+    assert old["metadata"] == {"k": "\ufffd"}
+    assert old["method"]["supervised"]["hyperparameters"]["alpha"] is None
+    r = httpx.delete(service.url + f"/fine_tuning/jobs/{old['id']}", headers=auth(BOB))
+    assert r.status_code == 200, r.text
+
+
 # ---- findings 7 and 9: uploads ------------------------------------------------------------------------
 def test_a_row_nested_5000_deep_is_refused_naming_its_line(service):
     deep = '{"messages": ' + "[" * 5000 + "]" * 5000 + "}\n"
