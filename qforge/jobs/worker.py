@@ -523,9 +523,9 @@ class Worker:
                 signal_group(proc.pid, signal.SIGKILL)
                 killed = True
             time.sleep(self.poll_s)
-        try:
-            progress.sync()
-        except (sqlite3.Error, OSError, ValueError, DB_ERRORS) as exc:  # the next attempt or worker syncs it again
+        try:  # the database may be down now: waited for, as the outcome is (no later sync reads these lines)
+            self.with_database(progress.sync, f"job {job['id']}: recording its last progress")
+        except (sqlite3.Error, OSError, ValueError) as exc:  # a folder being replaced: the next attempt syncs it
             log(f"job {job['id']}: last progress not recorded: {exc!r}")
 
     def finish(self, job: dict, returncode: int, job_dir: Path) -> str | None:

@@ -202,3 +202,23 @@ def test_the_per_key_limit_is_counted_in_the_insert(store):
     assert store.get_job("ftjob-l2") is None
     store.update_job("ftjob-l0", status="failed")
     store.add_job(add_job_limited, max_active=2)
+
+
+def test_the_last_progress_is_recorded_when_the_database_is_down_as_the_trainer_exits(store, monkeypatch):
+    """Found by the soak: a trainer that ended during an outage had its last steps' events dropped."""
+    add_job(store, "ftjob-last", status="running")
+    run = store.job_dir("ftjob-last") / "run"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5, "lr": 1e-4, "tokens": 8}) + "\n"
+                                               for s in range(1, 5)))
+    outage = Outage(store, monkeypatch, "add_events", 3)
+
+    class Exited:
+        pid, returncode = 0, 0
+
+        def poll(self):
+            return 0
+
+    Worker(store, poll_s=0.01).follow(store.get_job("ftjob-last"), Exited())
+    steps = sorted(e["data"]["step"] for e in store.list_events("ftjob-last", limit=100)[0] if e["type"] == "metrics")
+    assert steps == [1, 2, 3, 4] and outage.left == 0
