@@ -68,7 +68,10 @@ def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
     def report(message) -> None:
         """Progress messages become the job's events, without the server's paths."""
         text = str(message).strip()
-        print(text, flush=True)
+        try:
+            print(text, flush=True)
+        except OSError:  # train.log's disk is full: the message still becomes an event if it can
+            pass
         text = text.replace(f"{job_dir}/", "").replace(str(job_dir), ".")
         text = text.replace(f"model {cfg.model} ", f"model {base_name} ")
         if text:

@@ -64,6 +64,12 @@ MAX_CRASHES = 3
 DB_MAX_BACKOFF_S = 30.0
 
 
+def disk_nearly_full(folder: Path) -> bool:
+    from ..fileio import LOW_SPACE_BYTES, free_bytes
+    free = free_bytes(folder)
+    return free is not None and free < LOW_SPACE_BYTES
+
+
 def is_database_error(exc: BaseException) -> bool:
     """A database that is down, unreachable or locked (retried), as opposed to a bug (not retried)."""
     from ..fileio import is_disk_full
@@ -545,6 +551,8 @@ class Worker:
             return result["error"]["message"]
         elif result["status"] == "crashed" and returncode == DISK_FULL_EXIT:
             return "no space left on the device for the trainer's result file"
+        elif result["status"] == "crashed" and disk_nearly_full(job_dir):  # its log could not say why: room decides
+            return f"the trainer stopped (exit status {returncode}) with no room left to write its log or result"
         elif result["status"] == "succeeded":
             self.succeed(job, result)
         elif result["status"] == "failed":

@@ -222,3 +222,19 @@ def test_the_last_progress_is_recorded_when_the_database_is_down_as_the_trainer_
     Worker(store, poll_s=0.01).follow(store.get_job("ftjob-last"), Exited())
     steps = sorted(e["data"]["step"] for e in store.list_events("ftjob-last", limit=100)[0] if e["type"] == "metrics")
     assert steps == [1, 2, 3, 4] and outage.left == 0
+
+
+def test_a_trainer_that_dies_on_a_full_disk_waits_for_room_instead_of_counting_a_crash(store, monkeypatch):
+    """Found by the soak: with the disk full a trainer cannot write its log or result and exits 1;
+    three such exits during one fill failed the job as 'training_crashed'."""
+    from qforge import fileio
+    add_job(store, "ftjob-full", status="running")
+    store.job_dir("ftjob-full").mkdir(parents=True)
+    worker, job = Worker(store, poll_s=0.01), store.get_job("ftjob-full")
+    monkeypatch.setattr(fileio, "free_bytes", lambda path: 0)
+    why = worker.finish(job, 1, store.job_dir("ftjob-full"))
+    assert why is not None and "no room left" in why
+    assert store.get_job("ftjob-full")["crashes"] == 0 and store.job_status("ftjob-full") == "running"
+    monkeypatch.setattr(fileio, "free_bytes", lambda path: 10 * 2 ** 30)
+    assert worker.finish(job, 1, store.job_dir("ftjob-full")) is None  # with room it is a crash
+    assert store.get_job("ftjob-full")["crashes"] == 1
