@@ -20,7 +20,7 @@ from qforge.serve.auth import ApiKey
 
 from tests.serve.helpers import LiveServer, save_random_adapters
 
-from .helpers import TINY_HP, chat_rows, jsonl, wait_for
+from .helpers import TINY_HP, chat_rows, jsonl
 
 ALICE, BOB, CAROL, FUZZ = "alice-key-000", "bob-key-00000", "carol-key-000", "fuzz-key-0000"
 KEYS = [ApiKey(ALICE, "user", "alice"), ApiKey(BOB, "user", "bob"), ApiKey(CAROL, "user", "carol"),
