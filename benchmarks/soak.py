@@ -13,15 +13,25 @@ needs root: as another user the script runs itself again in a user and mount nam
 disk is full, 507 answers naming the full disk (code disk_full) are expected and counted apart
 (`disk_full_507`); any other 5xx, or a 507 outside a fill, counts in errors_5xx.
 
+Issue 28's faults (benchmarks/soak_faults.py): with the job database on a throw-away PostgreSQL
+(--database postgres, the default where Debian's postgresql is installed) it is stopped for 5-20 s
+(503 database_unavailable answers meanwhile are counted apart as db_down_503); a full disk while a
+job trains (fill-training); slow clients dripping header lines while /health is asked; memory-bomb
+requests (embeddings and completions as large as a body may be). A server that dies outside a
+kill-server fault is started again and counted (server_deaths).
+
 At the end (load stopped, jobs given --drain seconds to finish): every upload not deleted must read
 back byte for byte, every job must exist and end succeeded or cancelled (or failed for a reason
 that names the client's input), and every succeeded job's adapter must be bit-identical to the
 others (same data, same seed). The last line:
 
-  requests=N errors_5xx=E jobs_lost=J files_lost=F adapters_mismatched=M
+  requests=N errors_5xx=E jobs_lost=J files_lost=F adapters_mismatched=M events_lost=V
+
+(events_lost: steps of a succeeded job's results file without exactly one metrics event.)
 
   python benchmarks/soak.py --seconds 600 [--clients 4] [--fault-every 30] [--job-every 120] [--drain 1200]
-      [--tmpfs-mb 1024]
+      [--tmpfs-mb 1024] [--database auto|sqlite|postgres] [--faults kill-worker,...] [--slow-sockets 200]
+      [--bomb-tokens 512]
 """
 from __future__ import annotations
 
@@ -43,6 +53,11 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.soak_faults import (PgOutage, events_lost, is_db_down_answer, memory_bombs,  # noqa: E402
+                                    slow_clients, wait_for_running_job)
+
+FAULTS = ["kill-worker", "kill-server", "corrupt-adapter", "fill-disk", "fill-training", "pg-outage", "slow-clients",
+          "memory-bomb"]
 
 OPERATOR, USERS = "soak-operator-key", ["soak-user-key-1", "soak-user-key-2"]
 HP = {"method": "qlora", "rank": 4, "batch_size": 2, "max_seq_len": 64, "save_every": 1, "compute_dtype": "float32",
@@ -59,7 +74,7 @@ def free_port() -> int:
 class Server:
     """`qforge serve --jobs` as a subprocess; restartable on the same port and data dir."""
 
-    def __init__(self, base: Path, adapters: Path, data: Path, log: Path):
+    def __init__(self, base: Path, adapters: Path, data: Path, log: Path, database_url: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "qforge", "serve", "--base", str(base), "--jobs", "--data-dir", str(data),
@@ -68,6 +83,8 @@ class Server:
                     "--adapter", f"b={adapters / 'b'}", "--operator-key", OPERATOR]
         for key in USERS:
             self.cmd += ["--api-key", key]
+        if database_url:
+            self.cmd += ["--database-url", database_url]
         self.log, self.data = open(log, "ab"), data
         self.proc: subprocess.Popen | None = None
         self.up = threading.Event()
@@ -123,8 +140,11 @@ class Server:
 class Tally:
     def __init__(self):
         self.lock = threading.Lock()
-        self.requests = self.errors_5xx = self.refused = self.disk_full_507 = 0
+        self.requests = self.errors_5xx = self.refused = self.disk_full_507 = self.db_down_503 = 0
+        self.server_deaths = 0
         self.disk_full = threading.Event()  # set while a fill fault holds the data dir full (and just after)
+        self.db_down = threading.Event()    # set while a pg-outage fault holds the database down (and just after)
+        self.stats: dict = {}               # the slow-clients and memory-bomb faults' numbers
         self.fives: list[str] = []
         self.files: dict[str, tuple[str, bytes]] = {}  # file id -> (key, bytes)
         self.jobs: dict[str, tuple[str, bool]] = {}    # job id -> (key, cancel asked)
@@ -135,6 +155,8 @@ class Tally:
             self.requests += 1
             if r.status_code == 507 and self.disk_full.is_set() and is_disk_full_answer(r):
                 self.disk_full_507 += 1
+            elif r.status_code == 503 and self.db_down.is_set() and is_db_down_answer(r):
+                self.db_down_503 += 1
             elif r.status_code >= 500:
                 self.errors_5xx += 1
                 self.fives.append(f"{what}: {r.status_code} {r.text[:200]}")
@@ -241,15 +263,25 @@ def fill_disk(data: Path, tally: Tally, hold: float) -> None:
 
 
 def faults(server: Server, adapters: Path, tally: Tally, stop: threading.Event, every: float, seed: int,
-           tmpfs: bool) -> None:
+           kinds: list[str], args, pg=None) -> None:
     rng = random.Random(seed)
     n = 0
-    kinds = ["kill-worker", "kill-server", "corrupt-adapter"] + (["fill-disk"] if tmpfs else [])
     while not stop.wait(rng.uniform(every / 2, every * 1.5)):
         kind = rng.choice(kinds)
         n += 1
         try:
-            if kind == "kill-worker":
+            if kind == "pg-outage":
+                pg.outage(rng.uniform(5, 20))
+            elif kind == "fill-training":
+                if not wait_for_running_job(server.url, USERS):
+                    print("fill-training: no job was running; filling anyway", flush=True)
+                fill_disk(server.data, tally, rng.uniform(5, 20))
+            elif kind == "slow-clients":
+                slow_clients(server.port, server.url, args.slow_sockets, 20.0, tally.stats)
+            elif kind == "memory-bomb":
+                codes = memory_bombs(server.url, USERS[n % 2], args.bomb_tokens, tally.answer)
+                tally.stats.setdefault("memory_bomb_statuses", []).extend(codes)
+            elif kind == "kill-worker":
                 for pid in server.worker_pids():
                     os.kill(pid, signal.SIGKILL)
             elif kind == "kill-server":
@@ -264,6 +296,12 @@ def faults(server: Server, adapters: Path, tally: Tally, stop: threading.Event, 
             if kind == "kill-server" and not server.up.is_set():
                 server.start()
         tally.faults[kind] = tally.faults.get(kind, 0) + 1
+        if server.proc.poll() is not None:  # died by itself (out of memory?): counted, and started again
+            print(f"the server died during {kind} ({server.proc.returncode}); starting it again", flush=True)
+            with tally.lock:
+                tally.server_deaths += 1
+            server.up.clear()
+            server.start()
 
 
 def get(url: str, key: str, tries: int = 5) -> httpx.Response:
@@ -277,7 +315,7 @@ def get(url: str, key: str, tries: int = 5) -> httpx.Response:
             time.sleep(2)
 
 
-def check(server: Server, tally: Tally, drain: float) -> tuple[int, int, int, dict]:
+def check(server: Server, tally: Tally, drain: float) -> tuple[int, int, int, dict, int]:
     """(jobs_lost, files_lost, adapters_mismatched) once the jobs have had `drain` seconds."""
     deadline = time.monotonic() + drain
     finals: dict[str, dict] = {}
@@ -312,7 +350,9 @@ def check(server: Server, tally: Tally, drain: float) -> tuple[int, int, int, di
     outcomes: dict[str, int] = {}
     for job in finals.values():
         outcomes[job["status"]] = outcomes.get(job["status"], 0) + 1
-    return jobs_lost, files_lost, mismatched, outcomes
+    lost_events = sum(events_lost(server.url, tally.jobs[job_id][0], job) for job_id, job in finals.items()
+                      if job["status"] == "succeeded")
+    return jobs_lost, files_lost, mismatched, outcomes, lost_events
 
 
 def mount_tmpfs(folder: Path, size_mb: int) -> tuple[bool, str]:
@@ -340,7 +380,21 @@ def main(argv=None) -> int:
     parser.add_argument("--tmpfs-mb", type=int, default=1024,
                         help="size of the tmpfs the data dir lives on, for the full-disk fault (0: no tmpfs, no "
                              "full-disk fault; default: 1024)")
+    parser.add_argument("--database", choices=["auto", "sqlite", "postgres"], default="auto",
+                        help="the job database: a throw-away PostgreSQL (with the pg-outage fault) or SQLite under "
+                             "the data dir (auto: PostgreSQL where Debian's postgresql is installed)")
+    parser.add_argument("--faults", default=",".join(FAULTS),
+                        help=f"comma-separated faults to draw from (default: all of {', '.join(FAULTS)})")
+    parser.add_argument("--slow-sockets", type=int, default=200,
+                        help="connections the slow-clients fault opens (default: 200)")
+    parser.add_argument("--bomb-tokens", type=int, default=512,
+                        help="token ids per input of the memory-bomb requests (default: 512, the soak model's "
+                             "context)")
     args = parser.parse_args(argv)
+    wanted = [f.strip() for f in args.faults.split(",") if f.strip()]
+    unknown = sorted(set(wanted) - set(FAULTS))
+    if unknown:
+        parser.error(f"--faults: unknown {', '.join(unknown)}; choose from {', '.join(FAULTS)}")
 
     import torch
     from qforge.model.load import load_model
@@ -355,18 +409,31 @@ def main(argv=None) -> int:
         os.execvp("unshare", ["unshare", "-rm", sys.executable, *sys.argv])
     print(f"full-disk fault: {'on, data dir on a ' + str(args.tmpfs_mb) + ' MiB tmpfs' if tmpfs else 'off (' + why_not + ')'}",
           flush=True)
+    pg, pg_why = None, "--database sqlite"
+    if args.database != "sqlite":
+        try:
+            pg = PgOutage()
+        except (RuntimeError, OSError) as exc:
+            pg_why = str(exc)
+            if args.database == "postgres":
+                raise
+    kinds = [k for k in wanted if not (k.startswith("fill-") and not tmpfs) and not (k == "pg-outage" and pg is None)]
+    print(f"job database: {'PostgreSQL (pg-outage fault on)' if pg else 'SQLite (' + pg_why + ')'}; "
+          f"faults: {', '.join(kinds)}", flush=True)
     base = tiny_model_folder(work / "tiny")
     model, _ = load_model(str(base), compute_dtype=torch.float32)
     adapters = work / "adapters"
     save_random_adapters(model, adapters, ["a", "b"])
     del model
-    server = Server(base, adapters, work / "data", work / "server.log")
+    server = Server(base, adapters, work / "data", work / "server.log", pg.url if pg else None)
     server.start()
     tally, stop = Tally(), threading.Event()
+    if pg is not None:
+        tally.db_down = pg.down
     threads = [threading.Thread(target=client_loop, args=(server, tally, stop, args.seed * 100 + i, args.job_every),
                                 daemon=True) for i in range(args.clients)]
     threads.append(threading.Thread(target=faults, args=(server, adapters, tally, stop, args.fault_every, args.seed,
-                                                         tmpfs), daemon=True))
+                                                         kinds, args, pg), daemon=True))
     for t in threads:
         t.start()
     time.sleep(args.seconds)
@@ -376,9 +443,11 @@ def main(argv=None) -> int:
     if not server.up.is_set():
         server.start()
     try:
-        jobs_lost, files_lost, mismatched, outcomes = check(server, tally, args.drain)
+        jobs_lost, files_lost, mismatched, outcomes, lost_events = check(server, tally, args.drain)
     finally:
         server.stop()
+        if pg is not None:
+            pg.stop()
         if tmpfs:
             keep = work / "data-copy"
             shutil.copytree(work / "data", keep, ignore=shutil.ignore_patterns("*.safetensors", "*.pt", "tokenizer*"))
@@ -387,10 +456,12 @@ def main(argv=None) -> int:
         print("5xx:", line)
     print(json.dumps({"work": str(work), "jobs": len(tally.jobs), "job_outcomes": outcomes, "files": len(tally.files),
                       "faults": tally.faults, "no_answer": tally.refused, "disk_full_507": tally.disk_full_507,
-                      "full_disk_fault": "tmpfs" if tmpfs else f"off ({why_not})"}))
+                      "db_down_503": tally.db_down_503, "server_deaths": tally.server_deaths, **tally.stats,
+                      "full_disk_fault": "tmpfs" if tmpfs else f"off ({why_not})",
+                      "database": "postgresql" if pg else "sqlite"}))
     print(f"requests={tally.requests} errors_5xx={tally.errors_5xx} jobs_lost={jobs_lost} files_lost={files_lost} "
-          f"adapters_mismatched={mismatched}")
-    return 0 if (tally.errors_5xx, jobs_lost, files_lost, mismatched) == (0, 0, 0, 0) else 1
+          f"adapters_mismatched={mismatched} events_lost={lost_events}")
+    return 0 if (tally.errors_5xx, jobs_lost, files_lost, mismatched, lost_events) == (0, 0, 0, 0, 0) else 1
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class ServeConfig:
     database_url: str | None = None       # postgresql://... (None: SQLite under data_dir)
     start_worker: bool = True             # False: `qforge worker` processes train the jobs
     max_file_mb: int = 64
+    max_jobs_per_key: int = 20            # a key's jobs validating, queued or running at once
     worker_threads: int | None = None     # the trainers' CPU threads (None: half the cores)
     worker_memory_fraction: float | None = None
     disk_full_retries: int = DISK_FULL_RETRIES
@@ -96,6 +97,7 @@ def jobs_config(cfg: ServeConfig):
     base = cfg.base if keep else str(Path(cfg.base).expanduser().resolve())
     return JobsConfig(data_dir=Path(cfg.data_dir).expanduser(), base_model=base, memory_budget=cfg.memory_budget,
                       max_file_bytes=cfg.max_file_mb * 2 ** 20, database_url=cfg.database_url,
+                      max_jobs_per_key=cfg.max_jobs_per_key,
                       start_worker=cfg.start_worker, worker_threads=cfg.worker_threads or default_worker_threads(),
                       worker_memory_fraction=cfg.worker_memory_fraction, worker_args=worker_flags(cfg))
 

@@ -63,8 +63,9 @@ def atomic_folder(final: Path, write, markers: tuple[str, ...] | None = None) ->
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
+        full = is_disk_full(exc, out.parent)  # asked before the half-written folder frees its space
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc) and not isinstance(exc, DiskFull):
+        if full and not isinstance(exc, DiskFull):
             raise DiskFull(out, str(exc).splitlines()[0][:120]) from exc
         raise
     return out
@@ -84,7 +85,7 @@ def atomic_write_bytes(final: Path, data: bytes) -> Path:
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except OSError as exc:
-        if is_disk_full(exc) and not isinstance(exc, DiskFull):
+        if is_disk_full(exc, final.parent) and not isinstance(exc, DiskFull):
             raise DiskFull(final) from exc
         raise
     finally:
@@ -113,24 +114,50 @@ class DiskFull(OSError):
         self.path = str(path)
 
 
-def is_disk_full(exc: BaseException | None, _depth: int = 0) -> bool:
-    """Whether `exc` is the device running out of space: OSError ENOSPC/EDQUOT, torch's RuntimeError
-    from its zip writer (which hides the errno), SQLite's SQLITE_FULL ("database or disk is full"),
-    PostgreSQL's disk_full (SQLSTATE 53100), or an exception raised from one of those."""
+# What libraries that hide the errno say when a write runs out of space: safetensors (Rust's io
+# error, "No space left on device (os error 28)"), torch's zip writer ("enforce fail at
+# inline_container.cc ... file write failed"), SQLite (SQLITE_FULL) and PostgreSQL (disk_full).
+_FULL_TEXTS = ("no space left on device", "(os error 28)", "database or disk is full", "disk quota exceeded")
+# torch.save through a C++ stream says only this, whatever went wrong: disk-full only when it is
+_IOSTREAM_TEXT = "basic_ios::clear: iostream error"
+LOW_SPACE_BYTES = 16 * 2 ** 20
+
+
+def free_bytes(path: Path | str) -> int | None:
+    """Bytes the caller can still write on the file system holding `path` (root may use the
+    reserved blocks); None when it cannot be asked."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_frsize * (st.f_bfree if os.geteuid() == 0 else st.f_bavail)
+
+
+def is_disk_full(exc: BaseException | None, path: Path | str | None = None) -> bool:
+    """Whether `exc`, or any exception in its chain (raised from or during it), is the device
+    running out of space: OSError ENOSPC/EDQUOT, safetensors' SafetensorError "... (os error 28)",
+    torch's zip writer's RuntimeError, SQLite's SQLITE_FULL, PostgreSQL's disk_full (SQLSTATE 53100).
+    torch's bare "basic_ios::clear: iostream error" counts only when the file system holding `path`
+    (the folder being written) has under LOW_SPACE_BYTES free."""
     import errno
-    if exc is None or _depth > 4:
-        return False
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc)
-    if isinstance(exc, RuntimeError) and ("No space left" in text or "inline_container" in text
-                                          and ("write" in text.lower() or "enforce fail" in text)):
-        return True
-    if getattr(exc, "sqlite_errorcode", None) == 13 or getattr(exc, "sqlstate", None) == "53100":
-        return True  # SQLITE_FULL; PostgreSQL's disk_full
-    if type(exc).__module__.startswith("sqlite3") and "database or disk is full" in text:
-        return True
-    return is_disk_full(exc.__cause__, _depth + 1)
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and len(seen) < 16:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc).lower()
+        if any(t in text for t in _FULL_TEXTS):
+            return True
+        if "inline_container" in text and ("write" in text or "enforce fail" in text):
+            return True
+        if getattr(exc, "sqlite_errorcode", None) == 13 or getattr(exc, "sqlstate", None) == "53100":
+            return True  # SQLITE_FULL; PostgreSQL's disk_full
+        if _IOSTREAM_TEXT in text and path is not None:
+            free = free_bytes(path)
+            if free is not None and free < LOW_SPACE_BYTES:
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _short(exc: BaseException) -> str:

@@ -120,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a request's headers must arrive within this, trickled or not (default: 10)")
     parser.add_argument("--body-timeout", type=positive_seconds, default=60.0, metavar="SECONDS",
                         help="a request's body must arrive within this of its start (default: 60)")
+    parser.add_argument("--max-jobs-per-key", type=positive_int, default=20, metavar="N",
+                        help="with --jobs: jobs one key may have validating, queued or running at once; more "
+                             "are refused with 429 (default: 20)")
     from .worker import add_limit_arguments
     add_limit_arguments(parser, default_threads="half the cores, at least 1; the server keeps the others",
                         prefix="with --jobs: ")
@@ -175,7 +178,8 @@ def serve_config(args: argparse.Namespace):
         insecure=args.insecure, log_level=args.log_level, jobs=args.jobs, data_dir=Path(args.data_dir),
         memory_budget=parse_gpu(args.memory_budget) if args.memory_budget else None,
         database_url=args.database_url or os.environ.get("QFORGE_DATABASE_URL") or None,
-        start_worker=not args.no_worker, max_file_mb=args.max_file_mb, worker_threads=args.worker_threads,
+        start_worker=not args.no_worker, max_file_mb=args.max_file_mb, max_jobs_per_key=args.max_jobs_per_key,
+        worker_threads=args.worker_threads,
         worker_memory_fraction=args.worker_memory_fraction, disk_full_retries=args.disk_full_retries,
         disk_full_backoff=args.disk_full_backoff, disk_full_wait=args.disk_full_wait,
         max_request_tokens=args.max_request_tokens, max_scored_tokens=args.max_scored_tokens,

@@ -5,7 +5,7 @@ Routes (every one but the dashboard's needs the bearer key when keys are configu
   POST /v1/files (multipart: file, purpose "fine-tune"), GET /v1/files, GET /v1/files/{id},
   GET /v1/files/{id}/content, DELETE /v1/files/{id}
   POST /v1/fine_tuning/jobs, GET /v1/fine_tuning/jobs, GET /v1/fine_tuning/jobs/{id},
-  POST /v1/fine_tuning/jobs/{id}/cancel, GET /v1/fine_tuning/jobs/{id}/events,
+  DELETE /v1/fine_tuning/jobs/{id} (a finished job), POST /v1/fine_tuning/jobs/{id}/cancel, GET /v1/fine_tuning/jobs/{id}/events,
   GET /v1/fine_tuning/jobs/{id}/checkpoints
   GET / (the dashboard), /dashboard/* (its script and style)
 
@@ -32,6 +32,7 @@ import os
 import random
 import re
 import shutil
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,11 +47,14 @@ from starlette.concurrency import run_in_threadpool
 from ..serve.api import APIError
 from ..serve.registry import AdapterError, AdapterRegistry, AdapterSlotsBusy
 from . import models as ft_models
+from .checks import check_storable, database_unavailable
+from .db import DatabaseError
+from .trainer_child import DB_ERRORS_T
 from .pg import open_store
 from .methods import (check_file_for, check_method, choose_method, describe, method_settings, read_upload,
                       resolve_settings, train_config)
 from .schemas import JobBody, MethodBody, checkpoint_object, event_object, file_object, job_object, not_found, page
-from .store import ACTIVE, FINISHED, new_id, now
+from .store import ACTIVE, FINISHED, TooManyJobs, new_id, now
 
 WEB_DIR = Path(__file__).parent / "web"
 DEFAULT_MAX_FILE_BYTES = 64 * 2 ** 20
@@ -71,6 +75,7 @@ class JobsConfig:
     worker_threads: int | None = None    # the trainers' torch threads (None: torch's choice)
     worker_memory_fraction: float | None = None  # the trainers' share of the GPU's memory (None: no bound)
     worker_args: tuple[str, ...] = ()    # more worker flags (the disk-full ones)
+    max_jobs_per_key: int | None = 20    # a key's jobs validating, queued or running at once (None: no bound)
 
 
 # ---- the service -----------------------------------------------------------------------------------
@@ -171,6 +176,7 @@ class JobService:
         return row
 
     def create_job(self, owner: str, body: JobBody) -> dict:
+        check_storable(body.model_dump(exclude_none=True))
         if body.model != self.registry.base_name:
             raise APIError(400, f"model '{body.model}' cannot be fine-tuned here: this server fine-tunes its base "
                            f"model '{self.registry.base_name}'", param="model", code="model_not_available")
@@ -196,8 +202,13 @@ class JobService:
                "seed": body.seed if body.seed is not None else random.randrange(2 ** 31), "metadata": body.metadata,
                "hyperparameters": openai_hp, "status": "validating_files",
                "method": {"type": kind, kind: {"hyperparameters": settings}}}
-        row = self.store.add_job(job, [(f"Created fine-tuning job: {job_id}", "created"),
-                                       (f"Validating training file: {body.training_file}", "validating")])
+        try:
+            row = self.store.add_job(job, [(f"Created fine-tuning job: {job_id}", "created"),
+                                           (f"Validating training file: {body.training_file}", "validating")],
+                                     max_active=self.config.max_jobs_per_key)
+        except TooManyJobs as exc:
+            raise APIError(429, str(exc), "rate_limit_error", code="too_many_jobs",
+                           headers={"Retry-After": "60"}) from None
         self.validator.submit(self.validate_job, job_id)
         return row
 
@@ -291,6 +302,36 @@ class JobService:
         self.store.update_job(job_id, only_if_status=ACTIVE, status="cancelled", finished_at=now(),
                               estimated_finish=None, events=[(message, "cancel-requested" if running else "cancelled")])
         return self.store.get_job(job_id)
+
+    def delete_job(self, owner: str, job_id: str) -> dict:
+        """DELETE /v1/fine_tuning/jobs/{id}: a finished job of the caller's (succeeded, failed, or
+        cancelled and stopped) goes with its events, checkpoints, results file, models and folder.
+        The folder is renamed aside first, so a crash part-way leaves a job that can be deleted again
+        and never a half folder (the aside is removed at the next start)."""
+        job = self.store.get_job(job_id, owner)
+        if job is None:
+            raise not_found("fine-tuning job", job_id)
+        if job["status"] not in FINISHED or job["train_pid"] is not None:
+            what = "still stopping" if job["status"] == "cancelled" else f"{job['status']}"
+            raise APIError(409, f"the job is {what}: only a finished job can be deleted (cancel it first, then "
+                           "wait until it is cancelled)", param="id", code="job_not_finished")
+        folder = self.store.job_dir(job_id)
+        with self._register_lock:
+            for name in [n for n in self.registry.names() if job["fine_tuned_model"]
+                         and (n == job["fine_tuned_model"] or n.startswith(job["fine_tuned_model"] + ":"))]:
+                try:
+                    self.registry.remove(name)
+                except AdapterError:
+                    pass
+            if job["fine_tuned_model"]:
+                self._deleted.add(job["fine_tuned_model"])
+            if folder.is_dir():
+                os.replace(folder, folder.with_name(f".{job_id}.deleted.tmp"))
+            files = self.store.delete_job(job_id, owner)
+        shutil.rmtree(folder.with_name(f".{job_id}.deleted.tmp"), ignore_errors=True)
+        for file_id, purpose in files:
+            self.store.file_path(file_id, purpose).unlink(missing_ok=True)
+        return {"id": job_id, "object": "fine_tuning.job", "deleted": True}
 
     # ---- fine-tuned models ----------------------------------------------------------------------
     def model_visible(self, name: str, key_id: str) -> bool:
@@ -424,6 +465,8 @@ def install(app: FastAPI, state, caller, service: JobService) -> None:
     state.model_error = service.model_error
     state.body_limits["/v1/files"] = service.config.max_file_bytes + 2 ** 16  # multipart framing
     app.state.jobs = service
+    for kind in (DatabaseError, sqlite3.DatabaseError, *DB_ERRORS_T):
+        app.add_exception_handler(kind, database_unavailable)
     _add_file_routes(app, service, caller)
     _add_job_routes(app, service, caller)
     _add_dashboard(app)
@@ -515,6 +558,10 @@ def _add_job_routes(app: FastAPI, service: JobService, caller) -> None:
     @app.get("/v1/fine_tuning/jobs/{job_id}")
     async def get_job(job_id: str, owner: str = Depends(caller)):
         return job_object((await served([owned(job_id, owner)]))[0])
+
+    @app.delete("/v1/fine_tuning/jobs/{job_id}")
+    async def delete_job(job_id: str, owner: str = Depends(caller)):
+        return await run_in_threadpool(service.delete_job, owner, job_id)
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     async def cancel_job(job_id: str, owner: str = Depends(caller)):

@@ -161,6 +161,8 @@ def looks_like_pairs(path: Path) -> bool:
 def read_upload(path: Path) -> tuple[int, str]:
     """(rows, format) of an uploaded file: preference pairs or SFT data, checked row by row.
     Raises qforge.train.data.DataError naming the path and line of the first bad row."""
+    from .checks import check_jsonl_lines
+    check_jsonl_lines(path)  # what json.loads accepts but a row must not hold, before any reader sees it
     if looks_like_pairs(path):
         from ..train.preference_data import load_preference_rows
         rows, shape = load_preference_rows(path)

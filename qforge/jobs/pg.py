@@ -130,10 +130,12 @@ class PgStore(JobStore):
         resumes), else the oldest queued one. Rows other workers are claiming are skipped."""
         owner = self.lease_owner(worker_pid)
         with self.transaction() as db:
-            row = db.execute("SELECT id, status, train_pid, lease_owner FROM jobs WHERE status = 'queued' OR "
-                             "(status = 'running' AND (lease_expires IS NULL OR lease_expires < ?)) "
-                             "ORDER BY status = 'queued', seq LIMIT 1 FOR UPDATE SKIP LOCKED",
-                             (time.time(),)).fetchone()
+            # a lease that expired, or one this worker holds but is not running (it was cut off from
+            # the database mid-job and came back), is taken over; else the next queued job, fairly
+            row = db.execute("SELECT id, status, train_pid, lease_owner FROM jobs WHERE status = 'running' AND "
+                             "(lease_expires IS NULL OR lease_expires < ? OR lease_owner = ?) "
+                             "ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED", (time.time(), owner)).fetchone()
+            row = row or self.next_queued(db, " FOR UPDATE SKIP LOCKED")
             if row is None:
                 return None
             resumed = row["status"] == "running"
@@ -141,7 +143,10 @@ class PgStore(JobStore):
                        "attempts = attempts + 1, worker_pid = ?, train_pid = NULL, lease_owner = ?, "
                        "lease_expires = ? WHERE id = ?",
                        (now(), worker_pid, owner, time.time() + self.lease_s, row["id"]))
-            if resumed:
+            if resumed and row["lease_owner"] == owner:
+                self._event(db, row["id"], f"The worker {owner} lost the job database while running the job; "
+                            "it takes the job up again", level="warn")
+            elif resumed:
                 self._event(db, row["id"], f"The worker holding the job ({row['lease_owner']}) stopped renewing "
                             f"its lease; {owner} takes it over", level="warn")
             else:
@@ -149,6 +154,10 @@ class PgStore(JobStore):
         job = self.get_job(row["id"])
         job["resumed"], job["stale_train_pid"] = resumed, row["train_pid"]
         return job
+
+    def _lock_owner(self, db, owner: str) -> None:
+        """Job creation for one owner, one transaction at a time (the per-key limit is counted inside)."""
+        db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (owner,))
 
     def renew_lease(self, job_id: str, worker_pid: int) -> bool:
         """Extend this worker's lease on the job; False when another worker holds it now."""

@@ -30,7 +30,17 @@ OUR_FILE = re.compile(r"^file-[A-Za-z0-9]+\.(jsonl|csv)$")  # the only names the
 ACTIVE = ("validating_files", "queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_COLUMNS = {"metadata", "hyperparameters", "method", "error", "result_files", "data", "metrics"}
+
+
+class TooManyJobs(Exception):
+    """The owner already has `limit` jobs validating, queued or running."""
+
+    def __init__(self, limit: int, active: int):
+        super().__init__(f"{active} jobs are already validating, queued or running for this key: the limit is "
+                         f"{limit} (--max-jobs-per-key); wait for one to finish or cancel one")
+        self.limit, self.active = limit, active
 
 
 def new_id(prefix: str) -> str:
@@ -55,8 +65,25 @@ def _row(row: sqlite3.Row | None) -> dict | None:
     out = dict(row)
     for key in _JSON_COLUMNS & out.keys():
         if out[key] is not None:
-            out[key] = json.loads(out[key])
+            out[key] = _load(out[key])
     return out
+
+
+def _load(text: str):
+    """A JSON column, as JSON can give it back: NaN/Infinity (which older versions stored) become
+    null and lone surrogates U+FFFD, so no stored row can make a listing fail."""
+    value = json.loads(text, parse_constant=lambda name: None)
+    return _valid_text(value) if "\\ud" in text.lower() else value
+
+
+def _valid_text(value):
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_valid_text(v) for v in value]
+    if isinstance(value, dict):
+        return {_valid_text(k): _valid_text(v) for k, v in value.items()}
+    return value
 
 
 def _dump(value) -> str | None:
@@ -185,12 +212,20 @@ class JobStore:
         return removed
 
     # ---- jobs -------------------------------------------------------------------------------
-    def add_job(self, job: dict, events: list[tuple[str, str | None]] = ()) -> dict:
-        """Insert a new job (status validating_files) with its first message events [(message, key)]."""
+    def add_job(self, job: dict, events: list[tuple[str, str | None]] = (), max_active: int | None = None) -> dict:
+        """Insert a new job (status validating_files) with its first message events [(message, key)].
+        With `max_active`: TooManyJobs (nothing stored) when the owner already has that many jobs
+        validating, queued or running (counted in the same transaction, so concurrent creates cannot
+        both slip under the limit)."""
         columns = ("id", "owner", "created_at", "model", "training_file", "validation_file", "suffix", "seed",
                    "metadata", "hyperparameters", "method", "status")
         values = [job[c] if c not in _JSON_COLUMNS else _dump(job[c]) for c in columns]
         with self.transaction() as db:
+            if max_active is not None:
+                self._lock_owner(db, job["owner"])
+                active = self.active_jobs(job["owner"], db)
+                if active >= max_active:
+                    raise TooManyJobs(max_active, active)
             db.execute(f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", values)
             for message, key in events:
                 self._event(db, job["id"], message, key=key)
@@ -249,14 +284,14 @@ class JobStore:
         return updated
 
     def claim_next_job(self, worker_pid: int) -> dict | None:
-        """Atomically take the oldest job to run: one left 'running' by a worker that died (it
-        resumes), else the oldest 'queued' one, which becomes 'running'. None when there is none.
-        A job another live worker is running is never taken."""
+        """Atomically take the next job to run: one left 'running' by a worker that died (it
+        resumes), else the next 'queued' one in the fair order (`next_queued`), which becomes
+        'running'. None when there is none. A job another live worker is running is never taken."""
         with self.transaction() as db:
-            candidates = db.execute("SELECT id, status, train_pid, worker_pid FROM jobs WHERE status IN "
-                                    "('running', 'queued') ORDER BY status = 'queued', seq").fetchall()
-            row = next((r for r in candidates if r["status"] == "queued" or r["worker_pid"] in (None, worker_pid)
-                        or not worker_alive(r["worker_pid"])), None)
+            running = db.execute("SELECT id, status, train_pid, worker_pid FROM jobs WHERE status = 'running' "
+                                 "ORDER BY seq").fetchall()
+            row = next((r for r in running if r["worker_pid"] in (None, worker_pid)
+                        or not worker_alive(r["worker_pid"])), None) or self.next_queued(db)
             if row is None:
                 return None
             resumed = row["status"] == "running"
@@ -268,6 +303,34 @@ class JobStore:
         job = self.get_job(row["id"])
         job["resumed"], job["stale_train_pid"] = resumed, row["train_pid"]
         return job
+
+    def next_queued(self, db, lock: str = ""):
+        """The queued job to start next, round robin by owner: the owner with the fewest running
+        jobs, then the one whose last job started longest ago, then the one that started fewest, goes
+        first, with its oldest queued job; so one key's thousand queued jobs delay another key's
+        first job by at most one job per worker. `lock`: PostgreSQL's row-locking clause."""
+        owners = db.execute(
+            "SELECT owner, SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END) AS running, "
+            "COALESCE(MAX(started_at), 0) AS last_start, COUNT(started_at) AS started, "
+            "MIN(CASE WHEN status = 'queued' THEN seq END) AS oldest FROM jobs "
+            "WHERE owner IN (SELECT owner FROM jobs WHERE status = 'queued') GROUP BY owner").fetchall()
+        for owner in sorted(owners, key=lambda r: (r["running"], r["last_start"], r["started"], r["oldest"])):
+            row = db.execute("SELECT id, status, train_pid, worker_pid, lease_owner FROM jobs WHERE status = 'queued' "
+                             f"AND owner = ? ORDER BY seq LIMIT 1{lock}", (owner["owner"],)).fetchone()
+            if row is not None:
+                return row
+        return None
+
+    def active_jobs(self, owner: str, db=None) -> int:
+        """How many of `owner`'s jobs are validating, queued or running."""
+        sql = f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ({', '.join('?' * len(ACTIVE))})"
+        if db is not None:
+            return db.execute(sql, (owner, *ACTIVE)).fetchone()[0]
+        with self._connect() as conn:
+            return conn.execute(sql, (owner, *ACTIVE)).fetchone()[0]
+
+    def _lock_owner(self, db, owner: str) -> None:
+        """Serialise job creation per owner (SQLite: BEGIN IMMEDIATE already serialises every write)."""
 
     def renew_lease(self, job_id: str, worker_pid: int) -> bool:
         """One worker per SQLite store: its hold on a job never lapses (see PgStore for leases)."""
@@ -292,6 +355,24 @@ class JobStore:
                         data={"fine_tuned_model": fine_tuned_model})
             self._event(db, job_id, "The job has successfully completed", key="succeeded")
         return True
+
+    def delete_job(self, job_id: str, owner: str) -> list[tuple[str, str]]:
+        """Forget a finished job of `owner`: its row, events, checkpoint rows and results file rows, in
+        one transaction. Returns the results files' (id, purpose), whose bytes the caller removes."""
+        with self.transaction() as db:
+            row = _row(db.execute("SELECT * FROM jobs WHERE id = ? AND owner = ?", (job_id, owner)).fetchone())
+            if row is None:
+                return []
+            files = []
+            for file_id in row["result_files"] or []:
+                found = db.execute("SELECT purpose FROM files WHERE id = ? AND owner = ?", (file_id, owner)).fetchone()
+                if found is not None:
+                    files.append((file_id, found["purpose"]))
+                    db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+            for table in ("events", "checkpoints"):
+                db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return files
 
     # ---- events -----------------------------------------------------------------------------
     @staticmethod

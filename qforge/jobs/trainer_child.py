@@ -70,14 +70,20 @@ def _train(job_dir: Path, job_id: str, store: JobStore) -> dict:
     from ..train.run import prepare
 
     cfg = with_tensorboard(TrainConfig.from_yaml(job_dir / "config.yaml"))
-    job = store.get_job(job_id) or {}
+    try:
+        job = store.get_job(job_id) or {}
+        uploads = uploaded_names(store, job)
+    except Exception:  # noqa: BLE001 - the database is down: only names in messages are at stake
+        job, uploads = {}, (lambda text: text)
     base_name = job.get("model", "the base model")
-    uploads = uploaded_names(store, job)
 
     def report(message) -> None:
         """Progress messages become the job's events, without the server's paths."""
         text = str(message).strip()
-        print(text, flush=True)
+        try:
+            print(text, flush=True)
+        except OSError:  # train.log's disk is full: the message still becomes an event if it can
+            pass
         text = uploads(text.replace(f"{job_dir}/", "").replace(str(job_dir), "."))
         text = text.replace(f"model {cfg.model} ", f"model {base_name} ")
         if text:
@@ -103,18 +109,15 @@ def _train(job_dir: Path, job_id: str, store: JobStore) -> dict:
         traceback.print_exc()
         return {"status": "disk_full", "error": _error("disk_full", exc.strerror.replace(f"{job_dir}/", "")
                                                        .replace("; free some space and try again", ""))}
-    except (OSError, RuntimeError, sqlite3.Error, *DB_ERRORS_T) as exc:
-        traceback.print_exc()
-        if not is_disk_full(exc):
-            return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
-                                                        .replace(f"{job_dir}/", ""))}
-        return {"status": "disk_full", "error": _error("disk_full", "no space left on the device while training "
-                                                       f"({first_line(exc)})".replace(f"{job_dir}/", ""))}
     except MemoryError:
         return {"status": "failed", "error": _error("out_of_memory", "training ran out of memory; lower "
                                                     "batch_size or max_seq_len, or use method qlora")}
     except Exception as exc:  # noqa: BLE001 - reported to the job's owner, the traceback to train.log
         traceback.print_exc()
+        # whatever library wrapped it (safetensors, torch.save, json, the log): ENOSPC waits for room
+        if is_disk_full(exc, job_dir):
+            return {"status": "disk_full", "error": _error("disk_full", "no space left on the device while "
+                                                           f"training ({first_line(exc)})".replace(f"{job_dir}/", ""))}
         return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
                                                     .replace(f"{job_dir}/", ""))}
 
@@ -155,6 +158,21 @@ def resources_message() -> str:
     return text
 
 
+def open_store_waiting(data_dir: Path) -> JobStore:
+    """The job store; while its database is down, wait (doubling to 30 s) rather than crash: the
+    worker counts a trainer that dies as a crash, and three fail the job."""
+    import time
+    from .db import DatabaseError
+    delay = 1.0
+    while True:
+        try:
+            return store_from_env(data_dir)
+        except (DatabaseError, sqlite3.OperationalError, *DB_ERRORS_T) as exc:
+            print(f"the job database is unavailable ({first_line(exc)}); trying again in {delay:.0f} s", flush=True)
+            time.sleep(delay)
+            delay = min(30.0, delay * 2)
+
+
 def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | None) -> int:
     """One attempt at a job, in the process the worker started: train, then write result.json."""
     die_with_parent(parent_pid)
@@ -167,7 +185,7 @@ def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | Non
     except BlockingIOError:
         print(f"another trainer holds job {job_id}; this one exits without training", flush=True)
         return 3
-    outcome = train(job_dir, job_id, store_from_env(data_dir))
+    outcome = train(job_dir, job_id, open_store_waiting(data_dir))
     try:
         write_result(job_dir / RESULT_NAME, outcome)
     except DiskFull as exc:

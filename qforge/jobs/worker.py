@@ -61,6 +61,21 @@ from .store import JobStore, derived_id, fine_tuned_model_name, now, pid_alive
 from .trainer_child import DB_ERRORS, DB_ERRORS_T, TRAINER_MODULE, first_line
 
 MAX_CRASHES = 3
+DB_MAX_BACKOFF_S = 30.0
+
+
+def disk_nearly_full(folder: Path) -> bool:
+    from ..fileio import LOW_SPACE_BYTES, free_bytes
+    free = free_bytes(folder)
+    return free is not None and free < LOW_SPACE_BYTES
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """A database that is down, unreachable or locked (retried), as opposed to a bug (not retried)."""
+    from ..fileio import is_disk_full
+    if isinstance(exc, (DatabaseError, *DB_ERRORS_T)):
+        return not is_disk_full(exc)
+    return isinstance(exc, sqlite3.OperationalError) and not is_disk_full(exc)
 
 
 def folder_bytes(path: Path) -> int:
@@ -146,7 +161,10 @@ class Progress:
         self.store, self.job = store, job
         self.run_dir = store.job_dir(job["id"]) / "run"
         self.offset = 0
-        self.steps_seen = store.metric_steps(job["id"])
+        try:
+            self.steps_seen = store.metric_steps(job["id"])
+        except (sqlite3.Error, DatabaseError, *DB_ERRORS_T):  # the database is down: the keys keep events single
+            self.steps_seen = set()
         self.checkpoints_seen: set[int] = set()
         self.timing: list[tuple[float, int]] = []  # (monotonic, step) of this attempt's records
 
@@ -165,18 +183,22 @@ class Progress:
         except FileNotFoundError:
             return
         complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits for its newline
-        self.offset += len(complete)
-        events = []
-        for line in complete.decode(errors="replace").splitlines():
+        events, steps, timing = [], set(), []
+        for line in complete.decode(errors="replace").split("\n"):
             record = _parse_metric_line(line) if line.strip() else None
             if record is None or "step" not in record:
                 continue
             step = int(record["step"])
-            self.timing.append((time.monotonic(), step))
-            if step not in self.steps_seen:
-                self.steps_seen.add(step)
+            timing.append((time.monotonic(), step))
+            if step not in self.steps_seen and step not in steps:
+                steps.add(step)
                 events.append(metric_event(record, self.job.get("total_steps")))
+        # Stored first, then remembered: when the database is down these lines are read again at the
+        # next sync (events are keyed by step, so a batch stored twice is stored once).
         self.store.add_events(self.job["id"], events)
+        self.offset += len(complete)
+        self.steps_seen |= steps
+        self.timing += timing
         if events:
             self._estimate_finish()
 
@@ -245,6 +267,7 @@ class Worker:
         self.disk_full_wait_s = disk_full_wait_s
         self.stopping = False
         self.lease_lost = False
+        self.db_delay: float | None = None  # the current back-off while the database is unavailable
 
     def should_stop(self) -> bool:
         if self.parent_pid and os.getppid() != self.parent_pid:
@@ -258,13 +281,21 @@ class Worker:
         if lock is None:
             return
         log(f"serving jobs from {self.store.root}")
+        self.loop()
+        log("stopped")
+
+    def loop(self) -> None:
+        """Claim and run jobs until asked to stop. An unreachable database is waited out here (with
+        a doubling back-off), never a reason to exit: the job it interrupted stays 'running' with
+        this worker, which claims it again when the database is back (its result, if the trainer
+        wrote one, is recorded without training again)."""
         while not self.should_stop():
             try:
                 job = self.store.claim_next_job(os.getpid())
             except (sqlite3.Error, DatabaseError, *DB_ERRORS_T) as exc:  # a busy, full or unreachable database
-                log(f"no job claimed this time: {exc!r}")
-                time.sleep(max(self.poll_s, 1.0))
+                self.db_backoff(exc, "no job claimed this time")
                 continue
+            self.db_delay = None
             if job is None:
                 time.sleep(self.poll_s)
                 continue
@@ -276,12 +307,38 @@ class Worker:
                 if is_disk_full(exc):  # nothing could be recorded: the job stays ours and resumes
                     time.sleep(self.disk_full_backoff_s)
                     continue
-                self.store.update_job(job["id"], only_if_status=("running",), status="failed", finished_at=now(),
-                                      train_pid=None, error={"code": "internal_error", "param": None,
-                                                             "message": "the worker failed while running the job"},
-                                      events=[("The job failed: internal error in the worker", "failed")],
-                                      level="error")
-        log("stopped")
+                if is_database_error(exc):  # the job stays ours; claimed again once the database answers
+                    self.db_backoff(exc, f"job {job['id']} interrupted")
+                    continue
+                self.with_database(lambda: self.store.update_job(
+                    job["id"], only_if_status=("running",), status="failed", finished_at=now(), train_pid=None,
+                    error={"code": "internal_error", "param": None,
+                           "message": "the worker failed while running the job"},
+                    events=[("The job failed: internal error in the worker", "failed")], level="error"),
+                    "recording the job's failure")
+
+    def db_backoff(self, exc: BaseException, what: str) -> None:
+        """Wait after a database error: 1 s, doubling to DB_MAX_BACKOFF_S while it lasts (stop watched)."""
+        self.db_delay = min(DB_MAX_BACKOFF_S, (self.db_delay or 0.5) * 2)
+        log(f"{what}: the job database is unavailable ({first_line(exc)}); trying again in {self.db_delay:.0f} s")
+        deadline = time.monotonic() + self.db_delay
+        while time.monotonic() < deadline and not self.should_stop():
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def with_database(self, call, what: str):
+        """call() until the database answers (back-off between tries); None if the worker stops first."""
+        while True:
+            try:
+                result = call()
+                self.db_delay = None
+                return result
+            except Exception as exc:  # noqa: BLE001
+                if not is_database_error(exc):
+                    raise
+                if self.should_stop():
+                    log(f"{what}: not done, the worker is stopping ({first_line(exc)})")
+                    return None
+                self.db_backoff(exc, what)
 
     def _lock(self):
         """An exclusive lock on the data dir: one worker per store, whatever starts them."""
@@ -301,11 +358,15 @@ class Worker:
 
         job_id = job["id"]
         job_dir = self.store.job_dir(job_id)
+        full, returncode = 0, None
         if job["resumed"]:
             kill_stale_trainer(job["stale_train_pid"], job_id)
-            self.store.add_event(job_id, f"Resuming the job from its last checkpoint (attempt {job['attempts']})",
-                                 level="warn")
-        full, returncode = 0, None
+            if _read_result(job_dir).get("status") == "succeeded":  # trained; only recording it was cut short
+                log(f"job {job_id}: its trainer's result is on the storage; recording it")
+                returncode = 0
+            else:
+                self.store.add_event(job_id, "Resuming the job from its last checkpoint "
+                                     f"(attempt {job['attempts']})", level="warn")
         while True:
             for leftover in clean_temporaries(job_dir):  # this worker holds the job: no write is in flight
                 log(f"job {job_id}: removed '{leftover.relative_to(job_dir)}', left by an interrupted write")
@@ -313,8 +374,8 @@ class Worker:
                 returncode = self.attempt(job, job_dir)
                 if returncode is None:
                     return  # the lease went to another worker
-            try:
-                why = self.finish(job, returncode, job_dir)
+            try:  # the result stays in the job's folder (shared storage) until this records it
+                why = self.with_database(lambda: self.finish(job, returncode, job_dir), f"job {job_id}: recording")
             except Exception as exc:  # noqa: BLE001 - anything but a full disk goes up to run()
                 if not is_disk_full(exc):
                     raise
@@ -468,9 +529,9 @@ class Worker:
                 signal_group(proc.pid, signal.SIGKILL)
                 killed = True
             time.sleep(self.poll_s)
-        try:
-            progress.sync()
-        except (sqlite3.Error, OSError, ValueError, DB_ERRORS) as exc:  # the next attempt or worker syncs it again
+        try:  # the database may be down now: waited for, as the outcome is (no later sync reads these lines)
+            self.with_database(progress.sync, f"job {job['id']}: recording its last progress")
+        except (sqlite3.Error, OSError, ValueError) as exc:  # a folder being replaced: the next attempt syncs it
             log(f"job {job['id']}: last progress not recorded: {exc!r}")
 
     def finish(self, job: dict, returncode: int, job_dir: Path) -> str | None:
@@ -490,6 +551,8 @@ class Worker:
             return result["error"]["message"]
         elif result["status"] == "crashed" and returncode == DISK_FULL_EXIT:
             return "no space left on the device for the trainer's result file"
+        elif result["status"] == "crashed" and disk_nearly_full(job_dir):  # its log could not say why: room decides
+            return f"the trainer stopped (exit status {returncode}) with no room left to write its log or result"
         elif result["status"] == "succeeded":
             self.succeed(job, result)
         elif result["status"] == "failed":
