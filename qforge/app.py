@@ -184,6 +184,23 @@ def connection_guard(cfg: ServeConfig) -> type:
                                              cfg.body_timeout))
 
 
+def describe_server(cfg: ServeConfig, adapters: list[str]) -> str:
+    """What a started server loaded and where to reach it: the lines `qforge serve` prints before it
+    starts answering."""
+    host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
+    url = f"http://{host}:{cfg.port}"
+    stored = "as stored" if cfg.quant_type == "none" else f"{cfg.quant_type} unless stored quantised"
+    lines = [f"qforge serve: base '{cfg.served_name()}' from {cfg.base} ({stored}; {cfg.dtype} compute, "
+             f"device {cfg.device})",
+             f"  adapters: {', '.join(adapters) if adapters else 'none yet'}"
+             + (f" (run-time loads under {cfg.adapter_root})" if cfg.adapter_root else ""),
+             f"  OpenAI-compatible API: {url}/v1   health: {url}/health"]
+    if cfg.jobs:
+        lines.append(f"  fine-tuning jobs API: {url}/v1/fine_tuning/jobs   dashboard: {url}/")
+    lines.append(f"  keys: {len(cfg.api_keys)}" if cfg.api_keys else "  keys: none (loopback only)")
+    return "\n".join(lines)
+
+
 def run_server(cfg: ServeConfig) -> None:
     """Check the bind and the job database (one line naming what is wrong, before the model loads),
     build the server and run it under uvicorn until stopped."""
@@ -198,6 +215,8 @@ def run_server(cfg: ServeConfig) -> None:
         if cfg.start_worker:
             share_cores(cfg)
     app, engine = build_server(cfg)
+    print(describe_server(cfg, [e.name for e in engine.registry.entries()] if hasattr(engine, "registry") else
+                          [name for name, _ in cfg.adapters]), flush=True)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, http=connection_guard(cfg))
     finally:

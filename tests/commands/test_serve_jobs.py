@@ -44,3 +44,18 @@ def test_the_flags_defaults_are_the_configs(monkeypatch):
     assert serve.serve_config(parse()) == ServeConfig()
     cfg = serve.serve_config(parse("--no-worker", "--worker-threads", "3", "--disk-full-retries", "2", "--jobs"))
     assert (cfg.jobs, cfg.start_worker, cfg.worker_threads, cfg.disk_full_retries) == (True, False, 3, 2)
+
+
+def test_serve_says_what_it_loaded_and_where_to_reach_it():
+    from qforge.app import ServeConfig, describe_server
+    cfg = ServeConfig(base="smollm2", quant_type="none", dtype="float32", port=8123, jobs=True,
+                      api_keys=["sk-a", "sk-b"], adapter_root="/srv/adapters")
+    text = describe_server(cfg, ["demo", "support"])
+    assert text.splitlines()[0] == ("qforge serve: base 'smollm2' from smollm2 (as stored; float32 compute, "
+                                    "device auto)")
+    assert "adapters: demo, support (run-time loads under /srv/adapters)" in text
+    assert "http://127.0.0.1:8123/v1" in text and "http://127.0.0.1:8123/health" in text
+    assert "dashboard: http://127.0.0.1:8123/" in text and "keys: 2" in text
+    plain = describe_server(ServeConfig(host="::1", port=9000), [])
+    assert "(nf4 unless stored quantised;" in plain and "adapters: none yet" in plain
+    assert "http://[::1]:9000/v1" in plain and "dashboard" not in plain and "keys: none" in plain
