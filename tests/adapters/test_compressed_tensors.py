@@ -235,3 +235,35 @@ def test_smollm2_gptq_folder_read_back_by_transformers(tmp_path):
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=1e-4)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert {g["weights"]["group_size"] for g in cfg["config_groups"].values()} == {64, 128}  # 576 = 9 x 64
+
+
+@pytest.mark.parametrize("scheme", ["gptq", "fp8"])
+def test_qforge_serve_serves_a_requantised_folder_as_stored(written, scheme, tmp_path):
+    """`qforge serve` on our GPTQ / FP8 folder: echo log-probs equal transformers' (with the
+    compressed-tensors package) log-softmax on the same folder, in float32."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from qforge.app import ServeConfig, build_server
+    from tests.fixtures import smollm2_tokenizer
+    folder = tmp_path / scheme
+    shutil.copytree(written[scheme], folder)
+    smollm2_tokenizer().save_pretrained(str(folder))  # the server needs tokenizer files; prompts are ids < VOCAB
+    ids = token_rows(1, 12, seed=11)[0]
+    theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(logits(theirs, torch.tensor([ids]))[0], -1)
+    expected = logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    app, engine = build_server(ServeConfig(base=str(folder), quant_type="nf4", dtype="float32"))
+    try:
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", json={"model": scheme, "prompt": ids, "echo": True, "logprobs": 1,
+                                                     "max_tokens": 0})
+    finally:
+        engine.stop()
+    assert r.status_code == 200, r.text
+    got = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert got[0] is None
+    # --quant-type nf4 is ignored: a stored-quantised folder is served as stored
+    assert (torch.tensor(got[1:]) - expected).abs().max() < 1e-4
