@@ -159,6 +159,8 @@ class Tally:
                 self.db_down_503 += 1
             elif r.status_code >= 500:
                 self.errors_5xx += 1
+                if not r.is_stream_consumed:  # a streamed chat's error body is still unread
+                    r.read()
                 self.fives.append(f"{what}: {r.status_code} {r.text[:200]}")
         return r
 

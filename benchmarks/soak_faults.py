@@ -79,12 +79,17 @@ def wait_for_running_job(url: str, keys: list[str], timeout: float = 60.0) -> bo
     return False
 
 
+SLOW_CLIENT_ADDRESS = "127.0.0.2"  # Linux answers the whole of 127.0.0.0/8 on the loopback device
+
+
 def slow_clients(port: int, url: str, sockets: int, seconds: float, stats: dict) -> None:
     """Open `sockets` connections that drip one header line every 2 s; ask /health every second."""
     opened: list[socket.socket] = []
     for _ in range(sockets):
         try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            # from another loopback address than the soak's clients: the per-address cap sheds the
+            # attacker's sockets, not everyone's (on one address the clients would share its cap)
+            s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(SLOW_CLIENT_ADDRESS, 0))
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
             opened.append(s)
         except OSError:
@@ -102,7 +107,8 @@ def slow_clients(port: int, url: str, sockets: int, seconds: float, stats: dict)
             for _ in range(2):
                 started = time.monotonic()
                 try:
-                    httpx.get(url + "/health", timeout=10)
+                    if httpx.get(url + "/health", timeout=10).status_code != 200:
+                        raise httpx.HTTPError("not answered 200")
                     stats["health_max_s"] = max(stats.get("health_max_s", 0.0), time.monotonic() - started)
                 except httpx.HTTPError:
                     stats["health_missed"] = stats.get("health_missed", 0) + 1
