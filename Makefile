@@ -38,7 +38,7 @@ demo: venv
 test: venv
 	scripts/ensure-chromium
 	scripts/ensure-postgres
-	$(VPY) -m pytest -q
+	QFORGE_TEST_ARTIFACTS=test-artifacts $(VPY) -m pytest -q  # the dashboard's screenshots land in test-artifacts/
 
 bench: venv
 	$(VPY) benchmarks/quant_fidelity.py
