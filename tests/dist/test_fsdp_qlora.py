@@ -1,7 +1,7 @@
 """FSDP-QLoRA on the CPU with 2 processes (gloo), on the embedded model, against a 1-process run.
 
 One 10-step run of each (module fixtures, each a fresh `qforge train` process as a user runs it):
-the curves agree to 1e-3 relative, each rank holds half of the 4-bit base, a 2-process checkpoint
+the curves agree to float32 rounding (see the bound's reasoning below), each rank holds half of the 4-bit base, a 2-process checkpoint
 resumes in 1 process on the same curve, and a rank that dies ends the run with a clear error.
 
 The runs compute in float32: in bfloat16 the adapters' gradients are rounded once per rank before
@@ -66,11 +66,37 @@ def pair(tmp_path_factory):
     return out, done.stdout + done.stderr
 
 
+# What float32 rounding allows. The two runs differ only in where sums are split: each rank's forward
+# runs on half the rows (other matmul blockings) and the adapters' gradients are summed as two
+# partial sums instead of one. Step 1 therefore differs by a rounding or two: measured 8e-8 relative
+# in the loss (float32's unit roundoff is 6e-8) and 0 in the gradient norm. Each later step adds
+# rounding of the same size to the adapters, and Adam's update m / sqrt(v) is unit-sized whatever a
+# gradient's magnitude, so a 1e-7 relative difference in a small gradient component becomes that
+# relative difference in its step; as the loss falls (0.64 -> 0.03) the same absolute difference
+# (~1e-6) is a larger relative one. Measured on the CPU (2026-12-06): 1.3e-5 at most over the 10
+# steps (step 7). The bound, 5e-5, is that with a 4x margin for another CPU's rounding (other SIMD
+# widths and BLAS blockings round differently) -- about 800 float32 ulps, while a synchronisation bug
+# (a rank's gradients missing from the sum, a rank on other rows or other weights) changes step 2's
+# update itself, not its last bits (the first update alone takes the loss from 0.64 to 0.23). Adam is blind to a gradient's scale, so a sum averaged twice or not at
+# all would leave the loss curve alone: step 1's gradient norm (before any update) catches that,
+# to a few roundings.
+LOSS_BOUND = 5e-5
+FIRST_GRAD_NORM_BOUND = 1e-6
+
+
+def grad_norms(out: Path) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
 def test_two_processes_follow_the_single_process_curve(single, pair):
     out, _ = pair
     a, b = losses(single), losses(out)
     assert len(a) == STEPS and a[STEPS] < a[1]
-    assert max_relative_difference(a, b) < 1e-3, (a, b)
+    measured = max_relative_difference(a, b)
+    print(f"two processes vs one: max relative loss difference over {STEPS} steps = {measured:.3g}")
+    assert measured < LOSS_BOUND, (a, b)
+    g1, g2 = grad_norms(single)[1], grad_norms(out)[1]
+    assert abs(g1 - g2) / g1 < FIRST_GRAD_NORM_BOUND, (g1, g2)
 
 
 def test_each_rank_holds_half_of_the_4bit_base(pair):
