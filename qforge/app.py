@@ -215,8 +215,7 @@ def run_server(cfg: ServeConfig) -> None:
         if cfg.start_worker:
             share_cores(cfg)
     app, engine = build_server(cfg)
-    print(describe_server(cfg, [e.name for e in engine.registry.entries()] if hasattr(engine, "registry") else
-                          [name for name, _ in cfg.adapters]), flush=True)
+    print(describe_server(cfg, engine.registry.names()), flush=True)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, http=connection_guard(cfg))
     finally:

@@ -52,6 +52,18 @@ def fill(driver, element_id: str, value) -> None:
     field.send_keys(str(value))
 
 
+def select_job(driver, job_id: str) -> None:
+    def click(d):  # the list is redrawn every poll: a row found may be stale by the click
+        try:
+            d.find_element(By.CSS_SELECTOR, f'#jobs tr[data-job-id="{job_id}"]').click()
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return True
+    wait = WebDriverWait(driver, 30, poll_frequency=0.2)
+    wait.until(click)
+    wait.until(lambda d: text_of(d, "#detail-id") == job_id and text_of(d, "#detail-status") != "")
+
+
 def test_upload_train_watch_and_chat_in_the_browser(browser, tiny_base, tmp_path):
     data = tmp_path / "friends.jsonl"
     data.write_bytes(jsonl(chat_rows(8)))
@@ -130,13 +142,7 @@ def test_a_dpo_jobs_reward_accuracy_and_margins_are_drawn(browser, tiny_base, tm
         browser.get(service.root + "/")
         fill(browser, "api-key", KEY)
         browser.find_element(By.ID, "save-key").click()
-        def select_job(d):  # the list is redrawn every poll: a row found may be stale by the click
-            try:
-                d.find_element(By.CSS_SELECTOR, f'#jobs tr[data-job-id="{job.id}"]').click()
-            except (NoSuchElementException, StaleElementReferenceException):
-                return False
-            return True
-        wait.until(select_job)
+        select_job(browser, job.id)
         wait.until(lambda d: d.find_element(By.ID, "rewards").is_displayed())
         assert text_of(browser, "#detail-method").startswith("dpo (beta 0.2), qlora, rank 4")
         for line in ("accuracy-line", "margin-line"):

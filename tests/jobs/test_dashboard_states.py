@@ -16,10 +16,9 @@ from qforge.jobs.store import now
 
 from .helpers import InProcessService, chat_rows, jsonl
 from .test_adapter_download import add_steps, make_finished_job, queued_job
-from .test_dashboard import CHROMEDRIVER, CHROMIUM, browser, fill, text_of  # noqa: F401 - browser: a fixture
+from .test_dashboard import CHROMEDRIVER, CHROMIUM, browser, fill, select_job, text_of  # noqa: F401 - browser: a fixture
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -39,18 +38,6 @@ def screenshot(driver, tmp_path: Path, name: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, folder / path.name)
     return path
-
-
-def select_job(driver, job_id: str) -> None:
-    def click(d):  # the list is redrawn every poll: a row found may be stale by the click
-        try:
-            d.find_element(By.CSS_SELECTOR, f'#jobs tr[data-job-id="{job_id}"]').click()
-        except (NoSuchElementException, StaleElementReferenceException):
-            return False
-        return True
-    wait = WebDriverWait(driver, 30, poll_frequency=0.2)
-    wait.until(click)
-    wait.until(lambda d: text_of(d, "#detail-id") == job_id and text_of(d, "#detail-status") != "")
 
 
 def settings(driver) -> dict[str, str]:
