@@ -86,6 +86,11 @@ HELP = {
     "offload_activations": "keep what forward saves for backward in host memory (pinned; copied back for "
                            "backward) instead of on the GPU; on the CPU activations live in host memory "
                            "already and this changes nothing (the log says so)",
+    "offload_base": "qlora: keep the 4-bit base in host memory (pinned) and bring each transformer block's "
+                    "codes to the GPU just before its forward and backward, the next block's copy started while "
+                    "the current one computes: the GPU holds two blocks of base, plus adapters, optimiser state "
+                    "and activations. For a base larger than the GPU; one process only (not with --nproc > 1); "
+                    "on the CPU it runs the same copies host to host and saves nothing",
     "log_every": "log every N steps", "seed": "seed of the data order and the adapters' initial values",
     "output_dir": "where the adapter, metrics, checkpoints and logs go",
     "resume": "continue from the last checkpoint in --output-dir",
@@ -140,7 +145,7 @@ GROUPS = {
                  "evals_per_epoch"),
     "output": ("output_dir", "save_every", "saves_per_epoch", "resume", "log_every"),
     "tracking": ("report_to", "wandb_project", "wandb_entity", "wandb_name", "wandb_mode"),
-    "hardware": ("device", "gradient_checkpointing", "keep_base_outputs", "offload_activations"),
+    "hardware": ("device", "gradient_checkpointing", "keep_base_outputs", "offload_activations", "offload_base"),
 }
 
 
@@ -251,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
         from ..devices import resolve_device
+        from ..train.offload_base import check_offload
+        check_offload(cfg, args.nproc)  # one line here, not one per rank
         resolve_device(cfg.device)  # --device cuda without a GPU: one line here, not one per rank
         check_existing_adapter(cfg, getattr(args, "overwrite", False))
         return launch(cfg, args.nproc)

@@ -110,6 +110,7 @@ class TrainConfig:
     pack: bool = False
     gradient_checkpointing: bool = True
     offload_activations: bool = False  # saved activations wait in host memory (qforge.train.offload)
+    offload_base: bool = False  # the 4-bit base waits in host memory, a block at a time on the device (offload_base.py)
     keep_base_outputs: bool | None = None  # None: auto (qforge.plan.keep_base_outputs_for)
     eval_every: int = 0
     save_every: int | None = None  # None: every 10% of the run (auto_save_every); 0: only at the end
@@ -170,6 +171,13 @@ class TrainConfig:
                              "trains every weight in compute_dtype")
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type: expected one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
+        if self.offload_base not in (True, False):
+            raise ValueError(f"offload_base: expected true or false, got {self.offload_base!r}")
+        if self.offload_base and self.method != "qlora":
+            raise ValueError(f"offload_base: keeps a 4-bit base in host memory; method {self.method} has none "
+                             "(use method qlora)")
+        if self.offload_base and self.quant_type.startswith("hqq"):
+            raise ValueError(f"offload_base: offloads an nf4 or fp4 base, not quant_type {self.quant_type} (HQQ)")
         if not isinstance(self.hqq_group_size, int) or self.hqq_group_size < 1:
             raise ValueError(f"hqq_group_size: must be a positive integer, got {self.hqq_group_size!r}")
         if self.save_every is not None and (isinstance(self.save_every, bool) or self.save_every < 0):

@@ -155,10 +155,15 @@ def prepare(cfg: TrainConfig, log=print, group: Group | None = None, detail=None
     detail = log if detail is None or not group.is_main else detail
     device = group.device if group.distributed else resolve_device(cfg.device)  # decided once, passed down
     cfg, splits, arch = _setup_checks(cfg, group, log)
+    if cfg.offload_base:
+        from .offload_base import check_offload
+        check_offload(cfg, group.world)
     cfg, plan = _setup_plan(cfg, arch, device, group, log, detail)
     t0 = time.perf_counter()
     model, tok = load_for_method(cfg, device)
     trainable, total = count_parameters(model)  # before sharding turns the 4-bit codes into Parameters
+    if getattr(model, "base_offload", None) is not None:
+        log(model.base_offload.describe())
     sharding = shard_for_group(model, cfg, group, log) if group.distributed else {}
     detail(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), loaded in {time.perf_counter() - t0:.1f} s")
@@ -269,13 +274,16 @@ def load_for_method(cfg: TrainConfig, device: torch.device | None = None):
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process of the run
     if cfg.method == "qlora" and cfg.loftq_iters > 0:
         model, tok = _loftq_base_and_adapters(cfg)
-    elif cfg.method == "qlora":
-        model, tok = _quantised_base(cfg, device)
+    elif cfg.method == "qlora":  # --offload-base: the 4-bit base is loaded into host memory and stays there
+        model, tok = _quantised_base(cfg, torch.device("cpu") if cfg.offload_base else device)
         attach_adapters(model, cfg)  # on the device of the layer it adapts
     else:
         model, tok = _dense_base(cfg, device)
         if cfg.method == "lora":
             _dense_adapters(model, cfg)
+    if cfg.offload_base:  # before the move: the codes stay in (pinned) host memory, each block brought in turn
+        from .offload_base import offload_base
+        offload_base(model, device)
     if device.type != "cpu":  # streamed there already; this only moves what was built on the CPU
         model.to(device)
     _setup_training_switches(model, cfg, device)
