@@ -15,6 +15,8 @@ from qforge.train.loss import causal_lm_loss
 from qforge.train.offload_base import BaseOffload, check_offload, offload_base
 from tests.fixtures import quantize_all, tiny_llama
 
+from tests.model.conftest import tiny_dir  # noqa: F401 (a fixture)
+
 from .test_loop import TOKENIZER, copy_task
 
 LAYERS = 4
@@ -154,3 +156,77 @@ def test_a_sharded_or_offloaded_base_is_refused():
     offload_base(model, torch.device("cpu"))
     with pytest.raises(ValueError, match="offloaded already"):
         BaseOffload(model, torch.device("cpu"))
+
+
+def test_a_run_prepared_with_offload_base_equals_the_run_without(tmp_path, tiny_dir):  # noqa: F811
+    """Through the training-run API (load on the host, offload, then the rest to the device): the same
+    losses bit for bit, the codes in host memory, the set-up line saying so, nothing left resident."""
+    from qforge.train.run import prepare
+
+    from .test_preference_run import settings
+    plain = prepare(settings(tmp_path, tiny_dir, "plain", keep_base_outputs=None), log=lambda *_: None).train()
+    lines = []
+    run = prepare(settings(tmp_path, tiny_dir, "offload", keep_base_outputs=None, offload_base=True), log=lines.append)
+    result = run.train()
+    assert result.losses == plain.losses
+    offload = run.model.base_offload
+    assert offload.misses == 0 and offload.max_resident == 2 and not offload.resident
+    assert any(str(line).startswith("--offload-base: 4-bit base of") for line in lines)
+    assert all(b.state.packed.device.type == "cpu" for b in offloaded_bases(run.model))
+
+
+@pytest.mark.slow
+def test_the_embedded_model_holds_two_of_its_30_blocks_at_once(tmp_path):
+    """SmolLM2-135M, one step of the demo recipe (short rows): the same loss as without offload, and the
+    device copies resident at once are two blocks' bytes: 2/30 of the whole 4-bit base."""
+    from qforge.model.surgery import quantized_layers
+    from qforge.train.run import prepare
+
+    def run_with(name, offload):
+        cfg = TrainConfig.from_yaml("configs/demo.yaml", {
+            "max_steps": 1, "batch_size": 2, "max_seq_len": 64, "eval_data": None, "eval_every": 0, "save_every": 0,
+            "dropout": 0.0, "device": "cpu", "output_dir": str(tmp_path / name), "offload_base": offload})
+        run = prepare(cfg, log=lambda *_: None)
+        return run, run.train()
+
+    _, plain = run_with("plain", False)
+    run, result = run_with("offload", True)
+    assert result.losses == plain.losses
+    offload = run.model.base_offload
+    whole = sum(layer.base.quant_state.nbytes() for _, layer in quantized_layers(run.model))
+    assert len(offload.blocks) == 30 and offload.host_bytes == whole
+    assert offload.max_resident == 2 and offload.peak_bytes == 2 * offload.block_bytes[0] == 2 * whole // 30
+    assert offload.misses == 0 and not offload.resident
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device copies and the side stream need a GPU")
+def test_on_cuda_the_codes_stay_pinned_on_the_host_and_the_losses_match(tmp_path, monkeypatch):
+    """On a GPU: the codes pinned in host memory, two blocks at most on the GPU, the same losses as
+    the run without offload (the fused LoRA kernel off in both: an offloaded base does not use it)."""
+    monkeypatch.setenv("QFORGE_FUSED_LORA", "0")
+    data, cuda = copy_task(), torch.device("cuda")
+    plain = train_loop(tiny_model().to(cuda), TOKENIZER, data, None, config(tmp_path / "a"), log=lambda *_: None,
+                       device=cuda)
+    model = tiny_model()
+    offload = offload_base(model, cuda)
+    model.to(cuda)
+    bases = offloaded_bases(model)
+    assert all(b.state.packed.is_pinned() and b.host.weight is b.state.packed and b.device == cuda for b in bases)
+    result = train_loop(model, TOKENIZER, data, None, config(tmp_path / "b"), log=lambda *_: None, device=cuda)
+    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
+    assert offload.max_resident == 2 and offload.misses == 0 and not offload.resident
+
+
+def test_dpo_with_offload_base_equals_dpo_without(tmp_path, tiny_dir):  # noqa: F811
+    """DPO's reference forward (adapters off, no gradients) between the policy's forward and backward:
+    the same losses and metrics, every product on a resident copy, nothing left after the run."""
+    from qforge.train.run import prepare
+
+    from .test_preference_run import settings
+    plain = prepare(settings(tmp_path, tiny_dir, "a", objective="dpo", max_steps=2), log=lambda *_: None).train()
+    run = prepare(settings(tmp_path, tiny_dir, "b", objective="dpo", max_steps=2, offload_base=True),
+                  log=lambda *_: None)
+    result = run.train()
+    assert result.losses == plain.losses and result.metrics == plain.metrics
+    offload = run.model.base_offload
+    assert offload.misses == 0 and offload.max_resident == 2 and not offload.resident
