@@ -111,8 +111,10 @@ class OffloadedQuant4bitBase(Quant4bitBase):
         self._keep_on_host()
 
     def moved(self) -> None:
-        """module.to(device) moved the buffer `weight`: the base computes there, and stays in host memory."""
-        self.device = self.host.weight.device
+        """module.to(device) moved the buffer `weight`: the base computes there, and stays in host memory.
+        (Other conversions, module.float() or a move to the CPU, leave the host codes as they are.)"""
+        if self.host.weight is not self.state.packed:
+            self.device = self.host.weight.device
         self._keep_on_host()
 
     def _keep_on_host(self) -> None:

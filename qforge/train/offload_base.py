@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model.surgery import quantized_layers
 from ..nn.offloaded_base import OffloadedQuant4bitBase, offload_layer
 
 
@@ -40,6 +41,17 @@ def check_offload(cfg, world: int = 1) -> None:
     if getattr(cfg, "offload_base", False) and world > 1:
         raise ValueError(f"offload_base: --offload-base trains in one process; with {world} processes the 4-bit "
                          "base is sharded across them instead (drop --offload-base or use --nproc 1)")
+
+
+def _check(block: nn.Module) -> None:
+    """ValueError when a 4-bit layer of `block` cannot be offloaded (sharded, offloaded already)."""
+    from ..nn import ShardedQuant4bitBase
+    for _, layer in quantized_layers(block):
+        if isinstance(layer.base, ShardedQuant4bitBase):
+            raise ValueError("offload_base: the 4-bit base is sharded across processes; offloading and "
+                             "sharding do not combine (use one process)")
+        if isinstance(layer.base, OffloadedQuant4bitBase):
+            raise ValueError("offload_base: the 4-bit base is offloaded already")
 
 
 def _in_backward() -> bool:
@@ -59,7 +71,11 @@ class BaseOffload:
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.blocks = blocks(model)
-        self.bases: list[list[OffloadedQuant4bitBase]] = [self._offload(block) for block in self.blocks]
+        for block in self.blocks:  # every refusal before any layer changes
+            _check(block)
+        self.bases: list[list[OffloadedQuant4bitBase]] = [
+            [offload_layer(layer, self.device, pin=self.cuda) for _, layer in quantized_layers(block)]
+            for block in self.blocks]
         self.block_bytes = [sum(b.nbytes() for b in bases) for bases in self.bases]
         self.resident: dict[int, torch.cuda.Event | None] = {}  # block -> its copy's event (CUDA, until used)
         self.max_resident = self.peak_bytes = self.brought = 0
@@ -68,22 +84,6 @@ class BaseOffload:
         for i, block in enumerate(self.blocks):
             self.handles.append(block.register_forward_pre_hook(lambda m, a, i=i: self._before_forward(i)))
             self.handles.append(block.register_forward_hook(lambda m, a, out, i=i: self._after_forward(i, out)))
-
-    def _offload(self, block: nn.Module) -> list[OffloadedQuant4bitBase]:
-        from ..model.surgery import hqq_layers, quantized_layers
-        from ..nn import Quant4bitBase, ShardedQuant4bitBase
-        if list(hqq_layers(block)):
-            raise ValueError("offload_base: the HQQ base is not offloaded; use --quant-type nf4 or fp4")
-        bases = []
-        for _, layer in quantized_layers(block):
-            if isinstance(layer.base, ShardedQuant4bitBase):
-                raise ValueError("offload_base: the 4-bit base is sharded across processes; offloading and "
-                                 "sharding do not combine (use one process)")
-            if isinstance(layer.base, OffloadedQuant4bitBase):
-                raise ValueError("offload_base: the 4-bit base is offloaded already")
-            if isinstance(layer.base, Quant4bitBase):
-                bases.append(offload_layer(layer, self.device, pin=self.cuda))
-        return bases
 
     # ---- totals ----------------------------------------------------------------------------------
     @property
@@ -189,8 +189,10 @@ def offload_base(model: nn.Module, device: torch.device, log=None) -> BaseOffloa
     """Install base offload on `model` (its 4-bit layers still on the host: load there first, then
     move the rest to `device`); kept as `model.base_offload`. ValueError when there is nothing to
     offload or the model's base cannot be (HQQ, expert banks, sharded)."""
-    from ..model.surgery import expert_layers
+    from ..model.surgery import expert_layers, hqq_layers
     from ..nn.experts import ExpertBank
+    if any(True for _ in hqq_layers(model)):
+        raise ValueError("offload_base: the HQQ base is not offloaded; use --quant-type nf4 or fp4")
     if any(isinstance(bank, ExpertBank) for _, experts in expert_layers(model) for bank in experts.banks.values()):
         raise ValueError("offload_base: the 4-bit MoE expert banks are not offloaded; train this model without "
                          "--offload-base")

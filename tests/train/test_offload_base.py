@@ -230,3 +230,26 @@ def test_dpo_with_offload_base_equals_dpo_without(tmp_path, tiny_dir):  # noqa: 
     assert result.losses == plain.losses and result.metrics == plain.metrics
     offload = run.model.base_offload
     assert offload.misses == 0 and offload.max_resident == 2 and not offload.resident
+
+
+def test_moe_expert_banks_and_hqq_bases_are_refused_and_the_model_left_as_it_was():
+    from tests.fixtures import quantized_moe, tiny_moe
+    moe = quantized_moe(tiny_moe("mixtral"))
+    with pytest.raises(ValueError, match=r"^offload_base: the 4-bit MoE expert banks are not offloaded"):
+        offload_base(moe, torch.device("cpu"))
+    assert not offloaded_bases(moe) and not hasattr(moe, "base_offload")
+    hqq = quantize_all(tiny_llama(vocab=64, layers=2), quant_type="hqq4")
+    with pytest.raises(ValueError, match=r"^offload_base: the HQQ base is not offloaded"):
+        offload_base(hqq, torch.device("cpu"))
+    assert not offloaded_bases(hqq)
+
+
+def test_moving_the_model_keeps_the_codes_on_the_host():
+    """module.to() / float() after offloading: the layer's `weight` stays the host codes and the base
+    still computes on the device it was given."""
+    model = tiny_model()
+    offload_base(model, torch.device("cpu"))
+    model.to("cpu").float()
+    model.to(torch.float32)
+    bases = offloaded_bases(model)
+    assert bases and all(b.host.weight is b.state.packed and b.device == torch.device("cpu") for b in bases)
