@@ -51,8 +51,8 @@ from .checks import check_storable, database_unavailable
 from .db import DatabaseError
 from .trainer_child import DB_ERRORS_T
 from .pg import open_store
-from .methods import (check_file_for, check_method, choose_method, describe, method_settings, read_upload,
-                      resolve_settings, train_config)
+from .methods import (check_file_for, check_method, check_processes, choose_method, describe, method_settings,
+                      read_upload, resolve_settings, train_config)
 from .schemas import JobBody, MethodBody, checkpoint_object, event_object, file_object, job_object, not_found, page
 from .store import ACTIVE, FINISHED, TooManyJobs, new_id, now
 
@@ -76,6 +76,7 @@ class JobsConfig:
     worker_memory_fraction: float | None = None  # the trainers' share of the GPU's memory (None: no bound)
     worker_args: tuple[str, ...] = ()    # more worker flags (the disk-full ones)
     max_jobs_per_key: int | None = 20    # a key's jobs validating, queued or running at once (None: no bound)
+    max_processes_per_job: int = 1       # a job's n_processes at most (torchrun on the worker's machine)
 
 
 # ---- the service -----------------------------------------------------------------------------------
@@ -111,7 +112,8 @@ class JobService:
             self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s,
                                                worker_threads=self.config.worker_threads,
                                                worker_memory_fraction=self.config.worker_memory_fraction,
-                                               extra_args=list(self.config.worker_args))
+                                               extra_args=[*self.config.worker_args, "--max-processes-per-job",
+                                                           str(self.config.max_processes_per_job)])
             self.supervisor.extra_env = worker_env(self.store)
             self.supervisor.start()
         self._watcher.start()
@@ -195,7 +197,10 @@ class JobService:
         if settings["method"] == "full" and kind != "supervised":  # a full fine-tune is served as its own model
             raise APIError(400, f"method 'full' trains supervised jobs only; a {kind} job trains an adapter (qlora or "
                            "lora)", param=f"method.{kind}.hyperparameters.method", code="unsupported")
-        openai_hp = {k: settings[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        given_hp = method.settings()
+        check_processes(settings, kind, self.config.max_processes_per_job,
+                        in_method=given_hp is not None and given_hp.n_processes is not None)
+        openai_hp = {k: settings[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier", "n_processes")}
         job_id = new_id("ftjob")
         job = {"id": job_id, "owner": owner, "created_at": now(), "model": body.model,
                "training_file": body.training_file, "validation_file": body.validation_file, "suffix": body.suffix,

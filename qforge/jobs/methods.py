@@ -81,13 +81,30 @@ def resolve_settings(top: Hyperparameters | None, given_hp: QForgeHyperparameter
     settings = {k: (auto[k] if given.get(k, "auto") == "auto" else given[k]) for k in auto}
     defaults = {k: getattr(base, k) for k in ("rank", "dropout", "target_modules", "quant_type", "double_quant",
                                               "max_seq_len", "max_steps", "grad_accum", "compute_dtype")}
-    defaults |= {"alpha": None, "save_every": None}  # the service's own: alpha 2 x rank, ~10 checkpoints a job
+    defaults |= {"alpha": None, "save_every": None,  # the service's own: alpha 2 x rank, ~10 checkpoints a job
+                 "n_processes": 1}
     if kind == "dpo":
         defaults["label_smoothing"] = base.label_smoothing
     settings |= {k: given.get(k, v) for k, v in defaults.items()}
     if settings["alpha"] is None:
         settings["alpha"] = 2.0 * settings["rank"]
     return settings
+
+
+def check_processes(settings: dict, kind: str, limit: int, in_method: bool) -> None:
+    """400 naming hyperparameters' n_processes when a job asks for more processes than the service runs
+    a job in (`limit`, its --max-processes-per-job), or for several with a method that trains in one
+    (BF16 LoRA, a full fine-tune: only QLoRA's 4-bit base is sharded across processes). `in_method`:
+    the value came from method.<kind>.hyperparameters (else from the top level)."""
+    n = settings.get("n_processes", 1)
+    param = f"method.{kind}.hyperparameters.n_processes" if in_method else "hyperparameters.n_processes"
+    if n > limit:
+        raise APIError(400, f"{param}: expected an integer from 1 to {limit} (this service's "
+                       f"--max-processes-per-job), got {n}", param=param, code="invalid_value")
+    if n > 1 and settings["method"] not in ("qlora", "auto"):
+        raise APIError(400, f"{param}: method '{settings['method']}' trains in one process; several processes "
+                       f"(here {n}) shard QLoRA's 4-bit base: use method 'qlora' or n_processes 1",
+                       param=param, code="unsupported")
 
 
 def choose_method(base_model: str, settings: dict, budget: int, kind: str = "supervised") -> tuple[str, str]:
