@@ -26,6 +26,7 @@ follows a one-process trainer.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -50,8 +51,10 @@ def torchrun_args(job_dir: Path, job_id: str, data_dir: Path, nproc: int) -> lis
 
 def failed_rank(failures: dict, nproc: int) -> str:
     """The rank that failed first, in one line, from torchrun's {rank: ProcessFailure}: a rank that
-    lost contact with another (exit status RANK_LOST_EXIT) is a consequence, not the cause."""
-    causes = {r: f for r, f in failures.items() if f.exitcode != RANK_LOST_EXIT} or failures
+    lost contact with another (exit status RANK_LOST_EXIT) or that torchrun stopped once another had
+    failed (SIGTERM) is a consequence, not the cause."""
+    consequences = (RANK_LOST_EXIT, -signal.SIGTERM)
+    causes = {r: f for r, f in failures.items() if f.exitcode not in consequences} or failures
     rank = min(causes, key=lambda r: (causes[r].timestamp, r))
     code = causes[rank].exitcode
     how = f"killed by signal {causes[rank].signal_name()}" if code < 0 else f"exited with status {code}"
@@ -78,7 +81,7 @@ def main(argv: list[str]) -> int:
         print(f"qforge jobs: {why}", flush=True)
         if read_result(job_dir / RESULT_NAME) is None:  # rank 0's own outcome, when it wrote one, stands
             write_result(job_dir / RESULT_NAME, {"status": "crashed", "error": {
-                "code": "training_crashed", "message": f"{why} (see train.log)", "param": None}})
+                "code": "training_crashed", "message": why, "param": None}})
         return 1
     except SignalException as exc:  # the worker's SIGINT: torchrun passed it on to the ranks
         print(f"qforge jobs: {exc}; the ranks were stopped", flush=True)

@@ -1,8 +1,9 @@
 """A job in several processes (hyperparameters' n_processes: torchrun on the worker's machine, gloo on
 the CPU, the tiny model's 4-bit base sharded across the ranks), through the API with the worker and
 trainers as real subprocesses: a 2-process job's metrics, events, checkpoints and adapter against a
-1-process job of the same settings; cancelling one leaves none of its processes alive; a rank
-killed mid-run is named in the job's events and the job resumes from its last checkpoint."""
+1-process job of the same settings; cancelling one leaves none of its processes alive; a rank that
+dies is named in the job's events, the job resumes from its last checkpoint, and fails (naming the
+rank) when it keeps dying; a bad n_processes is a 400 naming the field."""
 import collections
 import os
 import re
@@ -156,22 +157,40 @@ def test_cancelling_a_two_process_job_leaves_none_of_its_processes(service, trai
     assert any(m.startswith("interrupted: checkpoint saved at step") for m in messages)  # every rank stopped cleanly
 
 
-@pytest.mark.slow  # each job starts torch in 3 processes
-def test_a_rank_that_dies_is_named_and_the_job_resumes(service, training_file):
-    job = create(service, training_file.id, max_steps=6, save_every=1, n_processes=2)
-    wait_for(lambda: len(service.client.fine_tuning.jobs.checkpoints.list(job.id, limit=10).data) >= 2, 600, 0.5,
-             "two checkpoints")
-    ranks = ranks_of(job_pids(job.id))
-    assert set(ranks) == {0, 1}
-    os.kill(ranks[1], signal.SIGKILL)
-    done = finished(service, job.id)
-    assert done.status == "succeeded", done.error
-    messages = [e.message for e in events_of(service, job.id)]
+@pytest.fixture(scope="module")
+def faulty_service(tiny_base, tmp_path_factory):
+    """A service whose trainers' rank 1 vanishes (os._exit) once it has finished step 3, before that
+    step's checkpoint (qforge.dist.fault_point): so at every attempt, resumed or not."""
+    saved = {k: os.environ.get(k) for k in ("QFORGE_DIST_FAULT", "QFORGE_DIST_TIMEOUT")}
+    os.environ.update(QFORGE_DIST_FAULT="1:3", QFORGE_DIST_TIMEOUT="60")
+    try:
+        with InProcessService(tiny_base, tmp_path_factory.mktemp("nproc-fault"), max_processes_per_job=2) as svc:
+            svc.client = openai.OpenAI(base_url=svc.url, api_key="none", max_retries=0, timeout=60)
+            svc.store = svc.jobs.store
+            yield svc
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.mark.slow  # three attempts, each starting torch in 3 processes
+def test_a_rank_that_dies_is_named_resumed_from_and_fails_the_job_in_the_end(faulty_service):
+    svc = faulty_service
+    upload = svc.client.files.create(file=("train.jsonl", jsonl(chat_rows(8))), purpose="fine-tune")
+    job = create(svc, upload.id, max_steps=6, save_every=1, n_processes=2)
+    done = finished(svc, job.id)
+    assert done.status == "failed" and done.error.code == "training_crashed"
+    assert done.error.message == "the training process died (rank 1 of 2 exited with status 17) 3 times"
+    messages = [e.message for e in events_of(svc, job.id)]
     died = [m for m in messages if m.startswith("The training process died")]
-    assert died and "rank 1 of 2 killed by signal SIGKILL" in died[0], messages
-    assert any(m.startswith("Resuming the job from its last checkpoint") or "resumed" in m for m in messages)
-    metric_steps = collections.Counter(e.data["step"] for e in events_of(service, job.id) if e.type == "metrics")
-    assert metric_steps == collections.Counter(range(1, 7))  # each step recorded once, none lost
+    assert died == ["The training process died (rank 1 of 2 exited with status 17); it will resume from the "
+                    "last checkpoint"] * 2, messages
+    # each attempt after the first resumed from step 2's checkpoint, the last one before the fault
+    assert [m for m in messages if m.startswith("resumed from")] == ["resumed from run/checkpoints/step-000002 "
+                                                                     "(step 2 of 6)"] * 2, messages
+    steps = collections.Counter(e.data["step"] for e in events_of(svc, job.id) if e.type == "metrics")
+    assert steps == collections.Counter([1, 2, 3])  # step 3 was trained three times, recorded once
+    assert job_pids(job.id) == []
 
 
 @pytest.fixture(scope="module")
