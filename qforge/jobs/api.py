@@ -51,8 +51,8 @@ from .checks import check_storable, database_unavailable
 from .db import DatabaseError
 from .trainer_child import DB_ERRORS_T
 from .pg import open_store
-from .methods import (check_file_for, check_method, check_processes, choose_method, describe, method_settings,
-                      read_upload, resolve_settings, train_config)
+from .methods import (check_file_for, check_method, choose_method, describe, method_settings, read_upload,
+                      resolve_settings, train_config)
 from .schemas import JobBody, MethodBody, checkpoint_object, event_object, file_object, job_object, not_found, page
 from .store import ACTIVE, FINISHED, TooManyJobs, new_id, now
 
@@ -107,13 +107,12 @@ class JobService:
         for job in self.store.list_jobs(status="validating_files", limit=10 ** 6)[0]:
             self.validator.submit(self.validate_job, job["id"])  # cut short by a crash: do it again
         if self.config.start_worker:
-            from .supervisor import WorkerSupervisor
+            from .supervisor import WorkerSupervisor, worker_args
             from .pg import worker_env
             self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s,
                                                worker_threads=self.config.worker_threads,
                                                worker_memory_fraction=self.config.worker_memory_fraction,
-                                               extra_args=[*self.config.worker_args, "--max-processes-per-job",
-                                                           str(self.config.max_processes_per_job)])
+                                               extra_args=worker_args(self.config))
             self.supervisor.extra_env = worker_env(self.store)
             self.supervisor.start()
         self._watcher.start()
@@ -193,13 +192,10 @@ class JobService:
             row = self._training_file(owner, getattr(body, param), param)
             if row is not None:
                 check_file_for(kind, param, row, self.store.file_path(row["id"]))
-        settings = resolve_settings(body.hyperparameters, method.settings(), kind)
+        settings = resolve_settings(body.hyperparameters, method.settings(), kind, self.config.max_processes_per_job)
         if settings["method"] == "full" and kind != "supervised":  # a full fine-tune is served as its own model
             raise APIError(400, f"method 'full' trains supervised jobs only; a {kind} job trains an adapter (qlora or "
                            "lora)", param=f"method.{kind}.hyperparameters.method", code="unsupported")
-        given_hp = method.settings()
-        check_processes(settings, kind, self.config.max_processes_per_job,
-                        in_method=given_hp is not None and given_hp.n_processes is not None)
         openai_hp = {k: settings[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier", "n_processes")}
         job_id = new_id("ftjob")
         job = {"id": job_id, "owner": owner, "created_at": now(), "model": body.model,

@@ -63,10 +63,11 @@ def check_top_level(top: Hyperparameters | None, kind: str) -> None:
 
 
 def resolve_settings(top: Hyperparameters | None, given_hp: QForgeHyperparameters | None,
-                     kind: str = "supervised") -> dict:
+                     kind: str = "supervised", max_processes: int = 1) -> dict:
     """Every training setting of a job: the request's (the method's over the top-level ones, which
     take the same names), then defaults; a preference method's beta (and DPO's label_smoothing) too.
-    APIError 400 for a top-level key the method does not take."""
+    APIError 400 for a top-level key the method does not take, and for n_processes over
+    `max_processes` or with a method that trains in one process (check_processes)."""
     check_top_level(top, kind)
     given = {}
     for part in (top, given_hp):
@@ -88,6 +89,7 @@ def resolve_settings(top: Hyperparameters | None, given_hp: QForgeHyperparameter
     settings |= {k: given.get(k, v) for k, v in defaults.items()}
     if settings["alpha"] is None:
         settings["alpha"] = 2.0 * settings["rank"]
+    check_processes(settings, kind, max_processes, in_method=given_hp is not None and given_hp.n_processes is not None)
     return settings
 
 

@@ -231,7 +231,8 @@ def test_a_bad_n_processes_is_a_400_naming_the_field(checking_service, where, va
 
 def test_a_job_within_the_limit_is_queued_with_its_processes(checking_service):
     svc = checking_service
-    job = svc.client.fine_tuning.jobs.create(model="tiny", training_file=svc.file.id, hyperparameters={"n_processes": 4})
+    job = svc.client.fine_tuning.jobs.create(model="tiny", training_file=svc.file.id,
+                                             hyperparameters={"n_processes": 4})
     job = wait_for(lambda: (j := svc.client.fine_tuning.jobs.retrieve(job.id)).status != "validating_files" and j,
                    60, what="validation")
     assert job.status == "queued", job.error

@@ -31,3 +31,27 @@ def test_torchrun_gets_a_free_port_and_no_restarts(tmp_path):
     args = torchrun_args(tmp_path, "ftjob-x", tmp_path, 2)
     assert args[:3] == ["--standalone", "--nproc-per-node=2", "--max-restarts=0"]  # standalone: port 0, a free one
     assert args[3:6] == ["-m", TRAINER_MODULE, str(tmp_path)] and args[6] == "ftjob-x"
+
+
+def test_max_processes_per_job_is_a_flag_of_both_commands_and_reaches_the_worker(capsys):
+    import argparse
+
+    import pytest
+
+    from qforge.commands import serve, worker
+
+    def parse(command, *argv):
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        return parser.parse_args(list(argv))
+
+    assert parse(worker, "--storage", "s").max_processes_per_job == 1  # one process unless the operator says so
+    assert parse(worker, "--storage", "s", "--max-processes-per-job", "4").max_processes_per_job == 4
+    with pytest.raises(SystemExit):
+        parse(worker, "--storage", "s", "--max-processes-per-job", "0")
+    assert "a whole number >= 1" in capsys.readouterr().err
+    config = serve.jobs_config(parse(serve, "--jobs", "--max-processes-per-job", "2"))
+    assert config.max_processes_per_job == 2  # the API's bound on n_processes
+    from qforge.jobs.supervisor import worker_args
+    args = worker_args(config)  # the worker subprocess's flags, as the server starts it
+    assert args[args.index("--max-processes-per-job") + 1] == "2"
