@@ -157,6 +157,28 @@ def test_cancelling_a_two_process_job_leaves_none_of_its_processes(service, trai
     assert any(m.startswith("interrupted: checkpoint saved at step") for m in messages)  # every rank stopped cleanly
 
 
+@pytest.mark.slow  # two attempts, each starting torch in 3 processes
+def test_kill_9_of_the_worker_takes_every_rank_with_it_and_the_job_resumes(service, training_file):
+    steps = 20
+    job = create(service, training_file.id, max_steps=steps, save_every=1, n_processes=2)
+    wait_for(lambda: len(service.client.fine_tuning.jobs.checkpoints.list(job.id, limit=10).data) >= 2, 600, 0.2,
+             "two checkpoints")
+    pids, worker = job_pids(job.id), service.jobs.supervisor.pid
+    assert len(ranks_of(pids)) == 2, pids
+    os.kill(worker, signal.SIGKILL)
+    # the launcher dies with its worker and each rank with the launcher (PR_SET_PDEATHSIG)
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 60, 0.1, "the job's processes to die with the worker")
+    done = finished(service, job.id)
+    assert done.status == "succeeded", done.error
+    row = service.store.get_job(job.id)
+    assert row["attempts"] == 2 and row["crashes"] == 0
+    messages = [e.message for e in events_of(service, job.id)]
+    assert any(m.startswith("resumed from run/checkpoints/step-") for m in messages), messages
+    metric_steps = collections.Counter(e.data["step"] for e in events_of(service, job.id) if e.type == "metrics")
+    assert metric_steps == collections.Counter(range(1, steps + 1))
+    assert job_pids(job.id) == []
+
+
 @pytest.fixture(scope="module")
 def faulty_service(tiny_base, tmp_path_factory):
     """A service whose trainers' rank 1 vanishes (os._exit) once it has finished step 3, before that
@@ -238,3 +260,25 @@ def test_a_job_within_the_limit_is_queued_with_its_processes(checking_service):
     assert job.status == "queued", job.error
     hp = job.method.supervised.hyperparameters.model_dump()
     assert hp["n_processes"] == 4 and hp["method"] == "qlora"
+
+
+def test_a_worker_with_a_lower_limit_fails_the_job_naming_the_field(checking_service):
+    """The API bounds n_processes by its own flag; a `qforge worker` elsewhere may run fewer: it fails
+    the job it claims with a clear error rather than start more processes than it was allowed."""
+    from qforge.jobs.ranks import job_processes
+    from qforge.jobs.worker import Worker
+
+    svc = checking_service
+    job = svc.client.fine_tuning.jobs.create(model="tiny", training_file=svc.file.id,
+                                             hyperparameters={"n_processes": 3})
+    wait_for(lambda: svc.client.fine_tuning.jobs.retrieve(job.id).status == "queued", 60, what="validation")
+    store, worker = svc.jobs.store, Worker(svc.jobs.store, max_processes=2)
+    claimed = None
+    while claimed is None or claimed["id"] != job.id:  # an earlier test's queued job (4 processes) first
+        claimed = store.claim_next_job(os.getpid())
+        assert claimed is not None and job_processes(claimed) > 2  # none of them may train here
+        worker.run_job(claimed)
+    failed = svc.client.fine_tuning.jobs.retrieve(job.id)
+    assert failed.status == "failed" and failed.error.param == "hyperparameters.n_processes"
+    assert "asks for 3 processes; its worker runs at most 2" in failed.error.message
+    assert job_pids(job.id) == []  # nothing was started
