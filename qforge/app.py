@@ -56,6 +56,7 @@ class ServeConfig:
     disk_full_retries: int = DISK_FULL_RETRIES
     disk_full_backoff: float = DISK_FULL_BACKOFF_S
     disk_full_wait: float = DISK_FULL_WAIT_S
+    max_processes_per_job: int = 1        # a job's n_processes at most (its worker runs them with torchrun)
     # bounded work per request and per connection (qforge.serve.api.limits, qforge.serve.connections)
     max_request_tokens: int = 32768       # embeddings: inputs' tokens; completions/chat: (prompt + max_tokens) x n
     max_scored_tokens: int = 4096         # echo with logprobs: tokens of each scored prompt
@@ -99,7 +100,8 @@ def jobs_config(cfg: ServeConfig):
                       max_file_bytes=cfg.max_file_mb * 2 ** 20, database_url=cfg.database_url,
                       max_jobs_per_key=cfg.max_jobs_per_key,
                       start_worker=cfg.start_worker, worker_threads=cfg.worker_threads or default_worker_threads(),
-                      worker_memory_fraction=cfg.worker_memory_fraction, worker_args=worker_flags(cfg))
+                      worker_memory_fraction=cfg.worker_memory_fraction, worker_args=worker_flags(cfg),
+                      max_processes_per_job=cfg.max_processes_per_job)
 
 
 def worker_flags(cfg: ServeConfig) -> tuple[str, ...]:

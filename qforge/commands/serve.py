@@ -182,6 +182,7 @@ def serve_config(args: argparse.Namespace):
         worker_threads=args.worker_threads,
         worker_memory_fraction=args.worker_memory_fraction, disk_full_retries=args.disk_full_retries,
         disk_full_backoff=args.disk_full_backoff, disk_full_wait=args.disk_full_wait,
+        max_processes_per_job=args.max_processes_per_job,
         max_request_tokens=args.max_request_tokens, max_scored_tokens=args.max_scored_tokens,
         max_connections=args.max_connections, max_connections_per_client=args.max_connections_per_client,
         header_timeout=args.header_timeout, body_timeout=args.body_timeout)

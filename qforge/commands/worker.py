@@ -50,6 +50,9 @@ def add_limit_arguments(parser: argparse.ArgumentParser, default_threads: str = 
                         help=f"{prefix}share of the GPU's memory a trainer may take, in (0, 1] "
                              "(torch.cuda.set_per_process_memory_fraction; on a CPU accepted and recorded; "
                              "default: no bound)")
+    parser.add_argument("--max-processes-per-job", type=positive_int, default=1, metavar="N",
+                        help=f"{prefix}processes a job may ask to train in (hyperparameters' n_processes; torchrun on "
+                             "this machine, QLoRA's 4-bit base sharded across them; default: 1)")
     parser.add_argument("--disk-full-retries", type=positive_int, default=DISK_FULL_RETRIES,
                         help=f"{prefix}disk-full attempts in a row before a job fails (default: {DISK_FULL_RETRIES})")
     parser.add_argument("--disk-full-backoff", type=positive_seconds, default=DISK_FULL_BACKOFF_S,
@@ -76,5 +79,5 @@ def run(args: argparse.Namespace) -> int:
     env = {**worker_env(store), **trainer_env(args.worker_threads, args.worker_memory_fraction)}
     Worker(store, args.parent_pid, args.poll, args.cancel_grace, trainer_env=env,
            disk_full_retries=args.disk_full_retries, disk_full_backoff_s=args.disk_full_backoff,
-           disk_full_wait_s=args.disk_full_wait).run()
+           disk_full_wait_s=args.disk_full_wait, max_processes=args.max_processes_per_job).run()
     return 0

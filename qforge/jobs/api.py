@@ -76,6 +76,7 @@ class JobsConfig:
     worker_memory_fraction: float | None = None  # the trainers' share of the GPU's memory (None: no bound)
     worker_args: tuple[str, ...] = ()    # more worker flags (the disk-full ones)
     max_jobs_per_key: int | None = 20    # a key's jobs validating, queued or running at once (None: no bound)
+    max_processes_per_job: int = 1       # a job's n_processes at most (torchrun on the worker's machine)
 
 
 # ---- the service -----------------------------------------------------------------------------------
@@ -106,12 +107,12 @@ class JobService:
         for job in self.store.list_jobs(status="validating_files", limit=10 ** 6)[0]:
             self.validator.submit(self.validate_job, job["id"])  # cut short by a crash: do it again
         if self.config.start_worker:
-            from .supervisor import WorkerSupervisor
+            from .supervisor import WorkerSupervisor, worker_args
             from .pg import worker_env
             self.supervisor = WorkerSupervisor(self.store.root, self.config.poll_s, self.config.cancel_grace_s,
                                                worker_threads=self.config.worker_threads,
                                                worker_memory_fraction=self.config.worker_memory_fraction,
-                                               extra_args=list(self.config.worker_args))
+                                               extra_args=worker_args(self.config))
             self.supervisor.extra_env = worker_env(self.store)
             self.supervisor.start()
         self._watcher.start()
@@ -191,11 +192,11 @@ class JobService:
             row = self._training_file(owner, getattr(body, param), param)
             if row is not None:
                 check_file_for(kind, param, row, self.store.file_path(row["id"]))
-        settings = resolve_settings(body.hyperparameters, method.settings(), kind)
+        settings = resolve_settings(body.hyperparameters, method.settings(), kind, self.config.max_processes_per_job)
         if settings["method"] == "full" and kind != "supervised":  # a full fine-tune is served as its own model
             raise APIError(400, f"method 'full' trains supervised jobs only; a {kind} job trains an adapter (qlora or "
                            "lora)", param=f"method.{kind}.hyperparameters.method", code="unsupported")
-        openai_hp = {k: settings[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        openai_hp = {k: settings[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier", "n_processes")}
         job_id = new_id("ftjob")
         job = {"id": job_id, "owner": owner, "created_at": now(), "model": body.model,
                "training_file": body.training_file, "validation_file": body.validation_file, "suffix": body.suffix,

@@ -63,10 +63,11 @@ def check_top_level(top: Hyperparameters | None, kind: str) -> None:
 
 
 def resolve_settings(top: Hyperparameters | None, given_hp: QForgeHyperparameters | None,
-                     kind: str = "supervised") -> dict:
+                     kind: str = "supervised", max_processes: int = 1) -> dict:
     """Every training setting of a job: the request's (the method's over the top-level ones, which
     take the same names), then defaults; a preference method's beta (and DPO's label_smoothing) too.
-    APIError 400 for a top-level key the method does not take."""
+    APIError 400 for a top-level key the method does not take, and for n_processes over
+    `max_processes` or with a method that trains in one process (check_processes)."""
     check_top_level(top, kind)
     given = {}
     for part in (top, given_hp):
@@ -81,13 +82,31 @@ def resolve_settings(top: Hyperparameters | None, given_hp: QForgeHyperparameter
     settings = {k: (auto[k] if given.get(k, "auto") == "auto" else given[k]) for k in auto}
     defaults = {k: getattr(base, k) for k in ("rank", "dropout", "target_modules", "quant_type", "double_quant",
                                               "max_seq_len", "max_steps", "grad_accum", "compute_dtype")}
-    defaults |= {"alpha": None, "save_every": None}  # the service's own: alpha 2 x rank, ~10 checkpoints a job
+    defaults |= {"alpha": None, "save_every": None,  # the service's own: alpha 2 x rank, ~10 checkpoints a job
+                 "n_processes": 1}
     if kind == "dpo":
         defaults["label_smoothing"] = base.label_smoothing
     settings |= {k: given.get(k, v) for k, v in defaults.items()}
     if settings["alpha"] is None:
         settings["alpha"] = 2.0 * settings["rank"]
+    check_processes(settings, kind, max_processes, in_method=given_hp is not None and given_hp.n_processes is not None)
     return settings
+
+
+def check_processes(settings: dict, kind: str, limit: int, in_method: bool) -> None:
+    """400 naming hyperparameters' n_processes when a job asks for more processes than the service runs
+    a job in (`limit`, its --max-processes-per-job), or for several with a method that trains in one
+    (BF16 LoRA, a full fine-tune: only QLoRA's 4-bit base is sharded across processes). `in_method`:
+    the value came from method.<kind>.hyperparameters (else from the top level)."""
+    n = settings.get("n_processes", 1)
+    param = f"method.{kind}.hyperparameters.n_processes" if in_method else "hyperparameters.n_processes"
+    if n > limit:
+        raise APIError(400, f"{param}: expected an integer from 1 to {limit} (this service's "
+                       f"--max-processes-per-job), got {n}", param=param, code="invalid_value")
+    if n > 1 and settings["method"] not in ("qlora", "auto"):
+        raise APIError(400, f"{param}: method '{settings['method']}' trains in one process; several processes "
+                       f"(here {n}) shard QLoRA's 4-bit base: use method 'qlora' or n_processes 1",
+                       param=param, code="unsupported")
 
 
 def choose_method(base_model: str, settings: dict, budget: int, kind: str = "supervised") -> tuple[str, str]:

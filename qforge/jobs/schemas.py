@@ -40,6 +40,9 @@ class QForgeHyperparameters(Hyperparameters):
     save_every: int | None = Field(None, ge=1)
     grad_accum: int | None = Field(None, ge=1, le=1024)
     compute_dtype: Literal["bfloat16", "float32"] | None = None
+    # processes the job trains in (torchrun on the worker's machine; qlora only); the upper bound is the
+    # service's --max-processes-per-job, checked with the method (qforge.jobs.methods.check_processes)
+    n_processes: int | None = Field(None, ge=1)
 
 
 class OrpoHyperparameters(QForgeHyperparameters):

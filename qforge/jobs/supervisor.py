@@ -14,6 +14,13 @@ from pathlib import Path
 from .processes import signal_group
 
 
+def worker_args(config) -> list[str]:
+    """The local worker's flags from the jobs service's qforge.jobs.api.JobsConfig, beyond the
+    supervisor's own: the disk-full ones, and the processes a job may train in (the API's bound on
+    n_processes is its worker's too)."""
+    return [*config.worker_args, "--max-processes-per-job", str(config.max_processes_per_job)]
+
+
 class WorkerSupervisor:
     """Runs the worker subprocess and starts it again when it exits unasked (after `restart_delay_s`,
     doubling while it keeps dying within a few seconds, up to a minute)."""

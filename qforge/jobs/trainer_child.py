@@ -3,6 +3,10 @@
 
     python -m qforge.jobs.trainer_child JOB_DIR JOB_ID DATA_DIR PARENT_PID
 
+Started by torchrun (qforge.jobs.ranks, a job with n_processes > 1) it is one rank: every rank
+trains, sharded (qforge.dist), and rank 0 alone reports events and writes result.json; a rank that
+loses contact with another exits with RANK_LOST_EXIT and writes nothing (the job resumes).
+
 It trains the job's config.yaml through the one training-run API (qforge.train.run.prepare; resume
 "auto": from a checkpoint when there is one), reports progress messages as the job's events, and
 writes result.json (qforge.train.child) with the outcome: succeeded, interrupted, failed (with an
@@ -30,6 +34,11 @@ except ImportError:  # pragma: no cover - psycopg is a dependency
     DB_ERRORS = sqlite3.Error
 DB_ERRORS_T = (DB_ERRORS,)
 TRAINER_MODULE = "qforge.jobs.trainer_child"
+RANK_LOST_EXIT = 4  # a rank whose collective failed: another rank died first (qforge train's status too)
+
+
+class RankGone(Exception):
+    """Another rank of the job's run died or stopped answering: no outcome to write (the job resumes)."""
 
 
 def first_line(exc: BaseException) -> str:
@@ -51,25 +60,25 @@ def with_tensorboard(cfg):
     return dataclasses.replace(cfg, report_to=",".join(cfg.report_targets() + ["tensorboard"]))
 
 
-def train(job_dir: Path, job_id: str, store: JobStore) -> dict:
+def train(job_dir: Path, job_id: str, store: JobStore | None, group=None) -> dict:
     """Run the job's config.yaml; the outcome as result.json's contents. Messages that advise a
-    setting name the jobs API's hyperparameters while it runs (and only then: tests run it in-process)."""
+    setting name the jobs API's hyperparameters while it runs (and only then: tests run it in-process).
+    `group`: this rank's qforge.dist.Group under torchrun (None: one process); `store` None on the
+    ranks that do not report. Raises RankGone when another rank is lost."""
     from ..train.config import INTERFACE
     token = INTERFACE.set("api")
     try:
-        return _train(job_dir, job_id, store)
+        return _train(job_dir, job_id, store, group)
     finally:
         INTERFACE.reset(token)
 
 
-def _train(job_dir: Path, job_id: str, store: JobStore) -> dict:
-    from ..fileio import DiskFull, is_disk_full
+def _train(job_dir: Path, job_id: str, store: JobStore | None, group=None) -> dict:
     from ..train.config import TrainConfig
-    from ..train.data import DataError
-    from ..train.loop import TrainingDiverged
-    from ..train.run import prepare
 
     cfg = with_tensorboard(TrainConfig.from_yaml(job_dir / "config.yaml"))
+    if store is None:  # a rank other than 0: prepare and the loop say nothing here
+        return _outcome(cfg, job_dir, lambda text: text, lambda *_: None, group)
     try:
         job = store.get_job(job_id) or {}
         uploads = uploaded_names(store, job)
@@ -92,9 +101,18 @@ def _train(job_dir: Path, job_id: str, store: JobStore) -> dict:
             except Exception as exc:  # noqa: BLE001 - a message not recorded (a full disk) never stops training
                 print(f"(event not recorded: {exc!r})", flush=True)
 
-    report(resources_message())
+    report(resources_message(group.world if group is not None else 1))
+    return _outcome(cfg, job_dir, uploads, report, group)
+
+
+def _outcome(cfg, job_dir: Path, uploads, report, group) -> dict:
+    """Prepare, train and save the run (every rank alike); the outcome as result.json's contents."""
+    from ..fileio import DiskFull, is_disk_full
+    from ..train.data import DataError
+    from ..train.loop import TrainingDiverged
+    from ..train.run import prepare
     try:
-        run = prepare(cfg, log=report)
+        run = prepare(cfg, log=report, group=group)
         result = run.train()
         return {"status": "interrupted" if result.interrupted else "succeeded", "summary": run.save()}
     except KeyboardInterrupt:  # SIGINT before the loop took it over (while loading)
@@ -114,12 +132,22 @@ def _train(job_dir: Path, job_id: str, store: JobStore) -> dict:
                                                     "batch_size or max_seq_len, or use method qlora")}
     except Exception as exc:  # noqa: BLE001 - reported to the job's owner, the traceback to train.log
         traceback.print_exc()
+        if group is not None and rank_lost(exc):
+            raise RankGone(first_line(exc)) from exc
         # whatever library wrapped it (safetensors, torch.save, json, the log): ENOSPC waits for room
         if is_disk_full(exc, job_dir):
             return {"status": "disk_full", "error": _error("disk_full", "no space left on the device while "
                                                            f"training ({first_line(exc)})".replace(f"{job_dir}/", ""))}
         return {"status": "failed", "error": _error("training_error", f"{type(exc).__name__}: {exc}"
                                                     .replace(f"{job_dir}/", ""))}
+
+
+def rank_lost(exc: BaseException) -> bool:
+    """Whether a failure is a lost rank: qforge.dist's RankLost, or torch.distributed's own error
+    from FSDP's collectives inside forward and backward."""
+    import torch.distributed
+    from ..dist import RankLost
+    return isinstance(exc, (RankLost, torch.distributed.DistError))
 
 
 def uploaded_names(store: JobStore, job: dict):
@@ -138,18 +166,23 @@ def uploaded_names(store: JobStore, job: dict):
 
 
 def apply_limits() -> None:
-    """--worker-threads and --worker-memory-fraction, from the environment the worker gave the trainer."""
+    """--worker-threads and --worker-memory-fraction, from the environment the worker gave the trainer.
+    The threads are the job's: each of its ranks takes an equal share (at least one)."""
     import torch
     if os.environ.get("QFORGE_TRAIN_THREADS"):  # training leaves cores to serving
-        torch.set_num_threads(int(os.environ["QFORGE_TRAIN_THREADS"]))
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, int(os.environ["QFORGE_TRAIN_THREADS"]) // ranks))
     if os.environ.get("QFORGE_TRAIN_MEMORY_FRACTION") and torch.cuda.is_available():  # the GPU is shared
         torch.cuda.set_per_process_memory_fraction(float(os.environ["QFORGE_TRAIN_MEMORY_FRACTION"]))
 
 
-def resources_message() -> str:
-    """What the trainer runs with, for the job's events: its torch threads and its GPU memory share."""
+def resources_message(processes: int = 1) -> str:
+    """What the trainer runs with, for the job's events: its processes, torch threads and GPU memory share."""
     import torch
     text = f"The training process uses {torch.get_num_threads()} CPU thread(s)"
+    if processes > 1:
+        text = (f"The job trains in {processes} processes, the 4-bit base sharded across them; each uses "
+                f"{torch.get_num_threads()} CPU thread(s)")
     fraction = os.environ.get("QFORGE_TRAIN_MEMORY_FRACTION")
     if fraction and torch.cuda.is_available():
         text += f" and at most {float(fraction):g} of the GPU's memory"
@@ -174,18 +207,35 @@ def open_store_waiting(data_dir: Path) -> JobStore:
 
 
 def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | None) -> int:
-    """One attempt at a job, in the process the worker started: train, then write result.json."""
+    """One attempt at a job, in the process the worker started (or one rank of it, under torchrun):
+    train, then write result.json (rank 0)."""
     die_with_parent(parent_pid)
     apply_limits()
+    from ..dist import close_group, init_group, launched_by_torchrun
     from ..fileio import DiskFull
     from ..train.child import RESULT_NAME, write_result
-    guard = open(job_dir / "trainer.lock", "a")
-    try:  # a second trainer on one job (leases make it impossible; this makes it certain) stops here
-        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"another trainer holds job {job_id}; this one exits without training", flush=True)
-        return 3
-    outcome = train(job_dir, job_id, open_store_waiting(data_dir))
+    rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+    if rank == 0:
+        guard = open(job_dir / "trainer.lock", "a")
+        try:  # a second trainer on one job (leases make it impossible; this makes it certain) stops here
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # (under torchrun the other ranks are stopped with it)
+            print(f"another trainer holds job {job_id}; this one exits without training", flush=True)
+            return 3
+    group = None
+    try:
+        if launched_by_torchrun():
+            from ..train.config import TrainConfig
+            group = init_group(device_kind=TrainConfig.from_yaml(job_dir / "config.yaml").device)
+        outcome = train(job_dir, job_id, open_store_waiting(data_dir) if rank == 0 else None, group)
+    except RankGone as exc:
+        print(f"rank {rank}: {exc}; the job resumes from its last checkpoint", flush=True)
+        return RANK_LOST_EXIT
+    finally:
+        if group is not None:
+            close_group(group)
+    if rank != 0:
+        return 0
     try:
         write_result(job_dir / RESULT_NAME, outcome)
     except DiskFull as exc:

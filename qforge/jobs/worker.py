@@ -35,7 +35,15 @@ CUDA; the trainer's first event says what it runs with.
 
 Cancel: the API sets status 'cancelled'; the worker sees it within `poll_s` and sends SIGINT to the
 trainer's process group: the loop saves a checkpoint after the current step and exits (SIGKILL after
-`cancel_grace_s`). Checkpoints are kept.
+`cancel_grace_s`, to the trainer and every process under it). Checkpoints are kept.
+
+Several processes: a job whose hyperparameters ask for n_processes N > 1 (at most the worker's
+--max-processes-per-job) trains in N ranks that torchrun starts on this machine (qforge.jobs.ranks,
+in place of the trainer; the 4-bit base sharded across them). Rank 0 writes the same files and
+events as a one-process trainer, so following, cancel, crash recovery and the outcome are the
+same; a rank that dies counts as a trainer crash, named in the job's events. The worker still runs
+one job at a time: a job's N processes share its --worker-threads (each rank takes 1/N) and, on
+GPUs, each rank takes its own device (LOCAL_RANK) with the same memory fraction.
 """
 from __future__ import annotations
 
@@ -53,9 +61,10 @@ from .db import DatabaseError
 from .limits import (DISK_FULL_BACKOFF_S, DISK_FULL_EXIT, DISK_FULL_RETRIES, DISK_FULL_WAIT_S, MAX_BACKOFF_S,
                      MIN_FREE_BYTES, trainer_env)
 from .pg import worker_env
-from .processes import signal_group
+from .processes import kill_tree, signal_group
 from .progress import Progress, metric_event, results_csv  # noqa: F401 (the worker's, and tests')
 from .store import JobStore, derived_id, fine_tuned_model_name, now, pid_alive
+from .ranks import RANKS_MODULE, job_processes
 from .trainer_child import DB_ERRORS, DB_ERRORS_T, TRAINER_MODULE, first_line
 
 MAX_CRASHES = 3
@@ -94,18 +103,29 @@ def log(message: str) -> None:
         pass  # the log's disk is full: the work goes on
 
 
+def trainer_processes(job_id: str) -> list[int]:
+    """The pids on this machine whose command line runs `job_id`'s trainer: the one-process trainer,
+    or the launcher of a job in several processes and each of its ranks."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if job_id in args and (TRAINER_MODULE in args or RANKS_MODULE in args):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
 def kill_stale_trainer(pid: int | None, job_id: str) -> None:
-    """SIGKILL the trainer a dead worker left for `job_id`, if it still runs (checked by its command
-    line, so a recycled pid is never hit), and wait for it to go."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") if pid else ""
-    except OSError:
-        return
-    if TRAINER_MODULE not in cmdline or job_id not in cmdline:
-        return
-    signal_group(pid, signal.SIGKILL)
+    """SIGKILL what a dead worker left of `job_id`'s trainer, if anything still runs: its recorded
+    `pid` and any rank of it (found by their command lines, which name the trainer's module and the
+    job: a recycled pid is never hit), and wait for them to go."""
+    stale = trainer_processes(job_id)
+    for each in stale:
+        kill_tree(each)
     deadline = time.monotonic() + 10
-    while pid_alive(pid) and time.monotonic() < deadline:
+    while any(pid_alive(each) for each in stale) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -113,8 +133,9 @@ class Worker:
     def __init__(self, store: JobStore, parent_pid: int | None = None, poll_s: float = 0.5,
                  cancel_grace_s: float = 30.0, trainer_env: dict | None = None,
                  disk_full_retries: int = DISK_FULL_RETRIES, disk_full_backoff_s: float = DISK_FULL_BACKOFF_S,
-                 disk_full_wait_s: float = DISK_FULL_WAIT_S):
+                 disk_full_wait_s: float = DISK_FULL_WAIT_S, max_processes: int = 1):
         self.store, self.parent_pid = store, parent_pid
+        self.max_processes = max_processes  # a job's n_processes at most (--max-processes-per-job)
         self.poll_s, self.cancel_grace_s = poll_s, cancel_grace_s
         self.trainer_env = trainer_env or {}  # e.g. the thread bound of --worker-threads
         self.disk_full_retries, self.disk_full_backoff_s = disk_full_retries, disk_full_backoff_s
@@ -250,16 +271,29 @@ class Worker:
         from ..train.child import RESULT_NAME, start_child
 
         (job_dir / RESULT_NAME).unlink(missing_ok=True)
-        log(f"job {job_id}: training (attempt {job['attempts']})")
-        proc = start_child(TRAINER_MODULE, [str(job_dir), job_id, str(self.store.root), str(os.getpid())],
-                           job_dir / "train.log", {**worker_env(self.store), **self.trainer_env}, new_session=True)
+        nproc = job_processes(job)
+        log(f"job {job_id}: training (attempt {job['attempts']}" + (f", {nproc} processes)" if nproc > 1 else ")"))
+        args = [str(job_dir), job_id, str(self.store.root), str(os.getpid())]
+        if nproc > 1 and nproc > self.max_processes:  # the API checks its own limit; this worker's may be lower
+            self.store.update_job(job_id, only_if_status=("running",), status="failed", finished_at=now(),
+                                  train_pid=None, error={
+                                      "code": "invalid_value", "param": "hyperparameters.n_processes",
+                                      "message": f"hyperparameters.n_processes: the job asks for {nproc} "
+                                                 f"processes; its worker runs at most {self.max_processes} "
+                                                 "(--max-processes-per-job)"},
+                                  events=[("The job failed: more processes than the worker runs", "failed")],
+                                  level="error")
+            return None
+        module, args = (RANKS_MODULE, [*args, str(nproc)]) if nproc > 1 else (TRAINER_MODULE, args)
+        proc = start_child(module, args, job_dir / "train.log", {**worker_env(self.store), **self.trainer_env},
+                           new_session=True)
         self.lease_lost = False
         try:
             self.store.update_job(job_id, train_pid=proc.pid)
             self.follow(job, proc)
         finally:
             if proc.poll() is None:  # the worker itself failed: never leave a trainer running unwatched
-                signal_group(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 proc.wait()
         if self.lease_lost:  # another worker runs the job now: its outcome is that worker's to record
             log(f"job {job_id}: lease lost to another worker; trainer stopped, nothing recorded")
@@ -365,7 +399,7 @@ class Worker:
             try:
                 if not self.store.renew_lease(job["id"], os.getpid()):
                     self.lease_lost = True
-                    signal_group(proc.pid, signal.SIGKILL)  # never two trainers on one job
+                    kill_tree(proc.pid)  # never two trainers on one job
                     proc.wait()
                     return
             except Exception as exc:  # noqa: BLE001 - the database is unreachable: try again next poll
@@ -380,7 +414,7 @@ class Worker:
                 signal_group(proc.pid, signal.SIGINT)  # the loop checkpoints after this step and exits
                 signalled_at = time.monotonic()
             elif signalled_at is not None and not killed and time.monotonic() - signalled_at > self.cancel_grace_s:
-                signal_group(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)  # every rank too: each runs in a session of its own
                 killed = True
             time.sleep(self.poll_s)
         try:  # the database may be down now: waited for, as the outcome is (no later sync reads these lines)
@@ -417,13 +451,13 @@ class Worker:
         elif self.stopping:
             self.store.update_job(job_id, train_pid=None, events=[(
                 "The worker is stopping; the job will resume from its last checkpoint", None)], level="warn")
-        else:
-            self.crashed(job, returncode)
+        else:  # a rank that died is named in its launcher's result
+            self.crashed(job, returncode, (result.get("error") or {}).get("message"))
         return None
 
-    def crashed(self, job: dict, returncode: int) -> None:
+    def crashed(self, job: dict, returncode: int, how: str | None = None) -> None:
         crashes = job["crashes"] + 1
-        how = f"signal {-returncode}" if returncode and returncode < 0 else f"exit status {returncode}"
+        how = how or (f"signal {-returncode}" if returncode and returncode < 0 else f"exit status {returncode}")
         if crashes >= MAX_CRASHES:
             message = f"the training process died ({how}) {crashes} times"
             self.store.update_job(job["id"], only_if_status=("running",), status="failed", finished_at=now(),

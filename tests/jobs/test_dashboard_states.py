@@ -122,6 +122,7 @@ def test_the_dashboard_states(browser, tiny_base, tmp_path):  # noqa: F811 - bro
         assert (shown["LoRA rank"], shown["sequence length (tokens)"], shown["max steps"], shown["batch size"]) == (
             "4", "64", "4", "2")
         assert shown["method"] == "qlora" and shown["epochs"] == "1" and shown["training file"] == data.id
+        assert shown["processes"] == "1"  # hyperparameters' n_processes, resolved for every job
         assert shown["learning-rate multiplier"].startswith("1") and "1.00e-4 at the last step" in shown["learning-rate multiplier"]
         assert (points(browser, "loss-line"), points(browser, "valid-line"), points(browser, "lr-line")) == (2, 1, 2)
         assert browser.find_element(By.ID, "cancel-job").is_displayed()

@@ -202,7 +202,7 @@ const SETTING_LABELS = {
   max_steps: "max steps", max_seq_len: "sequence length (tokens)", rank: "LoRA rank", alpha: "LoRA alpha",
   dropout: "LoRA dropout", target_modules: "target modules", quant_type: "4-bit type", double_quant: "double quantisation",
   save_every: "checkpoint every (steps)", grad_accum: "gradient accumulation", compute_dtype: "compute dtype",
-  beta: "beta", label_smoothing: "label smoothing",
+  beta: "beta", label_smoothing: "label smoothing", n_processes: "processes",
 };
 
 // every setting the job resolved to (its method's hyperparameters), then its files and seed
@@ -386,7 +386,7 @@ async function createJob(event) {
   const hp = {};
   const fields = { n_epochs: "job-epochs", batch_size: "job-batch", learning_rate_multiplier: "job-lr",
                    rank: "job-rank", max_steps: "job-max-steps", max_seq_len: "job-max-seq-len",
-                   save_every: "job-save-every" };
+                   save_every: "job-save-every", n_processes: "job-processes" };
   for (const [key, id] of Object.entries(fields)) {
     const value = numberField(id);
     if (value !== undefined) hp[key] = value;
