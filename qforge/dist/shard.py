@@ -44,28 +44,55 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_base(model: nn.Module, group: Group, storage_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Shard the 4-bit base of `model` across `group` in place (FSDP2); everything else stays whole
-    on every rank and moves to the group's device. Call after the adapters are attached and the
+    """Shard the 4-bit base of `model` across `group` in place (FSDP2): `shard_block` for every
+    transformer block, then `shard_root` over the rest. Call after the adapters are attached and the
     model is prepared for training (that step casts norms, which must not touch the codes)."""
-    from torch.distributed.device_mesh import init_device_mesh
+    if not quantised_layers(model):
+        raise ValueError("shard_base: the model has no 4-bit layers to shard (method qlora is needed)")
+    for block in blocks(model):
+        shard_block(block, group, storage_dtype)
+    shard_root(model, group, storage_dtype)
+    return model
+
+
+def shard_block(block: nn.Module, group: Group, storage_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Shard one transformer block in place as one FSDP2 group: its 4-bit bases move into sharded
+    float storage (`storage_dtype`); its other parameters stay whole on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    storage = _to_sharded_storage(quantised_layers(block), storage_dtype)
+    whole = {p for p in block.parameters() if id(p) not in storage}
+    fully_shard(block, mesh=mesh_of(group), ignored_params=whole)
+
+
+def shard_root(model: nn.Module, group: Group, storage_dtype: torch.dtype = torch.bfloat16) -> None:
+    """The root FSDP2 group over what `shard_block` left: 4-bit layers outside the blocks become
+    sharded storage; every other parameter stays whole on every rank and moves to the group's device."""
     from torch.distributed.fsdp import fully_shard
 
     layers = quantised_layers(model)
-    if not layers:
-        raise ValueError("shard_base: the model has no 4-bit layers to shard (method qlora is needed)")
+    _to_sharded_storage([layer for layer in layers if layer.base.shardable], storage_dtype)
+    storage = {id(p) for layer in layers for p in (layer.weight, layer.weight_absmax)}
+    whole = {p for p in model.parameters() if id(p) not in storage}
+    fully_shard(model, mesh=mesh_of(group), ignored_params=whole)
+    if group.device.type != "cpu":
+        move_whole_tensors(model, group.device)
+
+
+def _to_sharded_storage(layers: list[AdaptedLinear], storage_dtype: torch.dtype) -> set[int]:
+    """Give each 4-bit layer of `layers` its sharded float storage; the ids of those Parameters."""
     for layer in layers:
         if not layer.base.shardable:
             raise ValueError("shard_base: the model's 4-bit base is sharded already")
         layer.set_base(layer.base.to_sharded(storage_dtype))
-    storage = {id(p) for layer in layers for p in (layer.weight, layer.weight_absmax)}
-    whole = {p for p in model.parameters() if id(p) not in storage}
-    mesh = init_device_mesh(group.device.type, (group.world,))
-    for block in blocks(model):
-        fully_shard(block, mesh=mesh, ignored_params=whole)
-    fully_shard(model, mesh=mesh, ignored_params=whole)
-    if group.device.type != "cpu":
-        move_whole_tensors(model, group.device)
-    return model
+    return {id(p) for layer in layers for p in (layer.weight, layer.weight_absmax)}
+
+
+def mesh_of(group: Group):
+    """The 1-D device mesh of `group`'s ranks (over the default process group: cheap to build again)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(group.device.type, (group.world,))
 
 
 def move_whole_tensors(model: nn.Module, device: torch.device) -> None:
