@@ -94,7 +94,7 @@ def _two_steps() -> dict:
         out["losses"].append(group.sum([loss.item() * share])[0])
     whole = whole_optimizer_state(opt, group)
     out["held"] = group.gather(held_bytes(model, opt))
-    out["params"] = {n: (p.detach().full_tensor(), reference[n].detach()) for n, p in zip(names, params)}
+    out["params"] = {n: (p.detach().full_tensor(), reference[n].detach().clone()) for n, p in zip(names, params)}
     # the whole state cut back to shards, loaded into a fresh optimiser: the same local state
     fresh = AdamW8bit(params, lr=1e-3)
     fresh.load_state_dict(local_optimizer_state(group.broadcast(whole), fresh))
@@ -103,7 +103,31 @@ def _two_steps() -> dict:
         for b in [fresh.state[p][k]]))
     if group.is_main:
         out["state"], out["ref_state"] = whole, ref_opt.state_dict()
+    out["torch_adamw"] = _torch_adamw_round_trip(model, params, names, reference, group, data)
     return out
+
+
+def _torch_adamw_round_trip(model, params, names, reference, group, data) -> bool:
+    """torch's AdamW keeps DTensor state: one step on the shards equals the whole step, and its
+    state consolidated then cut back (as DTensors) loads into a fresh optimiser unchanged."""
+    from qforge.dist.consolidate import local_optimizer_state, whole_optimizer_state
+    from qforge.train.data import collate
+    rows, _ = group.rows(list(range(8, 12)))
+    (model(**collate([data[i] for i in rows], 0), use_cache=False).loss / group.world).backward()
+    opt, ref_opt = torch.optim.AdamW(params, lr=1e-3), torch.optim.AdamW([reference[n] for n in names], lr=1e-3)
+    for n, p in zip(names, params):
+        reference[n].grad = p.grad.full_tensor()
+    opt.step()
+    ref_opt.step()
+    whole = whole_optimizer_state(opt, group)
+    fresh = torch.optim.AdamW(params, lr=1e-3)
+    fresh.load_state_dict(local_optimizer_state(group.broadcast(whole), fresh))
+    whole_of = lambda t: t.full_tensor() if t.dim() else t  # noqa: E731  (the step count is a plain 0-d tensor)
+    same = all(torch.equal(whole_of(a), whole_of(fresh.state[p][k])) for p in params for k, a in opt.state[p].items())
+    if group.is_main:
+        ref = ref_opt.state_dict()["state"]
+        same = same and all(torch.equal(whole["state"][i][k], v) for i, s in ref.items() for k, v in s.items())
+    return all(group.gather(same) or [True])
 
 
 def free_port() -> int:
@@ -146,6 +170,10 @@ def test_the_sharded_8bit_step_is_the_whole_step_bit_for_bit(two):
     for name, (sharded, whole) in two["params"].items():
         assert torch.equal(sharded, whole), name
     assert two["reloaded_equal"] == [True, True]
+
+
+def test_torch_adamw_keeps_dtensor_state_and_round_trips(two):
+    assert two["torch_adamw"] is True
 
 
 def test_the_clipping_norm_is_the_global_one(two):
