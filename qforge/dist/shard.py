@@ -68,21 +68,42 @@ def shard_root(model: nn.Module, group: Group, storage_dtype: torch.dtype = torc
     """The root FSDP2 group over what `shard_block` left (embeddings, final norm, output layer, 4-bit
     layers outside the blocks); what stays whole moves to the group's device."""
     _to_sharded_storage([layer for layer in quantised_layers(model) if layer.base.shardable], storage_dtype)
+    for modules in _vocabulary_groups(model):
+        _fully_shard(modules, group, reshard_after_forward=True)
+        if isinstance(modules, list):  # tied: FSDP frees a group after its last module's forward only,
+            embed, head = modules          # and (its inputs being token ids) after the whole backward
+            embed.register_forward_hook(lambda module, args, output: module.reshard())
+            head.register_full_backward_hook(lambda module, grad_in, grad_out: module.reshard())  # frozen: no grad
     _fully_shard(model, group)
     if group.device.type != "cpu":
         move_whole_tensors(model, group.device)
 
 
-def _fully_shard(module: nn.Module, group: Group) -> None:
-    """fully_shard `module` (one group over its parameters not in a group yet), gradients reduced in
-    float32 as a sum over the ranks."""
+def _vocabulary_groups(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
+    """The input embeddings and the output layer as groups of their own (one group over both when
+    tied: one Parameter, freed after the embedding's forward and gathered again for the head's), so
+    that each is gathered only around its own forward and backward rather than, as the root group
+    is, for the whole step: they are the largest tensors outside the blocks."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embed, head = (get_in() if get_in else None), (get_out() if get_out else None)
+    if not isinstance(embed, nn.Embedding):
+        return []
+    if isinstance(head, nn.Linear) and not quantised_layers(head) and head.weight is embed.weight:
+        return [[embed, head]]
+    return [embed] + ([head] if isinstance(head, nn.Linear) and not quantised_layers(head) else [])
+
+
+def _fully_shard(module: nn.Module | list[nn.Module], group: Group, reshard_after_forward: bool | None = None) -> None:
+    """fully_shard `module` (one group over its parameters not in a group yet; a list of modules is
+    one group over all of theirs), gradients reduced in float32 as a sum over the ranks."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    whole = {p for p in module.parameters() if not is_sharded(p) and not keeps_blocks(p, group.world)}
-    fully_shard(module, mesh=mesh_of(group), ignored_params=whole or None,
+    modules = module if isinstance(module, list) else [module]
+    whole = {p for m in modules for p in m.parameters() if not is_sharded(p) and not keeps_blocks(p, group.world)}
+    fully_shard(module, mesh=mesh_of(group), ignored_params=whole or None, reshard_after_forward=reshard_after_forward,
                 mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
-    module.set_gradient_divide_factor(1.0)  # a sum, not FSDP's mean over the ranks
-    module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM: plain SUM, divided by 1
+    modules[0].set_gradient_divide_factor(1.0)  # a sum, not FSDP's mean over the ranks
+    modules[0].set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM: plain SUM, divided by 1
 
 
 def keeps_blocks(p: torch.Tensor, world: int, block_size: int = BLOCK_SIZE, min_8bit_size: int = MIN_8BIT_SIZE) -> bool:
