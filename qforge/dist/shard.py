@@ -3,10 +3,12 @@
 One FSDP group per transformer block (each item of the model's layer list) holds that block's 4-bit
 codes and absmax (moved into a float storage: its base becomes a `qforge.nn.ShardedQuant4bitBase`, the
 same bytes in frozen 1-D Parameters, zero-padded to a whole element), its adapters (LoRA A and B,
-DoRA's magnitudes), its norms and any other weight it has; the root group holds what is left: the
-embeddings, the final norm, the output layer (one Parameter when tied to the embeddings: FSDP shards
-it once) and any 4-bit layer outside the blocks. Each group is gathered just before its forward and
-again before its backward, and freed after; the adapters' gradients are reduce-scattered in float32
+DoRA's magnitudes), its norms and any other weight it has. The input embeddings and the output layer
+are groups of their own (one group when tied: one Parameter, sharded once), gathered only around
+their own forward and backward; the root group holds what is left (the final norm, any 4-bit layer
+outside the blocks) and, as FSDP's root, stays gathered for the step: keep big tensors out of it.
+Each group is gathered just before its forward and again before its backward, and freed after
+(the root excepted); the adapters' gradients are reduce-scattered in float32
 as a SUM (FSDP's default is a mean: the loop weights each rank's loss by its share of the global
 batch, so the sum is the single-process gradient), so each rank's optimiser steps only its shard.
 
