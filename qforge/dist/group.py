@@ -58,7 +58,8 @@ class Group:
         return t.tolist()
 
     def sum_gradients(self, params: list[torch.Tensor]) -> None:
-        """Replace each parameter's gradient by its sum over the ranks (in float32, in buckets).
+        """Replace each parameter's gradient by its sum over the ranks (in float32, in buckets): for
+        the parameters kept whole on every rank (FSDP reduce-scatters the sharded ones itself).
 
         The loop weights every rank's loss by its share of the global batch's tokens, so the sum is
         the gradient of the single-process loss of the whole global batch."""
@@ -83,7 +84,8 @@ class Group:
             offset += g.numel()
 
     def copy_from_rank0(self, params: list[torch.Tensor]) -> None:
-        """Overwrite `params` with rank 0's values, so that every replica starts the same."""
+        """Overwrite `params` with rank 0's values, so that every replica starts the same. Plain
+        tensors: call it before sharding (qforge.train.run.shard_for_group does)."""
         if not self.distributed:
             return
         with torch.no_grad():

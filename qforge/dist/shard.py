@@ -1,22 +1,24 @@
-"""Shard a QLoRA model's 4-bit base across ranks with FSDP2 (`fully_shard`).
+"""Shard a QLoRA model across ranks with FSDP2 (`fully_shard`): every rank holds 1/N of everything.
 
-What is sharded: every 4-bit layer's packed codes and absmax, moved into a float storage
-(its base becomes a `qforge.nn.ShardedQuant4bitBase`: the same bytes in frozen 1-D Parameters, zero-padded to a whole
-element; FSDP pads dim 0 of the last rank's chunk itself). One FSDP group per transformer block
-(each item of the model's layer list) gathers that block's codes just before its forward and again
-before its backward, and frees them after; the root group covers any 4-bit layer outside the blocks.
+One FSDP group per transformer block (each item of the model's layer list) holds that block's 4-bit
+codes and absmax (moved into a float storage: its base becomes a `qforge.nn.ShardedQuant4bitBase`, the
+same bytes in frozen 1-D Parameters, zero-padded to a whole element), its adapters (LoRA A and B,
+DoRA's magnitudes), its norms and any other weight it has. The input embeddings and the output layer
+are groups of their own (one group when tied: one Parameter, sharded once), gathered only around
+their own forward and backward; the root group holds what is left (the final norm, any 4-bit layer
+outside the blocks) and, as FSDP's root, stays gathered for the step: keep big tensors out of it.
+Each group is gathered just before its forward and again before its backward, and freed after
+(the root excepted); the adapters' gradients are reduce-scattered in float32
+as a SUM (FSDP's default is a mean: the loop weights each rank's loss by its share of the global
+batch, so the sum is the single-process gradient), so each rank's optimiser steps only its shard.
 
-What is not: the LoRA parameters and every other weight (embeddings, norms, biases) are passed to
-`fully_shard` as `ignored_params`, so each rank holds them whole. For LoRA this is a choice: the
-adapters are under 1 % of the base, the loop sums their gradients itself (Group.sum_gradients),
-and every rank then takes the same optimiser step on whole tensors, so the 8-bit AdamW sees the
-blocks and sizes of a single-process run and a checkpoint is the same file whatever the number of
-processes. Sharding them instead would cut the 8-bit optimiser's 256-value blocks at shard edges
-and change its numbers with the world size. The collectives FSDP runs are then all-gathers only
-(the frozen base has no gradient to reduce-scatter); gloo has both all_gather_into_tensor and
-reduce_scatter_tensor on the CPU in torch 2.13, so neither choice was forced by the backend.
-FSDP gathers a group of mixed dtypes as bytes; the float storage keeps the codes' group in one
-dtype all the same, and nothing ever rounds or converts them.
+The 8-bit AdamW quantises its state in blocks of 256 values of the flattened parameter. FSDP cuts
+dim 0 into chunks of ceil(rows / N) rows; when a chunk's values are a multiple of the block size
+every shard starts on a block boundary and the sharded step is bit-identical to the whole one.
+A trainable parameter with 8-bit state whose chunks are not (`keeps_blocks`) stays whole on every
+rank, as everything did before (ignored by FSDP; the loop sums its gradient, Group.sum_gradients),
+and `whole_parameters` names it. gloo has all_gather_into_tensor and reduce_scatter_tensor on the
+CPU in torch 2.13; FSDP gathers a group of mixed dtypes as bytes and never converts the codes.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from ..model.surgery import quantized_layers
+from ..optim.adamw8bit import BLOCK_SIZE, MIN_8BIT_SIZE
 from ..nn import AdaptedLinear, ShardedQuant4bitBase
 from ..nn.bases import is_sharded
 from .group import Group
@@ -44,28 +47,98 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_base(model: nn.Module, group: Group, storage_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Shard the 4-bit base of `model` across `group` in place (FSDP2); everything else stays whole
-    on every rank and moves to the group's device. Call after the adapters are attached and the
+    """Shard the 4-bit base of `model` across `group` in place (FSDP2): `shard_block` for every
+    transformer block, then `shard_root` over the rest. Call after the adapters are attached and the
     model is prepared for training (that step casts norms, which must not touch the codes)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    layers = quantised_layers(model)
-    if not layers:
+    if not quantised_layers(model):
         raise ValueError("shard_base: the model has no 4-bit layers to shard (method qlora is needed)")
+    for block in blocks(model):
+        shard_block(block, group, storage_dtype)
+    shard_root(model, group, storage_dtype)
+    return model
+
+
+def shard_block(block: nn.Module, group: Group, storage_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Shard one transformer block in place as one FSDP2 group: its 4-bit bases move into sharded
+    float storage (`storage_dtype`), its adapters, norms and every other parameter are sharded too
+    (but for a trainable one whose shards would cut the optimiser's blocks: `keeps_blocks`)."""
+    _to_sharded_storage(quantised_layers(block), storage_dtype)
+    _fully_shard(block, group)
+
+
+def shard_root(model: nn.Module, group: Group, storage_dtype: torch.dtype = torch.bfloat16) -> None:
+    """The root FSDP2 group over what `shard_block` left (embeddings, final norm, output layer, 4-bit
+    layers outside the blocks); what stays whole moves to the group's device."""
+    _to_sharded_storage([layer for layer in quantised_layers(model) if layer.base.shardable], storage_dtype)
+    for modules in _vocabulary_groups(model):
+        _fully_shard(modules, group, reshard_after_forward=True)
+        if isinstance(modules, list):  # tied: FSDP frees a group after its last module's forward only,
+            embed, head = modules          # and (its inputs being token ids) after the whole backward
+            embed.register_forward_hook(lambda module, args, output: module.reshard())
+            head.register_full_backward_hook(lambda module, grad_in, grad_out: module.reshard())  # frozen: no grad
+    _fully_shard(model, group)
+    if group.device.type != "cpu":
+        move_whole_tensors(model, group.device)
+
+
+def _vocabulary_groups(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
+    """The input embeddings and the output layer as groups of their own (one group over both when
+    tied: one Parameter, freed after the embedding's forward and gathered again for the head's), so
+    that each is gathered only around its own forward and backward rather than, as the root group
+    is, for the whole step: they are the largest tensors outside the blocks."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embed, head = (get_in() if get_in else None), (get_out() if get_out else None)
+    if not isinstance(embed, nn.Embedding):
+        return []
+    if isinstance(head, nn.Linear) and not quantised_layers(head) and head.weight is embed.weight:
+        return [[embed, head]]
+    return [embed] + ([head] if isinstance(head, nn.Linear) and not quantised_layers(head) else [])
+
+
+def _fully_shard(module: nn.Module | list[nn.Module], group: Group, reshard_after_forward: bool | None = None) -> None:
+    """fully_shard `module` (one group over its parameters not in a group yet; a list of modules is
+    one group over all of theirs), gradients reduced in float32 as a sum over the ranks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    modules = module if isinstance(module, list) else [module]
+    whole = {p for m in modules for p in m.parameters() if not is_sharded(p) and not keeps_blocks(p, group.world)}
+    fully_shard(module, mesh=mesh_of(group), ignored_params=whole or None, reshard_after_forward=reshard_after_forward,
+                mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    modules[0].set_gradient_divide_factor(1.0)  # a sum, not FSDP's mean over the ranks
+    modules[0].set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM: plain SUM, divided by 1
+
+
+def keeps_blocks(p: torch.Tensor, world: int, block_size: int = BLOCK_SIZE, min_8bit_size: int = MIN_8BIT_SIZE) -> bool:
+    """True when FSDP's dim-0 chunks of `p` over `world` ranks can be stepped apart: `p` is frozen,
+    its optimiser state is 32-bit (element-wise, any cut will do), or each chunk of ceil(rows / world)
+    rows is a whole number of the 8-bit state's blocks. A 0-d parameter has no dim 0 to cut."""
+    if p.dim() == 0:
+        return False
+    if not p.requires_grad or p.numel() < min_8bit_size:
+        return True
+    rows = -(-p.shape[0] // world)
+    return rows * (p.numel() // p.shape[0]) % block_size == 0
+
+
+def whole_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters every rank holds whole after sharding (not DTensors)."""
+    return [name for name, p in model.named_parameters() if not is_sharded(p)]
+
+
+def _to_sharded_storage(layers: list[AdaptedLinear], storage_dtype: torch.dtype) -> set[int]:
+    """Give each 4-bit layer of `layers` its sharded float storage; the ids of those Parameters."""
     for layer in layers:
         if not layer.base.shardable:
             raise ValueError("shard_base: the model's 4-bit base is sharded already")
         layer.set_base(layer.base.to_sharded(storage_dtype))
-    storage = {id(p) for layer in layers for p in (layer.weight, layer.weight_absmax)}
-    whole = {p for p in model.parameters() if id(p) not in storage}
-    mesh = init_device_mesh(group.device.type, (group.world,))
-    for block in blocks(model):
-        fully_shard(block, mesh=mesh, ignored_params=whole)
-    fully_shard(model, mesh=mesh, ignored_params=whole)
-    if group.device.type != "cpu":
-        move_whole_tensors(model, group.device)
-    return model
+    return {id(p) for layer in layers for p in (layer.weight, layer.weight_absmax)}
+
+
+def mesh_of(group: Group):
+    """The 1-D device mesh of `group`'s ranks (over the default process group: cheap to build again)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(group.device.type, (group.world,))
 
 
 def move_whole_tensors(model: nn.Module, device: torch.device) -> None:
@@ -95,3 +168,10 @@ def local_quantised_bytes(model: nn.Module) -> tuple[int, int]:
             held += local.numel() * local.element_size()
             whole += full.numel() * full.element_size()
     return held, whole
+
+
+def held_bytes(model: nn.Module, optimizer=None) -> dict[str, int]:
+    """This rank's bytes by component (base, adapters, gradients, optimizer, embeddings, experts) and
+    each as `<key>_whole` for the whole model: see qforge.dist.held."""
+    from .held import held_bytes as count
+    return count(model, optimizer)
