@@ -57,6 +57,7 @@ class FrozenBank:
 
     num_experts: int
     keys: list  # the recompute tape's identity per expert
+    sharded = False  # True: its tensors are float storage FSDP shards (qforge.nn.sharded_experts)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -329,7 +330,8 @@ class AdaptedExperts(nn.Module):
             if pname in parameters:
                 E, out_f, in_f = self.expected_shape(pname)
                 loras[pname] = ExpertLora(E, in_f, out_f, specs[pname])
-        device = next(iter(self.buffers()), torch.empty(0)).device
+        bank_tensors = [t for bank in self.banks.values() for t in bank.tensors().values()]
+        device = bank_tensors[0].device if bank_tensors else torch.device("cpu")
         self.adapters[name] = loras.to(device)
         self.active_adapter = self.active_adapter or name
         return loras
@@ -378,12 +380,19 @@ class AdaptedExperts(nn.Module):
     def _apply(self, fn, recurse=True):
         # a dtype cast (model.to(torch.bfloat16), .half()) must not round the float32 scales: such
         # a buffer keeps its dtype and only follows the move
+        # a buffer keeps its dtype and only follows the move; so do the float storage Parameters of
+        # a sharded bank, whose bytes are codes, not floats
         before = {k: t for k, t in self._buffers.items() if t is not None and self._owns(k)}
+        stored = {k: p.data for k, p in self._parameters.items() if p is not None and self._owns(k)}
         super()._apply(fn, recurse)
         for k, old in before.items():
             new = self._buffers[k]
             if new.dtype != old.dtype:
                 self._buffers[k] = old.to(new.device)
+        for k, old in stored.items():
+            p = self._parameters[k]
+            if p.dtype != old.dtype:
+                p.data = old.to(p.device)
         self._rebind()
         return self
 
@@ -391,14 +400,40 @@ class AdaptedExperts(nn.Module):
         return any(key == name + suffix for name, bank in self.banks.items() if bank.keeps_dtype()
                    for suffix in bank.tensors())
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, bank in self.banks.items():  # a gathered sharded bank: the keys' original tensors
+            original = bank.original_tensors() if bank.sharded else None
+            if original is not None:
+                destination.update({prefix + name + suffix: t for suffix, t in original.items()})
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, bank in self.banks.items():
+            if bank.sharded:
+                storage_of(bank, state_dict, prefix + name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._rebind()
 
     def _rebind(self) -> None:
-        """Point each bank at the (moved or loaded) registered buffers."""
+        """Point each bank at the (moved or loaded) registered buffers (a sharded bank reads its
+        host's Parameters at each use)."""
         for name, bank in self.banks.items():
-            bank.replace_tensors({suffix: self._buffers[name + suffix] for suffix in bank.tensors()})
+            if bank.sharded:
+                bank.replace_tensors({})
+            else:
+                bank.replace_tensors({suffix: self._buffers[name + suffix] for suffix in bank.tensors()})
+
+
+def storage_of(bank, state_dict: dict, key: str) -> None:
+    """In `state_dict`, replace a sharded bank's tensors saved in their original form (uint8 codes
+    [E, P], float32 absmax, ...) by the bank's float storage of the same bytes, so that the whole
+    bank's state dict loads into a gathered sharded bank; FSDP's own (sharded) entries pass."""
+    from .bases import bytes_as, is_sharded
+
+    for suffix, (shape, dtype) in bank.layout.items():
+        t = state_dict.get(key + suffix)
+        if t is not None and not is_sharded(t) and t.dtype == dtype and tuple(t.shape) == shape:
+            state_dict[key + suffix] = bytes_as(t, bank.storage_dtype)
 
 
 def check_supported(experts: nn.Module) -> None:
