@@ -2,7 +2,9 @@
 products, same state-dict keys, no rounding under a dtype cast), and 2- and 4-process gloo runs of a
 tiny 4-bit Mixtral whose losses equal one process's while each rank holds 1/N of the experts' bytes."""
 import copy
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -16,10 +18,10 @@ from tests.dist.test_storage import free_port
 from tests.fixtures import quantized_moe, randomise_adapters, tiny_moe
 
 
-def adapted_experts(double_quant: bool, seed: int = 0) -> AdaptedExperts:
-    """Layer 0's experts of a tiny Mixtral (4 experts, [E, 64, 64] and [E, 64, 32]) in 4 bits,
-    with a random adapter on both parameters."""
-    model = quantized_moe(tiny_moe("mixtral", seed), double_quant=double_quant)
+def adapted_experts(double_quant: bool, seed: int = 0, arch: str = "mixtral") -> AdaptedExperts:
+    """Layer 0's experts of a tiny Mixtral or Qwen2-MoE (4 experts, [E, 64, 64] and [E, 64, 32])
+    in 4 bits, with a random adapter on both parameters."""
+    model = quantized_moe(tiny_moe(arch, seed), double_quant=double_quant)
     experts = model.model.layers[0].mlp.experts
     experts.add_adapter("a", LoraSpec(r=2, alpha=4, dropout=0.0, dtype=torch.float32))
     g = torch.Generator().manual_seed(seed + 1)
@@ -39,8 +41,9 @@ def routed(seed: int = 2, tokens: int = 12, hidden: int = 64, experts: int = 4):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_bank_storage_keeps_bytes_products_and_state_dict(dtype, double_quant):
-    plain = adapted_experts(double_quant)
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_bank_storage_keeps_bytes_products_and_state_dict(dtype, double_quant, arch):
+    plain = adapted_experts(double_quant, arch=arch)
     stored = copy.deepcopy(plain)
     before = {k: v.clone() for k, v in plain.state_dict().items()}
     params = shard_banks(stored, dtype)
@@ -170,3 +173,52 @@ def test_gloo_processes_shard_the_experts_and_follow_the_single_process_losses(t
     print(f"{world} processes vs one: max relative loss difference {diff:.3g}")
     assert diff <= 5e-5, (ref["losses"], got[0]["losses"])
     assert all(got[r]["losses"] == got[0]["losses"] for r in range(world))
+
+
+# ---- `qforge train --nproc 2` on a Mixtral folder: the whole path, checkpoint and adapter --------
+def _mixtral_folder(folder):
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from tests.model.conftest import tiny_tokenizer
+    from tests.train.test_moe_run import ROWS
+
+    cfg = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
+    tiny_tokenizer().save_pretrained(str(folder))
+    (folder / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return folder
+
+
+@pytest.mark.slow
+def test_a_mixtral_trains_in_two_processes_and_its_checkpoint_resumes_in_one(tmp_path):
+    from tests.dist.test_fsdp_qlora import LOSS_BOUND, losses, max_relative_difference, qforge_train
+
+    model = _mixtral_folder(tmp_path / "mixtral")
+    args = ["--model", str(model), "--data", str(model / "chats.jsonl"), "--max-steps", "6", "--save-every", "3",
+            "--max-seq-len", "64", "--rank", "4", "--alpha", "8", "--lr", "5e-3", "--warmup-ratio", "0"]
+    runs = {}
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        done = qforge_train(tmp_path / name, *args, *extra)  # float32, 8-bit AdamW, no dropout (ARGS there)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs[name] = losses(tmp_path / name)
+    assert len(runs["one"]) == 6 and runs["one"][6] < runs["one"][1]
+    measured = max_relative_difference(runs["one"], runs["two"])
+    print(f"Mixtral, two processes vs one: max relative loss difference {measured:.3g}")
+    assert measured < LOSS_BOUND, runs  # the bound reasoned in test_fsdp_qlora.py
+
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2
+    config = json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "step-000003", resumed / "checkpoints" / "step-000003")
+    done = qforge_train(resumed, *args, "--resume")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    after = losses(resumed)
+    assert sorted(after) == [4, 5, 6]
+    # as test_fsdp_qlora.py's resume check: the 2-process state differs from one process's by roundings
+    assert max_relative_difference({s: runs["one"][s] for s in after}, after) < 1e-3
