@@ -83,6 +83,7 @@ class ExpertBank(FrozenBank):
         self.num_experts = packed.shape[0]
         self.keys = [object() for _ in range(self.num_experts)]  # the recompute tape's identity per expert
         self._states = None
+        self._offset_values: list | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -139,13 +140,20 @@ class ExpertBank(FrozenBank):
         self.template = QuantState(None, None, t.shape, t.dtype, t.blocksize, t.quant_type, t.code.to(device),
                                    None, None if t.nested_code is None else t.nested_code.to(device),
                                    t.nested_blocksize, None, t.nested_dtype)
-        self._states = None
+        self._states = self._offset_values = None
+
+    def offset_values(self) -> list:
+        """The per-expert offsets as Python floats (None each without double quantisation): read
+        from the tensor once (a device sync), kept until the tensors are replaced."""
+        if self._offset_values is None:
+            self._offset_values = self.offsets.tolist() if self.offsets is not None else [None] * self.num_experts
+        return self._offset_values
 
     def expert(self, e: int) -> QuantState:
         """Expert e's QuantState (views of the stacked tensors): bitsandbytes' state of weight[e]."""
         if self._states is None:
             t = self.template
-            offsets = self.offsets.tolist() if self.offsets is not None else [None] * self.num_experts
+            offsets = self.offset_values()
             self._states = [QuantState(self.packed[i].view(-1, 1), self.absmax[i], t.shape, t.dtype, t.blocksize,
                                        t.quant_type, t.code,
                                        None if self.nested_absmax is None else self.nested_absmax[i],

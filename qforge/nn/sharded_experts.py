@@ -46,6 +46,9 @@ class ShardedExpertBank(FrozenBank):
         # suffix -> (shape, dtype) of the tensor the storage holds the bytes of
         self.layout = {suffix: (tuple(t.shape), t.dtype) for suffix, t in bank.tensors().items()}
         self._view: tuple | None = None  # (identity of the registered storage, the ExpertBank of its views)
+        # the offsets as floats, read once: FSDP may gather into new memory each time, and reading
+        # them from every gathered copy would sync the device once per bank and pass
+        self._offsets: list | None = bank.offset_values()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -69,6 +72,9 @@ class ShardedExpertBank(FrozenBank):
                               self.template)
             bank.keys = self.keys  # the recompute tape's identity per expert stays the bank's
             bank.replace_tensors(views)  # the codebooks follow the storage's device
+            if self._offsets is None:
+                self._offsets = bank.offset_values()
+            bank._offset_values = self._offsets
             self.template = bank.template
             self._view = (key, bank)
         return self._view[1]
@@ -113,8 +119,8 @@ class ShardedExpertBank(FrozenBank):
         return True
 
     def replace_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Nothing to take: the storage is read from the host at each use."""
-        self._view = None
+        """Nothing to take: the storage is read from the host at each use (and may have been loaded)."""
+        self._view = self._offsets = None
 
 
 def unpack(storage: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
