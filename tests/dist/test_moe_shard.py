@@ -127,7 +127,12 @@ def _moe_losses(rank: int, world: int, port: int, tmp: str) -> dict:
     data = copy_task()
     result = train_loop(model, TOKENIZER, data, data[:4], config(tmp, max_steps=STEPS, lr=5e-3, eval_every=0),
                         log=lambda *_: None, group=group)
-    return {"losses": list(result.losses), "held": held, "whole": whole,
+    try:  # outside forward and backward FSDP holds only this rank's shard: a clear error, not wrong weights
+        next(surgery.expert_layers(model))[1].dequantized("down_proj")
+        refused = ""
+    except RuntimeError as exc:
+        refused = str(exc)
+    return {"losses": list(result.losses), "held": held, "whole": whole, "refused": refused,
             "banks": sum(isinstance(b, ShardedExpertBank) for _, m in surgery.expert_layers(model)
                          for b in m.banks.values())}
 
@@ -163,6 +168,7 @@ def test_gloo_processes_shard_the_experts_and_follow_the_single_process_losses(t
     # element (4 bytes, float32) per tensor and rank apart from an even split
     assert sum(held) == whole and max(held) - min(held) <= 8 * 4
     assert ref["held"] == ref["whole"] and whole >= ref["whole"][1]
+    assert ref["refused"] == "" and "'down_proj' is sharded" in got[0]["refused"]
     # the curves: as in tests/dist/test_fsdp_qlora.py, the runs differ only in where float32 sums
     # are split (each rank's rows, partial gradient sums); Adam turns that into a relative
     # difference of a few 1e-7 per step (measured 1.2e-7 at 2 processes), well under the bound
