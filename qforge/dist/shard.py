@@ -29,6 +29,7 @@ from ..model.surgery import quantized_layers
 from ..optim.adamw8bit import BLOCK_SIZE, MIN_8BIT_SIZE
 from ..nn import AdaptedLinear, ShardedQuant4bitBase
 from ..nn.bases import is_sharded
+from ..nn.sharded_experts import shard_banks
 from .group import Group
 
 
@@ -63,6 +64,7 @@ def shard_block(block: nn.Module, group: Group, storage_dtype: torch.dtype = tor
     float storage (`storage_dtype`), its adapters, norms and every other parameter are sharded too
     (but for a trainable one whose shards would cut the optimiser's blocks: `keeps_blocks`)."""
     _to_sharded_storage(quantised_layers(block), storage_dtype)
+    shard_banks(block, storage_dtype)  # MoE: the 4-bit expert banks into the same float storage
     _fully_shard(block, group)
 
 
