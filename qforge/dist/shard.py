@@ -26,6 +26,7 @@ from torch import nn
 from ..model.surgery import quantized_layers
 from ..nn import AdaptedLinear, ShardedQuant4bitBase
 from ..nn.bases import is_sharded
+from ..nn.sharded_experts import shard_banks
 from .group import Group
 
 
@@ -58,6 +59,7 @@ def shard_base(model: nn.Module, group: Group, storage_dtype: torch.dtype = torc
             raise ValueError("shard_base: the model's 4-bit base is sharded already")
         layer.set_base(layer.base.to_sharded(storage_dtype))
     storage = {id(p) for layer in layers for p in (layer.weight, layer.weight_absmax)}
+    storage |= {id(p) for p in shard_banks(model, storage_dtype)}  # MoE: 4-bit expert banks too
     whole = {p for p in model.parameters() if id(p) not in storage}
     mesh = init_device_mesh(group.device.type, (group.world,))
     for block in blocks(model):

@@ -57,6 +57,7 @@ class FrozenBank:
 
     num_experts: int
     keys: list  # the recompute tape's identity per expert
+    sharded = False  # True: its tensors are float storage FSDP shards (qforge.nn.sharded_experts)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -82,6 +83,7 @@ class ExpertBank(FrozenBank):
         self.num_experts = packed.shape[0]
         self.keys = [object() for _ in range(self.num_experts)]  # the recompute tape's identity per expert
         self._states = None
+        self._offset_values: list | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -138,13 +140,20 @@ class ExpertBank(FrozenBank):
         self.template = QuantState(None, None, t.shape, t.dtype, t.blocksize, t.quant_type, t.code.to(device),
                                    None, None if t.nested_code is None else t.nested_code.to(device),
                                    t.nested_blocksize, None, t.nested_dtype)
-        self._states = None
+        self._states = self._offset_values = None
+
+    def offset_values(self) -> list:
+        """The per-expert offsets as Python floats (None each without double quantisation): read
+        from the tensor once (a device sync), kept until the tensors are replaced."""
+        if self._offset_values is None:
+            self._offset_values = self.offsets.tolist() if self.offsets is not None else [None] * self.num_experts
+        return self._offset_values
 
     def expert(self, e: int) -> QuantState:
         """Expert e's QuantState (views of the stacked tensors): bitsandbytes' state of weight[e]."""
         if self._states is None:
             t = self.template
-            offsets = self.offsets.tolist() if self.offsets is not None else [None] * self.num_experts
+            offsets = self.offset_values()
             self._states = [QuantState(self.packed[i].view(-1, 1), self.absmax[i], t.shape, t.dtype, t.blocksize,
                                        t.quant_type, t.code,
                                        None if self.nested_absmax is None else self.nested_absmax[i],
@@ -329,7 +338,8 @@ class AdaptedExperts(nn.Module):
             if pname in parameters:
                 E, out_f, in_f = self.expected_shape(pname)
                 loras[pname] = ExpertLora(E, in_f, out_f, specs[pname])
-        device = next(iter(self.buffers()), torch.empty(0)).device
+        bank_tensors = [t for bank in self.banks.values() for t in bank.tensors().values()]
+        device = bank_tensors[0].device if bank_tensors else torch.device("cpu")
         self.adapters[name] = loras.to(device)
         self.active_adapter = self.active_adapter or name
         return loras
@@ -378,12 +388,19 @@ class AdaptedExperts(nn.Module):
     def _apply(self, fn, recurse=True):
         # a dtype cast (model.to(torch.bfloat16), .half()) must not round the float32 scales: such
         # a buffer keeps its dtype and only follows the move
+        # a buffer keeps its dtype and only follows the move; so do the float storage Parameters of
+        # a sharded bank, whose bytes are codes, not floats
         before = {k: t for k, t in self._buffers.items() if t is not None and self._owns(k)}
+        stored = {k: p.data for k, p in self._parameters.items() if p is not None and self._owns(k)}
         super()._apply(fn, recurse)
         for k, old in before.items():
             new = self._buffers[k]
             if new.dtype != old.dtype:
                 self._buffers[k] = old.to(new.device)
+        for k, old in stored.items():
+            p = self._parameters[k]
+            if p.dtype != old.dtype:
+                p.data = old.to(p.device)
         self._rebind()
         return self
 
@@ -391,14 +408,40 @@ class AdaptedExperts(nn.Module):
         return any(key == name + suffix for name, bank in self.banks.items() if bank.keeps_dtype()
                    for suffix in bank.tensors())
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, bank in self.banks.items():  # a gathered sharded bank: the keys' original tensors
+            original = bank.original_tensors() if bank.sharded else None
+            if original is not None:
+                destination.update({prefix + name + suffix: t for suffix, t in original.items()})
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, bank in self.banks.items():
+            if bank.sharded:
+                storage_of(bank, state_dict, prefix + name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._rebind()
 
     def _rebind(self) -> None:
-        """Point each bank at the (moved or loaded) registered buffers."""
+        """Point each bank at the (moved or loaded) registered buffers (a sharded bank reads its
+        host's Parameters at each use)."""
         for name, bank in self.banks.items():
-            bank.replace_tensors({suffix: self._buffers[name + suffix] for suffix in bank.tensors()})
+            if bank.sharded:
+                bank.replace_tensors({})
+            else:
+                bank.replace_tensors({suffix: self._buffers[name + suffix] for suffix in bank.tensors()})
+
+
+def storage_of(bank, state_dict: dict, key: str) -> None:
+    """In `state_dict`, replace a sharded bank's tensors saved in their original form (uint8 codes
+    [E, P], float32 absmax, ...) by the bank's float storage of the same bytes, so that the whole
+    bank's state dict loads into a gathered sharded bank; FSDP's own (sharded) entries pass."""
+    from .bases import bytes_as, is_sharded
+
+    for suffix, (shape, dtype) in bank.layout.items():
+        t = state_dict.get(key + suffix)
+        if t is not None and not is_sharded(t) and t.dtype == dtype and tuple(t.shape) == shape:
+            state_dict[key + suffix] = bytes_as(t, bank.storage_dtype)
 
 
 def check_supported(experts: nn.Module) -> None:
