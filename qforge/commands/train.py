@@ -86,8 +86,8 @@ HELP = {
     "offload_activations": "keep what forward saves for backward in host memory (pinned; copied back for "
                            "backward) instead of on the GPU; on the CPU activations live in host memory "
                            "already and this changes nothing (the log says so)",
-    "offload_base": "qlora: keep the 4-bit base in host memory (pinned) and bring each transformer block's "
-                    "codes to the GPU just before its forward and backward, the next block's copy started while "
+    "offload_base": "qlora: keep the 4-bit base (MoE expert banks too) in host memory (pinned) and bring each "
+                    "transformer block's codes to the GPU just before its forward and backward, the next block's copy started while "
                     "the current one computes: the GPU holds two blocks of base, plus adapters, optimiser state "
                     "and activations. For a base larger than the GPU; one process only (not with --nproc > 1); "
                     "on the CPU it runs the same copies host to host and saves nothing",

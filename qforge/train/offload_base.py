@@ -15,10 +15,11 @@ backward phase and leave residency alone). The window is kept by releasing every
 so two graphs' backwards interleaving (two forwards before one backward) cannot pile up blocks.
 
 The blocks are qforge.dist.shard.blocks(model): items of a ModuleList holding 4-bit layers; each
-4-bit layer in them gets an OffloadedQuant4bitBase (qforge.nn.offloaded_base), whose products
-resolve the resident copy when they run, so no device copy is held by autograd between forward
-and backward. 4-bit layers outside the blocks (none in the usual models: lm_head stays dense) keep
-their codes on the device.
+4-bit layer in them gets an OffloadedQuant4bitBase (qforge.nn.offloaded_base) and each 4-bit MoE
+expert bank an OffloadedExpertBank (qforge.nn.offloaded_experts), whose products resolve the
+resident copy when they run, so no device copy is held by autograd between forward and backward.
+A block's banks come and go with its linear bases (one schedule, the same counters). 4-bit layers
+outside the blocks (none in the usual models: lm_head stays dense) keep their codes on the device.
 
 On CUDA the host copies are pinned and the next block's copy runs on a side stream, overlapping the
 current block's compute; the compute stream waits on the copy's event before using it, and each
@@ -34,6 +35,7 @@ from torch import nn
 
 from ..model.surgery import quantized_layers
 from ..nn.offloaded_base import OffloadedQuant4bitBase, offload_layer
+from ..nn.offloaded_experts import OffloadedExpertBank, offload_banks
 
 
 def check_offload(cfg, world: int = 1) -> None:
@@ -44,8 +46,17 @@ def check_offload(cfg, world: int = 1) -> None:
 
 
 def _check(block: nn.Module) -> None:
-    """ValueError when a 4-bit layer of `block` cannot be offloaded (sharded, offloaded already)."""
+    """ValueError when a 4-bit layer or expert bank of `block` cannot be offloaded (sharded,
+    offloaded already)."""
+    from ..model.surgery import expert_layers
     from ..nn import ShardedQuant4bitBase
+    for _, experts in expert_layers(block):
+        for bank in experts.banks.values():
+            if bank.sharded:
+                raise ValueError("offload_base: the 4-bit expert banks are sharded across processes; offloading "
+                                 "and sharding do not combine (use one process)")
+            if isinstance(bank, OffloadedExpertBank):
+                raise ValueError("offload_base: the 4-bit expert banks are offloaded already")
     for _, layer in quantized_layers(block):
         if isinstance(layer.base, ShardedQuant4bitBase):
             raise ValueError("offload_base: the 4-bit base is sharded across processes; offloading and "
@@ -73,9 +84,10 @@ class BaseOffload:
         self.blocks = blocks(model)
         for block in self.blocks:  # every refusal before any layer changes
             _check(block)
-        self.bases: list[list[OffloadedQuant4bitBase]] = [
+        # per block: its linear bases, then its expert banks (both answer bring/release/nbytes/misses)
+        self.bases: list[list[OffloadedQuant4bitBase | OffloadedExpertBank]] = [
             [offload_layer(layer, self.device, pin=self.cuda) for _, layer in quantized_layers(block)]
-            for block in self.blocks]
+            + offload_banks(block, self.device, pin=self.cuda) for block in self.blocks]
         self.block_bytes = [sum(b.nbytes() for b in bases) for bases in self.bases]
         self.resident: dict[int, torch.cuda.Event | None] = {}  # block -> its copy's event (CUDA, until used)
         self.max_resident = self.peak_bytes = self.brought = 0
@@ -97,7 +109,10 @@ class BaseOffload:
 
     def describe(self) -> str:
         two = sorted(self.block_bytes)[-2:]
-        return (f"--offload-base: 4-bit base of {self.host_bytes / 2**20:.1f} MiB in {len(self.blocks)} blocks waits "
+        banks = sum(isinstance(b, OffloadedExpertBank) for bases in self.bases for b in bases)
+        experts = f" ({banks} MoE expert banks included)" if banks else ""
+        return (f"--offload-base: 4-bit base of {self.host_bytes / 2**20:.1f} MiB{experts} in {len(self.blocks)} "
+                f"blocks waits "
                 f"in {'pinned ' if self.cuda else ''}host memory; at most 2 blocks ({sum(two) / 2**20:.1f} MiB) on "
                 f"{self.device} at once" + ("" if self.cuda else " (on the CPU: copies into fresh host tensors, "
                                               "the mechanism without a saving)"))
@@ -188,14 +203,11 @@ class BaseOffload:
 def offload_base(model: nn.Module, device: torch.device, log=None) -> BaseOffload:
     """Install base offload on `model` (its 4-bit layers still on the host: load there first, then
     move the rest to `device`); kept as `model.base_offload`. ValueError when there is nothing to
-    offload or the model's base cannot be (HQQ, expert banks, sharded)."""
-    from ..model.surgery import expert_layers, hqq_layers
-    from ..nn.experts import ExpertBank
+    offload or the model's base cannot be (HQQ, sharded). 4-bit MoE expert banks are offloaded with
+    their block."""
+    from ..model.surgery import hqq_layers
     if any(True for _ in hqq_layers(model)):
         raise ValueError("offload_base: the HQQ base is not offloaded; use --quant-type nf4 or fp4")
-    if any(isinstance(bank, ExpertBank) for _, experts in expert_layers(model) for bank in experts.banks.values()):
-        raise ValueError("offload_base: the 4-bit MoE expert banks are not offloaded; train this model without "
-                         "--offload-base")
     offload = BaseOffload(model, device)
     if not any(offload.bases):
         raise ValueError("offload_base: the model has no 4-bit layers in its blocks to offload (method qlora is needed)")

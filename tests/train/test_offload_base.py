@@ -232,12 +232,8 @@ def test_dpo_with_offload_base_equals_dpo_without(tmp_path, tiny_dir):  # noqa: 
     assert offload.misses == 0 and offload.max_resident == 2 and not offload.resident
 
 
-def test_moe_expert_banks_and_hqq_bases_are_refused_and_the_model_left_as_it_was():
-    from tests.fixtures import quantized_moe, tiny_moe
-    moe = quantized_moe(tiny_moe("mixtral"))
-    with pytest.raises(ValueError, match=r"^offload_base: the 4-bit MoE expert banks are not offloaded"):
-        offload_base(moe, torch.device("cpu"))
-    assert not offloaded_bases(moe) and not hasattr(moe, "base_offload")
+def test_hqq_bases_are_refused_and_the_model_left_as_it_was():
+    """(MoE expert banks are offloaded with their blocks: tests/train/test_offload_moe.py.)"""
     hqq = quantize_all(tiny_llama(vocab=64, layers=2), quant_type="hqq4")
     with pytest.raises(ValueError, match=r"^offload_base: the HQQ base is not offloaded"):
         offload_base(hqq, torch.device("cpu"))
