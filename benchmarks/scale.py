@@ -172,10 +172,35 @@ def held_components(model, optimizer) -> tuple[dict[str, int], str]:
     return dict(held_bytes(model, optimizer)), "qforge.dist.shard.held_bytes"
 
 
-def reset_peak() -> None:
-    """Restart VmHWM at the current resident size (Linux: '5' to clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+class Meter:
+    """This process's memory above a baseline taken at creation: host memory (VmRSS / VmHWM, the
+    peak restarted by writing '5' to /proc/self/clear_refs) or, on a GPU, what torch allocated there
+    (max_memory_allocated, reset_peak_memory_stats; the baseline is then 0)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.baseline = 0 if cuda else status_bytes("VmRSS")
+        self.reset()
+
+    def reset(self) -> None:
+        if self.cuda:
+            import torch
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak(self) -> int:
+        if self.cuda:
+            import torch
+            return torch.cuda.max_memory_allocated()
+        return status_bytes("VmHWM") - self.baseline
+
+    def now(self) -> int:
+        if self.cuda:
+            import torch
+            return torch.cuda.memory_allocated()
+        return status_bytes("VmRSS") - self.baseline
 
 
 def worker(args) -> None:
@@ -193,18 +218,18 @@ def worker(args) -> None:
     from qforge.train.config import TrainConfig
     from qforge.train.run import prepare
 
+    cuda = args.device == "cuda"
     dispatch.warm_up(torch.device("cpu"))
-    group = init_group(device_kind="cpu")
+    group = init_group(device_kind=args.device)  # gloo on the CPU, NCCL with one GPU a rank
     import gc
     gc.collect()
     release_free_memory()
-    baseline = status_bytes("VmRSS")
-    reset_peak()
+    meter = Meter(cuda)
     cfg = TrainConfig(model=args.model, data=args.data, data_format="text", train_on="all", method="qlora",
                       rank=RANK, alpha=2 * RANK, dropout=0.0, compute_dtype="float32", optimizer="paged_adamw_8bit",
                       lr=1e-3, warmup_ratio=0.0, max_steps=args.steps, batch_size=BATCH, max_seq_len=args.seq_len,
                       gradient_checkpointing=True, keep_base_outputs=False, save_every=0, seed=0,
-                      output_dir=args.out, device="cpu")
+                      output_dir=args.out, device=args.device)
     box: dict = {}
     make_optimizer = loop.make_optimizer
 
@@ -224,18 +249,16 @@ def worker(args) -> None:
     run = prepare(cfg, group=group, log=lambda *_: None)
     gc.collect()
     release_free_memory()
-    load_peak = status_bytes("VmHWM") - baseline
-    loaded = status_bytes("VmRSS") - baseline
+    load_peak, loaded = meter.peak(), meter.now()
 
     def on_step(record: dict) -> None:
         box["steps_done"] = record["step"]
         if record["step"] == 1:
-            reset_peak()  # the peak of steps 2..: the optimiser's state exists from step 1 on
+            meter.reset()  # the peak of steps 2..: the optimiser's state exists from step 1 on
 
     run.train(on_step=on_step)
-    peak = status_bytes("VmHWM") - baseline
-    report = {"rank": group.rank, "world": group.world, "baseline": baseline, "load_peak": load_peak,
-              "loaded": loaded, "peak": peak, "held": box["held"], "held_source": box["held_source"],
+    report = {"rank": group.rank, "world": group.world, "device": args.device, "baseline": meter.baseline,
+              "load_peak": load_peak, "loaded": loaded, "peak": meter.peak(), "held": box["held"], "held_source": box["held_source"],
               "sharding": run.sharding, "losses": run.result.losses}
     Path(args.out, f"rank-{group.rank}.json").write_text(json.dumps(report, indent=2))
     group.barrier()
@@ -252,7 +275,7 @@ def launch(model: str, nproc: int, data: Path, out: Path, args) -> list[dict]:
                OMP_WAIT_POLICY="PASSIVE", QFORGE_DIST_TIMEOUT=os.environ.get("QFORGE_DIST_TIMEOUT", "900"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(Path(__file__).resolve()), "--worker", "--model", model, "--data", str(data), "--out", str(out),
-           "--steps", str(args.steps), "--seq-len", str(args.seq_len)]
+           "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--device", args.device]
     t0 = time.perf_counter()
     with open(out / "torchrun.log", "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -264,7 +287,7 @@ def launch(model: str, nproc: int, data: Path, out: Path, args) -> list[dict]:
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(nproc)]
 
 
-def planner_total(folder: str, nproc: int, seq_len: int) -> int | None:
+def planner_total(folder: str, nproc: int, seq_len: int, device: str = "cpu") -> int | None:
     """qforge.plan.per_rank(...)["total"] for one rank of this run; None while it does not exist."""
     try:
         from qforge.plan import per_rank
@@ -272,7 +295,7 @@ def planner_total(folder: str, nproc: int, seq_len: int) -> int | None:
         return None
     from qforge.plan.arch import load_arch
     figures = per_rank(load_arch(folder), method="qlora", seq_len=seq_len, batch_size=BATCH // nproc, rank=RANK,
-                       world=nproc, optimizer="paged_adamw_8bit", device="cpu", compute_dtype="float32",
+                       world=nproc, optimizer="paged_adamw_8bit", device=device, compute_dtype="float32",
                        gradient_checkpointing=True, keep_base_outputs=False)
     return int(figures["total"])
 
@@ -317,20 +340,17 @@ def scaling_lines(runs: dict[int, list[dict]]) -> list[str]:
     return lines
 
 
-def loss_lines(runs: dict[int, list[dict]]) -> list[str]:
-    one = runs.get(1)
-    if not one:
-        return []
-    ref = one[0]["losses"]
-    out = []
+def loss_lines(runs: dict[int, list[dict]]) -> tuple[list[str], list[float]]:
+    """Each N's loss curve against N=1's: (lines, the max relative differences)."""
+    ref = runs[1][0]["losses"]
+    out, diffs = [f"  N=1: losses {', '.join(f'{x:.6f}' for x in ref)}"], []
     for n, reports in runs.items():
         if n == 1:
             continue
         mine = reports[0]["losses"]
-        diff = max(abs(a - b) / abs(a) for a, b in zip(ref, mine))
-        out.append(f"  N={n}: loss curve vs N=1: max relative difference {diff:.2e} over {len(mine)} steps "
-                   f"({', '.join(f'{x:.5f}' for x in mine)})")
-    return out
+        diffs.append(max(abs(a - b) / abs(a) for a, b in zip(ref, mine)))
+        out.append(f"  N={n}: loss curve vs N=1: max relative difference {diffs[-1]:.2e} over {len(mine)} steps")
+    return out, diffs
 
 
 def main(argv=None) -> int:
@@ -339,12 +359,15 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="smollm2,tinyllama",
                         help="comma-separated, from: smollm2 (embedded SmolLM2-135M), tinyllama (random 1.1B shape)")
     parser.add_argument("--nprocs", default="1,2,4", help="comma-separated process counts; 1 is the reference")
-    parser.add_argument("--steps", type=int, default=4, help="optimiser steps per run (the peak is over steps 2..)")
+    parser.add_argument("--steps", type=int, default=3, help="optimiser steps per run (the peak is over steps 2..)")
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per row (every row truncated to it)")
     parser.add_argument("--cache", default=None, help="where the TinyLlama-shaped checkpoint is kept "
                         "(default $QFORGE_CACHE/bench)")
     parser.add_argument("--work", default=None, help="output folder of the runs (default: a temporary one, removed)")
     parser.add_argument("--timeout-s", type=float, default=1200, help="limit for one torchrun launch")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu: gloo, host memory (the default); cuda: NCCL, one GPU a rank, GPU memory "
+                             "(torch.cuda.max_memory_allocated), as benchmarks/gpu_check.sh runs it")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -372,18 +395,20 @@ def main(argv=None) -> int:
           f"{args.steps} steps, N = {', '.join(map(str, nprocs))}", flush=True)
     folders = {"smollm2": str(smollm2_folder()), "tinyllama": None}
     headline_model = "tinyllama" if "tinyllama" in models else models[0]
-    all_errors, ratio = [], math.nan
+    all_errors, all_diffs, ratio = [], [], math.nan
     try:
         for name in models:
             folder = folders[name] or str(tinyllama_folder(cache))
             print(f"\n{name}: {folder}", flush=True)
             runs = {n: launch(folder, n, data, work / f"{name}-n{n}", args) for n in nprocs}
-            planned = {n: planner_total(folder, n, args.seq_len) for n in nprocs}
+            planned = {n: planner_total(folder, n, args.seq_len, args.device) for n in nprocs}
             table, errors = model_table(name, runs, planned)
             all_errors += errors
             print(f"\n{table}\n")
             print(f"held figures from: {runs[1][0]['held_source']}")
-            print("\n".join(scaling_lines(runs) + loss_lines(runs)))
+            lines, diffs = loss_lines(runs)
+            all_diffs += diffs
+            print("\n".join(scaling_lines(runs) + lines))
             if planned[1] is None:
                 print("  planner: qforge.plan.per_rank not in this checkout; no comparison")
             if name == headline_model:
@@ -392,6 +417,7 @@ def main(argv=None) -> int:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     err_max = max((abs(e) for e in all_errors), default=math.nan)
+    print(f"loss_rel_diff_max={max(all_diffs, default=math.nan):.3g}")
     print(f"per_rank_peak_{max(nprocs)}_vs_1={ratio:.3f} planner_err_max={err_max:.3f}")
     return 0
 
