@@ -57,6 +57,7 @@ TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
 TINYLLAMA_NAME = "tinyllama-1.1b-shape-random-bf16"
 COMPONENTS = ("base", "adapters", "gradients", "optimizer", "embeddings")
+HELD_KEYS = (*COMPONENTS, "experts")  # held_bytes' keys (experts: MoE banks, 0 for these dense models)
 SHARDED = ("base", "adapters", "gradients", "optimizer", "embeddings")  # what falls as 1/N once all is sharded
 MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # benchmarks/plan_calibration.py's
 BATCH, RANK = 4, 16
@@ -287,38 +288,47 @@ def launch(model: str, nproc: int, data: Path, out: Path, args) -> list[dict]:
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(nproc)]
 
 
-def planner_total(folder: str, nproc: int, seq_len: int, device: str = "cpu") -> int | None:
-    """qforge.plan.per_rank(...)["total"] for one rank of this run; None while it does not exist."""
+def planner_figures(folder: str, nproc: int, seq_len: int, device: str = "cpu") -> dict | None:
+    """qforge.plan.per_rank(...) for one rank of this run (bytes by component and "total"); None
+    while the checkout has no per_rank. The run computes in float32: the device's constants with
+    4-byte activations, and the embeddings kept in float32 (residual_bytes 4)."""
+    import dataclasses
     try:
         from qforge.plan import per_rank
     except ImportError:
         return None
     from qforge.plan.arch import load_arch
-    figures = per_rank(load_arch(folder), method="qlora", seq_len=seq_len, batch_size=BATCH // nproc, rank=RANK,
-                       world=nproc, optimizer="paged_adamw_8bit", device=device, compute_dtype="float32",
-                       gradient_checkpointing=True, keep_base_outputs=False)
-    return int(figures["total"])
+    from qforge.plan.policy import constants_for
+    constants = dataclasses.replace(constants_for(device), compute_bytes=4)
+    return per_rank(load_arch(folder), method="qlora", world=nproc, seq_len=seq_len, batch_size=BATCH, rank=RANK,
+                    gradient_checkpointing=True, constants=constants, optimizer="paged_adamw_8bit", adapter_bytes=4,
+                    chunked_loss=True, keep_base_outputs=False, residual_bytes=4)
 
 
 def mib(n: float) -> str:
     return f"{n / MIB:,.1f}"
 
 
-def model_table(name: str, runs: dict[int, list[dict]], planned: dict[int, int | None]) -> tuple[str, list[float]]:
-    """The markdown table of one model (a row per N and rank) and the planner's errors."""
+def model_table(name: str, runs: dict[int, list[dict]], planned: dict[int, dict | None]) -> tuple[str, list[float]]:
+    """The markdown table of one model (a row per N and rank, then the planner's row per N) and the
+    planner's errors on the total."""
     header = ["N", "rank", *COMPONENTS, "activations", "peak", "load peak", "planner", "planner err"]
     rows, errors = [], []
     for n, reports in runs.items():
         for r in reports:
             held = r["held"]
-            acts = r["peak"] - sum(held[k] for k in COMPONENTS)
-            plan = planned.get(n)
+            acts = r["peak"] - sum(held.get(k, 0) for k in HELD_KEYS)
+            plan = planned[n]["total"] if planned.get(n) else None
             err = None if plan is None else (plan - r["peak"]) / r["peak"]
             if err is not None:
                 errors.append(err)
             rows.append([n, r["rank"], *(mib(held[k]) for k in COMPONENTS), mib(acts), mib(r["peak"]),
                          mib(r["load_peak"]), "-" if plan is None else mib(plan),
                          "-" if err is None else f"{100 * err:+.1f}%"])
+        if planned.get(n):  # the planner's components beside the measured ones
+            p = planned[n]
+            rows.append([n, "plan", *(mib(p.get(k, 0)) for k in COMPONENTS),
+                         mib(p.get("activations", 0) + p.get("buffers", 0)), mib(p["total"]), "", "", ""])
     return f"{name} (MiB per rank)\n\n" + markdown_table(header, rows), errors
 
 
@@ -381,6 +391,8 @@ def main(argv=None) -> int:
     bad = [m for m in models if m not in ("smollm2", "tinyllama")]
     if bad or not models:
         parser.error(f"--models: expected smollm2 and/or tinyllama, got {args.models!r}")
+    if args.steps < 2:
+        parser.error(f"--steps: at least 2 (the peak is taken over steps 2..), got {args.steps}")
     if 1 not in nprocs or any(BATCH % n for n in nprocs):
         parser.error(f"--nprocs: must include 1 and divide the batch of {BATCH}, got {args.nprocs!r}")
     import tempfile
@@ -401,7 +413,7 @@ def main(argv=None) -> int:
             folder = folders[name] or str(tinyllama_folder(cache))
             print(f"\n{name}: {folder}", flush=True)
             runs = {n: launch(folder, n, data, work / f"{name}-n{n}", args) for n in nprocs}
-            planned = {n: planner_total(folder, n, args.seq_len, args.device) for n in nprocs}
+            planned = {n: planner_figures(folder, n, args.seq_len, args.device) for n in nprocs}
             table, errors = model_table(name, runs, planned)
             all_errors += errors
             print(f"\n{table}\n")
