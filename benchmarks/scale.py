@@ -1,6 +1,7 @@
 """What each rank of a sharded QLoRA run holds, at N = 1, 2 and 4 processes (torch.distributed, gloo).
 
-    python benchmarks/scale.py [--models smollm2,tinyllama] [--nprocs 1,2,4] [--steps 4] [--cache DIR]
+    python benchmarks/scale.py [--models smollm2,tinyllama] [--nprocs 1,2,4] [--steps 3] [--cache DIR]
+    python benchmarks/scale.py --device cuda --models smollm2 --nprocs 1,2      (benchmarks/gpu_check.sh, 2 GPUs)
 
 Two models: the embedded SmolLM2-135M and a random TinyLlama-1.1B-shaped Llama (hidden 2048, 22
 layers, intermediate 5632, 32 heads / 4 KV heads, vocab 32000, untied head), built once with
@@ -26,7 +27,9 @@ Each rank measures itself:
   activations peak - sum(held): the saved activations, the gathered blocks FSDP holds while one
               runs, the loss's logits, and whatever else the step allocates
 The planner's figure for one rank is qforge.plan.per_rank(...)["total"] (reported when that
-function exists); its error is (planner - peak) / peak. The loss of every step at N is compared with
+function exists), with the CPU constants and 4-byte activations (float32 compute); its error is
+(planner - peak) / peak. With --device cuda the ranks run on NCCL, one GPU each, and every memory
+figure is torch.cuda's (max_memory_allocated, reset after step 1; baseline 0). The loss of every step at N is compared with
 N=1's (max relative difference). Printed: a table per model (MiB), then the last line
 
     per_rank_peak_4_vs_1=X planner_err_max=Y
