@@ -130,40 +130,24 @@ def local_bytes(t) -> int:
 
 
 def held_here(model, optimizer) -> dict[str, int]:
-    """The held_bytes components computed from the parameters (for a checkout without
-    qforge.dist.shard.held_bytes): 4-bit storage, trainable parameters, their gradients, the
-    optimiser's state tensors, and every other parameter and buffer, each as this rank's part."""
+    """held_bytes' components counted here, the same way (for a checkout without it, or a model it
+    cannot read): base = the 4-bit codes and absmax (qforge.dist.local_quantised_bytes), adapters =
+    the trainable parameters, gradients = as many bytes (FSDP's shard of each), optimizer = the
+    optimiser's state tensors, embeddings = every other parameter; each as this rank's part."""
     import torch
 
+    from qforge.dist import local_quantised_bytes
     from qforge.dist.shard import quantised_layers
-    from qforge.nn import ShardedQuant4bitBase
-    seen, held = set(), dict.fromkeys(COMPONENTS, 0)
-
-    def add(key: str, t) -> None:
-        if t is None or not isinstance(t, torch.Tensor) or id(t) in seen:
-            return
-        seen.add(id(t))
-        held[key] += local_bytes(t)
-
-    for layer in quantised_layers(model):
-        if isinstance(layer.base, ShardedQuant4bitBase):
-            for p in (layer.weight, layer.weight_absmax):
-                add("base", p)
-        state = getattr(layer.base, "quant_state", None)
-        for t in ([state.packed, state.absmax] if state is not None else []) + list(layer.buffers(recurse=False)):
-            add("base", t)
-        for sub in layer.base.__dict__.values():  # constants the base keeps as plain attributes
-            if isinstance(sub, torch.Tensor):
-                add("base", sub)
-    for p in model.parameters():
-        if p.requires_grad:
-            add("adapters", p)
-            add("gradients", p.grad)
-    for state in optimizer.state.values():
-        for t in state.values():
-            add("optimizer", t)
-    for t in [*model.parameters(), *model.buffers()]:
-        add("embeddings", t)
+    held = dict.fromkeys(COMPONENTS, 0)
+    held["base"] = local_quantised_bytes(model)[0]
+    storage = {id(getattr(layer, name)) for layer in quantised_layers(model)
+               for name in ("weight", "weight_absmax") if isinstance(getattr(layer, name, None), torch.Tensor)}
+    for p in {id(p): p for p in model.parameters()}.values():  # a tied weight once
+        if id(p) not in storage:
+            held["adapters" if p.requires_grad else "embeddings"] += local_bytes(p)
+    held["gradients"] = held["adapters"]
+    held["optimizer"] = sum(local_bytes(t) for state in optimizer.state.values() for t in state.values()
+                            if isinstance(t, torch.Tensor))
     return held
 
 
@@ -173,7 +157,10 @@ def held_components(model, optimizer) -> tuple[dict[str, int], str]:
         from qforge.dist.shard import held_bytes
     except ImportError:
         return held_here(model, optimizer), "computed in scale.py (qforge.dist.shard.held_bytes absent)"
-    return dict(held_bytes(model, optimizer)), "qforge.dist.shard.held_bytes"
+    try:
+        return dict(held_bytes(model, optimizer)), "qforge.dist.shard.held_bytes"
+    except AttributeError as exc:  # seen on an unsharded model (N=1): said in the output, counted here
+        return held_here(model, optimizer), f"computed in scale.py (held_bytes failed: {exc})"
 
 
 class Meter:
@@ -420,7 +407,8 @@ def main(argv=None) -> int:
             table, errors = model_table(name, runs, planned)
             all_errors += errors
             print(f"\n{table}\n")
-            print(f"held figures from: {runs[1][0]['held_source']}")
+            for source in sorted({f"N={n}: {r['held_source']}" for n, rs in runs.items() for r in rs[:1]}):
+                print(f"held figures from {source}")
             lines, diffs = loss_lines(runs)
             all_diffs += diffs
             print("\n".join(scaling_lines(runs) + lines))
