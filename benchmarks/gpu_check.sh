@@ -66,9 +66,8 @@ SHARDED_PEAK=skipped SHARDED_LOSS=skipped
 value() { grep -o "$1=[^ ]*" "$2" 2>/dev/null | tail -n 1 | cut -d= -f2 | grep . || echo failed; }
 stage() { echo; echo "######## $1 ($(date -u +%T))"; }
 
-# The budget (seconds, worst case; each stage is stopped at its limit): 90 + 30 + 305 + 75 + 35 + 15 = 550,
-# (with two GPUs: 90 + 30 + 230 + 75 + 35 + 15 + 75 = 550),
-# 9 min 10 s, 50 s under the 600 s command limit. Expected (an estimate: no GPU has run it yet), from a
+# The budget (seconds, worst case; each stage is stopped at its limit): 90 + 30 + 305 + 75 + 35 + 15 = 550
+# (with two GPUs 90 + 30 + 230 + 75 + 35 + 15 + 75 = 550), 9 min 10 s, 50 s under the 600 s command limit. Expected (an estimate: no GPU has run it yet), from a
 # per-process estimate of ~45 s (imports ~8, 8B load ~20, 2 arms x 5 steps ~15): 6 x 45 = 270 s for the pairs.
 T_WRITE=90 T_DEQUANT=30 T_PAIRS=305 T_DEMO=75 T_KERNEL_TESTS=35 T_DEVICE_TESTS=15
 # With two GPUs the sharded stage (5) takes its time from the 8B pairs, whose deadline starts no side

@@ -210,7 +210,7 @@ def worker(args) -> None:
     from qforge.train.run import prepare
 
     cuda = args.device == "cuda"
-    dispatch.warm_up(torch.device("cpu"))
+    dispatch.warm_up(torch.device(args.device))  # the native CPU library before the baseline (nothing on cuda)
     group = init_group(device_kind=args.device)  # gloo on the CPU, NCCL with one GPU a rank
     import gc
     gc.collect()
