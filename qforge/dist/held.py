@@ -33,7 +33,8 @@ def held_bytes(model: nn.Module, optimizer=None) -> dict[str, int]:
     whole = dict.fromkeys(COMPONENTS, 0)
     held["base"], whole["base"] = local_quantised_bytes(model)
     expert_ids = _expert_tensors(model, held, whole)
-    storage = {id(t) for layer in quantised_layers(model) for t in (layer.weight, layer.weight_absmax)}
+    storage = {id(t) for layer in quantised_layers(model)  # the sharded storage's Parameters (none unsharded)
+               for t in (getattr(layer, "weight", None), getattr(layer, "weight_absmax", None)) if t is not None}
     trainable = []
     for p in _unique_parameters(model):
         if id(p) in storage or id(p) in expert_ids:

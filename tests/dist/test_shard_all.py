@@ -198,3 +198,21 @@ def test_a_shard_that_would_cut_an_8bit_block_keeps_the_parameter_whole():
     assert keeps_blocks(nn.Parameter(torch.zeros(256, 16)), 2)  # 128 x 16 = 2048 = 8 blocks
     assert keeps_blocks(nn.Parameter(torch.zeros(258, 16), requires_grad=False), 2)  # frozen: no state
     assert keeps_blocks(nn.Parameter(torch.zeros(100, 16)), 3)  # 1600 values: 32-bit state, element-wise
+
+
+def test_held_bytes_of_one_process_is_the_whole_model():
+    """One process (no sharding): every component's held figure is its whole figure, the base is
+    the 4-bit layers' packed codes and constants, and the adapters are the LoRA parameters."""
+    from qforge.dist.shard import held_bytes
+    from qforge.model.surgery import quantized_layers
+
+    model = tiny_sharded_model()
+    held = held_bytes(model)
+    for key in ("base", "adapters", "gradients", "optimizer", "embeddings", "experts"):
+        assert held[key] == held[f"{key}_whole"], key
+    state_bytes = sum(t.numel() * t.element_size() for _, layer in quantized_layers(model)
+                      for t in (layer.base.quant_state.packed, layer.base.quant_state.absmax))
+    assert held["base"] == state_bytes > 0
+    lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    assert held["adapters"] == held["gradients"] == lora > 0
+    assert held["experts"] == 0
