@@ -143,9 +143,10 @@ def untied(tmp_path_factory):
     return tiny_folder(tmp_path_factory.mktemp("untied"), tied=False)
 
 
-def test_two_ranks_load_their_shards_and_match_load_then_shard(untied):
-    outs = run_ranks(2, untied)
-    check_ranks(outs, one_process(untied), 2)
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_ranks_load_their_shards_and_match_load_then_shard(untied, world):
+    outs = run_ranks(world, untied)
+    check_ranks(outs, one_process(untied), world)
 
 
 def test_float32_residual_and_a_prequantised_folder(untied, tmp_path):
@@ -177,3 +178,21 @@ def test_the_embedded_model_loads_sharded():
     are the largest tensor read whole."""
     outs = run_ranks(2, "smollm2")
     check_ranks(outs, one_process("smollm2"), 2)
+
+
+def test_held_tensor_bytes_counts_each_storage_once_and_no_meta_tensor():
+    from torch import nn
+
+    from qforge.nn import AdaptedLinear
+    tied = nn.Module()
+    tied.emb = nn.Embedding(10, 4)
+    tied.head = nn.Linear(4, 10, bias=False)
+    tied.head.weight = tied.emb.weight
+    assert held_tensor_bytes(tied) == 10 * 4 * 4
+    with torch.device("meta"):
+        assert held_tensor_bytes(nn.Linear(64, 64)) == 0
+    torch.manual_seed(0)
+    layer = AdaptedLinear.quantized(nn.Linear(128, 64, bias=False), double_quant=False)
+    state = layer.base.quant_state  # 8192 values: 4096 packed bytes, 128 float32 absmax, the 16-value code
+    assert held_tensor_bytes(layer) == 4096 + 128 * 4 + 16 * 4 == (
+        state.packed.numel() + state.absmax.numel() * 4 + state.code.numel() * 4)
