@@ -1,22 +1,22 @@
-"""Shard a QLoRA model's 4-bit base across ranks with FSDP2 (`fully_shard`).
+"""Shard a QLoRA model across ranks with FSDP2 (`fully_shard`): every rank holds 1/N of everything.
 
-What is sharded: every 4-bit layer's packed codes and absmax, moved into a float storage
-(its base becomes a `qforge.nn.ShardedQuant4bitBase`: the same bytes in frozen 1-D Parameters, zero-padded to a whole
-element; FSDP pads dim 0 of the last rank's chunk itself). One FSDP group per transformer block
-(each item of the model's layer list) gathers that block's codes just before its forward and again
-before its backward, and frees them after; the root group covers any 4-bit layer outside the blocks.
+One FSDP group per transformer block (each item of the model's layer list) holds that block's 4-bit
+codes and absmax (moved into a float storage: its base becomes a `qforge.nn.ShardedQuant4bitBase`, the
+same bytes in frozen 1-D Parameters, zero-padded to a whole element), its adapters (LoRA A and B,
+DoRA's magnitudes), its norms and any other weight it has; the root group holds what is left: the
+embeddings, the final norm, the output layer (one Parameter when tied to the embeddings: FSDP shards
+it once) and any 4-bit layer outside the blocks. Each group is gathered just before its forward and
+again before its backward, and freed after; the adapters' gradients are reduce-scattered in float32
+as a SUM (FSDP's default is a mean: the loop weights each rank's loss by its share of the global
+batch, so the sum is the single-process gradient), so each rank's optimiser steps only its shard.
 
-What is not: the LoRA parameters and every other weight (embeddings, norms, biases) are passed to
-`fully_shard` as `ignored_params`, so each rank holds them whole. For LoRA this is a choice: the
-adapters are under 1 % of the base, the loop sums their gradients itself (Group.sum_gradients),
-and every rank then takes the same optimiser step on whole tensors, so the 8-bit AdamW sees the
-blocks and sizes of a single-process run and a checkpoint is the same file whatever the number of
-processes. Sharding them instead would cut the 8-bit optimiser's 256-value blocks at shard edges
-and change its numbers with the world size. The collectives FSDP runs are then all-gathers only
-(the frozen base has no gradient to reduce-scatter); gloo has both all_gather_into_tensor and
-reduce_scatter_tensor on the CPU in torch 2.13, so neither choice was forced by the backend.
-FSDP gathers a group of mixed dtypes as bytes; the float storage keeps the codes' group in one
-dtype all the same, and nothing ever rounds or converts them.
+The 8-bit AdamW quantises its state in blocks of 256 values of the flattened parameter. FSDP cuts
+dim 0 into chunks of ceil(rows / N) rows; when a chunk's values are a multiple of the block size
+every shard starts on a block boundary and the sharded step is bit-identical to the whole one.
+A trainable parameter with 8-bit state whose chunks are not (`keeps_blocks`) stays whole on every
+rank, as everything did before (ignored by FSDP; the loop sums its gradient, Group.sum_gradients),
+and `whole_parameters` names it. gloo has all_gather_into_tensor and reduce_scatter_tensor on the
+CPU in torch 2.13; FSDP gathers a group of mixed dtypes as bytes and never converts the codes.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..model.surgery import quantized_layers
+from ..optim.adamw8bit import BLOCK_SIZE, MIN_8BIT_SIZE
 from ..nn import AdaptedLinear, ShardedQuant4bitBase
 from ..nn.bases import is_sharded
 from .group import Group
@@ -57,26 +58,48 @@ def shard_base(model: nn.Module, group: Group, storage_dtype: torch.dtype = torc
 
 def shard_block(block: nn.Module, group: Group, storage_dtype: torch.dtype = torch.bfloat16) -> None:
     """Shard one transformer block in place as one FSDP2 group: its 4-bit bases move into sharded
-    float storage (`storage_dtype`); its other parameters stay whole on every rank."""
-    from torch.distributed.fsdp import fully_shard
-
-    storage = _to_sharded_storage(quantised_layers(block), storage_dtype)
-    whole = {p for p in block.parameters() if id(p) not in storage}
-    fully_shard(block, mesh=mesh_of(group), ignored_params=whole)
+    float storage (`storage_dtype`), its adapters, norms and every other parameter are sharded too
+    (but for a trainable one whose shards would cut the optimiser's blocks: `keeps_blocks`)."""
+    _to_sharded_storage(quantised_layers(block), storage_dtype)
+    _fully_shard(block, group)
 
 
 def shard_root(model: nn.Module, group: Group, storage_dtype: torch.dtype = torch.bfloat16) -> None:
-    """The root FSDP2 group over what `shard_block` left: 4-bit layers outside the blocks become
-    sharded storage; every other parameter stays whole on every rank and moves to the group's device."""
-    from torch.distributed.fsdp import fully_shard
-
-    layers = quantised_layers(model)
-    _to_sharded_storage([layer for layer in layers if layer.base.shardable], storage_dtype)
-    storage = {id(p) for layer in layers for p in (layer.weight, layer.weight_absmax)}
-    whole = {p for p in model.parameters() if id(p) not in storage}
-    fully_shard(model, mesh=mesh_of(group), ignored_params=whole)
+    """The root FSDP2 group over what `shard_block` left (embeddings, final norm, output layer, 4-bit
+    layers outside the blocks); what stays whole moves to the group's device."""
+    _to_sharded_storage([layer for layer in quantised_layers(model) if layer.base.shardable], storage_dtype)
+    _fully_shard(model, group)
     if group.device.type != "cpu":
         move_whole_tensors(model, group.device)
+
+
+def _fully_shard(module: nn.Module, group: Group) -> None:
+    """fully_shard `module` (one group over its parameters not in a group yet), gradients reduced in
+    float32 as a sum over the ranks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    whole = {p for p in module.parameters() if not is_sharded(p) and not keeps_blocks(p, group.world)}
+    fully_shard(module, mesh=mesh_of(group), ignored_params=whole or None,
+                mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    module.set_gradient_divide_factor(1.0)  # a sum, not FSDP's mean over the ranks
+    module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM: plain SUM, divided by 1
+
+
+def keeps_blocks(p: torch.Tensor, world: int, block_size: int = BLOCK_SIZE, min_8bit_size: int = MIN_8BIT_SIZE) -> bool:
+    """True when FSDP's dim-0 chunks of `p` over `world` ranks can be stepped apart: `p` is frozen,
+    its optimiser state is 32-bit (element-wise, any cut will do), or each chunk of ceil(rows / world)
+    rows is a whole number of the 8-bit state's blocks. A 0-d parameter has no dim 0 to cut."""
+    if p.dim() == 0:
+        return False
+    if not p.requires_grad or p.numel() < min_8bit_size:
+        return True
+    rows = -(-p.shape[0] // world)
+    return rows * (p.numel() // p.shape[0]) % block_size == 0
+
+
+def whole_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters every rank holds whole after sharding (not DTensors)."""
+    return [name for name, p in model.named_parameters() if not is_sharded(p)]
 
 
 def _to_sharded_storage(layers: list[AdaptedLinear], storage_dtype: torch.dtype) -> set[int]:
@@ -122,3 +145,10 @@ def local_quantised_bytes(model: nn.Module) -> tuple[int, int]:
             held += local.numel() * local.element_size()
             whole += full.numel() * full.element_size()
     return held, whole
+
+
+def held_bytes(model: nn.Module, optimizer=None) -> dict[str, int]:
+    """This rank's bytes by component (base, adapters, gradients, optimizer, embeddings, experts) and
+    each as `<key>_whole` for the whole model: see qforge.dist.held."""
+    from .held import held_bytes as count
+    return count(model, optimizer)

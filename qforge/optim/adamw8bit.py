@@ -8,6 +8,12 @@ State of a parameter with n elements (`step` is a Python int, the number of upda
   n <  min_8bit_size: exp_avg, exp_avg_sq float32, shaped like the parameter (8 bytes per parameter;
                       small tensors such as biases and norms are too few to matter and too
                       sensitive to quantise).
+A parameter sharded across processes (a DTensor, FSDP2's dim-0 shard) is updated on this rank's
+local shard, with state for that shard only; whether the state is 8-bit follows the WHOLE tensor's
+numel, so every rank decides as one process does. Given shards that start on a block_size boundary
+of the flattened whole tensor (qforge.dist.shard keeps any other parameter whole), the blocks, their
+absmax and hence every code are the ones a single process computes on the whole tensor.
+
 The update is the one of torch.optim.AdamW (decoupled weight decay, bias correction) in float32,
 with the operations in bitsandbytes' order, so with 8-bit state it is bit-identical to
 bitsandbytes 0.50's AdamW8bit on CPU where torch's vectorised CPU kernels run (AVX2 or better):
@@ -26,14 +32,33 @@ from . import paging
 from .qmap import dequantize_blockwise, dynamic_quant_map, num_blocks, quantize_blockwise
 
 MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, signed map?)
+BLOCK_SIZE = 256       # values per absmax block of the 8-bit state
+MIN_8BIT_SIZE = 4096   # smaller parameters keep 32-bit state
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of `t`: a DTensor's local shard (a view: writing it writes the
+    parameter), any other tensor itself. torch's own class, so optim needs nothing from qforge.dist."""
+    return t.to_local() if is_distributed(t) else t
+
+
+def is_distributed(t) -> bool:
+    """True for torch's DTensor (FSDP2's sharded parameters and their gradients)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensor
+        return False
+    return isinstance(t, DTensor)
 
 
 def init_state(p: torch.Tensor, block_size: int, min_8bit_size: int) -> dict:
-    """Zero state for parameter `p` (see the module docstring), on p's device."""
+    """Zero state for parameter `p` (see the module docstring), on p's device: for a DTensor, the
+    state of its local shard, 8-bit or not by the whole tensor's numel."""
+    whole, p = p.numel(), local_part(p)
     n = p.numel()
     state: dict = {"step": 0}
     for name, _ in MOMENTS:
-        if n < min_8bit_size:
+        if whole < min_8bit_size:
             state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         else:
             # Codes 0 with absmax 0 decode to 0.
@@ -143,7 +168,8 @@ class AdamW8bit(torch.optim.Optimizer):
     `log` receives a line at each spill and return. CPU parameters keep their state in place."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, paged: bool = False, block_size: int = 256, min_8bit_size: int = 4096,
+                 weight_decay: float = 1e-2, paged: bool = False, block_size: int = BLOCK_SIZE,
+                 min_8bit_size: int = MIN_8BIT_SIZE,
                  free_memory=None, log=None):
         self.paged = paged
         self.pager = paging.DevicePager(free_memory, log) if paged else None
@@ -179,8 +205,11 @@ class AdamW8bit(torch.optim.Optimizer):
                 if not state:
                     state.update(self._placed(p, init_state(p, group["block_size"], group["min_8bit_size"])))
                 state["step"] += 1
-                on_device = paging.page_in(state, p.device)
-                adamw_step(p, p.grad, on_device, group["lr"], *group["betas"], group["eps"],
+                shard = local_part(p)
+                if shard.numel() == 0:  # a rank past the end of a short parameter: nothing of it here
+                    continue
+                on_device = paging.page_in(state, shard.device)
+                adamw_step(shard, local_part(p.grad), on_device, group["lr"], *group["betas"], group["eps"],
                            group["weight_decay"], state["step"], group["block_size"])
                 paging.page_out(state, on_device)
         return loss
@@ -202,6 +231,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _placed(self, p: torch.Tensor, state: dict) -> dict:
         """Copies of the tensors of `state` where p's state is kept now (the pager's choice)."""
+        p = local_part(p)
         home = self.pager.home(p) if self.pager is not None else p.device
         pin = home.type == "cpu" and p.device.type == "cuda"
         return {k: paging._copy_to(v, home, pin) if torch.is_tensor(v) else v for k, v in state.items()}

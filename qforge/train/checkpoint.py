@@ -7,9 +7,10 @@ mid-write leaves the previous checkpoint as the latest one. When the model carri
 ("default"), the folder also holds it as a PEFT adapter (`adapter/`), so a server can answer
 with any checkpoint (`ft:...:ckpt-step-N`) without the trainer's state.
 
-A run of several processes writes the same files from rank 0 (the adapters and the optimiser state
-are whole on every rank) plus each rank's torch generator in rng.pt, so a checkpoint resumes with
-any number of processes.
+A run of several processes writes the same files from rank 0: the caller gathers the sharded
+adapters and optimiser state whole first (qforge.dist.consolidate), so the files are the ones one
+process writes, plus each rank's torch generator in rng.pt; restoring cuts them to each rank's
+shards, so a checkpoint resumes with any number of processes.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from ..fileio import CorruptFile, atomic_folder, clean_temporaries, read_json, r
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, step: int, state: dict,
                     rng_by_rank: list[torch.Tensor] | None = None) -> Path:
-    """Write step-NNNNNN/ under `folder`. `rng_by_rank`: every rank's torch generator state, when
-    several processes train (this process's is written in any case)."""
+    """Write step-NNNNNN/ under `folder`. `optimizer`: an optimiser, or its state_dict (the whole
+    one, qforge.dist.consolidate.whole_optimizer_state). `rng_by_rank`: every rank's torch
+    generator state, when several processes train (this process's is written in any case)."""
+    optimizer_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if rng_by_rank is not None and len(rng_by_rank) > 1:
@@ -40,7 +43,7 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, step: int, 
             save_file(adapter[1], tmp / ADAPTER_DIR / "adapter_model.safetensors", metadata={"format": "pt"})
             (tmp / ADAPTER_DIR / "adapter_config.json").write_text(json.dumps(adapter[0], indent=2, sort_keys=True))
         save_file(trainable, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
 
@@ -96,15 +99,17 @@ def read_latest_intact(folder: Path, log=print) -> tuple[Path | None, dict | Non
 
 
 def restore_checkpoint(contents: dict, model: torch.nn.Module, optimizer, rank: int = 0) -> dict:
-    """Put `read_checkpoint`'s contents into `model`, `optimizer` and the generators; rank r takes
+    """Put `read_checkpoint`'s contents into `model`, `optimizer` and the generators (a sharded
+    parameter and its optimiser state take this rank's part of the whole); rank r takes
     rank r's torch generator when the checkpoint has one (same number of processes), else rank 0's."""
+    from ..dist.consolidate import load_whole_into, local_optimizer_state
+
     params = dict(model.named_parameters())
     for name, tensor in contents["trainable"].items():
         if name not in params:
             raise ValueError(f"{contents['path']}: checkpoint holds '{name}', which this model does not have")
-        with torch.no_grad():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(contents["optimizer"])
+        load_whole_into(params[name], tensor)  # this rank's rows of a sharded parameter
+    optimizer.load_state_dict(local_optimizer_state(contents["optimizer"], optimizer))
     rng = contents["rng"]
     by_rank = rng.get("torch_by_rank") or [rng["torch"]]
     torch.set_rng_state(by_rank[rank] if rank < len(by_rank) else rng["torch"])

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from ..dist import Group, fault_point
+from ..dist.consolidate import whole_optimizer_state, whole_trainable
+from ..dist.grads import clip_gradients, reduce_gradients
 from .checkpoint import read_latest_intact, restore_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .loss import causal_lm_loss
@@ -233,8 +235,8 @@ class _Run:
                                    f"under {self.ckpt_dir} is intact. {_lower_lr(cfg)} or check the data.")
         result.tokens += int(step_tokens)
         result.trained_tokens += int(step_trained)
-        group.sum_gradients(self.trainable)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
+        reduce_gradients(self.trainable, group)  # FSDP reduce-scattered the sharded ones; the whole ones here
+        grad_norm = clip_gradients(self.trainable, cfg.max_grad_norm, group) if cfg.max_grad_norm else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         result.losses.append(loss_sum)
@@ -259,15 +261,19 @@ class _Run:
             self.result.eval_losses.append((step, record["eval_loss"]))
 
     def checkpoint(self, step: int) -> None:
-        """Write checkpoint `step` (rank 0; the others wait), with every rank's generator."""
+        """Write checkpoint `step` (rank 0; the others wait), with every rank's generator. Sharded
+        parameters and optimiser state are gathered whole first (every rank joins), so the files
+        are the one-process ones whatever the number of processes."""
         result, group = self.result, self.group
         rngs = group.gather(torch.get_rng_state())
-        if group.is_main:
-            save_checkpoint(self.ckpt_dir, self.model, self.optimizer, step,
-                            {"losses": result.losses, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
-                             "eval_losses": result.eval_losses,
-                             "metrics": result.metrics, "eval_metrics": result.eval_metrics},
-                            rngs)
+        optimizer_state = whole_optimizer_state(self.optimizer, group)
+        with whole_trainable(self.model, group):
+            if group.is_main:
+                save_checkpoint(self.ckpt_dir, self.model, optimizer_state, step,
+                                {"losses": result.losses, "tokens": result.tokens,
+                                 "trained_tokens": result.trained_tokens, "eval_losses": result.eval_losses,
+                                 "metrics": result.metrics, "eval_metrics": result.eval_metrics},
+                                rngs)
         group.barrier()
 
 

@@ -102,7 +102,15 @@ class Run:
         (config.yaml is written by prepare, so that an interrupted run has it too.)"""
         if self.result is None:
             raise ValueError("Run.save() before Run.train(): nothing trained yet")
+        from ..dist.consolidate import whole_trainable
         summary = self.summary()
+        with whole_trainable(self.model, self.group):  # sharded adapters gathered whole (every rank joins)
+            self._write(summary)
+        self.group.barrier()  # the others wait while rank 0 writes
+        return summary
+
+    def _write(self, summary: dict) -> None:
+        """Rank 0 writes the adapter (or the full model) and summary.json."""
         if self.group.is_main:
             if "adapter" in summary:
                 from ..adapters import save_adapter
@@ -111,8 +119,6 @@ class Run:
             if "model_dir" in summary:  # a full fine-tune: the whole model, a Hugging Face folder
                 save_full_model(self.model, self.tokenizer, self.output_dir / "model")
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.group.barrier()  # the others wait while rank 0 writes
-        return summary
 
 
 def save_full_model(model, tokenizer, out_dir: Path) -> Path:
@@ -401,18 +407,36 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def shard_for_group(model, cfg: TrainConfig, group: Group, log=print) -> dict:
-    """Shard the 4-bit base across `group` (several processes); returns what each rank holds."""
-    from ..dist import local_quantised_bytes, shard_base
+    """Shard the model across `group` (several processes): the 4-bit base, the adapters, the
+    embeddings, output layer and norms, 1/N each (qforge.dist.shard). Logs one line per component
+    (whole MiB, each rank's MiB) and returns them for the summary."""
+    from ..dist.shard import held_bytes, shard_base, whole_parameters
     if cfg.method != "qlora":
         raise ValueError(f"several processes train only --method qlora (the sharded 4-bit base); got {cfg.method}")
     if cfg.quant_type.startswith("hqq"):
         raise ValueError(f"several processes shard an nf4/fp4 base; quant_type {cfg.quant_type} (HQQ) trains in "
                          "one process")
+    group.copy_from_rank0([p for p in model.parameters() if p.requires_grad])  # whole still: one start
     shard_base(model, group, storage_dtype=getattr(torch, cfg.compute_dtype))
-    group.copy_from_rank0([p for p in model.parameters() if p.requires_grad])
-    held, whole = local_quantised_bytes(model)
+    whole_names = whole_parameters(model)
+    if whole_names:
+        log(f"kept whole on every rank (their shards would cut the 8-bit optimiser's 256-value blocks): "
+            f"{', '.join(whole_names[:5])}{' ...' if len(whole_names) > 5 else ''} ({len(whole_names)} in all)")
+    held = held_bytes(model)  # the optimiser's state predicted: it has none before the first step
     by_rank = group.gather(held)
     if group.is_main:
-        log(f"{group.world} processes: 4-bit base of {whole / 2**20:.1f} MiB sharded, "
-            f"{', '.join(f'rank {r} holds {b / 2**20:.1f} MiB' for r, b in enumerate(by_rank))}")
-    return {"processes": group.world, "quantised_bytes": whole, "quantised_bytes_by_rank": by_rank}
+        log(sharding_lines(group.world, by_rank))
+    return {"processes": group.world, "quantised_bytes": held["base_whole"],
+            "quantised_bytes_by_rank": [h["base"] for h in by_rank] if by_rank else [],
+            "held_bytes_by_rank": by_rank, "kept_whole": whole_names}
+
+
+def sharding_lines(world: int, by_rank: list[dict]) -> str:
+    """One line per component: the whole model's MiB and each rank's."""
+    from ..dist.held import COMPONENTS
+    mib = 2 ** 20
+    lines = [f"{world} processes, what each rank holds (MiB):"]
+    for key in COMPONENTS:
+        lines.append(f"  {key:<10} whole {by_rank[0][key + '_whole'] / mib:9.1f}   "
+                     + ", ".join(f"rank {r} {h[key] / mib:.1f}" for r, h in enumerate(by_rank)))
+    return "\n".join(lines)

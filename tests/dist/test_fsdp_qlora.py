@@ -1,8 +1,10 @@
-"""FSDP-QLoRA on the CPU with 2 processes (gloo), on the embedded model, against a 1-process run.
+"""FSDP-QLoRA on the CPU with 2 and 4 processes (gloo), on the embedded model, against a 1-process run.
 
 One 10-step run of each (module fixtures, each a fresh `qforge train` process as a user runs it):
-the curves agree to float32 rounding (see the bound's reasoning below), each rank holds half of the 4-bit base, a 2-process checkpoint
-resumes in 1 process on the same curve, and a rank that dies ends the run with a clear error.
+the curves agree to float32 rounding (see the bound's reasoning below); each rank holds 1/N of the
+4-bit base, the adapters, their gradients, the 8-bit optimiser state and the embeddings; the
+checkpoints are the same files whatever N; a 4-process checkpoint resumes at 2 and at 1 process
+on the 4-process curve, a 2-process one in 1 process; a rank that dies ends the run with a clear error.
 
 The runs compute in float32: in bfloat16 the adapters' gradients are rounded once per rank before
 the sum (once in all in one process), and Adam's normalisation turns that last-bit difference into
@@ -53,7 +55,7 @@ def max_relative_difference(a: dict[int, float], b: dict[int, float]) -> float:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    done = qforge_train(out)
+    done = qforge_train(out, "--save-every", "5")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
@@ -62,6 +64,14 @@ def single(tmp_path_factory):
 def pair(tmp_path_factory):
     out = tmp_path_factory.mktemp("pair")
     done = qforge_train(out, "--nproc", "2", "--save-every", "5")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def quad(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quad")
+    done = qforge_train(out, "--nproc", "4", "--save-every", "5", timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, done.stdout + done.stderr
 
@@ -99,6 +109,18 @@ def test_two_processes_follow_the_single_process_curve(single, pair):
     assert abs(g1 - g2) / g1 < FIRST_GRAD_NORM_BOUND, (g1, g2)
 
 
+def test_four_processes_follow_the_single_process_curve(single, quad):
+    """The same bound: 4 ranks split the rows and the gradient sums four ways instead of two, which
+    moves roundings around but adds none of a larger size (the partial sums are float32 either way)."""
+    out, _ = quad
+    a, b = losses(single), losses(out)
+    measured = max_relative_difference(a, b)
+    print(f"four processes vs one: max relative loss difference over {STEPS} steps = {measured:.3g}")
+    assert measured < LOSS_BOUND, (a, b)
+    g1, g4 = grad_norms(single)[1], grad_norms(out)[1]
+    assert abs(g1 - g4) / g1 < FIRST_GRAD_NORM_BOUND, (g1, g4)
+
+
 def test_each_rank_holds_half_of_the_4bit_base(pair):
     out, log = pair
     summary = json.loads((out / "summary.json").read_text())
@@ -107,7 +129,55 @@ def test_each_rank_holds_half_of_the_4bit_base(pair):
     assert whole > 50e6  # SmolLM2-135M's linear layers in NF4 with double quantisation
     for held in by_rank:
         assert 0.45 <= held / whole <= 0.55, (held, whole)
-    assert "rank 1 holds" in log
+    assert "rank 1 " in log and "adapters" in log
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_each_rank_holds_1_over_n_of_every_component(pair, quad, n):
+    """Within the last shard's padding: FSDP cuts dim 0 into ceil(rows / N)-row chunks, so a rank
+    holds at most one chunk more than 1/N of a tensor's rows (the ones SmolLM2 has: 576, 192, 1536,
+    a rank of 16 rows: exact at N = 2 and 4); the 8-bit state adds one absmax per 256 values."""
+    out, _ = pair if n == 2 else quad
+    summary = json.loads((out / "summary.json").read_text())
+    by_rank = summary["held_bytes_by_rank"]
+    assert len(by_rank) == n and summary["kept_whole"] == []
+    for held in by_rank:
+        for key in ("base", "adapters", "gradients", "optimizer", "embeddings"):
+            whole = held[key + "_whole"]
+            assert whole > 0 and abs(held[key] * n / whole - 1) < 0.02, (key, held[key], whole)
+    assert by_rank[0]["embeddings_whole"] > 50e6  # SmolLM2's 49152 x 576 embeddings (tied to the head)
+
+
+def checkpoint_files(out: Path, step: int) -> dict:
+    import torch
+    from safetensors.torch import load_file
+    folder = out / "checkpoints" / f"step-{step:06d}"
+    trainable = {k: tuple(v.shape) for k, v in load_file(folder / "trainable.safetensors").items()}
+    peft = {k: tuple(v.shape) for k, v in load_file(folder / "adapter" / "adapter_model.safetensors").items()}
+    opt = torch.load(folder / "optimizer.pt", weights_only=False)
+    state = {(i, k): tuple(v.shape) if torch.is_tensor(v) else v for i, s in opt["state"].items() for k, v in s.items()}
+    return {"trainable": trainable, "peft": peft, "optimizer": state, "groups": len(opt["param_groups"])}
+
+
+def test_checkpoints_are_the_same_files_whatever_the_number_of_processes(single, pair, quad):
+    one = checkpoint_files(single, 5)
+    assert one["optimizer"] and any(k == "exp_avg_codes" for _, k in one["optimizer"])
+    assert checkpoint_files(pair[0], 5) == one
+    assert checkpoint_files(quad[0], 5) == one
+
+
+@pytest.mark.parametrize("n", [2, 1])
+def test_a_four_process_checkpoint_resumes_at_two_and_one_process(quad, tmp_path, n):
+    out, _ = quad
+    shutil.copytree(out / "checkpoints" / "step-000005", tmp_path / "checkpoints" / "step-000005")
+    done = qforge_train(tmp_path, "--resume", *(["--nproc", str(n)] if n > 1 else []))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    resumed, reference = losses(tmp_path), losses(out)
+    assert sorted(resumed) == list(range(6, STEPS + 1))
+    measured = max_relative_difference({s: reference[s] for s in resumed}, resumed)
+    print(f"4-process checkpoint resumed at {n}: max relative loss difference = {measured:.3g}")
+    assert measured < LOSS_BOUND
 
 
 def test_only_rank_0_writes(pair):

@@ -97,6 +97,8 @@ def _tiny_loss_and_grads(rank: int, world: int, port: int, out: dict):
                           MASTER_PORT=str(port))
         torch.set_num_threads(1)
     from qforge.dist import init_group, shard_base
+    from qforge.dist.grads import reduce_gradients
+    from qforge.nn.bases import is_sharded
     from qforge.train.data import collate
     from tests.train.test_loop import copy_task, tiny_model
 
@@ -120,11 +122,12 @@ def _tiny_loss_and_grads(rank: int, world: int, port: int, out: dict):
     loss = model(**b, use_cache=False).loss
     (loss * share).backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    group.sum_gradients([p for _, p in trainable])
+    reduce_gradients([p for _, p in trainable], group)  # FSDP reduce-scattered the sharded ones
     total = group.sum([loss.item() * share])[0]
     held = local_quantised_bytes(model)[0]
+    grads = {n: (p.grad.full_tensor() if is_sharded(p.grad) else p.grad).numpy().copy() for n, p in trainable}
     if group.is_main:
-        out.update(loss=total, grads={n: p.grad.numpy().copy() for n, p in trainable}, held=held, whole=whole,
+        out.update(loss=total, grads=grads, held=held, whole=whole,
                    blocks=len(blocks(model)))
     return out
 
