@@ -68,7 +68,7 @@ def load_sharded_rank(cfg, group) -> dict:
     from qforge.train.sharded_load import _Switches
 
     torch.manual_seed(cfg.seed)
-    meter, switches = LoadMeter(), _Switches(cfg, group.device)
+    meter, switches = LoadMeter(), _Switches(cfg, group)
     dtype = getattr(torch, cfg.compute_dtype)
     load_sharded(cfg.model, group, {"quant_type": cfg.quant_type, "blocksize": 64, "double_quant": cfg.double_quant},
                  dtype, dtype, cfg.target_modules, False, None, switches.skeleton, switches.block, switches.root, meter)

@@ -44,7 +44,7 @@ def load_sharded_for_method(cfg: TrainConfig, group: Group, log=print):
     why = why_not_sharded(cfg)
     if why is None:
         torch.manual_seed(cfg.seed)  # the adapters' initial values, as load_for_method draws them
-        meter, switches = LoadMeter(), _Switches(cfg, group.device)
+        meter, switches = LoadMeter(), _Switches(cfg, group)
         try:
             model, tok = load_sharded(cfg.model, group, {"quant_type": cfg.quant_type, "blocksize": 64,
                                                          "double_quant": cfg.double_quant},
@@ -63,8 +63,8 @@ def load_sharded_for_method(cfg: TrainConfig, group: Group, log=print):
 class _Switches:
     """The three parts of load_for_method's training set-up (see the module's docstring)."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.cfg, self.device, self.use_cache = cfg, device, None
+    def __init__(self, cfg: TrainConfig, group: Group):
+        self.cfg, self.group, self.device, self.use_cache = cfg, group, group.device, None
 
     def skeleton(self, model: nn.Module) -> None:
         from .run import _setup_training_switches
@@ -78,6 +78,7 @@ class _Switches:
         surgery.prepare_for_kbit_training(block, gradient_checkpointing=False)  # trainable, norms
         if self.cfg.residual_dtype == "float32":
             surgery.use_float32_residual(block)
+        self.group.copy_from_rank0([p for p in block.parameters() if p.requires_grad])  # one start, as ever
 
     def root(self, model: nn.Module) -> None:
         """What is outside the (sharded) blocks: adapters on any 4-bit layer there, trainable
@@ -103,6 +104,7 @@ class _Switches:
         if float32:
             model.get_input_embeddings().float()
         surgery.set_active_adapter(model, "default")
+        self.group.copy_from_rank0([p for n, m in outside for p in m.parameters(recurse=False) if p.requires_grad])
         model.config.use_cache = self.use_cache  # a block's set-up may have set it
 
 
@@ -114,13 +116,18 @@ def _finish_tokenizer(tok, cfg: TrainConfig) -> None:
 
 
 def _sharding_figures(model: nn.Module, group: Group, meter, log) -> dict:
-    """summary.json's sharding figures (as run.shard_for_group's) and each rank's load peaks."""
-    from ..dist import local_quantised_bytes
-    held, whole = local_quantised_bytes(model)
-    by_rank, peaks = group.gather(held), group.gather(meter.as_dict())
+    """summary.json's sharding figures, as run.shard_for_group gives them, and each rank's load peaks."""
+    from ..dist.shard import held_bytes, whole_parameters
+    from .run import sharding_lines
+    whole_names = whole_parameters(model)
+    if whole_names:
+        log(f"kept whole on every rank (their shards would cut the 8-bit optimiser's 256-value blocks): "
+            f"{', '.join(whole_names[:5])}{' ...' if len(whole_names) > 5 else ''} ({len(whole_names)} in all)")
+    held = held_bytes(model)
+    by_rank, loads = group.gather(held), group.gather(meter.as_dict())
     if group.is_main:
-        log(f"{group.world} processes: 4-bit base of {whole / 2**20:.1f} MiB loaded sharded, "
-            + ", ".join(f"rank {r} holds {b / 2**20:.1f} MiB (load peak {p['load_peak_held_bytes'] / 2**20:.1f} "
-                        f"MiB of tensors)" for r, (b, p) in enumerate(zip(by_rank, peaks))))
-    return {"processes": group.world, "quantised_bytes": whole, "quantised_bytes_by_rank": by_rank,
-            "load_by_rank": peaks}
+        log(sharding_lines(group.world, by_rank) + "\n  loaded sharded: each rank's peak while loading "
+            + ", ".join(f"rank {r} {load['load_peak_held_bytes'] / 2**20:.1f}" for r, load in enumerate(loads)))
+    return {"processes": group.world, "quantised_bytes": held["base_whole"],
+            "quantised_bytes_by_rank": [h["base"] for h in by_rank] if by_rank else [],
+            "held_bytes_by_rank": by_rank, "kept_whole": whole_names, "load_by_rank": loads}

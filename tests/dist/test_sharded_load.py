@@ -134,6 +134,7 @@ def check_ranks(outs: list[dict], single: dict, world: int) -> None:
         assert load["held_after_load_bytes"] <= 1.01 * kept, (load, kept)
         # While loading: what it keeps plus one block (or the root) whole, never the whole model.
         assert load["load_peak_held_bytes"] <= 1.01 * kept + single["largest"], (load, kept, single)
+        assert load["load_peak_held_bytes"] <= load["held_after_load_bytes"] + single["largest"]
         assert load["load_peak_held_bytes"] < single["whole"] - single["quantised"] / 4
         assert load["load_largest_whole_block_bytes"] <= single["largest"]
 
