@@ -178,20 +178,20 @@ def load_sharded(source, group: Group, quant: dict, compute_dtype: torch.dtype, 
     wide = model_load.float32_residual_names(model) if keep_float32 else frozenset()
     tied = model_load.tied_names(model)
 
-    def read(prefix: str, names: list[str]) -> None:
+    def quantise(names: list[str]) -> None:
         for name in names:  # each target quantised (or read as stored) and placed, one at a time
             linear = model.get_submodule(name)
             layer = model_load.quantised_layer(ckpt, name, linear, tied.get(name + ".weight", [name + ".weight"]),
                                                prequantised, quant, compute_dtype, device)
             set_module(model, name, layer)
             model_load.release_free_memory()
-        model_load._materialise(model, ckpt, compute_dtype, device, wide, within=prefix)
 
     inside = set()
     for prefix, block in blocks:
         names = [t for t in targets if t.startswith(prefix)]
         inside.update(names)
-        read(prefix, names)
+        quantise(names)
+        model_load._materialise(model, ckpt, compute_dtype, device, wide, within=prefix)
         if prepare_block is not None:
             prepare_block(block)
         meter.trainable += sum(p.numel() for p in block.parameters() if p.requires_grad)
@@ -200,18 +200,109 @@ def load_sharded(source, group: Group, quant: dict, compute_dtype: torch.dtype, 
         shard_block(block, group, storage_dtype)
         model_load.release_free_memory()
     before_root = held_tensor_bytes(model)
-    read("", [t for t in targets if t not in inside])
-    model_load._init_computed_buffers(model, device)
+    quantise([t for t in targets if t not in inside])  # 4-bit layers outside the blocks (an adapted lm_head)
     if prepare_root is not None:
-        prepare_root(model)
+        prepare_root(model)  # the root's other tensors are still on meta: flags and dtypes only
     meter.trainable += sum(p.numel() for n, p in model.named_parameters()
                            if p.requires_grad and not any(n.startswith(prefix) for prefix, _ in blocks))
     meter.total = skeleton + meter.trainable  # fresh adapters are all trainable
-    meter.largest_transient = max(meter.largest_transient, meter.sample(model, "root") - before_root)
+    fill_meta_buffers(model, ckpt, compute_dtype, device)  # before shard_root moves buffers to the device
     shard_root(model, group, storage_dtype)
+    fill_meta_parameters(model, ckpt, compute_dtype, device, wide, meter)
+    model_load._init_computed_buffers(model, device)  # nothing is left on meta: a check
+    meter.largest_transient = max(meter.largest_transient, meter.sample(model, "root") - before_root)
     model_load.release_free_memory()
     meter.held_after = meter.sample(model, "loaded")
     if (folder / "generation_config.json").is_file():
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     return model.eval(), model_load.load_tokenizer(folder)
+
+
+# ---- the root: each tensor read alone, and only this rank's rows of a sharded one ----------------
+def fill_meta_buffers(model: nn.Module, ckpt, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Buffers still on meta: a persistent one read from the checkpoint; the others (rotary
+    inv_freq) recomputed by the model's `_init_weights`, as qforge.model.load does."""
+    names = {id(b): n for n, b in model.named_buffers() if b is not None and b.is_meta}
+    for module in model.modules():
+        computed = False
+        for k, buf in list(module._buffers.items()):
+            if buf is None or not buf.is_meta:
+                continue
+            name = names[id(buf)]
+            if k not in module._non_persistent_buffers_set and name in ckpt:
+                stored = ckpt.read(name)
+                module._buffers[k] = stored.to(device).to(model_load.target_dtype(stored, compute_dtype))
+            else:
+                module._buffers[k], computed = torch.empty_like(buf, device=device), True
+        if computed and hasattr(model, "_init_weights"):
+            model._init_weights(module)
+
+
+def fill_meta_parameters(model: nn.Module, ckpt, compute_dtype: torch.dtype, device: torch.device,
+                         float32_names=frozenset(), meter: LoadMeter | None = None) -> None:
+    """Give every parameter still on meta (the root's, after shard_root) its values, one tensor at a
+    time: a sharded one (FSDP's dim-0 chunk) only this rank's rows, read from the file alone where
+    the checkpoint names it as the model does; a whole one all of it. Values go through the dtype
+    qforge.model.load gives them (compute_dtype, or float32 for `float32_names`) and then the
+    parameter's own (a norm upcast for training), as loading then casting would. The Parameter
+    objects stay (swapped in place), so FSDP and tied modules keep theirs."""
+    tied, done = model_load.tied_names(model), set()
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        local = getattr(param, "_local_tensor", param)
+        if not local.is_meta or id(param) in done:
+            continue
+        done.add(id(param))
+        names = tied.get(name, [name])
+        key = ckpt.first_present(names)
+        wide = any(n in float32_names for n in names)
+        if local is param:
+            tensor = ckpt.read(key)
+            expected = tuple(param.shape)
+        else:
+            first, rows = _chunk_rows(param)
+            tensor = read_rows(ckpt, key, first, first + rows)
+            expected = (rows, *param.shape[1:])
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"tensor '{key}' gives shape {list(tensor.shape)}, the model expects {list(expected)}")
+        tensor = tensor.to(device).to(torch.float32 if wide else model_load.target_dtype(tensor, compute_dtype))
+        tensor = tensor.to(param.dtype)
+        if local is not param:
+            from torch.distributed.tensor import DTensor
+            tensor = DTensor.from_local(tensor.contiguous(), param.device_mesh, param.placements, run_check=False,
+                                        shape=param.shape, stride=param.stride())
+        torch.utils.swap_tensors(param, nn.Parameter(tensor, requires_grad=param.requires_grad))
+        param._is_hf_initialized = True  # transformers' init functions leave it alone
+        if meter is not None:
+            meter.sample(model, name)
+
+
+def _chunk_rows(param) -> tuple[int, int]:
+    """(first row, rows) of this rank's dim-0 chunk of a sharded parameter (torch.chunk's split)."""
+    from torch.distributed.tensor import Shard
+    if len(param.placements) != 1 or param.placements[0] != Shard(0):
+        raise ValueError(f"expected a parameter sharded on dim 0, got placements {param.placements}")
+    size, world, rank = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
+    chunk = -(-size // world)
+    first = min(rank * chunk, size)
+    return first, max(0, min(chunk, size - first))
+
+
+def read_rows(ckpt, key: str, first: int, stop: int) -> torch.Tensor:
+    """Rows [first, stop) of tensor `key`: read alone from its file where the checkpoint holds the
+    key as it is (the bytes of a dim-0 range are contiguous), else sliced from the whole tensor."""
+    import os
+    file = getattr(ckpt, "where", {}).get(key)
+    if file is None:  # a converted name (merged or renamed): the whole tensor, transiently
+        return ckpt.read(key)[first:stop].clone()
+    info = file.tensors[key]
+    row = torch.Size(info.shape[1:]).numel() * info.dtype.itemsize
+    buf = torch.empty((stop - first) * row, dtype=torch.uint8)
+    view, done, start = memoryview(buf.numpy()), 0, info.start + first * row
+    with open(file.path, "rb", buffering=0) as f:
+        while done < buf.numel():
+            got = os.preadv(f.fileno(), [view[done:]], start + done)
+            if got <= 0:
+                raise ValueError(f"'{file.path}' is truncated: short read in tensor '{key}'")
+            done += got
+    return buf.view(info.dtype).reshape(stop - first, *info.shape[1:])
