@@ -134,7 +134,7 @@ def main() -> None:
              f"{o.get('largest_block', 0) / MiB:.1f}", f"{o['anon'] / MiB:.1f}", f"{o['vmhwm'] / MiB:.1f}"]
             for n in counts for o in records[n]]
     print(markdown_table(["N", "rank", "held after load MiB", "peak held while loading MiB",
-                          "largest whole block/root MiB", "RssAnon added (peak) MiB", "VmHWM MiB"], rows))
+                          "largest block whole MiB", "RssAnon added (peak) MiB", "VmHWM MiB"], rows))
     if args.json:
         Path(args.json).write_text(json.dumps({str(n): r for n, r in records.items()}, indent=2))
     if 1 in records:

@@ -82,7 +82,7 @@ class LoadMeter:
     """Sampled where a rank's memory peaks (a block read whole, just before it is sharded) and after
     each shard: `peak_held` counts the model's tensors (held_tensor_bytes), `peak_rss_anon` the
     process's anonymous memory, `rss_anon_before` that before loading; `largest_transient` the
-    largest whole block (or root) seen; `held_after` what the rank keeps once loaded."""
+    largest block held whole (with its adapters); `held_after` what the rank keeps once loaded."""
     rss_anon_before: int = field(default_factory=rss_anon_bytes)
     peak_held: int = 0
     peak_rss_anon: int = 0
@@ -199,7 +199,6 @@ def load_sharded(source, group: Group, quant: dict, compute_dtype: torch.dtype, 
         meter.sample(model, prefix[:-1])
         shard_block(block, group, storage_dtype)
         model_load.release_free_memory()
-    before_root = held_tensor_bytes(model)
     quantise([t for t in targets if t not in inside])  # 4-bit layers outside the blocks (an adapted lm_head)
     if prepare_root is not None:
         prepare_root(model)  # the root's other tensors are still on meta: flags and dtypes only
@@ -210,7 +209,7 @@ def load_sharded(source, group: Group, quant: dict, compute_dtype: torch.dtype, 
     shard_root(model, group, storage_dtype)
     fill_meta_parameters(model, ckpt, compute_dtype, device, wide, meter)
     model_load._init_computed_buffers(model, device)  # nothing is left on meta: a check
-    meter.largest_transient = max(meter.largest_transient, meter.sample(model, "root") - before_root)
+    meter.sample(model, "root")
     model_load.release_free_memory()
     meter.held_after = meter.sample(model, "loaded")
     if (folder / "generation_config.json").is_file():
