@@ -5,10 +5,13 @@
         read its tensors from the safetensors shards (a target weight quantised, or a bitsandbytes
         folder's 4-bit codes read as stored) --prepare_block--> adapters, casts
         --shard_block--> the rank keeps its 1/N chunk; the block's whole tensors are freed
-      the rest (embeddings, final norm, output layer) read --prepare_root--> --shard_root-->
+      the rest (embeddings, final norm, output layer) still on meta --prepare_root--> --shard_root-->
+        then each of its tensors read alone: a sharded one only for this rank's rows (a byte range
+        of its file), so the embeddings and output layer are never whole on a rank
 
-So a rank's memory during load is its shards of the blocks done so far plus one block whole (at
-the end: the root's tensors whole), instead of the whole 4-bit model on every rank.
+So a rank's memory during load is its shards of what is done plus one block whole, instead of the
+whole 4-bit model on every rank. Every rank still reads and quantises every block (the memory is
+divided by N, the work is not).
 The callbacks belong to the caller (the training run, qforge.train.sharded_load): adapters are
 created block by block in the order a one-process run creates them all at once, so with the same
 seed their initial values are the same.
