@@ -293,14 +293,15 @@ def float32_residual_names(model: nn.Module) -> set[str]:
 
 
 def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype, device: torch.device = CPU,
-                 float32_names: set[str] = frozenset()) -> None:
+                 float32_names: set[str] = frozenset(), within: str = "") -> None:
     """Replace every meta parameter and persistent buffer by its tensor from the checkpoint on
     `device`, floats cast to `compute_dtype` (there: the host holds one tensor at a time), those
-    of `float32_names` (or sharing their Parameter) to float32. Tied names receive one shared Parameter."""
+    of `float32_names` (or sharing their Parameter) to float32. Tied names receive one shared Parameter.
+    `within`: only names that start with it (one block at a time: qforge.dist.load)."""
     tied = tied_names(model)
     done: dict[str, nn.Parameter] = {}
     for name, param in list(model.named_parameters(remove_duplicate=False)):
-        if not param.is_meta:  # an AdaptedLinear's bias, read with its weight
+        if not param.is_meta or not name.startswith(within):  # an AdaptedLinear's bias is read with its weight
             continue
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -319,7 +320,7 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype,
     for name, buf in list(model.named_buffers()):
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if buf.is_meta and leaf not in module._non_persistent_buffers_set and name in ckpt:
+        if buf.is_meta and leaf not in module._non_persistent_buffers_set and name in ckpt and name.startswith(within):
             module._buffers[leaf] = ckpt.read(name).to(device).to(target_dtype(buf, compute_dtype))
 
 

@@ -27,6 +27,7 @@ import torch
 from ..dist import Group
 from .config import TrainConfig
 from .loop import REFERENCE_ADAPTER, TrainResult, train_loop
+from .sharded_load import load_sharded_for_method
 
 
 @dataclass
@@ -166,11 +167,15 @@ def prepare(cfg: TrainConfig, log=print, group: Group | None = None, detail=None
         check_offload(cfg, group.world)
     cfg, plan = _setup_plan(cfg, arch, device, group, log, detail)
     t0 = time.perf_counter()
-    model, tok = load_for_method(cfg, device)
-    trainable, total = count_parameters(model)  # before sharding turns the 4-bit codes into Parameters
-    if getattr(model, "base_offload", None) is not None:
-        log(model.base_offload.describe())
-    sharding = shard_for_group(model, cfg, group, log) if group.distributed else {}
+    loaded = load_sharded_for_method(cfg, group, log) if group.distributed else None
+    if loaded is not None:  # each rank read and kept only its shard (qforge.train.sharded_load)
+        model, tok, (trainable, total), sharding = loaded
+    else:
+        model, tok = load_for_method(cfg, device)
+        trainable, total = count_parameters(model)  # before sharding turns the 4-bit codes into Parameters
+        if getattr(model, "base_offload", None) is not None:
+            log(model.base_offload.describe())
+        sharding = shard_for_group(model, cfg, group, log) if group.distributed else {}
     detail(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), loaded in {time.perf_counter() - t0:.1f} s")
     train_set, eval_set, report = _setup_data(cfg, tok, splits)
