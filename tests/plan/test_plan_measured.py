@@ -54,5 +54,6 @@ def test_cpu_constants_differ_from_cuda_only_where_documented():
     from qforge.plan import CUDA_BF16
     changed = {k for k, v in asdict(CPU_BF16).items() if asdict(CUDA_BF16)[k] != v}
     assert changed == {"lora_dropout", "backward_hidden", "backward_mlp", "logit_bytes", "context_bytes",
-                       "fragmentation", "sdpa_layer_scale", "matrix_score_bytes"}
+                       "fragmentation", "sdpa_layer_scale", "matrix_score_bytes", "chunk_logit_bytes",
+                       "softcap_logit_bytes"}
     assert CPU_BF16.context_bytes < CUDA_BF16.context_bytes  # no CUDA context on a CPU
