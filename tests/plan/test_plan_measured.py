@@ -1,4 +1,7 @@
-"""The memory planner against the memory training actually takes on this CPU.
+"""The memory planner against the memory training actually takes on this CPU: on the settings its
+CPU constants were fitted to (the FIT set of benchmarks/plan_calibration.py), and on two settings
+they never saw (held out: a Gemma-2-style model with tied 256k-token embeddings and soft-capped
+logits, and SmolLM2 at batch 8 x 64 without checkpointing, both with the trainer's loss).
 
 For SmolLM2-135M, rank 16, paged 8-bit AdamW, methods qlora and lora, each at five settings that
 between them vary the batch (1, 4), the sequence length (128, 256) and gradient checkpointing (off,
@@ -14,7 +17,7 @@ heap stays resident depends on thread timing); see qforge.plan.CPU_BF16. About 3
 """
 import pytest
 
-from benchmarks.plan_calibration import measure_training_peaks
+from benchmarks.plan_calibration import GEMMA2, measure_training_peaks, planned_total, write_random_model
 from qforge.plan import CPU_BF16, plan_run
 
 SETTINGS = [{"method": m, "batch_size": b, "seq_len": s, "gradient_checkpointing": gc, "keep_base_outputs": keep}
@@ -57,3 +60,14 @@ def test_cpu_constants_differ_from_cuda_only_where_documented():
                        "fragmentation", "sdpa_layer_scale", "matrix_score_bytes", "chunk_logit_bytes",
                        "softcap_logit_bytes"}
     assert CPU_BF16.context_bytes < CUDA_BF16.context_bytes  # no CUDA context on a CPU
+
+
+@pytest.mark.slow
+def test_planner_within_15_percent_on_held_out_settings(tmp_path):
+    gemma = str(write_random_model(tmp_path / "gemma2", GEMMA2))
+    held_out = [{"model": gemma, "batch_size": 2, "seq_len": 256, "gradient_checkpointing": True},
+                {"model": "smollm2", "batch_size": 8, "seq_len": 64, "gradient_checkpointing": False}]
+    settings = [dict(s, method="qlora", keep_base_outputs=False, loss="trainer", rank=RANK, steps=3) for s in held_out]
+    for s in measure_training_peaks(settings, tmp_path / "runs"):
+        error = planned_total(s) / s["peak_bytes"] - 1
+        assert abs(error) <= TOLERANCE, f"{s['model']} {s['batch_size']} x {s['seq_len']}: error {error:+.1%}"
