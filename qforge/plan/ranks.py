@@ -11,7 +11,9 @@ compare key by key:
   base        4-bit codes + absmax of the dense linears, ceil(bytes / N) each (2-byte storage
               elements); the second-level constants (a few bytes per 16k weights) stay whole
   experts     the same for MoE expert banks (0 for a dense model)
-  adapters    LoRA A and B, ceil(numel / (256 N)) * 256 values each, adapter_bytes a value
+  adapters    LoRA A [r, in] and B [out, r]: FSDP's dim-0 chunk, ceil(rows / N) rows, adapter_bytes a
+              value; whole on every rank when the chunk is not a whole number of the 8-bit
+              optimiser's 256-value blocks (qforge.dist.shard.keeps_blocks, mirrored in adapter_local)
   gradients   as adapters (FSDP reduce-scatters them into the rank's shard)
   optimizer   8-bit AdamW on the shard: 2 bytes a value + two float32 absmax per 256; a tensor
               under 4096 values (whole) keeps 32-bit state, 8 bytes a value
@@ -38,7 +40,7 @@ from __future__ import annotations
 import math
 
 from .arch import ModelArch, as_arch, model_weights
-from .memory import (CUDA_BF16, OPTIM_BLOCK, OPTIM_MIN_NUMEL, OPTIMIZER_BITS, MemoryConstants, adapter_tensors,
+from .memory import (CUDA_BF16, OPTIM_BLOCK, OPTIM_MIN_NUMEL, OPTIMIZER_BITS, MemoryConstants,
                      code_bits, plan_run, quant_constant_bytes)
 
 RANK_KEYS = ("base", "adapters", "gradients", "optimizer", "embeddings", "experts", "activations", "buffers")
@@ -112,14 +114,30 @@ def state_bytes(local: int, numel: int, eight_bit: bool) -> int:
     return 8 * local
 
 
+def adapter_local(rows: int, cols: int, world: int) -> int:
+    """Values of a [rows, cols] trainable tensor on one rank: FSDP's dim-0 chunk of ceil(rows / world)
+    rows, or the whole tensor when that chunk would cut the 8-bit optimiser's 256-value blocks (a
+    tensor of at least 4096 values whose chunk is not whole blocks: qforge.dist.shard.keeps_blocks)."""
+    chunk = math.ceil(rows / world) * cols
+    if world == 1 or (rows * cols >= OPTIM_MIN_NUMEL and chunk % OPTIM_BLOCK):
+        return rows * cols
+    return chunk
+
+
+def adapter_shapes(arch: ModelArch, rank: int) -> list[tuple[int, int, int]]:
+    """(rows, cols, copies) of every LoRA tensor: A [r, in] and B [out, r] of each adapted matrix."""
+    return [shape for w in model_weights(arch) for fan_in, fan_out in w.adapted
+            for shape in ((rank, fan_in, w.copies), (fan_out, rank, w.copies))]
+
+
 def trained_split(arch: ModelArch, rank: int, world: int, optimizer: str = "paged_adamw_8bit",
                   adapter_bytes: int = 4) -> dict[str, int]:
-    """Per-rank bytes of the adapters, their gradients and AdamW's state (shards of whole 256-value
-    blocks), the whole-model figure of each, and one block's adapters whole (`block_adapters`)."""
+    """Per-rank bytes of the adapters, their gradients and AdamW's state (adapter_local), the
+    whole-model figure of each, and one block's adapters whole (`block_adapters`)."""
     eight_bit = OPTIMIZER_BITS[optimizer] == 8
     out = dict.fromkeys(("adapters", "optimizer", "adapters_whole", "optimizer_whole", "block_adapters"), 0)
-    for numel, copies in adapter_tensors(arch, rank):
-        local = shard(numel, world, OPTIM_BLOCK)
+    for rows, cols, copies in adapter_shapes(arch, rank):
+        numel, local = rows * cols, adapter_local(rows, cols, world)
         out["adapters"] += local * adapter_bytes * copies
         out["adapters_whole"] += numel * adapter_bytes * copies
         out["block_adapters"] += numel * adapter_bytes
@@ -198,5 +216,5 @@ def gpus_for(config: dict | ModelArch | str, gpu_bytes: int, max_gpus: int = 256
 
 
 __all__ = ["RANK_KEYS", "GATHERED_BLOCKS", "ROOT_GATHERED_THROUGH_STEP", "OFFLOAD_RESIDENT_BLOCKS", "per_rank", "offload_host_bytes",
-           "weight_split", "trained_split", "state_bytes", "quantised_split", "shard", "resident_base_bytes", "gpus_for"]
+           "weight_split", "trained_split", "state_bytes", "adapter_local", "adapter_shapes", "quantised_split", "shard", "resident_base_bytes", "gpus_for"]
 
