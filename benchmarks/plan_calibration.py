@@ -304,7 +304,7 @@ def report_row(label: str, result: dict) -> tuple[str, float]:
     error = plan / peak - 1
     mode = ("selective" if result["keep_base_outputs"] else "full") if result["gradient_checkpointing"] else "off"
     model = Path(result["model"]).name if "/" in result["model"] else result["model"]
-    return (f"{label:8} {model:18} {result['method']:5} {result['batch_size']:>2} x {result['seq_len']:<5} "
+    return (f"{label:8} {model:22} {result['method']:5} {result['batch_size']:>2} x {result['seq_len']:<5} "
             f"{mode:9} {result['loss']:7} {peak / 1e6:8.0f} {plan / 1e6:8.0f} {error:+7.1%}"), error
 
 
@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long", default="2048,4096",
                         help="comma-separated sequence lengths of the long-context held-out rows (SmolLM2, "
                              "batch 1); empty for none")
+    parser.add_argument("--measured-only", action="store_true",
+                        help="measure nothing: print the rows whose results --work holds already")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one setting may take (default 3600)")
     parser.add_argument("--work", default=None, help="folder for the random models and per-setting logs and "
                                                      "results; a rerun with the same folder reads back the settings "
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         tiny = write_random_model(work / "tinyllama-1.1b-random", TINYLLAMA)
         gemma = write_random_model(work / "gemma2-tied-random", GEMMA2)
         chosen += [("heldout", s) for s in heldout_settings(str(tiny), str(gemma), long_lengths)]
-    print(f"{'set':8} {'model':18} {'meth':5} {'batch x seq':10} {'ckpt':9} {'loss':7} {'meas MB':>8} "
+    print(f"{'set':8} {'model':22} {'meth':5} {'batch x seq':10} {'ckpt':9} {'loss':7} {'meas MB':>8} "
           f"{'plan MB':>8} {'error':>7}", flush=True)
     if "fit" in sets:
         from qforge.plan import CPU_BF16
@@ -341,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, list[float]] = {"fit": [], "heldout": []}
     for i, (label, setting) in enumerate(chosen):
         spec = dict({"steps": 3}, **setting, rank=RANK)
+        spec_file, out = work / f"{label}-{i}" / "memory-0.json", work / f"{label}-{i}" / "memory-0-result.json"
+        if args.measured_only and not (out.is_file() and json.loads(spec_file.read_text()) == spec):
+            print(f"{label:8} {Path(spec['model']).name:22} {spec['method']:5} {spec['batch_size']:>2} x "
+                  f"{spec['seq_len']:<5} not measured (--measured-only)", flush=True)
+            continue
         result = measure_training_peaks([spec], work / f"{label}-{i}", args.timeout)[0]
         line, error = report_row(label, result)
         errors[label].append(abs(error))
