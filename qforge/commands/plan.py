@@ -137,6 +137,9 @@ def memory_to_plan(args: argparse.Namespace) -> tuple[int, str, object]:
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan table and the recommendation; ValueError / FileNotFoundError for bad input."""
+    if getattr(args, "offload_base", False) and args.method not in ("qlora", "all"):
+        raise ValueError(f"--offload-base moves the 4-bit base of qlora to the host: use --method qlora or all, "
+                         f"not {args.method}")
     gpu, where, constants = memory_to_plan(args)
     arch = ModelArch.from_config(load_arch(args.model), name=str(args.model))
     methods = METHODS if args.method == "all" else (args.method,)
