@@ -327,11 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sets: expected fit and/or heldout, got {args.sets!r}")
     work = Path(args.work or tempfile.mkdtemp(prefix="plan-calibration-"))
     long_lengths = [int(n) for n in args.long.split(",") if n.strip()]
-    chosen = [("fit", s) for s in FIT] if "fit" in sets else []
+    chosen = [("fit", i, s) for i, s in enumerate(FIT)] if "fit" in sets else []
     if "heldout" in sets:
         tiny = write_random_model(work / "tinyllama-1.1b-random", TINYLLAMA)
         gemma = write_random_model(work / "gemma2-tied-random", GEMMA2)
-        chosen += [("heldout", s) for s in heldout_settings(str(tiny), str(gemma), long_lengths)]
+        chosen += [("heldout", i, s) for i, s in enumerate(heldout_settings(str(tiny), str(gemma), long_lengths))]
     print(f"{'set':8} {'model':22} {'meth':5} {'batch x seq':10} {'ckpt':9} {'loss':7} {'meas MB':>8} "
           f"{'plan MB':>8} {'error':>7}", flush=True)
     if "fit" in sets:
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{probe['softcap']:.1f} soft-capped (CPU_BF16: {CPU_BF16.chunk_logit_bytes}, "
               f"{CPU_BF16.chunk_logit_bytes + CPU_BF16.softcap_logit_bytes})", flush=True)
     errors: dict[str, list[float]] = {"fit": [], "heldout": []}
-    for i, (label, setting) in enumerate(chosen):
+    for label, i, setting in chosen:  # results in WORK/<set>-<index in its set>
         spec = dict({"steps": 3}, **setting, rank=RANK)
         spec_file, out = work / f"{label}-{i}" / "memory-0.json", work / f"{label}-{i}" / "memory-0-result.json"
         if args.measured_only and not (out.is_file() and json.loads(spec_file.read_text()) == spec):
