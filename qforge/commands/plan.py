@@ -1,7 +1,7 @@
 """Estimate the memory of a fine-tuning run and recommend qlora, lora, full or FSDP.
 
   qforge plan [--model llama-3.1-8b] [--seq-len 512] [--batch-size 4] [--rank 16]
-              [--method qlora|lora|full|all] [--gpu 24GB] [--num-gpus 1]
+              [--method qlora|lora|full|all] [--gpu 24GB] [--num-gpus 1] [--offload-base]
               [--gradient-checkpointing | --no-gradient-checkpointing] [--objective sft|dpo|orpo]
 
 With no flags it sizes what a plain `qforge train` runs on this machine: the same model, rank,
@@ -25,6 +25,17 @@ each GPU holds, and whether that fits the card. Then the recommendation:
   BF16 LoRA when it fits one card with 10% of the card to spare; else QLoRA when it fits;
   full fine-tuning only when asked for (--method full) and it fits; else QLoRA sharded with
   FSDP over the fewest cards that hold it.
+With --num-gpus N (or --offload-base) a second table gives what ONE GPU holds, component by
+component (qforge.plan.per_rank): the 4-bit base, experts, embeddings/head/norms, adapters, their
+gradients and the optimiser state each at 1/N (FSDP shards all of them), this GPU's rows of the
+batch (--batch-size is the whole run's micro-batch; each GPU takes every N-th row), and the buffers:
+the loss's logits, FSDP's two gathered blocks (the one computing and the one prefetched), the root
+group (embeddings, head, final norm) gathered through the step, one block's adapter gradients for
+the reduce-scatter. --offload-base keeps the 4-bit base in pinned host memory with two blocks of it
+on the GPU at a time, and prints the host memory each process pins.
+With --gpu the CUDA constants are used; the counts are from the code, but the constants for the CUDA
+context, the allocator's slack and the logits are assumptions not yet measured on a GPU (the CPU
+constants are measured: benchmarks/plan_calibration.py).
 --objective dpo|orpo sizes a preference run: --batch-size counts pairs, each two sequences (chosen
 and rejected) through the model in one batch; DPO's reference pass keeps no activations.
 The formulas and the calibrated constants are in the docstrings of qforge/plan/memory.py.
@@ -33,10 +44,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..plan import (AUTO_KEEP_SHARE, CUDA_BF16, METHODS, ModelArch, Plan, active_parameter_count,
-                    available_memory, bits_per_param, card_label, constants_for, expert_bytes,
-                    expert_parameter_count, format_gb, known_archs, load_arch, parameter_count, parse_gpu, plan_run,
-                    recommend)
+from ..plan import (AUTO_KEEP_SHARE, CUDA_BF16, GATHERED_BLOCKS, METHODS, OFFLOAD_RESIDENT_BLOCKS, ModelArch, Plan,
+                    active_parameter_count, available_memory, bits_per_param, card_label, constants_for,
+                    expert_bytes, expert_parameter_count, format_gb, known_archs, load_arch, offload_host_bytes,
+                    parameter_count, parse_gpu, per_rank, plan_run, recommend)
 from ..train.config import OBJECTIVES, OPTIMIZERS, QUANT_TYPES, TrainConfig
 
 ROWS = [("base weights", "base_weights"), ("quant constants", "quant_constants"),
@@ -81,7 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: qforge train's, " + train.model + ")")
     parser.add_argument("--seq-len", type=int, default=train.max_seq_len,
                         help="tokens per sequence (qforge train's --max-seq-len)")
-    parser.add_argument("--batch-size", type=int, default=train.batch_size, help="sequences per GPU per step")
+    parser.add_argument("--batch-size", type=int, default=train.batch_size,
+                        help="sequences per micro-batch (qforge train's); with --num-gpus N each GPU takes every "
+                             "N-th row of it")
     parser.add_argument("--rank", type=int, default=train.rank, help="LoRA rank")
     parser.add_argument("--method", choices=[*METHODS, "all"], default="all",
                         help="recipe to size; 'all' shows each; 'full' also lets full fine-tuning be recommended")
@@ -90,7 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "use on this machine now: free GPU memory, or available RAM without a GPU)")
     parser.add_argument("--device", default=train.device,
                         help=f"the device whose free memory is planned when --gpu is not given: {CHOICES_HELP}")
-    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs sharing the model with FSDP")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="GPUs (processes) sharing the run with FSDP: each holds 1/N of the base, adapters, "
+                             "gradients, optimiser state and embeddings")
+    parser.add_argument("--offload-base", action="store_true",
+                        help=f"plan qforge train --offload-base: the 4-bit base in pinned host memory, "
+                             f"{OFFLOAD_RESIDENT_BLOCKS} blocks of it on the GPU at a time")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                         default=train.gradient_checkpointing, help="recompute each layer in backward")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=train.optimizer,
@@ -119,6 +137,9 @@ def memory_to_plan(args: argparse.Namespace) -> tuple[int, str, object]:
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan table and the recommendation; ValueError / FileNotFoundError for bad input."""
+    if getattr(args, "offload_base", False) and args.method not in ("qlora", "all"):
+        raise ValueError(f"--offload-base moves the 4-bit base of qlora to the host: use --method qlora or all, "
+                         f"not {args.method}")
     gpu, where, constants = memory_to_plan(args)
     arch = ModelArch.from_config(load_arch(args.model), name=str(args.model))
     methods = METHODS if args.method == "all" else (args.method,)
@@ -151,6 +172,12 @@ def run(args: argparse.Namespace) -> int:
     if gc and kept:
         print(f"selective checkpointing (--keep-base-outputs; qforge train turns it on when the plan with it "
               f"fits in {AUTO_KEEP_SHARE:.0%} of memory) adds " + ", ".join(f"{format_gb(b)} ({m})" for m, b in kept))
+    offload = bool(getattr(args, "offload_base", False))
+    if args.num_gpus > 1 or offload:
+        print("\n" + rank_table(arch, methods, args.num_gpus, offload, gpu, kwargs, gc))
+    if args.gpu is not None:
+        print("(CUDA constants: the tensor counts are from the code; the CUDA context, allocator slack and "
+              "logit bytes are assumptions not yet measured on a GPU)")
     print(f"recommended: {method} ({reason})")
     default = TrainConfig().method
     ours = plan_run(arch, default, gradient_checkpointing=gc, **kwargs)
@@ -158,6 +185,40 @@ def run(args: argparse.Namespace) -> int:
           f"{format_gb(ours.per_gpu_total)}, {'fits' if ours.fits(gpu) else 'does not fit'} in {card_label(gpu)}")
     return 0
 
+
+
+RANK_ROWS = [("base (4-bit for qlora)", "base"), ("experts", "experts"), ("embeddings, head, norms", "embeddings"),
+             ("adapters", "adapters"), ("gradients", "gradients"), ("optimizer state", "optimizer"),
+             ("activations (its rows)", "activations"), ("buffers", "buffers"), ("total per GPU", "total")]
+
+
+def rank_table(arch: ModelArch, methods, num_gpus: int, offload: bool, gpu: int, kwargs: dict, gc: bool) -> str:
+    """What one GPU of `num_gpus` holds, by component and method (qforge.plan.per_rank), GB; whether
+    it fits; with offload, the pinned host memory of each process."""
+    run = {k: v for k, v in kwargs.items() if k != "num_gpus"}
+    methods = [m for m in methods if m == "qlora"] if offload else methods  # only a 4-bit base is offloaded
+    if not methods:
+        raise ValueError("--offload-base moves the 4-bit base of qlora to the host: use --method qlora or all")
+    ranks = [per_rank(arch, m, world=num_gpus, gradient_checkpointing=gc, offload_base=offload, **run)
+             for m in methods]
+    width = max(len(label) for label, _ in RANK_ROWS) + 2
+    how = f"one GPU of {num_gpus} (FSDP, everything sharded)" if num_gpus > 1 else "one GPU"
+    lines = [f"{how}{', --offload-base' if offload else ''}:",
+             f"{'':{width}}" + "".join(f"{m:>12}" for m in methods)]
+    lines += [f"{label:{width}}" + "".join(f"{format_gb(r[key]):>12}" for r in ranks) for label, key in RANK_ROWS]
+    lines.append(f"{'fits ' + card_label(gpu) + (' each' if num_gpus > 1 else ''):{width}}"
+                 + "".join(f"{'yes' if r['total'] <= gpu else 'no':>12}" for r in ranks))
+    if num_gpus > 1:
+        lines.append(f"(buffers: the loss, {GATHERED_BLOCKS} gathered blocks, the root group gathered, one block's "
+                     "gradients to reduce-scatter)")
+    if offload:
+        host = [offload_host_bytes(arch, m, num_gpus, run["quant_type"], True, run["hqq_group_size"])
+                for m in methods]
+        lines.append(f"{'pinned host, per process':{width}}" + "".join(f"{format_gb(h):>12}" for h in host))
+        paper = [why for why, on in (("MoE expert banks", arch.num_experts), ("several processes", num_gpus > 1)) if on]
+        if paper:  # what qforge.train.offload_base refuses today
+            lines.append(f"(on paper: qforge train --offload-base does not take {' or '.join(paper)} yet)")
+    return "\n".join(lines)
 
 
 def moe_summary(arch: ModelArch) -> str:

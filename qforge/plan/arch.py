@@ -43,6 +43,7 @@ class ModelArch:
                            (OLMo 2, OLMoE: over all of q and of k)
       qkv_bias             biases on q, k and v only (Qwen2, Qwen2-MoE); attention_bias: on all four
       norms_per_layer      4 for Gemma 2/3 (norms after attention and MLP too), else 2
+      logit_softcap        the head's logits are soft-capped (final_logit_softcapping: Gemma 2)
     """
     name: str
     hidden_size: int
@@ -67,6 +68,7 @@ class ModelArch:
     qk_norm: str = ""
     qkv_bias: bool = False
     norms_per_layer: int = 2
+    logit_softcap: bool = False  # Gemma 2's final_logit_softcapping: the loss's logits go through tanh
 
     @property
     def q_dim(self) -> int:
@@ -130,6 +132,7 @@ class ModelArch:
             num_experts=experts,
             experts_per_token=int(config.get("num_experts_per_tok") or (2 if experts else 0)),
             attention_bias=bool(config.get("attention_bias", False)),
+            logit_softcap=bool(config.get("final_logit_softcapping")),
             **(_moe_extras(config) if experts else {}),
             **_attention_extras(config),
         )

@@ -88,6 +88,8 @@ class MemoryConstants:
     fragmentation: float = 0.40
     sdpa_layer_scale: float = 1.0  # CPU only: see CPU_BF16
     matrix_score_bytes: float = 0.0  # CPU only: see CPU_BF16
+    chunk_logit_bytes: float = 0.0  # per logit of qforge's chunked loss; 0: logit_bytes (see CPU_BF16)
+    softcap_logit_bytes: float = 0.0  # more per logit when the head's logits are soft-capped (see CPU_BF16)
 
 
 CUDA_BF16 = MemoryConstants()
@@ -126,9 +128,13 @@ CUDA_BF16 = MemoryConstants()
 #                     between the two runs below), the ten settings of tests/plan/test_plan_measured.py
 #                     lie within -5.4%..+6.8% of this checkout's peaks and -8.6%..+5.3% of CI's clean
 #                     clone's, which read 2-8% higher.
+#   chunk_logit_bytes 13.5, softcap_logit_bytes 8.8  the peak of qforge's chunked loss (qforge.train.loss)
+#                     per logit of one chunk, measured on the loss alone at SmolLM2's vocabulary and
+#                     hidden size (49152 x 576, 1024 rows): 13.5 bytes a logit, 22.3 with Gemma 2's soft cap
+#                     (its tanh, the slope t'(z) and their temporaries). Not fitted to any training run.
 CPU_BF16 = replace(CUDA_BF16, lora_dropout=1.0, backward_hidden=3.0, backward_mlp=4.5, logit_bytes=10.0,
                    context_bytes=80 * 10**6, fragmentation=0.0, sdpa_layer_scale=SDPA_LAYER_SCALE_CPU,
-                   matrix_score_bytes=6.0)
+                   matrix_score_bytes=6.0, chunk_logit_bytes=13.5, softcap_logit_bytes=8.8)
 
 
 # ---------------------------------------------------------------- per-component bytes
@@ -219,14 +225,15 @@ def optimizer_bytes(tensors: list[tuple[int, int]], optimizer: str) -> int:
 def layer_activation_elems(arch: ModelArch, method: str, rank: int, c: MemoryConstants) -> float:
     """Elements one decoder layer saves for backward, per token (see MemoryConstants).
 
-      hidden*H + q*Q + kv*KV + mlp*I_active + MoE: moe*top_k*H
+      hidden*H*(norms per layer)/2 + q*Q + kv*KV + mlp*I_active + MoE: moe*top_k*H
       + LoRA methods: lora_dropout*(5H + Q + I_active) (inputs of q,k,v,gate,up; o; down)
                       + r per adapted matrix (the lora_A outputs)
       + full: full_norm_extra*H
     with H hidden, Q = heads*head_dim, KV = kv_heads*head_dim, I_active = intermediate*top_k.
     """
     h, i_act = arch.hidden_size, arch.active_intermediate
-    elems = c.hidden * h + c.q * arch.q_dim + c.kv * arch.kv_dim + c.mlp * i_act
+    norms = c.hidden * arch.norms_per_layer / 2  # `hidden` counts two norms; Gemma 2/3 have four
+    elems = norms * h + c.q * arch.q_dim + c.kv * arch.kv_dim + c.mlp * i_act
     if arch.num_experts:
         elems += c.moe * arch.experts_per_token * h
     if method in ("lora", "qlora"):
@@ -280,20 +287,19 @@ def temporary_bytes(arch: ModelArch, method: str, tokens: int, activations: int,
 
       dequantised weight (qlora): the largest 4-bit tensor in BF16, 2 bytes * its numel
       logits: tokens * vocab * logit_bytes (the fp32 copy the loss works on); with chunked_loss and
-        more tokens than one chunk (loss_rows), the chunk's logits plus LOSS_HIDDEN_BYTES * hidden
+        more tokens than one chunk (loss_rows), the chunk's logits (chunk_logit_bytes each; soft-capped
+        logits softcap_logit_bytes more) plus LOSS_HIDDEN_BYTES * hidden
         per token, less `layer_peak` (what a layer's recomputation and backward hold: the loss runs
         before them, so only the larger of the two peaks counts)
-      FSDP (num_gpus > 1): the all-gathered weights of two decoder layers (current + prefetch)
       fragmentation * (activations + the buffers above) + context_bytes
     """
     rows = loss_rows(arch, tokens) if chunked_loss else tokens
-    buffers = rows * arch.vocab_size * c.logit_bytes
+    per_logit = (c.chunk_logit_bytes or c.logit_bytes) if rows < tokens else c.logit_bytes
+    buffers = rows * arch.vocab_size * (per_logit + (c.softcap_logit_bytes if arch.logit_softcap else 0))
     if rows < tokens:
         buffers = max(0, buffers + tokens * arch.hidden_size * LOSS_HIDDEN_BYTES - layer_peak)
     if method == "qlora":
         buffers += 2 * max(w.numel for w in model_weights(arch) if w.kind == "linear")
-    if num_gpus > 1:
-        buffers += 2 * layer_weight_bytes(arch, method)
     return int(buffers + c.fragmentation * (activations + buffers) + c.context_bytes)
 
 
@@ -333,8 +339,9 @@ class Plan:
 
     Weights, constants, adapters, gradients and optimiser state are the whole model's (FSDP
     shards them over the GPUs); activations and temporary are one GPU's, for its micro-batch of
-    batch_size sequences. total is their sum, the run's working set; per_gpu_total is what each
-    GPU holds: the sharded part / num_gpus + activations + temporary.
+    batch_size sequences (temporary without FSDP's gathers). total is their sum, the run's working
+    set; per_gpu_total is what each GPU holds: qforge.plan.ranks.per_rank's total (each sharded
+    component / num_gpus, activations, temporary, and FSDP's gathered blocks and root group).
     """
     method: str
     num_gpus: int
@@ -403,6 +410,7 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     """
     _check_run(method, seq_len, batch_size, rank, num_gpus, quant_type, objective)
     arch = as_arch(config)
+    rows_asked = batch_size
     if objective != "sft":
         batch_size = 2 * batch_size  # sequences per pass: chosen and rejected together
     tokens = seq_len * batch_size
@@ -432,10 +440,16 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     if objective == "dpo" and method == "full":
         base += weight_bytes(arch, "full")  # TRL-style full DPO: a frozen reference copy of the model
     sharded = base + constants_bytes + adapters + grads + optim
+    per_gpu = sharded + acts + temp
+    if num_gpus > 1:
+        from .ranks import per_rank  # ranks builds on this module
+        per_gpu = per_rank(arch, method, world=num_gpus, seq_len=seq_len, batch_size=rows_asked, rank=rank, gradient_checkpointing=gradient_checkpointing,
+            constants=constants, quant_type=quant_type, double_quant=double_quant, optimizer=optimizer,
+            adapter_bytes=adapter_bytes, chunked_loss=chunked_loss, keep_base_outputs=keep_base_outputs,
+            hqq_group_size=hqq_group_size, residual_bytes=residual_bytes, objective=objective)["total"]
     return Plan(method=method, num_gpus=num_gpus, base_weights=base, quant_constants=constants_bytes,
                 adapter_weights=adapters, gradients=grads, optimizer_state=optim, activations=acts,
-                temporary=temp, total=sharded + acts + temp,
-                per_gpu_total=math.ceil(sharded / num_gpus) + acts + temp)
+                temporary=temp, total=sharded + acts + temp, per_gpu_total=per_gpu)
 
 
 # ---------------------------------------------------------------- choosing a recipe
@@ -452,7 +466,7 @@ def gpus_needed(config: dict | ModelArch | str, gpu_bytes: int, method: str = "q
         plan = plan_run(arch, method, num_gpus=n, **run)
         if plan.fits(gpu_bytes):
             return n
-    fixed = plan.activations + plan.temporary
+    fixed = plan.per_gpu_total - math.ceil(plan.sharded / 2)  # activations, buffers, FSDP's gathers
     if fixed >= gpu_bytes:
         return None
     n = max(3, math.ceil(plan.sharded / (gpu_bytes - fixed)))

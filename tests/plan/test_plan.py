@@ -19,6 +19,11 @@ SHIPPED = ["gemma-2-27b", "gemma-2-2b", "gemma-2-9b", "llama-2-13b", "llama-3.1-
 
 # The public QLoRA sizing table: r=32, seq 4096, gradient checkpointing, paged 8-bit AdamW,
 # batch 1; working set in GB. 405B is the total across the GPUs FSDP shards it over.
+# The CUDA constants (context_bytes, fragmentation, logit_bytes) were chosen so that the planned totals
+# land in this table, so asserting the totals against it would check the planner against its own fit
+# (issue 27). What is asserted is the part no constant touches: the weights, adapters, gradients and
+# optimiser state, counted from the architecture, lie under the table's figure, and leave the rest of it
+# for activations and buffers.
 SIZING_TABLE = [
     ("llama-3.1-8b", 1, 12, 15),
     ("llama-2-13b", 1, 15, 20),
@@ -64,23 +69,25 @@ def test_adapter_count_matches_peft():
 
 
 @pytest.mark.parametrize("name,num_gpus,low,high", SIZING_TABLE)
-def test_qlora_lands_in_public_sizing_table(name, num_gpus, low, high):
+def test_qlora_weights_fit_under_the_public_sizing_table(name, num_gpus, low, high):
     plan = plan_run(load_arch(name), "qlora", seq_len=4096, batch_size=1, rank=32, gradient_checkpointing=True,
                     num_gpus=num_gpus, optimizer="paged_adamw_8bit")
-    assert low * GB <= plan.total <= high * GB, f"{name}: {plan.total / GB:.2f} GB not in [{low}, {high}]"
+    assert plan.sharded < high * GB, f"{name}: weights and optimiser {plan.sharded / GB:.2f} GB over {high} GB"
 
 
-def test_405b_on_eight_80gb_cards():
+def test_405b_on_eight_80gb_cards_at_seq_4096():
+    # the sizing table's setting (seq 4096, r=32): a rank keeps a whole 4096-token row's activations
     plan = plan_run(as_arch("llama-3.1-405b"), "qlora", num_gpus=8)
     assert plan.per_gpu_total <= 80 * GB < plan_run(as_arch("llama-3.1-405b"), "qlora", num_gpus=4).per_gpu_total
 
 
 def test_plan_fields_add_up():
+    from qforge.plan import per_rank
     for method in METHODS:
         p = plan_run(as_arch("llama-3.1-8b"), method, num_gpus=4)
         parts = [p.base_weights, p.quant_constants, p.adapter_weights, p.gradients, p.optimizer_state]
         assert p.total == sum(parts) + p.activations + p.temporary
-        assert p.per_gpu_total == -(-sum(parts) // 4) + p.activations + p.temporary
+        assert p.per_gpu_total == per_rank(as_arch("llama-3.1-8b"), method, world=4, chunked_loss=False)["total"]
 
 
 def test_nf4_double_quant_costs_about_0127_bits():
@@ -126,9 +133,9 @@ def test_activations_scale_with_tokens_and_constants():
 
 def test_fsdp_shards_state_but_not_activations():
     one, four = plan_run(as_arch("llama-3.1-70b"), "qlora"), plan_run(as_arch("llama-3.1-70b"), "qlora", num_gpus=4)
-    assert four.base_weights == one.base_weights and four.activations == one.activations
-    assert four.per_gpu_total < one.per_gpu_total / 2
-    assert four.temporary > one.temporary  # all-gathered layers
+    assert four.base_weights == one.base_weights and four.activations == one.activations  # whole-run figures
+    assert one.sharded / 4 + one.activations + one.temporary < four.per_gpu_total < one.per_gpu_total * 0.6
+    # the rest of a GPU's share: two gathered blocks, the root group (embeddings, head), one block's gradients
 
 
 def test_recommend_lora_for_smollm2_on_24gb():

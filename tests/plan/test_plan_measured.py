@@ -1,4 +1,9 @@
-"""The memory planner against the memory training actually takes on this CPU.
+"""The memory planner against the memory training actually takes on this CPU: on the settings its
+CPU constants were fitted to (the FIT set of benchmarks/plan_calibration.py), and on two settings
+they never saw (held out: a Gemma-2-style model with tied 256k-token embeddings and soft-capped
+logits, and SmolLM2 at batch 2 x 512, both with the trainer's loss). Not every held-out row is
+within 15%: SmolLM2 at 8 x 64 without checkpointing reads +15.8% (BENCHMARKS.md, "The planner out
+of sample"), and is not asserted here.
 
 For SmolLM2-135M, rank 16, paged 8-bit AdamW, methods qlora and lora, each at five settings that
 between them vary the batch (1, 4), the sequence length (128, 256) and gradient checkpointing (off,
@@ -14,7 +19,7 @@ heap stays resident depends on thread timing); see qforge.plan.CPU_BF16. About 3
 """
 import pytest
 
-from benchmarks.plan_calibration import measure_training_peaks
+from benchmarks.plan_calibration import GEMMA2, measure_training_peaks, planned_total, write_random_model
 from qforge.plan import CPU_BF16, plan_run
 
 SETTINGS = [{"method": m, "batch_size": b, "seq_len": s, "gradient_checkpointing": gc, "keep_base_outputs": keep}
@@ -54,5 +59,17 @@ def test_cpu_constants_differ_from_cuda_only_where_documented():
     from qforge.plan import CUDA_BF16
     changed = {k for k, v in asdict(CPU_BF16).items() if asdict(CUDA_BF16)[k] != v}
     assert changed == {"lora_dropout", "backward_hidden", "backward_mlp", "logit_bytes", "context_bytes",
-                       "fragmentation", "sdpa_layer_scale", "matrix_score_bytes"}
+                       "fragmentation", "sdpa_layer_scale", "matrix_score_bytes", "chunk_logit_bytes",
+                       "softcap_logit_bytes"}
     assert CPU_BF16.context_bytes < CUDA_BF16.context_bytes  # no CUDA context on a CPU
+
+
+@pytest.mark.slow
+def test_planner_within_15_percent_on_held_out_settings(tmp_path):
+    gemma = str(write_random_model(tmp_path / "gemma2", GEMMA2))
+    held_out = [{"model": gemma, "batch_size": 2, "seq_len": 256, "gradient_checkpointing": True},
+                {"model": "smollm2", "batch_size": 2, "seq_len": 512, "gradient_checkpointing": True}]
+    settings = [dict(s, method="qlora", keep_base_outputs=False, loss="trainer", rank=RANK, steps=3) for s in held_out]
+    for s in measure_training_peaks(settings, tmp_path / "runs"):
+        error = planned_total(s) / s["peak_bytes"] - 1
+        assert abs(error) <= TOLERANCE, f"{s['model']} {s['batch_size']} x {s['seq_len']}: error {error:+.1%}"
