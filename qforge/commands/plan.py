@@ -215,7 +215,7 @@ def rank_table(arch: ModelArch, methods, num_gpus: int, offload: bool, gpu: int,
         host = [offload_host_bytes(arch, m, num_gpus, run["quant_type"], True, run["hqq_group_size"])
                 for m in methods]
         lines.append(f"{'pinned host, per process':{width}}" + "".join(f"{format_gb(h):>12}" for h in host))
-        paper = [why for why, on in (("MoE expert banks", arch.num_experts), ("several processes", num_gpus > 1)) if on]
+        paper = [why for why, on in (("several processes", num_gpus > 1),) if on]
         if paper:  # what qforge.train.offload_base refuses today
             lines.append(f"(on paper: qforge train --offload-base does not take {' or '.join(paper)} yet)")
     return "\n".join(lines)
