@@ -243,7 +243,7 @@ def config_and_recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..dist import RankLost, close_group, init_group, launched_by_torchrun
+    from ..dist import RankLost, close_group, init_group, launched_by_torchrun, lost_contact
     from ..train.loop import TrainingDiverged
     from ..train.preflight import check_existing_adapter
 
@@ -256,8 +256,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
         from ..devices import resolve_device
-        from ..train.offload_base import check_offload
-        check_offload(cfg, args.nproc)  # one line here, not one per rank
+        from ..train.run import check_processes
+        check_processes(cfg, args.nproc)  # one line here, not one per rank
         resolve_device(cfg.device)  # --device cuda without a GPU: one line here, not one per rank
         check_existing_adapter(cfg, getattr(args, "overwrite", False))
         return launch(cfg, args.nproc)
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"qforge train: {exc}", file=sys.stderr, flush=True)
         return 4
     except RuntimeError as exc:  # FSDP's own collectives, inside forward and backward
-        if group.distributed and isinstance(exc, _dist_error()):
+        if group.distributed and lost_contact(exc):
             print(f"qforge train: rank {group.rank} of {group.world}: lost contact with another rank: "
                   f"{str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
             return 4
@@ -331,11 +331,6 @@ def train_and_save(cfg: TrainConfig, group, verbose: bool, overwrite: bool = Fal
         print(first_line(run), flush=True)
     result = run.train()
     return result, run.save()
-
-
-def _dist_error() -> type:
-    import torch.distributed
-    return torch.distributed.DistError
 
 
 def launch(cfg: TrainConfig, nproc: int) -> int:

@@ -59,6 +59,8 @@ def whole_trainable(model: nn.Module, group: Group):
 
 def load_whole_into(p: torch.Tensor, whole: torch.Tensor) -> None:
     """Copy this rank's rows of `whole` (the parameter's full value) into `p` (sharded or not)."""
+    if tuple(whole.shape) != tuple(p.shape):  # a sharded copy would take a slice of the wrong tensor silently
+        raise ValueError(f"checkpoint tensor has shape {list(whole.shape)}, the model expects {list(p.shape)}")
     start, rows = row_range(p)
     with torch.no_grad():
         local_part(p).copy_(whole[start:start + rows] if is_sharded(p) else whole)
@@ -80,11 +82,7 @@ def whole_optimizer_state(optimizer, group: Group) -> dict | None:
     for i, tensors in mine.items():
         for key in tensors:
             sd["state"][i][key] = torch.cat([rank[i][key] for rank in gathered])
-    for s in sd["state"].values():  # what is not per-row (torch's step counts) is the same on every rank
-        for key, v in s.items():
-            if is_sharded(v):
-                s[key] = v.full_tensor()
-    return sd
+    return sd  # what is not per-row (step counts) is a plain value, the same on every rank
 
 
 def local_optimizer_state(sd: dict, optimizer) -> dict:

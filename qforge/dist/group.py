@@ -134,6 +134,15 @@ def lost(group: Group, exc: BaseException) -> RankLost:
                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
 
+def lost_contact(exc: BaseException) -> bool:
+    """Whether `exc` says another rank is gone: RankLost (a Group collective), torch.distributed's
+    DistError, or the plain RuntimeError gloo raises inside FSDP's own collectives in forward and
+    backward ("Connection closed by peer", "gloo::...")."""
+    if isinstance(exc, (RankLost, torch.distributed.DistError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc) for w in ("gloo", "NCCL", "Connection closed"))
+
+
 def fault_point(group: Group, step: int) -> None:
     """Fault injection for tests: QFORGE_DIST_FAULT="RANK:STEP" makes rank RANK vanish (os._exit, no
     clean-up, as a crashed or killed process would) once it has finished optimiser step STEP."""

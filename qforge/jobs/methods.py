@@ -107,6 +107,10 @@ def check_processes(settings: dict, kind: str, limit: int, in_method: bool) -> N
         raise APIError(400, f"{param}: method '{settings['method']}' trains in one process; several processes "
                        f"(here {n}) shard QLoRA's 4-bit base: use method 'qlora' or n_processes 1",
                        param=param, code="unsupported")
+    if n > 1 and kind in ("dpo", "orpo"):
+        raise APIError(400, f"{param}: {kind} jobs train in one process for now (the preference loss runs the "
+                       f"sharded output layer a different number of times on each rank); got {n}",
+                       param=param, code="unsupported")
 
 
 def choose_method(base_model: str, settings: dict, budget: int, kind: str = "supervised") -> tuple[str, str]:

@@ -145,9 +145,8 @@ def _outcome(cfg, job_dir: Path, uploads, report, group) -> dict:
 def rank_lost(exc: BaseException) -> bool:
     """Whether a failure is a lost rank: qforge.dist's RankLost, or torch.distributed's own error
     from FSDP's collectives inside forward and backward."""
-    import torch.distributed
-    from ..dist import RankLost
-    return isinstance(exc, (RankLost, torch.distributed.DistError))
+    from ..dist import lost_contact
+    return lost_contact(exc)
 
 
 def uploaded_names(store: JobStore, job: dict):
@@ -234,8 +233,11 @@ def train_main(job_dir: Path, job_id: str, data_dir: Path, parent_pid: int | Non
     finally:
         if group is not None:
             close_group(group)
-    if rank != 0:
-        return 0
+    if rank != 0:  # rank 0 reports the job; another rank's own failure still fails its process
+        if outcome["status"] in ("succeeded", "interrupted"):
+            return 0
+        print(f"rank {rank}: {(outcome.get('error') or {}).get('message')}", flush=True)
+        return 1
     try:
         write_result(job_dir / RESULT_NAME, outcome)
     except DiskFull as exc:

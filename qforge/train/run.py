@@ -162,9 +162,7 @@ def prepare(cfg: TrainConfig, log=print, group: Group | None = None, detail=None
     detail = log if detail is None or not group.is_main else detail
     device = group.device if group.distributed else resolve_device(cfg.device)  # decided once, passed down
     cfg, splits, arch = _setup_checks(cfg, group, log)
-    if cfg.offload_base:
-        from .offload_base import check_offload
-        check_offload(cfg, group.world)
+    check_processes(cfg, group.world)
     cfg, plan = _setup_plan(cfg, arch, device, group, log, detail)
     t0 = time.perf_counter()
     loaded = load_sharded_for_method(cfg, group, log) if group.distributed else None
@@ -412,6 +410,17 @@ def count_parameters(model) -> tuple[int, int]:
     for _, experts in expert_layers(model):  # 4-bit MoE experts: buffers too, counted as [E, out, in]
         total += sum(math.prod(bank.shape) for bank in experts.banks.values())
     return trainable, total
+
+
+def check_processes(cfg: TrainConfig, world: int) -> None:
+    """The one-line refusals of settings that train in one process only, before anything loads."""
+    from .offload_base import check_offload
+    check_offload(cfg, world)
+    if world > 1 and cfg.objective != "sft":
+        # the preference loss runs the (sharded) output layer once per chunk of completion tokens, a number
+        # that differs between ranks: FSDP's gathers would not pair up across the ranks
+        raise ValueError(f"objective {cfg.objective}: preference tuning trains in one process for now "
+                         f"(got {world} processes); use --nproc 1")
 
 
 def shard_for_group(model, cfg: TrainConfig, group: Group, log=print) -> dict:
