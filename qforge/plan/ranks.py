@@ -96,7 +96,8 @@ def weight_split(arch: ModelArch, method: str, world: int, quant_type: str = "nf
                  group_size: int = 64) -> dict[str, int]:
     """Per-rank bytes of base, experts and embeddings, the whole-model bytes of each (`<key>_whole`)
     and of one block (`block`: a layer's tensors, whole, as FSDP gathers it) and of the root group
-    (`root`: the final norm; the vocabulary matrices are groups of their own, vocab_group_bytes). lora/full: every linear is BF16 and counts as base."""
+    (`root`: the final norm; the vocabulary matrices are groups of their own, vocab_group_bytes).
+    lora/full: every linear is BF16 and counts as base."""
     out = dict.fromkeys(("base", "experts", "embeddings", "base_whole", "experts_whole", "embeddings_whole",
                          "block", "root"), 0)
     for w in model_weights(arch):
@@ -241,6 +242,7 @@ def gpus_for(config: dict | ModelArch | str, gpu_bytes: int, max_gpus: int = 256
     return next((n for n in range(1, max_gpus + 1) if per_rank(arch, world=n, **run)["total"] <= gpu_bytes), None)
 
 
-__all__ = ["RANK_KEYS", "GATHERED_BLOCKS", "GATHER_COPIES", "vocab_group_bytes", "OFFLOAD_RESIDENT_BLOCKS", "per_rank", "offload_host_bytes",
+__all__ = ["RANK_KEYS", "GATHERED_BLOCKS", "GATHER_COPIES", "vocab_group_bytes", "OFFLOAD_RESIDENT_BLOCKS", "per_rank",
+           "offload_host_bytes",
            "weight_split", "trained_split", "state_bytes", "adapter_local", "adapter_shapes", "quantised_split", "shard", "resident_base_bytes", "gpus_for"]
 

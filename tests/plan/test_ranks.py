@@ -3,7 +3,8 @@
 What is checked here is counting, not calibration: one process equals the whole-run plan; each
 sharded component of an N-process run is the whole one / N up to FSDP's padding; the 4-bit base
 of a rank is the 4-bit bytes of the architecture's linear layers / N; activations follow this
-rank's rows of the batch; the buffers are the one-process buffers or the vocabulary group's gather, plus FSDP's blocks; with
+rank's rows of the batch; the buffers are the one-process buffers or the vocabulary group's
+gather, plus FSDP's blocks; with
 --offload-base the device keeps two blocks of base. The seed's rows (405B on four 80 GB cards,
 Mixtral 8x22B on one 141 GB card with the base offloaded) are computed from that same model.
 """
