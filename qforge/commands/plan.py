@@ -209,8 +209,8 @@ def rank_table(arch: ModelArch, methods, num_gpus: int, offload: bool, gpu: int,
     lines.append(f"{'fits ' + card_label(gpu) + (' each' if num_gpus > 1 else ''):{width}}"
                  + "".join(f"{'yes' if r['total'] <= gpu else 'no':>12}" for r in ranks))
     if num_gpus > 1:
-        lines.append(f"(buffers: the loss, {GATHERED_BLOCKS} gathered blocks, the root group gathered, one block's "
-                     "gradients to reduce-scatter)")
+        lines.append(f"(buffers: the loss or the larger vocabulary matrix gathered, twice during its copy-out; "
+                     f"{GATHERED_BLOCKS} gathered blocks; one block's gradients to reduce-scatter)")
     if offload:
         host = [offload_host_bytes(arch, m, num_gpus, run["quant_type"], True, run["hqq_group_size"])
                 for m in methods]

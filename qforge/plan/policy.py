@@ -5,7 +5,9 @@ memory the run's device has free.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 
 from .memory import CPU_BF16, CUDA_BF16, MemoryConstants, ModelArch, Plan, format_gb, plan_run
 
@@ -17,13 +19,17 @@ def constants_for(device: str) -> MemoryConstants:
 
 
 def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, device: str = "cpu",
-                    **changes: object) -> Plan:
+                    world: int = 1, **changes: object) -> Plan:
     """The plan of a TrainConfig-like `cfg` (attributes method, batch_size, max_seq_len, rank,
     gradient_checkpointing, quant_type, double_quant, optimizer, model; objective when it has one:
     a dpo/orpo batch of batch_size pairs is 2 * batch_size sequences), sized at max_seq_len
     (the longest a row can be), with `changes` (the same attribute names) applied on top.
     model_config: a config dict, ModelArch, transformers config (anything with to_dict()), a
-    name or path for load_arch; None reads cfg.model with load_arch."""
+    name or path for load_arch; None reads cfg.model with load_arch.
+    world: the run's processes (qforge train --nproc; cfg.batch_size is the global micro-batch, each
+    rank takes its rows); with world > 1 or cfg.offload_base, per_gpu_total is one rank's figure
+    (qforge.plan.ranks.per_rank: everything sharded / world, FSDP's gathers, the base on the host).
+    The checks below compare per_gpu_total (equal to total for one process without offload)."""
     settings = {k: getattr(cfg, k) for k in ("method", "batch_size", "max_seq_len", "rank", "gradient_checkpointing",
                                              "quant_type", "double_quant", "optimizer")}
     settings["keep_base_outputs"] = bool(getattr(cfg, "keep_base_outputs", False))  # auto (None): the minimum
@@ -33,14 +39,20 @@ def plan_for_config(cfg, model_config: dict | ModelArch | str | None = None, dev
     elif hasattr(model_config, "to_dict"):
         model_config = model_config.to_dict()
     optimizer = {"adamw": "adamw_torch"}.get(settings["optimizer"], settings["optimizer"])
-    return plan_run(model_config, settings["method"], seq_len=settings["max_seq_len"],
-                    batch_size=settings["batch_size"], rank=settings["rank"],
-                    gradient_checkpointing=settings["gradient_checkpointing"], quant_type=settings["quant_type"],
-                    double_quant=settings["double_quant"], optimizer=optimizer, constants=constants_for(device),
-                    keep_base_outputs=settings["keep_base_outputs"], chunked_loss=True,  # the trainer's loss
-                    adapter_bytes=2 if getattr(cfg, "adapter_dtype", "float32") == "bfloat16" else 4,
-                    residual_bytes=4 if getattr(cfg, "residual_dtype", "bfloat16") == "float32" else 2,
-                    objective=settings.get("objective", getattr(cfg, "objective", "sft")))
+    run = dict(seq_len=settings["max_seq_len"], batch_size=settings["batch_size"], rank=settings["rank"],
+               gradient_checkpointing=settings["gradient_checkpointing"], quant_type=settings["quant_type"],
+               double_quant=settings["double_quant"], optimizer=optimizer, constants=constants_for(device),
+               keep_base_outputs=settings["keep_base_outputs"], chunked_loss=True,  # the trainer's loss
+               adapter_bytes=2 if getattr(cfg, "adapter_dtype", "float32") == "bfloat16" else 4,
+               residual_bytes=4 if getattr(cfg, "residual_dtype", "bfloat16") == "float32" else 2,
+               objective=settings.get("objective", getattr(cfg, "objective", "sft")))
+    plan = plan_run(model_config, settings["method"], **run)
+    offload = bool(getattr(cfg, "offload_base", False)) and settings["method"] == "qlora"
+    if world > 1 or offload:
+        from .ranks import per_rank  # ranks builds on memory, as this module does
+        rank_total = per_rank(model_config, settings["method"], world=world, offload_base=offload, **run)["total"]
+        plan = dataclasses.replace(plan, num_gpus=world, per_gpu_total=rank_total)
+    return plan
 
 
 def _describe(changes: dict) -> str:
@@ -51,7 +63,8 @@ def _describe(changes: dict) -> str:
     return (", " if INTERFACE.get() == "api" else " ").join(parts)
 
 
-def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = "cpu") -> list[tuple[str, int]]:
+def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = "cpu",
+                         world: int = 1) -> list[tuple[str, int]]:
     """(flags, bytes) of the single changes to cfg that would fit, cheapest change first: QLoRA in
     place of lora/full, gradient checkpointing on, the largest smaller batch (gradient
     accumulation keeping the effective batch), the longest shorter max_seq_len (halving), and
@@ -64,13 +77,13 @@ def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = 
     if not cfg.gradient_checkpointing:
         candidates.append({"gradient_checkpointing": True})
     for batch in range(cfg.batch_size - 1, 0, -1):
-        if plan_for_config(cfg, model_config, device, batch_size=batch).total <= available_bytes:
+        if plan_for_config(cfg, model_config, device, world, batch_size=batch).per_gpu_total <= available_bytes:
             accum = cfg.grad_accum * math.ceil(cfg.batch_size / batch)
             candidates.append({"batch_size": batch, "grad_accum": accum})
             break
     seq = cfg.max_seq_len // 2
     while seq >= 64:
-        if plan_for_config(cfg, model_config, device, max_seq_len=seq).total <= available_bytes:
+        if plan_for_config(cfg, model_config, device, world, max_seq_len=seq).per_gpu_total <= available_bytes:
             candidates.append({"max_seq_len": seq})
             break
         seq //= 2
@@ -82,7 +95,7 @@ def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = 
     found, seen = [], set()
     for change in candidates:
         plan_changes = {k: v for k, v in change.items() if k != "grad_accum"}
-        need = plan_for_config(cfg, model_config, device, **plan_changes).total
+        need = plan_for_config(cfg, model_config, device, world, **plan_changes).per_gpu_total
         flags = _describe({k: v for k, v in change.items() if getattr(cfg, k) != v})
         if need <= available_bytes and flags and flags not in seen:
             found.append((flags, need))
@@ -91,18 +104,22 @@ def fitting_alternatives(cfg, model_config, available_bytes: int, device: str = 
 
 
 def check_fit(cfg, model_config: dict | ModelArch | str | None, available_bytes: int,
-              device: str = "cpu") -> tuple[bool, str]:
+              device: str = "cpu", world: int = 1) -> tuple[bool, str]:
     """(fits, message): whether the plan of `cfg` (see plan_for_config) fits available_bytes, and
-    a one-paragraph message; when it does not, the message names the settings that would fit."""
-    plan = plan_for_config(cfg, model_config, device)
+    a one-paragraph message; when it does not, the message names the settings that would fit.
+    world > 1: one process of the run against the memory one process can use."""
+    plan = plan_for_config(cfg, model_config, device, world)
+    need = plan.per_gpu_total
     where = "GPU" if device.startswith("cuda") else "RAM"
     run = (f"{cfg.method}, batch {cfg.batch_size} x {cfg.max_seq_len} tokens, gradient checkpointing "
-           f"{'on' if cfg.gradient_checkpointing else 'off'}")
-    if plan.total <= available_bytes:
-        return True, f"plan: {run} needs about {format_gb(plan.total)}; {format_gb(available_bytes)} {where} available"
-    message = (f"this run may not fit: {run} needs about {format_gb(plan.total)} (qforge plan's estimate at "
+           f"{'on' if cfg.gradient_checkpointing else 'off'}"
+           + (", base offloaded" if getattr(cfg, "offload_base", False) else ""))
+    who = f" per process of {world}" if world > 1 else ""
+    if need <= available_bytes:
+        return True, f"plan: {run} needs about {format_gb(need)}{who}; {format_gb(available_bytes)} {where} available"
+    message = (f"this run may not fit: {run} needs about {format_gb(need)}{who} (qforge plan's estimate at "
                f"max_seq_len), but only {format_gb(available_bytes)} of {where} is available.")
-    options = fitting_alternatives(cfg, model_config, available_bytes, device)
+    options = fitting_alternatives(cfg, model_config, available_bytes, device, world)
     if options:
         message += " Would fit: " + "; ".join(f"{flags} ({format_gb(need)})" for flags, need in options) + "."
     else:
@@ -119,11 +136,19 @@ def available_memory(device: str = "cpu") -> int:
     return int(psutil.virtual_memory().available)
 
 
+def per_process(available_bytes: int, device: str = "cpu", world: int = 1) -> int:
+    """The memory one process of a `world`-process run can use: a GPU's free memory is its own; the
+    host's RAM is shared by the processes on this machine (torchrun's LOCAL_WORLD_SIZE, else all)."""
+    if world <= 1 or str(device).startswith("cuda"):
+        return available_bytes
+    return available_bytes // max(1, min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+
+
 AUTO_KEEP_SHARE = 0.8  # auto selective checkpointing: the plan with it must fit in this share of memory
 
 
 def keep_base_outputs_for(cfg, model_config: dict | ModelArch | str | None = None, device: str = "cpu",
-                          available_bytes: int | None = None) -> tuple[bool, str]:
+                          available_bytes: int | None = None, world: int = 1) -> tuple[bool, str]:
     """(keep, reason): whether a run keeps its base outputs under gradient checkpointing
     (qforge.nn.recompute). An explicit cfg.keep_base_outputs wins; auto (None) keeps them when the
     plan with them fits in AUTO_KEEP_SHARE of the available memory. Only lora and qlora with
@@ -134,9 +159,10 @@ def keep_base_outputs_for(cfg, model_config: dict | ModelArch | str | None = Non
         how = "keeps the base products" if cfg.keep_base_outputs else "recomputes everything"
         return bool(cfg.keep_base_outputs), f"gradient checkpointing {how} (--{'' if cfg.keep_base_outputs else 'no-'}keep-base-outputs)"
     try:
-        available = available_memory(device) if available_bytes is None else available_bytes
-        without = plan_for_config(cfg, model_config, device, keep_base_outputs=False).total
-        with_kept = plan_for_config(cfg, model_config, device, keep_base_outputs=True).total
+        available = per_process(available_memory(device) if available_bytes is None else available_bytes,
+                                device, world)
+        without = plan_for_config(cfg, model_config, device, world, keep_base_outputs=False).per_gpu_total
+        with_kept = plan_for_config(cfg, model_config, device, world, keep_base_outputs=True).per_gpu_total
     except (ValueError, FileNotFoundError, OSError) as exc:
         return False, f"gradient checkpointing recomputes everything (plan not available: {exc})"
     extra = format_gb(with_kept - without)
@@ -148,13 +174,15 @@ def keep_base_outputs_for(cfg, model_config: dict | ModelArch | str | None = Non
 
 
 def warn_if_unfit(cfg, model_config: dict | ModelArch | str | None = None, log=print, device: str = "cpu",
-                  available_bytes: int | None = None) -> bool:
+                  available_bytes: int | None = None, world: int = 1) -> bool:
     """Log a warning, before a run starts, when its plan does not fit the memory this process can
-    see; returns whether it fits. `device`: the run's device kind ("cpu", "cuda").
+    see; returns whether it fits. `device`: the run's device kind ("cpu", "cuda"); `world`: the run's
+    processes (each process is sized as one rank of them: qforge.plan.ranks.per_rank).
     A model the planner cannot read (a damaged GGUF file, an unknown architecture) is not checked."""
     try:
-        available = available_memory(device) if available_bytes is None else available_bytes
-        fits, message = check_fit(cfg, model_config, available, device)
+        available = per_process(available_memory(device) if available_bytes is None else available_bytes,
+                                device, world)
+        fits, message = check_fit(cfg, model_config, available, device, world)
     except (ValueError, FileNotFoundError, OSError) as exc:
         log(f"plan: memory not checked ({exc})")
         return True

@@ -2,7 +2,8 @@
 
 The layout this prices is qforge.dist.shard's after issue 26: each transformer block is one FSDP2
 group (its 4-bit codes and absmax in a flat float storage, its adapters, norms and any other
-parameter); the root group holds the embeddings, the final norm and the output layer. Every
+parameter); the input embeddings and the output layer are groups of their own (one when tied);
+the root group holds what is left (the final norm). Every
 parameter is chunked on dim 0 over the `world` ranks; the adapters (and so their gradients and the
 8-bit AdamW state) in shards aligned to the optimiser's 256-value blocks. `per_rank` returns bytes
 by component with the keys of qforge.dist.shard.held_bytes, so that a measured rank and the plan
@@ -22,13 +23,21 @@ compare key by key:
               micro-batch, and each rank takes every world-th row (qforge.dist.Group.rows), so
               ceil(batch_size / world) rows, at least one (a rank without rows runs one at weight 0)
   buffers     transient: the loss's logits, one dequantised weight, the device context and the
-              allocator's slack (memory.temporary_bytes), plus, for world > 1, FSDP's gathers:
-              GATHERED_BLOCKS whole blocks (the one computing and the one prefetched: FSDP2
-              prefetches the next block's all-gather in forward and in backward), the root
-              group whole when ROOT_GATHERED_THROUGH_STEP (FSDP2 does not reshard the root after
-              forward: embeddings, head and final norm stay gathered from the step's forward to
-              the end of its backward; False for a layout that gives them groups of their own), and
-              one block's adapter gradients unsharded (the reduce-scatter's input)
+              allocator's slack (memory.temporary_bytes), and for world > 1 FSDP's gathers, in the
+              layout of qforge.dist.shard (one group per block; the input embeddings and the output
+              layer groups of their own, one group when tied, resharded right after their use; the
+              root group, the final norm, gathered through the step):
+                vocabulary gather  the larger vocabulary group (vocab_group_bytes, in the dtype the
+                        run holds it) twice while it is gathered: FSDP2's all-gather output and the
+                        unsharded parameter coexist during copy-out. The embeddings' gather comes
+                        before the loss, the head's (gathered again for its backward) with the
+                        loss's chunk; so the larger of (context + 2 x group) and (the one-process
+                        transient + the head's group once) counts
+                GATHERED_BLOCKS whole blocks (the one computing and the one prefetched: FSDP2
+                        prefetches the next block's all-gather in backward), the root group whole,
+                        and one block's adapter gradients unsharded (the reduce-scatter's input)
+              scale.py measured the embedded model (tied, float32 108 MiB) at N=2: +217 MiB right
+              after the embedding's all-gather, then flat through the blocks
   total       the sum: the rank's peak
 
 offload_base (qforge train --offload-base): the 4-bit base (this rank's shard of it) lives in
@@ -46,8 +55,9 @@ from .memory import (CUDA_BF16, OPTIM_BLOCK, OPTIM_MIN_NUMEL, OPTIMIZER_BITS, Me
 RANK_KEYS = ("base", "adapters", "gradients", "optimizer", "embeddings", "experts", "activations", "buffers")
 GATHERED_BLOCKS = 2  # FSDP2: the block computing and the next one, whose all-gather is prefetched
 OFFLOAD_RESIDENT_BLOCKS = 2  # --offload-base: the block computing and the next, copied ahead of its use
-ROOT_GATHERED_THROUGH_STEP = True  # the agreed layout: embeddings, final norm and head in FSDP2's root group
-OUTSIDE_BLOCKS = ("norm", "embed_tokens", "lm_head")  # the root group's tensors (model_weights' names)
+GATHER_COPIES = 2  # a gathered group during copy-out: FSDP2's all-gather output and the unsharded parameter
+OUTSIDE_BLOCKS = ("norm", "embed_tokens", "lm_head")  # tensors outside the blocks (model_weights' names)
+VOCABULARY = ("embed_tokens", "lm_head")  # groups of their own (qforge.dist.shard._vocabulary_groups)
 STORAGE_BYTES = 2  # the sharded 4-bit storage's element (bfloat16): a shard is whole elements
 
 
@@ -86,7 +96,8 @@ def weight_split(arch: ModelArch, method: str, world: int, quant_type: str = "nf
                  group_size: int = 64) -> dict[str, int]:
     """Per-rank bytes of base, experts and embeddings, the whole-model bytes of each (`<key>_whole`)
     and of one block (`block`: a layer's tensors, whole, as FSDP gathers it) and of the root group
-    (`root`). lora/full: every linear is BF16 and counts as base."""
+    (`root`: the final norm; the vocabulary matrices are groups of their own, vocab_group_bytes).
+    lora/full: every linear is BF16 and counts as base."""
     out = dict.fromkeys(("base", "experts", "embeddings", "base_whole", "experts_whole", "embeddings_whole",
                          "block", "root"), 0)
     for w in model_weights(arch):
@@ -99,7 +110,9 @@ def weight_split(arch: ModelArch, method: str, world: int, quant_type: str = "nf
             key = "base" if w.kind == "linear" else "embeddings"
         out[key] += local * w.copies
         out[key + "_whole"] += whole * w.copies
-        if w.name in OUTSIDE_BLOCKS:
+        if w.name in VOCABULARY:
+            pass  # groups of their own: vocab_group_bytes
+        elif w.name in OUTSIDE_BLOCKS:
             out["root"] += whole
         else:
             out["block"] += whole  # one copy: a layer that has every kind (an upper bound for mixed stacks)
@@ -170,8 +183,10 @@ def per_rank(config: dict | ModelArch | str, method: str = "qlora", world: int =
     one = plan_run(arch, method, num_gpus=1, **run)  # activations and the transient part, one process
     weights = weight_split(arch, method, world, quant_type, double_quant, hqq_group_size)
     out = {k: weights[k] for k in ("base", "experts", "embeddings")}
-    if residual_bytes > 2 and method != "full":  # float32 input embeddings (memory.plan_run)
-        out["embeddings"] += shard((residual_bytes - 2) * arch.vocab_size * arch.hidden_size, world)
+    embed, head = vocab_group_bytes(arch, method, constants.compute_bytes, residual_bytes)
+    if method != "full":  # the vocabulary matrices in the dtype the run holds them (weight_split: 2 bytes)
+        untied = 2 if any(w.name == "lm_head" for w in model_weights(arch)) else 1
+        out["embeddings"] += shard(embed + head - untied * 2 * arch.vocab_size * arch.hidden_size, world)
     if method == "full":  # every weight trains: BF16 gradients, AdamW state on its shard
         numels = [(w.numel, w.copies) for w in model_weights(arch)]
         eight_bit = OPTIMIZER_BITS[optimizer] == 8
@@ -187,13 +202,25 @@ def per_rank(config: dict | ModelArch | str, method: str = "qlora", world: int =
     out["buffers"] = one.temporary
     if world > 1:
         block = weights["block"] + block_grads  # a block's 4-bit storage, norms and adapters, gathered
-        root = weights["root"] if ROOT_GATHERED_THROUGH_STEP else 0
-        out["buffers"] += GATHERED_BLOCKS * block + root + block_grads
+        vocabulary = max(GATHER_COPIES * max(embed, head) + constants.context_bytes, one.temporary + (head or embed))
+        out["buffers"] = vocabulary + GATHERED_BLOCKS * block + weights["root"] + block_grads
     if offload_base:  # experts too: the whole 4-bit base is on the host
         out["base"] = resident_base_bytes(arch, weights["base"] + weights["experts"])
         out["experts"] = 0
     out["total"] = sum(out[k] for k in RANK_KEYS)
     return out
+
+
+def vocab_group_bytes(arch: ModelArch, method: str = "qlora", compute_bytes: int = 2,
+                      residual_bytes: int = 2) -> tuple[int, int]:
+    """(input embeddings, output layer) whole, in bytes, as the run holds them: floats in the compute
+    dtype (qforge.model.load.target_dtype), the embeddings in float32 under a float32 residual stream
+    (load's float32_residual_names); the output layer 0 when tied (one group over both). full: BF16."""
+    names = {w.name for w in model_weights(arch)}
+    values = arch.vocab_size * arch.hidden_size
+    value = 2 if method == "full" else max(2, compute_bytes)
+    embed = values * (value if method == "full" else max(value, residual_bytes))
+    return embed, (values * value if "lm_head" in names else 0)
 
 
 def resident_base_bytes(arch: ModelArch, base_on_rank: int) -> int:
@@ -215,6 +242,7 @@ def gpus_for(config: dict | ModelArch | str, gpu_bytes: int, max_gpus: int = 256
     return next((n for n in range(1, max_gpus + 1) if per_rank(arch, world=n, **run)["total"] <= gpu_bytes), None)
 
 
-__all__ = ["RANK_KEYS", "GATHERED_BLOCKS", "ROOT_GATHERED_THROUGH_STEP", "OFFLOAD_RESIDENT_BLOCKS", "per_rank", "offload_host_bytes",
+__all__ = ["RANK_KEYS", "GATHERED_BLOCKS", "GATHER_COPIES", "vocab_group_bytes", "OFFLOAD_RESIDENT_BLOCKS", "per_rank",
+           "offload_host_bytes",
            "weight_split", "trained_split", "state_bytes", "adapter_local", "adapter_shapes", "quantised_split", "shard", "resident_base_bytes", "gpus_for"]
 

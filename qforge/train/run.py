@@ -196,10 +196,11 @@ def _setup_plan(cfg: TrainConfig, arch, device: torch.device, group: Group, log,
     """Warn when the plan does not fit; decide keep_base_outputs once (auto: from the plan), the
     same on every rank, and write it into cfg."""
     from ..plan import keep_base_outputs_for, warn_if_unfit
-    fits = warn_if_unfit(cfg, arch, log=log, device=device.type)  # before loading: says which settings would fit
+    # before loading: says which settings would fit; a process of N is sized as one rank of N
+    fits = warn_if_unfit(cfg, arch, log=log, device=device.type, world=group.world)
     if cfg.keep_base_outputs is not None:
         return cfg, Plan(bool(cfg.keep_base_outputs), "given", fits)
-    keep, why = keep_base_outputs_for(cfg, arch, device=device.type)
+    keep, why = keep_base_outputs_for(cfg, arch, device=device.type, world=group.world)
     if group.distributed and group.any(not keep) and keep:  # every rank the same: all keep or none
         keep, why = False, ("gradient checkpointing recomputes everything: another rank lacks the memory "
                             "to keep the base products")

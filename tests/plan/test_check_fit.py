@@ -152,3 +152,38 @@ def test_on_cuda_the_keep_is_sized_from_mem_get_info(monkeypatch):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: asked.append(device) or (free, 2 * free))
         assert keep_base_outputs_for(cfg, "smollm2", "cuda")[0] is expected
     assert asked == [torch.device("cuda")] * 2
+
+
+def test_a_run_of_n_processes_is_sized_as_one_rank_of_n():
+    """qforge train --nproc N: each process holds one rank's share (qforge.plan.per_rank), not the
+    one-process run; a GPU's memory is its own, the host's RAM is shared by the machine's processes."""
+    from qforge.plan import CUDA_BF16, per_rank
+    cfg = config(method="qlora", gradient_checkpointing=True)
+    run = dict(seq_len=256, batch_size=4, rank=16, gradient_checkpointing=True, chunked_loss=True)
+    one = plan_for_config(cfg, device="cuda")
+    four = plan_for_config(cfg, device="cuda", world=4)
+    assert one.per_gpu_total == one.total
+    assert four.per_gpu_total == per_rank("smollm2", "qlora", world=4, constants=CUDA_BF16, **run)["total"]
+    assert four.total == one.total  # the whole run's working set is the same
+    budget = (four.per_gpu_total + one.per_gpu_total) // 2
+    assert four.per_gpu_total < budget < one.per_gpu_total
+    assert check_fit(cfg, None, budget, "cuda")[0] is False
+    fits, message = check_fit(cfg, None, budget, "cuda", world=4)
+    assert fits and "per process of 4" in message
+    lines = []  # on the CPU the four processes of this machine share its RAM: a quarter each
+    ram = 2 * plan_for_config(cfg, device="cpu", world=4).per_gpu_total
+    assert warn_if_unfit(cfg, log=lines.append, device="cpu", available_bytes=ram, world=1) is True
+    assert warn_if_unfit(cfg, log=lines.append, device="cpu", available_bytes=ram, world=4) is False
+    assert len(lines) == 1 and "per process of 4" in lines[0]
+
+
+def test_offload_base_sizes_the_device_side():
+    """--offload-base: the plan counts the blocks of 4-bit base resident on the device, not all of it."""
+    from qforge.plan import CUDA_BF16, per_rank
+    cfg = config(method="qlora", gradient_checkpointing=True, offload_base=True)
+    plan = plan_for_config(cfg, device="cuda")
+    run = dict(seq_len=256, batch_size=4, rank=16, gradient_checkpointing=True, chunked_loss=True)
+    assert plan.per_gpu_total == per_rank("smollm2", "qlora", offload_base=True, constants=CUDA_BF16, **run)["total"]
+    assert plan.per_gpu_total < plan.total
+    fits, message = check_fit(cfg, None, (plan.per_gpu_total + plan.total) // 2, "cuda")
+    assert fits and "base offloaded" in message

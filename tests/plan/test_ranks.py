@@ -3,17 +3,19 @@
 What is checked here is counting, not calibration: one process equals the whole-run plan; each
 sharded component of an N-process run is the whole one / N up to FSDP's padding; the 4-bit base
 of a rank is the 4-bit bytes of the architecture's linear layers / N; activations follow this
-rank's rows of the batch; the buffers are the one-process buffers plus FSDP's gathers; with
+rank's rows of the batch; the buffers are the one-process buffers or the vocabulary group's
+gather, plus FSDP's blocks; with
 --offload-base the device keeps two blocks of base. The seed's rows (405B on four 80 GB cards,
 Mixtral 8x22B on one 141 GB card with the base offloaded) are computed from that same model.
 """
+import dataclasses
 import math
 
 import pytest
 
 from qforge import cli
-from qforge.plan import (CPU_BF16, GATHERED_BLOCKS, GB, OFFLOAD_RESIDENT_BLOCKS, RANK_KEYS, ROOT_GATHERED_THROUGH_STEP,
-                         as_arch, offload_host_bytes, parameter_count, per_rank, plan_run)
+from qforge.plan import (CPU_BF16, CUDA_BF16, GATHER_COPIES, GATHERED_BLOCKS, GB, OFFLOAD_RESIDENT_BLOCKS, RANK_KEYS,
+                         as_arch, vocab_group_bytes, offload_host_bytes, parameter_count, per_rank, plan_run)
 
 SHARDED = ("base", "experts", "embeddings", "adapters", "gradients", "optimizer")
 RUN = dict(seq_len=512, batch_size=4, rank=16)  # qforge train's defaults (TrainConfig)
@@ -82,20 +84,36 @@ def test_activations_are_this_ranks_rows():
         a, world=1, seq_len=512, batch_size=2)["activations"]
 
 
-def test_fsdp_buffers_are_the_gathered_blocks_root_and_reduce_scatter():
+def test_fsdp_buffers_are_the_vocabulary_gather_blocks_root_and_reduce_scatter():
     a = as_arch("llama-3.1-8b")
     h, q, kv, i, r = a.hidden_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size, 16
     layer_linears = h * q + 2 * h * kv + q * h + 3 * h * i
     block_4bit = layer_linears / 2 + layer_linears / 64  # codes and first-level absmax, whole
     block_adapters = 4 * r * (2 * (h + q) + 2 * (h + kv) + 3 * (h + i))  # float32 A and B of the 7 linears
-    root = 2 * a.vocab_size * h * 2 + 4 * h  # embeddings and head BF16, final norm float32
-    one, two = per_rank(a, world=1, **RUN), per_rank(a, world=2, **RUN)
+    root = 4 * h  # the final norm, float32 (the vocabulary matrices are groups of their own)
+    vocab = a.vocab_size * h * 2  # one BF16 vocabulary matrix (untied: embeddings and head the same size)
+    two = per_rank(a, world=2, **RUN)
     # the same rows per rank (2 of 4 vs 4 of 4 would differ): compare against world=1 at batch 2
     half = per_rank(a, world=1, seq_len=512, batch_size=2, rank=16)
-    gathers = two["buffers"] - half["buffers"]
-    expected = GATHERED_BLOCKS * (block_4bit + block_adapters) + ROOT_GATHERED_THROUGH_STEP * root + block_adapters
-    assert expected <= gathers <= expected + 2 * layer_linears * 0.02 / 8 + 4 * h * 16
-    assert one["buffers"] > half["buffers"]  # the loss's chunk and the dequantised weight do not shrink to zero
+    # the larger of: the vocabulary group gathered twice (copy-out) beside the context, and the loss's
+    # transient beside the head's group gathered once
+    gathered = max(GATHER_COPIES * vocab + CUDA_BF16.context_bytes, half["buffers"] + vocab)
+    expected = gathered + GATHERED_BLOCKS * (block_4bit + block_adapters) + root + block_adapters
+    assert expected <= two["buffers"] <= expected + 2 * layer_linears * 0.02 / 8 + 4 * h * 16
+    assert per_rank(a, world=1, **RUN)["buffers"] > half["buffers"]  # the loss's chunk does not shrink to zero
+
+
+def test_a_float32_run_holds_and_gathers_its_vocabulary_in_float32():
+    """The embedded model trained as benchmarks/scale.py does (float32 compute and residual, tied): its
+    108 MiB float32 embedding is held sharded and gathered twice at N=2 (scale.py's probe: +217 MiB)."""
+    a = as_arch({"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                 "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True})
+    c = dataclasses.replace(CPU_BF16, compute_bytes=4)
+    embed = 49152 * 576 * 4
+    assert vocab_group_bytes(a, "qlora", 4, 4) == (embed, 0)
+    one, two = (per_rank(a, world=n, seq_len=32, batch_size=4, rank=16, constants=c, residual_bytes=4) for n in (1, 2))
+    assert 0 <= one["embeddings"] - embed < 30 * 4 * 576 * 3  # plus the norms, float32
+    assert two["buffers"] >= GATHER_COPIES * embed + c.context_bytes
 
 
 def test_offload_keeps_two_blocks_on_the_device_and_the_rest_on_the_host():
