@@ -176,6 +176,9 @@ def per_rank(config: dict | ModelArch | str, method: str = "qlora", world: int =
         raise ValueError(f"offload_base moves a 4-bit base to the host: method must be qlora, got '{method}'")
     arch = as_arch(config)
     rows = max(1, math.ceil(batch_size / world))  # qforge.dist.Group.rows: every world-th row
+    # Under FSDP the output layer is an FSDP module, which qforge.train.loss's chunked loss does not
+    # recompute from (it needs a plain nn.Linear): several processes take the one-pass loss.
+    chunked_loss = chunked_loss and world == 1
     run = dict(seq_len=seq_len, batch_size=rows, rank=rank, gradient_checkpointing=gradient_checkpointing,
                quant_type=quant_type, double_quant=double_quant, optimizer=optimizer, constants=constants,
                keep_base_outputs=keep_base_outputs, adapter_bytes=adapter_bytes, chunked_loss=chunked_loss,

@@ -94,13 +94,15 @@ def test_fsdp_buffers_are_the_vocabulary_gather_blocks_root_and_reduce_scatter()
     vocab = a.vocab_size * h * 2  # one BF16 vocabulary matrix (untied: embeddings and head the same size)
     two = per_rank(a, world=2, **RUN)
     # the same rows per rank (2 of 4 vs 4 of 4 would differ): compare against world=1 at batch 2
-    half = per_rank(a, world=1, seq_len=512, batch_size=2, rank=16)
+    # and the one-pass loss: under FSDP the output layer is no plain nn.Linear for the chunked loss
+    half = per_rank(a, world=1, seq_len=512, batch_size=2, rank=16, chunked_loss=False)
     # the larger of: the vocabulary group gathered twice (copy-out) beside the context, and the loss's
     # transient beside the head's group gathered once
     gathered = max(GATHER_COPIES * vocab + CUDA_BF16.context_bytes, half["buffers"] + vocab)
     expected = gathered + GATHERED_BLOCKS * (block_4bit + block_adapters) + root + block_adapters
     assert expected <= two["buffers"] <= expected + 2 * layer_linears * 0.02 / 8 + 4 * h * 16
-    assert per_rank(a, world=1, **RUN)["buffers"] > half["buffers"]  # the loss's chunk does not shrink to zero
+    assert per_rank(a, world=2, chunked_loss=False, **RUN) == two  # several processes: one pass whatever asked
+    assert per_rank(a, world=1, **RUN)["buffers"] > per_rank(a, world=1, seq_len=512, batch_size=2, rank=16)["buffers"]
 
 
 def test_a_float32_run_holds_and_gathers_its_vocabulary_in_float32():
