@@ -107,9 +107,9 @@ def test_the_trainer_reports_each_message_as_disk_full_not_a_training_error(kind
 
     monkeypatch.setattr(qforge.train.config.TrainConfig, "from_yaml", staticmethod(lambda path: None))
     monkeypatch.setattr(trainer_child, "with_tensorboard", lambda cfg: types.SimpleNamespace(model="tiny"))
-    monkeypatch.setattr(trainer_child, "resources_message", lambda: "resources")
+    monkeypatch.setattr(trainer_child, "resources_message", lambda world=1: "resources")
 
-    def prepare(cfg, log):
+    def prepare(cfg, log, group=None):
         raise MESSAGES[kind]()
 
     monkeypatch.setattr(qforge.train.run, "prepare", prepare)

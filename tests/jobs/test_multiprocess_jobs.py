@@ -126,7 +126,7 @@ def test_a_two_process_job_matches_a_one_process_job(service, training_file):
     assert [e.type for e in ev1 if e.type != "message"] == [e.type for e in ev2 if e.type != "message"]
     (res1,), (res2,) = ([e.message for e in ev if e.message.startswith(RESOURCES)] for ev in (ev1, ev2))
     assert res2.startswith("The job trains in 2 processes") and "processes" not in res1
-    sharded = [e.message for e in ev2 if e.message.startswith("2 processes: 4-bit base")]
+    sharded = [e.message for e in ev2 if e.message.startswith("2 processes, what each rank holds")]
     assert len(sharded) == 1
     assert shape_of(ev1, one.id, [res1]) == shape_of(ev2, two.id, [res2, *sharded])
     steps = [[c.step_number for c in service.client.fine_tuning.jobs.checkpoints.list(j.id, limit=100)] for j in jobs]

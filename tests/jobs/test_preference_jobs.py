@@ -193,7 +193,7 @@ def test_the_trainer_process_passes_the_objective_to_the_training_run(client, pa
         def save(self):
             return {"tokens": 1}
 
-    def prepare(cfg, log=print):
+    def prepare(cfg, log=print, group=None):
         seen["cfg"] = cfg
         return FakeRun()
 
