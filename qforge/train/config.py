@@ -18,8 +18,10 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 # bfloat16: kept in BF16, where an optimiser step under half a BF16 ulp of a weight is lost.
 ADAPTER_DTYPES = ("float32", "bfloat16")
 # bfloat16: the residual stream between layers in the compute dtype; float32: embeddings (and a tied
-# lm_head), norms and the adapted layers' outputs in float32, as PEFT's prepare_model_for_kbit_training
-RESIDUAL_DTYPES = ("bfloat16", "float32")
+# lm_head), norms and the adapted layers' outputs in float32, as PEFT's prepare_model_for_kbit_training;
+# auto (the default): float32 for the adapter methods (PEFT's eval losses, measured in BENCHMARKS.md's
+# "One configuration" section), bfloat16 for full fine-tuning (every weight trains in compute_dtype)
+RESIDUAL_DTYPES = ("auto", "bfloat16", "float32")
 QUANT_TYPES = ("nf4", "fp4", "hqq4", "hqq3", "hqq2")
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")  # adamw: torch's, 32-bit state
 # what the run learns from: demonstrations (sft), or preference pairs with DPO's sigmoid loss against a
@@ -93,7 +95,7 @@ class TrainConfig:
     hqq_group_size: int = 64  # values per scale and zero-point of an HQQ base (quant_type hqq4/hqq3/hqq2)
     compute_dtype: str = "bfloat16"
     adapter_dtype: str = "float32"  # the adapters' weights (products run in compute_dtype); see ADAPTER_DTYPES
-    residual_dtype: str = "bfloat16"  # the residual stream between layers; see RESIDUAL_DTYPES
+    residual_dtype: str = "auto"  # the residual stream between layers; see RESIDUAL_DTYPES (resolved on creation)
     optimizer: str = "paged_adamw_8bit"
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -166,6 +168,8 @@ class TrainConfig:
             raise ValueError(f"adapter_dtype: expected one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
         if self.residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype: expected one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
+        if self.residual_dtype == "auto":  # resolved here, so every reader sees bfloat16 or float32
+            self.residual_dtype = "bfloat16" if self.method == "full" else "float32"
         if self.residual_dtype == "float32" and self.method == "full":
             raise ValueError("residual_dtype: float32 is for the adapter methods (qlora, lora); full fine-tuning "
                              "trains every weight in compute_dtype")
