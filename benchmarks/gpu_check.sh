@@ -11,8 +11,9 @@
 #      fraction of a device-to-device copy, every path writing into the same preallocated buffer,
 #      every weight shape's figure kept;
 #   2. benchmarks/gpu_qlora_8b.py --no-write: QLoRA r=16 all-linear, seq 2048, batch 1, gradient
-#      checkpointing, two precision-matched pairs (qforge default vs PEFT without the float32
-#      upcast; qforge --residual-dtype float32 vs PEFT's prepare_model_for_kbit_training recipe),
+#      checkpointing, two precision-matched pairs (qforge's default, the float32 residual, vs PEFT's
+#      prepare_model_for_kbit_training recipe; qforge --residual-dtype bfloat16 vs PEFT without the
+#      float32 upcast),
 #      each side a fresh process, 3 interleaved repeats (alternating which side goes first), peaks
 #      reset after load and warm-up, max allocated and max reserved memory, non-paged 8-bit AdamW
 #      on both sides (bitsandbytes' paged state is managed memory max_memory_allocated misses),
@@ -28,10 +29,10 @@
 # Every stage has its own time limit (the budget is printed first); one that fails or runs out
 # reports "failed" and the next still runs. Library versions (torch, CUDA, bitsandbytes, PEFT,
 # transformers, triton) and the driver are printed before the first stage. The last line is
-#   gpu_qlora_speed_vs_peft=A gpu_qlora_mem_vs_peft=B gpu_qlora_f32_speed_vs_peft_recipe=C
-#   gpu_qlora_f32_mem_vs_peft_recipe=D gpu_dequant_vs_copy=E gpu_demo_exact_match=F
+#   gpu_qlora_speed_vs_peft_recipe=A gpu_qlora_mem_vs_peft_recipe=B gpu_qlora_bf16res_speed_vs_peft_noupcast=C
+#   gpu_qlora_bf16res_mem_vs_peft_noupcast=D gpu_dequant_vs_copy=E gpu_demo_exact_match=F
 #   gpu_sharded_peak_2_vs_1=G gpu_sharded_loss_rel_diff=H
-# (A, B: qforge default vs PEFT without upcast; C, D: the float32 pair; medians of qforge / PEFT
+# (A, B: qforge's default (float32 residual) vs PEFT's recipe; C, D: the bf16-residual pair; medians of qforge / PEFT
 # tokens/s and max_memory_allocated; E the smallest over the weight shapes; G rank 0's peak GPU
 # memory on two GPUs over one GPU's, H the largest relative loss difference; both "skipped" with
 # fewer than two GPUs). Without a CUDA device
@@ -60,7 +61,7 @@ fi
 echo "python: $PY ($("$PY" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'))"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/qforge-gpu-check.XXXXXX")
-SPEED=failed MEM=failed F32SPEED=failed F32MEM=failed DEQUANT=failed DEMO=failed ok=1
+SPEED=failed MEM=failed BF16SPEED=failed BF16MEM=failed DEQUANT=failed DEMO=failed ok=1
 SHARDED_PEAK=skipped SHARDED_LOSS=skipped
 # value NAME FILE: the NAME=value figure of FILE's last line that has it, or "failed".
 value() { grep -o "$1=[^ ]*" "$2" 2>/dev/null | tail -n 1 | cut -d= -f2 | grep . || echo failed; }
@@ -95,10 +96,10 @@ DEQUANT=$(value dequant_triton_frac_copy "$WORK/dequant.txt")
 stage "2. QLoRA on a Llama-3.1-8B-shaped model: qforge vs bitsandbytes + PEFT, precision-matched pairs"
 timeout "$T_PAIRS" "$PY" benchmarks/gpu_qlora_8b.py --no-write --repeats 3 --steps 3 \
     --side-limit-s "$SIDE_LIMIT" --deadline-s "$PAIRS_DEADLINE" 2>&1 | tee "$WORK/qlora8b.txt" | grep -v '^RESULT '
-SPEED=$(value gpu_qlora_speed_vs_peft "$WORK/qlora8b.txt")
-MEM=$(value gpu_qlora_mem_vs_peft "$WORK/qlora8b.txt")
-F32SPEED=$(value gpu_qlora_f32_speed_vs_peft_recipe "$WORK/qlora8b.txt")
-F32MEM=$(value gpu_qlora_f32_mem_vs_peft_recipe "$WORK/qlora8b.txt")
+SPEED=$(value gpu_qlora_speed_vs_peft_recipe "$WORK/qlora8b.txt")
+MEM=$(value gpu_qlora_mem_vs_peft_recipe "$WORK/qlora8b.txt")
+BF16SPEED=$(value gpu_qlora_bf16res_speed_vs_peft_noupcast "$WORK/qlora8b.txt")
+BF16MEM=$(value gpu_qlora_bf16res_mem_vs_peft_noupcast "$WORK/qlora8b.txt")
 
 stage "3. qforge demo --device cuda"
 timeout "$T_DEMO" "$PY" -m qforge demo --device cuda --skip-fidelity --output-dir "$WORK/demo" 2>&1 | tail -n 25
@@ -125,12 +126,12 @@ else
     echo "skipped: $NGPU GPU(s) visible; the sharded step needs two"
 fi
 
-for v in "$SPEED" "$MEM" "$F32SPEED" "$F32MEM" "$DEQUANT" "$DEMO"; do
+for v in "$SPEED" "$MEM" "$BF16SPEED" "$BF16MEM" "$DEQUANT" "$DEMO"; do
     case "$v" in failed|nan) ok=0 ;; esac
 done
 echo
 echo "tests: tests/kernels on cuda $KERNEL_TESTS; cuda forms of the device-fixture tests $DEVICE_TESTS"
-echo "gpu_qlora_speed_vs_peft=$SPEED gpu_qlora_mem_vs_peft=$MEM gpu_qlora_f32_speed_vs_peft_recipe=$F32SPEED" \
-     "gpu_qlora_f32_mem_vs_peft_recipe=$F32MEM gpu_dequant_vs_copy=$DEQUANT gpu_demo_exact_match=$DEMO" \
+echo "gpu_qlora_speed_vs_peft_recipe=$SPEED gpu_qlora_mem_vs_peft_recipe=$MEM gpu_qlora_bf16res_speed_vs_peft_noupcast=$BF16SPEED" \
+     "gpu_qlora_bf16res_mem_vs_peft_noupcast=$BF16MEM gpu_dequant_vs_copy=$DEQUANT gpu_demo_exact_match=$DEMO" \
      "gpu_sharded_peak_2_vs_1=$SHARDED_PEAK gpu_sharded_loss_rel_diff=$SHARDED_LOSS"
 [ "$ok" -eq 1 ]

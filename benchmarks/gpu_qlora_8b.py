@@ -12,9 +12,9 @@ Each side runs in its own fresh process, two arms one after the other on one loa
 
   qforge  load_model(DIR, device=cuda) (NF4 + double quant, streamed), LoRA r=16 alpha=32 on every
           linear layer but lm_head, prepare_for_kbit_training with gradient checkpointing, SDPA;
-          arm "qforge default": the bf16 residual stream;
-          arm "qforge f32 residual": then surgery.use_float32_residual (what `qforge train
-          --residual-dtype float32` calls: embeddings and norms float32, residual sums in float32).
+          arm "qforge bf16 residual": the bf16 residual stream (`--residual-dtype bfloat16`);
+          arm "qforge f32 residual": then surgery.use_float32_residual (qforge's default for qlora,
+          `--residual-dtype auto`: embeddings and norms float32, residual sums in float32).
   peft    AutoModelForCausalLM.from_pretrained(DIR, BitsAndBytesConfig(nf4, double quant, bf16
           compute), attn_implementation="sdpa"), LoraConfig(r=16, lora_alpha=32, all-linear);
           arm "peft no upcast": gradient checkpointing (non-reentrant) + enable_input_require_grads
@@ -44,9 +44,10 @@ a side starts only while the time left covers 1.25x its longest run so far (its 
 its first run); otherwise it is skipped and reported, not half-run. A pair's ratio uses only the
 repeats where both sides finished, and the table says how many those were. Output: library versions, one table row per
 arm and repeat, a table of medians with (min-max) spread, and a last line
-    gpu_qlora_speed_vs_peft=A gpu_qlora_mem_vs_peft=B gpu_qlora_f32_speed_vs_peft_recipe=C gpu_qlora_f32_mem_vs_peft_recipe=D
+    gpu_qlora_speed_vs_peft_recipe=A gpu_qlora_mem_vs_peft_recipe=B
+    gpu_qlora_bf16res_speed_vs_peft_noupcast=C gpu_qlora_bf16res_mem_vs_peft_noupcast=D
 (median over repeats of qforge / PEFT tokens/s and of qforge / PEFT max_memory_allocated; A and B
-from the default pair, C and D from the float32 pair; "nan" where a side never finished).
+from the float32 pair (qforge's default against PEFT's recipe), C and D from the bf16 pair; "nan" where a side never finished).
 Without CUDA it says so and exits 0 (unless --smoke).
 
 `--smoke` runs the same code on the CPU with a tiny model of the same family (checks the script,
@@ -215,7 +216,7 @@ def _ids(vocab: int, seq: int, device: str):
 
 
 def run_qforge(folder: str, args, device: str) -> dict:
-    """Arms "qforge default" then "qforge f32 residual" on one loaded model."""
+    """Arms "qforge bf16 residual" then "qforge f32 residual" on one loaded model."""
     import torch
 
     from qforge.devices import resolve_device
@@ -237,7 +238,7 @@ def run_qforge(folder: str, args, device: str) -> dict:
     init = [p.detach().to("cpu", copy=True) for p in trainable]  # the adapters' start, kept off the device
     ids = _ids(model.config.vocab_size, args.seq, device)
     out = {}
-    for arm in ("qforge default", "qforge f32 residual"):
+    for arm in ("qforge bf16 residual", "qforge f32 residual"):
         if arm == "qforge f32 residual":
             use_float32_residual(model)
         with torch.no_grad():
@@ -318,7 +319,7 @@ def one_side(args) -> int:
     return 0
 
 
-PAIRS = (("default", "qforge default", "peft no upcast"), ("f32", "qforge f32 residual", "peft recipe"))
+PAIRS = (("f32", "qforge f32 residual", "peft recipe"), ("bf16", "qforge bf16 residual", "peft no upcast"))
 
 
 def _run_side(side: str, args, limit: float) -> dict | None:
@@ -406,9 +407,9 @@ def side_by_side(args) -> int:
                         statistics.median(mem) if mem else float("nan"))
     print("\n" + markdown_table(["pair", "repeats with both", "speed qforge/peft median (min-max)",
                                   "max allocated qforge/peft", "max reserved qforge/peft"], summary))
-    (a, b), (c, d) = figures["default"], figures["f32"]
-    print(f"\ngpu_qlora_speed_vs_peft={a:.2f} gpu_qlora_mem_vs_peft={b:.2f} "
-          f"gpu_qlora_f32_speed_vs_peft_recipe={c:.2f} gpu_qlora_f32_mem_vs_peft_recipe={d:.2f}")
+    (a, b), (c, d) = figures["f32"], figures["bf16"]  # qforge's default (float32 residual) first
+    print(f"\ngpu_qlora_speed_vs_peft_recipe={a:.2f} gpu_qlora_mem_vs_peft_recipe={b:.2f} "
+          f"gpu_qlora_bf16res_speed_vs_peft_noupcast={c:.2f} gpu_qlora_bf16res_mem_vs_peft_noupcast={d:.2f}")
     return 0 if all(math.isfinite(x) for x in (a, c)) else 1
 
 

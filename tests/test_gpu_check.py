@@ -70,22 +70,22 @@ def test_gpu_qlora_8b_smoke_runs_both_pairs_interleaved(tmp_path):
     header, rows = _table(out, "arm")
     assert header == SMOKE_COLUMNS
     arms = [(r[0], int(r[1])) for r in rows]
-    assert arms == [("qforge default", 1), ("qforge f32 residual", 1), ("peft no upcast", 1), ("peft recipe", 1),
-                    ("peft no upcast", 2), ("peft recipe", 2), ("qforge default", 2), ("qforge f32 residual", 2),
-                    ("qforge default", 3), ("qforge f32 residual", 3), ("peft no upcast", 3), ("peft recipe", 3)]
+    assert arms == [("qforge bf16 residual", 1), ("qforge f32 residual", 1), ("peft no upcast", 1), ("peft recipe", 1),
+                    ("peft no upcast", 2), ("peft recipe", 2), ("qforge bf16 residual", 2), ("qforge f32 residual", 2),
+                    ("qforge bf16 residual", 3), ("qforge f32 residual", 3), ("peft no upcast", 3), ("peft recipe", 3)]
     dtypes = {r[0]: r[2] for r in rows}
-    assert dtypes == {"qforge default": "bfloat16/bfloat16", "qforge f32 residual": "float32/bfloat16",
+    assert dtypes == {"qforge bf16 residual": "bfloat16/bfloat16", "qforge f32 residual": "float32/bfloat16",
                       "peft no upcast": "bfloat16/bfloat16", "peft recipe": "float32/float32"}
     step0 = {float(r[8]) for r in rows}
     assert max(step0) - min(step0) < 0.01, step0
     pair_header, pairs = _table(out, "pair")
     assert pair_header[:3] == ["pair", "repeats with both", "speed qforge/peft median (min-max)"]
-    assert [p[0] for p in pairs] == ["qforge default vs peft no upcast", "qforge f32 residual vs peft recipe"]
+    assert [p[0] for p in pairs] == ["qforge f32 residual vs peft recipe", "qforge bf16 residual vs peft no upcast"]
     assert all(p[1] == "3" for p in pairs)
     last = out.strip().splitlines()[-1].split()
-    assert [kv.split("=")[0] for kv in last] == ["gpu_qlora_speed_vs_peft", "gpu_qlora_mem_vs_peft",
-                                                 "gpu_qlora_f32_speed_vs_peft_recipe",
-                                                 "gpu_qlora_f32_mem_vs_peft_recipe"]
+    assert [kv.split("=")[0] for kv in last] == ["gpu_qlora_speed_vs_peft_recipe", "gpu_qlora_mem_vs_peft_recipe",
+                                                 "gpu_qlora_bf16res_speed_vs_peft_noupcast",
+                                                 "gpu_qlora_bf16res_mem_vs_peft_noupcast"]
     assert float(last[0].split("=")[1]) > 0 and float(last[2].split("=")[1]) > 0
 
 

@@ -12,10 +12,18 @@ with SDPA's mask function), so `model.set_attn_implementation("qforge")` selects
 trainer selects it only for models that run SDPA (surgery.use_qforge_attention). It takes the
 matrix path only on CPU tensors, with autograd recording, without a KV cache (query and key of the
 same length), without arguments it does not implement (UNSUPPORTED) and up to MATH_MAX_SCORES
-scores, and not for float32 queries under autocast (a float32 residual: SDPA, whose scores stay in
-float32 as in PEFT's run); every other call goes to transformers' SDPA function unchanged. The matrix path is transformers' eager attention: scores in the compute dtype,
-masked with the dtype's lowest value, softmax in float32, probabilities back in the compute dtype;
-a query row with nothing to attend to (left padding) outputs zeros, as SDPA's kernel gives.
+scores; every other call goes to transformers' SDPA function unchanged. The matrix path is
+transformers' eager attention: scores in the compute dtype, masked with the dtype's lowest value,
+softmax in float32, probabilities back in the compute dtype; a query row with nothing to attend to
+(left padding) outputs zeros, as SDPA's kernel gives.
+
+Float32 queries under autocast (the float32 residual stream, qforge.model.surgery.
+use_float32_residual, the default for adapter training) take the matrix path at SDPA's precision
+under autocast, which is what PEFT's recipe runs: query, key and value rounded to the compute dtype,
+the scores kept in float32 (products of compute-dtype values, summed in float32, never rounded to
+BF16 before the softmax), probabilities in the compute dtype against the compute-dtype values.
+Rounding the scores to BF16 instead (the eager path above) measurably moved the first-step
+gradients on the embedded model (cosine 0.9983 to PEFT's), which this form does not.
 """
 from __future__ import annotations
 
@@ -30,15 +38,20 @@ MATH_MAX_SCORES = 2 * 1024 * 1024
 UNSUPPORTED = ("softcap", "s_aux", "sinks")
 
 
-def _math_attention(query, key, value, mask, scaling, dropout, causal=True):
+def _math_attention(query, key, value, mask, scaling, dropout, causal=True, wide_scores=False):
     """query (B, H, T, D), key/value (B, Hkv, T, D), mask bool (B|1, 1|H, T, T) True = attend, a
-    float mask to add, or None: causal, or nothing masked when not `causal`. Returns (B, T, H, D)."""
+    float mask to add, or None: causal, or nothing masked when not `causal`. wide_scores: the
+    scores are computed and kept in float32 from the inputs as they are (call it with autocast off).
+    Returns (B, T, H, D) in value's dtype."""
     b, h, t, d = query.shape
     groups = h // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if wide_scores:
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    else:
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if mask is None:
         if causal:
             mask = torch.ones(t, t, dtype=torch.bool, device=query.device).tril_()
@@ -47,14 +60,17 @@ def _math_attention(query, key, value, mask, scaling, dropout, causal=True):
         mask = None
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if not wide_scores:
+        probs = probs.to(value.dtype)
     if mask is not None:  # a query that may attend to nothing (padding) gets 0, as SDPA gives it
         empty = ~mask.any(dim=-1, keepdim=True)
         if bool(empty.any()):
             probs = probs.masked_fill(empty, 0.0)
     if dropout:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous()
+    out = torch.matmul(probs, value.to(probs.dtype)).to(value.dtype)
+    return out.transpose(1, 2).contiguous()
 
 
 def qforge_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -64,17 +80,19 @@ def qforge_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     b, h, t, d = query.shape
     plain = all(kwargs.get(k) is None for k in UNSUPPORTED)  # nothing the matrix path does not do
-    # float32 query and key under autocast (a float32 residual stream, qforge.model.surgery.
-    # use_float32_residual): SDPA, as in PEFT's recipe. Its kernel takes the BF16-cast inputs and keeps
-    # the scores in float32; the matrix path rounds them to BF16 before the softmax (measured on the
-    # embedded model: first-step adapter gradients at cosine 0.9983 to PEFT's against ~1.0 with SDPA)
-    wide = query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type)
-    if (plain and not wide and torch.is_grad_enabled() and key.shape[-2] == t
+    if (plain and torch.is_grad_enabled() and key.shape[-2] == t
             and dispatch.matrix_attention(query, b * h * t * t, MATH_MAX_SCORES)):
         # without a mask, causal as transformers' SDPA function decides it
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         scale = scaling if scaling is not None else d ** -0.5
         p = dropout if module.training else 0.0
+        device = query.device.type
+        if query.dtype == torch.float32 and torch.is_autocast_enabled(device):  # the float32 residual
+            low = torch.get_autocast_dtype(device)  # SDPA's inputs under autocast; see the module docstring
+            with torch.autocast(device, enabled=False):
+                out = _math_attention(query.to(low), key.to(low), value.to(low), attention_mask, scale, p, causal,
+                                      wide_scores=True)
+            return out, None
         return _math_attention(query, key, value, attention_mask, scale, p, causal), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)

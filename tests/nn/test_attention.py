@@ -108,3 +108,45 @@ def test_arguments_the_matrix_path_lacks_go_to_sdpa_and_other_models_are_not_swi
     assert use_qforge_attention(model) is False and model.config._attn_implementation == "eager"
     model.set_attn_implementation("sdpa")
     assert use_qforge_attention(model) is True and model.config._attn_implementation == attention.NAME
+
+
+def test_float32_queries_under_autocast_take_the_matrix_path_at_sdpa_precision():
+    """The float32 residual (the default for adapter training) hands attention float32 queries under
+    bf16 autocast. The matrix path then rounds q, k, v to BF16 as SDPA's autocast does and keeps the
+    scores and probabilities in float32: its output and gradients are as close to a float64
+    reference (from the same BF16-rounded inputs) as SDPA's are."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    torch.manual_seed(0)
+    b, h, hkv, t, d = 2, 8, 4, 11, 16
+    q, k, v = (torch.randn(b, n, t, d, requires_grad=True) for n in (h, hkv, hkv))
+    module = types.SimpleNamespace(training=False, is_causal=True, num_key_value_groups=h // hkv)
+    weight = torch.linspace(-1, 1, b * t * h * d).view(b, t, h, d)
+
+    def run(fn):
+        for x in (q, k, v):
+            x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn()
+        (out.float() * weight).sum().backward()
+        return out.detach().float(), [x.grad.clone() for x in (q, k, v)]
+
+    calls = []
+    math = attention._math_attention
+    attention._math_attention = lambda *a, **kw: calls.append(kw) or math(*a, **kw)
+    try:
+        ours = run(lambda: attention.qforge_attention(module, q, k, v, None)[0])
+    finally:
+        attention._math_attention = math
+    assert calls == [{"wide_scores": True}]
+    theirs = run(lambda: sdpa_attention_forward(module, q, k, v, None)[0])
+    exact = [x.detach().to(torch.bfloat16).double().requires_grad_() for x in (q, k, v)]
+    out = math(*exact, None, d ** -0.5, 0.0, True)
+    (out * weight.double()).sum().backward()
+    err = lambda got, want: float((got.double() - want).abs().max())  # noqa: E731
+    # the output is BF16 on both sides: one BF16 rounding of the same float32 value, or a neighbour
+    assert err(ours[0], out.detach()) <= err(theirs[0], out.detach()) * 1.01 + 1e-6
+    for name, g_ours, g_theirs, g_exact in zip("qkv", ours[1], theirs[1], (x.grad for x in exact)):
+        # each gradient reaches float32 through one BF16 rounding on both sides (the inputs' cast)
+        assert err(g_ours, g_exact) <= 2 * err(g_theirs, g_exact), name

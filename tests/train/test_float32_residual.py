@@ -112,16 +112,22 @@ def test_float32_residual_forward_equals_peft(folder):
 def test_residual_dtype_bad_value_is_a_clear_error(capsys):
     from qforge.cli import main
     from qforge.train.config import TrainConfig
-    with pytest.raises(ValueError, match=r"residual_dtype: expected one of \('bfloat16', 'float32'\), got 'fp16'"):
+    with pytest.raises(ValueError, match=r"residual_dtype: expected one of \('auto', 'bfloat16', 'float32'\), got 'fp16'"):
         TrainConfig(residual_dtype="fp16")
+    # auto, the default, resolves on creation: PEFT's precision for the adapter methods, the compute
+    # dtype for full fine-tuning (which refuses float32)
+    assert TrainConfig().residual_dtype == "float32"
+    assert TrainConfig(method="lora").residual_dtype == "float32"
+    assert TrainConfig(method="full").residual_dtype == "bfloat16"
+    assert TrainConfig(residual_dtype="bfloat16").residual_dtype == "bfloat16"
     with pytest.raises(ValueError, match="residual_dtype: float32 is for the adapter methods"):
         TrainConfig(method="full", residual_dtype="float32")
     with pytest.raises(SystemExit) as exc:  # argparse refuses it by its choices, in one line
         main(["train", "--residual-dtype", "float16", "--print-config"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "argument --residual-dtype: invalid choice: 'float16' (choose from 'bfloat16', " \
-        "'float32')" in err[0]
+    assert len(err) == 1 and "argument --residual-dtype: invalid choice: 'float16' (choose from 'auto', " \
+        "'bfloat16', 'float32')" in err[0]
 
 
 def test_planner_counts_the_float32_residual():
