@@ -257,7 +257,7 @@ def peer_label_loss(model, batch: dict):
     gathered to (N, H), the LM head on those N rows only, float32 token-mean cross-entropy: the
     value of `model(**batch).loss` with the head's work cut to the trained tokens."""
     import torch.nn.functional as F
-    base = model.get_base_model()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's wrapper or the model
     hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]

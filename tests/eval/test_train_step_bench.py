@@ -99,3 +99,38 @@ def test_probe_picks_the_faster_attention_by_median(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| eager (chosen) | 3 | 300.0 | 250-310 |" in out and "| sdpa | 3 | 285.0 | 280-290 |" in out
     assert train_step.print_probe(tmp_path / "probe" / "rows512", "rows512") is None
+
+
+def test_the_peers_label_only_loss_is_transformers_loss_and_gradients():
+    """peer_label_loss (the LM head on the labelled positions only) against the oracle
+    `model(**batch).loss` (the head everywhere): the same value and the same weight gradients,
+    with padding and prompt positions unlabelled, to the rounding of float32 sums."""
+    import torch
+
+    from tests.fixtures import tiny_llama
+    from tests.numerics import grad_atol, sum_atol
+
+    model = tiny_llama(hidden=64, layers=2, vocab=96, tied=True)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 96, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0                                   # a padded row
+    labels = ids.clone()
+    labels[:, :5] = -100                              # prompt
+    labels[mask == 0] = -100
+    labels[2, 5:8] = -100                             # a hole inside the answer
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ref = model(**batch, use_cache=False).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:-1]))
+    ours = train_step.peer_label_loss(model, batch)
+    hook.remove()
+    ours.backward()
+    n = int((labels[:, 1:] != -100).sum())
+    assert rows == [torch.Size([n])] and n < labels[:, 1:].numel()   # the head ran on the labelled rows only
+    torch.testing.assert_close(ours, ref, rtol=0, atol=sum_atol(64 + 96 + n, float(ref.detach())))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=0, atol=grad_atol(ref_grads[name], 3 * 12 + 96))
