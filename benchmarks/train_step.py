@@ -1,8 +1,8 @@
 """Training-step speed and memory: qforge QLoRA against bitsandbytes + PEFT QLoRA, like for like.
 
     .venv/bin/python benchmarks/train_step.py [--workloads short] [--configs ...] [--processes 5]
-        [--steps 10] [--warmup 2] [--output-dir runs/train_step]
-    .venv/bin/python benchmarks/train_step.py --report-only --output-dir runs/train_step
+        [--steps 10] [--warmup 2] [--peer-attention auto] [--quality-json PATH] [--output-dir runs/train_step]
+    .venv/bin/python benchmarks/train_step.py --report-only --output-dir runs/train_step [--quality-json PATH]
 
 Every configuration trains LoRA r=16 / alpha 32 on every linear layer but the LM head (dropout
 0.05) over a frozen NF4 + double-quant base (bf16 compute, bf16 autocast), with an 8-bit AdamW at
@@ -11,30 +11,43 @@ bitsandbytes-format folder, written once by `qforge quantize` under OUTPUT_DIR/c
 it as stored; transformers + bitsandbytes' CPU backend loads it with from_pretrained). BF16 LoRA
 loads the unquantised model.
 
-Configurations (--configs):
-  peft-recipe                 PEFT's documented QLoRA recipe: prepare_model_for_kbit_training (its
-                              float32 upcast of every non-4-bit weight, full non-reentrant
-                              checkpointing), transformers' default attention (SDPA), the loss
-                              from `model(**batch).loss` (LM head and float32 logits everywhere)
-  peft-matched-nockpt[-upcast]   PEFT matched to qforge's choices: the attention qforge uses for the
-  peft-matched-sac[-upcast]      workload (eager, i.e. the same matrix products, where qforge's
-                              attention takes its matrix path: short rows; SDPA otherwise), the
-                              loss only where a label is (qforge.train.loss.causal_lm_loss, which
-                              works on any transformers model), and either no checkpointing
-                              (nockpt) or torch's selective activation checkpointing (sac:
-                              torch.utils.checkpoint with create_selective_checkpoint_contexts,
-                              every aten.mm / aten.addmm output kept, the rest recomputed); with
-                              -upcast, prepare_model_for_kbit_training's float32 upcast (without
-                              its checkpointing), else every non-4-bit weight in bf16
-  qforge                      qforge's defaults, as `qforge train` runs (keep_base_outputs auto:
-                              selective checkpointing that keeps each 4-bit base product when the
-                              plan fits; qforge's attention)
+Configurations (--configs). "upcast" is prepare_model_for_kbit_training's float32 upcast of every
+non-4-bit weight (embeddings, norms, the tied head): the peer's float32 residual stream, the
+precision of qforge's default; without it every non-4-bit weight stays bf16 (qforge-bf16res's).
+  peft-recipe                 PEFT's documented QLoRA recipe: prepare_model_for_kbit_training (the
+                              upcast, full non-reentrant checkpointing), transformers' default
+                              attention (SDPA), the loss from `model(**batch).loss` (the LM head and
+                              float32 logits at every position)
+  peft-ckpt-label[-upcast]    PEFT at its best with full checkpointing: full non-reentrant gradient
+                              checkpointing, the peer's attention (--peer-attention), and the loss
+                              only where a label is, in the peer's own terms: the decoder stack's
+                              hidden states, the positions whose next token has a label gathered,
+                              the LM head on those only, float32 token-mean cross-entropy (what
+                              transformers' `logits_to_keep` with a tensor of positions does, per
+                              row); -upcast: the recipe's precision
+  peft-matched-nockpt[-upcast]   PEFT without checkpointing, the peer's attention, the loss only
+                              where a label is (qforge.train.loss.causal_lm_loss, which works on any
+                              transformers model); -upcast: the recipe's precision
+  qforge                      qforge's defaults, as `qforge train` runs (residual_dtype auto: float32
+                              residual stream for QLoRA, PEFT's recipe's precision; keep_base_outputs
+                              auto: selective checkpointing that keeps each 4-bit base product when
+                              the plan fits; qforge's attention). qforge-f32res is accepted as its
+                              old name.
+  qforge-bf16res              qforge with --residual-dtype bfloat16 (the default before it was float32)
   qforge-recompute            qforge with full recomputation (--no-keep-base-outputs)
   qforge-nockpt               qforge without gradient checkpointing
-  qforge-f32res               qforge with --residual-dtype float32 (PEFT's recipe's precision: float32
-                              embeddings, norms and residual stream, SDPA on float32 queries); its
-                              ratios to the peers are printed beside the workload's line
   qforge-lora                 qforge BF16 LoRA (the unquantised bf16 base), its defaults
+
+torch's selective activation checkpointing on the peer (keep every mm/addmm output, recompute the
+rest; the rows peft-matched-sac* of earlier runs) is no longer run: its policy sees bitsandbytes'
+dequantise as ordinary ops and recomputes it in backward, so it charged the peer work its own
+checkpointing would not do; full checkpointing and none bracket it.
+
+The peer's attention (--peer-attention, default auto): a probe runs peft-matched-nockpt (the
+fastest PEFT row in every recorded run) with eager and with SDPA attention, 2 fresh processes each,
+interleaved, 1 warm-up + --probe-steps timed steps, prints their tokens/s and takes the faster per
+workload for every PEFT row but the recipe (which keeps transformers' default, SDPA, as documented);
+eager or sdpa forces the choice. Probe records go to OUTPUT_DIR/probe/WORKLOAD/ATTENTION/I.json.
 
 Workloads (--workloads):
   short      SmolLM2-135M (the embedded model), the demo task's rows (~80 tokens), batch 4
@@ -50,25 +63,32 @@ returns the allocator's free memory to the system (malloc_trim, both sides), res
 high-water mark of its resident set (writing 5 to /proc/self/clear_refs), then times --steps
 steps. Speed: each process' tokens per second over its timed steps (the same steps, the same
 tokens, for every configuration); a configuration's figure is the median over its processes, with
-the spread (min-max). Memory: the training phase's peak RSS (VmHWM over the timed steps; the
-model, optimiser state and import baseline are in it, the loader's transient peak is not), shown
-beside the peak of RssAnon over the same steps (anonymous memory, read every 10 ms by a thread),
-RssFile at the end (file pages mapped into the process: transformers maps the safetensors file, and
-the 4-bit weights it keeps as views of that mapping are counted here, not in RssAnon; qforge reads
-with pread, so its weights are anonymous) and the loading peak. C is taken from the RSS peak: the
-mapped weights are the peer's working set, not reclaimable cache. Every record is written to
-OUTPUT_DIR/runs/WORKLOAD/CONFIG/I.json, so a run can be made in parts and reported at once
-(--report-only).
+the spread (min-max). Memory, every row, both sides, one column each: the training phase's peak RSS
+(VmHWM over the timed steps; the model, optimiser state and import baseline are in it, the loader's
+transient peak is not) and the peak of RssAnon over the same steps (anonymous memory, read every
+10 ms by a thread); then RssFile at the end (file pages mapped into the process: transformers maps
+the safetensors file, and the 4-bit weights it keeps as views of that mapping are counted here, not
+in RssAnon; qforge reads with pread, so its weights are anonymous) and the loading peak. Every
+record is written to OUTPUT_DIR/runs/WORKLOAD/CONFIG/I.json, so a run can be made in parts and
+reported at once (--report-only).
 
 Each configuration prints its trainable-parameter count, tokens per step, checkpointing policy,
 attention, adapter dtype (of the parameters the optimiser updates, read from the trained model)
 and residual dtype (the hidden states a decoder layer returns, read by a hook in the first step)
 and its first three losses.
 
-Last line, for the first workload reported (short when present):
+Last two lines, for the first workload reported (short when present):
+WORKLOAD: same_config_peer=P speed_vs_fastest_peft=E (Q) train_mem_rss_vs_same_config_peer=F
+    train_mem_anon_vs_same_config_peer=G
 qlora_speed_vs_peft=A qlora_speed_vs_peft_matched=B qlora_train_mem_vs_peft=C qlora_vs_lora_step_time=D
-A: qforge's tokens/s over peft-recipe's; B: over the fastest peft-matched-* configuration run;
-C: qforge's training-phase peak RSS over peft-recipe's; D: qforge's step time over qforge-lora's.
+    same_config_speed_vs_peft=S same_config_eval_loss_vs_peft=L
+A: qforge's tokens/s over peft-recipe's; B: over the fastest PEFT row but the recipe; C: qforge's
+training-phase peak RSS over peft-recipe's; D: qforge's step time over qforge-lora's. S: qforge's
+tokens/s over P, the fastest PEFT row computing at qforge's default precision (the upcast rows:
+peft-recipe, peft-ckpt-label-upcast, peft-matched-nockpt-upcast); L: the key
+same_config_eval_loss_vs_peft of the train_quality.py result file --quality-json (nan without it).
+E: qforge's tokens/s over Q, the fastest PEFT row of any precision; F, G: qforge's training peak RSS
+and RssAnon over P's.
 """
 from __future__ import annotations
 
@@ -86,10 +106,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import proc_status  # noqa: E402
-PEFT_CONFIGS = ("peft-recipe", "peft-matched-nockpt", "peft-matched-nockpt-upcast",
-                "peft-matched-sac", "peft-matched-sac-upcast")
-QFORGE_CONFIGS = ("qforge", "qforge-recompute", "qforge-nockpt", "qforge-lora", "qforge-f32res")
+PEFT_CONFIGS = ("peft-recipe", "peft-ckpt-label", "peft-ckpt-label-upcast", "peft-matched-nockpt",
+                "peft-matched-nockpt-upcast")
+# the PEFT rows computing at qforge's default precision (float32 embeddings, norms, residual stream)
+SAME_PRECISION = ("peft-recipe", "peft-ckpt-label-upcast", "peft-matched-nockpt-upcast")
+QFORGE_CONFIGS = ("qforge", "qforge-bf16res", "qforge-recompute", "qforge-nockpt", "qforge-lora")
 CONFIGS = PEFT_CONFIGS[:1] + QFORGE_CONFIGS[:1] + PEFT_CONFIGS[1:] + QFORGE_CONFIGS[1:]
+ALIASES = {"qforge-f32res": "qforge"}  # float32 residual is now qforge's default
+PROBE_CONFIG, PEER_ATTENTIONS = "peft-matched-nockpt", ("eager", "sdpa")
 WORKLOADS = {  # name: (model, row length or None for the demo rows as they are, batch size)
     "short": ("smollm2", None, 4),
     "rows512": ("smollm2", 512, 2),
@@ -195,59 +219,51 @@ def prepare_batches(cache: Path, workload: str, steps: int, tinyllama_seq: int, 
 
 
 # ---- building each side ---------------------------------------------------------------------------
-def sac_context():
-    """torch's selective activation checkpointing: keep every matrix product's output (the 4-bit
-    base products and the LoRA products), recompute everything else."""
-    import torch
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
-
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
-    return create_selective_checkpoint_contexts(policy)
-
-
-def qforge_attention_path(config, batch: dict) -> str:
-    """The attention qforge runs for this batch: "eager" (its matrix path: transformers' eager
-    products) when it takes its matrix path on the CPU, else "sdpa"."""
-    from qforge.nn.attention import MATH_MAX_SCORES
-    b, t = batch["input_ids"].shape
-    return "eager" if b * config.num_attention_heads * t * t <= MATH_MAX_SCORES else "sdpa"
-
-
-def build_peft(config: str, folder: str, first_batch: dict):
+def build_peft(config: str, folder: str, attention: str | None):
+    """bitsandbytes NF4 + PEFT LoRA for `config`; `attention` is the peer's attention for every row
+    but the recipe (which keeps transformers' default)."""
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
-    kwargs = {}
-    if config != "peft-recipe":
-        kwargs["attn_implementation"] = qforge_attention_path(AutoConfig.from_pretrained(folder), first_batch)
+    kwargs = {} if config == "peft-recipe" else {"attn_implementation": attention}
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qcfg, device_map="cpu",
                                                  dtype=torch.bfloat16, **kwargs)
-    if config == "peft-recipe":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+    checkpointing = config == "peft-recipe" or config.startswith("peft-ckpt")
+    if config == "peft-recipe" or config.endswith("-upcast"):  # the recipe's float32 upcast (and checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        if config.endswith("-upcast"):
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        else:  # what prepare_model_for_kbit_training does but its upcast: freeze, every float weight bf16
-            for p in model.parameters():
-                p.requires_grad = False
-                if p.is_floating_point() and p.dtype != torch.bfloat16:
-                    p.data = p.data.to(torch.bfloat16)
-        if "-sac" in config:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                               "context_fn": sac_context})
-            model.config.use_cache = False
+    else:  # what prepare_model_for_kbit_training does but its upcast: freeze, every float weight bf16
+        for p in model.parameters():
+            p.requires_grad = False
+            if p.is_floating_point() and p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.05,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=LR)
     return model, opt
+
+
+def peer_label_loss(model, batch: dict):
+    """The peer's loss only where a label is, in transformers' own terms (no qforge code): the
+    decoder stack's last hidden states (B, T, H), the positions whose next token is a label
+    gathered to (N, H), the LM head on those N rows only, float32 token-mean cross-entropy: the
+    value of `model(**batch).loss` with the head's work cut to the trained tokens."""
+    import torch.nn.functional as F
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's wrapper or the model
+    hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])               # (N, vocab)
+    return F.cross_entropy(logits.float(), targets[keep])
 
 
 def build_qforge(config: str, folders: dict):
@@ -260,7 +276,7 @@ def build_qforge(config: str, folders: dict):
                       rank=RANK, alpha=2 * RANK, dropout=0.05, lr=LR, optimizer="adamw_8bit",
                       keep_base_outputs=False if config == "qforge-recompute" else None,
                       gradient_checkpointing=config != "qforge-nockpt",
-                      residual_dtype="float32" if config == "qforge-f32res" else "bfloat16")
+                      residual_dtype="bfloat16" if config == "qforge-bf16res" else "auto")
     model, _ = load_for_method(cfg)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     return model, opt
@@ -279,8 +295,6 @@ def checkpoint_policy(model) -> str:
         return "full"
     if name == "keep_base_outputs":
         return "selective: frozen base products kept"
-    if name == "sac_context":
-        return "selective: torch SAC, mm/addmm outputs kept"
     return f"selective: {name}"
 
 
@@ -292,7 +306,7 @@ def child(args) -> None:
     folders = json.loads(args.folders)
     t0 = time.perf_counter()
     if args.config.startswith("peft"):
-        model, opt = build_peft(args.config, folders["bnb"], batches[0])
+        model, opt = build_peft(args.config, folders["bnb"], args.attention)
     else:
         model, opt = build_qforge(args.config, folders)
     load_s = time.perf_counter() - t0
@@ -301,6 +315,9 @@ def child(args) -> None:
     if args.config == "peft-recipe":
         def compute_loss(batch):
             return model(**batch, use_cache=False).loss
+    elif args.config.startswith("peft-ckpt-label"):
+        def compute_loss(batch):
+            return peer_label_loss(model, batch)
     else:
         from qforge.train.loss import causal_lm_loss
 
@@ -380,9 +397,59 @@ def children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_all(args) -> None:
+def run_child(out: Path, subdir: str, workload: str, config: str, index: int, steps: int, warmup: int,
+              batches: Path, folders: dict, commit: str, attention: str | None) -> dict:
+    """One fresh process of `config`; its record (with wall/CPU time, date, load) is written to
+    OUT/SUBDIR/WORKLOAD/NAME/INDEX.json, NAME the config (runs/) or the attention (probe/)."""
     from qforge.fileio import atomic_write_bytes
+    cmd = [sys.executable, __file__, "--child", "--workload", workload, "--config", config,
+           "--index", str(index), "--steps", str(steps), "--warmup", str(warmup),
+           "--batches", str(batches), "--folders", json.dumps(folders)]
+    if attention and config != "peft-recipe" and config.startswith("peft"):
+        cmd += ["--attention", attention]
+    t, cpu = time.perf_counter(), children_cpu_s()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{workload} {config} ({attention or 'default'} attention) process {index} failed "
+                         f"(exit {proc.returncode})")
+    rec = json.loads(lines[-1])
+    rec.update(commit=commit, wall_s=time.perf_counter() - t, cpu_s=children_cpu_s() - cpu,
+               date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), loadavg=os.getloadavg()[0])
+    name = attention if subdir == "probe" else config
+    atomic_write_bytes(out / subdir / workload / name / f"{index}.json", json.dumps(rec).encode())
+    return rec
 
+
+def probe_attention(args, out: Path, workload: str, folders: dict, commit: str) -> str:
+    """The peer's faster attention on this workload: PROBE_CONFIG with eager and with SDPA, 2 fresh
+    processes each, interleaved; the table is printed, the faster by median tokens/s returned."""
+    batches = prepare_batches(out / "cache", workload, 1 + args.probe_steps, args.tinyllama_seq, args.batch_size)
+    for index in range(2):
+        for attention in PEER_ATTENTIONS:
+            rec = run_child(out, "probe", workload, PROBE_CONFIG, index, args.probe_steps, 1, batches, folders,
+                            commit, attention)
+            print(f"{workload} probe {PROBE_CONFIG} {attention} #{index}: {rec['tokens_per_s']:.1f} tok/s", flush=True)
+    return print_probe(out / "probe" / workload, workload)
+
+
+def print_probe(root: Path, workload: str) -> str | None:
+    """Print the attention probe's table for `workload` from its records; the faster attention."""
+    speeds = {a: sorted(json.loads(f.read_text())["tokens_per_s"] for f in sorted((root / a).glob("*.json")))
+              for a in PEER_ATTENTIONS}
+    speeds = {a: v for a, v in speeds.items() if v}
+    if not speeds:
+        return None
+    best = max(speeds, key=lambda a: statistics.median(speeds[a]))
+    print(f"\n{workload}: the peer's attention, probed with {PROBE_CONFIG} (fresh interleaved processes)")
+    print("| attention | processes | tokens/s (median) | spread |\n|---|---:|---:|---|")
+    for a, v in speeds.items():
+        print(f"| {a}{' (chosen)' if a == best else ''} | {len(v)} | {statistics.median(v):.1f} | {v[0]:.0f}-{v[-1]:.0f} |")
+    return best
+
+
+def run_all(args) -> None:
     out = Path(args.output_dir)
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -391,27 +458,18 @@ def run_all(args) -> None:
     for workload in args.workloads:
         batches = prepare_batches(cache, workload, args.warmup + args.steps, args.tinyllama_seq, args.batch_size)
         folders = models[WORKLOADS[workload][0]]
+        attention = args.peer_attention
+        if attention == "auto" and any(c.startswith("peft") and c != "peft-recipe" for c in args.configs):
+            attention = probe_attention(args, out, workload, folders, commit)
+            print(f"{workload}: the peer's attention: {attention}", flush=True)
         for index in range(args.processes):
             for config in args.configs:
-                cmd = [sys.executable, __file__, "--child", "--workload", workload, "--config", config,
-                       "--index", str(index), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--batches", str(batches), "--folders", json.dumps(folders)]
-                t, cpu = time.perf_counter(), children_cpu_s()
-                proc = subprocess.run(cmd, capture_output=True, text=True,
-                                      env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-                if proc.returncode != 0 or not lines:
-                    print(proc.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"{workload} {config} process {index} failed (exit {proc.returncode})")
-                rec = json.loads(lines[-1])
-                rec.update(commit=commit, wall_s=time.perf_counter() - t, cpu_s=children_cpu_s() - cpu,
-                           date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                           loadavg=os.getloadavg()[0])
-                atomic_write_bytes(out / "runs" / workload / config / f"{index}.json",
-                                   json.dumps(rec).encode())
+                rec = run_child(out, "runs", workload, config, index, args.steps, args.warmup, batches, folders,
+                                commit, attention)
                 print(f"{workload} {config} #{index}: {rec['tokens_per_s']:.1f} tok/s, train peak "
-                      f"{(rec['train_peak'] or 0) / 1e9:.2f} GB, {rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU, "
-                      f"losses {rec['losses'][:3]}", flush=True)
+                      f"{(rec['train_peak'] or 0) / 1e9:.2f} GB (anon {rec['train_peak_anon'] / 1e9:.2f}), "
+                      f"{rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU, losses {rec['losses'][:3]}, "
+                      f"attention {rec['attention']}", flush=True)
 
 
 def summarise(records: list[dict]) -> dict:
@@ -434,17 +492,53 @@ def summarise(records: list[dict]) -> dict:
 
 
 def ratios(rows: dict, ours: str = "qforge") -> dict:
+    """The last line's ratios of `ours` against the peers present in `rows`, and the peers used."""
     def r(a, b, key, invert=False):
         if a not in rows or b not in rows or not rows[a][key] or not rows[b][key]:
             return None
         return rows[b][key] / rows[a][key] if invert else rows[a][key] / rows[b][key]
-    matched = [c for c in rows if c.startswith("peft-matched")]
-    best = max(matched, key=lambda c: rows[c]["tokens_per_s"]) if matched else None
+
+    def fastest(names):
+        names = [c for c in names if c in rows]
+        return max(names, key=lambda c: rows[c]["tokens_per_s"]) if names else None
+    best = fastest(c for c in PEFT_CONFIGS if c != "peft-recipe")
+    same, any_peft = fastest(SAME_PRECISION), fastest(PEFT_CONFIGS)
     return {"qlora_speed_vs_peft": r(ours, "peft-recipe", "tokens_per_s"),
-            "qlora_speed_vs_peft_matched": r(ours, best, "tokens_per_s") if best else None,
+            "qlora_speed_vs_peft_matched": r(ours, best, "tokens_per_s"),
             "qlora_train_mem_vs_peft": r(ours, "peft-recipe", "train_peak"),
             "qlora_vs_lora_step_time": r(ours, "qforge-lora", "tokens_per_s", invert=True),
-            "best_matched": best}
+            "same_config_speed_vs_peft": r(ours, same, "tokens_per_s"),
+            "speed_vs_fastest_peft": r(ours, any_peft, "tokens_per_s"),
+            "train_mem_rss_vs_same_config_peer": r(ours, same, "train_peak"),
+            "train_mem_anon_vs_same_config_peer": r(ours, same, "train_peak_anon"),
+            "best_matched": best, "same_config_peer": same, "fastest_peft": any_peft}
+
+
+OLD_KEYS = ("qlora_speed_vs_peft", "qlora_speed_vs_peft_matched", "qlora_train_mem_vs_peft", "qlora_vs_lora_step_time")
+
+
+def fmt(q: dict, keys) -> str:
+    return " ".join(f"{k}={q[k]:.2f}" if q[k] is not None else f"{k}=n/a" for k in keys)
+
+
+def same_config_line(workload: str, q: dict) -> str:
+    """The line before the last: the same-precision peer, qforge against the fastest peer of any
+    precision, and its memory against the same-precision peer's."""
+    e = q["speed_vs_fastest_peft"]
+    return (f"{workload}: same_config_peer={q['same_config_peer']} speed_vs_fastest_peft="
+            f"{'n/a' if e is None else f'{e:.2f}'} ({q['fastest_peft']}) "
+            + fmt(q, ("train_mem_rss_vs_same_config_peer", "train_mem_anon_vs_same_config_peer")))
+
+
+def quality_ratio(path: str | None) -> float:
+    """same_config_eval_loss_vs_peft from train_quality.py's result file; nan without one."""
+    if not path:
+        return float("nan")
+    try:
+        value = json.loads(Path(path).read_text()).get("same_config_eval_loss_vs_peft")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SystemExit(f"--quality-json {path}: expected train_quality.py's JSON result file ({e})")
+    return float("nan") if value is None else float(value)
 
 
 def report(args) -> None:
@@ -452,7 +546,7 @@ def report(args) -> None:
     if not root.is_dir():
         raise SystemExit(f"{root}: no records (run without --report-only first)")
     order = [w for w in WORKLOADS if (root / w).is_dir() and (not args.workload_given or w in args.workloads)]
-    lines = []
+    heads = []
     for workload in order:
         rows = {}
         for config in CONFIGS:
@@ -461,6 +555,7 @@ def report(args) -> None:
                 rows[config] = summarise([json.loads(f.read_text()) for f in files])
         if not rows:
             continue
+        print_probe(Path(args.output_dir) / "probe" / workload, workload)
         any_row = next(iter(rows.values()))
         model, _, _ = WORKLOADS[workload]
         commits = sorted({c for row in rows.values() for c in row["commits"]})
@@ -482,17 +577,21 @@ def report(args) -> None:
                   f"| {s['adapter_dtype']} / {s['residual_dtype']} | {s['losses']} "
                   f"| {'yes' if s['same_losses'] else 'no'} |")
         q = ratios(rows)
-        fmt = " ".join(f"{k}={v:.2f}" if v is not None else f"{k}=n/a"
-                       for k, v in q.items() if k != "best_matched")
-        print(f"{workload}: {fmt} (best matched peer: {q['best_matched']})")
-        if "qforge-f32res" in rows:  # the same four ratios with PEFT's precision on qforge's side
-            f = ratios(rows, "qforge-f32res")
-            print(f"{workload}, qforge-f32res: " + " ".join(
-                f"{k}={v:.2f}" if v is not None else f"{k}=n/a" for k, v in f.items() if k != "best_matched"))
-        lines.append(fmt)
-    if not lines:
+        print(f"{workload}: {fmt(q, OLD_KEYS)} (best matched peer: {q['best_matched']})")
+        if "qforge-bf16res" in rows:  # the same ratios with the bf16 residual stream on qforge's side
+            f = ratios(rows, "qforge-bf16res")
+            print(f"{workload}, qforge-bf16res: {fmt(f, OLD_KEYS)} speed_vs_fastest_peft="
+                  f"{'n/a' if f['speed_vs_fastest_peft'] is None else format(f['speed_vs_fastest_peft'], '.2f')}")
+        line = same_config_line(workload, q)
+        print(line)
+        heads.append((line, q))
+    if not heads:
         raise SystemExit(f"{root}: no records for {args.workloads}")
-    print(lines[0])
+    line, q = heads[0]
+    if len(heads) > 1:  # the first workload's line again, just before the last
+        print(line)
+    print(f"{fmt(q, OLD_KEYS)} {fmt(q, ('same_config_speed_vs_peft',))} "
+          f"same_config_eval_loss_vs_peft={quality_ratio(args.quality_json):.4f}")
 
 
 def main():
@@ -500,7 +599,8 @@ def main():
     ap.add_argument("--workloads", default=None,
                     help=f"comma-separated, of {', '.join(WORKLOADS)} (default short)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help=f"comma-separated, of {', '.join(CONFIGS)} (default all)")
+                    help=f"comma-separated, of {', '.join(CONFIGS)} (default all; qforge-f32res is "
+                         "accepted as qforge, whose residual stream is now float32)")
     ap.add_argument("--processes", type=int, default=5, help="fresh processes per configuration (default 5)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per process (default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
@@ -509,11 +609,19 @@ def main():
     ap.add_argument("--tinyllama-seq", type=int, default=256, help="row length of the tinyllama workload (default 256)")
     ap.add_argument("--output-dir", default="runs/train_step",
                     help="records (runs/), models and batches (cache/) (default runs/train_step)")
+    ap.add_argument("--peer-attention", choices=("auto", *PEER_ATTENTIONS), default="auto",
+                    help="the attention of every PEFT row but the recipe: auto (default) probes eager and sdpa "
+                         "per workload and takes the faster; eager or sdpa forces it")
+    ap.add_argument("--probe-steps", type=int, default=3,
+                    help="timed steps of each attention-probe process, after 1 warm-up step (default 3)")
+    ap.add_argument("--quality-json", default=None,
+                    help="train_quality.py's JSON result file: its same_config_eval_loss_vs_peft goes on the "
+                         "last line (nan without it)")
     ap.add_argument("--report-only", action="store_true",
                     help="print the tables from the records already in --output-dir (all workloads found, "
                          "or those of --workloads), run nothing")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    for hidden in ("--workload", "--config", "--batches", "--folders"):
+    for hidden in ("--workload", "--config", "--batches", "--folders", "--attention"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -521,12 +629,14 @@ def main():
         return child(args)
     args.workload_given = args.workloads is not None
     args.workloads = (args.workloads or "short").split(",")
-    args.configs = args.configs.split(",")
+    args.configs = list(dict.fromkeys(ALIASES.get(c, c) for c in args.configs.split(",")))
     bad = [w for w in args.workloads if w not in WORKLOADS] + [c for c in args.configs if c not in CONFIGS]
     if bad:
         raise SystemExit(f"unknown workload/config {bad}; workloads: {list(WORKLOADS)}, configs: {list(CONFIGS)}")
-    if min(args.processes, args.steps, args.warmup, args.batch_size or 1, args.tinyllama_seq) < 1:
-        raise SystemExit("--processes, --steps, --warmup, --batch-size and --tinyllama-seq must be >= 1")
+    if min(args.processes, args.steps, args.warmup, args.batch_size or 1, args.tinyllama_seq, args.probe_steps) < 1:
+        raise SystemExit("--processes, --steps, --warmup, --batch-size, --tinyllama-seq and --probe-steps must be >= 1")
+    if args.quality_json and not Path(args.quality_json).is_file():
+        raise SystemExit(f"--quality-json {args.quality_json}: no such file (train_quality.py's JSON result)")
     if not args.report_only:
         run_all(args)
     report(args)
