@@ -442,8 +442,12 @@ def main() -> None:
         return
     lengths = parse_list(args.lengths, name="--lengths")
     sides = parse_list(args.sides, SIDES, "--sides")
-    if args.steps < 2 or not lengths or min(lengths) < 2 or args.limit_gb <= 0:
-        raise SystemExit("--steps: expected >= 2; --lengths: expected integers >= 2; --limit-gb: expected > 0")
+    if args.steps < 2:
+        raise SystemExit(f"--steps: expected >= 2 (step 1 is not measured), got {args.steps}")
+    if not lengths or min(lengths) < 2:
+        raise SystemExit(f"--lengths: expected integers >= 2, got {args.lengths!r}")
+    if args.limit_gb <= 0:
+        raise SystemExit(f"--limit-gb: expected > 0, got {args.limit_gb:g}")
     from qforge.paths import cache_dir
 
     cache = cache_dir("bench")

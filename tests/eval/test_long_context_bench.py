@@ -84,3 +84,16 @@ def test_watchdog_leaves_a_child_below_the_limit_alone():
     watch, done = {"max_rss": 0, "killed": False}, threading.Event()
     lc.watchdog(proc, 1 << 40, watch, done, every=0.05)
     assert proc.wait(timeout=30) == 0 and not watch["killed"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "1"], "--steps: expected >= 2"),
+    (["--lengths", "1024,16k"], "--lengths: expected comma-separated integers"),
+    (["--lengths", "1"], "--lengths: expected integers >= 2"),
+    (["--limit-gb", "0"], "--limit-gb: expected > 0"),
+    (["--sides", "qforge,trl"], "--sides: expected a comma-separated subset"),
+])
+def test_bad_options_are_one_line_errors_naming_the_option(monkeypatch, argv, message):
+    monkeypatch.setattr(sys, "argv", ["long_context.py", *argv])
+    with pytest.raises(SystemExit, match=message):
+        lc.main()
