@@ -1,7 +1,7 @@
 """Long rows on the CPU: qforge QLoRA beside PEFT over bitsandbytes at 1k, 2k, 4k, 8k and 16k tokens per row.
 
     python benchmarks/long_context.py [--lengths 1024,2048,4096,8192,16384] [--steps 3] [--sides qforge,peft]
-        [--model smollm2] [--limit-gb 20] [--work DIR]
+        [--model smollm2] [--limit-gib 20] [--work DIR]
 
 The model (--model): smollm2 (default), the embedded SmolLM2-135M-Instruct; or random13m, the old
 randomly initialised 13M Llama shape (hidden 128, intermediate 384, 2 layers, 4 heads of 32 / 2 KV
@@ -36,10 +36,11 @@ weights are anonymous). tokens/s: the tokens of steps 2..N over their wall time.
 is qforge.plan's total (CPU constants, the same settings and keep_base_outputs as the run) beside
 qforge's peak RSS above its import baseline (what the planner sizes), and the relative error.
 
-A watchdog thread in the parent reads each child's VmRSS every 0.2 s: a child above --limit-gb
-(default 20, for a 24 GiB machine) is killed and the (side, length) is recorded as "did not fit"
+A watchdog thread in the parent reads each child's VmRSS every 0.2 s: a child above --limit-gib
+(default 20 GiB, for a 24 GiB machine) is killed and the (side, length) is recorded as "did not fit"
 with the last RSS it read; a child that fails is recorded with its error; the script goes on.
-Records: --work DIR/<model>/<side>-<length>.json.
+Records: --work DIR/<model>/<side>-<length>.result.json, each with its commit, date and load
+average (the run's table says the commits); --resume reuses them (a long run made in parts).
 
 Last line: `qforge_growth_16k_vs_1k=X peft_growth_16k_vs_1k=Y qforge_mem_16k_vs_peft=Z`: X and Y each
 side's peak RSS at 16k over its peak RSS at 1k, Z qforge's 16k peak RSS over PEFT's (nan where a side
@@ -407,6 +408,15 @@ def final_line(results: dict) -> tuple[str, list[str]]:
     return line, sorted(set(notes))
 
 
+def reusable(path: Path, steps: int) -> dict | None:
+    """The result recorded at `path` by an earlier run with the same --steps, else None."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if rec.get("steps") == steps else None
+
+
 def parse_list(text: str, allowed: tuple | None = None, name: str = "") -> list:
     """Comma-separated values: integers when `allowed` is None, else each one of `allowed`; a clear
     SystemExit naming the option `name` otherwise."""
@@ -431,9 +441,12 @@ def main() -> None:
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated, of qforge, peft (default both)")
     parser.add_argument("--model", default="smollm2", choices=MODELS,
                         help="smollm2: the embedded SmolLM2-135M-Instruct (default); random13m: the old 13M random shape")
-    parser.add_argument("--limit-gb", type=float, default=20.0,
-                        help="a child above this RSS (GB) is killed and recorded as 'did not fit' (default 20)")
+    parser.add_argument("--limit-gib", type=float, default=20.0,
+                        help="a child above this RSS (GiB) is killed and recorded as 'did not fit' (default 20)")
     parser.add_argument("--work", default=None, help="records and rows (default $QFORGE_CACHE/bench/long_context_run)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the results already in --work for the same model, side, length and --steps "
+                             "(a long run made in parts); without it every (side, length) runs again")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -446,9 +459,11 @@ def main() -> None:
         raise SystemExit(f"--steps: expected >= 2 (step 1 is not measured), got {args.steps}")
     if not lengths or min(lengths) < 2:
         raise SystemExit(f"--lengths: expected integers >= 2, got {args.lengths!r}")
-    if args.limit_gb <= 0:
-        raise SystemExit(f"--limit-gb: expected > 0, got {args.limit_gb:g}")
+    if args.limit_gib <= 0:
+        raise SystemExit(f"--limit-gib: expected > 0, got {args.limit_gib:g}")
+    from qforge.fileio import atomic_write_bytes
     from qforge.paths import cache_dir
+    from train_step import git_commit
 
     cache = cache_dir("bench")
     work = Path(args.work) if args.work else cache / "long_context_run"
@@ -456,15 +471,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     folders = model_folders(args.model, cache)
     print(f"model {args.model} ({folders['bnb']}), {args.steps} steps per length, batch 1, every token a target, "
-          f"limit {args.limit_gb:g} GB RSS; load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"limit {args.limit_gib:g} GiB RSS; load average {os.getloadavg()[0]:.2f}", flush=True)
     results: dict = {side: {} for side in sides}
     for seq_len in lengths:
         rows = write_rows(args.model, seq_len, args.steps, work)
         for side in sides:
-            t = time.perf_counter()
-            rec = run_child(side, folders, rows, work / f"{side}-{seq_len}.json", int(args.limit_gb * 1e9))
+            t, done = time.perf_counter(), work / f"{side}-{seq_len}.result.json"
+            rec = reusable(done, args.steps) if args.resume else None
+            if rec is None:
+                rec = run_child(side, folders, rows, work / f"{side}-{seq_len}.json", int(args.limit_gib * 2**30))
+                rec.update(steps=args.steps, commit=git_commit(), loadavg=os.getloadavg()[0],
+                           date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+                atomic_write_bytes(done, json.dumps(rec).encode())
             results[side][seq_len] = rec
-            print(f"{side} {seq_len}: {rec['status']}, {time.perf_counter() - t:.0f} s wall, losses {rec['losses']}, "
+            print(f"{side} {seq_len}: {rec['status']}, {time.perf_counter() - t:.0f} s wall, commit {rec['commit']}, losses {rec['losses']}, "
                   f"checkpointing {rec.get('checkpointing')}, attention {rec.get('attention')}"
                   + (f", residual {rec['residual_dtype']}" if rec.get("residual_dtype") else "")
                   + (f"\n{rec['error']}" if rec["status"] == "failed" else ""), flush=True)
@@ -472,7 +492,9 @@ def main() -> None:
     for seq_len in lengths:
         print(table_row(seq_len, results.get("qforge", {}).get(seq_len), results.get("peft", {}).get(seq_len)))
     line, notes = final_line(results)
-    print(f"\nload average {os.getloadavg()[0]:.2f}" + (f"; nan: {'; '.join(notes)}" if notes else ""))
+    commits = sorted({r.get("commit", "?") for by_len in results.values() for r in by_len.values()})
+    print(f"\ncommit {', '.join(commits)}; load average now {os.getloadavg()[0]:.2f}"
+          + (f"; nan: {'; '.join(notes)}" if notes else ""))
     print(line)
 
 

@@ -1,5 +1,6 @@
 """benchmarks/long_context.py's pure parts: the rows both sides train on, the table's cells, the
 last line's three ratios (nan where a side did not fit), the watchdog's kill (no model is run here)."""
+import json
 import math
 import subprocess
 import sys
@@ -90,10 +91,20 @@ def test_watchdog_leaves_a_child_below_the_limit_alone():
     (["--steps", "1"], "--steps: expected >= 2"),
     (["--lengths", "1024,16k"], "--lengths: expected comma-separated integers"),
     (["--lengths", "1"], "--lengths: expected integers >= 2"),
-    (["--limit-gb", "0"], "--limit-gb: expected > 0"),
+    (["--limit-gib", "0"], "--limit-gib: expected > 0"),
     (["--sides", "qforge,trl"], "--sides: expected a comma-separated subset"),
 ])
 def test_bad_options_are_one_line_errors_naming_the_option(monkeypatch, argv, message):
     monkeypatch.setattr(sys, "argv", ["long_context.py", *argv])
     with pytest.raises(SystemExit, match=message):
         lc.main()
+
+
+def test_resume_reuses_only_a_result_with_the_same_steps(tmp_path):
+    path = tmp_path / "peft-1024.result.json"
+    assert lc.reusable(path, 3) is None                      # nothing recorded yet
+    path.write_text(json.dumps({**rec("peft", 1024, 2e9), "steps": 3}))
+    assert lc.reusable(path, 3)["peak_rss"] == 2e9
+    assert lc.reusable(path, 4) is None                      # another --steps: run again
+    path.write_text("{")
+    assert lc.reusable(path, 3) is None                      # a torn file: run again
