@@ -16,7 +16,8 @@ Every (side, length) runs in a fresh process, with glibc's mmap threshold fixed 
 (MEASURE_ENV, as benchmarks/plan_calibration.py) and OMP_WAIT_POLICY=PASSIVE, --steps optimiser
 steps (default 3):
   qforge  as `qforge train` runs by default: QLoRA r=16 / alpha 32 on every linear, dropout 0.05, its
-          default checkpointing (keep_base_outputs auto: the plan decides) and attention (SDPA at
+          default checkpointing (keep_base_outputs auto: the plan decides from the memory free when
+          the run starts, so the table says what it chose) and attention (SDPA at
           these lengths), the default residual dtype (float32 for qlora), bf16 autocast, the
           trainer's loss (qforge.train.loss.causal_lm_loss: chunked at these lengths), paged 8-bit AdamW.
   peft    PEFT's documented QLoRA recipe (benchmarks/train_step.py's peft-recipe): transformers
@@ -366,8 +367,8 @@ def side_cells(rec: dict | None) -> list[str]:
 
 HEADER = ("| tokens per row | qforge peak RSS (GB) | qforge peak anon (GB) | qforge tokens/s | qforge step (s) "
           "| qforge first loss | PEFT peak RSS (GB) | PEFT peak anon (GB) | PEFT tokens/s | PEFT step (s) "
-          "| PEFT first loss | qforge / PEFT peak RSS | planner (qforge, GB) | planner error |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| PEFT first loss | qforge / PEFT peak RSS | planner (qforge, GB) | planner error | qforge checkpointing |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 
 
 def table_row(seq_len: int, q: dict | None, p: dict | None) -> str:
@@ -378,7 +379,9 @@ def table_row(seq_len: int, q: dict | None, p: dict | None) -> str:
     if q is not None and q.get("planned") and ok_peak(q):
         plan = gb(q["planned"])
         err = f"{q['planned'] / (q['peak_rss'] - q['baseline_rss']) - 1:+.1%}"
-    cells = [str(seq_len)] + side_cells(q) + side_cells(p) + [f"{ratio:.2f}" if ratio else "-", plan, err]
+    # keep_base_outputs auto: the plan chooses from the memory free when the run starts, so say what it chose
+    ckpt = (q or {}).get("checkpointing") or "-"
+    cells = [str(seq_len)] + side_cells(q) + side_cells(p) + [f"{ratio:.2f}" if ratio else "-", plan, err, ckpt]
     return "| " + " | ".join(cells) + " |"
 
 

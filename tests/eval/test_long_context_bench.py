@@ -51,6 +51,9 @@ def test_table_row_has_both_sides_the_ratio_and_the_planner_error():
     assert cells[:6] == ["2048", "1.10", "0.99", "100", "3.0", "2.500"]  # step (s): the mean of steps 2..N
     assert cells[6] == "2.20" and cells[11] == "0.50"
     assert cells[12] == "1.20" and cells[13] == "+20.0%"  # planned over the peak above the import baseline
+    assert cells[14] == "-"
+    cells = [c.strip() for c in lc.table_row(2048, {**q, "checkpointing": "full"}, p).strip("|").split("|")]
+    assert cells[14] == "full"
 
 
 def test_table_row_says_what_happened_to_a_side_that_did_not_run_to_the_end():
