@@ -1,87 +1,106 @@
-"""Training quality: qforge QLoRA against bitsandbytes + PEFT QLoRA and against qforge's own BF16 LoRA.
+"""Training quality with real spread: qforge QLoRA (as shipped) beside PEFT QLoRA, PEFT BF16 LoRA,
+TRL's SFTTrainer QLoRA recipe, qforge's previous BF16-residual default and qforge BF16 LoRA, over
+seeds that vary the adapter init, the data order and dropout.
 
-    .venv/bin/python benchmarks/train_quality.py [--steps 100] [--lrs 1e-4,2e-4] [--batch-size 8]
-                                                 [--variants ...] [--seeds 0,1,2] [--out runs/train_quality]
+    .venv/bin/python benchmarks/train_quality.py [--steps 100 | --epochs 1] [--lrs 2e-4] [--batch-size 4]
+        [--eval-every 50] [--variants ...] [--seeds 0,1,2,3,4] [--jobs 2] [--no-checkpointing]
+        [--out runs/train_quality] [--report] [--check-checkpointing]
 
-The embedded model (SmolLM2-135M-Instruct) on the demo task (qforge/data/demo_task: train.jsonl to
-train, val.jsonl's 100 rows to evaluate), LoRA r=16 / alpha 32 / dropout 0.05 on every linear layer
-but lm_head, batch 8 rows (~80 tokens each), 8-bit AdamW (weight decay 0, gradient clipping at 1.0),
-the demo recipe's schedule (5% linear warmup, cosine to 10% of the peak), bf16 autocast, gradient
-checkpointing, `--steps` steps at each learning rate of `--lrs`. Every variant sees the same
-batches in the same order (qforge.train.loop.micro_batches, seed 0), starts from the same A
-(PEFT's kaiming-uniform init drawn once from a fixed generator, copied into each side by layer
-name; B = 0) and the same 4-bit base: PEFT loads qforge's cached bitsandbytes-format folder of the
-model (NF4, double quantisation, block 64, quantised from the float32 weights), the very tensors
-qforge trains on.
+The embedded model (SmolLM2-135M-Instruct) on the demo task (qforge/data/demo_task: train.jsonl's
+800 rows to train, val.jsonl's 100 rows to evaluate), LoRA r=16 / alpha 32 / dropout 0.05 on every
+linear layer but lm_head, `--batch-size` rows (~80 tokens each) a step, 8-bit AdamW (weight decay 0,
+gradient clipping at 1.0), the demo recipe's schedule (5% linear warmup, cosine to 10% of the
+peak), bf16 autocast, `--steps` steps (or `--epochs` passes of ceil(800 / batch) steps) at each
+learning rate of `--lrs`. Every arm loads the same 4-bit base: PEFT and TRL load qforge's cached
+bitsandbytes-format folder of the model (NF4, double quantisation, block 64, quantised from the
+float32 weights), the very tensors qforge trains on; the BF16 LoRA arms the float32 folder in BF16.
 
-    variant               what
-    qforge-qlora          `qforge train --method qlora` as shipped (float32 adapters, computed in BF16)
+What a seed varies (arms that share a seed are paired):
+  - the adapter init: A drawn from a generator seeded with INIT_SEED + seed (PEFT's kaiming-uniform,
+    bound 1/sqrt(in)), layer by layer in name order, copied into every arm by layer name; B = 0;
+  - the data order: qforge.train.loop.micro_batches with cfg.seed = seed (seeded shuffles per
+    epoch), the same batches in the same order in every arm (TRL's too, see below);
+  - the dropout masks: torch seeded with the seed just before the first training forward.
+
+    arm                   what
     peft-bnb-qlora        PEFT's documented QLoRA recipe: prepare_model_for_kbit_training (float32
-                          norms and embeddings, full checkpointing), LoraConfig(target_modules=
-                          "all-linear"), float32 adapters (autocast_adapter_dtype), bitsandbytes'
-                          Linear4bit and AdamW8bit, `model(**batch).loss`
+                          norms and embeddings, checkpointing), LoraConfig(target_modules="all-linear"),
+                          float32 adapters, bitsandbytes' Linear4bit and AdamW8bit, `model(**batch).loss`,
+                          in this script's loop (qforge's schedule, clipping and batches): the reference
+    qforge-qlora          `qforge train --method qlora` as shipped: residual_dtype "auto" = a float32
+                          residual stream, float32 adapters computed in BF16 (qforge.train.loop.train_loop)
+    peft-bf16-lora        PEFT LoRA on the BF16 base as PEFT documents it: the model loaded in bfloat16,
+                          get_peft_model with the same LoraConfig (float32 adapters), checkpointing with
+                          input gradients, this script's loop, bf16 autocast, AdamW8bit
     qforge-lora           `qforge train --method lora` (the same adapters on a frozen BF16 base)
-    qforge-qlora-bf16     qforge QLoRA with --adapter-dtype bfloat16 (the old default: no float32 weights)
-    qforge-qlora-f32res   qforge QLoRA with --residual-dtype float32: embeddings and norms read in
-                          float32, the adapted layers returning their input's dtype, SDPA for the
-                          float32 queries (PEFT's recipe's forward; qforge.model.surgery.use_float32_residual)
+    trl-sft-qlora         TRL's SFTTrainer with its documented QLoRA recipe: the 4-bit folder loaded
+                          through transformers, peft_config=LoraConfig(same r/alpha/dropout, all-linear),
+                          SFTConfig(optim="paged_adamw_8bit", bf16=True, the same lr, warmup steps,
+                          lr_scheduler_type="cosine_with_min_lr" with min_lr_rate 0.1, weight decay 0,
+                          max_grad_norm 1.0, batch size, max_steps, seed), prompt/completion
+                          conversational rows (completion-only loss, TRL applies the chat template).
+                          The seed's A is copied into the LoRA A weights after SFTTrainer built the PEFT
+                          model; the rows are laid out in micro_batches' order and a sequential sampler
+                          (a subclass's _get_train_sampler) feeds them, so the batches are the other
+                          arms'. Eval at the same steps through a TrainerCallback. As TRL ships: it keeps
+                          the adapters in BF16 under bf16=True, and bitsandbytes falls back from paged to
+                          plain 8-bit AdamW on the CPU (its warning); HF's warmup starts at lr 0 where
+                          qforge's starts at lr / warmup (one step apart)
+    qforge-qlora-bf16res  qforge QLoRA with residual_dtype bfloat16 (the default before a7e7500)
+    qforge-qlora-f32res   residual_dtype float32 set explicitly (the same as the default now; not in the
+                          main run)
+    qforge-qlora-bf16     BF16 adapters and BF16 residual (an older default; not in the main run)
 
-qforge's variants run qforge.train.loop.train_loop itself; PEFT's a loop with the same schedule,
-clipping and optimiser settings. Each variant, learning rate and seed runs in a fresh process.
---seeds: the seed of the dropout masks (torch's generator, seeded just before the first training
-forward: qforge's HashDropout draws its seeds from it, PEFT's nn.Dropout its masks); A, the batches
-and the base are the same for every seed, so the seeds show the run-to-run noise of dropout alone. The eval
-loss (token-weighted mean over val.jsonl, the same function for every variant, with the
-modules in train mode but dropout off: see eval_loss) is taken at step 0 and every `--eval-every` steps. For the qforge
-variants the script also counts, after every step, the adapter elements whose value the step left
-unchanged (lora_A and lora_B apart): the cost of keeping adapters in BF16, where an update below
-half a BF16 ulp of a weight rounds away.
+The eval loss (token-weighted mean over val.jsonl, this script's eval_loss for every arm, with the
+modules in train mode but dropout off) is taken at step 0 and every `--eval-every` steps.
 
-grad_cosine_vs_peft: before training, each side runs one forward and backward on the first batch
-(bf16 autocast, gradient checkpointing, dropout off so both see the same function, B = 0 so only
-B has a gradient) and the cosine between the two sides' concatenated adapter gradients is taken.
+Statistics: per arm and eval step, the mean over the seeds with its 95% Student t interval, mean -+
+t(n-1) * s / sqrt(n) (s the sample standard deviation; t = 2.776 for n = 5), each seed's value, and
+the paired ratio to peft-bnb-qlora: each seed's eval loss over the peer's at the same seed, the
+mean of those ratios and its 95% t interval.
 
-Writes OUT/quality.json (everything) and OUT/train_quality.png (the loss curves). Last line:
+Gradient checkpointing recomputes the forward and changes no value; --no-checkpointing turns it off
+in every arm (the CPU budget of the main run), and --check-checkpointing runs the first arm of
+--variants for 3 steps with and without it in fresh processes and prints the largest relative
+difference of the losses (OUT/checkpointing_check.json, printed again by the report).
+
+The matrix (every variant x lr x seed) runs at one commit in one invocation: each run a fresh
+process, --jobs at a time with OMP_NUM_THREADS=--threads (1; the losses do not depend on load),
+seed-major (a partial run has every arm for its first seeds), resumable: a run whose
+OUT/<variant>-lr<lr>-s<seed>/record.json exists is skipped. Each record holds its commit; the
+report says when they are not one.
+
+    # the 100-step run and the one-epoch run (200 steps at batch 4)
+    .venv/bin/python benchmarks/train_quality.py --steps 100 --batch-size 4 --lrs 2e-4 --eval-every 50 \
+        --seeds 0,1,2,3,4 --jobs 2 --no-checkpointing --out runs/train_quality_100
+    .venv/bin/python benchmarks/train_quality.py --epochs 1 --batch-size 4 --lrs 2e-4 --eval-every 50 \
+        --seeds 0,1,2,3,4 --jobs 2 --no-checkpointing --out runs/train_quality_epoch
+    .venv/bin/python benchmarks/train_quality.py --check-checkpointing --variants qforge-qlora \
+        --out runs/train_quality_100
+
+grad_cosine_vs_peft: before training, qforge-qlora and the peer each run one forward and backward
+on the first batch (dropout off, B = 0 so only B has a gradient; same seed, same A) and the cosine
+between the two sides' concatenated adapter gradients is taken. For the qforge arms the script
+also counts, after every step, the adapter elements the step left unchanged (the cost of BF16
+adapters: an update below half a BF16 ulp rounds away).
+
+Writes OUT/quality.json (top-level same_config_eval_loss_vs_peft, same_config_eval_loss_ci, the other
+ratios, the summary rows and every record) and OUT/train_quality.png (each arm's mean eval curve
+with its 95% interval as a band). Last line:
 eval_loss_vs_peft=X eval_loss_vs_bf16_lora=Y grad_cosine_vs_peft=Z peft_seed_spread=S
-[eval_loss_vs_peft_f32res=X32], X = qforge QLoRA's (as shipped) mean final eval loss over the seeds
-over PEFT's mean and Y = over qforge BF16 LoRA's, each the larger of the ratios over the learning
-rates; Z the gradient cosine; S the peer's own seed-to-seed spread of its final eval loss ((max -
-min) / mean, the larger over the learning rates), the noise X is to be read against; X32 as X for
-qforge-qlora-f32res when it ran. Targets: X <= 1.01, Y <= 1.02, Z >= 0.99.
+same_config_eval_loss_vs_peft=B same_config_eval_loss_ci=lo..hi trl_eval_loss_vs_peft=T
+bf16res_eval_loss_vs_peft=R: X = qforge-qlora's (the shipped default) mean final eval loss over
+peft-bnb-qlora's (the larger over the learning rates), Y the same over qforge-lora's; B = X (the
+configuration whose speed train_step.py reports as the default), lo..hi the 95% interval of the
+paired per-seed ratio at that learning rate; T and R as X for trl-sft-qlora and
+qforge-qlora-bf16res; S the peer's own seed spread ((max - min) / mean of its final eval losses).
 
-Measured at 459038f on the shared 2-vCPU machine (--batch-size 4 --eval-every 50, the two learning
-rates in parallel processes): eval_loss_vs_peft=1.0680 eval_loss_vs_bf16_lora=1.3472
-grad_cosine_vs_peft=0.9979. BF16 LoRA starts at 0.5725: NF4 of the embedded model's Q4_1-derived
-weights costs 18% before training (see tests/eval/test_bench.py), which 100 steps of adapters do
-not recover.
-
-Measured at the issue15x branch (fbaec5b; the machine shared, losses do not depend on load),
---steps 100 --batch-size 4 --eval-every 50 --seeds 0,1,2, one --lrs and one variant per command
-(two commands at a time), then --report over the folder; final eval loss (step 100). Last line:
-eval_loss_vs_peft=1.0664 eval_loss_vs_bf16_lora=nan grad_cosine_vs_peft=0.9977
-peft_seed_spread=0.0194 eval_loss_vs_peft_f32res=1.0020 (Y: qforge-lora was not run)
-
-    lr     peft-bnb-qlora              qforge-qlora (bf16 residual)  qforge-qlora-f32res
-    1e-4   .02988 .02983 .02981 (0.2%)  .03187 .03171 .03189 (0.6%)  .02999 .02997 .02973 (0.9%)
-    2e-4   .01594 .01595 .01625 (1.9%)  .01652 .01659 .01690 (2.2%)  .01602 .01610 .01589 (1.3%)
-
-(spread = (max - min) / mean over the seeds). Ratio of the means over PEFT's: qforge-qlora 1.066 at
-1e-4, 1.039 at 2e-4 (far outside either side's seed spread: the BF16 residual trains measurably
-worse, e.g. train loss at step 10 0.29 against PEFT's 0.21); qforge-qlora-f32res 1.002 at 1e-4 and
-0.997 at 2e-4 (inside the noise). Step 0 (B = 0): PEFT 0.6702243, f32res 0.6702243 (the same
-float), bf16 residual 0.6756570; first-step adapter gradient cosine to PEFT's 0.9977 (bf16
-residual), 1.000000 (f32res). What closed the step-0 gap, layer by layer with hooks on one batch
-of 4 val rows (loss PEFT 0.74722, bf16 residual 0.75694): a float32 residual with the embeddings
-upcast from BF16 (norms were float32 already; the rotary cos/sin follow the embeddings' dtype)
-0.75173, about half; the embeddings' stored float32 values (the folder holds the Q4_1 model's
-float32 values, of which 3% are BF16 numbers: transformers keeps them float32 on PEFT's side, qforge
-rounded them to BF16) the other half, to 0.74722 exactly, every layer's output equal bit for bit.
-Attention and the loss add nothing at step 0 (the eval runs SDPA on both sides under no_grad); in
-training qforge's matrix attention rounds the scores to BF16, which with the float32 residual still
-left the first-step gradients at cosine 0.9983 (non-zero B, one batch; 0.99912 with B = 0) against
-1.0000 with SDPA, so float32 queries now take SDPA; with the matrix path f32res ended at 0.02956
-(seed 0, 1e-4; commit 831eedb), also within 1.01. The remaining per-tensor gradient difference
-(~1%, tests/train/test_float32_residual.py) is backward arithmetic.
+History (before issue 27, seeds varying dropout only, batch 4, 100 steps, 3 seeds; fbaec5b): the
+BF16 residual ended 1.066x (1e-4) / 1.039x (2e-4) PEFT's eval loss, far outside the seed spread;
+the float32 residual 1.002x / 0.997x. At step 0 (B = 0) PEFT and the float32 residual give the same
+float, 0.6702243; half of the BF16 residual's step-0 gap was the residual's rounding, half the
+embeddings' float32 values rounded to BF16. With float32 queries qforge takes SDPA: its matrix
+attention's BF16 scores left the first-step gradients at cosine 0.9983 against 1.0000.
 """
 from __future__ import annotations
 
@@ -104,6 +123,7 @@ QUANT = {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
 INIT_SEED = 1234
 PEFT_PREFIX = "base_model.model."
 EVAL_SECONDS: list[float] = []  # each eval_loss call's wall time, in order (the first is step 0's)
+EVAL_CPU_SECONDS: list[float] = []  # and its CPU time (one thread: the time it takes on an idle core)
 # Student t, two-sided 95% (the 0.975 quantile), by degrees of freedom 1..30
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -235,7 +255,7 @@ def eval_loss(model, dataset, cfg, pad_id: int) -> float:
     from qforge.nn.dropout import HashDropout
     from qforge.train.data import collate
     from qforge.train.loss import causal_lm_loss
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     modes = {m: m.training for m in model.modules()}
     model.train()
     for m in model.modules():
@@ -253,6 +273,7 @@ def eval_loss(model, dataset, cfg, pad_id: int) -> float:
         for m, training in modes.items():
             m.training = training
     EVAL_SECONDS.append(time.perf_counter() - t0)
+    EVAL_CPU_SECONDS.append(time.process_time() - c0)
     return total / max(count, 1)
 
 
@@ -305,10 +326,11 @@ def child_qforge(variant: str, cfg, eval_every: int, out: Path, seed: int = 0) -
                   file=sys.stderr, flush=True)
 
     seed_first_forward(model, seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = train_loop(model, tok, train, val, cfg, log=lambda *_: None, on_step=on_step, device=device)
     A, B = next(iter(lora_modules(model).values()))
     return {"losses": result.losses, "eval_curve": curve, "unchanged": unchanged, "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
             "adapter_dtype": str(A.dtype).removeprefix("torch."), "tokens": result.tokens}
 
 
@@ -361,7 +383,7 @@ def child_peft(cfg, eval_every: int, out: Path, seed: int = 0, quantized: bool =
     losses, tokens = [], 0
     model.train()
     torch.manual_seed(seed)  # the dropout masks' RNG (A, the batches and the eval do not draw from it)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(total):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, cfg.lr, warmup, cfg.min_lr_ratio, cfg.lr_scheduler)
@@ -380,7 +402,9 @@ def child_peft(cfg, eval_every: int, out: Path, seed: int = 0, quantized: bool =
                   file=sys.stderr, flush=True)
     A, _ = next(iter(lora_modules(model).values()))
     return {"losses": losses, "eval_curve": curve, "unchanged": [], "seconds": time.perf_counter() - t0,
-            "adapter_dtype": str(A.dtype).removeprefix("torch."), "tokens": tokens, "residual_dtype": residual_of(model)}
+            "cpu_seconds": time.process_time() - c0,
+            "adapter_dtype": str(A.dtype).removeprefix("torch."), "tokens": tokens,
+            "residual_dtype": residual_of(model)}
 
 
 def residual_of(model) -> str:
@@ -392,7 +416,8 @@ def trl_rows(path, order: list[list[int]]) -> list[dict]:
     """The chat rows of `path` as TRL's conversational prompt/completion rows (prompt: every message
     but the last; completion: the assistant's reply), laid out in the order the batches take them."""
     raw = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [{"prompt": raw[i]["messages"][:-1], "completion": raw[i]["messages"][-1:]} for batch in order for i in batch]
+    return [{"prompt": raw[i]["messages"][:-1], "completion": raw[i]["messages"][-1:]}
+            for batch in order for i in batch]
 
 
 def child_trl(cfg, eval_every: int, out: Path, seed: int = 0) -> dict:
@@ -442,7 +467,8 @@ def child_trl(cfg, eval_every: int, out: Path, seed: int = 0) -> dict:
 
     class InOrder(SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):  # the rows are already in micro_batches' order
-            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+            data = train_dataset if train_dataset is not None else self.train_dataset
+            return torch.utils.data.SequentialSampler(data)
 
     trainer = InOrder(model=model, args=args, train_dataset=Dataset.from_list(trl_rows(cfg.data, order)),
                       processing_class=tok, callbacks=[EvalAt()],
@@ -450,11 +476,11 @@ def child_trl(cfg, eval_every: int, out: Path, seed: int = 0) -> dict:
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     shared_start(trainer.model, seed)
     curve.append((0, eval_loss(trainer.model, val, cfg, pad)))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     A, _ = next(iter(lora_modules(trainer.model).values()))
-    return {"losses": losses, "eval_curve": curve, "unchanged": [], "seconds": seconds,
+    return {"losses": losses, "eval_curve": curve, "unchanged": [], "seconds": seconds, "cpu_seconds": cpu_seconds,
             "adapter_dtype": str(A.dtype).removeprefix("torch."), "tokens": seen[0],
             "residual_dtype": residual_of(trainer.model)}
 
@@ -487,7 +513,8 @@ def child(variant: str, lr: float, seed: int, steps: int, batch_size: int, eval_
     # the training steps' own time: the evals after step 0 ran inside the timed loop
     step_seconds = (record["seconds"] - sum(EVAL_SECONDS[1:])) / max(cfg.max_steps, 1)
     record.update(variant=variant, lr=lr, seed=seed, batch_size=batch_size, steps=cfg.max_steps,
-                  eval_seconds=EVAL_SECONDS, step_seconds=step_seconds,
+                  eval_seconds=EVAL_SECONDS, step_seconds=step_seconds, eval_cpu_seconds=EVAL_CPU_SECONDS,
+                  step_cpu_seconds=(record["cpu_seconds"] - sum(EVAL_CPU_SECONDS[1:])) / max(cfg.max_steps, 1),
                   threads=torch.get_num_threads(), checkpointing=checkpointing, commit=commit_of_tree())
     record.setdefault("residual_dtype", cfg.residual_dtype)
     tmp = out / "record.json.tmp"
@@ -707,7 +734,8 @@ def main() -> None:
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--lrs / --seeds: expected comma-separated numbers, got {args.lrs!r} / {args.seeds!r}") from None
+        raise SystemExit(f"--lrs / --seeds: expected comma-separated numbers, got {args.lrs!r} / {args.seeds!r}"
+                         ) from None
     if not seeds or not lrs:
         raise SystemExit("--seeds / --lrs: at least one value is needed")
     if args.jobs < 1 or args.threads < 1 or args.batch_size < 1 or args.eval_every < 1 or args.epochs < 0:
@@ -763,19 +791,21 @@ def report(records: list[dict], args, lrs: list[float], out: Path) -> None:
     check = json.loads(check_path.read_text()) if check_path.is_file() else None
     if check:
         print(checkpointing_line(check))
-    print("\n| variant | lr | seed | adapter dtype | residual dtype | s/step | first losses | final train loss "
-          "(mean of last 10) | eval loss by step |")
+    print("\n| variant | lr | seed | adapter dtype | residual dtype | s/step (CPU s/step) | first losses "
+          "| final train loss (mean of last 10) | eval loss by step |")
     print("|---|---:|---:|---|---|---:|---|---:|---|")
     for r in records:
         curve = ", ".join(f"{s}: {e:.4f}" for s, e in r["eval_curve"])
         tail = r["losses"][-10:] or [float("nan")]
         print(f"| {r['variant']} | {r['lr']:g} | {r.get('seed', 0)} | {r['adapter_dtype']} "
               f"| {r.get('residual_dtype', '?')} | {r.get('step_seconds', float('nan')):.2f} "
+              f"({r.get('step_cpu_seconds', float('nan')):.2f}) "
               f"| {[round(x, 4) for x in r['losses'][:3]]} | {sum(tail) / len(tail):.4f} | {curve} |")
     print("\nadapter elements a step leaves unchanged (share of all A / B elements):")
     for r in records:
         if r["unchanged"]:
-            print(f"  {r['variant']:<22} lr {r['lr']:g} s{r.get('seed', 0)} ({r['adapter_dtype']}): {unchanged_line(r)}")
+            print(f"  {r['variant']:<22} lr {r['lr']:g} s{r.get('seed', 0)} ({r['adapter_dtype']}): "
+                  f"{unchanged_line(r)}")
     summary = summarise(records)
     print("\neval loss over the seeds: mean [95% t interval], each seed's; paired ratio to peft-bnb-qlora = mean "
           "[95% interval] of the per-seed ratios (same seed: same A, same batch order)")
