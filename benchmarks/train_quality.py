@@ -501,6 +501,7 @@ def commit_of_tree() -> str:
 def child(variant: str, lr: float, seed: int, steps: int, batch_size: int, eval_every: int, out: Path,
           checkpointing: bool = True) -> None:
     import torch
+    commit = commit_of_tree()  # the code this process loaded (read before it runs for minutes)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     cfg = train_config(variant, lr, steps, batch_size, out, seed, checkpointing)
@@ -515,7 +516,7 @@ def child(variant: str, lr: float, seed: int, steps: int, batch_size: int, eval_
     record.update(variant=variant, lr=lr, seed=seed, batch_size=batch_size, steps=cfg.max_steps,
                   eval_seconds=EVAL_SECONDS, step_seconds=step_seconds, eval_cpu_seconds=EVAL_CPU_SECONDS,
                   step_cpu_seconds=(record["cpu_seconds"] - sum(EVAL_CPU_SECONDS[1:])) / max(cfg.max_steps, 1),
-                  threads=torch.get_num_threads(), checkpointing=checkpointing, commit=commit_of_tree())
+                  threads=torch.get_num_threads(), checkpointing=checkpointing, commit=commit)
     record.setdefault("residual_dtype", cfg.residual_dtype)
     tmp = out / "record.json.tmp"
     tmp.write_text(json.dumps(record))
