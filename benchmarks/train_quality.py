@@ -45,7 +45,13 @@ What a seed varies (arms that share a seed are paired):
                           arms'. Eval at the same steps through a TrainerCallback. As TRL ships: it keeps
                           the adapters in BF16 under bf16=True, and bitsandbytes falls back from paged to
                           plain 8-bit AdamW on the CPU (its warning); HF's warmup starts at lr 0 where
-                          qforge's starts at lr / warmup (one step apart)
+                          qforge's starts at lr / warmup (one step apart), and its cosine reaches the
+                          floor one step after the last where qforge's reaches it at the last. TRL's
+                          input ids are the other arms' (checked on row 0), but its completion mask also
+                          labels the "\n" after <|im_end|> (33 labelled tokens of row 0 against 32): its
+                          train losses average one more, easy, token a row and read lower (step 1: 0.621
+                          against qforge's 0.641 on the same batch); the eval loss is this script's, the
+                          same tokens for every arm
     qforge-qlora-bf16res  qforge QLoRA with residual_dtype bfloat16 (the default before a7e7500)
     qforge-qlora-f32res   residual_dtype float32 set explicitly (the same as the default now; not in the
                           main run)
