@@ -855,10 +855,12 @@ def report(records: list[dict], args, lrs: list[float], out: Path) -> None:
     if records:
         plot(summary, lrs, out / "train_quality.png")
     tmp = out / "quality.json.tmp"
+    num = lambda v: None if v is None or math.isnan(v) else v  # noqa: E731 (null, not NaN, for other readers)
     tmp.write_text(json.dumps({
-        "same_config_eval_loss_vs_peft": x, "same_config_eval_loss_ci": ci, "eval_loss_vs_peft": x,
-        "eval_loss_vs_bf16_lora": y, "trl_eval_loss_vs_peft": trl, "bf16res_eval_loss_vs_peft": bf16res,
-        "grad_cosine_vs_peft": grad_cos, "peft_seed_spread": peer_spread, "commits": commits,
+        "same_config_eval_loss_vs_peft": num(x), "same_config_eval_loss_ci": [num(ci[0]), num(ci[1])],
+        "eval_loss_vs_peft": num(x), "eval_loss_vs_bf16_lora": num(y), "trl_eval_loss_vs_peft": num(trl),
+        "bf16res_eval_loss_vs_peft": num(bf16res), "grad_cosine_vs_peft": num(grad_cos),
+        "peft_seed_spread": num(peer_spread), "commits": commits,
         "checkpointing_check": check, "summary": summary, "records": records}))
     os.replace(tmp, out / "quality.json")
     print(f"eval_loss_vs_peft={x:.4f} eval_loss_vs_bf16_lora={y:.4f} grad_cosine_vs_peft={grad_cos:.4f} "
