@@ -69,9 +69,9 @@ Gradient checkpointing recomputes the forward and changes no value; --no-checkpo
 in every arm (the CPU budget of the main run), and --check-checkpointing runs the first arm of
 --variants for 3 steps with and without it in fresh processes and prints the largest relative
 difference of the losses (OUT/checkpointing_check.json, printed again by the report). Measured
-(b002049, batch 4, seed 0): qforge-qlora's 3 losses 0.640699 0.558090 0.525243 with and without,
-difference 0; peft-bnb-qlora's and trl-sft-qlora's 4 losses and 3 eval losses the same to the
-printed digits with and without (smoke runs, 8254a6e).
+(batch 4, seed 0; b002049 and 8254a6e, which differ in this docstring only): qforge-qlora's 3
+losses 0.640699 0.558090 0.525243 with and without, difference 0; peft-bnb-qlora's and
+trl-sft-qlora's 4 losses and 3 eval losses the same to the printed digits with and without.
 
 The matrix (every variant x lr x seed) runs at one commit in one invocation: each run a fresh
 process, --jobs at a time with OMP_NUM_THREADS=--threads (1; the losses do not depend on load),
