@@ -359,16 +359,19 @@ class JobService:
         name = name or job["fine_tuned_model"]
         if name in self.registry or name in self._unloadable or job["model"] != self.registry.base_name:
             return
-        folder, full = self._model_folder(job, name)
-        if folder is None or name in self._deleted:  # no such checkpoint, or its owner deleted the model
-            return
-        if not folder.is_dir():
-            if name == job["fine_tuned_model"]:  # a succeeded job's adapter is gone: say so for this model
-                kind = "model" if full else "adapter"
-                self._unloadable[name] = f"the {kind} folder of {name} does not exist (run/{kind})"
-            return
+        # Every look at the files and every record happens under the lock that delete_model and
+        # delete_job hold while they unload and remove: a check made before it could see the folder
+        # of a model deleted just after, then record it as unloadable (a 503 where a 404 is due).
         with self._register_lock:
-            if name in self.registry:
+            if name in self.registry or name in self._unloadable or name in self._deleted:
+                return  # registered or refused meanwhile, or its owner deleted the model
+            folder, full = self._model_folder(job, name)
+            if folder is None:  # no such checkpoint
+                return
+            if not folder.is_dir():
+                if name == job["fine_tuned_model"]:  # a succeeded job's adapter is gone: say so for this model
+                    kind = "model" if full else "adapter"
+                    self._unloadable[name] = f"the {kind} folder of {name} does not exist (run/{kind})"
                 return
             try:
                 if full:  # a whole model: its own dense engine beside the base (qforge.serve.dedicated)
@@ -401,7 +404,9 @@ class JobService:
             return None
         if job["owner"] != key_id:
             raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-        with self._register_lock:
+        with self._register_lock:  # register() decides under it too: no interleaving re-registers the name
+            self._deleted.add(name)  # first: nothing registers it from here on
+            self._unloadable.pop(name, None)
             if name in self.registry:
                 try:
                     self.registry.remove(name)
@@ -411,8 +416,6 @@ class JobService:
             if full:  # a whole model served on its own engine: stop it
                 self.registry.dedicated.remove(name)
             removed = ft_models.delete_adapter_files(folder)
-            self._deleted.add(name)
-            self._unloadable.pop(name, None)
         if not removed:
             raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
         self.store.add_event(job["id"], f"The model {name} was deleted", None)
