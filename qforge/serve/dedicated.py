@@ -112,7 +112,8 @@ class DedicatedModels:
         except Exception as exc:  # noqa: BLE001 - the reason is what requests for it get
             log.warning("cannot load dedicated model '%s': %s", name, exc)
             with self._lock:
-                self._errors[name] = str(exc)
+                if name in self._folders:  # not when removed while it loaded (its files may be what went)
+                    self._errors[name] = str(exc)
                 self._loading.pop(name, None)
             return
         with self._lock:

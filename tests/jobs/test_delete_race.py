@@ -8,7 +8,8 @@ and the folder whole, without the lock, then waits for it; the delete removes th
 name deleted and lets go; register() then adds a folder that no longer holds a model, records the
 name as unloadable, and every later request for it got 503 model_unavailable. Here the delete's
 file removal starts the watcher's register() and waits until it reaches the lock (an event, no
-sleep), which forces exactly that order."""
+sleep), which forces exactly that order. Also: a dedicated model's background load that fails
+because the model was removed meanwhile leaves no stale error behind."""
 import threading
 
 import httpx
@@ -115,3 +116,25 @@ def watch(jobs: JobService, job: dict) -> None:
         jobs.register(job)
     finally:
         jobs._register_lock.reached.set()
+
+
+def test_a_dedicated_load_that_fails_after_its_model_was_removed_leaves_no_error(tmp_path):
+    """DedicatedModels: a background load that fails because its model was removed meanwhile (its
+    folder gone) records nothing, so the name, served again later, loads afresh rather than answer
+    the old failure."""
+    models, started, go = DedicatedModels(torch.float32, torch.device("cpu")), threading.Event(), threading.Event()
+
+    def load_that_fails(name):
+        started.set()
+        go.wait()
+        raise FileNotFoundError("its folder went while it loaded")
+
+    models._load = load_that_fails
+    (tmp_path / "config.json").write_text("{}")  # all add() reads; the load is the stand-in above
+    models.add("m", tmp_path)  # its load starts in the background
+    started.wait()
+    loading = models._loading["m"]
+    models.remove("m")
+    go.set()
+    loading.join()
+    assert "m" not in models and "m" not in models._errors and "m" not in models._loading
