@@ -355,17 +355,18 @@ class JobService:
     def register(self, job: dict, name: str | None = None) -> None:
         """Serve a succeeded job's adapter, or its checkpoint model `name`, when its adapter exists. One
         that cannot be read (corrupt, missing) is remembered with the reason, which requests naming the
-        model get; nothing else is affected."""
+        model get; nothing else is affected. Files are checked and records made only under the lock the
+        deletes hold (checked before it, a model deleted just after was recorded unloadable: 503, not 404)."""
         name = name or job["fine_tuned_model"]
         if name in self.registry or name in self._unloadable or job["model"] != self.registry.base_name:
             return
-        # Every look at the files and every record happens under the lock that delete_model and
-        # delete_job hold while they unload and remove: a check made before it could see the folder
-        # of a model deleted just after, then record it as unloadable (a 503 where a 404 is due).
         with self._register_lock:
-            if name in self.registry or name in self._unloadable or name in self._deleted:
-                return  # registered or refused meanwhile, or its owner deleted the model
-            folder, full = self._model_folder(job, name)
+            if name in self.registry or name in self._unloadable:
+                return  # registered or refused meanwhile
+            if name in self._deleted or self.store.has_event(job["id"], ft_models.deleted_key(name)):
+                self._deleted.add(name)  # its owner deleted it (maybe before this process started)
+                return
+            folder, full = ft_models.model_folder(self.store, job, name)
             if folder is None:  # no such checkpoint
                 return
             if not folder.is_dir():
@@ -385,15 +386,6 @@ class JobService:
                     self._unloadable[name] = message.replace(f"{self.store.root}/", "")
                 print(f"qforge jobs: cannot serve {name}: {exc}", flush=True)
 
-    def _model_folder(self, job: dict, name: str) -> tuple[Path | None, bool]:
-        """(the folder that serves model `name` of `job`, whether it is a whole model): a full
-        fine-tune's run/model (Run.save writes it for method full only), else the adapter of the
-        job or of its checkpoint. Read off the files: the watcher's job rows carry no method."""
-        whole = self.store.job_dir(job["id"]) / "run" / "model"
-        if name == job["fine_tuned_model"] and (whole / "config.json").is_file():
-            return whole, True
-        return ft_models.adapter_dir(self.store, job, name), False
-
     def delete_model(self, name: str, key_id: str) -> dict | None:
         """DELETE /v1/models/{name} for a fine-tuned or checkpoint model: unload it and remove its
         adapter files (the job stays). None when `name` is no job's model (the server decides)."""
@@ -412,13 +404,14 @@ class JobService:
                     self.registry.remove(name)
                 except AdapterError:
                     pass
-            folder, full = self._model_folder(job, name)
+            folder, full = ft_models.model_folder(self.store, job, name)
             if full:  # a whole model served on its own engine: stop it
                 self.registry.dedicated.remove(name)
+            if folder is not None and folder.is_dir():  # recorded before the files go: a restart knows it too
+                self.store.add_event(job["id"], f"The model {name} was deleted", ft_models.deleted_key(name))
             removed = ft_models.delete_adapter_files(folder)
         if not removed:
             raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-        self.store.add_event(job["id"], f"The model {name} was deleted", None)
         return {"id": name, "object": "model", "deleted": True}
 
     def model_error(self, name: str) -> str | None:

@@ -49,6 +49,21 @@ def adapter_dir(store: JobStore, job: dict, name: str) -> Path | None:
     return store.root / rows[0]["path"] / "adapter" if rows else None
 
 
+def model_folder(store: JobStore, job: dict, name: str) -> tuple[Path | None, bool]:
+    """(the folder that serves model `name` of `job`, whether it is a whole model): a full
+    fine-tune's run/model (Run.save writes it for method full only), else the adapter of the
+    job or of its checkpoint. Read off the files: the watcher's job rows carry no method."""
+    whole = store.job_dir(job["id"]) / "run" / "model"
+    if name == job["fine_tuned_model"] and (whole / "config.json").is_file():
+        return whole, True
+    return adapter_dir(store, job, name), False
+
+
+def deleted_key(name: str) -> str:
+    """The key of the job event that records model `name`'s deletion (so a restarted server knows)."""
+    return f"model-deleted:{name}"
+
+
 def delete_adapter_files(folder: Path | None) -> bool:
     """Remove a model's adapter folder; False when there was none. The folder is renamed first, so
     a crash part-way leaves no half folder that a server would try to load."""

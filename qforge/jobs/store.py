@@ -395,6 +395,10 @@ class JobStore:
                 for event in events:
                     self._event(db, job_id, **event)
 
+    def has_event(self, job_id: str, key: str) -> bool:
+        """Whether the job has the event with `key` (a fact recorded once, e.g. a model's deletion)."""
+        return self._one("SELECT id FROM events WHERE job_id = ? AND key = ?", (job_id, key)) is not None
+
     def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         """(rows, has_more), newest first; `after`: the event id the previous page ended with."""
         return self._page("events", "seq", job_id, after, limit)

@@ -138,3 +138,21 @@ def test_a_dedicated_load_that_fails_after_its_model_was_removed_leaves_no_error
     go.set()
     loading.join()
     assert "m" not in models and "m" not in models._errors and "m" not in models._loading
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_a_deleted_model_stays_deleted_after_a_restart(service, kind):
+    """The deletion is in the job's events before the files go: a server started later over the same
+    data does not take the missing folder for a broken model (503) - it is simply gone (404)."""
+    jobs, registry, job = service.jobs, service.registry, service.by_kind[kind]
+    name = job["fine_tuned_model"]
+    with httpx.Client(base_url=service.url, timeout=60) as http:
+        assert http.delete(f"/models/{name}").status_code == 200
+    restarted = JobService(JobsConfig(data_dir=jobs.store.root, base_model="tiny", start_worker=False), registry)
+    try:
+        restarted.start()  # registers every succeeded job's model, as at start-up
+        assert restarted.model_visible(name, OWNER)  # its owner's: a request would try to register it
+        assert name not in registry and restarted.model_error(name) is None  # so resolve_model says 404
+        assert "was deleted" in restarted.store.list_events(job["id"])[0][0]["message"]
+    finally:
+        restarted.stop()
