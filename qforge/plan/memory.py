@@ -289,7 +289,8 @@ def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradi
 
 
 def temporary_bytes(arch: ModelArch, method: str, tokens: int, activations: int, num_gpus: int,
-                    c: MemoryConstants = CUDA_BF16, chunked_loss: bool = False, layer_peak: int = 0) -> int:
+                    c: MemoryConstants = CUDA_BF16, chunked_loss: bool = False, layer_peak: int = 0,
+                    head_copy: int = 0) -> int:
     """Bytes of short-lived buffers and allowances on one GPU.
 
       dequantised weight (qlora): the largest 4-bit tensor in BF16, 2 bytes * its numel
@@ -298,11 +299,14 @@ def temporary_bytes(arch: ModelArch, method: str, tokens: int, activations: int,
         logits softcap_logit_bytes more) plus LOSS_HIDDEN_BYTES * hidden
         per token, less `layer_peak` (what a layer's recomputation and backward hold: the loss runs
         before them, so only the larger of the two peaks counts)
+      head_copy: what the loss holds beside its logits: a tied head's compute-dtype copy of the
+        float32 embeddings under a float32 residual (qforge.train.loss's weight.to(dtype); the
+        one-pass loss's autocast cast, saved for the head's backward), compute_bytes * vocab * hidden
       fragmentation * (activations + the buffers above) + context_bytes
     """
     rows = loss_rows(arch, tokens) if chunked_loss else tokens
     per_logit = (c.chunk_logit_bytes or c.logit_bytes) if rows < tokens else c.logit_bytes
-    buffers = rows * arch.vocab_size * (per_logit + (c.softcap_logit_bytes if arch.logit_softcap else 0))
+    buffers = rows * arch.vocab_size * (per_logit + (c.softcap_logit_bytes if arch.logit_softcap else 0)) + head_copy
     if rows < tokens:
         buffers = max(0, buffers + tokens * arch.hidden_size * LOSS_HIDDEN_BYTES - layer_peak)
     if method == "qlora":
@@ -330,6 +334,34 @@ def recomputed_layer_bytes(arch: ModelArch, method: str, tokens: int, rank: int,
 def runs_sdpa(arch: ModelArch, batch_size: int, seq_len: int) -> bool:
     """Whether a training row's attention runs SDPA rather than qforge's matrix path on the CPU."""
     return batch_size * arch.num_heads * seq_len * seq_len > MATRIX_ATTENTION_SCORES
+
+
+def float32_residual_layer_bytes(arch: ModelArch, c: MemoryConstants, residual_bytes: int, sdpa: bool) -> float:
+    """Bytes per token that one layer's saved activations gain from a float32 residual stream
+    (lora/qlora, qforge.model.surgery.use_float32_residual): residual_bytes - compute_bytes more
+    per element (2 over BF16) of the tensors it keeps in the residual dtype, besides its scores:
+      (mlp - 1) * I_active  the MLP's saved tensors: gate's and up's outputs (an AdaptedLinear
+                            returns its float32 input's dtype) and silu(gate)
+      3 * Q                 qforge's matrix attention (rows that do not run SDPA) with float32
+                            queries: q, k and v (k and v repeated to the query heads) in float32
+                            for its float32 scores (qforge.nn.attention's wide path); SDPA (and
+                            every row on CUDA) saves its compute-dtype inputs from either residual
+    No new constant. Measured with saved_tensors_hooks on SmolLM2 qlora without checkpointing (CPU),
+    float32 against bfloat16 residual: 4 x 128 (matrix attention) +12672 B a token a layer, =
+    2 * (3*1536 + 3*576), besides the scores; 1 x 1024 (SDPA) +9216 B, = 2 * 3*1536."""
+    wide = max(0, residual_bytes - c.compute_bytes)
+    matrix = not sdpa and c.matrix_score_bytes > 0  # the matrix path is the CPU's (CUDA_BF16 has no scores)
+    return wide * ((c.mlp - 1) * arch.active_intermediate + (3 * arch.q_dim if matrix else 0))
+
+
+def float32_residual_score_bytes(c: MemoryConstants, residual_bytes: int) -> float:
+    """Bytes per matrix-attention score a layer saves under a float32 residual stream: the float32
+    softmax output alone (qforge.nn.attention's wide path multiplies v by it; no compute-dtype copy
+    of the probabilities), so c.matrix_score_bytes less compute_bytes. Saved_tensors_hooks, SmolLM2
+    4 x 128: one float32 [4, 9, 128, 128] per layer (4 bytes a score) against 6 with a BF16 residual."""
+    if residual_bytes > c.compute_bytes and c.matrix_score_bytes:
+        return c.matrix_score_bytes - c.compute_bytes
+    return c.matrix_score_bytes
 
 
 def layer_weight_bytes(arch: ModelArch, method: str) -> int:
@@ -436,14 +468,22 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     optim = optimizer_bytes(trained, optimizer)
     sdpa = runs_sdpa(arch, batch_size, seq_len)
     scores = 0 if sdpa else batch_size * arch.num_heads * seq_len * seq_len  # CPU matrix attention's
-    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants, keep_base_outputs, sdpa,
-                            scores)
-    layer_peak = (recomputed_layer_bytes(arch, method, tokens, rank, constants, sdpa, scores)
-                  if gradient_checkpointing else 0)
-    temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants, chunked_loss, layer_peak)
-    if method != "full" and residual_bytes > 2:  # embeddings are counted in BF16 above; checkpoints in compute_bytes
+    wide = method != "full" and residual_bytes > 2  # the float32 residual stream (lora, qlora)
+    c = replace(constants, matrix_score_bytes=float32_residual_score_bytes(constants, residual_bytes)) if wide \
+        else constants
+    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, c, keep_base_outputs, sdpa, scores)
+    layer_peak = recomputed_layer_bytes(arch, method, tokens, rank, c, sdpa, scores) if gradient_checkpointing else 0
+    head_copy = 0
+    if wide:  # the layers' float32 tensors, the float32 embeddings and checkpoints (counted in BF16 above)
+        layer_wide = tokens * float32_residual_layer_bytes(arch, c, residual_bytes, sdpa)
+        acts += int(layer_wide * (1 if gradient_checkpointing else arch.num_layers))
         base += (residual_bytes - 2) * arch.vocab_size * arch.hidden_size
-        acts += max(0, residual_bytes - constants.compute_bytes) * tokens * arch.num_layers * arch.hidden_size
+        if gradient_checkpointing:  # each layer's checkpointed input, in float32
+            acts += max(0, residual_bytes - c.compute_bytes) * tokens * arch.num_layers * arch.hidden_size
+            layer_peak += int(layer_wide)
+        if arch.tie_word_embeddings:  # the head's product takes a compute-dtype copy of the float32 weight
+            head_copy = c.compute_bytes * arch.vocab_size * arch.hidden_size
+    temp = temporary_bytes(arch, method, tokens, acts, num_gpus, c, chunked_loss, layer_peak, head_copy)
     if objective == "dpo" and method == "full":
         base += weight_bytes(arch, "full")  # TRL-style full DPO: a frozen reference copy of the model
     sharded = base + constants_bytes + adapters + grads + optim
