@@ -1,15 +1,22 @@
 """Planner calibration: the CPU memory model fitted on one set of settings, checked on others.
 
-  python benchmarks/plan_calibration.py [--sets fit,heldout] [--long 2048,4096] [--work DIR]
+  python benchmarks/plan_calibration.py [--sets fit,heldout] [--residual bfloat16,float32] [--long 2048,4096]
+                                       [--work DIR]
 
-runs every setting of the chosen sets in a fresh process (measure_training_peak), prints one row per
-setting (set, model, method, batch x seq, checkpointing, loss, measured MB, planned MB, error) and
-ends with `fit_err_max=X heldout_err_max=Y` (the largest |planned / measured - 1| of each set).
+runs every setting of the chosen sets in a fresh process (measure_training_peak), once per residual
+dtype (TrainConfig.residual_dtype: float32, qlora's and lora's default since issue 27, and bfloat16,
+the stream the constants were fitted on), prints a block per dtype with one row per setting (set,
+model, method, batch x seq, checkpointing, loss, measured MB, planned MB, error) and its summary:
+`bfloat16_residual: fit_err_max=X heldout_err_max=Y` for the BF16 block, and last, for the default,
+`fit_err_max=X heldout_err_max=Y` (the largest |planned / measured - 1| of each set).
 
 FIT: the ten settings the CPU constants (qforge.plan.CPU_BF16) were fitted to: SmolLM2-135M, rank 16,
 qlora and lora at 1 x 128 and 4 x 256 with (full or selective) checkpointing, 1 x 256 and 4 x 128
 without, transformers' one-pass loss (`model(...).loss`), as tests/plan/test_plan_measured.py runs them.
 (CPU_BF16.sdpa_layer_scale was fitted on a third set, benchmarks/long_context.py's 13M Llama shape.)
+All of them with the BF16 residual stream; the float32 residual adds no fitted constant (qforge.plan.memory's
+float32_residual_layer_bytes, float32_residual_score_bytes and a tied head's copy are counts of the
+tensors the code saves), so its FIT rows test those counts and its HELD-OUT rows the whole model.
 HELD-OUT: settings none of the constants saw, all with the trainer's loss (qforge.train.loss's
 causal_lm_loss: chunked above one chunk of rows): SmolLM2 at other batches and lengths (2 x 512,
 8 x 64 without checkpointing, lora 1 x 1024), the long-context rows (SmolLM2 at 1 x 2048, 1 x 4096,

@@ -58,9 +58,10 @@ class MemoryConstants:
                  weights train, so each norm also keeps its bf16 normalised input (+2 hidden)
       backward   gradients alive while one layer runs backward: 2 hidden + 3 mlp (grad of the
                  down input, of gate and of up)
-    Calibrated constants (the counts above are not tuned; these three were chosen, within their
-    plausible ranges, so that QLoRA r=32, seq 4096, batch 1 lands inside the public sizing table
-    for 8B, 13B, 34B, 70B, Mixtral 8x22B and 405B; see tests/plan/test_plan.py):
+    Assumed constants, not measured on a GPU (the counts above are not tuned; these three were chosen,
+    within their plausible ranges, so that QLoRA r=32, seq 4096, batch 1 lands inside the public sizing
+    table for 8B, 13B, 34B, 70B, Mixtral 8x22B and 405B, which tests/plan/test_plan.py then checks: a
+    consistency check, not a validation; they stay assumptions until a GPU run measures them):
       logit_bytes 4    per logit: one fp32 copy for the loss. The loss briefly holds more (bf16
                        logits 2 + fp32 log-softmax 4), but never while a layer is recomputed,
                        and this model adds the two peaks instead of taking the larger one
@@ -102,6 +103,11 @@ CUDA_BF16 = MemoryConstants()
 # two runs of the ten settings (this checkout and CI's clean clone, whose peaks read 2-8% higher):
 # worst error 8.6% (see matrix_score_bytes). glibc's default heap can hold 10-60% more than this
 # on top of the dynamic part; `qforge train`'s fit warning does not add it.
+# These runs, and so every constant below, had the BF16 residual stream (--residual-dtype bfloat16).
+# The float32 residual (qlora's and lora's default since issue 27) adds no constant: plan_run counts
+# what it saves (float32_residual_layer_bytes, float32_residual_score_bytes, a tied head's copy), and
+# benchmarks/plan_calibration.py checks both residual dtypes on the FIT set and on the HELD-OUT set
+# (BENCHMARKS.md, "The planner for the float32 residual").
 # Eight constants differ from CUDA_BF16:
 #   lora_dropout 1.0  qforge's dropout keeps no mask (qforge.nn.dropout): only the dropped copy
 #   backward_hidden 3.0, backward_mlp 4.5  gradients alive while a layer runs backward: 1.5x the
@@ -435,9 +441,14 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     an HQQ base (code_bits, and scales and zeros per hqq_group_size values). chunked_loss: the loss of
     qforge's trainer (its logits a chunk at a time; see temporary_bytes); False: the one-pass loss
     of transformers and PEFT, which the public sizing table assumes. residual_bytes 4 (lora, qlora
-    with a float32 residual stream, qforge.model.surgery.use_float32_residual): the input embeddings
-    in float32 (+2 bytes per element; a tied head shares them, an untied one stays as it is) and
-    the hidden state checkpointed at each layer's input in float32 (+2 bytes per element).
+    with a float32 residual stream, qforge.model.surgery.use_float32_residual, `qforge train`'s
+    default for them; 2: --residual-dtype bfloat16): the input embeddings in float32 (+2 bytes per
+    element; a tied head shares them, an untied one stays as it is), with checkpointing the hidden
+    state checkpointed at each layer's input in float32 (+2 bytes per element), the layer tensors
+    float32_residual_layer_bytes counts (every layer's without checkpointing, the recomputed one's
+    with it), matrix-attention scores at float32_residual_score_bytes, and a tied head's compute-dtype
+    copy of the float32 weight while the loss runs (temporary_bytes' head_copy). No constant is
+    fitted for it: the counts are of the tensors the code saves (see those functions).
 
     objective "dpo" or "orpo" (qforge.train.preference): batch_size counts preference PAIRS, and a
     pair is two sequences (chosen and rejected) in one batch, so the training pass is sized for
