@@ -1,15 +1,22 @@
 """Planner calibration: the CPU memory model fitted on one set of settings, checked on others.
 
-  python benchmarks/plan_calibration.py [--sets fit,heldout] [--long 2048,4096] [--work DIR]
+  python benchmarks/plan_calibration.py [--sets fit,heldout] [--residual bfloat16,float32] [--long 2048,4096]
+                                       [--work DIR]
 
-runs every setting of the chosen sets in a fresh process (measure_training_peak), prints one row per
-setting (set, model, method, batch x seq, checkpointing, loss, measured MB, planned MB, error) and
-ends with `fit_err_max=X heldout_err_max=Y` (the largest |planned / measured - 1| of each set).
+runs every setting of the chosen sets in a fresh process (measure_training_peak), once per residual
+dtype (TrainConfig.residual_dtype: float32, qlora's and lora's default since issue 27, and bfloat16,
+the stream the constants were fitted on), prints a block per dtype with one row per setting (set,
+model, method, batch x seq, checkpointing, loss, measured MB, planned MB, error) and its summary:
+`bfloat16_residual: fit_err_max=X heldout_err_max=Y` for the BF16 block, and last, for the default,
+`fit_err_max=X heldout_err_max=Y` (the largest |planned / measured - 1| of each set).
 
 FIT: the ten settings the CPU constants (qforge.plan.CPU_BF16) were fitted to: SmolLM2-135M, rank 16,
 qlora and lora at 1 x 128 and 4 x 256 with (full or selective) checkpointing, 1 x 256 and 4 x 128
 without, transformers' one-pass loss (`model(...).loss`), as tests/plan/test_plan_measured.py runs them.
 (CPU_BF16.sdpa_layer_scale was fitted on a third set, benchmarks/long_context.py's 13M Llama shape.)
+All of them with the BF16 residual stream; the float32 residual adds no fitted constant (qforge.plan.memory's
+float32_residual_layer_bytes, float32_residual_score_bytes and a tied head's copy are counts of the
+tensors the code saves), so its FIT rows test those counts and its HELD-OUT rows the whole model.
 HELD-OUT: settings none of the constants saw, all with the trainer's loss (qforge.train.loss's
 causal_lm_loss: chunked above one chunk of rows): SmolLM2 at other batches and lengths (2 x 512,
 8 x 64 without checkpointing, lora 1 x 1024), the long-context rows (SmolLM2 at 1 x 2048, 1 x 4096,
@@ -59,7 +66,8 @@ def reset_peak() -> None:
 
 def measure_training_peak(method: str, batch_size: int, seq_len: int, gradient_checkpointing: bool,
                           steps: int = 3, rank: int = 16, model: str = "smollm2", seed: int = 0,
-                          keep_base_outputs: bool = False, loss: str = "model") -> dict:
+                          keep_base_outputs: bool = False, loss: str = "model",
+                          residual_dtype: str = "float32") -> dict:
     """Peak CPU memory of training `method` at one setting, in bytes above an import-only
     baseline. Call it in a fresh process (measure_training_peaks does), once.
 
@@ -72,6 +80,8 @@ def measure_training_peak(method: str, batch_size: int, seq_len: int, gradient_c
     /proc/self/clear_refs), so that the peak is the steady training step's (steps >= 2), not the load's.
     loss "model": transformers' one-pass loss (`model(...).loss`, what the FIT set ran); "trainer":
     qforge's causal_lm_loss, chunked above one chunk of rows, as `qforge train` runs it.
+    residual_dtype: TrainConfig.residual_dtype ("float32", the default of qlora and lora since issue 27,
+    or "bfloat16", the residual stream the planner was first fitted on).
     One setting per process: settings run one after another in one process share a heap, and a
     checkpointed batch-4 setting after an uncheckpointed one read 10-30% high and varied run to
     run (4 x 256 with checkpointing: 1285-1498 MB in sequence, 1227-1299 MB fresh). The peak
@@ -104,7 +114,7 @@ def measure_training_peak(method: str, batch_size: int, seq_len: int, gradient_c
     baseline = status_bytes("VmRSS")
     cfg = TrainConfig(model=model, method=method, rank=rank, alpha=2 * rank, seed=seed, output_dir="/dev/null",
                       batch_size=batch_size, max_seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-                      keep_base_outputs=keep_base_outputs, device="cpu")
+                      keep_base_outputs=keep_base_outputs, device="cpu", residual_dtype=residual_dtype)
     torch.manual_seed(seed)
     net, _ = load_for_method(cfg)
     _release_memory()
@@ -130,7 +140,7 @@ def measure_training_peak(method: str, batch_size: int, seq_len: int, gradient_c
             reset_peak()
     return {"method": method, "batch_size": batch_size, "seq_len": seq_len, "model": model, "loss": loss,
             "gradient_checkpointing": gradient_checkpointing, "keep_base_outputs": keep_base_outputs,
-            "steps": steps, "rank": rank,
+            "steps": steps, "rank": rank, "residual_dtype": residual_dtype,
             "peak_bytes": status_bytes("VmHWM") - baseline, "baseline_bytes": baseline, "loaded_bytes": loaded}
 
 
@@ -284,7 +294,14 @@ def planned_total(setting: dict) -> int:
                     batch_size=setting["batch_size"], rank=setting.get("rank", RANK),
                     gradient_checkpointing=setting["gradient_checkpointing"],
                     keep_base_outputs=setting["keep_base_outputs"], constants=CPU_BF16,
-                    chunked_loss=setting.get("loss") == "trainer").total
+                    chunked_loss=setting.get("loss") == "trainer",
+                    residual_bytes=residual_bytes(setting)).total
+
+
+def residual_bytes(setting: dict) -> int:
+    """plan_run's residual_bytes for a setting: 4 for the float32 residual stream (a missing
+    residual_dtype is measure_training_peak's default, float32), 2 for bfloat16."""
+    return 4 if setting.get("residual_dtype", "float32") == "float32" else 2
 
 
 def predict_per_rank(setting: dict, world: int) -> dict:
@@ -295,7 +312,7 @@ def predict_per_rank(setting: dict, world: int) -> dict:
                     batch_size=setting["batch_size"], rank=setting.get("rank", RANK),
                     gradient_checkpointing=setting["gradient_checkpointing"],
                     keep_base_outputs=setting["keep_base_outputs"], constants=CPU_BF16,
-                    chunked_loss=setting.get("loss") == "trainer")
+                    chunked_loss=setting.get("loss") == "trainer", residual_bytes=residual_bytes(setting))
 
 
 def report_row(label: str, result: dict) -> tuple[str, float]:
@@ -308,10 +325,16 @@ def report_row(label: str, result: dict) -> tuple[str, float]:
             f"{mode:9} {result['loss']:7} {peak / 1e6:8.0f} {plan / 1e6:8.0f} {error:+7.1%}"), error
 
 
+RESIDUALS = ("bfloat16", "float32")  # printed in this order: the default's (float32) summary is the last line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure the CPU peak of training settings and compare the "
                                                  "planner with it, on its FIT set and on a HELD-OUT set.")
     parser.add_argument("--sets", default="fit,heldout", help="comma-separated: fit, heldout (default both)")
+    parser.add_argument("--residual", default="bfloat16,float32",
+                        help="comma-separated residual dtypes to measure, a block each: bfloat16, float32 "
+                             "(default both; float32, qlora's and lora's default, is printed last)")
     parser.add_argument("--long", default="2048,4096",
                         help="comma-separated sequence lengths of the long-context held-out rows (SmolLM2, "
                              "batch 1); empty for none")
@@ -325,35 +348,45 @@ def main(argv: list[str] | None = None) -> int:
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     if not set(sets) <= {"fit", "heldout"}:
         parser.error(f"--sets: expected fit and/or heldout, got {args.sets!r}")
+    residuals = [r.strip() for r in args.residual.split(",") if r.strip()]
+    if not residuals or not set(residuals) <= set(RESIDUALS):
+        parser.error(f"--residual: expected bfloat16 and/or float32, got {args.residual!r}")
+    try:
+        long_lengths = [int(n) for n in args.long.split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"--long: expected comma-separated whole numbers, got {args.long!r}")
     work = Path(args.work or tempfile.mkdtemp(prefix="plan-calibration-"))
-    long_lengths = [int(n) for n in args.long.split(",") if n.strip()]
     chosen = [("fit", i, s) for i, s in enumerate(FIT)] if "fit" in sets else []
     if "heldout" in sets:
         tiny = write_random_model(work / "tinyllama-1.1b-random", TINYLLAMA)
         gemma = write_random_model(work / "gemma2-tied-random", GEMMA2)
         chosen += [("heldout", i, s) for i, s in enumerate(heldout_settings(str(tiny), str(gemma), long_lengths))]
-    print(f"{'set':8} {'model':22} {'meth':5} {'batch x seq':10} {'ckpt':9} {'loss':7} {'meas MB':>8} "
-          f"{'plan MB':>8} {'error':>7}", flush=True)
     if "fit" in sets:
         from qforge.plan import CPU_BF16
         probe = loss_probe()
-        print(f"fit      the chunked loss alone (49152 x 576): {probe['plain']:.1f} bytes a logit, "
+        print(f"the chunked loss alone (49152 x 576): {probe['plain']:.1f} bytes a logit, "
               f"{probe['softcap']:.1f} soft-capped (CPU_BF16: {CPU_BF16.chunk_logit_bytes}, "
               f"{CPU_BF16.chunk_logit_bytes + CPU_BF16.softcap_logit_bytes})", flush=True)
-    errors: dict[str, list[float]] = {"fit": [], "heldout": []}
-    for label, i, setting in chosen:  # results in WORK/<set>-<index in its set>
-        spec = dict({"steps": 3}, **setting, rank=RANK)
-        spec_file, out = work / f"{label}-{i}" / "memory-0.json", work / f"{label}-{i}" / "memory-0-result.json"
-        if args.measured_only and not (out.is_file() and json.loads(spec_file.read_text()) == spec):
-            print(f"{label:8} {Path(spec['model']).name:22} {spec['method']:5} {spec['batch_size']:>2} x "
-                  f"{spec['seq_len']:<5} not measured (--measured-only)", flush=True)
-            continue
-        result = measure_training_peaks([spec], work / f"{label}-{i}", args.timeout)[0]
-        line, error = report_row(label, result)
-        errors[label].append(abs(error))
-        print(line, flush=True)
-    worst = {k: (f"{max(v):.3f}" if v else "nan") for k, v in errors.items()}
-    print(f"fit_err_max={worst['fit']} heldout_err_max={worst['heldout']}")
+    for residual in [r for r in RESIDUALS if r in residuals]:
+        print(f"\nresidual stream {residual}" + (" (qlora's and lora's default)" if residual == "float32" else ""))
+        print(f"{'set':8} {'model':22} {'meth':5} {'batch x seq':10} {'ckpt':9} {'loss':7} {'meas MB':>8} "
+              f"{'plan MB':>8} {'error':>7}", flush=True)
+        errors: dict[str, list[float]] = {"fit": [], "heldout": []}
+        for label, i, setting in chosen:  # results in WORK/<set>-<index in its set>[-bfloat16]
+            spec = dict({"steps": 3}, **setting, rank=RANK, residual_dtype=residual)
+            folder = work / (f"{label}-{i}" + ("" if residual == "float32" else f"-{residual}"))
+            spec_file, out = folder / "memory-0.json", folder / "memory-0-result.json"
+            if args.measured_only and not (out.is_file() and json.loads(spec_file.read_text()) == spec):
+                print(f"{label:8} {Path(spec['model']).name:22} {spec['method']:5} {spec['batch_size']:>2} x "
+                      f"{spec['seq_len']:<5} not measured (--measured-only)", flush=True)
+                continue
+            result = measure_training_peaks([spec], folder, args.timeout)[0]
+            line, error = report_row(label, result)
+            errors[label].append(abs(error))
+            print(line, flush=True)
+        worst = {k: (f"{max(v):.3f}" if v else "nan") for k, v in errors.items()}
+        prefix = "" if residual == "float32" else "bfloat16_residual: "
+        print(f"{prefix}fit_err_max={worst['fit']} heldout_err_max={worst['heldout']}", flush=True)
     return 0
 
 

@@ -8,12 +8,11 @@ architectures it prices (ModelArch, the parameter tensors) are read by arch.py.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 
 from .arch import ModelArch, as_arch, model_weights, parameter_count
+from .units import GB, card_label, format_gb, parse_gpu  # noqa: F401  (re-exported: qforge.plan's names)
 
-GB = 10**9  # every figure printed or tested is in GB = 1e9 bytes
 METHODS = ("qlora", "lora", "full")
 OBJECTIVES = ("sft", "dpo", "orpo")  # TrainConfig.objective: what a row of batch_size is (a sequence or a pair)
 QUANT_TYPES = ("nf4", "fp4", "int4", "hqq4", "hqq3", "hqq2")  # 4 bits per weight; HQQ 4, 3.2 (10 in 32), 2
@@ -59,9 +58,10 @@ class MemoryConstants:
                  weights train, so each norm also keeps its bf16 normalised input (+2 hidden)
       backward   gradients alive while one layer runs backward: 2 hidden + 3 mlp (grad of the
                  down input, of gate and of up)
-    Calibrated constants (the counts above are not tuned; these three were chosen, within their
-    plausible ranges, so that QLoRA r=32, seq 4096, batch 1 lands inside the public sizing table
-    for 8B, 13B, 34B, 70B, Mixtral 8x22B and 405B; see tests/plan/test_plan.py):
+    Assumed constants, not measured on a GPU (the counts above are not tuned; these three were chosen,
+    within their plausible ranges, so that QLoRA r=32, seq 4096, batch 1 lands inside the public sizing
+    table for 8B, 13B, 34B, 70B, Mixtral 8x22B and 405B, which tests/plan/test_plan.py then checks: a
+    consistency check, not a validation; they stay assumptions until a GPU run measures them):
       logit_bytes 4    per logit: one fp32 copy for the loss. The loss briefly holds more (bf16
                        logits 2 + fp32 log-softmax 4), but never while a layer is recomputed,
                        and this model adds the two peaks instead of taking the larger one
@@ -103,6 +103,11 @@ CUDA_BF16 = MemoryConstants()
 # two runs of the ten settings (this checkout and CI's clean clone, whose peaks read 2-8% higher):
 # worst error 8.6% (see matrix_score_bytes). glibc's default heap can hold 10-60% more than this
 # on top of the dynamic part; `qforge train`'s fit warning does not add it.
+# These runs, and so every constant below, had the BF16 residual stream (--residual-dtype bfloat16).
+# The float32 residual (qlora's and lora's default since issue 27) adds no constant: plan_run counts
+# what it saves (float32_residual_layer_bytes, float32_residual_score_bytes, a tied head's copy), and
+# benchmarks/plan_calibration.py checks both residual dtypes on the FIT set and on the HELD-OUT set
+# (BENCHMARKS.md, "The planner for the float32 residual").
 # Eight constants differ from CUDA_BF16:
 #   lora_dropout 1.0  qforge's dropout keeps no mask (qforge.nn.dropout): only the dropped copy
 #   backward_hidden 3.0, backward_mlp 4.5  gradients alive while a layer runs backward: 1.5x the
@@ -290,7 +295,8 @@ def activation_bytes(arch: ModelArch, method: str, tokens: int, rank: int, gradi
 
 
 def temporary_bytes(arch: ModelArch, method: str, tokens: int, activations: int, num_gpus: int,
-                    c: MemoryConstants = CUDA_BF16, chunked_loss: bool = False, layer_peak: int = 0) -> int:
+                    c: MemoryConstants = CUDA_BF16, chunked_loss: bool = False, layer_peak: int = 0,
+                    head_copy: int = 0) -> int:
     """Bytes of short-lived buffers and allowances on one GPU.
 
       dequantised weight (qlora): the largest 4-bit tensor in BF16, 2 bytes * its numel
@@ -299,11 +305,14 @@ def temporary_bytes(arch: ModelArch, method: str, tokens: int, activations: int,
         logits softcap_logit_bytes more) plus LOSS_HIDDEN_BYTES * hidden
         per token, less `layer_peak` (what a layer's recomputation and backward hold: the loss runs
         before them, so only the larger of the two peaks counts)
+      head_copy: what the loss holds beside its logits: a tied head's compute-dtype copy of the
+        float32 embeddings under a float32 residual (qforge.train.loss's weight.to(dtype); the
+        one-pass loss's autocast cast, saved for the head's backward), compute_bytes * vocab * hidden
       fragmentation * (activations + the buffers above) + context_bytes
     """
     rows = loss_rows(arch, tokens) if chunked_loss else tokens
     per_logit = (c.chunk_logit_bytes or c.logit_bytes) if rows < tokens else c.logit_bytes
-    buffers = rows * arch.vocab_size * (per_logit + (c.softcap_logit_bytes if arch.logit_softcap else 0))
+    buffers = rows * arch.vocab_size * (per_logit + (c.softcap_logit_bytes if arch.logit_softcap else 0)) + head_copy
     if rows < tokens:
         buffers = max(0, buffers + tokens * arch.hidden_size * LOSS_HIDDEN_BYTES - layer_peak)
     if method == "qlora":
@@ -331,6 +340,34 @@ def recomputed_layer_bytes(arch: ModelArch, method: str, tokens: int, rank: int,
 def runs_sdpa(arch: ModelArch, batch_size: int, seq_len: int) -> bool:
     """Whether a training row's attention runs SDPA rather than qforge's matrix path on the CPU."""
     return batch_size * arch.num_heads * seq_len * seq_len > MATRIX_ATTENTION_SCORES
+
+
+def float32_residual_layer_bytes(arch: ModelArch, c: MemoryConstants, residual_bytes: int, sdpa: bool) -> float:
+    """Bytes per token that one layer's saved activations gain from a float32 residual stream
+    (lora/qlora, qforge.model.surgery.use_float32_residual): residual_bytes - compute_bytes more
+    per element (2 over BF16) of the tensors it keeps in the residual dtype, besides its scores:
+      (mlp - 1) * I_active  the MLP's saved tensors: gate's and up's outputs (an AdaptedLinear
+                            returns its float32 input's dtype) and silu(gate)
+      3 * Q                 qforge's matrix attention (rows that do not run SDPA) with float32
+                            queries: q, k and v (k and v repeated to the query heads) in float32
+                            for its float32 scores (qforge.nn.attention's wide path); SDPA (and
+                            every row on CUDA) saves its compute-dtype inputs from either residual
+    No new constant. Measured with saved_tensors_hooks on SmolLM2 qlora without checkpointing (CPU),
+    float32 against bfloat16 residual: 4 x 128 (matrix attention) +12672 B a token a layer, =
+    2 * (3*1536 + 3*576), besides the scores; 1 x 1024 (SDPA) +9216 B, = 2 * 3*1536."""
+    wide = max(0, residual_bytes - c.compute_bytes)
+    matrix = not sdpa and c.matrix_score_bytes > 0  # the matrix path is the CPU's (CUDA_BF16 has no scores)
+    return wide * ((c.mlp - 1) * arch.active_intermediate + (3 * arch.q_dim if matrix else 0))
+
+
+def float32_residual_score_bytes(c: MemoryConstants, residual_bytes: int) -> float:
+    """Bytes per matrix-attention score a layer saves under a float32 residual stream: the float32
+    softmax output alone (qforge.nn.attention's wide path multiplies v by it; no compute-dtype copy
+    of the probabilities), so c.matrix_score_bytes less compute_bytes. Saved_tensors_hooks, SmolLM2
+    4 x 128: one float32 [4, 9, 128, 128] per layer (4 bytes a score) against 6 with a BF16 residual."""
+    if residual_bytes > c.compute_bytes and c.matrix_score_bytes:
+        return c.matrix_score_bytes - c.compute_bytes
+    return c.matrix_score_bytes
 
 
 def layer_weight_bytes(arch: ModelArch, method: str) -> int:
@@ -404,9 +441,14 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     an HQQ base (code_bits, and scales and zeros per hqq_group_size values). chunked_loss: the loss of
     qforge's trainer (its logits a chunk at a time; see temporary_bytes); False: the one-pass loss
     of transformers and PEFT, which the public sizing table assumes. residual_bytes 4 (lora, qlora
-    with a float32 residual stream, qforge.model.surgery.use_float32_residual): the input embeddings
-    in float32 (+2 bytes per element; a tied head shares them, an untied one stays as it is) and
-    the hidden state checkpointed at each layer's input in float32 (+2 bytes per element).
+    with a float32 residual stream, qforge.model.surgery.use_float32_residual, `qforge train`'s
+    default for them; 2: --residual-dtype bfloat16): the input embeddings in float32 (+2 bytes per
+    element; a tied head shares them, an untied one stays as it is), with checkpointing the hidden
+    state checkpointed at each layer's input in float32 (+2 bytes per element), the layer tensors
+    float32_residual_layer_bytes counts (every layer's without checkpointing, the recomputed one's
+    with it), matrix-attention scores at float32_residual_score_bytes, and a tied head's compute-dtype
+    copy of the float32 weight while the loss runs (temporary_bytes' head_copy). No constant is
+    fitted for it: the counts are of the tensors the code saves (see those functions).
 
     objective "dpo" or "orpo" (qforge.train.preference): batch_size counts preference PAIRS, and a
     pair is two sequences (chosen and rejected) in one batch, so the training pass is sized for
@@ -437,14 +479,22 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     optim = optimizer_bytes(trained, optimizer)
     sdpa = runs_sdpa(arch, batch_size, seq_len)
     scores = 0 if sdpa else batch_size * arch.num_heads * seq_len * seq_len  # CPU matrix attention's
-    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, constants, keep_base_outputs, sdpa,
-                            scores)
-    layer_peak = (recomputed_layer_bytes(arch, method, tokens, rank, constants, sdpa, scores)
-                  if gradient_checkpointing else 0)
-    temp = temporary_bytes(arch, method, tokens, acts, num_gpus, constants, chunked_loss, layer_peak)
-    if method != "full" and residual_bytes > 2:  # embeddings are counted in BF16 above; checkpoints in compute_bytes
+    wide = method != "full" and residual_bytes > 2  # the float32 residual stream (lora, qlora)
+    c = replace(constants, matrix_score_bytes=float32_residual_score_bytes(constants, residual_bytes)) if wide \
+        else constants
+    acts = activation_bytes(arch, method, tokens, rank, gradient_checkpointing, c, keep_base_outputs, sdpa, scores)
+    layer_peak = recomputed_layer_bytes(arch, method, tokens, rank, c, sdpa, scores) if gradient_checkpointing else 0
+    head_copy = 0
+    if wide:  # the layers' float32 tensors, the float32 embeddings and checkpoints (counted in BF16 above)
+        layer_wide = tokens * float32_residual_layer_bytes(arch, c, residual_bytes, sdpa)
+        acts += int(layer_wide * (1 if gradient_checkpointing else arch.num_layers))
         base += (residual_bytes - 2) * arch.vocab_size * arch.hidden_size
-        acts += max(0, residual_bytes - constants.compute_bytes) * tokens * arch.num_layers * arch.hidden_size
+        if gradient_checkpointing:  # each layer's checkpointed input, in float32
+            acts += max(0, residual_bytes - c.compute_bytes) * tokens * arch.num_layers * arch.hidden_size
+            layer_peak += int(layer_wide)
+        if arch.tie_word_embeddings:  # the head's product takes a compute-dtype copy of the float32 weight
+            head_copy = c.compute_bytes * arch.vocab_size * arch.hidden_size
+    temp = temporary_bytes(arch, method, tokens, acts, num_gpus, c, chunked_loss, layer_peak, head_copy)
     if objective == "dpo" and method == "full":
         base += weight_bytes(arch, "full")  # TRL-style full DPO: a frozen reference copy of the model
     sharded = base + constants_bytes + adapters + grads + optim
@@ -522,47 +572,3 @@ def recommend(config: dict | ModelArch | str, gpu_bytes: int, seq_len: int = 409
     per_gpu = plan_run(arch, "qlora", num_gpus=n, **kwargs).per_gpu_total
     return "fsdp", note + (f"QLoRA needs {format_gb(qlora)} on {num_gpus} GPU(s), more than {card} each; "
                            f"shard it with FSDP over {n} GPUs of {card} ({format_gb(per_gpu)} each)")
-
-
-
-
-# ---------------------------------------------------------------- units
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_gpu(text: str | int) -> int:
-    """Bytes of GPU memory from '24GB' (1e9 bytes), '24GiB' (2**30), '80G' (= GB), '141 GB' or bytes.
-
-    Cards sold as "24 GB" hold 24 GiB, so reading GB as 1e9 leaves ~7% to spare. ValueError for
-    anything else, for zero, and for a bare number under 1 MiB (surely a forgotten unit).
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        text = str(text)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(?:([kmgt])(i?)b?|(b))?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"bad GPU memory '{text}': write e.g. 24GB, 80GiB, 80G or a number of bytes")
-    number, prefix, binary, _ = match.groups()
-    prefix = (prefix or "").lower()
-    scale = 1024 ** ("kmgt".index(prefix) + 1) if binary else _UNITS[prefix]
-    value = float(number) * scale
-    if not prefix and "." in number:
-        raise ValueError(f"bad GPU memory '{text}': a number of bytes must be whole")
-    if value < 2**20:
-        raise ValueError(f"GPU memory '{text}' is under 1 MiB: give a unit, e.g. {number}GB")
-    return int(value)
-
-
-def format_gb(nbytes: float) -> str:
-    """'12.34 GB' (1e9 bytes), two decimals below 100 GB, one above."""
-    value = nbytes / GB
-    return f"{value:.2f} GB" if value < 100 else f"{value:.1f} GB"
-
-
-def card_label(gpu_bytes: int) -> str:
-    """'24 GB', '80 GiB' or '25.5 GB': the card size as the user most likely wrote it."""
-    for unit, name in ((GB, "GB"), (2**30, "GiB")):
-        if gpu_bytes % unit == 0:
-            return f"{gpu_bytes // unit} {name}"
-    return f"{gpu_bytes / GB:.1f} GB"
-

@@ -173,7 +173,9 @@ def _chunked_loss(model, head, inputs: dict, rows: torch.Tensor, targets: torch.
 
     def capture(module, args):
         captured["hidden"] = _target_rows(rows, args[0])
-        return (captured["hidden"][:1],) + tuple(args[1:])
+        # detached: the probe is only compared, and its graph would keep the head's compute-dtype copy of
+        # a float32 (tied, float32-residual) weight alive beside the loss's own (vocab x hidden x 2 bytes)
+        return (captured["hidden"][:1].detach(),) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(capture)
     try:

@@ -14,8 +14,11 @@ def config(**kw) -> TrainConfig:
 def test_plan_for_config_is_plan_run_at_max_seq_len_with_cpu_constants():
     cfg = config()
     expected = plan_run("smollm2", "lora", seq_len=256, batch_size=4, rank=16, gradient_checkpointing=False,
-                        constants=CPU_BF16, chunked_loss=True)
+                        constants=CPU_BF16, chunked_loss=True, residual_bytes=4)  # lora's default: float32
     assert plan_for_config(cfg) == expected
+    narrow = plan_run("smollm2", "lora", seq_len=256, batch_size=4, rank=16, gradient_checkpointing=False,
+                      constants=CPU_BF16, chunked_loss=True, residual_bytes=2)
+    assert plan_for_config(config(residual_dtype="bfloat16")) == narrow
     assert plan_for_config(cfg, device="cuda").total > expected.total  # the CUDA context and slack
 
 
@@ -159,7 +162,8 @@ def test_a_run_of_n_processes_is_sized_as_one_rank_of_n():
     one-process run; a GPU's memory is its own, the host's RAM is shared by the machine's processes."""
     from qforge.plan import CUDA_BF16, per_rank
     cfg = config(method="qlora", gradient_checkpointing=True)
-    run = dict(seq_len=256, batch_size=4, rank=16, gradient_checkpointing=True, chunked_loss=True)
+    run = dict(seq_len=256, batch_size=4, rank=16, gradient_checkpointing=True, chunked_loss=True,
+               residual_bytes=4)  # qlora's default residual: float32
     one = plan_for_config(cfg, device="cuda")
     four = plan_for_config(cfg, device="cuda", world=4)
     assert one.per_gpu_total == one.total
@@ -182,7 +186,8 @@ def test_offload_base_sizes_the_device_side():
     from qforge.plan import CUDA_BF16, per_rank
     cfg = config(method="qlora", gradient_checkpointing=True, offload_base=True)
     plan = plan_for_config(cfg, device="cuda")
-    run = dict(seq_len=256, batch_size=4, rank=16, gradient_checkpointing=True, chunked_loss=True)
+    run = dict(seq_len=256, batch_size=4, rank=16, gradient_checkpointing=True, chunked_loss=True,
+               residual_bytes=4)  # qlora's default residual: float32
     assert plan.per_gpu_total == per_rank("smollm2", "qlora", offload_base=True, constants=CUDA_BF16, **run)["total"]
     assert plan.per_gpu_total < plan.total
     fits, message = check_fit(cfg, None, (plan.per_gpu_total + plan.total) // 2, "cuda")

@@ -131,15 +131,34 @@ def test_residual_dtype_bad_value_is_a_clear_error(capsys):
 
 
 def test_planner_counts_the_float32_residual():
+    """The default (float32 residual for qlora) against the BF16 residual, on the CUDA constants:
+    the float32 input embeddings, each layer's checkpointed input in float32, and the recomputed
+    layer's MLP tensors (gate's and up's outputs, silu(gate)) in float32; the allocator's slack
+    (fragmentation) on the activations added."""
+    from qforge.plan import CUDA_BF16
     from qforge.plan.policy import plan_for_config
     from qforge.train.config import TrainConfig
-    base = plan_for_config(TrainConfig(model="llama-3.1-8b", max_seq_len=1024), "llama-3.1-8b", "cuda")
-    wide = plan_for_config(TrainConfig(model="llama-3.1-8b", max_seq_len=1024, residual_dtype="float32"),
-                           "llama-3.1-8b", "cuda")
+    narrow = plan_for_config(TrainConfig(model="llama-3.1-8b", max_seq_len=1024, residual_dtype="bfloat16"),
+                             "llama-3.1-8b", "cuda")
+    wide = plan_for_config(TrainConfig(model="llama-3.1-8b", max_seq_len=1024), "llama-3.1-8b", "cuda")
+    tokens = 4 * 1024  # TrainConfig's batch 4
     embeddings = 128256 * 4096 * 2  # +2 bytes per element of the (untied) input embeddings
-    checkpoints = 2 * 1024 * 4 * 32 * 4096  # +2 bytes per element of each layer's checkpointed input
-    assert wide.base_weights - base.base_weights == embeddings
-    assert wide.activations - base.activations == checkpoints
+    checkpoints = 2 * tokens * 32 * 4096  # +2 bytes per element of each layer's checkpointed input
+    mlp = 2 * tokens * 3 * 14336  # +2 bytes per element of the recomputed layer's three MLP tensors
+    assert wide.base_weights - narrow.base_weights == embeddings
+    assert wide.activations - narrow.activations == checkpoints + mlp
+    assert wide.temporary - narrow.temporary == pytest.approx(CUDA_BF16.fragmentation * (checkpoints + mlp), abs=2)
+
+
+def test_planner_counts_a_tied_heads_copy_under_the_float32_residual():
+    """A tied head's weight is the float32 embedding under the float32 residual: the head's product
+    takes a BF16 copy of it (vocab x hidden x 2 bytes), alive through the loss; an untied head
+    stays BF16 and needs none. Without checkpointing on the CPU constants (no slack), one-pass loss."""
+    from qforge.plan import CPU_BF16, plan_run
+    run = dict(seq_len=64, batch_size=1, rank=8, gradient_checkpointing=False, constants=CPU_BF16)
+    for model, vocab, hidden, tied in (("smollm2", 49152, 576, True), ("qwen2.5-7b", 152064, 3584, False)):
+        narrow, wide = (plan_run(model, "qlora", residual_bytes=r, **run) for r in (2, 4))
+        assert wide.temporary - narrow.temporary == (2 * vocab * hidden if tied else 0), model
 
 
 def test_float32_residual_training_step_gradients_match_peft(folder):
