@@ -48,7 +48,7 @@ from ..plan import (AUTO_KEEP_SHARE, CUDA_BF16, GATHERED_BLOCKS, METHODS, OFFLOA
                     active_parameter_count, available_memory, bits_per_param, card_label, constants_for,
                     expert_bytes, expert_parameter_count, format_gb, known_archs, load_arch, offload_host_bytes,
                     parameter_count, parse_gpu, per_rank, plan_run, recommend)
-from ..train.config import OBJECTIVES, OPTIMIZERS, QUANT_TYPES, TrainConfig
+from ..train.config import OBJECTIVES, OPTIMIZERS, QUANT_TYPES, RESIDUAL_DTYPES, TrainConfig
 
 ROWS = [("base weights", "base_weights"), ("quant constants", "quant_constants"),
         ("adapter weights", "adapter_weights"), ("gradients", "gradients"), ("optimizer state", "optimizer_state")]
@@ -121,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", choices=OBJECTIVES, default=train.objective,
                         help="sft (demonstrations) or dpo/orpo (preference pairs: --batch-size counts pairs, "
                              "two sequences each; DPO's reference pass keeps no activations)")
+    parser.add_argument("--residual-dtype", choices=RESIDUAL_DTYPES, default="auto",
+                        help="the residual stream as qforge train takes it: auto (float32 for qlora and lora, "
+                             "bfloat16 for full), bfloat16 or float32")
 
 
 def memory_to_plan(args: argparse.Namespace) -> tuple[int, str, object]:
@@ -146,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
     kwargs = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                   num_gpus=args.num_gpus, optimizer=args.optimizer, quant_type=args.quant_type,
                   hqq_group_size=args.hqq_group_size, objective=getattr(args, "objective", "sft"),
-                  constants=constants, chunked_loss=True)  # qforge train's loss
+                  constants=constants, chunked_loss=True,  # qforge train's loss
+                  residual_bytes=2 if getattr(args, "residual_dtype", "auto") == "bfloat16" else 4)
+    # auto: qforge train's float32 residual for lora and qlora (plan_run ignores it for full)
     if args.hqq_group_size < 1:
         raise ValueError(f"--hqq-group-size must be a positive integer, got {args.hqq_group_size}")
     gc = args.gradient_checkpointing

@@ -123,7 +123,7 @@ def choose_method(base_model: str, settings: dict, budget: int, kind: str = "sup
     try:
         plan = plan_run(load_arch(base_model), "qlora", seq_len=settings["max_seq_len"], batch_size=rows,
                         rank=settings["rank"], quant_type=settings["quant_type"],
-                        double_quant=settings["double_quant"])
+                        double_quant=settings["double_quant"], chunked_loss=True, residual_bytes=4)  # as qforge train runs
     except (ValueError, FileNotFoundError, OSError) as exc:
         return "qlora", f"qforge train's default; the memory planner cannot read '{base_model}' ({exc})"
     run = f"batch {rows} x {settings['max_seq_len']} tokens, rank {settings['rank']}"

@@ -282,7 +282,8 @@ def quantised_layer(ckpt: Checkpoint, name: str, linear: nn.Linear, aliases: lis
 
 def float32_residual_names(model: nn.Module) -> set[str]:
     """Parameter names a float32 residual stream keeps in float32 (surgery.use_float32_residual,
-    switched on by the training run): the input embeddings' (a tied LM head shares them) and every norm's."""
+    switched on by the training run): the input embeddings' (a tied LM head shares them; read in
+    float32 only when stored so, see _materialise) and every norm's."""
     names: set[str] = set()
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for module_name, module in model.named_modules():
@@ -312,7 +313,10 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, compute_dtype: torch.dtype,
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(f"tensor '{name}' has shape {list(tensor.shape)}, "
                                  f"the model expects {list(param.shape)}")
-            wide = tensor.is_floating_point() and any(n in float32_names for n in names)
+            # a float32 residual reads these in float32: norms always (vectors, cheap), the embedding
+            # matrix only when stored in float32 (a 16-bit one would gain memory and no value)
+            wide = (tensor.is_floating_point() and any(n in float32_names for n in names)
+                    and (tensor.dtype == torch.float32 or tensor.dim() < 2))
             tensor = tensor.to(device).to(torch.float32 if wide else target_dtype(tensor, compute_dtype))
             shared = nn.Parameter(tensor, requires_grad=param.requires_grad and tensor.is_floating_point())
             shared._is_hf_initialized = True  # tells transformers' init functions to leave it alone

@@ -134,29 +134,40 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
 
 
 def use_float32_residual(model: nn.Module) -> int:
-    """A float32 residual stream under bf16 autocast, as PEFT's prepare_model_for_kbit_training
-    gives a k-bit model: the input embeddings (and with them a tied LM head) and the norms in
-    float32, so the hidden states start in float32 and the norms keep them so; every adapted layer
-    gets the one float32-residual switch (AdaptedLinear.keep_input_dtype, read in its forward
-    only): it returns its float32 input's dtype, its base output (product + bias) and its
-    variant's term (LoRA's low-rank term, DoRA's) added in float32. The products themselves stay in the compute dtype (autocast),
-    and with float32 hidden states the rotary cos/sin reach attention in float32 as in PEFT's run.
-    An untied LM head is left as it is: autocast computes it in BF16 from either dtype, so
-    upcasting it (as PEFT's recipe does) would cost memory and change no value. Returns the bytes
-    the upcast added (the embeddings' extra two bytes per element)."""
-    added = 0
+    """A float32 residual stream under bf16 autocast, computing what PEFT's
+    prepare_model_for_kbit_training gives a k-bit model: the hidden states start in float32 (the
+    input embeddings' output is cast to float32: the same values as PEFT's upcast matrix, without a
+    float32 copy of a 16-bit one; a matrix stored in float32 was read so by the loader), the norms
+    in float32 keep them so, and every adapted layer gets the one float32-residual switch
+    (AdaptedLinear.keep_input_dtype, read in its forward only): it returns its float32 input's
+    dtype, its base output (product + bias) and its variant's term (LoRA's low-rank term, DoRA's)
+    added in float32. The products themselves stay in the compute dtype (autocast), and with float32
+    hidden states the rotary cos/sin reach attention in float32 as in PEFT's run. The LM head is left
+    as it is: autocast computes it in BF16 from either dtype, so upcasting it (as PEFT's recipe does)
+    would cost memory and change no value. Returns the bytes it added to the model (0: nothing is
+    upcast but the norms' vectors)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None:
-        for param in emb.parameters():
-            if param.dtype != torch.float32 and param.is_floating_point():
-                added += param.numel() * (4 - param.element_size())
-        emb.float()
+        float32_output(emb)
     for module in model.modules():
         if "norm" in type(module).__name__.lower():
             module.float()
         elif isinstance(module, AdaptedLinear):
             module.keep_input_dtype = True
-    return added
+    return 0
+
+
+def float32_output(module: nn.Module) -> None:
+    """Cast `module`'s floating output to float32 (once per module): where the float32 residual
+    stream starts."""
+    if getattr(module, "_qforge_float32_output", False):
+        return
+
+    def to_float32(_module, _inputs, output):
+        return output.float() if torch.is_tensor(output) and output.is_floating_point() else output
+
+    module.register_forward_hook(to_float32)
+    module._qforge_float32_output = True
 
 
 def use_qforge_attention(model: nn.Module) -> bool:

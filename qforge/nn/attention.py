@@ -40,18 +40,18 @@ UNSUPPORTED = ("softcap", "s_aux", "sinks")
 
 def _math_attention(query, key, value, mask, scaling, dropout, causal=True, wide_scores=False):
     """query (B, H, T, D), key/value (B, Hkv, T, D), mask bool (B|1, 1|H, T, T) True = attend, a
-    float mask to add, or None: causal, or nothing masked when not `causal`. wide_scores: the
-    scores are computed and kept in float32 from the inputs as they are (call it with autocast off).
-    Returns (B, T, H, D) in value's dtype."""
+    float mask to add, or None: causal, or nothing masked when not `causal`. wide_scores: every
+    product in float32 from the inputs as they are (call it with autocast off), probabilities kept
+    in float32. Returns (B, T, H, D) in value's dtype."""
     b, h, t, d = query.shape
+    out_dtype = value.dtype
+    if wide_scores:  # before the repeat below, so each shared head's gradient is summed in float32
+        query, key, value = query.float(), key.float(), value.float()
     groups = h // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    if wide_scores:
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
-    else:
-        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if mask is None:
         if causal:
             mask = torch.ones(t, t, dtype=torch.bool, device=query.device).tril_()
@@ -69,7 +69,7 @@ def _math_attention(query, key, value, mask, scaling, dropout, causal=True, wide
             probs = probs.masked_fill(empty, 0.0)
     if dropout:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
-    out = torch.matmul(probs, value.to(probs.dtype)).to(value.dtype)
+    out = torch.matmul(probs, value.to(probs.dtype)).to(out_dtype)
     return out.transpose(1, 2).contiguous()
 
 

@@ -69,6 +69,7 @@ class ModelArch:
     qkv_bias: bool = False
     norms_per_layer: int = 2
     logit_softcap: bool = False  # Gemma 2's final_logit_softcapping: the loss's logits go through tanh
+    stored_float32: bool = False  # config dtype float32: a float32 residual reads the embeddings so
 
     @property
     def q_dim(self) -> int:
@@ -133,6 +134,7 @@ class ModelArch:
             experts_per_token=int(config.get("num_experts_per_tok") or (2 if experts else 0)),
             attention_bias=bool(config.get("attention_bias", False)),
             logit_softcap=bool(config.get("final_logit_softcapping")),
+            stored_float32=str(config.get("torch_dtype") or config.get("dtype") or "") == "float32",
             **(_moe_extras(config) if experts else {}),
             **_attention_extras(config),
         )

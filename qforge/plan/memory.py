@@ -488,11 +488,13 @@ def plan_run(config: dict | ModelArch | str, method: str, seq_len: int = 4096, b
     if wide:  # the layers' float32 tensors, the float32 embeddings and checkpoints (counted in BF16 above)
         layer_wide = tokens * float32_residual_layer_bytes(arch, c, residual_bytes, sdpa)
         acts += int(layer_wide * (1 if gradient_checkpointing else arch.num_layers))
-        base += (residual_bytes - 2) * arch.vocab_size * arch.hidden_size
+        if arch.stored_float32:  # the embeddings read in float32 as stored (a 16-bit matrix stays so)
+            base += (residual_bytes - 2) * arch.vocab_size * arch.hidden_size
         if gradient_checkpointing:  # each layer's checkpointed input, in float32
             acts += max(0, residual_bytes - c.compute_bytes) * tokens * arch.num_layers * arch.hidden_size
             layer_peak += int(layer_wide)
-        if arch.tie_word_embeddings:  # the head's product takes a compute-dtype copy of the float32 weight
+        if arch.tie_word_embeddings and arch.stored_float32:  # the head's product takes a compute-dtype copy
+            # of the float32 weight
             head_copy = c.compute_bytes * arch.vocab_size * arch.hidden_size
     temp = temporary_bytes(arch, method, tokens, acts, num_gpus, c, chunked_loss, layer_peak, head_copy)
     if objective == "dpo" and method == "full":

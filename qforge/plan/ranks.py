@@ -218,11 +218,11 @@ def vocab_group_bytes(arch: ModelArch, method: str = "qlora", compute_bytes: int
                       residual_bytes: int = 2) -> tuple[int, int]:
     """(input embeddings, output layer) whole, in bytes, as the run holds them: floats in the compute
     dtype (qforge.model.load.target_dtype), the embeddings in float32 under a float32 residual stream
-    (load's float32_residual_names); the output layer 0 when tied (one group over both). full: BF16."""
+    when stored in float32 (load's float32_residual_names); the output layer 0 when tied (one group over both). full: BF16."""
     names = {w.name for w in model_weights(arch)}
     values = arch.vocab_size * arch.hidden_size
     value = 2 if method == "full" else max(2, compute_bytes)
-    embed = values * (value if method == "full" else max(value, residual_bytes))
+    embed = values * (value if method == "full" or not arch.stored_float32 else max(value, residual_bytes))
     return embed, (values * value if "lm_head" in names else 0)
 
 

@@ -82,7 +82,7 @@ class _Switches:
 
     def root(self, model: nn.Module) -> None:
         """What is outside the (sharded) blocks: adapters on any 4-bit layer there, trainable
-        flags, norms and (float32 residual) the input embeddings in float32."""
+        flags, norms and (float32 residual) the input embeddings' output in float32."""
         from ..dist.shard import blocks
         from ..model import surgery
         from ..nn import AdaptedLinear
@@ -102,7 +102,7 @@ class _Switches:
             elif isinstance(module, AdaptedLinear) and float32:
                 module.keep_input_dtype = True
         if float32:
-            model.get_input_embeddings().float()
+            surgery.float32_output(model.get_input_embeddings())
         surgery.set_active_adapter(model, "default")
         self.group.copy_from_rank0([p for n, m in outside for p in m.parameters(recurse=False) if p.requires_grad])
         model.config.use_cache = self.use_cache  # a block's set-up may have set it

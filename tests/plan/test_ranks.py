@@ -18,7 +18,7 @@ from qforge.plan import (CPU_BF16, CUDA_BF16, GATHER_COPIES, GATHERED_BLOCKS, GB
                          as_arch, vocab_group_bytes, offload_host_bytes, parameter_count, per_rank, plan_run)
 
 SHARDED = ("base", "experts", "embeddings", "adapters", "gradients", "optimizer")
-RUN = dict(seq_len=512, batch_size=4, rank=16)  # qforge train's defaults (TrainConfig)
+RUN = dict(seq_len=512, batch_size=4, rank=16, residual_bytes=4)  # qforge train's defaults (TrainConfig)
 
 
 def llama_linear_params(name: str) -> tuple[int, int]:
@@ -95,14 +95,14 @@ def test_fsdp_buffers_are_the_vocabulary_gather_blocks_root_and_reduce_scatter()
     two = per_rank(a, world=2, **RUN)
     # the same rows per rank (2 of 4 vs 4 of 4 would differ): compare against world=1 at batch 2
     # and the one-pass loss: under FSDP the output layer is no plain nn.Linear for the chunked loss
-    half = per_rank(a, world=1, seq_len=512, batch_size=2, rank=16, chunked_loss=False)
+    half = per_rank(a, world=1, seq_len=512, batch_size=2, rank=16, residual_bytes=4, chunked_loss=False)
     # the larger of: the vocabulary group gathered twice (copy-out) beside the context, and the loss's
     # transient beside the head's group gathered once
     gathered = max(GATHER_COPIES * vocab + CUDA_BF16.context_bytes, half["buffers"] + vocab)
     expected = gathered + GATHERED_BLOCKS * (block_4bit + block_adapters) + root + block_adapters
     assert expected <= two["buffers"] <= expected + 2 * layer_linears * 0.02 / 8 + 4 * h * 16
     assert per_rank(a, world=2, chunked_loss=False, **RUN) == two  # several processes: one pass whatever asked
-    assert per_rank(a, world=1, **RUN)["buffers"] > per_rank(a, world=1, seq_len=512, batch_size=2, rank=16)["buffers"]
+    assert per_rank(a, world=1, **RUN)["buffers"] > per_rank(a, world=1, seq_len=512, batch_size=2, rank=16, residual_bytes=4)["buffers"]
 
 
 def test_a_float32_run_holds_and_gathers_its_vocabulary_in_float32():
@@ -174,7 +174,8 @@ def test_cli_405b_on_four_80gb_cards(capsys):
     out = capsys.readouterr().out
     assert "one GPU of 4 (FSDP, everything sharded)" in out
     total = next(line for line in out.splitlines() if line.startswith("total per GPU"))
-    assert float(total.split()[-2]) * GB == pytest.approx(per_rank("llama-3.1-405b", world=4, **RUN)["total"], abs=0.01 * GB)
+    want = per_rank("llama-3.1-405b", world=4, **RUN)["total"]
+    assert float(total.split()[-2]) * GB == pytest.approx(want, abs=0.01 * GB)
     assert next(line for line in out.splitlines() if line.startswith("fits 80 GB each")).split()[-1] == "yes"
     assert "assumptions not yet measured on a GPU" in out
 

@@ -142,12 +142,18 @@ def test_planner_counts_the_float32_residual():
                              "llama-3.1-8b", "cuda")
     wide = plan_for_config(TrainConfig(model="llama-3.1-8b", max_seq_len=1024), "llama-3.1-8b", "cuda")
     tokens = 4 * 1024  # TrainConfig's batch 4
-    embeddings = 128256 * 4096 * 2  # +2 bytes per element of the (untied) input embeddings
+    # Llama 3.1's embeddings are stored in BF16: the float32 residual casts their output, no float32
+    # copy (a float32-stored matrix, as the embedded SmolLM2's, is read in float32: see below)
+    embeddings = 0
     checkpoints = 2 * tokens * 32 * 4096  # +2 bytes per element of each layer's checkpointed input
     mlp = 2 * tokens * 3 * 14336  # +2 bytes per element of the recomputed layer's three MLP tensors
     assert wide.base_weights - narrow.base_weights == embeddings
     assert wide.activations - narrow.activations == checkpoints + mlp
     assert wide.temporary - narrow.temporary == pytest.approx(CUDA_BF16.fragmentation * (checkpoints + mlp), abs=2)
+    small = dict(max_seq_len=64, gradient_checkpointing=False)
+    narrow, wide = (plan_for_config(TrainConfig(model="smollm2", residual_dtype=r, **small), "smollm2", "cuda")
+                    for r in ("bfloat16", "float32"))
+    assert wide.base_weights - narrow.base_weights == 49152 * 576 * 2  # stored float32: read so
 
 
 def test_planner_counts_a_tied_heads_copy_under_the_float32_residual():
@@ -161,12 +167,21 @@ def test_planner_counts_a_tied_heads_copy_under_the_float32_residual():
         assert wide.temporary - narrow.temporary == (2 * vocab * hidden if tied else 0), model
 
 
-def test_float32_residual_training_step_gradients_match_peft(folder):
+@pytest.mark.parametrize("attention", ["matrix", "sdpa"])
+def test_float32_residual_training_step_gradients_match_peft(folder, attention, monkeypatch):
     """One training step as the trainer runs it (gradient checkpointing, qforge's attention and
-    loss) against PEFT's recipe, non-zero B. Measured: float32 residual cosine 0.999984, worst
-    per-tensor relative error 0.9%; the BF16 residual on the same step 0.99991 and 2.9% (bounded
-    by test_grad_vs_peft at 0.99 and 5%). The rest is backward arithmetic (the loss's and the
-    base products' gradients in BF16 on both sides, summed in other orders)."""
+    loss) against PEFT's recipe, non-zero B. With SDPA (forced here) the forward is PEFT's bit for
+    bit: measured cosine 0.999984, worst per-tensor relative error 0.9%, the rest being backward
+    arithmetic (the loss's and the base products' gradients in BF16 on both sides, summed in other
+    orders). qforge's own path for these short rows is the matrix attention at SDPA's precision
+    (qforge.nn.attention): the same BF16 inputs and float32 scores, summed in another order than
+    SDPA's tiles, so BF16 roundings downstream flip and the forward is no longer bit-equal (layer
+    1's down_proj, which no attention backward reaches, moves 0.96% against 0 with SDPA): measured
+    cosine 0.999962, worst 1.74%. The BF16 residual on the same step: 0.99991 and 2.9% (bounded by
+    test_grad_vs_peft at 0.99 and 5%)."""
+    if attention == "sdpa":
+        from qforge.kernels import dispatch
+        monkeypatch.setattr(dispatch, "matrix_attention", lambda *a, **k: False)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
     from qforge.model.load import load_model
@@ -211,8 +226,8 @@ def test_float32_residual_training_step_gradients_match_peft(folder):
     cosine = float(torch.nn.functional.cosine_similarity(q, p, dim=0))
     worst = max(float((a - b).norm() / b.norm()) for a, b in pairs)
     print(f"\nfloat32 residual vs PEFT: gradient cosine {cosine:.8f}, worst per-tensor relative error {worst:.2e}")
-    assert cosine >= 0.99995
-    assert worst <= 0.015
+    assert cosine >= (0.99995 if attention == "sdpa" else 0.99993)
+    assert worst <= (0.015 if attention == "sdpa" else 0.025)
 
 
 
