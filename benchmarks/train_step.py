@@ -365,8 +365,9 @@ def child(args) -> None:
         "trainable": sum(p.numel() for p in trainable),
         "adapter_dtype": "/".join(sorted({str(p.dtype).replace("torch.", "") for p in trainable})),
         "residual_dtype": residual[0] if residual else None, "checkpointing": checkpoint_policy(model),
-        "attention": (("qforge (sdpa: float32 queries)" if residual and residual[0] == "float32"
-                       else "qforge (matrix for short rows, else sdpa)") if attn and attn.startswith("qforge") else attn),
+        "attention": (("qforge (matrix at SDPA's precision for short rows, else sdpa)" if residual
+                       and residual[0] == "float32" else "qforge (matrix for short rows, else sdpa)")
+                      if attn and attn.startswith("qforge") else attn),
         "batch_shape": list(batches[0]["input_ids"].shape),
         "tokens_per_step": statistics.mean(int(b["attention_mask"].sum()) for b in batches[:args.warmup + args.steps]),
         "label_tokens_per_step": statistics.mean(int((b["labels"][:, 1:] != -100).sum())
