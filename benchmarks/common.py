@@ -43,3 +43,19 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def quantize_once(dense, bnb) -> None:
+    """`qforge quantize dense bnb` (the bitsandbytes-format 4-bit folder both sides of a benchmark
+    load) unless bnb already holds a model; a failure ends the benchmark with its stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if (Path(bnb) / "config.json").is_file():
+        return
+    print(f"qforge quantize {dense} -> {bnb} (once)", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "qforge", "quantize", str(dense), str(bnb)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"qforge quantize {dense} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -62,7 +62,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import proc_status, status_bytes  # noqa: E402
+from common import proc_status, quantize_once, status_bytes  # noqa: E402
 
 SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=49152, max_position_embeddings=32768, tie_word_embeddings=False,
@@ -108,12 +108,7 @@ def model_folders(model: str, cache: Path) -> dict[str, str]:
         if not (dense / "config.json").is_file():
             write_model(dense)
     bnb = cache / f"{model}-nf4-dq-b64-bf16"
-    if not (bnb / "config.json").is_file():
-        print(f"qforge quantize {dense} -> {bnb} (once)", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "qforge", "quantize", str(dense), str(bnb)],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"qforge quantize {dense} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    quantize_once(dense, bnb)
     return {"dense": str(dense), "bnb": str(bnb)}
 
 

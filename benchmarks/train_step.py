@@ -105,7 +105,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import proc_status  # noqa: E402
+from common import proc_status, quantize_once  # noqa: E402
 PEFT_CONFIGS = ("peft-recipe", "peft-ckpt-label", "peft-ckpt-label-upcast", "peft-matched-nockpt",
                 "peft-matched-nockpt-upcast")
 # the PEFT rows computing at qforge's default precision (float32 embeddings, norms, residual stream)
@@ -162,12 +162,7 @@ def prepare_models(cache: Path, workloads: list[str]) -> dict[str, dict[str, str
                 for f in ("tokenizer_config.json", "tokenizer.json"):
                     atomic_write_bytes(dense / f, (smollm2_folder() / f).read_bytes())
         bnb = cache / f"{name}-nf4-dq-b64-bf16"
-        if not (bnb / "config.json").is_file():
-            print(f"qforge quantize {dense} -> {bnb} (once)", flush=True)
-            proc = subprocess.run([sys.executable, "-m", "qforge", "quantize", str(dense), str(bnb)],
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                raise SystemExit(f"qforge quantize {dense} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        quantize_once(dense, bnb)
         models[name] = {"bnb": str(bnb), "dense": str(dense)}
     return models
 
