@@ -14,7 +14,8 @@ Each side runs in its own fresh process, two arms one after the other on one loa
           linear layer but lm_head, prepare_for_kbit_training with gradient checkpointing, SDPA;
           arm "qforge bf16 residual": the bf16 residual stream (`--residual-dtype bfloat16`);
           arm "qforge f32 residual": then surgery.use_float32_residual (qforge's default for qlora,
-          `--residual-dtype auto`: embeddings and norms float32, residual sums in float32).
+          `--residual-dtype auto`: the embeddings' output and the norms float32, residual sums in
+          float32; the BF16 embedding matrix itself stays BF16, PEFT's recipe's values without its copy).
   peft    AutoModelForCausalLM.from_pretrained(DIR, BitsAndBytesConfig(nf4, double quant, bf16
           compute), attn_implementation="sdpa"), LoraConfig(r=16, lora_alpha=32, all-linear);
           arm "peft no upcast": gradient checkpointing (non-reentrant) + enable_input_require_grads
@@ -22,9 +23,10 @@ Each side runs in its own fresh process, two arms one after the other on one loa
           arm "peft recipe": peft.unload(), then peft.prepare_model_for_kbit_training (which upcasts
           every non-4-bit weight, the 128256x4096 embedding and lm_head included, to float32) and a
           fresh get_peft_model.
-  Pairs: qforge default vs peft no upcast; qforge f32 residual vs peft recipe. (qforge keeps its
-  norms in float32 in both arms, as its recipe does: a few hundred KB on this shape.) The table
-  prints each arm's embedding/head dtypes, so the precision of every row can be read off it.
+  Pairs: qforge f32 residual (qforge's default) vs peft recipe; qforge bf16 residual vs peft no
+  upcast. (qforge keeps its norms in float32 in both arms, as its recipe does: a few hundred KB on
+  this shape.) The table prints each arm's embedding/head dtypes: BF16 for both qforge arms (the
+  float32 residual casts the embeddings' output, not the matrix), float32 for PEFT's recipe.
 
 Both sides: batch 1 x seq tokens, bf16 autocast, LoRA dropout --dropout (default 0.05, the QLoRA
 recipe's and qforge's LoraSpec default; the same on both), adapters re-initialised (B = 0) at each
