@@ -133,7 +133,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     return model
 
 
-def use_float32_residual(model: nn.Module) -> int:
+def use_float32_residual(model: nn.Module) -> None:
     """A float32 residual stream under bf16 autocast, computing what PEFT's
     prepare_model_for_kbit_training gives a k-bit model: the hidden states start in float32 (the
     input embeddings' output is cast to float32: the same values as PEFT's upcast matrix, without a
@@ -144,8 +144,7 @@ def use_float32_residual(model: nn.Module) -> int:
     added in float32. The products themselves stay in the compute dtype (autocast), and with float32
     hidden states the rotary cos/sin reach attention in float32 as in PEFT's run. The LM head is left
     as it is: autocast computes it in BF16 from either dtype, so upcasting it (as PEFT's recipe does)
-    would cost memory and change no value. Returns the bytes it added to the model (0: nothing is
-    upcast but the norms' vectors)."""
+    would cost memory and change no value. Nothing is upcast but the norms' vectors."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None:
         float32_output(emb)
@@ -154,7 +153,6 @@ def use_float32_residual(model: nn.Module) -> int:
             module.float()
         elif isinstance(module, AdaptedLinear):
             module.keep_input_dtype = True
-    return 0
 
 
 def float32_output(module: nn.Module) -> None:
