@@ -826,11 +826,16 @@ def report(records: list[dict], args, lrs: list[float], out: Path) -> None:
         print(f"| {row['variant']} | {row['lr']:g} | {row['step']} | {row['n']} | {fmt_ci(row['mean'], row['ci'])} "
               f"| {' '.join(f'{x:.4f}' for x in row['seeds'].values())} | {ratio} |")
     finals = final_losses(records)
-    mean = {k: sum(v.values()) / len(v) for k, v in finals.items()}
 
     def worst(num: str, den: str = PEER) -> tuple[float, float | None]:
-        """The larger ratio of the means over the learning rates, and the lr it came from."""
-        pairs = [(mean[(num, lr)] / mean[(den, lr)], lr) for lr in lrs if (num, lr) in mean and (den, lr) in mean]
+        """The larger ratio of the means over the learning rates, and the lr it came from; each mean over
+        the seeds both arms have (a partial matrix gives unequal seed sets, which must not be mixed)."""
+        pairs = []
+        for lr in lrs:
+            a, b = finals.get((num, lr), {}), finals.get((den, lr), {})
+            common = sorted(set(a) & set(b))
+            if common:
+                pairs.append((sum(a[s] for s in common) / sum(b[s] for s in common), lr))
         return max(pairs) if pairs else (float("nan"), None)
 
     firsts = {}

@@ -74,6 +74,14 @@ def test_report_last_line_and_quality_json(tmp_path, capsys):
     assert (tmp_path / "train_quality.png").stat().st_size > 0
 
 
+def test_last_line_ratio_of_means_uses_only_seeds_both_arms_ran(tmp_path, capsys):
+    records = [r for r in fake_records() if not (r["variant"] == "qforge-qlora" and r["seed"] == 1)]
+    tq.report(records, argparse.Namespace(batch_size=4), [2e-4], tmp_path)
+    keys = dict(kv.split("=") for kv in capsys.readouterr().out.strip().splitlines()[-1].split())
+    # seeds 0 and 2 only: (0.021 + 0.0275) / (0.020 + 0.025) = 1.0778, not the peer's mean over three (0.97)
+    assert float(keys["eval_loss_vs_peft"]) == pytest.approx(0.0485 / 0.045, abs=1e-4)
+
+
 def test_run_matrix_skips_runs_whose_record_exists(tmp_path):
     jobs = [("qforge-qlora", 2e-4, 0), ("peft-bnb-qlora", 2e-4, 0)]
     for v, lr, seed in jobs:
