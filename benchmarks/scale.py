@@ -45,6 +45,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -257,6 +258,19 @@ def worker(args) -> None:
 
 
 # ---- the launcher ---------------------------------------------------------------------------------
+def run_in_group(cmd: list[str], timeout_s: float, **popen_kw) -> int:
+    """Run `cmd` in a process group of its own and return its exit status; past `timeout_s` kill the
+    whole group (torchrun and every rank it started: subprocess.run's timeout kills the direct child
+    alone and leaves the ranks holding their memory) and raise subprocess.TimeoutExpired."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen_kw)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
 def launch(model: str, nproc: int, data: Path, out: Path, args) -> list[dict]:
     """One torchrun launch of `nproc` ranks; every rank's report, in rank order."""
     out.mkdir(parents=True, exist_ok=True)
@@ -269,8 +283,11 @@ def launch(model: str, nproc: int, data: Path, out: Path, args) -> list[dict]:
            "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--device", args.device]
     t0 = time.perf_counter()
     with open(out / "torchrun.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            timeout=args.timeout_s).returncode
+        try:
+            rc = run_in_group(cmd, args.timeout_s, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{model} at N={nproc}: no result within --timeout-s {args.timeout_s:g} s; torchrun "
+                               f"and its ranks were killed (log: {out / 'torchrun.log'})") from None
     if rc != 0:
         tail = (out / "torchrun.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{model} at N={nproc}: torchrun exit status {rc}:\n{tail}")

@@ -54,3 +54,29 @@ def test_scale_refuses_a_process_count_that_does_not_divide_the_batch():
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2
     assert "--nprocs: must include 1 and divide the batch of 4" in done.stderr.strip().splitlines()[-1]
+
+
+def test_the_time_limit_kills_the_ranks_as_well_as_the_launcher(tmp_path):
+    """A launcher that outlives --timeout-s is killed with every process it started (its ranks would
+    otherwise go on holding their memory): here a stand-in launcher that starts one 'rank' and waits."""
+    import scale
+
+    pid_file = tmp_path / "rank.pid"
+    launcher = ("import subprocess, sys, time; "
+                "rank = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']); "
+                f"open({str(pid_file)!r}, 'w').write(str(rank.pid)); time.sleep(3600)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        scale.run_in_group([sys.executable, "-c", launcher], timeout_s=10)
+    assert pid_file.is_file(), "the stand-in launcher did not start its rank within the limit"
+    pid = int(pid_file.read_text())
+    # the rank was SIGKILLed; it is a zombie of the (now dead) launcher until init reaps it, or gone
+    for _ in range(200):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":
+            return
+        import time
+        time.sleep(0.05)
+    raise AssertionError(f"the rank (pid {pid}) is still running after the time limit: state {state}")
