@@ -26,6 +26,9 @@ def row_range(p: torch.Tensor) -> tuple[int, int]:
     over a 1-D mesh; a plain tensor: all of it)."""
     if not is_sharded(p):
         return 0, (p.shape[0] if p.dim() else 1)
+    from torch.distributed.tensor import Shard
+    if len(p.placements) != 1 or p.placements[0] != Shard(0):
+        raise ValueError(f"expected a tensor sharded on dim 0 over one mesh dimension, got placements {p.placements}")
     mesh = p.device_mesh
     rows, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
     chunk = -(-rows // world)

@@ -33,6 +33,7 @@ from ..model import load as model_load
 from ..model.checkpoint import read_bnb_config
 from ..model.conversion import convert_checkpoint, expert_parameter_names, router_linear_names
 from ..model.surgery import DEFAULT_SKIP, linear_names, select_targets, set_module
+from .consolidate import row_range
 from .group import Group
 from .shard import shard_block, shard_root
 
@@ -262,7 +263,7 @@ def fill_meta_parameters(model: nn.Module, ckpt, compute_dtype: torch.dtype, dev
             tensor = ckpt.read(key)
             expected = tuple(param.shape)
         else:
-            first, rows = _chunk_rows(param)
+            first, rows = row_range(param)
             tensor = read_rows(ckpt, key, first, first + rows)
             expected = (rows, *param.shape[1:])
         if tuple(tensor.shape) != expected:
@@ -277,17 +278,6 @@ def fill_meta_parameters(model: nn.Module, ckpt, compute_dtype: torch.dtype, dev
         param._is_hf_initialized = True  # transformers' init functions leave it alone
         if meter is not None:
             meter.sample(model, name)
-
-
-def _chunk_rows(param) -> tuple[int, int]:
-    """(first row, rows) of this rank's dim-0 chunk of a sharded parameter (torch.chunk's split)."""
-    from torch.distributed.tensor import Shard
-    if len(param.placements) != 1 or param.placements[0] != Shard(0):
-        raise ValueError(f"expected a parameter sharded on dim 0, got placements {param.placements}")
-    size, world, rank = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
-    chunk = -(-size // world)
-    first = min(rank * chunk, size)
-    return first, max(0, min(chunk, size - first))
 
 
 def read_rows(ckpt, key: str, first: int, stop: int) -> torch.Tensor:
