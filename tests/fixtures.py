@@ -18,6 +18,7 @@ tests import them; tests/conftest.py exposes the few that read better as pytest 
     write_tiny_folder(...)     a model saved as a Hugging Face folder (+ tokenizer)
     write_tiny(folder, ...)    the loader tests' checkpoint (checkpoint_config), sharded or not
     tiny_model_folder(folder)  a Llama folder over SmolLM2's tokenizer (jobs, serve, commands)
+    tiny_mixtral_folder(folder)  a random Mixtral folder (4 experts, top 2) over the word tokenizer
     random_lora(model, ...)    an attached LoRA adapter with random non-zero A and B
     randomise_adapters(model)  every adapter parameter of a model drawn at random
 """
@@ -245,6 +246,22 @@ def tiny_model_folder(folder: Path) -> Path:
     tok = smollm2_tokenizer()
     model = tiny_llama(tied=True, max_position_embeddings=512, **vocab_of(tok, "bos", "eos", "pad"))
     return write_tiny_folder(folder, model, tok)
+
+
+def tiny_mixtral_folder(folder: Path, layers: int = 2) -> Path:
+    """A random Mixtral (hidden 64, 4 experts of intermediate 64, top 2, untied head; seed 0) saved
+    as a Hugging Face folder with tests/model/conftest.py's word tokenizer: the MoE run, offload and
+    sharding tests train it."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from tests.model.conftest import tiny_tokenizer
+    cfg = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
+    tiny_tokenizer().save_pretrained(str(folder))
+    return folder
 
 
 def checkpoint_config(tied: bool = True, bias: bool = False, rope: dict | None = None, layers: int = 2) -> LlamaConfig:

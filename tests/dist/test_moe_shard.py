@@ -15,7 +15,7 @@ from qforge.nn import LoraSpec
 from qforge.nn.experts import AdaptedExperts
 from qforge.nn.sharded_experts import ShardedExpertBank, expert_bytes, shard_bank, shard_banks
 from tests.dist.test_storage import free_port
-from tests.fixtures import quantized_moe, randomise_adapters, tiny_moe
+from tests.fixtures import quantized_moe, randomise_adapters, tiny_mixtral_folder, tiny_moe
 
 
 def adapted_experts(double_quant: bool, seed: int = 0, arch: str = "mixtral") -> AdaptedExperts:
@@ -183,17 +183,9 @@ def test_gloo_processes_shard_the_experts_and_follow_the_single_process_losses(t
 
 # ---- `qforge train --nproc 2` on a Mixtral folder: the whole path, checkpoint and adapter --------
 def _mixtral_folder(folder):
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
-    from tests.model.conftest import tiny_tokenizer
     from tests.train.test_moe_run import ROWS
 
-    cfg = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=128, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
-    tiny_tokenizer().save_pretrained(str(folder))
+    tiny_mixtral_folder(folder)
     (folder / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return folder
 

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig
+from transformers import AutoModelForCausalLM
 
 from qforge.train.config import TrainConfig
-from tests.model.conftest import tiny_tokenizer
-from tests.fixtures import dequantized_moe
+from tests.fixtures import dequantized_moe, tiny_mixtral_folder
 
 ROWS = [{"conversations": [{"from": "human", "value": f"w{i} w{i + 1} w{i + 2}"},
                            {"from": "gpt", "value": f"w{i + 3} w9 w9"}]} for i in range(24)]
@@ -18,14 +17,7 @@ ROWS = [{"conversations": [{"from": "human", "value": f"w{i} w{i + 1} w{i + 2}"}
 
 @pytest.fixture(scope="module")
 def mixtral_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mixtral")
-    cfg = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=128, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
-    tiny_tokenizer().save_pretrained(str(folder))
-    return folder
+    return tiny_mixtral_folder(tmp_path_factory.mktemp("mixtral"))
 
 
 def test_mixtral_folder_trains_with_4bit_experts_and_peft_reads_the_adapter(tmp_path, mixtral_dir):

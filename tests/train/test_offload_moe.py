@@ -19,7 +19,7 @@ from qforge.nn.offloaded_experts import OffloadedExpertBank
 from qforge.train.config import TrainConfig
 from qforge.train.loop import train_loop
 from qforge.train.offload_base import BaseOffload, offload_base
-from tests.fixtures import quantize_all, randomise_adapters
+from tests.fixtures import quantize_all, randomise_adapters, tiny_mixtral_folder
 
 from .test_loop import TOKENIZER, copy_task
 
@@ -197,15 +197,7 @@ def test_offloaded_or_sharded_banks_are_refused_before_anything_changes():
 
 @pytest.fixture(scope="module")
 def mixtral_dir(tmp_path_factory):
-    from tests.model.conftest import tiny_tokenizer
-    folder = tmp_path_factory.mktemp("mixtral")
-    cfg = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=128, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
-    tiny_tokenizer().save_pretrained(str(folder))
-    return folder
+    return tiny_mixtral_folder(tmp_path_factory.mktemp("mixtral"), layers=3)
 
 
 def test_a_mixtral_folder_trained_with_offload_base_equals_the_run_without(tmp_path, mixtral_dir):
