@@ -59,6 +59,8 @@ def test_scale_refuses_a_process_count_that_does_not_divide_the_batch():
 def test_the_time_limit_kills_the_ranks_as_well_as_the_launcher(tmp_path):
     """A launcher that outlives --timeout-s is killed with every process it started (its ranks would
     otherwise go on holding their memory): here a stand-in launcher that starts one 'rank' and waits."""
+    import time
+
     import scale
 
     pid_file = tmp_path / "rank.pid"
@@ -77,6 +79,5 @@ def test_the_time_limit_kills_the_ranks_as_well_as_the_launcher(tmp_path):
             return
         if state == "Z":
             return
-        import time
         time.sleep(0.05)
     raise AssertionError(f"the rank (pid {pid}) is still running after the time limit: state {state}")
