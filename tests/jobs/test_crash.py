@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from qforge.jobs.store import JobStore, pid_alive
+from qforge.train.child import RESULT_NAME, read_result
 
 from .helpers import ServerProcess, chat_rows, job_create_body, jsonl, wait_for
 
@@ -29,6 +30,11 @@ def test_kill_9_of_the_server_mid_job_loses_and_doubles_nothing(tiny_base, tmp_p
         server.kill()
         for pid in (row["worker_pid"], row["train_pid"]):  # nothing trains on behind a dead server
             wait_for(lambda: not pid_alive(pid), 15, 0.1, f"process {pid} to die with the server")
+        # The kill may land after the trainer wrote its result (its last steps are short on an idle
+        # machine): then the new worker records that result instead of training again. Which of the
+        # two the kill met is read here, once every process of the first server is gone.
+        result = read_result(JobStore(data_dir).job_dir(job.id) / RESULT_NAME) or {}
+        trained_before_kill = result.get("status") == "succeeded"
     finally:
         server.stop()
 
@@ -47,7 +53,8 @@ def test_kill_9_of_the_server_mid_job_loses_and_doubles_nothing(tiny_base, tmp_p
         assert sorted(checkpoints) == list(range(1, STEPS + 1))
         messages = [e.message for e in events]
         assert messages.count("Fine-tuning job started") == messages.count(f"Created fine-tuning job: {job.id}") == 1
-        assert any(m.startswith("Resuming the job from its last checkpoint") for m in messages)
+        resumed = any(m.startswith("Resuming the job from its last checkpoint") for m in messages)
+        assert resumed != trained_before_kill, (trained_before_kill, messages)
         assert JobStore(data_dir).get_job(job.id)["attempts"] == 2
         reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=3,
                                                messages=[{"role": "user", "content": "Who is Bo?"}])
