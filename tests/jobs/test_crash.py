@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from qforge.jobs.store import JobStore, pid_alive
-from qforge.train.child import RESULT_NAME, read_result
+from qforge.jobs.worker import _read_result
 
 from .helpers import ServerProcess, chat_rows, job_create_body, jsonl, wait_for
 
@@ -33,8 +33,8 @@ def test_kill_9_of_the_server_mid_job_loses_and_doubles_nothing(tiny_base, tmp_p
         # The kill may land after the trainer wrote its result (its last steps are short on an idle
         # machine): then the new worker records that result instead of training again. Which of the
         # two the kill met is read here, once every process of the first server is gone.
-        result = read_result(JobStore(data_dir).job_dir(job.id) / RESULT_NAME) or {}
-        trained_before_kill = result.get("status") == "succeeded"
+        # (read by the worker's own helper: the test and run_job's branch share one definition)
+        trained_before_kill = _read_result(JobStore(data_dir).job_dir(job.id)).get("status") == "succeeded"
     finally:
         server.stop()
 
